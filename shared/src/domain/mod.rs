@@ -1,0 +1,7 @@
+//! Pure domain logic. Nothing in here performs I/O or names an AWS type.
+
+pub mod description;
+pub mod exif;
+pub mod jpeg;
+pub mod sequence;
+pub mod zipfmt;

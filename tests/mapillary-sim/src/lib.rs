@@ -1,0 +1,3 @@
+//! Offline Mapillary simulator (see README.md in this crate).
+
+pub mod content;

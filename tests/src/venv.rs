@@ -1,0 +1,172 @@
+//! The project's Python virtualenvs: `.venv/aws` (moto, cargo-lambda, cfn-lint, aws-sam-translator) and
+//! `.venv/mapillary-tools` (Mapillary's own client; its pins conflict with aws-sam-translator).
+//!
+//! [`ensure`] creates them with `python3 -m venv` + pip from the pinned `requirements/*.txt` when they are
+//! missing or when the requirements changed since the last install (a stamp file records them). When
+//! everything is up to date it only reads two small files.
+
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Name of the stamp file written inside each venv after a successful install.
+const STAMP: &str = ".relay-requirements";
+
+/// Paths of the two virtualenvs and the tools inside them.
+#[derive(Debug, Clone)]
+pub struct Venvs {
+    /// `.venv/aws`
+    pub aws: PathBuf,
+    /// `.venv/mapillary-tools`
+    pub mapillary_tools: PathBuf,
+}
+
+impl Venvs {
+    /// `.venv/aws/bin`: put it first on `PATH` so `cargo lambda` finds `cargo-lambda`.
+    pub fn aws_bin(&self) -> PathBuf {
+        self.aws.join("bin")
+    }
+    /// The `moto_server` executable.
+    pub fn moto_server(&self) -> PathBuf {
+        self.aws.join("bin/moto_server")
+    }
+    /// The `cargo-lambda` executable.
+    pub fn cargo_lambda(&self) -> PathBuf {
+        self.aws.join("bin/cargo-lambda")
+    }
+    /// The `cfn-lint` executable.
+    pub fn cfn_lint(&self) -> PathBuf {
+        self.aws.join("bin/cfn-lint")
+    }
+    /// The Python interpreter of `.venv/aws` (has aws-sam-translator and boto3).
+    pub fn python(&self) -> PathBuf {
+        self.aws.join("bin/python")
+    }
+    /// The `mapillary_tools` executable.
+    pub fn mapillary_tools(&self) -> PathBuf {
+        self.mapillary_tools.join("bin/mapillary_tools")
+    }
+    /// `PATH` with `.venv/aws/bin` prepended (trap 9 in the local-stack notes).
+    pub fn path_with_aws_bin(&self) -> std::ffi::OsString {
+        let mut paths = vec![self.aws_bin()];
+        if let Some(old) = std::env::var_os("PATH") {
+            paths.extend(std::env::split_paths(&old));
+        }
+        std::env::join_paths(paths).unwrap_or_else(|_| self.aws_bin().into_os_string())
+    }
+}
+
+/// Makes sure both venvs exist and match `requirements/{aws,mapillary-tools}.txt`; returns their paths.
+///
+/// Safe to call concurrently from several processes (an exclusive `flock` on `.venv/.lock` serializes
+/// installs). Progress goes to stderr. The base interpreter is `$RELAY_PYTHON` or `python3`.
+pub fn ensure(repo_root: &Path) -> Result<Venvs> {
+    let venv_root = repo_root.join(".venv");
+    let venvs = Venvs {
+        aws: venv_root.join("aws"),
+        mapillary_tools: venv_root.join("mapillary-tools"),
+    };
+    let wanted = [
+        (&venvs.aws, repo_root.join("requirements/aws.txt"), "moto_server"),
+        (&venvs.mapillary_tools, repo_root.join("requirements/mapillary-tools.txt"), "mapillary_tools"),
+    ];
+    // Fast path, no lock: every stamp matches its requirements file and the main binary exists.
+    let mut all_fresh = true;
+    for (dir, req, bin) in &wanted {
+        all_fresh &= is_fresh(dir, req, bin)?;
+    }
+    if all_fresh {
+        return Ok(venvs);
+    }
+
+    fs::create_dir_all(&venv_root).with_context(|| format!("creating {}", venv_root.display()))?;
+    let _lock = FileLock::exclusive(&venv_root.join(".lock"))?;
+    for (dir, req, bin) in &wanted {
+        // Re-check under the lock: another process may just have finished.
+        if !is_fresh(dir, req, bin)? {
+            install(dir, req)?;
+        }
+    }
+    Ok(venvs)
+}
+
+fn is_fresh(dir: &Path, requirements: &Path, main_bin: &str) -> Result<bool> {
+    let wanted = fs::read_to_string(requirements).with_context(|| format!("reading {}", requirements.display()))?;
+    let stamp = fs::read_to_string(dir.join(STAMP)).unwrap_or_default();
+    Ok(stamp == wanted && dir.join("bin").join(main_bin).exists())
+}
+
+fn install(dir: &Path, requirements: &Path) -> Result<()> {
+    let wanted = fs::read_to_string(requirements).with_context(|| format!("reading {}", requirements.display()))?;
+    if !dir.join("bin/python").exists() {
+        let python = std::env::var_os("RELAY_PYTHON").unwrap_or_else(|| "python3".into());
+        eprintln!("venv: creating {}", dir.display());
+        run(Command::new(&python).arg("-m").arg("venv").arg(dir))
+            .with_context(|| format!("creating the venv {} (is python3 with venv installed?)", dir.display()))?;
+    }
+    eprintln!("venv: installing {} into {}", requirements.display(), dir.display());
+    run(Command::new(dir.join("bin/pip"))
+        .args(["install", "--disable-pip-version-check", "--progress-bar", "off", "-r"])
+        .arg(requirements))
+    .with_context(|| format!("installing {}", requirements.display()))?;
+    fs::write(dir.join(STAMP), wanted).with_context(|| format!("writing the stamp in {}", dir.display()))?;
+    eprintln!("venv: {} is ready", dir.display());
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    // pip's output goes to our stderr: stdout is reserved for `export` lines in `xtask stack up`.
+    let status = cmd
+        .stdout(std::io::stderr())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// An exclusive advisory lock, released when dropped (the fd closes).
+struct FileLock(File);
+
+impl FileLock {
+    fn exclusive(path: &Path) -> Result<Self> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // std's File::lock needs Rust 1.89; the workspace MSRV is 1.85, so flock(2) directly.
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(Self(file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_only_when_stamp_matches_and_binary_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let req = dir.path().join("req.txt");
+        fs::write(&req, "moto==1\n").unwrap();
+        let venv = dir.path().join("v");
+        fs::create_dir_all(venv.join("bin")).unwrap();
+        assert!(!is_fresh(&venv, &req, "tool").unwrap(), "no stamp");
+        fs::write(venv.join(STAMP), "moto==1\n").unwrap();
+        assert!(!is_fresh(&venv, &req, "tool").unwrap(), "no binary");
+        fs::write(venv.join("bin/tool"), "").unwrap();
+        assert!(is_fresh(&venv, &req, "tool").unwrap());
+        fs::write(&req, "moto==2\n").unwrap();
+        assert!(!is_fresh(&venv, &req, "tool").unwrap(), "requirements changed");
+    }
+}
