@@ -88,7 +88,9 @@ pub fn parse_body(body: &str) -> Result<Notification, S3EventError> {
             .enumerate()
             .filter(|(_, r)| {
                 r.event_source.as_deref().is_none_or(|s| s == "aws:s3")
-                    && r.event_name.as_deref().is_none_or(|n| n.starts_with("ObjectCreated"))
+                    && r.event_name
+                        .as_deref()
+                        .is_none_or(|n| n.starts_with("ObjectCreated"))
             })
             .map(|(index, r)| to_object_created(index, r))
             .collect::<Result<Vec<_>, _>>()
@@ -100,12 +102,18 @@ pub fn parse_body(body: &str) -> Result<Notification, S3EventError> {
 
 fn to_object_created(index: usize, r: Record) -> Result<ObjectCreated, S3EventError> {
     let s3 = r.s3.ok_or(S3EventError::MissingField { index, field: "s3" })?;
-    let bucket = s3
-        .bucket
-        .and_then(|b| b.name)
-        .ok_or(S3EventError::MissingField { index, field: "s3.bucket.name" })?;
-    let object = s3.object.ok_or(S3EventError::MissingField { index, field: "s3.object" })?;
-    let raw_key = object.key.ok_or(S3EventError::MissingField { index, field: "s3.object.key" })?;
+    let bucket = s3.bucket.and_then(|b| b.name).ok_or(S3EventError::MissingField {
+        index,
+        field: "s3.bucket.name",
+    })?;
+    let object = s3.object.ok_or(S3EventError::MissingField {
+        index,
+        field: "s3.object",
+    })?;
+    let raw_key = object.key.ok_or(S3EventError::MissingField {
+        index,
+        field: "s3.object.key",
+    })?;
     let key = decode_key(&raw_key).ok_or(S3EventError::BadKeyEncoding { index })?;
     Ok(ObjectCreated {
         event_name: r.event_name.unwrap_or_default(),
@@ -121,7 +129,10 @@ fn to_object_created(index: usize, r: Record) -> Result<ObjectCreated, S3EventEr
 /// Decode an S3 event key: `+` → space first, then percent-decoding (so `%2B` → `+`).
 pub fn decode_key(raw: &str) -> Option<String> {
     let spaced = raw.replace('+', " ");
-    percent_encoding::percent_decode_str(&spaced).decode_utf8().ok().map(|c| c.into_owned())
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]
@@ -146,9 +157,18 @@ mod tests {
 
     #[test]
     fn when_key_has_plus_and_escapes_should_decode_space_then_percent() {
-        assert_eq!(only_key(&body("sequences/u1/my+seq/manifest.json")), "sequences/u1/my seq/manifest.json");
-        assert_eq!(only_key(&body("sequences%2Fu1%2Fa%2Bb%2Fmanifest.json")), "sequences/u1/a+b/manifest.json");
-        assert_eq!(only_key(&body("sequences/u1/caf%C3%A9/manifest.json")), "sequences/u1/café/manifest.json");
+        assert_eq!(
+            only_key(&body("sequences/u1/my+seq/manifest.json")),
+            "sequences/u1/my seq/manifest.json"
+        );
+        assert_eq!(
+            only_key(&body("sequences%2Fu1%2Fa%2Bb%2Fmanifest.json")),
+            "sequences/u1/a+b/manifest.json"
+        );
+        assert_eq!(
+            only_key(&body("sequences/u1/caf%C3%A9/manifest.json")),
+            "sequences/u1/café/manifest.json"
+        );
     }
 
     #[test]
@@ -161,7 +181,8 @@ mod tests {
 
     #[test]
     fn when_test_event_should_say_so() {
-        let b = r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-01-01T00:00:00Z","Bucket":"b"}"#;
+        let b =
+            r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-01-01T00:00:00Z","Bucket":"b"}"#;
         assert_eq!(parse_body(b), Ok(Notification::TestEvent));
     }
 
@@ -170,9 +191,18 @@ mod tests {
         assert!(matches!(parse_body("not json"), Err(S3EventError::NotJson(_))));
         assert_eq!(parse_body(r#"{"hello":1}"#), Err(S3EventError::NotAnS3Event));
         let no_key = r#"{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{}}}]}"#;
-        assert_eq!(parse_body(no_key), Err(S3EventError::MissingField { index: 0, field: "s3.object.key" }));
+        assert_eq!(
+            parse_body(no_key),
+            Err(S3EventError::MissingField {
+                index: 0,
+                field: "s3.object.key"
+            })
+        );
         assert_eq!(only_key(&body("ok")), "ok");
-        assert!(matches!(parse_body(&body("bad%FF")), Err(S3EventError::BadKeyEncoding { index: 0 })));
+        assert!(matches!(
+            parse_body(&body("bad%FF")),
+            Err(S3EventError::BadKeyEncoding { index: 0 })
+        ));
     }
 
     #[test]
@@ -193,10 +223,16 @@ mod tests {
             include_str!("../../events/sqs/s3-manifest-created-moto.json"),
         ] {
             let bodies = sqs_bodies(sample);
-            assert_eq!(only_key(&bodies[0]), "sequences/user-1/seq-2026-11-24/manifest.json");
+            assert_eq!(
+                only_key(&bodies[0]),
+                "sequences/user-1/seq-2026-11-24/manifest.json"
+            );
         }
         let encoded = sqs_bodies(include_str!("../../events/sqs/s3-manifest-key-encoded.json"));
-        assert_eq!(only_key(&encoded[0]), "sequences/user-1/morning ride + café/manifest.json");
+        assert_eq!(
+            only_key(&encoded[0]),
+            "sequences/user-1/morning ride + café/manifest.json"
+        );
         let test_event = sqs_bodies(include_str!("../../events/sqs/s3-test-event.json"));
         assert_eq!(parse_body(&test_event[0]), Ok(Notification::TestEvent));
         let mixed = sqs_bodies(include_str!("../../events/sqs/s3-two-records-one-bad.json"));

@@ -11,8 +11,12 @@ pub fn init() {
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_string());
     let filter = EnvFilter::try_new(level.to_lowercase()).unwrap_or_else(|_| EnvFilter::new("info"));
-    let text = std::env::var("LOG_FORMAT").map(|v| v.eq_ignore_ascii_case("text")).unwrap_or(false);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let text = std::env::var("LOG_FORMAT")
+        .map(|v| v.eq_ignore_ascii_case("text"))
+        .unwrap_or(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     let _ = if text {
         builder.with_writer(std::io::stderr).try_init()
     } else {

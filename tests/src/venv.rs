@@ -71,7 +71,11 @@ pub fn ensure(repo_root: &Path) -> Result<Venvs> {
     };
     let wanted = [
         (&venvs.aws, repo_root.join("requirements/aws.txt"), "moto_server"),
-        (&venvs.mapillary_tools, repo_root.join("requirements/mapillary-tools.txt"), "mapillary_tools"),
+        (
+            &venvs.mapillary_tools,
+            repo_root.join("requirements/mapillary-tools.txt"),
+            "mapillary_tools",
+        ),
     ];
     // Fast path, no lock: every stamp matches its requirements file and the main binary exists.
     let mut all_fresh = true;
@@ -94,22 +98,38 @@ pub fn ensure(repo_root: &Path) -> Result<Venvs> {
 }
 
 fn is_fresh(dir: &Path, requirements: &Path, main_bin: &str) -> Result<bool> {
-    let wanted = fs::read_to_string(requirements).with_context(|| format!("reading {}", requirements.display()))?;
+    let wanted =
+        fs::read_to_string(requirements).with_context(|| format!("reading {}", requirements.display()))?;
     let stamp = fs::read_to_string(dir.join(STAMP)).unwrap_or_default();
     Ok(stamp == wanted && dir.join("bin").join(main_bin).exists())
 }
 
 fn install(dir: &Path, requirements: &Path) -> Result<()> {
-    let wanted = fs::read_to_string(requirements).with_context(|| format!("reading {}", requirements.display()))?;
+    let wanted =
+        fs::read_to_string(requirements).with_context(|| format!("reading {}", requirements.display()))?;
     if !dir.join("bin/python").exists() {
         let python = std::env::var_os("RELAY_PYTHON").unwrap_or_else(|| "python3".into());
         eprintln!("venv: creating {}", dir.display());
-        run(Command::new(&python).arg("-m").arg("venv").arg(dir))
-            .with_context(|| format!("creating the venv {} (is python3 with venv installed?)", dir.display()))?;
+        run(Command::new(&python).arg("-m").arg("venv").arg(dir)).with_context(|| {
+            format!(
+                "creating the venv {} (is python3 with venv installed?)",
+                dir.display()
+            )
+        })?;
     }
-    eprintln!("venv: installing {} into {}", requirements.display(), dir.display());
+    eprintln!(
+        "venv: installing {} into {}",
+        requirements.display(),
+        dir.display()
+    );
     run(Command::new(dir.join("bin/pip"))
-        .args(["install", "--disable-pip-version-check", "--progress-bar", "off", "-r"])
+        .args([
+            "install",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-r",
+        ])
         .arg(requirements))
     .with_context(|| format!("installing {}", requirements.display()))?;
     fs::write(dir.join(STAMP), wanted).with_context(|| format!("writing the stamp in {}", dir.display()))?;
@@ -130,7 +150,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// An exclusive advisory lock, released when dropped (the fd closes).
-struct FileLock(File);
+struct FileLock {
+    _file: File,
+}
 
 impl FileLock {
     fn exclusive(path: &Path) -> Result<Self> {
@@ -144,9 +166,10 @@ impl FileLock {
         // SAFETY: flock on a valid, owned file descriptor.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
         }
-        Ok(Self(file))
+        Ok(Self { _file: file })
     }
 }
 

@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask …`: the project's commands (see README.md).
+//!
+//! * `setup` — create the pinned Python venvs (`.venv/aws`, `.venv/mapillary-tools`).
+//! * `stack up | down | status` — moto + the Mapillary simulator + the stack from `infra/template.yaml`.
+//! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests.
+//! * `demo` — the main job, end to end on the local stack.
+
+mod demo;
+mod stack;
+mod venv;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "mapillary-relay developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or refresh the pinned Python venvs (idempotent).
+    Setup,
+    /// Local stack: moto_server + Mapillary simulator + resources from infra/template.yaml.
+    Stack {
+        #[command(subcommand)]
+        action: StackCmd,
+    },
+    /// Run every check: fmt, clippy -D warnings, unit + integration tests (starts and stops its own moto).
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// The demo: a generated sequence uploaded into the simulator and tracked to FINISHED.
+    Demo {
+        /// Non-interactive: exit non-zero unless every upload ends FINISHED.
+        #[arg(long)]
+        ci: bool,
+        /// Number of images to generate.
+        #[arg(long, default_value_t = 60)]
+        images: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum StackCmd {
+    /// Start everything and print `export` lines (use with `eval "$(cargo xtask stack up)"`).
+    Up {
+        /// Simulator stages advance in real time, this many seconds each (default: simulator default).
+        #[arg(long)]
+        stage_seconds: Option<u64>,
+    },
+    /// Stop what `up` started.
+    Down,
+    /// Say whether the stack is up (prints its exports if so).
+    Status,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = repo_root();
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    match cli.command {
+        Cmd::Setup => {
+            venv::ensure(&root)?;
+            eprintln!("setup: venvs ready in {}", root.join(".venv").display());
+            Ok(())
+        }
+        Cmd::Stack { action } => match action {
+            StackCmd::Up { stage_seconds } => {
+                let mut opts = stack::UpOptions::new(
+                    mapillary_sim::defaults::APP_ID,
+                    mapillary_sim::defaults::CLIENT_SECRET,
+                );
+                if let Some(s) = stage_seconds {
+                    opts.sim_args = vec!["--realtime".into(), "--stage-seconds".into(), format!("{s},{s},{s},{s}")];
+                }
+                rt.block_on(stack::up(&root, &opts)).map(|_| ())
+            }
+            StackCmd::Down => stack::down(&root),
+            StackCmd::Status => stack::status(&root).map(|_| ()),
+        },
+        Cmd::Test { no_lint, cargo_test_args } => test(&root, no_lint, &cargo_test_args),
+        Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
+    }
+}
+
+/// The README's test command.
+fn test(root: &Path, no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
+    let venvs = venv::ensure(root)?;
+    if !no_lint {
+        run(cargo(root).args(["fmt", "--all", "--", "--check"]), "cargo fmt --check")?;
+        run(
+            cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+            "cargo clippy",
+        )?;
+    }
+    // One moto for the whole run; each test isolates itself with its own stack name.
+    let moto = integration_tests::moto::MotoServer::start(&venvs)?;
+    eprintln!("test: moto at {}", moto.endpoint());
+    let mut cmd = cargo(root);
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_test_args)
+        .env(integration_tests::moto::MOTO_URL_ENV, moto.endpoint())
+        .env("PATH", venvs.path_with_aws_bin());
+    let result = run(&mut cmd, "cargo test");
+    drop(moto);
+    result
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn repo_root() -> PathBuf {
+    integration_tests::repo_root()
+}

@@ -23,8 +23,14 @@ fn wall_ms() -> i64 {
 impl Clock {
     pub fn new(mode: ClockMode) -> Self {
         match mode {
-            ClockMode::Frozen { start_ms } => Self { frozen: true, value: AtomicI64::new(start_ms) },
-            ClockMode::RealTime => Self { frozen: false, value: AtomicI64::new(0) },
+            ClockMode::Frozen { start_ms } => Self {
+                frozen: true,
+                value: AtomicI64::new(start_ms),
+            },
+            ClockMode::RealTime => Self {
+                frozen: false,
+                value: AtomicI64::new(0),
+            },
         }
     }
 
@@ -53,7 +59,8 @@ impl Clock {
         if self.frozen {
             self.value.store(at_ms, Ordering::SeqCst);
         } else {
-            self.value.store(at_ms.saturating_sub(wall_ms()), Ordering::SeqCst);
+            self.value
+                .store(at_ms.saturating_sub(wall_ms()), Ordering::SeqCst);
         }
     }
 }

@@ -164,7 +164,9 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             seed: 42,
-            clock: ClockMode::Frozen { start_ms: DEFAULT_FROZEN_START_MS },
+            clock: ClockMode::Frozen {
+                start_ms: DEFAULT_FROZEN_START_MS,
+            },
             settings: Settings::default(),
             storage: StorageMode::Memory,
             seed_defaults: true,
@@ -180,7 +182,10 @@ impl SimConfig {
 
     /// Real-time clock with the given stage durations (the demo setup).
     pub fn realtime(stage_seconds: [u64; 4]) -> Self {
-        let mut cfg = Self { clock: ClockMode::RealTime, ..Self::default() };
+        let mut cfg = Self {
+            clock: ClockMode::RealTime,
+            ..Self::default()
+        };
         cfg.settings.default_plan.stage_seconds = stage_seconds;
         cfg
     }

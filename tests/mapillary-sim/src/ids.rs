@@ -15,7 +15,10 @@ pub struct IdGen {
 
 impl IdGen {
     pub fn new(seed: u64) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), issued: HashSet::new() }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            issued: HashSet::new(),
+        }
     }
 
     fn unique(&mut self, mut make: impl FnMut(&mut StdRng) -> String) -> String {
@@ -29,7 +32,10 @@ impl IdGen {
 
     /// A 15-digit numeric string, like real image, cluster and user ids.
     pub fn numeric(&mut self) -> String {
-        self.unique(|r| r.random_range(100_000_000_000_000u64..1_000_000_000_000_000u64).to_string())
+        self.unique(|r| {
+            r.random_range(100_000_000_000_000u64..1_000_000_000_000_000u64)
+                .to_string()
+        })
     }
 
     /// A 22-character alphanumeric key, like real sequence ids.

@@ -12,7 +12,12 @@ use crate::faults::FaultRule;
 use crate::ids::IdGen;
 
 /// Stage field names in processing order.
-pub const STAGE_FIELDS: [&str; 4] = ["status", "initial_processing_status", "anonymization_status", "tiler_status"];
+pub const STAGE_FIELDS: [&str; 4] = [
+    "status",
+    "initial_processing_status",
+    "anonymization_status",
+    "tiler_status",
+];
 
 /// A registered OAuth app.
 #[derive(Debug, Clone, Serialize)]
@@ -120,9 +125,16 @@ pub struct PendingImage {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ClusterContent {
-    Images { images: Vec<PendingImage>, rejected: Vec<Rejected> },
+    Images {
+        images: Vec<PendingImage>,
+        rejected: Vec<Rejected>,
+    },
     /// Processing fails at stage 1 with this code.
-    Invalid { error_code: String, reason: String, rejected: Vec<Rejected> },
+    Invalid {
+        error_code: String,
+        reason: String,
+        rejected: Vec<Rejected>,
+    },
 }
 
 /// One `finish_upload` call.
@@ -136,6 +148,8 @@ pub struct Cluster {
     pub upload_key: String,
     pub created_at_ms: i64,
     pub plan: ProcessingPlan,
+    /// Server-side sequence cap in force when the cluster was created.
+    pub sequence_cap: usize,
     pub content: ClusterContent,
     pub sequence_ids: Vec<String>,
     pub materialized: bool,
@@ -195,7 +209,11 @@ impl Cluster {
                 break;
             }
         }
-        let later = self.plan.not_started_value.clone().unwrap_or_else(|| "IN_PROGRESS".to_string());
+        let later = self
+            .plan
+            .not_started_value
+            .clone()
+            .unwrap_or_else(|| "IN_PROGRESS".to_string());
         let stages = std::array::from_fn(|i| {
             if i < current {
                 "FINISHED".to_string()
@@ -394,18 +412,31 @@ impl State {
                 return TokenClass::Revoked;
             }
             if rec.expires_at_ms.is_some_and(|e| now_ms >= e) {
-                return TokenClass::Expired { user_id: rec.user_id.clone() };
+                return TokenClass::Expired {
+                    user_id: rec.user_id.clone(),
+                };
             }
-            return TokenClass::User { user_id: rec.user_id.clone(), oauth: rec.oauth_app.is_some() };
+            return TokenClass::User {
+                user_id: rec.user_id.clone(),
+                oauth: rec.oauth_app.is_some(),
+            };
         }
         if let Some(app) = self.apps.values().find(|a| a.client_token == t) {
-            return TokenClass::Client { app_id: app.id.clone() };
+            return TokenClass::Client {
+                app_id: app.id.clone(),
+            };
         }
         TokenClass::Unknown
     }
 
     /// Issue a user token.
-    pub fn issue_token(&mut self, user_id: &str, oauth_app: Option<String>, lifetime_s: i64, now_ms: i64) -> String {
+    pub fn issue_token(
+        &mut self,
+        user_id: &str,
+        oauth_app: Option<String>,
+        lifetime_s: i64,
+        now_ms: i64,
+    ) -> String {
         let token = self.ids.token("MLYAR", 48);
         self.tokens.insert(
             token.clone(),
@@ -422,7 +453,9 @@ impl State {
 
     /// A user by id or username.
     pub fn find_user(&self, id_or_name: &str) -> Option<&User> {
-        self.users.get(id_or_name).or_else(|| self.users.values().find(|u| u.username == id_or_name))
+        self.users
+            .get(id_or_name)
+            .or_else(|| self.users.values().find(|u| u.username == id_or_name))
     }
 
     /// The cluster with this id.
@@ -432,7 +465,6 @@ impl State {
 
     /// Create sequences and images for every cluster whose stage 2 has finished by `now_ms`.
     pub fn refresh(&mut self, now_ms: i64) {
-        let cap = self.settings.sequence_cap.max(1);
         for ci in 0..self.clusters.len() {
             let cluster = &self.clusters[ci];
             if cluster.materialized {
@@ -449,8 +481,16 @@ impl State {
             };
             // Stable: equal capture times keep archive / manifest order.
             pending.sort_by_key(|p| p.meta.captured_at_ms);
-            let groups = split_groups(pending.len(), cap, cluster.plan.split_into);
-            let (cid, owner, org) = (cluster.id.clone(), cluster.owner_id.clone(), cluster.organization_id.clone());
+            let groups = split_groups(
+                pending.len(),
+                cluster.sequence_cap.max(1),
+                cluster.plan.split_into,
+            );
+            let (cid, owner, org) = (
+                cluster.id.clone(),
+                cluster.owner_id.clone(),
+                cluster.organization_id.clone(),
+            );
             let mut iter = pending.into_iter();
             let mut seq_ids = Vec::new();
             for size in groups {
@@ -538,7 +578,11 @@ mod tests {
             upload_key: "k".into(),
             created_at_ms: 0,
             plan,
-            content: ClusterContent::Images { images: Vec::new(), rejected: Vec::new() },
+            sequence_cap: 1000,
+            content: ClusterContent::Images {
+                images: Vec::new(),
+                rejected: Vec::new(),
+            },
             sequence_ids: Vec::new(),
             materialized: false,
         }
@@ -555,7 +599,10 @@ mod tests {
 
     #[test]
     fn stages_advance_in_order_and_fail_as_planned() {
-        let plan = ProcessingPlan { stage_seconds: [10, 10, 10, 10], ..ProcessingPlan::default() };
+        let plan = ProcessingPlan {
+            stage_seconds: [10, 10, 10, 10],
+            ..ProcessingPlan::default()
+        };
         let c = cluster(plan.clone());
         assert_eq!(c.progress(0).stages, ["IN_PROGRESS"; 4].map(String::from));
         let p = c.progress(25_000);
@@ -565,13 +612,19 @@ mod tests {
         assert_eq!(c.progress(40_000).stages, ["FINISHED"; 4].map(String::from));
 
         let failing = cluster(ProcessingPlan {
-            fail: Some(FailurePlan { stage: 3, error_code: "E42".into() }),
+            fail: Some(FailurePlan {
+                stage: 3,
+                error_code: "E42".into(),
+            }),
             not_started_value: Some("NOT_STARTED".into()),
             ..plan
         });
         let p = failing.progress(1_000_000);
         assert!(p.failed);
         assert_eq!(p.error_code, "E42");
-        assert_eq!(p.stages.clone().map(|s| s), ["FINISHED", "FINISHED", "FAILED", "NOT_STARTED"].map(String::from));
+        assert_eq!(
+            p.stages.clone().map(|s| s),
+            ["FINISHED", "FINISHED", "FAILED", "NOT_STARTED"].map(String::from)
+        );
     }
 }

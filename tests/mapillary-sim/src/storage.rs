@@ -79,7 +79,11 @@ impl Store {
         if let StorageMode::Directory(dir) = &mode {
             std::fs::create_dir_all(dir)?;
         }
-        Ok(Self { mode, sessions: Mutex::new(HashMap::new()), handles: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            mode,
+            sessions: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The session for `key`, if any bytes or requests were seen for it.
@@ -95,9 +99,9 @@ impl Store {
         }
         let backing = match &self.mode {
             StorageMode::Memory => Backing::Memory(Vec::new()),
-            StorageMode::Directory(dir) => {
-                Backing::File { path: dir.join(format!("{}.bin", hex::encode(Sha256::digest(key.as_bytes())))) }
-            }
+            StorageMode::Directory(dir) => Backing::File {
+                path: dir.join(format!("{}.bin", hex::encode(Sha256::digest(key.as_bytes())))),
+            },
         };
         let s = Arc::new(Session {
             key: key.to_string(),
@@ -196,7 +200,10 @@ impl Session {
 
     /// Wait for exclusive write access.
     pub async fn writer(&self) -> SessionWriter<'_> {
-        SessionWriter { session: self, backing: self.backing.lock().await }
+        SessionWriter {
+            session: self,
+            backing: self.backing.lock().await,
+        }
     }
 
     /// Every stored byte.
@@ -230,7 +237,11 @@ impl SessionWriter<'_> {
         match &mut *self.backing {
             Backing::Memory(v) => v.extend_from_slice(data),
             Backing::File { path } => {
-                let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(&*path).await?;
+                let mut f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&*path)
+                    .await?;
                 f.write_all(data).await?;
                 f.flush().await?;
             }

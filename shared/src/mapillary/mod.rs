@@ -1,0 +1,46 @@
+//! Mapillary's wire protocol, client side: endpoints, the GraphQL activity feed, and (later) rupload,
+//! `finish_upload`, OAuth and graph entities. Parsing is pure and tolerant: unknown JSON fields are
+//! ignored, unknown enum values are kept verbatim, and ids, handles and cursors stay opaque strings.
+
+pub mod feed;
+
+/// The four base URLs of Mapillary's services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Graph API, e.g. `https://graph.mapillary.com` (no trailing slash).
+    pub graph: String,
+    /// rupload base, e.g. `https://rupload.facebook.com/mapillary_public_uploads`.
+    pub upload: String,
+    /// Coverage tiles, e.g. `https://tiles.mapillary.com`.
+    pub tiles: String,
+    /// Web (the OAuth `/connect` page), e.g. `https://www.mapillary.com`.
+    pub www: String,
+}
+
+impl Endpoints {
+    /// The real Mapillary services.
+    pub fn production() -> Self {
+        Self {
+            graph: "https://graph.mapillary.com".into(),
+            upload: "https://rupload.facebook.com/mapillary_public_uploads".into(),
+            tiles: "https://tiles.mapillary.com".into(),
+            www: "https://www.mapillary.com".into(),
+        }
+    }
+
+    /// Endpoints of the simulator (or any server with the same path layout) at `base`.
+    pub fn under(base: &str) -> Self {
+        let base = base.trim_end_matches('/');
+        Self {
+            graph: format!("{base}/graph"),
+            upload: format!("{base}/rupload"),
+            tiles: format!("{base}/tiles"),
+            www: format!("{base}/www"),
+        }
+    }
+}
+
+/// Web link of an image (the help centre's "shortcut URL"; sequences have no documented URL).
+pub fn image_link(image_id: &str) -> String {
+    format!("https://www.mapillary.com/app/?pKey={image_id}")
+}

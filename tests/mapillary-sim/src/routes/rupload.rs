@@ -1,0 +1,113 @@
+//! rupload: `GET /rupload/{key}` (offset) and `POST /rupload/{key}` (append, resumable).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::auth::{check_rupload, presented_token};
+use crate::reply::{self, ok};
+use crate::server::Sim;
+
+/// `GET /rupload/{key}` → `{"offset": n}` (0 for a new key).
+pub async fn offset(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: Request) -> Response {
+    let token = presented_token(req.headers(), req.uri().query());
+    {
+        let w = sim.world();
+        if let Err(r) = check_rupload(&w, token.as_deref(), sim.now_ms()) {
+            return r;
+        }
+    }
+    let offset = sim.store.get(&key).map(|s| s.len()).unwrap_or(0);
+    ok(json!({ "offset": offset }))
+}
+
+/// `POST /rupload/{key}` with `Offset` and `X-Entity-Name`; streams the body into storage.
+pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: Request) -> Response {
+    let now = sim.now_ms();
+    let token = presented_token(req.headers(), req.uri().query());
+    let keep_prefix = {
+        let w = sim.world();
+        if let Err(r) = check_rupload(&w, token.as_deref(), now) {
+            return r;
+        }
+        w.settings.keep_prefix_on_drop
+    };
+    let (parts, mut body) = req.into_parts();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string())
+    };
+    let offset = match header("offset") {
+        None => 0,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => {
+                return reply::rupload_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidHeaderError",
+                    "Offset header is not a non-negative integer",
+                    Some(false),
+                )
+            }
+        },
+    };
+    let entity_name = header("x-entity-name");
+    if let Some(name) = &entity_name {
+        if name != &key {
+            warn!(%key, entity_name = %name, "X-Entity-Name differs from the upload key");
+        }
+    }
+    let session = sim.store.get_or_create(&key, now);
+    session.note_post(entity_name, now);
+    let mut writer = session.writer().await;
+    let start = session.len();
+    if offset != start {
+        info!(%key, offset, stored = start, "offset mismatch");
+        return reply::offset_invalid();
+    }
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(e) = writer.append(data).await {
+                        warn!(%key, error = %e, "storage append failed");
+                        return reply::rupload_error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "StorageError",
+                            "storage failed",
+                            Some(true),
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                let got = session.len() - start;
+                info!(%key, received = got, keep_prefix, error = %e, "request body broke off");
+                if !keep_prefix {
+                    if let Err(e) = writer.truncate(start).await {
+                        warn!(%key, error = %e, "rollback failed");
+                    }
+                }
+                return reply::rupload_error(
+                    StatusCode::BAD_REQUEST,
+                    "BodyInterruptedError",
+                    "request body ended early",
+                    Some(true),
+                );
+            }
+        }
+    }
+    drop(writer);
+    let candidate = sim.world_raw().ids.token("SIMh", 40);
+    let handle = sim.store.ensure_handle(&session, || candidate);
+    info!(%key, bytes = session.len(), "upload POST complete");
+    ok(json!({ "h": handle }))
+}

@@ -1,0 +1,182 @@
+//! Shared helpers for the simulator's integration tests.
+#![allow(dead_code)]
+
+use std::io::Write;
+
+use mapillary_sim::defaults::DEMO_USER_TOKEN;
+use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use relay_fixtures::{jpeg, track, TrackSpec};
+use reqwest::{Client, Response};
+use serde_json::{json, Value};
+
+pub const TOKEN: &str = DEMO_USER_TOKEN;
+
+pub async fn start() -> SimHandle {
+    start_with(SimConfig::frozen()).await
+}
+
+pub async fn start_with(cfg: SimConfig) -> SimHandle {
+    Simulator::start(cfg, "127.0.0.1:0")
+        .await
+        .expect("simulator starts")
+}
+
+pub fn client() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+pub fn auth(token: &str) -> String {
+    format!("OAuth {token}")
+}
+
+pub async fn body(r: Response) -> Value {
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON reply ({status}): {e}: {text}"))
+}
+
+/// `n` geotagged JPEGs one second apart, starting 2024-05-01T09:00:00Z.
+pub fn jpegs(n: usize, seed_base: u64) -> Vec<Vec<u8>> {
+    let mut t = TrackSpec::new(50.8966, -0.5591, time::macros::datetime!(2024-05-01 09:00:00 UTC));
+    t.seed_base = seed_base;
+    track(n, &t).iter().map(jpeg).collect()
+}
+
+/// A STORED zip of `files` named `0.jpg`, `1.jpg`, …
+pub fn zip_of(files: &[Vec<u8>]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (i, f) in files.iter().enumerate() {
+        w.start_file(format!("{i}.jpg"), opts).expect("zip entry");
+        w.write_all(f).expect("zip write");
+    }
+    w.finish().expect("zip finish").into_inner()
+}
+
+pub async fn get_offset(h: &SimHandle, key: &str) -> u64 {
+    let r = client()
+        .get(format!("{}/{key}", h.upload_url()))
+        .header("Authorization", auth(TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    body(r).await["offset"].as_u64().expect("offset")
+}
+
+pub async fn post_bytes(h: &SimHandle, key: &str, offset: u64, bytes: Vec<u8>) -> Response {
+    client()
+        .post(format!("{}/{key}", h.upload_url()))
+        .header("Authorization", auth(TOKEN))
+        .header("Offset", offset.to_string())
+        .header("X-Entity-Name", key)
+        .body(bytes)
+        .send()
+        .await
+        .expect("POST")
+}
+
+/// Upload all of `bytes` under `key` and return the handle.
+pub async fn upload(h: &SimHandle, key: &str, bytes: Vec<u8>) -> String {
+    let r = post_bytes(h, key, 0, bytes).await;
+    assert_eq!(r.status(), 200);
+    body(r).await["h"].as_str().expect("handle").to_string()
+}
+
+pub async fn finish(h: &SimHandle, handle: &str, file_type: &str) -> Response {
+    client()
+        .post(format!("{}/finish_upload", h.graph_url()))
+        .header("Authorization", auth(TOKEN))
+        .json(&json!({"file_handle": handle, "file_type": file_type}))
+        .send()
+        .await
+        .expect("finish")
+}
+
+/// Upload a zip and finish it; returns the cluster id.
+pub async fn zip_cluster(h: &SimHandle, key: &str, files: &[Vec<u8>]) -> String {
+    let handle = upload(h, key, zip_of(files)).await;
+    let r = finish(h, &handle, "zip").await;
+    assert_eq!(r.status(), 200);
+    body(r).await["cluster_id"]
+        .as_str()
+        .expect("cluster_id")
+        .to_string()
+}
+
+pub async fn admin(h: &SimHandle, path: &str, v: Value) -> Value {
+    let r = client()
+        .post(format!("{}{path}", h.admin_url()))
+        .json(&v)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "admin {path}");
+    body(r).await
+}
+
+pub async fn admin_get(h: &SimHandle, path: &str) -> Value {
+    let r = client()
+        .get(format!("{}{path}", h.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "admin {path}");
+    body(r).await
+}
+
+pub async fn advance(h: &SimHandle, seconds: i64) {
+    admin(h, "/clock/advance", json!({ "seconds": seconds })).await;
+}
+
+pub const FEED_DOC: &str = "query getLatestActivity($id: ID!, $first: Int, $after: ID, $hide_after: Int) { fetch__User(id: $id) { id feed(first: $first, after: $after, hide_failed_sequences_after_days: $hide_after) { page_info { start_cursor end_cursor has_next_page has_previous_page } nodes { cluster_id type created_at_seconds captured_at_seconds thumb_url item_count image_id status initial_processing_status anonymization_status tiler_status error_code timezone __typename } __typename } __typename } __typename }";
+
+pub const NEW_SEQ_DOC: &str = "query getNewSequences($username: String!) { user_by_username(username: $username) { id new_sequences { sequence_keys geojson __typename } __typename } __typename }";
+
+pub async fn graphql(h: &SimHandle, token: &str, doc: &str, vars: Value) -> Response {
+    client()
+        .get(format!("{}/graphql", h.graph_url()))
+        .header("Authorization", auth(token))
+        .query(&[("doc", doc), ("variables", &vars.to_string())])
+        .send()
+        .await
+        .expect("graphql")
+}
+
+/// The feed page for the demo user.
+pub async fn feed(h: &SimHandle, vars: Value) -> Value {
+    let mut v = json!({"id": mapillary_sim::defaults::DEMO_USER_ID});
+    if let (Some(a), Some(b)) = (v.as_object_mut(), vars.as_object()) {
+        a.extend(b.clone());
+    }
+    let r = graphql(h, TOKEN, FEED_DOC, v).await;
+    assert_eq!(r.status(), 200);
+    body(r).await
+}
+
+pub fn nodes(feed: &Value) -> Vec<Value> {
+    feed["data"]["fetch__User"]["feed"]["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub async fn node_of(h: &SimHandle, cluster: &str) -> Value {
+    let f = feed(h, json!({"first": 200})).await;
+    nodes(&f)
+        .into_iter()
+        .find(|n| n["cluster_id"] == cluster)
+        .expect("cluster in feed")
+}
+
+pub async fn cluster_info(h: &SimHandle, id: &str) -> Value {
+    admin_get(h, &format!("/clusters/{id}")).await
+}
+
+/// Stage durations used by most tests: 10 s each.
+pub async fn short_stages(h: &SimHandle) {
+    admin(h, "/plans/default", json!({"stage_seconds": [10, 10, 10, 10]})).await;
+}
