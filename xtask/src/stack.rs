@@ -36,6 +36,8 @@ pub struct UpOptions {
     pub client_id: String,
     /// `MAPILLARY_CLIENT_SECRET` given to the functions (the simulator's seeded app).
     pub client_secret: String,
+    /// Print the `export` lines on stdout (default true; the demo turns it off).
+    pub print_exports: bool,
 }
 
 impl UpOptions {
@@ -46,6 +48,7 @@ impl UpOptions {
             sim_args: Vec::new(),
             client_id: client_id.into(),
             client_secret: client_secret.into(),
+            print_exports: true,
         }
     }
 }
@@ -81,14 +84,6 @@ impl StackState {
     pub fn is_running(&self) -> bool {
         is_alive(self.moto.pid) && is_alive(self.sim.pid)
     }
-
-    /// The value of one export (e.g. `AWS_ENDPOINT_URL`, `RELAY_BUCKET`).
-    pub fn export(&self, name: &str) -> Option<&str> {
-        self.exports
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 /// `.stack/` under the repository root.
@@ -121,7 +116,9 @@ pub async fn up(repo_root: &Path, opts: &UpOptions) -> Result<StackState> {
                 "stack: {} is already up (moto pid {}, simulator pid {})",
                 state.stack_name, state.moto.pid, state.sim.pid
             );
-            print_exports(&state);
+            if opts.print_exports {
+                print_exports(&state);
+            }
             return Ok(state);
         }
         eprintln!("stack: stale state in .stack/, cleaning up first");
@@ -176,7 +173,9 @@ pub async fn up(repo_root: &Path, opts: &UpOptions) -> Result<StackState> {
 
     match result {
         Ok(state) => {
-            print_exports(&state);
+            if opts.print_exports {
+                print_exports(&state);
+            }
             eprintln!("stack: up. Stop it with `cargo xtask stack down`.");
             Ok(state)
         }

@@ -1,7 +1,6 @@
 //! `cargo xtask` side of the Python venvs: the harness's [`integration_tests::venv`] does the work.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::Result;
 pub use integration_tests::venv::Venvs;
@@ -10,11 +9,4 @@ pub use integration_tests::venv::Venvs;
 /// when they are current). Progress goes to stderr.
 pub fn ensure(repo_root: &Path) -> Result<Venvs> {
     integration_tests::venv::ensure(repo_root)
-}
-
-/// A command with `.venv/aws/bin` first on `PATH`, so `cargo lambda …` finds `cargo-lambda` (trap 9).
-pub fn command_with_venv_path(venvs: &Venvs, program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.env("PATH", venvs.path_with_aws_bin());
-    cmd
 }

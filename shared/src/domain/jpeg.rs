@@ -291,7 +291,8 @@ fn read4(b: &[u8], at: usize) -> Option<[u8; 4]> {
     b.get(at..at.checked_add(4)?)?.try_into().ok()
 }
 
-/// Value field of the ImageDescription entry and any bytes to append for it.
+/// The 12-byte IFD entry for ImageDescription: value inline when it fits 4 bytes (NUL included),
+/// otherwise the offset `value_offset` where the caller appends it.
 fn description_entry(order: Order, desc: &[u8], value_offset: usize) -> Result<[u8; 12], JpegError> {
     let count = desc.len() + 1; // NUL terminator
     let count32 = u32::try_from(count).map_err(|_| JpegError::ExifTooLarge { size: count })?;

@@ -2,7 +2,9 @@
 //! `finish_upload`, OAuth and graph entities. Parsing is pure and tolerant: unknown JSON fields are
 //! ignored, unknown enum values are kept verbatim, and ids, handles and cursors stay opaque strings.
 
+pub mod client;
 pub mod feed;
+pub mod retry;
 
 /// The four base URLs of Mapillary's services.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,913 @@
+//! HTTP client of Mapillary: OAuth (§1), rupload with resume (§2), `finish_upload` (§3.1), the
+//! activity feed (§6.1) and graph entities (§7.2–7.3).
+//!
+//! Tokens and client secrets are [`SecretString`]s: they are only exposed to build the
+//! `Authorization` header (marked sensitive) or a form field, and never appear in `Debug` output,
+//! logs or [`MapillaryError`] messages. Only the upload steps (GET offset, POST bytes) are retried
+//! here; `finish_upload` is never retried (each call creates a cluster), and graph reads are single
+//! calls whose errors say [`MapillaryError::is_retriable`].
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use reqwest::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+pub use secrecy::{ExposeSecret, SecretString};
+
+use super::feed::{self, ActivityPage};
+use super::retry::{
+    classify_graph, classify_rupload, upload_retry_action, MapillaryError, RetryAction, RetryPolicy,
+};
+use super::Endpoints;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the token travels on GraphQL calls (§6: unknown which one Mapillary wants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenTransport {
+    /// `Authorization: OAuth <token>` (default).
+    #[default]
+    Header,
+    /// `access_token=<token>` in the query string.
+    QueryParam,
+}
+
+/// Reply of `POST /token` (§1.3).
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    /// The user access token.
+    pub access_token: SecretString,
+    /// Lifetime in seconds, when Mapillary sent one.
+    pub expires_in: Option<u64>,
+    /// Always `bearer` (other values are rejected).
+    pub token_type: String,
+    /// A separate refresh token, if Mapillary ever sends one; otherwise refresh with the access token.
+    pub refresh_token: Option<SecretString>,
+}
+
+/// The user behind a token (`/me`, §1.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Me {
+    pub id: String,
+    pub username: String,
+}
+
+/// JOSM's refresh schedule (§1.4): refresh when this much of a token's lifetime remains.
+pub fn refresh_margin(expires_in: Duration) -> Duration {
+    const HOUR: u64 = 3600;
+    const DAY: u64 = 24 * HOUR;
+    let s = expires_in.as_secs();
+    let margin = if s > 30 * DAY {
+        7 * DAY
+    } else if s > 7 * DAY {
+        DAY
+    } else if s > DAY {
+        12 * HOUR
+    } else if s > 2 * HOUR {
+        HOUR
+    } else {
+        600
+    };
+    Duration::from_secs(margin)
+}
+
+/// `file_type` of `finish_upload` (§3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileType {
+    Zip,
+    BundleManifest,
+    CammVideo,
+    BlackvueVideo,
+}
+
+impl FileType {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Zip => "zip",
+            Self::BundleManifest => "mly_bundle_manifest",
+            Self::CammVideo => "mly_camm_video",
+            Self::BlackvueVideo => "mly_blackvue_video",
+        }
+    }
+}
+
+/// One POST of an upload: where it started and how many body bytes the stream handed to the
+/// connection (an upper bound of what reached the server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostRecord {
+    pub offset: u64,
+    pub bytes_sent: u64,
+    /// `None` when the POST returned the handle.
+    pub error: Option<String>,
+}
+
+/// Result of [`MapillaryClient::upload_from`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedPart {
+    /// The file handle (`h`).
+    pub handle: String,
+    pub offset: u64,
+    pub bytes_sent: u64,
+}
+
+/// Result of [`MapillaryClient::upload_resumable`]: the handle and every step taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadReport {
+    /// The file handle for `finish_upload`.
+    pub handle: String,
+    pub total_len: u64,
+    /// Offsets the server reported, in order.
+    pub offsets_fetched: Vec<u64>,
+    /// Every POST, in order; each starts at the offset fetched just before it.
+    pub posts: Vec<PostRecord>,
+    /// Failed steps that were retried.
+    pub retries: u32,
+}
+
+impl UploadReport {
+    /// Body bytes handed to the connection over all POSTs.
+    pub fn bytes_sent(&self) -> u64 {
+        self.posts.iter().map(|p| p.bytes_sent).sum()
+    }
+}
+
+/// A GeoJSON point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GeoPoint {
+    pub lon: f64,
+    pub lat: f64,
+}
+
+/// The image fields the service reads (§7.3); pass to [`MapillaryClient::image`].
+pub const IMAGE_FIELDS: &[&str] = &[
+    "id",
+    "sequence",
+    "captured_at",
+    "geometry",
+    "altitude",
+    "compass_angle",
+];
+
+/// An image entity; the typed fields are `None` when not requested or not sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub id: String,
+    /// Sequence id.
+    pub sequence: Option<String>,
+    /// Capture time, ms since the epoch.
+    pub captured_at_ms: Option<i64>,
+    /// Original (uploaded) position.
+    pub geometry: Option<GeoPoint>,
+    /// Position after Mapillary's processing.
+    pub computed_geometry: Option<GeoPoint>,
+    pub altitude: Option<f64>,
+    pub compass_angle: Option<f64>,
+    /// The whole reply, for fields without a typed accessor.
+    pub raw: Value,
+}
+
+impl Image {
+    fn from_json(v: Value) -> Result<Self, MapillaryError> {
+        let id = id_of(v.get("id")).ok_or_else(|| bad_reply(200, "image reply has no `id`"))?;
+        Ok(Self {
+            id,
+            sequence: id_of(v.get("sequence")),
+            captured_at_ms: v.get("captured_at").and_then(number_i64),
+            geometry: point_of(v.get("geometry")),
+            computed_geometry: point_of(v.get("computed_geometry")),
+            altitude: v.get("altitude").and_then(number_f64),
+            compass_angle: v.get("compass_angle").and_then(number_f64),
+            raw: v,
+        })
+    }
+}
+
+/// Ids are strings on the wire; numbers are accepted and printed (never parsed further).
+fn id_of(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn number_f64(v: &Value) -> Option<f64> {
+    v.as_f64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+fn number_i64(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+fn number_u64(v: &Value) -> Option<u64> {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+fn point_of(v: Option<&Value>) -> Option<GeoPoint> {
+    let c = v?.get("coordinates")?.as_array()?;
+    Some(GeoPoint {
+        lon: number_f64(c.first()?)?,
+        lat: number_f64(c.get(1)?)?,
+    })
+}
+
+fn bad_reply(status: u16, message: impl Into<String>) -> MapillaryError {
+    MapillaryError::BadReply {
+        status,
+        message: message.into(),
+    }
+}
+
+/// The `Authorization: OAuth <secret>` value, marked sensitive.
+fn oauth_header(secret: &SecretString) -> Result<HeaderValue, MapillaryError> {
+    let mut v = HeaderValue::from_str(&format!("OAuth {}", secret.expose_secret())).map_err(|_| {
+        MapillaryError::InvalidInput("token contains characters not allowed in an HTTP header".into())
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Failure recorded by [`CountingBody`] so a broken source is not mistaken for a network error.
+type SourceFailure = Arc<Mutex<Option<String>>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BodyError(String);
+
+/// Upload body that counts what it hands out and enforces the announced length.
+struct CountingBody {
+    inner: Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>,
+    sent: Arc<AtomicU64>,
+    expected: Option<u64>,
+    failure: SourceFailure,
+    done: bool,
+}
+
+impl CountingBody {
+    fn fail(&mut self, msg: String) -> Poll<Option<Result<Bytes, BodyError>>> {
+        self.done = true;
+        if let Ok(mut f) = self.failure.lock() {
+            *f = Some(msg.clone());
+        }
+        Poll::Ready(Some(Err(BodyError(msg))))
+    }
+}
+
+impl Stream for CountingBody {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let before = self.sent.load(Ordering::Relaxed);
+                let after = before + chunk.len() as u64;
+                if let Some(exp) = self.expected.filter(|e| after > *e) {
+                    return self.fail(format!("body stream yielded more than the announced {exp} bytes"));
+                }
+                self.sent.store(after, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => self.fail(format!("body stream failed: {e}")),
+            Poll::Ready(None) => {
+                let sent = self.sent.load(Ordering::Relaxed);
+                if let Some(exp) = self.expected.filter(|e| sent != *e) {
+                    return self.fail(format!("body stream ended after {sent} of {exp} bytes"));
+                }
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Client of Mapillary's graph API, rupload and OAuth endpoints.
+#[derive(Debug, Clone)]
+pub struct MapillaryClient {
+    endpoints: Endpoints,
+    http: reqwest::Client,
+    policy: RetryPolicy,
+    graphql_token: TokenTransport,
+}
+
+impl MapillaryClient {
+    /// A client for `endpoints`. `http` should not follow redirects blindly and may carry a
+    /// connect timeout; per-request timeouts come from `policy`.
+    pub fn new(endpoints: Endpoints, http: reqwest::Client, policy: RetryPolicy) -> Self {
+        Self {
+            endpoints,
+            http,
+            policy,
+            graphql_token: TokenTransport::Header,
+        }
+    }
+
+    /// Send the token of GraphQL calls as a header (default) or as `access_token`.
+    pub fn with_graphql_token_transport(mut self, transport: TokenTransport) -> Self {
+        self.graphql_token = transport;
+        self
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    fn url(base: &str, segments: &[&str]) -> Result<reqwest::Url, MapillaryError> {
+        let mut url = reqwest::Url::parse(base)
+            .map_err(|e| MapillaryError::InvalidInput(format!("endpoint {base:?} is not a URL: {e}")))?;
+        {
+            let mut path = url
+                .path_segments_mut()
+                .map_err(|_| MapillaryError::InvalidInput(format!("endpoint {base:?} cannot take a path")))?;
+            path.pop_if_empty();
+            path.extend(segments);
+        }
+        Ok(url)
+    }
+
+    // ---------------------------------------------------------------- OAuth (§1)
+
+    /// The consent page URL (`{www}/connect`, §1.2); `redirect_uri` goes last as JOSM sends it.
+    pub fn authorize_url(
+        &self,
+        client_id: &str,
+        redirect_uri: &str,
+        state: &str,
+        scope: Option<&str>,
+    ) -> Result<String, MapillaryError> {
+        let mut url = Self::url(&self.endpoints.www, &["connect"])?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("client_id", client_id)
+                .append_pair("response_type", "code");
+            if let Some(scope) = scope {
+                q.append_pair("scope", scope);
+            }
+            q.append_pair("state", state)
+                .append_pair("redirect_uri", redirect_uri);
+        }
+        Ok(url.into())
+    }
+
+    /// Exchange an authorization code for a user token (§1.3). `redirect_uri` is sent when given
+    /// (whether Mapillary requires it is unknown).
+    pub async fn exchange_code(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        code: &str,
+        redirect_uri: Option<&str>,
+    ) -> Result<TokenGrant, MapillaryError> {
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("client_id", client_id),
+            ("code", code),
+        ];
+        if let Some(r) = redirect_uri {
+            form.push(("redirect_uri", r));
+        }
+        self.token_request(client_secret, &form).await
+    }
+
+    /// Refresh (§1.4): JOSM sends the current **access** token as `refresh_token`; pass
+    /// [`TokenGrant::refresh_token`] instead if Mapillary issued one.
+    pub async fn refresh(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        refresh_token: &SecretString,
+    ) -> Result<TokenGrant, MapillaryError> {
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("client_id", client_id),
+            ("refresh_token", refresh_token.expose_secret()),
+        ];
+        self.token_request(client_secret, &form).await
+    }
+
+    async fn token_request(
+        &self,
+        client_secret: &SecretString,
+        form: &[(&str, &str)],
+    ) -> Result<TokenGrant, MapillaryError> {
+        let url = Self::url(&self.endpoints.graph, &["token"])?;
+        let req = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, oauth_header(client_secret)?)
+            .form(form)
+            .timeout(self.policy.min_request_timeout);
+        let v = self.graph_json(req).await?;
+        let access_token = v
+            .get("access_token")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad_reply(200, "token reply has no `access_token`"))?;
+        let token_type = v
+            .get("token_type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if !token_type.eq_ignore_ascii_case("bearer") {
+            return Err(bad_reply(
+                200,
+                format!("token_type {token_type:?} is not \"bearer\""),
+            ));
+        }
+        Ok(TokenGrant {
+            access_token: SecretString::from(access_token),
+            expires_in: v.get("expires_in").and_then(number_u64),
+            token_type,
+            refresh_token: v
+                .get("refresh_token")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(SecretString::from),
+        })
+    }
+
+    /// The token's user (`GET {graph}/me?fields=id,username`).
+    pub async fn me(&self, token: &SecretString) -> Result<Me, MapillaryError> {
+        self.user_at(token, "me").await
+    }
+
+    /// Another user by id (`GET {graph}/<id>?fields=id,username`).
+    pub async fn user(&self, token: &SecretString, user_id: &str) -> Result<Me, MapillaryError> {
+        self.user_at(token, user_id).await
+    }
+
+    async fn user_at(&self, token: &SecretString, segment: &str) -> Result<Me, MapillaryError> {
+        let v = self
+            .graph_get(token, &[segment], &[("fields", "id,username")])
+            .await?;
+        let id = id_of(v.get("id")).ok_or_else(|| bad_reply(200, "user reply has no `id`"))?;
+        let username = v
+            .get("username")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_reply(200, "user reply has no `username`"))?
+            .to_string();
+        Ok(Me { id, username })
+    }
+
+    // ---------------------------------------------------------------- rupload (§2)
+
+    /// Bytes the server holds for `key` (`GET {upload}/{key}`; 0 for a new key).
+    pub async fn fetch_offset(&self, token: &SecretString, key: &str) -> Result<u64, MapillaryError> {
+        let url = Self::url(&self.endpoints.upload, &[key])?;
+        let req = self
+            .http
+            .get(url)
+            .header(AUTHORIZATION, oauth_header(token)?)
+            .timeout(self.policy.min_request_timeout);
+        let resp = req.send().await.map_err(MapillaryError::from_transport)?;
+        let (status, retry_after, body) = read_reply(resp).await?;
+        if !(200..300).contains(&status) {
+            return Err(classify_rupload(
+                status,
+                retry_after.as_deref(),
+                &body,
+                SystemTime::now(),
+            ));
+        }
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|_| bad_reply(status, "offset reply is not JSON"))?;
+        v.get("offset")
+            .and_then(number_u64)
+            .ok_or_else(|| bad_reply(status, "offset reply has no `offset`"))
+    }
+
+    /// One streaming POST of `body` (the file from `offset` on) with `Offset` and `X-Entity-Name`
+    /// (§2.3). No retry: see [`Self::upload_resumable`].
+    pub async fn upload_from<S, E>(
+        &self,
+        token: &SecretString,
+        key: &str,
+        offset: u64,
+        body: S,
+    ) -> Result<UploadedPart, MapillaryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let (bytes_sent, res) = self.post_body(token, key, offset, body, None).await;
+        res.map(|handle| UploadedPart {
+            handle,
+            offset,
+            bytes_sent,
+        })
+    }
+
+    /// The `(bytes handed out, result)` of one POST; `remaining` is enforced when known.
+    async fn post_body<S, E>(
+        &self,
+        token: &SecretString,
+        key: &str,
+        offset: u64,
+        body: S,
+        remaining: Option<u64>,
+    ) -> (u64, Result<String, MapillaryError>)
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let sent = Arc::new(AtomicU64::new(0));
+        let failure: SourceFailure = Arc::default();
+        let res = async {
+            let url = Self::url(&self.endpoints.upload, &[key])?;
+            let counting = CountingBody {
+                inner: Box::pin(body.map(|r| r.map_err(Into::into))),
+                sent: sent.clone(),
+                expected: remaining,
+                failure: failure.clone(),
+                done: false,
+            };
+            let timeout = self.policy.request_timeout(remaining.unwrap_or(0));
+            let req = self
+                .http
+                .post(url)
+                .header(AUTHORIZATION, oauth_header(token)?)
+                .header("Offset", offset.to_string())
+                .header("X-Entity-Name", key)
+                .body(reqwest::Body::wrap_stream(counting))
+                .timeout(timeout);
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    let source = failure.lock().ok().and_then(|f| f.clone());
+                    return Err(match source {
+                        Some(msg) => MapillaryError::BodySource(msg),
+                        None => MapillaryError::from_transport(e),
+                    });
+                }
+            };
+            let (status, retry_after, body) = read_reply(resp).await?;
+            if !(200..300).contains(&status) {
+                return Err(classify_rupload(
+                    status,
+                    retry_after.as_deref(),
+                    &body,
+                    SystemTime::now(),
+                ));
+            }
+            let v: Value =
+                serde_json::from_slice(&body).map_err(|_| bad_reply(status, "upload reply is not JSON"))?;
+            id_of(v.get("h")).ok_or_else(|| bad_reply(status, "upload reply has no handle `h`"))
+        }
+        .await;
+        (sent.load(Ordering::Relaxed), res)
+    }
+
+    /// Upload a file of `total_len` bytes under `key`, resuming from whatever the server holds.
+    ///
+    /// Each step GETs the offset, then POSTs `make_body(offset)` (the file from that offset to the
+    /// end; an empty body when the server already has everything). Failures are retried per §2.6
+    /// (see [`upload_retry_action`]): exponential backoff with jitter plus any server-requested
+    /// wait, 412 at once, at most [`RetryPolicy::max_retries`] failures in a row without progress.
+    /// [`MapillaryError::Unauthorized`] is returned at once: refresh the token and call again.
+    /// A body stream that fails or has the wrong length ends the upload with
+    /// [`MapillaryError::BodySource`].
+    pub async fn upload_resumable<F, S, E>(
+        &self,
+        token: &SecretString,
+        key: &str,
+        total_len: u64,
+        mut make_body: F,
+    ) -> Result<UploadReport, MapillaryError>
+    where
+        F: FnMut(u64) -> S,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let mut report = UploadReport {
+            handle: String::new(),
+            total_len,
+            offsets_fetched: Vec::new(),
+            posts: Vec::new(),
+            retries: 0,
+        };
+        let mut backoff = self.policy.backoff();
+        let mut since_progress = 0u32;
+        let mut high_water: Option<u64> = None;
+        loop {
+            let step = async {
+                let offset = self.fetch_offset(token, key).await?;
+                report.offsets_fetched.push(offset);
+                if offset > total_len {
+                    return Err(bad_reply(
+                        200,
+                        format!(
+                            "server holds {offset} bytes under this key, more than the {total_len} of this \
+                             upload (the key was used for other content)"
+                        ),
+                    ));
+                }
+                if high_water.is_some_and(|h| offset > h) {
+                    backoff = self.policy.backoff();
+                    since_progress = 0;
+                }
+                high_water = Some(high_water.map_or(offset, |h| h.max(offset)));
+                let remaining = total_len - offset;
+                let (sent, res) = if remaining == 0 {
+                    let empty = futures::stream::empty::<Result<Bytes, BoxError>>();
+                    self.post_body(token, key, offset, empty, Some(0)).await
+                } else {
+                    self.post_body(token, key, offset, make_body(offset), Some(remaining))
+                        .await
+                };
+                debug!(key, offset, bytes_sent = sent, ok = res.is_ok(), "upload POST");
+                report.posts.push(PostRecord {
+                    offset,
+                    bytes_sent: sent,
+                    error: res.as_ref().err().map(ToString::to_string),
+                });
+                res
+            }
+            .await;
+            let err = match step {
+                Ok(handle) => {
+                    info!(
+                        key,
+                        total_len,
+                        posts = report.posts.len(),
+                        retries = report.retries,
+                        "upload complete"
+                    );
+                    report.handle = handle;
+                    return Ok(report);
+                }
+                Err(e) => e,
+            };
+            let wait = match upload_retry_action(&err, &self.policy) {
+                RetryAction::Stop => return Err(err),
+                RetryAction::Immediate => Duration::ZERO,
+                RetryAction::Backoff { extra } => backoff.next().unwrap_or(self.policy.max_delay) + extra,
+            };
+            if since_progress >= self.policy.max_retries {
+                return Err(MapillaryError::Exhausted {
+                    attempts: report.retries + 1,
+                    last: Box::new(err),
+                });
+            }
+            since_progress += 1;
+            report.retries += 1;
+            warn!(key, error = %err, wait_ms = wait.as_millis() as u64, retry = since_progress, "upload step failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// `POST {graph}/finish_upload` → `cluster_id` (§3.1). **Never retried**: every call creates a
+    /// cluster. On error, [`MapillaryError::is_ambiguous`] tells "maybe created" (5xx, connection
+    /// lost after sending, unreadable 2xx) from "definitely not created" (4xx, connect failure).
+    pub async fn finish_upload(
+        &self,
+        token: &SecretString,
+        handle: &str,
+        file_type: FileType,
+        organization_id: Option<&str>,
+    ) -> Result<String, MapillaryError> {
+        let url = Self::url(&self.endpoints.graph, &["finish_upload"])?;
+        let mut body = serde_json::json!({"file_handle": handle, "file_type": file_type.as_str()});
+        if let Some(org) = organization_id {
+            body["organization_id"] = Value::from(org);
+        }
+        let req = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, oauth_header(token)?)
+            .json(&body)
+            .timeout(self.policy.min_request_timeout);
+        let v = self.graph_json(req).await?;
+        let cluster_id = id_of(v.get("cluster_id")).ok_or_else(|| {
+            bad_reply(
+                200,
+                "finish_upload reply has no `cluster_id` (a cluster may exist)",
+            )
+        })?;
+        info!(cluster_id, file_type = file_type.as_str(), "upload finished");
+        Ok(cluster_id)
+    }
+
+    // ---------------------------------------------------------------- graph (§6, §7)
+
+    /// One page of `getLatestActivity` for `user_id` (§6.1), newest first.
+    pub async fn latest_activity(
+        &self,
+        token: &SecretString,
+        user_id: &str,
+        first: u32,
+        after: Option<&str>,
+        hide_after_days: u32,
+    ) -> Result<ActivityPage, MapillaryError> {
+        let variables = feed::variables(user_id, first, after, hide_after_days).to_string();
+        let mut url = Self::url(&self.endpoints.graph, &["graphql"])?;
+        url.query_pairs_mut()
+            .append_pair("doc", feed::LATEST_ACTIVITY_DOC)
+            .append_pair("variables", &variables);
+        if self.graphql_token == TokenTransport::QueryParam {
+            url.query_pairs_mut()
+                .append_pair("access_token", token.expose_secret());
+        }
+        let mut req = self.http.get(url).timeout(self.policy.min_request_timeout);
+        if self.graphql_token == TokenTransport::Header {
+            req = req.header(AUTHORIZATION, oauth_header(token)?);
+        }
+        let resp = req.send().await.map_err(MapillaryError::from_transport)?;
+        let (status, retry_after, body) = read_reply(resp).await?;
+        if !(200..300).contains(&status) {
+            return Err(classify_graph(
+                status,
+                retry_after.as_deref(),
+                &body,
+                SystemTime::now(),
+            ));
+        }
+        let text = String::from_utf8_lossy(&body);
+        Ok(feed::parse_page(&text)?)
+    }
+
+    /// An image entity with `fields` (`id` is always returned; see [`IMAGE_FIELDS`]).
+    pub async fn image(
+        &self,
+        token: &SecretString,
+        image_id: &str,
+        fields: &[&str],
+    ) -> Result<Image, MapillaryError> {
+        let fields = fields.join(",");
+        let v = self.graph_get(token, &[image_id], &[("fields", &fields)]).await?;
+        Image::from_json(v)
+    }
+
+    /// Image ids of a sequence in capture order (`GET {graph}/image_ids?sequence_id=`, §7.2).
+    pub async fn image_ids(
+        &self,
+        token: &SecretString,
+        sequence_id: &str,
+    ) -> Result<Vec<String>, MapillaryError> {
+        let v = self
+            .graph_get(token, &["image_ids"], &[("sequence_id", sequence_id)])
+            .await?;
+        let data = v
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad_reply(200, "image_ids reply has no `data` array"))?;
+        data.iter()
+            .enumerate()
+            .map(|(i, item)| {
+                id_of(item.get("id")).ok_or_else(|| bad_reply(200, format!("image_ids item {i} has no `id`")))
+            })
+            .collect()
+    }
+
+    async fn graph_get(
+        &self,
+        token: &SecretString,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<Value, MapillaryError> {
+        let mut url = Self::url(&self.endpoints.graph, segments)?;
+        url.query_pairs_mut().extend_pairs(query);
+        let req = self
+            .http
+            .get(url)
+            .header(AUTHORIZATION, oauth_header(token)?)
+            .timeout(self.policy.min_request_timeout);
+        self.graph_json(req).await
+    }
+
+    /// Send a graph request; a non-2xx reply or a 2xx carrying `error` is classified (§8.2).
+    async fn graph_json(&self, req: reqwest::RequestBuilder) -> Result<Value, MapillaryError> {
+        let resp = req.send().await.map_err(MapillaryError::from_transport)?;
+        let (status, retry_after, body) = read_reply(resp).await?;
+        if !(200..300).contains(&status) {
+            return Err(classify_graph(
+                status,
+                retry_after.as_deref(),
+                &body,
+                SystemTime::now(),
+            ));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|_| bad_reply(status, "reply is not JSON"))?;
+        if v.get("error").is_some_and(Value::is_object) {
+            return Err(classify_graph(
+                status,
+                retry_after.as_deref(),
+                &body,
+                SystemTime::now(),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// Status, `Retry-After` and body of a reply.
+async fn read_reply(resp: reqwest::Response) -> Result<(u16, Option<String>, Bytes), MapillaryError> {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp.bytes().await.map_err(MapillaryError::from_transport)?;
+    Ok((status, retry_after, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_margin_follows_josm_table() {
+        let d = |days: u64| Duration::from_secs(days * 86_400);
+        let h = |hours: u64| Duration::from_secs(hours * 3600);
+        assert_eq!(refresh_margin(d(60)), d(7));
+        assert_eq!(refresh_margin(d(30)), d(1));
+        assert_eq!(refresh_margin(d(8)), d(1));
+        assert_eq!(refresh_margin(d(7)), h(12));
+        assert_eq!(refresh_margin(d(2)), h(12));
+        assert_eq!(refresh_margin(d(1)), h(1));
+        assert_eq!(refresh_margin(h(3)), h(1));
+        assert_eq!(refresh_margin(h(2)), Duration::from_secs(600));
+        assert_eq!(refresh_margin(Duration::ZERO), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let grant = TokenGrant {
+            access_token: SecretString::from("MLYsecret-token-value"),
+            expires_in: Some(10),
+            token_type: "bearer".into(),
+            refresh_token: Some(SecretString::from("MLYsecret-refresh")),
+        };
+        let dbg = format!("{grant:?}");
+        assert!(
+            !dbg.contains("secret-token-value") && !dbg.contains("secret-refresh"),
+            "{dbg}"
+        );
+        let header = oauth_header(&grant.access_token).expect("header");
+        assert!(header.is_sensitive());
+        assert!(!format!("{header:?}").contains("secret-token-value"));
+    }
+
+    #[test]
+    fn header_unsafe_tokens_are_rejected_without_echoing_them() {
+        let err = oauth_header(&SecretString::from("bad\ntoken")).expect_err("newline");
+        assert!(!err.to_string().contains("bad"), "{err}");
+    }
+
+    #[test]
+    fn image_reply_is_read_tolerantly() {
+        let v = serde_json::json!({"id": 148137757289079u64, "sequence": "u8v5JabHqDiGcxVPl7oF3n",
+            "captured_at": 1714557600000i64, "geometry": {"type": "Point", "coordinates": [-0.5591, 50.8966]},
+            "altitude": "12.5", "unknown": true});
+        let img = Image::from_json(v).expect("parses");
+        assert_eq!(img.id, "148137757289079");
+        assert_eq!(img.sequence.as_deref(), Some("u8v5JabHqDiGcxVPl7oF3n"));
+        assert_eq!(img.captured_at_ms, Some(1_714_557_600_000));
+        assert_eq!(
+            img.geometry,
+            Some(GeoPoint {
+                lon: -0.5591,
+                lat: 50.8966
+            })
+        );
+        assert_eq!(img.altitude, Some(12.5));
+        assert_eq!(img.compass_angle, None);
+        assert!(Image::from_json(serde_json::json!({"sequence": "x"})).is_err());
+    }
+
+    #[test]
+    fn urls_get_segments_encoded_and_authorize_url_has_josm_order() {
+        let u = MapillaryClient::url("http://127.0.0.1:9/rupload/", &["a b/c.zip"]).expect("url");
+        assert_eq!(u.as_str(), "http://127.0.0.1:9/rupload/a%20b%2Fc.zip");
+        let c = MapillaryClient::new(
+            Endpoints::under("http://127.0.0.1:9"),
+            reqwest::Client::new(),
+            RetryPolicy::fast(),
+        );
+        let a = c
+            .authorize_url("123", "http://127.0.0.1:8787/cb", "st", Some("read"))
+            .expect("url");
+        assert_eq!(
+            a,
+            "http://127.0.0.1:9/www/connect?client_id=123&response_type=code&scope=read&state=st&redirect_uri=http%3A%2F%2F127.0.0.1%3A8787%2Fcb"
+        );
+    }
+}
