@@ -3,9 +3,14 @@
 //! * [`domain`] — pure logic (EXIF, MAP* descriptions, sequence rules, zip format): no AWS types, no I/O.
 //! * [`mapillary`] — Mapillary wire protocol, client side (endpoints, activity feed).
 //! * [`s3event`] — lenient parsing of S3 notifications as delivered through SQS (real AWS and moto shapes).
+//! * [`model`] — the records kept about sequences, uploads and images.
+//! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
 //! * [`telemetry`] — structured JSON logging set-up shared by every function.
 
+pub mod adapters;
 pub mod domain;
 pub mod mapillary;
+pub mod model;
+pub mod ports;
 pub mod s3event;
 pub mod telemetry;

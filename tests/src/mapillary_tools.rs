@@ -45,10 +45,17 @@ pub enum ToolsError {
     },
     /// The process could not be started.
     #[error("cannot start {program}: {source}")]
-    Spawn { program: PathBuf, source: std::io::Error },
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
     /// The process ended unsuccessfully.
     #[error("`mapillary_tools {args}` exited with {code}\n--- output tail ---\n{tail}")]
-    Failed { args: String, code: String, tail: String },
+    Failed {
+        args: String,
+        code: String,
+        tail: String,
+    },
     /// A JSON file written by mapillary_tools could not be read.
     #[error("invalid JSON in {path}: {message}")]
     Json { path: PathBuf, message: String },
@@ -291,8 +298,14 @@ impl MapillaryTools {
             ("NO_PROXY", "127.0.0.1,localhost".into()),
             ("no_proxy", "127.0.0.1,localhost".into()),
             ("MAPILLARY_CLIENT_TOKEN", account.client_token.clone().into()),
-            ("MAPILLARY_GRAPH_API_ENDPOINT", endpoints.graph.trim_end_matches('/').into()),
-            ("MAPILLARY_UPLOAD_ENDPOINT", endpoints.upload.trim_end_matches('/').into()),
+            (
+                "MAPILLARY_GRAPH_API_ENDPOINT",
+                endpoints.graph.trim_end_matches('/').into(),
+            ),
+            (
+                "MAPILLARY_UPLOAD_ENDPOINT",
+                endpoints.upload.trim_end_matches('/').into(),
+            ),
             ("PYTHONUNBUFFERED", "1".into()),
         ];
         Ok(Self {
@@ -338,13 +351,10 @@ impl MapillaryTools {
     {
         let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
         let started = Instant::now();
-        let out = self
-            .command(&args)
-            .output()
-            .map_err(|source| ToolsError::Spawn {
-                program: self.program.clone(),
-                source,
-            })?;
+        let out = self.command(&args).output().map_err(|source| ToolsError::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
         let run = RunOutput {
             args: args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
             code: out.status.code(),

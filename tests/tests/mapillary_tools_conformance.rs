@@ -147,11 +147,19 @@ impl World {
     }
 
     async fn clusters(&self) -> Vec<Value> {
-        self.admin("/clusters").await.as_array().cloned().expect("cluster list")
+        self.admin("/clusters")
+            .await
+            .as_array()
+            .cloned()
+            .expect("cluster list")
     }
 
     async fn sessions(&self) -> Vec<Value> {
-        self.admin("/sessions").await.as_array().cloned().expect("session list")
+        self.admin("/sessions")
+            .await
+            .as_array()
+            .cloned()
+            .expect("session list")
     }
 
     async fn session_bytes(&self, key: &str) -> Vec<u8> {
@@ -162,7 +170,11 @@ impl World {
     }
 
     async fn requests(&self) -> Vec<Value> {
-        self.admin("/requests").await.as_array().cloned().expect("request log")
+        self.admin("/requests")
+            .await
+            .as_array()
+            .cloned()
+            .expect("request log")
     }
 }
 
@@ -250,7 +262,11 @@ async fn clusters_match_history<'a>(
         .iter()
         .map(|c| c["id"].as_str().expect("cluster id").to_string())
         .collect();
-    assert_eq!(history.len(), expected.len(), "one history record per sequence: {history:#?}");
+    assert_eq!(
+        history.len(),
+        expected.len(),
+        "one history record per sequence: {history:#?}"
+    );
     let mut by_cluster = BTreeMap::new();
     for h in history {
         let md5 = h.sequence_md5sum.as_deref().expect("history sequence_md5sum");
@@ -261,7 +277,10 @@ async fn clusters_match_history<'a>(
             assert_eq!(uuid, &seq.uuid, "history sequence_uuid");
         }
         let cluster = h.cluster_id.clone().expect("history cluster_id");
-        assert!(by_cluster.insert(cluster, seq).is_none(), "cluster id recorded twice");
+        assert!(
+            by_cluster.insert(cluster, seq).is_none(),
+            "cluster id recorded twice"
+        );
     }
     let recorded: BTreeSet<String> = by_cluster.keys().cloned().collect();
     assert_eq!(recorded, sim_ids, "history cluster ids == simulator cluster ids");
@@ -275,13 +294,18 @@ async fn descriptions_match(w: &World, by_cluster: &BTreeMap<String, &ExpectedSe
     for (cluster, seq) in by_cluster {
         let detail = w.admin(&format!("/clusters/{cluster}")).await;
         let images = detail["pending_images"].as_array().expect("pending_images");
-        let want: BTreeMap<String, &Description> =
-            seq.images.iter().map(|d| (d.file_name().expect("filename"), d)).collect();
+        let want: BTreeMap<String, &Description> = seq
+            .images
+            .iter()
+            .map(|d| (d.file_name().expect("filename"), d))
+            .collect();
         assert_eq!(images.len(), want.len(), "images of cluster {cluster}");
         for img in images {
             let got = &img["meta"]["description"];
             assert_eq!(img["meta"]["source"], "description", "{img}");
-            let name = got["MAPFilename"].as_str().expect("MAPFilename in the stored EXIF");
+            let name = got["MAPFilename"]
+                .as_str()
+                .expect("MAPFilename in the stored EXIF");
             let d = want
                 .get(name)
                 .unwrap_or_else(|| panic!("cluster {cluster} holds {name}, not part of its sequence"));
@@ -329,7 +353,10 @@ async fn feed_finishes_and_resolves(w: &World, by_cluster: &BTreeMap<String, &Ex
             .as_str()
             .expect("sequence of the representative image")
             .to_string();
-        assert!(sequences.insert(sequence.clone()), "two clusters share sequence {sequence}");
+        assert!(
+            sequences.insert(sequence.clone()),
+            "two clusters share sequence {sequence}"
+        );
         let ids: Vec<String> = w.graph(&format!("image_ids?sequence_id={sequence}")).await["data"]
             .as_array()
             .expect("image_ids data")
@@ -337,14 +364,22 @@ async fn feed_finishes_and_resolves(w: &World, by_cluster: &BTreeMap<String, &Ex
             .map(|x| x["id"].as_str().expect("image id").to_string())
             .collect();
         assert_eq!(ids.len(), seq.images.len(), "images of sequence {sequence}");
-        assert!(ids.contains(&image_id.to_string()), "image_id belongs to its sequence");
+        assert!(
+            ids.contains(&image_id.to_string()),
+            "image_id belongs to its sequence"
+        );
         for (id, d) in ids.iter().zip(&seq.images) {
             let img = w
                 .graph(&format!("{id}?fields=sequence,captured_at,geometry"))
                 .await;
             assert_eq!(img["sequence"], sequence.as_str(), "{img}");
             let want_ms = capture_ms(d.capture_time().expect("capture time"));
-            assert_eq!(img["captured_at"], want_ms, "capture order of {:?}: {img}", d.file_name());
+            assert_eq!(
+                img["captured_at"],
+                want_ms,
+                "capture order of {:?}: {img}",
+                d.file_name()
+            );
             let coords = &img["geometry"]["coordinates"];
             let close = |v: &Value, key: &str| {
                 let want = d.raw[key].as_f64().expect("coordinate");
@@ -369,15 +404,19 @@ async fn control_calls_seen(w: &World, sequences: usize) {
             .count()
     };
     assert!(count("GET", "/graph/me") >= 1, "GET /graph/me: {log:#?}");
-    assert!(count("POST", "/graph/logging") >= 1, "POST /graph/logging: {log:#?}");
-    assert_eq!(count("POST", "/graph/finish_upload"), sequences, "finish_upload calls");
+    assert!(
+        count("POST", "/graph/logging") >= 1,
+        "POST /graph/logging: {log:#?}"
+    );
+    assert_eq!(
+        count("POST", "/graph/finish_upload"),
+        sequences,
+        "finish_upload calls"
+    );
 }
 
 /// Processes `import` and returns the descriptions with the expected sequences.
-async fn process(
-    w: &World,
-    import: &Path,
-) -> (Vec<Description>, BTreeMap<String, ExpectedSequence>) {
+async fn process(w: &World, import: &Path) -> (Vec<Description>, BTreeMap<String, ExpectedSequence>) {
     let tools = w.tools.clone();
     let dir = import.to_path_buf();
     let descs = blocking(move || {
@@ -418,9 +457,17 @@ fn file_name(p: &Path) -> String {
 /// bytes under that key.
 async fn zip_stored_exactly(w: &World, path: &Path, bytes: &[u8]) -> Value {
     let key = file_name(path);
-    assert_eq!(key, format!("mly_tools_{}.zip", hex::encode(Md5::digest(bytes))), "upload key");
+    assert_eq!(
+        key,
+        format!("mly_tools_{}.zip", hex::encode(Md5::digest(bytes))),
+        "upload key"
+    );
     let s = w.admin(&format!("/sessions/{key}")).await;
-    assert_eq!(s["sha256"], hex::encode(Sha256::digest(bytes)), "stored bytes of {key}: {s}");
+    assert_eq!(
+        s["sha256"],
+        hex::encode(Sha256::digest(bytes)),
+        "stored bytes of {key}: {s}"
+    );
     assert_eq!(s["bytes_stored"], bytes.len(), "{s}");
     assert_eq!(s["completed"], true, "{s}");
     assert_eq!(s["entity_name"], key.as_str(), "X-Entity-Name: {s}");
@@ -436,11 +483,20 @@ async fn per_image_upload_with_bundle_manifest() {
 
     let (descs, expected) = process(&w, &import).await;
     assert_eq!(descs.len(), files.len(), "one description per image");
-    assert_eq!(expected.len(), 2, "the 5-minute gap splits two sequences: {expected:#?}");
+    assert_eq!(
+        expected.len(),
+        2,
+        "the 5-minute gap splits two sequences: {expected:#?}"
+    );
 
     let tools = w.tools.clone();
     let dir = import.clone();
-    blocking(move || tools.upload(&dir, None, false, &[]).unwrap_or_else(|e| panic!("{e}"))).await;
+    blocking(move || {
+        tools
+            .upload(&dir, None, false, &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await;
 
     // One stored JPEG per input, each under mly_tools_<md5 of the stored bytes>.jpg, plus one manifest per
     // sequence.
@@ -488,7 +544,12 @@ async fn zip_upload_stores_the_exact_zip_bytes() {
     write_empty_descriptions(&desc).expect("write []");
     let tools = w.tools.clone();
     let (dir, d) = (zip_dir.clone(), desc.clone());
-    blocking(move || tools.upload(&dir, Some(&d), false, &[]).unwrap_or_else(|e| panic!("{e}"))).await;
+    blocking(move || {
+        tools
+            .upload(&dir, Some(&d), false, &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await;
 
     for (path, bytes) in &zips {
         zip_stored_exactly(&w, path, bytes).await;
@@ -502,7 +563,10 @@ async fn zip_upload_stores_the_exact_zip_bytes() {
         .collect();
     let zip_names: BTreeSet<String> = zips.iter().map(|(p, _)| file_name(p)).collect();
     assert_eq!(keys, zip_names, "each cluster was made from one of the zips");
-    let images: usize = clusters.iter().map(|c| c["accepted_images"].as_u64().unwrap_or(0) as usize).sum();
+    let images: usize = clusters
+        .iter()
+        .map(|c| c["accepted_images"].as_u64().unwrap_or(0) as usize)
+        .sum();
     assert_eq!(images, files.len(), "every image in the zips was accepted");
     descriptions_match(&w, &by_cluster).await;
     control_calls_seen(&w, expected.len()).await;
@@ -526,7 +590,10 @@ fn rupload_calls(stderr: &str, url: &str) -> Vec<(String, Option<u64>)> {
                 .iter()
                 .take_while(|l| !l.contains("HTTP GET ") && !l.contains("HTTP POST "))
                 .find(|l| l.contains("HTTP 200 "));
-            out.push(("GET".to_string(), reply.and_then(|l| number_after(l, "'offset': "))));
+            out.push((
+                "GET".to_string(),
+                reply.and_then(|l| number_after(l, "'offset': ")),
+            ));
         } else if line.contains(&format!("HTTP POST {url} ")) {
             out.push(("POST".to_string(), number_after(line, "'Offset': '")));
         }
@@ -548,7 +615,10 @@ async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
     let (zip_path, zip_bytes) = zips[0].clone();
     let key = file_name(&zip_path);
     let cut = (zip_bytes.len() / 2) as u64;
-    assert!(cut > 1000 && cut + 1000 < zip_bytes.len() as u64, "cut well inside the zip");
+    assert!(
+        cut > 1000 && cut + 1000 < zip_bytes.len() as u64,
+        "cut well inside the zip"
+    );
 
     let rule = w
         .admin_post(
@@ -563,7 +633,12 @@ async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
     write_empty_descriptions(&desc).expect("write []");
     let tools = w.tools.clone();
     let (dir, d) = (zip_dir.clone(), desc.clone());
-    let run = blocking(move || tools.upload(&dir, Some(&d), true, &[]).unwrap_or_else(|e| panic!("{e}"))).await;
+    let run = blocking(move || {
+        tools
+            .upload(&dir, Some(&d), true, &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await;
     assert!(run.success());
 
     // The fault fired exactly once.

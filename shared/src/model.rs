@@ -1,0 +1,1 @@
+//! Records the functions keep about sequences, uploads and images (in progress).

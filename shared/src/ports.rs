@@ -1,0 +1,1 @@
+//! Ports: one small trait per capability the functions need (in progress).
