@@ -1,1 +1,405 @@
-//! Records the functions keep about sequences, uploads and images (in progress).
+//! Records the functions keep about sequences, uploads and images, and the messages they exchange.
+//!
+//! Plain serde types (no AWS types). Key layout in DynamoDB is the adapters' business; the ids
+//! here (`user_id`, `sequence_id`, `upload_id`, entry `index`) are all an adapter needs to build keys:
+//! * sequence: pk `SEQ#<user_id>#<sequence_id>`, sk `META`
+//! * upload: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`
+//! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`
+//!
+//! Timestamps are RFC 3339 strings on the wire (`time::serde::rfc3339`).
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// Lifecycle of a sequence (one manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SequenceState {
+    /// The manifest was seen; nothing planned yet.
+    Received,
+    /// Uploads are planned and in progress.
+    Uploading,
+    /// Every upload reached a final state and at least one has a cluster.
+    Uploaded,
+    /// Nothing was (or will be) uploaded; `reason` says why.
+    Failed,
+}
+
+impl SequenceState {
+    /// The wire name (`RECEIVED`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SequenceState::Received => "RECEIVED",
+            SequenceState::Uploading => "UPLOADING",
+            SequenceState::Uploaded => "UPLOADED",
+            SequenceState::Failed => "FAILED",
+        }
+    }
+}
+
+/// Lifecycle of one upload (one zip, one Mapillary cluster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum UploadState {
+    /// Planned and persisted; no byte sent yet.
+    Pending,
+    /// Bytes are being sent to rupload (possibly across invocations).
+    Uploading,
+    /// `finish_upload` is about to be / is being called. Found in this state on resume without a
+    /// `cluster_id`, the call's outcome is unknown → [`UploadState::FinishUncertain`].
+    Finishing,
+    /// `finish_upload` returned `cluster_id` (recorded); the cluster message may not be sent yet.
+    Uploaded,
+    /// The cluster message was sent to the clusters queue. Final.
+    HandedOff,
+    /// `finish_upload` may or may not have created a cluster; the poller reconciles. Final here.
+    FinishUncertain,
+    /// Given up; `error` says why. Final.
+    Failed,
+}
+
+impl UploadState {
+    /// The wire name (`PENDING`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadState::Pending => "PENDING",
+            UploadState::Uploading => "UPLOADING",
+            UploadState::Finishing => "FINISHING",
+            UploadState::Uploaded => "UPLOADED",
+            UploadState::HandedOff => "HANDED_OFF",
+            UploadState::FinishUncertain => "FINISH_UNCERTAIN",
+            UploadState::Failed => "FAILED",
+        }
+    }
+
+    /// No more work for zip-and-push (the sparse `PENDING` index entry is removed in these states).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            UploadState::HandedOff | UploadState::FinishUncertain | UploadState::Failed
+        )
+    }
+}
+
+/// An image left out of the uploads, and why (precise, human-readable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedImage {
+    /// Object key relative to the sequence prefix (as listed in the manifest), or the full key
+    /// when it lies outside the prefix.
+    pub key: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// The sequence record: pk `SEQ#<user_id>#<sequence_id>`, sk `META` (gsi1: the user's sequences).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceRecord {
+    /// Producer's user id (from the S3 key).
+    pub user_id: String,
+    /// Producer's sequence id (from the S3 key).
+    pub sequence_id: String,
+    /// Lifecycle state.
+    pub state: SequenceState,
+    /// Why the sequence failed (or a note), `None` otherwise.
+    pub reason: Option<String>,
+    /// Bucket of the manifest.
+    pub bucket: String,
+    /// Full key of the manifest.
+    pub manifest_key: String,
+    /// ETag of the manifest that was processed.
+    pub manifest_etag: String,
+    /// `organization_id` from the manifest.
+    pub organization_id: Option<String>,
+    /// Images considered (listed in the manifest, or found under the prefix).
+    pub image_count: u32,
+    /// Images placed into uploads.
+    pub accepted_count: u32,
+    /// Upload ids, in order.
+    pub upload_ids: Vec<String>,
+    /// Rejected images (may be long: adapters must round-trip any length, e.g. as separate items).
+    pub rejected: Vec<RejectedImage>,
+    /// First seen.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Invocations that worked on this sequence.
+    pub attempts: u32,
+}
+
+/// The upload record: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not
+/// [`UploadState::is_final`], also in the sparse gsi2 (`PENDING`, `<user_id>#<upload_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    /// Owner.
+    pub user_id: String,
+    /// Sequence this upload belongs to.
+    pub sequence_id: String,
+    /// Globally unique and deterministic: see [`upload_id`].
+    pub upload_id: String,
+    /// Position among the sequence's uploads, from 0.
+    pub index: u32,
+    /// Lifecycle state.
+    pub state: UploadState,
+    /// rupload session key (`mly_relay_<md5>.zip`), deterministic for the same content.
+    pub session_key: String,
+    /// Zip length in bytes.
+    pub total_len: u64,
+    /// Images in the zip.
+    pub image_count: u32,
+    /// Mapillary `cluster_id`, once `finish_upload` returned it.
+    pub cluster_id: Option<String>,
+    /// rupload file handle (`h`), once all bytes were accepted.
+    pub handle: Option<String>,
+    /// Organization to upload for.
+    pub organization_id: Option<String>,
+    /// Body bytes handed to Mapillary over all attempts (an upper bound of what arrived).
+    pub bytes_sent: u64,
+    /// Planned.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// First byte sent.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub started_at: Option<OffsetDateTime>,
+    /// Reached a final state.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Why it failed / why the finish is uncertain (Mapillary's message when it gave one).
+    pub error: Option<String>,
+    /// Invocations that worked on this upload.
+    pub attempts: u32,
+}
+
+/// What the zip's tail needs about one entry after its bytes were produced (checkpoint).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryCheckpoint {
+    /// Entry index in the zip (`<index>.jpg`).
+    pub index: u32,
+    /// CRC-32 of the transformed entry bytes (header rewritten).
+    pub crc32: u32,
+    /// Lowercase hex md5 of the ORIGINAL object bytes (for `sequence_md5sum`).
+    pub md5: String,
+    /// Offset of the entry's local header in the zip.
+    pub local_header_offset: u64,
+}
+
+/// One image of an upload: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadImage {
+    /// Upload it belongs to.
+    pub upload_id: String,
+    /// Entry index in the zip.
+    pub index: u32,
+    /// Full object key.
+    pub key: String,
+    /// ETag seen when reading the EXIF; the object is read with `If-Match` on it.
+    pub etag: String,
+    /// Original object size.
+    pub size: u64,
+    /// Entry size in the zip (after the ImageDescription rewrite).
+    pub entry_size: u64,
+    /// Original header bytes replaced by the rewritten header.
+    pub header_consumed: u64,
+    /// MAP* ImageDescription JSON.
+    pub description: String,
+    /// Latitude, degrees.
+    pub lat: f64,
+    /// Longitude, degrees.
+    pub lon: f64,
+    /// Altitude, metres.
+    pub altitude: Option<f64>,
+    /// Capture time (final, as in the description).
+    #[serde(with = "time::serde::rfc3339")]
+    pub captured_at: OffsetDateTime,
+    /// Final heading, degrees.
+    pub heading: Option<f64>,
+    /// Set once the entry's CRC/md5 were computed.
+    pub checkpoint: Option<EntryCheckpoint>,
+}
+
+/// A notification that could not be turned into work (bad key, unparsable body):
+/// pk `INGEST_ERROR`, sk `<at rfc3339>#<key>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestError {
+    /// When it was seen.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// SQS message id.
+    pub message_id: String,
+    /// Bucket, when known.
+    pub bucket: Option<String>,
+    /// Object key (decoded) or an excerpt of the body when no key could be read.
+    pub key: String,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// The message sent to the clusters queue once a cluster exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMessage {
+    /// Upload id.
+    pub upload_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Sequence id.
+    pub sequence_id: String,
+    /// Mapillary cluster id.
+    pub cluster_id: String,
+}
+
+/// A user's Mapillary token as the functions use it (the plaintext only as [`SecretString`]).
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    /// The user access token.
+    pub access_token: SecretString,
+    /// A separate refresh token, if Mapillary issued one (otherwise refresh with the access token).
+    pub refresh_token: Option<SecretString>,
+    /// Expiry, when known.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Mapillary's user id.
+    pub mapillary_user_id: Option<String>,
+    /// Mapillary username.
+    pub username: Option<String>,
+    /// Last written.
+    pub updated_at: OffsetDateTime,
+}
+
+/// One upload in the status document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadStatus {
+    /// Upload id.
+    pub upload_id: String,
+    /// State.
+    pub state: UploadState,
+    /// Cluster id once known.
+    pub cluster_id: Option<String>,
+    /// Images in the zip.
+    pub image_count: u32,
+    /// Zip length.
+    pub bytes: u64,
+    /// Planned.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Final.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Error, if any.
+    pub error: Option<String>,
+}
+
+/// The status document of a sequence (also served by status-api).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceStatus {
+    /// Owner.
+    pub user_id: String,
+    /// Sequence id.
+    pub sequence_id: String,
+    /// State.
+    pub state: SequenceState,
+    /// Reason of a failure.
+    pub reason: Option<String>,
+    /// Images considered.
+    pub image_count: u32,
+    /// Images placed into uploads.
+    pub accepted_count: u32,
+    /// Uploads in order.
+    pub uploads: Vec<UploadStatus>,
+    /// Rejected images.
+    pub rejected: Vec<RejectedImage>,
+}
+
+impl SequenceStatus {
+    /// The document for a sequence record and its uploads (sorted by index here).
+    pub fn from_records(seq: &SequenceRecord, uploads: &[UploadRecord]) -> Self {
+        let mut ups: Vec<&UploadRecord> = uploads.iter().collect();
+        ups.sort_by_key(|u| u.index);
+        SequenceStatus {
+            user_id: seq.user_id.clone(),
+            sequence_id: seq.sequence_id.clone(),
+            state: seq.state,
+            reason: seq.reason.clone(),
+            image_count: seq.image_count,
+            accepted_count: seq.accepted_count,
+            uploads: ups
+                .into_iter()
+                .map(|u| UploadStatus {
+                    upload_id: u.upload_id.clone(),
+                    state: u.state,
+                    cluster_id: u.cluster_id.clone(),
+                    image_count: u.image_count,
+                    bytes: u.total_len,
+                    created_at: u.created_at,
+                    finished_at: u.finished_at,
+                    error: u.error.clone(),
+                })
+                .collect(),
+            rejected: seq.rejected.clone(),
+        }
+    }
+}
+
+/// Status of a manifest claim in the idempotency table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ClaimStatus {
+    /// Someone works on it (or crashed while doing so: see the lease).
+    Inprogress,
+    /// Done; duplicates are acknowledged.
+    Completed,
+}
+
+/// A claim of a manifest (idempotency item, key `id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// [`claim_id`] of bucket, key and etag.
+    pub id: String,
+    /// Status.
+    pub status: ClaimStatus,
+    /// Epoch ms until which an INPROGRESS claim is held by `owner`.
+    pub lease_until_ms: i64,
+    /// Who holds it (e.g. the Lambda request id).
+    pub owner: String,
+    /// TTL, epoch seconds.
+    pub expiration: i64,
+}
+
+/// `sha256(bucket + "/" + key + "#" + etag)` as lowercase hex: the idempotency key of a manifest.
+/// The etag is used without surrounding quotes.
+pub fn claim_id(bucket: &str, key: &str, etag: &str) -> String {
+    let etag = etag.trim_matches('"');
+    hex::encode(Sha256::digest(format!("{bucket}/{key}#{etag}").as_bytes()))
+}
+
+/// Deterministic upload id: `<user_id>.<sequence_id>.<index:03>` (unique across users).
+pub fn upload_id(user_id: &str, sequence_id: &str, index: u32) -> String {
+    format!("{user_id}.{sequence_id}.{index:03}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_id_ignores_etag_quotes_and_differs_by_etag() {
+        assert_eq!(claim_id("b", "k", "\"abc\""), claim_id("b", "k", "abc"));
+        assert_ne!(claim_id("b", "k", "abc"), claim_id("b", "k", "abd"));
+        assert_eq!(claim_id("b", "k", "e").len(), 64);
+    }
+
+    #[test]
+    fn states_serialize_as_screaming_snake() {
+        assert_eq!(
+            serde_json::to_string(&UploadState::FinishUncertain).unwrap(),
+            "\"FINISH_UNCERTAIN\""
+        );
+        assert_eq!(
+            serde_json::to_string(&SequenceState::Uploaded).unwrap(),
+            "\"UPLOADED\""
+        );
+        assert!(UploadState::HandedOff.is_final());
+        assert!(!UploadState::Uploaded.is_final());
+    }
+}

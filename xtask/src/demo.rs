@@ -37,7 +37,11 @@ pub async fn run(root: &Path, ci: bool, images: usize) -> Result<()> {
     }
     let mut opts = stack::UpOptions::new(defaults::APP_ID, defaults::CLIENT_SECRET);
     let s = STAGE_SECONDS;
-    opts.sim_args = vec!["--realtime".into(), "--stage-seconds".into(), format!("{s},{s},{s},{s}")];
+    opts.sim_args = vec![
+        "--realtime".into(),
+        "--stage-seconds".into(),
+        format!("{s},{s},{s},{s}"),
+    ];
     opts.print_exports = false;
     let state = stack::up(root, &opts).await?;
     let result = demo(root, &state.sim.url, ci, images).await;
@@ -58,17 +62,28 @@ async fn demo(root: &Path, sim_url: &str, ci: bool, images: usize) -> Result<()>
     let start = time::OffsetDateTime::now_utc() - time::Duration::hours(2);
     let first = images / 2;
     let mut specs = track(first, &TrackSpec::new(50.8225, -0.1372, start));
-    let mut second = TrackSpec::new(50.8240, -0.1340, start + time::Duration::minutes(first as i64 / 60 + 5));
+    let mut second = TrackSpec::new(
+        50.8240,
+        -0.1340,
+        start + time::Duration::minutes(first as i64 / 60 + 5),
+    );
     second.seed_base = 10_000;
     specs.extend(track(images - first, &second));
     write_jpegs(&photos, &specs).context("writing demo images")?;
-    println!("demo: generated {} geotagged JPEGs in {}", specs.len(), photos.display());
+    println!(
+        "demo: generated {} geotagged JPEGs in {}",
+        specs.len(),
+        photos.display()
+    );
 
     // 2. The real mapillary_tools processes and uploads them into the simulator.
     let tools = MapillaryTools::new(
         venvs.mapillary_tools(),
         &work.join("mapillary_tools"),
-        &ToolsEndpoints { graph: endpoints.graph.clone(), upload: endpoints.upload.clone() },
+        &ToolsEndpoints {
+            graph: endpoints.graph.clone(),
+            upload: endpoints.upload.clone(),
+        },
         &Account {
             client_token: defaults::CLIENT_TOKEN.into(),
             user_token: defaults::DEMO_USER_TOKEN.into(),
@@ -85,11 +100,19 @@ async fn demo(root: &Path, sim_url: &str, ci: bool, images: usize) -> Result<()>
     })
     .await
     .context("mapillary_tools task")??;
-    let clusters: Vec<String> = tools.history()?.into_iter().filter_map(|h| h.cluster_id).collect();
+    let clusters: Vec<String> = tools
+        .history()?
+        .into_iter()
+        .filter_map(|h| h.cluster_id)
+        .collect();
     if clusters.is_empty() {
         bail!("mapillary_tools recorded no cluster_id");
     }
-    println!("demo: mapillary_tools uploaded {} sequence(s): cluster ids {}", clusters.len(), clusters.join(", "));
+    println!(
+        "demo: mapillary_tools uploaded {} sequence(s): cluster ids {}",
+        clusters.len(),
+        clusters.join(", ")
+    );
 
     // 3. Follow the activity feed until every cluster is final.
     let http = reqwest::Client::new();
@@ -98,17 +121,28 @@ async fn demo(root: &Path, sim_url: &str, ci: bool, images: usize) -> Result<()>
     let finals = loop {
         let nodes = feed_nodes(&http, &endpoints, &clusters).await?;
         for node in nodes.values() {
-            let now: Vec<String> =
-                node.stages.labelled().iter().map(|(_, s)| s.map(|s| s.to_string()).unwrap_or("-".into())).collect();
+            let now: Vec<String> = node
+                .stages
+                .labelled()
+                .iter()
+                .map(|(_, s)| s.map(|s| s.to_string()).unwrap_or("-".into()))
+                .collect();
             if last.get(&node.cluster_id) != Some(&now) {
-                let shown: Vec<String> =
-                    node.stages.labelled().iter().zip(&now).map(|((label, _), v)| format!("{label}: {v}")).collect();
+                let shown: Vec<String> = node
+                    .stages
+                    .labelled()
+                    .iter()
+                    .zip(&now)
+                    .map(|((label, _), v)| format!("{label}: {v}"))
+                    .collect();
                 println!("  cluster {} | {}", node.cluster_id, shown.join(" | "));
                 last.insert(node.cluster_id.clone(), now);
             }
         }
         let done = clusters.iter().all(|c| {
-            nodes.get(c).is_some_and(|n| n.stages.all_finished() || n.stages.any_failed())
+            nodes
+                .get(c)
+                .is_some_and(|n| n.stages.all_finished() || n.stages.any_failed())
         });
         if done {
             break nodes;
@@ -123,8 +157,14 @@ async fn demo(root: &Path, sim_url: &str, ci: bool, images: usize) -> Result<()>
     println!("\ndemo: status");
     let mut all_ok = true;
     for cluster in &clusters {
-        let node = finals.get(cluster).ok_or_else(|| anyhow!("cluster {cluster} left the feed"))?;
-        let state = if node.stages.all_finished() { "FINISHED" } else { "FAILED" };
+        let node = finals
+            .get(cluster)
+            .ok_or_else(|| anyhow!("cluster {cluster} left the feed"))?;
+        let state = if node.stages.all_finished() {
+            "FINISHED"
+        } else {
+            "FAILED"
+        };
         println!(
             "  cluster {cluster}: {state} ({} images, error_code {})",
             node.item_count.unwrap_or(0),
@@ -134,10 +174,18 @@ async fn demo(root: &Path, sim_url: &str, ci: bool, images: usize) -> Result<()>
             Some(image_id) if state == "FINISHED" => {
                 let seq = image_sequence(&http, &endpoints, image_id).await?;
                 let ids = sequence_image_ids(&http, &endpoints, &seq).await?;
-                println!("    sequence {seq}: {} images, first {}", ids.len(), image_link(image_id));
+                println!(
+                    "    sequence {seq}: {} images, first {}",
+                    ids.len(),
+                    image_link(image_id)
+                );
                 if ids.len() as i64 != node.item_count.unwrap_or(-1) {
                     all_ok = false;
-                    println!("    !! the sequence has {} images, the feed says {:?}", ids.len(), node.item_count);
+                    println!(
+                        "    !! the sequence has {} images, the feed says {:?}",
+                        ids.len(),
+                        node.item_count
+                    );
                 }
             }
             _ => all_ok = false,
@@ -163,7 +211,10 @@ async fn feed_nodes(
         let body = http
             .get(format!("{}/graphql", endpoints.graph))
             .header("Authorization", format!("OAuth {}", defaults::DEMO_USER_TOKEN))
-            .query(&[("doc", feed::LATEST_ACTIVITY_DOC), ("variables", &vars.to_string())])
+            .query(&[
+                ("doc", feed::LATEST_ACTIVITY_DOC),
+                ("variables", &vars.to_string()),
+            ])
             .send()
             .await
             .context("activity feed request")?
@@ -190,7 +241,10 @@ async fn graph_get(http: &reqwest::Client, url: String) -> Result<Value> {
         .await
         .with_context(|| format!("GET {url}"))?;
     let status = reply.status();
-    let body: Value = reply.json().await.with_context(|| format!("GET {url}: not JSON"))?;
+    let body: Value = reply
+        .json()
+        .await
+        .with_context(|| format!("GET {url}: not JSON"))?;
     if !status.is_success() {
         bail!("GET {url}: {status} {body}");
     }
@@ -199,13 +253,20 @@ async fn graph_get(http: &reqwest::Client, url: String) -> Result<Value> {
 
 async fn image_sequence(http: &reqwest::Client, endpoints: &Endpoints, image_id: &str) -> Result<String> {
     let v = graph_get(http, format!("{}/{image_id}?fields=id,sequence", endpoints.graph)).await?;
-    v.get("sequence").and_then(Value::as_str).map(str::to_string).ok_or_else(|| anyhow!("image {image_id} has no sequence"))
+    v.get("sequence")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("image {image_id} has no sequence"))
 }
 
 async fn sequence_image_ids(http: &reqwest::Client, endpoints: &Endpoints, seq: &str) -> Result<Vec<String>> {
     let v = graph_get(http, format!("{}/image_ids?sequence_id={seq}", endpoints.graph)).await?;
     Ok(v.get("data")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|i| i.get("id").and_then(Value::as_str).map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.get("id").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default())
 }

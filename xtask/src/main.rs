@@ -82,14 +82,21 @@ fn main() -> Result<()> {
                     mapillary_sim::defaults::CLIENT_SECRET,
                 );
                 if let Some(s) = stage_seconds {
-                    opts.sim_args = vec!["--realtime".into(), "--stage-seconds".into(), format!("{s},{s},{s},{s}")];
+                    opts.sim_args = vec![
+                        "--realtime".into(),
+                        "--stage-seconds".into(),
+                        format!("{s},{s},{s},{s}"),
+                    ];
                 }
                 rt.block_on(stack::up(&root, &opts)).map(|_| ())
             }
             StackCmd::Down => stack::down(&root),
             StackCmd::Status => stack::status(&root).map(|_| ()),
         },
-        Cmd::Test { no_lint, cargo_test_args } => test(&root, no_lint, &cargo_test_args),
+        Cmd::Test {
+            no_lint,
+            cargo_test_args,
+        } => test(&root, no_lint, &cargo_test_args),
         Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
     }
 }
@@ -98,7 +105,10 @@ fn main() -> Result<()> {
 fn test(root: &Path, no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     let venvs = venv::ensure(root)?;
     if !no_lint {
-        run(cargo(root).args(["fmt", "--all", "--", "--check"]), "cargo fmt --check")?;
+        run(
+            cargo(root).args(["fmt", "--all", "--", "--check"]),
+            "cargo fmt --check",
+        )?;
         run(
             cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
             "cargo clippy",
