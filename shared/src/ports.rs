@@ -1,1 +1,356 @@
-//! Ports: one small trait per capability the functions need (in progress).
+//! Ports: one small trait per capability the functions need. Handlers are generic over them
+//! (native `async` in traits, `Send` futures), so tests plug in in-memory fakes and `main`
+//! plugs in the AWS/Mapillary adapters of [`crate::adapters`].
+//!
+//! Every error enum has `is_transient()`: `true` means "the same call may succeed later"
+//! (throttling, 5xx, timeouts, connection errors) — the caller then releases its work and lets SQS
+//! redeliver; `false` means retrying the same call will not help.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use futures::Stream;
+use secrecy::SecretString;
+
+use crate::mapillary::client::{TokenGrant, UploadReport};
+use crate::mapillary::retry::MapillaryError;
+use crate::model::{
+    Claim, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage,
+    UploadRecord, UploadState,
+};
+
+/// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+// ------------------------------------------------------------------ object store (S3)
+
+/// Failure of an [`ObjectStore`] call.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The bucket or key does not exist (S3 `NoSuchKey` / `NoSuchBucket` / 404 on HEAD).
+    #[error("object not found: {0}")]
+    NotFound(String),
+    /// `If-Match` failed: the object changed since its etag was recorded (S3 412).
+    #[error("object changed: {key} no longer has ETag {expected}")]
+    Changed {
+        /// Key.
+        key: String,
+        /// The etag that was required.
+        expected: String,
+    },
+    /// Access denied (403): a configuration problem, not transient.
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// Throttling, 5xx, timeouts, connection or body-read errors.
+    #[error("object store unavailable: {0}")]
+    Transient(String),
+    /// Anything else (message keeps the service error code and message).
+    #[error("object store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+/// An object listed under a prefix, or its HEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Full key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// ETag **without** surrounding quotes.
+    pub etag: String,
+}
+
+/// A whole object.
+#[derive(Debug, Clone)]
+pub struct ObjectBody {
+    /// The bytes.
+    pub bytes: Bytes,
+    /// ETag without quotes.
+    pub etag: String,
+}
+
+/// Part of an object.
+#[derive(Debug, Clone)]
+pub struct RangeBody {
+    /// Bytes `start..min(end, total_size)`; empty when `start >= total_size`.
+    pub bytes: Bytes,
+    /// Size of the whole object (from `Content-Range`, or `Content-Length` when the range covered
+    /// the whole object).
+    pub total_size: u64,
+    /// ETag without quotes.
+    pub etag: String,
+}
+
+/// Read access to objects (S3).
+pub trait ObjectStore: Send + Sync {
+    /// Bytes `start..end` (end exclusive, `start < end`) of `bucket/key` with one ranged GET
+    /// (`Range: bytes=start-(end-1)`). A range reaching past the end returns the available bytes;
+    /// a `start` at or past the end of the object (S3 416 `InvalidRange`, e.g. a 0-byte object)
+    /// returns empty `bytes` with the real `total_size` (an adapter may HEAD to learn it).
+    /// Errors: [`StoreError::NotFound`] for a missing key/bucket.
+    fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> impl Future<Output = Result<RangeBody, StoreError>> + Send;
+
+    /// The whole object. With `if_match` (an etag without quotes) the GET carries `If-Match`, and a
+    /// different current etag fails with [`StoreError::Changed`] (S3 412 `PreconditionFailed`).
+    /// Errors: [`StoreError::NotFound`].
+    fn get_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        if_match: Option<&str>,
+    ) -> impl Future<Output = Result<ObjectBody, StoreError>> + Send;
+
+    /// Every object whose key starts with `prefix` (all pages of ListObjectsV2), in key order.
+    /// An empty result is not an error.
+    fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send;
+
+    /// Size and etag of `bucket/key`. Errors: [`StoreError::NotFound`].
+    fn head(&self, bucket: &str, key: &str) -> impl Future<Output = Result<ObjectInfo, StoreError>> + Send;
+}
+
+// ------------------------------------------------------------------ repository (DynamoDB)
+
+/// Failure of an [`UploadRepository`] call.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// A conditional write's condition did not hold (DynamoDB `ConditionalCheckFailedException`).
+    #[error("conditional write rejected: {0}")]
+    ConditionFailed(String),
+    /// Throttling, 5xx, timeouts, connection errors, unprocessed batch items left after retries.
+    #[error("repository unavailable: {0}")]
+    Transient(String),
+    /// A stored item cannot be decoded into the model type.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// Anything else (validation errors, access denied…), with the service code and message.
+    #[error("repository error: {0}")]
+    Other(String),
+}
+
+impl RepoError {
+    /// Whether the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RepoError::Transient(_))
+    }
+}
+
+/// What [`UploadRepository::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The caller now holds the claim (new, or an INPROGRESS claim whose lease had expired —
+    /// then `previous` is that claim: a crashed or timed-out attempt to resume).
+    Acquired {
+        /// The expired claim that was taken over, if any.
+        previous: Option<Claim>,
+    },
+    /// The manifest was fully processed before: acknowledge the duplicate.
+    Completed,
+    /// Another invocation holds a live lease until `lease_until_ms` (epoch ms): retry later.
+    Held {
+        /// End of the other holder's lease.
+        lease_until_ms: i64,
+    },
+}
+
+/// Records of sequences, uploads, images and manifest claims (DynamoDB).
+pub trait UploadRepository: Send + Sync {
+    /// Claim a manifest (IdempotencyTable). Conditional put of `claim` (status INPROGRESS,
+    /// `lease_until_ms`, `owner`, `expiration`) that succeeds when no item with `claim.id` exists,
+    /// or the item is INPROGRESS with `lease_until_ms < now_ms` ([`ClaimOutcome::Acquired`], with the
+    /// old item as `previous`), or its TTL `expiration` (epoch s) is past. Otherwise the existing item
+    /// decides: COMPLETED → [`ClaimOutcome::Completed`]; INPROGRESS with a live lease →
+    /// [`ClaimOutcome::Held`]. (Use `ReturnValuesOnConditionCheckFailure=ALL_OLD`.)
+    fn claim(
+        &self,
+        claim: &Claim,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<ClaimOutcome, RepoError>> + Send;
+
+    /// Set `lease_until_ms` of claim `id` to `lease_until_ms` if it is INPROGRESS and held by
+    /// `owner` (used to release early: pass "now", or to extend). Errors:
+    /// [`RepoError::ConditionFailed`] when the claim is not held by `owner` any more.
+    fn renew_claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_until_ms: i64,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Mark claim `id` COMPLETED (condition: it is held by `owner`; [`RepoError::ConditionFailed`]
+    /// otherwise).
+    fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// The sequence record, `None` when absent.
+    fn get_sequence(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+    ) -> impl Future<Output = Result<Option<SequenceRecord>, RepoError>> + Send;
+
+    /// Write (create or replace) the sequence record, including the gsi1 keys
+    /// (`USER#<user_id>`, `SEQ#<created_at>#<sequence_id>`) and every `rejected` entry (however many:
+    /// store a large list as separate items and replace the old ones; `get_sequence` must return
+    /// exactly this list, in this order).
+    fn put_sequence(&self, seq: &SequenceRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Write (create or replace) an upload record. The sparse gsi2 keys (`PENDING`,
+    /// `<user_id>#<upload_id>`) are present iff `!upload.state.is_final()`.
+    fn put_upload(&self, upload: &UploadRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Replace the upload record with `upload` only if the stored record's `state` is `expected`
+    /// (gsi2 keys as in [`Self::put_upload`]). Errors: [`RepoError::ConditionFailed`] when the
+    /// stored state differs or the record is missing.
+    fn transition_upload(
+        &self,
+        upload: &UploadRecord,
+        expected: UploadState,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// The sequence's upload records, ordered by `index` (empty when none).
+    fn list_uploads(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+    ) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
+
+    /// Write image entries (create or replace; batch writes of ≤ 25, unprocessed items retried).
+    /// All entries of one call may belong to different uploads (each carries its `upload_id`).
+    fn put_images(&self, images: &[UploadImage]) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// All image entries of an upload, ordered by `index`, with their checkpoints.
+    fn list_images(
+        &self,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<Vec<UploadImage>, RepoError>> + Send;
+
+    /// Set the `checkpoint` of existing image entries `(upload_id, cp.index)`, leaving other fields
+    /// alone (UpdateItem per entry; calls may run concurrently). Overwriting an existing checkpoint
+    /// with the same values must succeed.
+    fn save_checkpoints(
+        &self,
+        upload_id: &str,
+        checkpoints: &[EntryCheckpoint],
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Record a notification that could not be processed (pk `INGEST_ERROR`).
+    fn record_ingest_error(&self, error: &IngestError) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+// ------------------------------------------------------------------ tokens (DynamoDB + KMS)
+
+/// Failure of a [`TokenStore`] call. Messages never contain token material.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The stored record cannot be decrypted or decoded (wrong key, wrong encryption context, bad JSON).
+    #[error("stored token unusable: {0}")]
+    Corrupt(String),
+    /// DynamoDB/KMS throttling, 5xx, timeouts, connection errors.
+    #[error("token store unavailable: {0}")]
+    Transient(String),
+    /// Anything else (access denied, disabled key…).
+    #[error("token store error: {0}")]
+    Other(String),
+}
+
+impl TokenError {
+    /// Whether the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TokenError::Transient(_))
+    }
+}
+
+/// Users' Mapillary tokens (UsersTable item pk `USER#<user_id>`, sk `MAPILLARY`), the secrets
+/// encrypted with KMS under EncryptionContext `{"user_id": <user_id>}`.
+pub trait TokenStore: Send + Sync {
+    /// The user's token, `None` when the user has no token item.
+    fn load(&self, user_id: &str) -> impl Future<Output = Result<Option<StoredToken>, TokenError>> + Send;
+
+    /// Create or replace the user's token item (encrypting `access_token` and `refresh_token`).
+    fn save(&self, user_id: &str, token: &StoredToken)
+        -> impl Future<Output = Result<(), TokenError>> + Send;
+}
+
+// ------------------------------------------------------------------ queues (SQS)
+
+/// Failure of a queue send.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Throttling, 5xx, timeouts, connection errors.
+    #[error("queue unavailable: {0}")]
+    Transient(String),
+    /// Anything else (missing queue, access denied, message too large…).
+    #[error("queue error: {0}")]
+    Other(String),
+}
+
+impl QueueError {
+    /// Whether the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, QueueError::Transient(_))
+    }
+}
+
+/// The clusters queue (zip-and-push → poller).
+pub trait ClusterQueue: Send + Sync {
+    /// Send `msg` as a JSON body (`{"upload_id","user_id","sequence_id","cluster_id"}`).
+    fn send_cluster(&self, msg: &ClusterMessage) -> impl Future<Output = Result<(), QueueError>> + Send;
+}
+
+/// The ingest queue, for continuation messages (an upload that needs another invocation).
+pub trait IngestRequeue: Send + Sync {
+    /// Send `body` verbatim (the original S3 notification body) with `delay_seconds` (0–900).
+    fn requeue(&self, body: &str, delay_seconds: u32) -> impl Future<Output = Result<(), QueueError>> + Send;
+}
+
+// ------------------------------------------------------------------ Mapillary
+
+/// The Mapillary calls of zip-and-push (implemented over
+/// [`crate::mapillary::client::MapillaryClient`] in [`crate::adapters::mapillary`]).
+pub trait MapillaryUploads: Send + Sync {
+    /// OAuth refresh grant (client id/secret held by the implementation); `refresh_token` is the
+    /// stored refresh token or, when there is none, the current access token.
+    fn refresh(
+        &self,
+        refresh_token: &SecretString,
+    ) -> impl Future<Output = Result<TokenGrant, MapillaryError>> + Send;
+
+    /// Upload `total_len` bytes under `key`, resuming from the server's offset; `make_body(offset)`
+    /// yields the file from `offset` to the end. See
+    /// [`crate::mapillary::client::MapillaryClient::upload_resumable`].
+    fn upload_resumable<F, S, E>(
+        &self,
+        token: &SecretString,
+        key: &str,
+        total_len: u64,
+        make_body: F,
+    ) -> impl Future<Output = Result<UploadReport, MapillaryError>> + Send
+    where
+        F: FnMut(u64) -> S + Send,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>;
+
+    /// `finish_upload` of a zip handle → `cluster_id`. Never retried (each call creates a cluster).
+    fn finish_upload(
+        &self,
+        token: &SecretString,
+        handle: &str,
+        organization_id: Option<&str>,
+    ) -> impl Future<Output = Result<String, MapillaryError>> + Send;
+}

@@ -80,6 +80,8 @@ pub struct Settings {
     pub connect_user_id: String,
     /// Accept any `http://127.0.0.1:*` / `http://localhost:*` redirect URI for every app.
     pub allow_loopback_redirects: bool,
+    /// Coverage tiles without data: 200 with an empty MVT (else 403 "tile does not exist", as documented).
+    pub empty_tile_ok: bool,
 }
 
 impl Default for Settings {
@@ -103,6 +105,7 @@ impl Default for Settings {
             feed_max_first: 200,
             connect_user_id: crate::defaults::DEMO_USER_ID.to_string(),
             allow_loopback_redirects: true,
+            empty_tile_ok: false,
         }
     }
 }

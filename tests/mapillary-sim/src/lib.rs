@@ -1,7 +1,7 @@
 //! Offline Mapillary simulator (see README.md in this crate).
 //!
 //! Start it in-process with [`Simulator::start`]; the binary (`cargo run -p mapillary-sim`) wraps
-//! the same library. One port serves `/graph`, `/rupload`, `/www`, `/tiles` (later) and `/_sim`.
+//! the same library. One port serves `/graph`, `/rupload`, `/www`, `/tiles` and `/_sim`.
 
 // Handlers short-circuit with `Result<_, axum::response::Response>`; boxing the error reply
 // would only add noise in a test server, so the size lint is off for the crate.

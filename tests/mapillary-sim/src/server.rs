@@ -148,7 +148,7 @@ impl SimHandle {
     pub fn www_url(&self) -> String {
         format!("{}/www", self.base)
     }
-    /// Coverage tiles base (served by a later issue).
+    /// Coverage tiles base (`{tiles}`: serves `/maps/vtp/…`).
     pub fn tiles_url(&self) -> String {
         format!("{}/tiles", self.base)
     }

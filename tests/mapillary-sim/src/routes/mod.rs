@@ -16,8 +16,9 @@ pub use finish::codes as finish_codes;
 mod graphql;
 mod oauth;
 mod rupload;
+mod tiles;
 
-/// The complete router (graph, rupload, www, admin) with the fault/log edge in front.
+/// The complete router (graph, rupload, www, tiles, admin) with the fault/log edge in front.
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/graph/token", post(oauth::token))
@@ -34,6 +35,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/graph/{id}", get(entities::object))
         .route("/rupload/{key}", get(rupload::offset).post(rupload::upload))
         .route("/www/connect", get(oauth::connect))
+        .route("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}", get(tiles::tile))
         .merge(admin::router())
         .layer(axum::middleware::from_fn_with_state(sim.clone(), edge))
         .with_state(sim)
