@@ -585,17 +585,18 @@ fn rupload_calls(stderr: &str, url: &str) -> Vec<(String, Option<u64>)> {
     let mut out = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         if line.contains(&format!("HTTP GET {url} ")) || line.ends_with(&format!("HTTP GET {url}")) {
-            // The reply line (`HTTP 200 OK (n ms): {'offset': N}`) follows before the next request.
+            // The reply line (`HTTP 200 OK (n ms): {"offset": N}`) follows before the next request.
             let reply = lines[i + 1..]
                 .iter()
                 .take_while(|l| !l.contains("HTTP GET ") && !l.contains("HTTP POST "))
                 .find(|l| l.contains("HTTP 200 "));
-            out.push((
-                "GET".to_string(),
-                reply.and_then(|l| number_after(l, "'offset': ")),
-            ));
+            let offset =
+                reply.and_then(|l| number_after(l, "\"offset\": ").or_else(|| number_after(l, "'offset': ")));
+            out.push(("GET".to_string(), offset));
         } else if line.contains(&format!("HTTP POST {url} ")) {
-            out.push(("POST".to_string(), number_after(line, "'Offset': '")));
+            // Request headers are logged as a Python dict: `HEADERS={'Offset': 'N', ...}`.
+            let offset = number_after(line, "'Offset': '").or_else(|| number_after(line, "\"Offset\": \""));
+            out.push(("POST".to_string(), offset));
         }
     }
     out
