@@ -676,6 +676,24 @@ async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
         "request log for {path}"
     );
 
+    // Server side: the dropped POST delivered exactly `cut` bytes from 0, the next GET reported `cut`, and the
+    // resumed POST started at `cut` and carried only the rest (0 bytes re-sent below the server's offset).
+    let details: Vec<(Option<String>, Value)> = w
+        .requests()
+        .await
+        .iter()
+        .filter(|e| e["path"] == path.as_str())
+        .map(|e| (e["offset_header"].as_str().map(str::to_string), e["detail"].clone()))
+        .collect();
+    let total = zip_bytes.len() as u64;
+    assert_eq!(details[0].1["offset"], 0, "{details:?}");
+    assert_eq!(details[1].0.as_deref(), Some("0"), "{details:?}");
+    assert_eq!(details[1].1["bytes_received"], cut, "{details:?}");
+    assert_eq!(details[2].1["offset"], cut, "{details:?}");
+    assert_eq!(details[3].0, Some(cut.to_string()), "{details:?}");
+    assert_eq!(details[3].1["start"], cut, "{details:?}");
+    assert_eq!(details[3].1["bytes_received"], total - cut, "{details:?}");
+
     // Client side (mapillary_tools' own request log): the second GET returned the kept prefix and the second POST
     // started there.
     let url = format!("{}/{key}", w.sim.upload_url());

@@ -52,6 +52,15 @@ pub struct Sim {
 }
 
 impl Sim {
+    /// Attach route-specific details to a request's log entry (see [`LogSeq`]).
+    pub fn log_detail(&self, seq: Option<LogSeq>, detail: serde_json::Value) {
+        let Some(LogSeq(seq)) = seq else { return };
+        let mut w = self.world_raw();
+        if let Some(e) = w.request_log.iter_mut().rev().find(|e| e.seq == seq) {
+            e.detail = Some(detail);
+        }
+    }
+
     fn new(config: SimConfig, base_url: String) -> Result<Self, SimError> {
         let clock = Clock::new(config.clock);
         let mut world = World::new(config.seed, config.settings);
@@ -420,6 +429,11 @@ async fn transform_json(resp: Response, action: &FaultAction) -> Response {
     Response::from_parts(parts, Body::from(v.to_string()))
 }
 
+/// The request-log sequence number of the request being handled (a request extension), so routes
+/// can add details to their log entry with [`Sim::log_detail`].
+#[derive(Debug, Clone, Copy)]
+pub struct LogSeq(pub u64);
+
 /// Middleware on every non-admin request: match fault rules, log, and act.
 pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Result<Response, Infallible> {
     let path = req.uri().path().to_string();
@@ -468,6 +482,12 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resu
             token_kind: class.label().to_string(),
             user_id,
             fault_rule: chosen.as_ref().map(|c| c.0),
+            offset_header: req
+                .headers()
+                .get("offset")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            detail: None,
         });
         (seq, chosen, latency_ms, class)
     };
@@ -475,6 +495,8 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resu
     if latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
     }
+    let mut req = req;
+    req.extensions_mut().insert(LogSeq(seq));
     let kill = req.extensions().get::<ConnKill>().cloned();
     let set_status = |status: Option<u16>| {
         let mut w = sim.world_raw();

@@ -303,6 +303,10 @@ pub struct RequestLogEntry {
     pub token_kind: String,
     pub user_id: Option<String>,
     pub fault_rule: Option<u64>,
+    /// The `Offset` request header, when present (rupload POST).
+    pub offset_header: Option<String>,
+    /// Route-specific facts: rupload GET `{"offset": n}`; rupload POST `{"start": n, "bytes_received": n}`.
+    pub detail: Option<serde_json::Value>,
 }
 
 /// Everything mutable, behind one lock.

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::auth::{check_rupload, presented_token};
 use crate::reply::{self, ok};
-use crate::server::Sim;
+use crate::server::{LogSeq, Sim};
 
 /// `GET /rupload/{key}` → `{"offset": n}` (0 for a new key).
 pub async fn offset(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: Request) -> Response {
@@ -23,6 +23,10 @@ pub async fn offset(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
         }
     }
     let offset = sim.store.get(&key).map(|s| s.len()).unwrap_or(0);
+    sim.log_detail(
+        req.extensions().get::<LogSeq>().copied(),
+        json!({ "offset": offset }),
+    );
     ok(json!({ "offset": offset }))
 }
 
@@ -37,6 +41,7 @@ pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
         }
         w.settings.keep_prefix_on_drop
     };
+    let log_seq = req.extensions().get::<LogSeq>().copied();
     let (parts, mut body) = req.into_parts();
     let header = |name: &str| {
         parts
@@ -90,6 +95,10 @@ pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
             }
             Err(e) => {
                 let got = session.len() - start;
+                sim.log_detail(
+                    log_seq,
+                    json!({ "start": start, "bytes_received": got, "complete": false }),
+                );
                 info!(%key, received = got, keep_prefix, error = %e, "request body broke off");
                 if !keep_prefix {
                     if let Err(e) = writer.truncate(start).await {
@@ -106,6 +115,10 @@ pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
         }
     }
     drop(writer);
+    sim.log_detail(
+        log_seq,
+        json!({ "start": start, "bytes_received": session.len() - start, "complete": true }),
+    );
     let candidate = sim.world_raw().ids.token("SIMh", 40);
     let handle = sim.store.ensure_handle(&session, || candidate);
     info!(%key, bytes = session.len(), "upload POST complete");
