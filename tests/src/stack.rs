@@ -220,13 +220,8 @@ impl LocalStack {
         let sdk_config = sdk_config(endpoint).await;
         upload_placeholder_code(&s3_client(&sdk_config)).await?;
 
-        let client_secret_arn = format!(
-            "arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{stack_name}-mapillary-client-secret"
-        );
-        let params = [
-            ("Env", "local".to_string()),
-            ("MapillaryClientSecretArn", client_secret_arn.clone()),
-        ];
+        let client_secret_arn = local_client_secret_arn(stack_name);
+        let params = stack_params(stack_name);
         let cfn = aws_sdk_cloudformation::Client::new(&sdk_config);
         cfn.create_stack()
             .stack_name(stack_name)
@@ -270,6 +265,20 @@ impl LocalStack {
             outputs,
             sdk_config,
         })
+    }
+
+    /// A [`Resolver`] for `template` (the translated template) as this stack instantiated it: the
+    /// parameters [`LocalStack::create`] passed and the physical ids CloudFormation reports. Lets a test
+    /// compare what moto holds with what the template says.
+    pub async fn resolver(&self, template: &Value) -> Result<Resolver> {
+        let cfn = aws_sdk_cloudformation::Client::new(&self.sdk_config);
+        let resources = stack_resources(&cfn, &self.stack_name).await?;
+        Resolver::new(
+            template,
+            &self.stack_name,
+            &stack_params(&self.stack_name),
+            resources,
+        )
     }
 
     /// SDK configuration pointing at this stack's moto (region, dummy credentials, endpoint).
@@ -338,6 +347,19 @@ impl LocalStack {
             .with_context(|| format!("DeleteStack {}", self.stack_name))?;
         Ok(())
     }
+}
+
+/// The `MapillaryClientSecretArn` given to a local stack (no such secret exists in moto).
+fn local_client_secret_arn(stack_name: &str) -> String {
+    format!("arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{stack_name}-mapillary-client-secret")
+}
+
+/// The parameters a local stack is created with; every other parameter keeps the template's default.
+fn stack_params(stack_name: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("Env", "local".to_string()),
+        ("MapillaryClientSecretArn", local_client_secret_arn(stack_name)),
+    ]
 }
 
 /// The names of the function environment variables the template sets (Globals), in template order.
@@ -500,6 +522,8 @@ const APPLIED: &[(&str, &[&str])] = &[
 /// notification configuration (S3 → ingest queue); table TTL and point-in-time recovery; queue policies.
 /// Bucket policies are not applied: moto does not evaluate them, and the template's deny-insecure-
 /// transport statement would only describe plain-HTTP moto as "insecure".
+/// CloudWatch alarms are not created: moto 5.2.5's CloudFormation skips `AWS::CloudWatch::Alarm` and
+/// nothing local would ever evaluate them; `tests/tests/infra_checks.rs` checks them in the template.
 pub async fn apply_skipped_properties(
     config: &SdkConfig,
     template: &Value,

@@ -1,5 +1,6 @@
-//! The project's Python virtualenvs: `.venv/aws` (moto, cargo-lambda, cfn-lint, aws-sam-translator) and
-//! `.venv/mapillary-tools` (Mapillary's own client; its pins conflict with aws-sam-translator).
+//! The project's Python virtualenvs: `.venv/aws` (moto, cargo-lambda, cfn-lint, aws-sam-translator),
+//! `.venv/mapillary-tools` (Mapillary's own client; its pins conflict with aws-sam-translator) and
+//! `.venv/checkov` (checkov pins an older boto3 than moto's).
 //!
 //! [`ensure`] creates them with `python3 -m venv` + pip from the pinned `requirements/*.txt` when they are
 //! missing or when the requirements changed since the last install (a stamp file records them). When
@@ -22,6 +23,8 @@ pub struct Venvs {
     pub aws: PathBuf,
     /// `.venv/mapillary-tools`
     pub mapillary_tools: PathBuf,
+    /// `.venv/checkov`
+    pub checkov: PathBuf,
 }
 
 impl Venvs {
@@ -49,6 +52,10 @@ impl Venvs {
     pub fn mapillary_tools(&self) -> PathBuf {
         self.mapillary_tools.join("bin/mapillary_tools")
     }
+    /// The `checkov` executable.
+    pub fn checkov(&self) -> PathBuf {
+        self.checkov.join("bin/checkov")
+    }
     /// `PATH` with `.venv/aws/bin` prepended (trap 9 in the local-stack notes).
     pub fn path_with_aws_bin(&self) -> std::ffi::OsString {
         let mut paths = vec![self.aws_bin()];
@@ -59,7 +66,7 @@ impl Venvs {
     }
 }
 
-/// Makes sure both venvs exist and match `requirements/{aws,mapillary-tools}.txt`; returns their paths.
+/// Makes sure every venv exists and matches `requirements/{aws,mapillary-tools,checkov}.txt`; returns their paths.
 ///
 /// Safe to call concurrently from several processes (an exclusive `flock` on `.venv/.lock` serializes
 /// installs). Progress goes to stderr. The base interpreter is `$RELAY_PYTHON` or `python3`.
@@ -68,6 +75,7 @@ pub fn ensure(repo_root: &Path) -> Result<Venvs> {
     let venvs = Venvs {
         aws: venv_root.join("aws"),
         mapillary_tools: venv_root.join("mapillary-tools"),
+        checkov: venv_root.join("checkov"),
     };
     let wanted = [
         (&venvs.aws, repo_root.join("requirements/aws.txt"), "moto_server"),
@@ -75,6 +83,11 @@ pub fn ensure(repo_root: &Path) -> Result<Venvs> {
             &venvs.mapillary_tools,
             repo_root.join("requirements/mapillary-tools.txt"),
             "mapillary_tools",
+        ),
+        (
+            &venvs.checkov,
+            repo_root.join("requirements/checkov.txt"),
+            "checkov",
         ),
     ];
     // Fast path, no lock: every stamp matches its requirements file and the main binary exists.
