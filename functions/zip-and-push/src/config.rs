@@ -252,7 +252,16 @@ mod tests {
         let mut env = base();
         env.insert("RELAY_CUTOFF_TIME_S", "soon".into());
         let e = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
-        assert!(matches!(e, ConfigError::Invalid { name: "RELAY_CUTOFF_TIME_S", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    name: "RELAY_CUTOFF_TIME_S",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut env = base();
         env.insert("RELAY_MAX_IMAGES_PER_UPLOAD", "501".into());
         assert!(Config::from_lookup(|k| env.get(k).cloned()).is_err());

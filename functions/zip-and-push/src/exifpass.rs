@@ -41,7 +41,7 @@ pub struct HeadRead {
 #[derive(Debug, Clone)]
 pub enum HeadOutcome {
     /// Usable.
-    Read(HeadRead),
+    Read(Box<HeadRead>),
     /// Rejected: `(relative key, reason)`.
     Rejected(String, String),
 }
@@ -88,14 +88,14 @@ async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Resu
                     return reject(reason);
                 }
                 let end = header_end.min(r.bytes.len());
-                return Ok(HeadOutcome::Read(HeadRead {
+                return Ok(HeadOutcome::Read(Box::new(HeadRead {
                     rel: c.rel,
                     key: c.key,
                     etag: r.etag,
                     size: r.total_size,
                     head: r.bytes.slice(..end),
                     meta,
-                }));
+                })));
             }
             HeaderExtent::NeedMore { at_least } => {
                 if have_all {

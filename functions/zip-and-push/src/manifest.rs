@@ -45,7 +45,9 @@ fn valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id != "."
         && id != ".."
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Parse a (decoded) manifest key.
@@ -116,7 +118,11 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         Some(n) if (1..=MAX_IMAGES_PER_UPLOAD as u64).contains(&n) => Some(n as usize),
         Some(n) => return Err(ManifestError::MaxImages(n)),
     };
-    if raw.organization_id.as_deref().is_some_and(|o| o.trim().is_empty()) {
+    if raw
+        .organization_id
+        .as_deref()
+        .is_some_and(|o| o.trim().is_empty())
+    {
         return Err(ManifestError::EmptyOrganization);
     }
     Ok(Manifest {
@@ -183,14 +189,19 @@ mod tests {
             "sequences/u/é/manifest.json",
             "sequences//s/manifest.json",
         ] {
-            assert!(matches!(parse_manifest_key(k), Err(KeyError::BadId { .. })), "{k}");
+            assert!(
+                matches!(parse_manifest_key(k), Err(KeyError::BadId { .. })),
+                "{k}"
+            );
         }
     }
 
     #[test]
     fn when_manifest_valid_should_parse_and_ignore_unknown_fields() {
-        let m = parse_manifest(br#"{"images":["a.jpg","b/c.jpg"],"organization_id":"1","max_images_per_upload":3,"x":1}"#)
-            .unwrap();
+        let m = parse_manifest(
+            br#"{"images":["a.jpg","b/c.jpg"],"organization_id":"1","max_images_per_upload":3,"x":1}"#,
+        )
+        .unwrap();
         assert_eq!(m.images.unwrap(), ["a.jpg", "b/c.jpg"]);
         assert_eq!(m.organization_id.as_deref(), Some("1"));
         assert_eq!(m.max_images_per_upload, Some(3));

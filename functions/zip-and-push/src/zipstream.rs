@@ -162,7 +162,10 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
     }
 
     fn known_checkpoint(&self, index: usize) -> Option<EntryCheckpoint> {
-        self.checkpoints.lock().ok().and_then(|c| c.get(index).cloned().flatten())
+        self.checkpoints
+            .lock()
+            .ok()
+            .and_then(|c| c.get(index).cloned().flatten())
     }
 
     fn remember(&self, cp: &EntryCheckpoint) {
@@ -187,7 +190,11 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             key: img.key.clone(),
             what,
         };
-        let obj = match self.store.get_object(self.bucket, &img.key, Some(&img.etag)).await {
+        let obj = match self
+            .store
+            .get_object(self.bucket, &img.key, Some(&img.etag))
+            .await
+        {
             Ok(o) => o,
             Err(StoreError::Changed { expected, .. }) => {
                 return Err(changed(format!("its ETag is no longer {expected}")))
@@ -201,7 +208,11 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             }
         };
         if obj.bytes.len() as u64 != img.size {
-            return Err(changed(format!("size {} instead of {}", obj.bytes.len(), img.size)));
+            return Err(changed(format!(
+                "size {} instead of {}",
+                obj.bytes.len(),
+                img.size
+            )));
         }
         let md5 = hex::encode(Md5::digest(&obj.bytes));
         let rh = jpeg::rewrite_header(&obj.bytes, &img.description).map_err(|source| ZipError::Header {
@@ -242,14 +253,23 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
 
     /// Produce the archive from `offset` into `tx`. Returns when done, when the receiver is gone,
     /// or with the error that ended the body.
-    async fn produce(&self, offset: u64, tx: &mpsc::Sender<Result<Bytes, std::io::Error>>) -> Result<(), ZipError> {
+    async fn produce(
+        &self,
+        offset: u64,
+        tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    ) -> Result<(), ZipError> {
         let n = self.images.len();
         let start = match self.plan.locate(offset) {
             ZipPosition::LocalHeader { index, .. } | ZipPosition::Data { index, .. } => index,
             ZipPosition::Tail { .. } => n,
             ZipPosition::End => return Ok(()),
         };
-        debug!(upload_id = self.upload_id, offset, start_entry = start, "producing zip body");
+        debug!(
+            upload_id = self.upload_id,
+            offset,
+            start_entry = start,
+            "producing zip body"
+        );
         let mut pending = Vec::new();
         let mut entries = futures::stream::iter(start..n)
             .map(|i| self.build_entry(i))
@@ -286,7 +306,11 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             let cp = match self.known_checkpoint(i) {
                 Some(cp) => cp,
                 None => {
-                    debug!(upload_id = self.upload_id, entry = i, "checkpoint missing: re-reading the object");
+                    debug!(
+                        upload_id = self.upload_id,
+                        entry = i,
+                        "checkpoint missing: re-reading the object"
+                    );
                     let e = self.build_entry(i).await?;
                     self.remember(&e.checkpoint);
                     pending.push(e.checkpoint.clone());
@@ -306,7 +330,13 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
                 self.plan.tail_len()
             )));
         }
-        emit(tx, Bytes::from(tail), self.plan.central_directory_offset(), offset).await;
+        emit(
+            tx,
+            Bytes::from(tail),
+            self.plan.central_directory_offset(),
+            offset,
+        )
+        .await;
         Ok(())
     }
 
@@ -314,21 +344,28 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
     async fn drive(&self, mut requests: mpsc::UnboundedReceiver<(u64, BodySender)>) {
         let mut next = requests.recv().await;
         while let Some((offset, tx)) = next.take() {
-            let produce = self.produce(offset, &tx);
-            tokio::pin!(produce);
-            tokio::select! {
-                res = &mut produce => {
-                    if let Err(e) = res {
-                        warn!(upload_id = self.upload_id, error = %e, "zip body failed");
-                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                        if let Ok(mut f) = self.failure.lock() {
-                            *f = Some(e);
-                        }
+            let finished = {
+                let produce = self.produce(offset, &tx);
+                tokio::pin!(produce);
+                tokio::select! {
+                    res = &mut produce => Some(res),
+                    r = requests.recv() => {
+                        // Superseded by a new POST (or the upload is over: `None`).
+                        next = r;
+                        None
                     }
-                    drop(tx);
-                    next = requests.recv().await;
                 }
-                r = requests.recv() => next = r,
+            };
+            if let Some(res) = finished {
+                if let Err(e) = res {
+                    warn!(upload_id = self.upload_id, error = %e, "zip body failed");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    if let Ok(mut f) = self.failure.lock() {
+                        *f = Some(e);
+                    }
+                }
+                drop(tx);
+                next = requests.recv().await;
             }
         }
     }

@@ -1,0 +1,27 @@
+//! zip-and-push: an S3 sequence drop (via SQS) becomes Mapillary clusters.
+//!
+//! * [`handler`] — the SQS batch handler ([`handler::handle_batch`]), generic over the ports
+//!   ([`handler::Deps`]), and [`handler::sequence_status`].
+//! * [`pipeline`] — one sequence: manifest → EXIF pass → sequence rules → records → uploads →
+//!   `finish_upload` → cluster messages, resuming whatever a previous attempt left.
+//! * [`zipstream`] — the mapillary_tools-format zip streamed from S3 from any offset.
+//! * [`exifpass`] — metadata from ranged reads of the images' heads.
+//! * [`manifest`] — the trigger contract (key layout, manifest JSON).
+//! * [`config`] — environment configuration.
+//!
+//! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes
+//! of the ports.
+
+pub mod config;
+pub mod exifpass;
+pub mod handler;
+pub mod manifest;
+pub mod pipeline;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod zipstream;
+
+pub use handler::{handle_batch, sequence_status, Deps, HandlerDeps};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,726 @@
+//! End-to-end tests of the handler: in-memory fakes for AWS, the real in-process simulator for
+//! Mapillary (frozen clock, loopback).
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN};
+use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use shared::adapters::mapillary::MapillaryAdapter;
+use shared::domain::description::parse_capture_time;
+use shared::domain::exif::read_metadata;
+use shared::mapillary::client::{MapillaryClient, UploadReport};
+use shared::mapillary::retry::RetryPolicy;
+use shared::mapillary::Endpoints;
+use shared::model::{SequenceState, SequenceStatus, StoredToken, UploadState};
+use time::macros::datetime;
+use time::OffsetDateTime;
+
+use crate::config::Tunables;
+use crate::handler::{handle_batch, sequence_status, HandlerDeps};
+use crate::testing::{MemQueues, MemRepo, MemStore, MemTokens, RecordingMapillary};
+
+const BUCKET: &str = "relay-test";
+const USER: &str = "user-1";
+
+type TestDeps =
+    HandlerDeps<MemStore, MemRepo, MemTokens, MemQueues, MemQueues, RecordingMapillary<MapillaryAdapter>>;
+
+struct World {
+    sim: SimHandle,
+    deps: TestDeps,
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+fn token(t: &str, expires_at: Option<OffsetDateTime>) -> StoredToken {
+    StoredToken {
+        access_token: SecretString::from(t),
+        refresh_token: None,
+        expires_at,
+        mapillary_user_id: Some(DEMO_USER_ID.into()),
+        username: None,
+        updated_at: OffsetDateTime::now_utc(),
+    }
+}
+
+async fn world() -> World {
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+        .await
+        .expect("simulator starts");
+    let client = MapillaryClient::new(Endpoints::under(sim.base_url()), http(), RetryPolicy::fast());
+    let mly = MapillaryAdapter::new(client, APP_ID, SecretString::from(CLIENT_SECRET));
+    let tokens = MemTokens::new();
+    tokens.insert(USER, token(DEMO_USER_TOKEN, None));
+    let deps = HandlerDeps {
+        store: MemStore::new(),
+        repo: MemRepo::new(),
+        tokens,
+        clusters: MemQueues::new(),
+        requeue: MemQueues::new(),
+        mapillary: RecordingMapillary::new(mly),
+        tunables: Tunables {
+            deadline_margin: Duration::from_millis(0),
+            ..Tunables::default()
+        },
+    };
+    World { sim, deps }
+}
+
+async fn admin(h: &SimHandle, path: &str, v: Value) -> Value {
+    let r = http()
+        .post(format!("{}{path}", h.admin_url()))
+        .json(&v)
+        .send()
+        .await
+        .expect("admin POST");
+    assert_eq!(r.status(), 200, "admin {path}");
+    r.json().await.expect("admin JSON")
+}
+
+async fn admin_get(h: &SimHandle, path: &str) -> reqwest::Response {
+    let r = http()
+        .get(format!("{}{path}", h.admin_url()))
+        .send()
+        .await
+        .expect("admin GET");
+    assert_eq!(r.status(), 200, "admin {path}");
+    r
+}
+
+fn specs(n: usize, seed_base: u64) -> Vec<ImageSpec> {
+    let mut t = TrackSpec::new(48.2, 16.37, datetime!(2024-04-20 08:00:00 UTC));
+    t.seed_base = seed_base;
+    track(n, &t)
+}
+
+/// Put images `img_0000.jpg…` and a manifest; returns the manifest etag.
+fn drop_sequence(store: &MemStore, seq: &str, images: &[(String, Vec<u8>)], manifest: &[u8]) -> String {
+    for (name, bytes) in images {
+        store.put(BUCKET, &format!("sequences/{USER}/{seq}/{name}"), bytes.clone());
+    }
+    store.put(
+        BUCKET,
+        &format!("sequences/{USER}/{seq}/manifest.json"),
+        manifest.to_vec(),
+    )
+}
+
+fn named(specs: &[ImageSpec]) -> Vec<(String, Vec<u8>)> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("img_{i:04}.jpg"), jpeg(s)))
+        .collect()
+}
+
+fn s3_body(user: &str, seq: &str, etag: &str) -> String {
+    json!({"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+        "eventTime": "2024-04-20T10:00:00.000Z", "eventName": "ObjectCreated:Put",
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": BUCKET, "arn": format!("arn:aws:s3:::{BUCKET}")},
+               "object": {"key": format!("sequences/{user}/{seq}/manifest.json"), "size": 10, "eTag": etag}}
+    }]})
+    .to_string()
+}
+
+fn event(bodies: &[String]) -> SqsEvent {
+    let records: Vec<Value> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            json!({"messageId": format!("msg-{i}"), "receiptHandle": "rh", "body": b,
+                   "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+                   "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:1:ingest", "awsRegion": "us-east-1"})
+        })
+        .collect();
+    serde_json::from_value(json!({ "Records": records })).expect("SQS event")
+}
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(600)
+}
+
+async fn status(w: &World, seq: &str) -> SequenceStatus {
+    sequence_status(&w.deps.repo, USER, seq)
+        .await
+        .expect("status read")
+        .expect("sequence known")
+}
+
+async fn stored_zip(w: &World, upload_id: &str) -> Vec<u8> {
+    let key = w
+        .deps
+        .repo
+        .snapshot()
+        .uploads
+        .values()
+        .find(|u| u.upload_id == upload_id)
+        .expect("upload record")
+        .session_key
+        .clone();
+    admin_get(&w.sim, &format!("/sessions/{key}/bytes"))
+        .await
+        .bytes()
+        .await
+        .expect("bytes")
+        .to_vec()
+}
+
+/// Check the zip's layout and that each entry's MAP* description matches its EXIF; returns the
+/// number of entries.
+fn check_zip(bytes: &[u8]) -> usize {
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).expect("readable zip");
+    let comment = String::from_utf8(z.comment().to_vec()).expect("utf8 comment");
+    assert!(comment.starts_with("{\"sequence_md5sum\":\""), "{comment}");
+    for i in 0..z.len() {
+        let mut f = z.by_index(i).expect("entry");
+        assert_eq!(f.name().expect("entry name"), format!("{i}.jpg"));
+        assert_eq!(f.compression(), zip::CompressionMethod::Stored);
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).expect("entry data");
+        let meta = read_metadata(&data).expect("EXIF of the entry");
+        let ex = exif::Reader::new()
+            .read_from_container(&mut std::io::Cursor::new(&data))
+            .expect("exif");
+        let desc = ex
+            .get_field(exif::Tag::ImageDescription, exif::In::PRIMARY)
+            .expect("ImageDescription");
+        let exif::Value::Ascii(ref v) = desc.value else {
+            panic!("ImageDescription is not ASCII")
+        };
+        let d: Value = serde_json::from_slice(&v[0]).expect("MAP* JSON");
+        let lat = d["MAPLatitude"].as_f64().expect("lat");
+        let lon = d["MAPLongitude"].as_f64().expect("lon");
+        assert!((lat - meta.lat).abs() <= 1e-7, "lat {lat} vs {}", meta.lat);
+        assert!((lon - meta.lon).abs() <= 1e-7, "lon {lon} vs {}", meta.lon);
+        let t = parse_capture_time(d["MAPCaptureTime"].as_str().expect("time")).expect("capture time");
+        assert!(
+            (t - meta.captured_at).abs() <= time::Duration::milliseconds(1),
+            "{t} vs {}",
+            meta.captured_at
+        );
+        shared::domain::description::validate(std::str::from_utf8(&v[0]).expect("utf8")).expect("valid MAP*");
+    }
+    z.len()
+}
+
+async fn cluster(w: &World, id: &str) -> Value {
+    admin_get(&w.sim, &format!("/clusters/{id}"))
+        .await
+        .json()
+        .await
+        .expect("cluster JSON")
+}
+
+/// Post-conditions of a successful single-upload run.
+fn assert_one_clean_post(r: &UploadReport) {
+    for (post, fetched) in r.posts.iter().zip(&r.offsets_fetched) {
+        assert_eq!(
+            post.offset, *fetched,
+            "each POST starts at the offset the server reported"
+        );
+    }
+    let last = r.posts.last().expect("a POST");
+    assert!(last.error.is_none());
+    assert_eq!(
+        last.bytes_sent,
+        r.total_len - last.offset,
+        "the final POST sends exactly the rest"
+    );
+}
+
+#[tokio::test]
+async fn when_30_images_dropped_should_land_as_one_finished_cluster_with_valid_zip() {
+    let w = world().await;
+    let imgs = named(&specs(30, 0));
+    let etag = drop_sequence(&w.deps.store, "s30", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "s30", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+
+    let st = status(&w, "s30").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!((st.image_count, st.accepted_count), (30, 30));
+    assert!(st.rejected.is_empty(), "{:?}", st.rejected);
+    assert_eq!(st.uploads.len(), 1);
+    let up = &st.uploads[0];
+    assert_eq!(up.state, UploadState::HandedOff);
+    assert_eq!(up.image_count, 30);
+    let cluster_id = up.cluster_id.clone().expect("cluster id");
+    let msgs = w.deps.clusters.cluster_messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].cluster_id, cluster_id);
+    assert_eq!(msgs[0].upload_id, up.upload_id);
+
+    // EXIF came from ranged reads; each object was read whole exactly once (for the upload).
+    assert_eq!(
+        w.deps.store.full_gets.load(std::sync::atomic::Ordering::Relaxed),
+        31
+    );
+
+    let bytes = stored_zip(&w, &up.upload_id).await;
+    assert_eq!(bytes.len() as u64, up.bytes);
+    assert_eq!(check_zip(&bytes), 30);
+
+    w.sim.advance_clock(24 * 3600);
+    let c = cluster(&w, &cluster_id).await;
+    assert_eq!(c["failed"], false, "{c}");
+    assert_eq!(c["accepted_images"], 30, "{c}");
+    for (_, v) in c["stages"].as_object().expect("stages") {
+        assert_eq!(v, "FINISHED", "{c}");
+    }
+    assert_eq!(c["sequences"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn when_same_event_delivered_three_times_concurrently_should_upload_once() {
+    let w = world().await;
+    let imgs = named(&specs(10, 100));
+    let etag = drop_sequence(&w.deps.store, "dup", &imgs, b"{}");
+    let body = s3_body(USER, "dup", &etag);
+    let (a, b, c) = tokio::join!(
+        handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()),
+        handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()),
+        handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()),
+    );
+    let failures = a.batch_item_failures.len() + b.batch_item_failures.len() + c.batch_item_failures.len();
+    // The losers either saw the claim held (retry later) or completed (ack).
+    assert!(failures <= 2);
+    // Redeliveries after completion are acknowledged without work.
+    let again = handle_batch(&w.deps, event(&[body.clone(), body]), deadline()).await;
+    assert!(again.batch_item_failures.is_empty());
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(w.deps.clusters.cluster_messages().len(), 1);
+    assert_eq!(w.sim.sim().world().clusters.len(), 1);
+}
+
+#[tokio::test]
+async fn when_1100_images_should_make_three_uploads_and_three_clusters() {
+    let w = world().await;
+    let imgs = named(&specs(1100, 2000));
+    let etag = drop_sequence(&w.deps.store, "big", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "big", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "big").await;
+    assert_eq!(st.state, SequenceState::Uploaded);
+    let counts: Vec<u32> = st.uploads.iter().map(|u| u.image_count).collect();
+    assert_eq!(counts, [500, 500, 100]);
+    assert!(st.uploads.iter().all(|u| u.state == UploadState::HandedOff));
+    let mut ids: Vec<String> = st.uploads.iter().filter_map(|u| u.cluster_id.clone()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(w.sim.sim().world().clusters.len(), 3);
+    assert_eq!(w.deps.clusters.cluster_messages().len(), 3);
+}
+
+async fn clean_zip(seq: &str, imgs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let w = world().await;
+    let etag = drop_sequence(&w.deps.store, seq, imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, seq, &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, seq).await;
+    stored_zip(&w, &st.uploads[0].upload_id).await
+}
+
+#[tokio::test]
+async fn when_connection_dropped_mid_body_should_resume_with_identical_bytes() {
+    let imgs = named(&specs(30, 300));
+    let clean = clean_zip("drop", &imgs).await;
+
+    let w = world().await;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1, "action": {"kind": "drop_after_bytes", "bytes": 20000}}),
+    )
+    .await;
+    let etag = drop_sequence(&w.deps.store, "drop", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "drop", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "drop").await;
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    let reports = w.deps.mapillary.reports();
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    assert_eq!(r.posts.len(), 2, "{r:?}");
+    assert!(r.posts[1].offset > 0 && r.posts[1].offset <= 20000, "{r:?}");
+    assert_one_clean_post(r);
+    assert_eq!(stored_zip(&w, &st.uploads[0].upload_id).await, clean);
+}
+
+#[tokio::test]
+async fn when_handler_killed_mid_upload_should_resume_on_redelivery_with_identical_bytes() {
+    let imgs = named(&specs(30, 400));
+    let clean = clean_zip("kill", &imgs).await;
+
+    let w = world().await;
+    // First POST: 3 s latency then the body breaks after 20000 bytes; second POST: 3 s latency,
+    // during which the handler is killed.
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+        "action": {"kind": "drop_after_bytes", "bytes": 20000}}),
+    )
+    .await;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 2,
+        "action": {"kind": "latency", "ms": 1500}}),
+    )
+    .await;
+    let etag = drop_sequence(&w.deps.store, "kill", &imgs, b"{}");
+    let body = s3_body(USER, "kill", &etag);
+    let killed = tokio::time::timeout(
+        Duration::from_millis(2500),
+        handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()),
+    )
+    .await;
+    assert!(killed.is_err(), "the handler should still be uploading");
+    let st = status(&w, "kill").await;
+    assert_eq!(st.uploads[0].state, UploadState::Uploading);
+    assert!(w.deps.mapillary.reports().is_empty());
+
+    // The dead invocation's lease runs out; SQS redelivers.
+    for c in w.deps.repo.state.lock().expect("lock").claims.values_mut() {
+        c.lease_until_ms = 0;
+    }
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "kill").await;
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    let reports = w.deps.mapillary.reports();
+    let r = &reports[0];
+    assert!(
+        r.offsets_fetched[0] > 0,
+        "resumed from the server's offset: {r:?}"
+    );
+    assert_eq!(r.posts.len(), 1, "{r:?}");
+    assert_one_clean_post(r);
+    assert_eq!(stored_zip(&w, &st.uploads[0].upload_id).await, clean);
+}
+
+#[tokio::test]
+async fn when_bad_inputs_mixed_in_should_reject_each_precisely_and_upload_the_good() {
+    let w = world().await;
+    let base = specs(8, 500);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    // Good images, some with awkward names and one big-endian (all in one folder: mapillary_tools
+    // starts a new sequence per folder).
+    let good_names = ["a.jpg", "with space.jpg", "a+b.jpg", "ünïcode.jpg", "e.jpg"];
+    for (i, n) in good_names.iter().enumerate() {
+        let mut s = base[i].clone();
+        s.big_endian = i == 1;
+        files.push((n.to_string(), jpeg(&s)));
+    }
+    let good = jpeg(&base[5]);
+    files.push(("fake.jpg".into(), b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec()));
+    files.push(("truncated.jpg".into(), good[..good.len() / 2].to_vec()));
+    files.push(("truncated-exif.jpg".into(), good[..60].to_vec()));
+    files.push(("empty.jpg".into(), Vec::new()));
+    let mut nogps = base[6].clone();
+    nogps.with_gps = false;
+    files.push(("nogps.jpg".into(), jpeg(&nogps)));
+    let mut null = base[7].clone();
+    null.lat = 0.0;
+    null.lon = 0.0;
+    files.push(("null.jpg".into(), jpeg(&null)));
+    // Corrupt IFD0 offset in the TIFF header.
+    let mut corrupt = jpeg(&base[5]);
+    let at = corrupt.windows(6).position(|w| w == b"Exif\0\0").expect("Exif") + 6;
+    let ifd = if &corrupt[at..at + 2] == b"II" {
+        0xFFFF_FF00u32.to_le_bytes()
+    } else {
+        0xFFFF_FF00u32.to_be_bytes()
+    };
+    corrupt[at + 4..at + 8].copy_from_slice(&ifd);
+    files.push(("corrupt-ifd.jpg".into(), corrupt));
+    let mut listed: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+    listed.push("missing.jpg".into());
+    listed.push("../other/x.jpg".into());
+    listed.push("a.jpg".into());
+    let manifest = json!({"images": listed}).to_string();
+    let etag = drop_sequence(&w.deps.store, "bad", &files, manifest.as_bytes());
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "bad", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+
+    let st = status(&w, "bad").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.accepted_count, 5, "{:#?}", st.rejected);
+    assert_eq!(st.uploads[0].image_count, 5);
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff);
+    let reason = |k: &str| {
+        st.rejected
+            .iter()
+            .find(|r| r.key == k)
+            .map(|r| r.reason.clone())
+            .unwrap_or_else(|| panic!("{k} not rejected: {:?}", st.rejected))
+    };
+    assert!(
+        reason("fake.jpg").starts_with("not a JPEG"),
+        "{}",
+        reason("fake.jpg")
+    );
+    assert!(
+        reason("truncated.jpg").starts_with("truncated JPEG"),
+        "{}",
+        reason("truncated.jpg")
+    );
+    assert!(
+        reason("truncated-exif.jpg").starts_with("truncated JPEG"),
+        "{}",
+        reason("truncated-exif.jpg")
+    );
+    assert!(
+        reason("empty.jpg").contains("empty (0 bytes)"),
+        "{}",
+        reason("empty.jpg")
+    );
+    assert!(
+        reason("nogps.jpg").starts_with("no GPS position"),
+        "{}",
+        reason("nogps.jpg")
+    );
+    assert!(reason("null.jpg").contains("(0, 0)"), "{}", reason("null.jpg"));
+    assert!(
+        reason("corrupt-ifd.jpg").starts_with("corrupt EXIF"),
+        "{}",
+        reason("corrupt-ifd.jpg")
+    );
+    assert!(
+        reason("missing.jpg").starts_with("missing key"),
+        "{}",
+        reason("missing.jpg")
+    );
+    assert!(
+        reason("../other/x.jpg").contains("'..'"),
+        "{}",
+        reason("../other/x.jpg")
+    );
+    assert!(reason("a.jpg").contains("more than once"), "{}", reason("a.jpg"));
+    assert_eq!(st.rejected.len(), 10, "{:?}", st.rejected);
+    let bytes = stored_zip(&w, &st.uploads[0].upload_id).await;
+    assert_eq!(check_zip(&bytes), 5);
+}
+
+#[tokio::test]
+async fn when_manifest_malformed_or_no_token_or_bad_key_should_fail_with_reason() {
+    let w = world().await;
+    let imgs = named(&specs(3, 600));
+    let etag = drop_sequence(&w.deps.store, "badjson", &imgs, b"{\"images\": [");
+    // A user without a token.
+    for (n, b) in &imgs {
+        w.deps
+            .store
+            .put(BUCKET, &format!("sequences/nobody/s1/{n}"), b.clone());
+    }
+    let etag2 = w
+        .deps
+        .store
+        .put(BUCKET, "sequences/nobody/s1/manifest.json", b"{}".to_vec());
+    let bad_key = json!({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": BUCKET},
+        "object": {"key": "sequences/u/s/not-a-manifest.jpg", "size": 1, "eTag": "x"}}}]})
+    .to_string();
+    let resp = handle_batch(
+        &w.deps,
+        event(&[
+            s3_body(USER, "badjson", &etag),
+            s3_body("nobody", "s1", &etag2),
+            bad_key,
+            "not json".into(),
+        ]),
+        deadline(),
+    )
+    .await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "{:?}",
+        resp.batch_item_failures
+    );
+    let st = status(&w, "badjson").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("malformed manifest.json"),
+        "{st:?}"
+    );
+    let st = sequence_status(&w.deps.repo, "nobody", "s1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.state, SequenceState::Failed);
+    assert_eq!(
+        st.reason.as_deref(),
+        Some("no Mapillary token for user nobody: connect the account")
+    );
+    let errs = w.deps.repo.snapshot().ingest_errors;
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(errs[0].reason.contains("not of the form") || errs[1].reason.contains("not of the form"));
+    assert!(w.sim.sim().world().clusters.is_empty());
+}
+
+#[tokio::test]
+async fn when_upload_gets_401_should_refresh_once_and_continue() {
+    let w = world().await;
+    let t = admin(&w.sim, "/tokens", json!({"user": DEMO_USER_ID, "oauth": true})).await;
+    let old = t["access_token"].as_str().expect("token").to_string();
+    w.deps.tokens.insert(
+        USER,
+        token(&old, Some(OffsetDateTime::now_utc() + time::Duration::days(30))),
+    );
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+        "action": {"kind": "unauthorized"}}),
+    )
+    .await;
+    let imgs = named(&specs(5, 700));
+    let etag = drop_sequence(&w.deps.store, "auth", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "auth", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "auth").await;
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(w.deps.tokens.saves.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let saved = w
+        .deps
+        .tokens
+        .tokens
+        .lock()
+        .expect("lock")
+        .get(USER)
+        .cloned()
+        .expect("token");
+    use secrecy::ExposeSecret;
+    assert_ne!(saved.access_token.expose_secret(), old);
+}
+
+#[tokio::test]
+async fn when_token_expiring_soon_should_refresh_before_upload() {
+    let w = world().await;
+    let t = admin(&w.sim, "/tokens", json!({"user": DEMO_USER_ID, "oauth": true})).await;
+    let old = t["access_token"].as_str().expect("token").to_string();
+    w.deps.tokens.insert(
+        USER,
+        token(&old, Some(OffsetDateTime::now_utc() + time::Duration::minutes(5))),
+    );
+    let imgs = named(&specs(3, 800));
+    let etag = drop_sequence(&w.deps.store, "soon", &imgs, b"{}");
+    handle_batch(&w.deps, event(&[s3_body(USER, "soon", &etag)]), deadline()).await;
+    assert_eq!(status(&w, "soon").await.uploads[0].state, UploadState::HandedOff);
+    let saved = w
+        .deps
+        .tokens
+        .tokens
+        .lock()
+        .expect("lock")
+        .get(USER)
+        .cloned()
+        .expect("token");
+    assert!(saved.expires_at.expect("expiry") > OffsetDateTime::now_utc() + time::Duration::days(1));
+}
+
+#[tokio::test]
+async fn when_token_revoked_should_fail_sequence_with_mapillary_message() {
+    let w = world().await;
+    w.deps.tokens.insert(USER, token("not-a-valid-token", None));
+    let imgs = named(&specs(3, 900));
+    let etag = drop_sequence(&w.deps.store, "revoked", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "revoked", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "revoked").await;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("Mapillary rejected the token"),
+        "{st:?}"
+    );
+    assert_eq!(st.uploads[0].state, UploadState::Failed);
+}
+
+#[tokio::test]
+async fn when_finish_upload_fails_ambiguously_should_mark_uncertain_and_never_call_twice() {
+    let w = world().await;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"path": "/graph/finish_upload", "times": 1, "phase": "after",
+        "action": {"kind": "server_error", "status": 502}}),
+    )
+    .await;
+    let imgs = named(&specs(3, 1000));
+    let etag = drop_sequence(&w.deps.store, "amb", &imgs, b"{}");
+    let body = s3_body(USER, "amb", &etag);
+    handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    let st = status(&w, "amb").await;
+    assert_eq!(st.uploads[0].state, UploadState::FinishUncertain, "{st:?}");
+    assert_eq!(st.state, SequenceState::Uploaded);
+    handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
+    let w = world().await;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+        "action": {"kind": "latency", "ms": 1500}}),
+    )
+    .await;
+    let imgs = named(&specs(5, 1100));
+    let etag = drop_sequence(&w.deps.store, "slow", &imgs, b"{}");
+    let body = s3_body(USER, "slow", &etag);
+    let resp = handle_batch(
+        &w.deps,
+        event(std::slice::from_ref(&body)),
+        Instant::now() + Duration::from_millis(700),
+    )
+    .await;
+    assert!(resp.batch_item_failures.is_empty());
+    let requeued = w.deps.requeue.take_requeued();
+    assert_eq!(requeued, vec![(body.clone(), 0)]);
+    assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::Uploading);
+    // The continuation runs right away: the lease was released.
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::HandedOff);
+}
+
+#[test]
+fn sqs_event_files_deserialize() {
+    for f in [
+        include_str!("../../../events/sqs/s3-manifest-created.json"),
+        include_str!("../../../events/sqs/s3-test-event.json"),
+    ] {
+        let e: SqsEvent = serde_json::from_str(f).expect("event file");
+        assert!(!e.records.is_empty());
+    }
+}
