@@ -1,0 +1,776 @@
+//! [`UploadRepository`] over DynamoDB: the UploadsTable (sequences, uploads, image entries, ingest
+//! errors) and the IdempotencyTable (manifest claims, Powertools-style conditional put with a lease).
+//!
+//! Items are the model types serialized with `serde_dynamo`, plus the key attributes:
+//! * sequence: pk `SEQ#<user_id>#<sequence_id>`, sk `META`, gsi1pk `USER#<user_id>`,
+//!   gsi1sk `SEQ#<created_at>#<sequence_id>` (created_at in UTC with a fixed 6-digit fraction, so
+//!   the index sorts by time). A `rejected` list larger than [`INLINE_REJECTED_BYTES`] is kept as
+//!   items sk `REJECTED#<position:06>` (`key`, `reason`, `position`), with `rejected_count` on META;
+//! * upload: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not final also
+//!   gsi2pk `PENDING`, gsi2sk `<user_id>#<upload_id>` (sparse);
+//! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>` (checkpoint as a nested map);
+//! * ingest error: pk `INGEST_ERROR`, sk `<at>#<key>`.
+//! * claim (IdempotencyTable): `id`, `status`, `lease_until_ms`, `owner`, `expiration` (TTL, epoch s).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, DeleteRequest, PutRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
+};
+use backon::BackoffBuilder;
+use futures::{StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_attribute_value, to_item};
+use time::OffsetDateTime;
+
+use super::aws_error::classify;
+use crate::model::{
+    Claim, ClaimStatus, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord, UploadImage,
+    UploadRecord, UploadState,
+};
+use crate::ports::{ClaimOutcome, RepoError, UploadRepository};
+
+/// A DynamoDB item.
+type Item = HashMap<String, AttributeValue>;
+
+/// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
+/// (an item is limited to 400 KB).
+pub const INLINE_REJECTED_BYTES: usize = 64 * 1024;
+/// Items per `BatchWriteItem` call (DynamoDB's limit).
+const BATCH_WRITE_MAX: usize = 25;
+/// Concurrent `BatchWriteItem` / `UpdateItem` calls of one repository call.
+const WRITE_CONCURRENCY: usize = 4;
+/// Attempts of one batch while DynamoDB returns `UnprocessedItems`.
+const BATCH_ATTEMPTS: usize = 8;
+/// Longest part of an object key kept in an ingest error's sort key (sort keys are ≤ 1024 bytes).
+const INGEST_SK_KEY_BYTES: usize = 900;
+
+/// Partition key of a sequence and its uploads.
+pub fn sequence_pk(user_id: &str, sequence_id: &str) -> String {
+    format!("SEQ#{user_id}#{sequence_id}")
+}
+
+/// Sort key of the sequence record.
+pub const SEQUENCE_SK: &str = "META";
+
+/// Sort key of an upload record.
+pub fn upload_sk(index: u32) -> String {
+    format!("UPLOAD#{index:03}")
+}
+
+/// Partition key of an upload's image entries.
+pub fn image_pk(upload_id: &str) -> String {
+    format!("UPLOAD#{upload_id}")
+}
+
+/// Sort key of an image entry.
+pub fn image_sk(index: u32) -> String {
+    format!("IMG#{index:05}")
+}
+
+/// Sort key of an externally stored rejected image.
+fn rejected_sk(position: usize) -> String {
+    format!("REJECTED#{position:06}")
+}
+
+/// Partition key of the ingest errors.
+pub const INGEST_ERROR_PK: &str = "INGEST_ERROR";
+/// gsi2 partition key of uploads that are not final.
+pub const PENDING_GSI2PK: &str = "PENDING";
+
+/// RFC 3339 in UTC with a fixed-width fraction: lexicographic order = time order.
+pub fn sortable_timestamp(t: OffsetDateTime) -> Result<String, RepoError> {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .map_err(|e| RepoError::Other(format!("formatting timestamp {t}: {e}")))
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl std::fmt::Display) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn encode<T: Serialize>(value: &T, what: &str) -> Result<Item, RepoError> {
+    to_item(value).map_err(|e| RepoError::Other(format!("encoding {what}: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(item: Item, what: &str) -> Result<T, RepoError> {
+    from_item(item).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Map an SDK error into a [`RepoError`], keeping code and message.
+fn repo_error<E>(err: &SdkError<E, HttpResponse>, what: &str) -> RepoError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let f = classify(err);
+    let msg = format!("{what}: {}", f.detail);
+    if f.has_code("ConditionalCheckFailedException") {
+        RepoError::ConditionFailed(msg)
+    } else if f.transient {
+        RepoError::Transient(msg)
+    } else {
+        RepoError::Other(msg)
+    }
+}
+
+/// The old item returned with a `ConditionalCheckFailedException` of PutItem, if that is the error.
+fn put_condition_failed(err: &SdkError<PutItemError, HttpResponse>) -> Option<Option<Item>> {
+    match err {
+        SdkError::ServiceError(ctx) => match ctx.err() {
+            PutItemError::ConditionalCheckFailedException(e) => {
+                Some(e.item().filter(|i| !i.is_empty()).cloned())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The old item returned with a `ConditionalCheckFailedException` of UpdateItem, if that is the error.
+fn update_condition_failed(err: &SdkError<UpdateItemError, HttpResponse>) -> Option<Option<Item>> {
+    match err {
+        SdkError::ServiceError(ctx) => match ctx.err() {
+            UpdateItemError::ConditionalCheckFailedException(e) => {
+                Some(e.item().filter(|i| !i.is_empty()).cloned())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn string_of<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Some(v),
+        _ => None,
+    }
+}
+
+fn number_of(item: &Item, name: &str) -> Option<i64> {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
+    }
+}
+
+/// "held by X until T" / "COMPLETED" / "missing": why a claim condition failed.
+fn describe_claim(item: Option<&Item>) -> String {
+    match item {
+        None => "the claim does not exist".to_string(),
+        Some(item) => format!(
+            "the claim is {} held by {} until {} ms",
+            string_of(item, "status").unwrap_or("?"),
+            string_of(item, "owner").unwrap_or("?"),
+            number_of(item, "lease_until_ms").unwrap_or_default()
+        ),
+    }
+}
+
+/// One rejected image stored as its own item.
+#[derive(Serialize, Deserialize)]
+struct RejectedItem {
+    position: usize,
+    key: String,
+    reason: String,
+}
+
+/// DynamoDB implementation of [`UploadRepository`].
+#[derive(Debug, Clone)]
+pub struct DynamoRepository {
+    client: aws_sdk_dynamodb::Client,
+    uploads_table: String,
+    idempotency_table: String,
+    query_limit: Option<i32>,
+}
+
+impl DynamoRepository {
+    /// Records in `uploads_table`, claims in `idempotency_table`.
+    pub fn new(
+        client: aws_sdk_dynamodb::Client,
+        uploads_table: impl Into<String>,
+        idempotency_table: impl Into<String>,
+    ) -> Self {
+        Self {
+            client,
+            uploads_table: uploads_table.into(),
+            idempotency_table: idempotency_table.into(),
+            query_limit: None,
+        }
+    }
+
+    /// Read at most `limit` items per Query page (default: DynamoDB's 1 MB pages).
+    pub fn with_query_page_size(mut self, limit: i32) -> Self {
+        self.query_limit = Some(limit.max(1));
+        self
+    }
+
+    /// Every item of partition `pk` whose sort key starts with `sk_prefix` (all pages, consistent).
+    async fn query_prefix(&self, pk: &str, sk_prefix: &str) -> Result<Vec<Item>, RepoError> {
+        let mut req = self
+            .client
+            .query()
+            .table_name(&self.uploads_table)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#sk", "sk")
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":prefix", s(sk_prefix))
+            .consistent_read(true);
+        if let Some(limit) = self.query_limit {
+            req = req.limit(limit);
+        }
+        let mut pages = req.into_paginator().send();
+        let mut items = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} {sk_prefix}*")))?;
+            items.extend(page.items.unwrap_or_default());
+        }
+        Ok(items)
+    }
+
+    /// `BatchWriteItem` of `requests` on the uploads table: chunks of 25, a few in parallel, each
+    /// retrying its `UnprocessedItems` with jittered exponential backoff.
+    async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), RepoError> {
+        let mut chunks: Vec<Vec<WriteRequest>> = Vec::new();
+        let mut rest = requests.into_iter().peekable();
+        while rest.peek().is_some() {
+            chunks.push(rest.by_ref().take(BATCH_WRITE_MAX).collect());
+        }
+        futures::stream::iter(chunks.into_iter().map(|chunk| self.write_chunk(chunk)))
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn write_chunk(&self, mut pending: Vec<WriteRequest>) -> Result<(), RepoError> {
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(BATCH_ATTEMPTS - 1)
+            .with_jitter()
+            .build();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let out = self
+                .client
+                .batch_write_item()
+                .request_items(&self.uploads_table, pending)
+                .send()
+                .await
+                .map_err(|e| repo_error(&e, "BatchWriteItem"))?;
+            pending = out
+                .unprocessed_items
+                .and_then(|mut m| m.remove(&self.uploads_table))
+                .unwrap_or_default();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            match delays.next() {
+                Some(delay) => {
+                    tracing::debug!(
+                        unprocessed = pending.len(),
+                        attempts,
+                        "BatchWriteItem left items unprocessed"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    return Err(RepoError::Transient(format!(
+                        "BatchWriteItem: {} items still unprocessed after {attempts} attempts",
+                        pending.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The upload item: record + keys (+ sparse gsi2 keys while not final).
+    fn upload_item(upload: &UploadRecord) -> Result<Item, RepoError> {
+        let mut item = encode(upload, &format!("upload {}", upload.upload_id))?;
+        item.insert("pk".into(), s(sequence_pk(&upload.user_id, &upload.sequence_id)));
+        item.insert("sk".into(), s(upload_sk(upload.index)));
+        if !upload.state.is_final() {
+            item.insert("gsi2pk".into(), s(PENDING_GSI2PK));
+            item.insert(
+                "gsi2sk".into(),
+                s(format!("{}#{}", upload.user_id, upload.upload_id)),
+            );
+        }
+        Ok(item)
+    }
+
+    /// `SET checkpoint` on an existing image entry.
+    async fn save_checkpoint(&self, upload_id: &str, cp: &EntryCheckpoint) -> Result<(), RepoError> {
+        let value = to_attribute_value(cp)
+            .map_err(|e| RepoError::Other(format!("encoding checkpoint {upload_id}/{}: {e}", cp.index)))?;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.uploads_table)
+            .key("pk", s(image_pk(upload_id)))
+            .key("sk", s(image_sk(cp.index)))
+            .update_expression("SET #cp = :cp")
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#cp", "checkpoint")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_values(":cp", value)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) if update_condition_failed(&err).is_some() => Err(RepoError::ConditionFailed(format!(
+                "checkpoint of image entry {upload_id}/{}: the entry does not exist",
+                cp.index
+            ))),
+            Err(err) => Err(repo_error(
+                &err,
+                &format!("UpdateItem image {upload_id}/{}", cp.index),
+            )),
+        }
+    }
+
+    /// Delete externally stored rejected items of a sequence from position `keep` on.
+    async fn delete_rejected_from(&self, pk: &str, keep: usize) -> Result<(), RepoError> {
+        let mut deletes = Vec::new();
+        for item in self.query_prefix(pk, "REJECTED#").await? {
+            let position = number_of(&item, "position").and_then(|p| usize::try_from(p).ok());
+            if position.is_some_and(|p| p < keep) {
+                continue;
+            }
+            let Some(sk) = string_of(&item, "sk") else {
+                continue;
+            };
+            let key = HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))]);
+            let delete = DeleteRequest::builder()
+                .set_key(Some(key))
+                .build()
+                .map_err(|e| RepoError::Other(format!("building a delete request: {e}")))?;
+            deletes.push(WriteRequest::builder().delete_request(delete).build());
+        }
+        self.batch_write(deletes).await
+    }
+}
+
+fn put_request(item: Item) -> Result<WriteRequest, RepoError> {
+    let put = PutRequest::builder()
+        .set_item(Some(item))
+        .build()
+        .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
+    Ok(WriteRequest::builder().put_request(put).build())
+}
+
+fn rejected_bytes(rejected: &[RejectedImage]) -> usize {
+    rejected.iter().map(|r| r.key.len() + r.reason.len() + 32).sum()
+}
+
+impl UploadRepository for DynamoRepository {
+    async fn claim(&self, claim: &Claim, now_ms: i64) -> Result<ClaimOutcome, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a new claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let item = encode(claim, &format!("claim {}", claim.id))?;
+        // A lost race (the blocking item vanished between the put and the read) is retried.
+        for _ in 0..3 {
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.idempotency_table)
+                .set_item(Some(item.clone()))
+                .condition_expression(
+                    "attribute_not_exists(#id) OR #exp < :now_s \
+                     OR (#status = :inprogress AND #lease < :now_ms)",
+                )
+                .expression_attribute_names("#id", "id")
+                .expression_attribute_names("#exp", "expiration")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_names("#lease", "lease_until_ms")
+                .expression_attribute_values(":now_s", n(now_ms.div_euclid(1000)))
+                .expression_attribute_values(":now_ms", n(now_ms))
+                .expression_attribute_values(":inprogress", s("INPROGRESS"))
+                .return_values(ReturnValue::AllOld)
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .send()
+                .await;
+            let err = match result {
+                Ok(out) => {
+                    let previous = match out.attributes.filter(|a| !a.is_empty()) {
+                        Some(old) => Some(decode::<Claim>(old, &format!("claim {}", claim.id))?),
+                        None => None,
+                    };
+                    return Ok(ClaimOutcome::Acquired {
+                        // A TTL-expired COMPLETED claim is gone for DynamoDB too: nothing to resume.
+                        previous: previous.filter(|p| p.status == ClaimStatus::Inprogress),
+                    });
+                }
+                Err(err) => err,
+            };
+            let Some(old) = put_condition_failed(&err) else {
+                return Err(repo_error(&err, &format!("PutItem claim {}", claim.id)));
+            };
+            let old = match old {
+                Some(old) => Some(old),
+                // Older servers do not return the item with the failure: read it.
+                None => {
+                    self.client
+                        .get_item()
+                        .table_name(&self.idempotency_table)
+                        .key("id", s(&claim.id))
+                        .consistent_read(true)
+                        .send()
+                        .await
+                        .map_err(|e| repo_error(&e, &format!("GetItem claim {}", claim.id)))?
+                        .item
+                }
+            };
+            let Some(old) = old else { continue };
+            let old: Claim = decode(old, &format!("claim {}", claim.id))?;
+            match old.status {
+                ClaimStatus::Completed => return Ok(ClaimOutcome::Completed),
+                ClaimStatus::Inprogress if old.lease_until_ms >= now_ms => {
+                    return Ok(ClaimOutcome::Held {
+                        lease_until_ms: old.lease_until_ms,
+                    })
+                }
+                // Read after the lease ran out: try again.
+                ClaimStatus::Inprogress => continue,
+            }
+        }
+        Err(RepoError::Transient(format!(
+            "claim {}: the item kept changing under concurrent claims",
+            claim.id
+        )))
+    }
+
+    async fn renew_claim(&self, id: &str, owner: &str, lease_until_ms: i64) -> Result<(), RepoError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.idempotency_table)
+            .key("id", s(id))
+            .update_expression("SET #lease = :lease")
+            .condition_expression("#status = :inprogress AND #owner = :owner")
+            .expression_attribute_names("#lease", "lease_until_ms")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":lease", n(lease_until_ms))
+            .expression_attribute_values(":inprogress", s("INPROGRESS"))
+            .expression_attribute_values(":owner", s(owner))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => match update_condition_failed(&err) {
+                Some(old) => Err(RepoError::ConditionFailed(format!(
+                    "renew claim {id} for {owner}: {}",
+                    describe_claim(old.as_ref())
+                ))),
+                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
+            },
+        }
+    }
+
+    async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
+        // Completing twice by the same owner succeeds (a retried call must not fail).
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.idempotency_table)
+            .key("id", s(id))
+            .update_expression("SET #status = :completed")
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":completed", s("COMPLETED"))
+            .expression_attribute_values(":owner", s(owner))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => match update_condition_failed(&err) {
+                Some(old) => Err(RepoError::ConditionFailed(format!(
+                    "complete claim {id} for {owner}: {}",
+                    describe_claim(old.as_ref())
+                ))),
+                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
+            },
+        }
+    }
+
+    async fn get_sequence(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+    ) -> Result<Option<SequenceRecord>, RepoError> {
+        let pk = sequence_pk(user_id, sequence_id);
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.uploads_table)
+            .key("pk", s(&pk))
+            .key("sk", s(SEQUENCE_SK))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("GetItem {pk}")))?;
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        let external = number_of(&item, "rejected_count")
+            .map(|c| usize::try_from(c).map_err(|_| RepoError::Corrupt(format!("{pk}: rejected_count {c}"))))
+            .transpose()?;
+        let mut record: SequenceRecord = decode(item, &format!("sequence {pk}"))?;
+        if let Some(count) = external {
+            let mut entries: Vec<RejectedItem> = Vec::with_capacity(count);
+            for item in self.query_prefix(&pk, "REJECTED#").await? {
+                let entry: RejectedItem = decode(item, &format!("rejected image of {pk}"))?;
+                if entry.position < count {
+                    entries.push(entry);
+                }
+            }
+            entries.sort_by_key(|e| e.position);
+            entries.dedup_by_key(|e| e.position);
+            if entries.len() != count {
+                return Err(RepoError::Corrupt(format!(
+                    "{pk}: {count} rejected images recorded, {} found",
+                    entries.len()
+                )));
+            }
+            record.rejected = entries
+                .into_iter()
+                .map(|e| RejectedImage {
+                    key: e.key,
+                    reason: e.reason,
+                })
+                .collect();
+        }
+        Ok(Some(record))
+    }
+
+    async fn put_sequence(&self, seq: &SequenceRecord) -> Result<(), RepoError> {
+        let pk = sequence_pk(&seq.user_id, &seq.sequence_id);
+        let mut item = encode(seq, &format!("sequence {pk}"))?;
+        let external = rejected_bytes(&seq.rejected) > INLINE_REJECTED_BYTES;
+        if external {
+            // Entries first, META (which makes them visible) second.
+            let mut puts = Vec::with_capacity(seq.rejected.len());
+            for (position, r) in seq.rejected.iter().enumerate() {
+                let mut entry = encode(
+                    &RejectedItem {
+                        position,
+                        key: r.key.clone(),
+                        reason: r.reason.clone(),
+                    },
+                    "rejected image",
+                )?;
+                entry.insert("pk".into(), s(&pk));
+                entry.insert("sk".into(), s(rejected_sk(position)));
+                puts.push(put_request(entry)?);
+            }
+            self.batch_write(puts).await?;
+            item.insert("rejected".into(), AttributeValue::L(Vec::new()));
+            item.insert("rejected_count".into(), n(seq.rejected.len()));
+        }
+        item.insert("pk".into(), s(&pk));
+        item.insert("sk".into(), s(SEQUENCE_SK));
+        item.insert("gsi1pk".into(), s(format!("USER#{}", seq.user_id)));
+        item.insert(
+            "gsi1sk".into(),
+            s(format!(
+                "SEQ#{}#{}",
+                sortable_timestamp(seq.created_at)?,
+                seq.sequence_id
+            )),
+        );
+        let old = self
+            .client
+            .put_item()
+            .table_name(&self.uploads_table)
+            .set_item(Some(item))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("PutItem {pk}")))?
+            .attributes;
+        let had_external = old
+            .as_ref()
+            .and_then(|o| number_of(o, "rejected_count"))
+            .is_some();
+        if external || had_external {
+            let keep = if external { seq.rejected.len() } else { 0 };
+            self.delete_rejected_from(&pk, keep).await?;
+        }
+        Ok(())
+    }
+
+    async fn put_upload(&self, upload: &UploadRecord) -> Result<(), RepoError> {
+        self.client
+            .put_item()
+            .table_name(&self.uploads_table)
+            .set_item(Some(Self::upload_item(upload)?))
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("PutItem upload {}", upload.upload_id)))?;
+        Ok(())
+    }
+
+    async fn transition_upload(&self, upload: &UploadRecord, expected: UploadState) -> Result<(), RepoError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.uploads_table)
+            .set_item(Some(Self::upload_item(upload)?))
+            .condition_expression("#state = :expected")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":expected", s(expected.as_str()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => match put_condition_failed(&err) {
+                Some(old) => {
+                    let found = match &old {
+                        Some(item) => format!("is {}", string_of(item, "state").unwrap_or("?")),
+                        None => "does not exist".to_string(),
+                    };
+                    Err(RepoError::ConditionFailed(format!(
+                        "upload {} {found}, expected {}",
+                        upload.upload_id,
+                        expected.as_str()
+                    )))
+                }
+                None => Err(repo_error(&err, &format!("PutItem upload {}", upload.upload_id))),
+            },
+        }
+    }
+
+    async fn list_uploads(&self, user_id: &str, sequence_id: &str) -> Result<Vec<UploadRecord>, RepoError> {
+        let pk = sequence_pk(user_id, sequence_id);
+        let mut uploads = self
+            .query_prefix(&pk, "UPLOAD#")
+            .await?
+            .into_iter()
+            .map(|item| decode::<UploadRecord>(item, &format!("upload of {pk}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        uploads.sort_by_key(|u| u.index);
+        Ok(uploads)
+    }
+
+    async fn put_images(&self, images: &[UploadImage]) -> Result<(), RepoError> {
+        // One batch must not name a key twice: the last entry for a key wins, as with single puts.
+        let mut last: HashMap<(&str, u32), usize> = HashMap::new();
+        for (i, image) in images.iter().enumerate() {
+            last.insert((image.upload_id.as_str(), image.index), i);
+        }
+        let mut requests = Vec::with_capacity(last.len());
+        for (i, image) in images.iter().enumerate() {
+            if last.get(&(image.upload_id.as_str(), image.index)) != Some(&i) {
+                continue;
+            }
+            let mut item = encode(image, &format!("image {}/{}", image.upload_id, image.index))?;
+            item.insert("pk".into(), s(image_pk(&image.upload_id)));
+            item.insert("sk".into(), s(image_sk(image.index)));
+            requests.push(put_request(item)?);
+        }
+        self.batch_write(requests).await
+    }
+
+    async fn list_images(&self, upload_id: &str) -> Result<Vec<UploadImage>, RepoError> {
+        let pk = image_pk(upload_id);
+        let mut images = self
+            .query_prefix(&pk, "IMG#")
+            .await?
+            .into_iter()
+            .map(|item| decode::<UploadImage>(item, &format!("image of {pk}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        images.sort_by_key(|i| i.index);
+        Ok(images)
+    }
+
+    async fn save_checkpoints(
+        &self,
+        upload_id: &str,
+        checkpoints: &[EntryCheckpoint],
+    ) -> Result<(), RepoError> {
+        // Indexes (not references) go through the closure: keeps the future `Send` for any lifetime.
+        futures::stream::iter(
+            (0..checkpoints.len()).map(|i| self.save_checkpoint(upload_id, &checkpoints[i])),
+        )
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+        Ok(())
+    }
+
+    async fn record_ingest_error(&self, error: &IngestError) -> Result<(), RepoError> {
+        let mut key_part = error.key.as_str();
+        if key_part.len() > INGEST_SK_KEY_BYTES {
+            let mut cut = INGEST_SK_KEY_BYTES;
+            while !key_part.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            key_part = &key_part[..cut];
+        }
+        let mut item = encode(error, "ingest error")?;
+        item.insert("pk".into(), s(INGEST_ERROR_PK));
+        item.insert(
+            "sk".into(),
+            s(format!("{}#{key_part}", sortable_timestamp(error.at)?)),
+        );
+        self.client
+            .put_item()
+            .table_name(&self.uploads_table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, "PutItem ingest error"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sortable_timestamps_sort_like_time() {
+        let a = time::macros::datetime!(2026-01-01 00:00:00 UTC);
+        let b = time::macros::datetime!(2026-01-01 00:00:00.5 UTC);
+        let c = time::macros::datetime!(2026-01-01 02:00:01 +02:00);
+        let (sa, sb, sc) = (
+            sortable_timestamp(a).unwrap(),
+            sortable_timestamp(b).unwrap(),
+            sortable_timestamp(c).unwrap(),
+        );
+        assert_eq!(sa, "2026-01-01T00:00:00.000000Z");
+        assert!(sa < sb && sb < sc, "{sa} {sb} {sc}");
+        assert_eq!(sc, "2026-01-01T00:00:01.000000Z");
+    }
+
+    #[test]
+    fn keys_are_zero_padded() {
+        assert_eq!(upload_sk(7), "UPLOAD#007");
+        assert_eq!(image_sk(42), "IMG#00042");
+        assert_eq!(sequence_pk("u", "s"), "SEQ#u#s");
+    }
+}

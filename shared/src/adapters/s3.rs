@@ -1,0 +1,248 @@
+//! [`ObjectStore`] over S3: ranged and conditional GETs, HEAD, and paginated ListObjectsV2.
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use bytes::Bytes;
+
+use super::aws_error::classify;
+use crate::ports::{ObjectBody, ObjectInfo, ObjectStore, RangeBody, StoreError};
+
+/// S3 implementation of [`ObjectStore`].
+#[derive(Debug, Clone)]
+pub struct S3ObjectStore {
+    client: aws_sdk_s3::Client,
+    page_size: Option<i32>,
+}
+
+impl S3ObjectStore {
+    /// Wrap a client built once at start-up.
+    pub fn new(client: aws_sdk_s3::Client) -> Self {
+        Self {
+            client,
+            page_size: None,
+        }
+    }
+
+    /// Ask ListObjectsV2 for at most `max_keys` keys per page (default: S3's 1000).
+    pub fn with_page_size(mut self, max_keys: i32) -> Self {
+        self.page_size = Some(max_keys.max(1));
+        self
+    }
+}
+
+/// Map an SDK error of an S3 call on `bucket/key` into a [`StoreError`].
+fn store_error<E>(err: &SdkError<E, HttpResponse>, op: &str, bucket: &str, key: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let f = classify(err);
+    let what = format!("{op} s3://{bucket}/{key}: {}", f.detail);
+    if f.has_code("NoSuchKey")
+        || f.has_code("NoSuchBucket")
+        || f.has_code("NotFound")
+        || f.status == Some(404)
+    {
+        StoreError::NotFound(what)
+    } else if f.has_code("AccessDenied") || f.status == Some(403) {
+        StoreError::AccessDenied(what)
+    } else if f.transient {
+        StoreError::Transient(what)
+    } else {
+        StoreError::Other(what)
+    }
+}
+
+/// Whether `err` is S3's answer to a range starting at or past the end of the object.
+fn is_invalid_range<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let f = classify(err);
+    f.has_code("InvalidRange") || f.status == Some(416)
+}
+
+/// Whether `err` is a failed `If-Match` precondition (S3 412).
+fn is_precondition_failed<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let f = classify(err);
+    f.has_code("PreconditionFailed") || f.status == Some(412)
+}
+
+/// ETag without the surrounding quotes S3 puts around it.
+fn unquote(etag: &str) -> String {
+    etag.trim_matches('"').to_string()
+}
+
+fn required_etag(etag: Option<&str>, bucket: &str, key: &str) -> Result<String, StoreError> {
+    etag.map(unquote)
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| StoreError::Other(format!("s3://{bucket}/{key}: response has no ETag")))
+}
+
+fn size_of(size: Option<i64>, bucket: &str, key: &str) -> Result<u64, StoreError> {
+    size.and_then(|s| u64::try_from(s).ok())
+        .ok_or_else(|| StoreError::Other(format!("s3://{bucket}/{key}: response has no valid size")))
+}
+
+/// Total size from a `Content-Range: bytes a-b/total` header (`None` when absent or `*`).
+fn total_from_content_range(content_range: &str) -> Option<u64> {
+    content_range.rsplit_once('/')?.1.trim().parse().ok()
+}
+
+impl ObjectStore for S3ObjectStore {
+    async fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<RangeBody, StoreError> {
+        if start >= end {
+            return Err(StoreError::Other(format!(
+                "GetObject s3://{bucket}/{key}: empty range {start}..{end}"
+            )));
+        }
+        // HTTP ranges are inclusive: `start..end` is `bytes=start-(end-1)`.
+        let range = format!("bytes={start}-{}", end - 1);
+        let resp = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .range(range)
+            .send()
+            .await
+        {
+            Ok(resp) => resp,
+            Err(err) if is_invalid_range(&err) => {
+                // `start` at or past the end of the object (e.g. a 0-byte object): nothing to read.
+                let head = self.head(bucket, key).await?;
+                return Ok(RangeBody {
+                    bytes: Bytes::new(),
+                    total_size: head.size,
+                    etag: head.etag,
+                });
+            }
+            Err(err) => return Err(store_error(&err, "GetObject", bucket, key)),
+        };
+        let etag = required_etag(resp.e_tag(), bucket, key)?;
+        let content_range_total = resp.content_range().and_then(total_from_content_range);
+        let body = resp.body.collect().await.map_err(|e| {
+            StoreError::Transient(format!("GetObject s3://{bucket}/{key}: reading the body: {e}"))
+        })?;
+        let bytes = body.into_bytes();
+        match content_range_total {
+            Some(total_size) => Ok(RangeBody {
+                bytes,
+                total_size,
+                etag,
+            }),
+            None => {
+                // No Content-Range: the server answered with the whole object (200); cut the range.
+                let total_size = bytes.len() as u64;
+                let from = usize::try_from(start.min(total_size))
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                let to = usize::try_from(end.min(total_size))
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                Ok(RangeBody {
+                    bytes: bytes.slice(from..to),
+                    total_size,
+                    etag,
+                })
+            }
+        }
+    }
+
+    async fn get_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        if_match: Option<&str>,
+    ) -> Result<ObjectBody, StoreError> {
+        let mut req = self.client.get_object().bucket(bucket).key(key);
+        if let Some(etag) = if_match {
+            req = req.if_match(format!("\"{}\"", etag.trim_matches('"')));
+        }
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(err) if if_match.is_some() && is_precondition_failed(&err) => {
+                return Err(StoreError::Changed {
+                    key: key.to_string(),
+                    expected: if_match.map(unquote).unwrap_or_default(),
+                });
+            }
+            Err(err) => return Err(store_error(&err, "GetObject", bucket, key)),
+        };
+        let etag = required_etag(resp.e_tag(), bucket, key)?;
+        let body = resp.body.collect().await.map_err(|e| {
+            StoreError::Transient(format!("GetObject s3://{bucket}/{key}: reading the body: {e}"))
+        })?;
+        Ok(ObjectBody {
+            bytes: body.into_bytes(),
+            etag,
+        })
+    }
+
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut req = self.client.list_objects_v2().bucket(bucket).prefix(prefix);
+        if let Some(max_keys) = self.page_size {
+            req = req.max_keys(max_keys);
+        }
+        let mut pages = req.into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|err| store_error(&err, "ListObjectsV2", bucket, prefix))?;
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                out.push(ObjectInfo {
+                    key: key.to_string(),
+                    size: size_of(object.size(), bucket, key)?,
+                    etag: required_etag(object.e_tag(), bucket, key)?,
+                });
+            }
+        }
+        // S3 lists in UTF-8 byte order already; sorting makes the contract independent of the server.
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn head(&self, bucket: &str, key: &str) -> Result<ObjectInfo, StoreError> {
+        let resp = self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|err| store_error(&err, "HeadObject", bucket, key))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: size_of(resp.content_length(), bucket, key)?,
+            etag: required_etag(resp.e_tag(), bucket, key)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_total_is_parsed() {
+        assert_eq!(total_from_content_range("bytes 0-9/1234"), Some(1234));
+        assert_eq!(total_from_content_range("bytes */50"), Some(50));
+        assert_eq!(total_from_content_range("bytes 0-9/*"), None);
+        assert_eq!(total_from_content_range("garbage"), None);
+    }
+
+    #[test]
+    fn etags_lose_their_quotes() {
+        assert_eq!(unquote("\"abc\""), "abc");
+        assert_eq!(unquote("abc"), "abc");
+        assert!(required_etag(Some("\"\""), "b", "k").is_err());
+    }
+}

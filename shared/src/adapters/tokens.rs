@@ -1,0 +1,236 @@
+//! [`TokenStore`] over DynamoDB (UsersTable) and KMS.
+//!
+//! Item pk `USER#<user_id>`, sk `MAPILLARY`:
+//! * `ciphertext` (B): KMS `Encrypt` of the JSON `{"access_token", "refresh_token"}` under the
+//!   EncryptionContext `{"user_id": <user_id>}`, so a ciphertext copied to another user's item does
+//!   not decrypt;
+//! * `token_expires_at` (S, RFC 3339), `mapillary_user_id`, `username`, `updated_at` (S) in clear.
+//!
+//! The expiry is deliberately **not** stored as `expires_at`: that is the UsersTable's TTL attribute,
+//! and a numeric token expiry there would make DynamoDB delete the item (and with it the refresh
+//! token) once the access token expires.
+//!
+//! Plaintext leaves this module only as [`SecretString`]; decrypted buffers are zeroized, and error
+//! messages never quote decrypted content.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_kms::primitives::Blob;
+use secrecy::zeroize::Zeroize;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::aws_error::{classify, AwsFailure};
+use crate::model::StoredToken;
+use crate::ports::{TokenError, TokenStore};
+
+/// Sort key of the Mapillary token item.
+pub const TOKEN_SK: &str = "MAPILLARY";
+/// Encryption context key bound to every ciphertext.
+pub const CONTEXT_KEY: &str = "user_id";
+
+/// KMS-encrypted Mapillary tokens in the UsersTable.
+#[derive(Debug, Clone)]
+pub struct KmsTokenStore {
+    dynamodb: aws_sdk_dynamodb::Client,
+    kms: aws_sdk_kms::Client,
+    table: String,
+    key_id: String,
+}
+
+impl KmsTokenStore {
+    /// Tokens in `table`, encrypted with the KMS key `key_id` (id, ARN or alias).
+    pub fn new(
+        dynamodb: aws_sdk_dynamodb::Client,
+        kms: aws_sdk_kms::Client,
+        table: impl Into<String>,
+        key_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            dynamodb,
+            kms,
+            table: table.into(),
+            key_id: key_id.into(),
+        }
+    }
+}
+
+/// Partition key of a user's items.
+pub fn user_pk(user_id: &str) -> String {
+    format!("USER#{user_id}")
+}
+
+/// The encrypted part, borrowed for serialization (no copies of the secrets besides the buffer).
+#[derive(Serialize)]
+struct PayloadRef<'a> {
+    access_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+}
+
+/// The decrypted part. No `Debug`: it holds secrets until moved into `SecretString`s.
+#[derive(Deserialize)]
+struct Payload {
+    access_token: String,
+    #[serde(default)]
+    refresh_token: Option<String>,
+}
+
+fn token_error(f: AwsFailure, what: &str) -> TokenError {
+    let msg = format!("{what}: {}", f.detail);
+    if f.transient {
+        TokenError::Transient(msg)
+    } else {
+        TokenError::Other(msg)
+    }
+}
+
+fn string_attr(item: &HashMap<String, AttributeValue>, name: &str) -> Result<Option<String>, TokenError> {
+    match item.get(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(AttributeValue::S(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(TokenError::Corrupt(format!("attribute {name} is not a string"))),
+    }
+}
+
+fn time_attr(
+    item: &HashMap<String, AttributeValue>,
+    name: &str,
+) -> Result<Option<OffsetDateTime>, TokenError> {
+    string_attr(item, name)?
+        .map(|s| {
+            OffsetDateTime::parse(&s, &Rfc3339)
+                .map_err(|e| TokenError::Corrupt(format!("attribute {name} is not RFC 3339 ({s:?}): {e}")))
+        })
+        .transpose()
+}
+
+fn rfc3339(t: OffsetDateTime) -> Result<String, TokenError> {
+    t.format(&Rfc3339)
+        .map_err(|e| TokenError::Other(format!("formatting a timestamp: {e}")))
+}
+
+impl TokenStore for KmsTokenStore {
+    async fn load(&self, user_id: &str) -> Result<Option<StoredToken>, TokenError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(user_pk(user_id)))
+            .key("sk", AttributeValue::S(TOKEN_SK.to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("GetItem token of user {user_id}")))?;
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        let ciphertext = match item.get("ciphertext") {
+            Some(AttributeValue::B(blob)) => blob.clone(),
+            _ => {
+                return Err(TokenError::Corrupt(format!(
+                    "token item of user {user_id} has no binary ciphertext"
+                )))
+            }
+        };
+        let decrypted = self
+            .kms
+            .decrypt()
+            .key_id(&self.key_id)
+            .ciphertext_blob(ciphertext)
+            .encryption_context(CONTEXT_KEY, user_id)
+            .send()
+            .await
+            .map_err(|e| {
+                let f = classify(&e);
+                let what = format!("KMS Decrypt token of user {user_id}");
+                if ["InvalidCiphertextException", "IncorrectKeyException"]
+                    .iter()
+                    .any(|c| f.has_code(c))
+                {
+                    TokenError::Corrupt(format!("{what}: {}", f.detail))
+                } else {
+                    token_error(f, &what)
+                }
+            })?;
+        let mut plaintext = decrypted.plaintext.map(Blob::into_inner).ok_or_else(|| {
+            TokenError::Corrupt(format!("KMS Decrypt token of user {user_id}: no plaintext"))
+        })?;
+        let parsed = serde_json::from_slice::<Payload>(&plaintext);
+        plaintext.zeroize();
+        // serde_json messages may quote the input: report only where and what kind of error it was.
+        let payload = parsed.map_err(|e| {
+            TokenError::Corrupt(format!(
+                "decrypted token of user {user_id} is not the expected JSON ({:?} error at column {})",
+                e.classify(),
+                e.column()
+            ))
+        })?;
+        Ok(Some(StoredToken {
+            access_token: SecretString::from(payload.access_token),
+            refresh_token: payload.refresh_token.map(SecretString::from),
+            expires_at: time_attr(&item, "token_expires_at")?,
+            mapillary_user_id: string_attr(&item, "mapillary_user_id")?,
+            username: string_attr(&item, "username")?,
+            updated_at: time_attr(&item, "updated_at")?.ok_or_else(|| {
+                TokenError::Corrupt(format!("token item of user {user_id} has no updated_at"))
+            })?,
+        }))
+    }
+
+    async fn save(&self, user_id: &str, token: &StoredToken) -> Result<(), TokenError> {
+        // The buffer moves into the KMS request (the SDK owns it from there).
+        let plaintext = serde_json::to_vec(&PayloadRef {
+            access_token: token.access_token.expose_secret(),
+            refresh_token: token.refresh_token.as_ref().map(|t| t.expose_secret()),
+        })
+        .map_err(|e| {
+            TokenError::Other(format!(
+                "encoding the token of user {user_id}: {:?} error",
+                e.classify()
+            ))
+        })?;
+        let blob = Blob::new(plaintext);
+        let encrypted = self
+            .kms
+            .encrypt()
+            .key_id(&self.key_id)
+            .plaintext(blob)
+            .encryption_context(CONTEXT_KEY, user_id)
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("KMS Encrypt token of user {user_id}")))?;
+        let ciphertext = encrypted.ciphertext_blob.ok_or_else(|| {
+            TokenError::Other(format!("KMS Encrypt token of user {user_id}: no ciphertext"))
+        })?;
+
+        let mut req = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", AttributeValue::S(user_pk(user_id)))
+            .item("sk", AttributeValue::S(TOKEN_SK.to_string()))
+            .item("user_id", AttributeValue::S(user_id.to_string()))
+            .item("ciphertext", AttributeValue::B(ciphertext))
+            .item("updated_at", AttributeValue::S(rfc3339(token.updated_at)?));
+        if let Some(key) = encrypted.key_id {
+            req = req.item("kms_key_id", AttributeValue::S(key));
+        }
+        if let Some(expires_at) = token.expires_at {
+            req = req.item("token_expires_at", AttributeValue::S(rfc3339(expires_at)?));
+        }
+        if let Some(id) = &token.mapillary_user_id {
+            req = req.item("mapillary_user_id", AttributeValue::S(id.clone()));
+        }
+        if let Some(name) = &token.username {
+            req = req.item("username", AttributeValue::S(name.clone()));
+        }
+        req.send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("PutItem token of user {user_id}")))?;
+        Ok(())
+    }
+}
