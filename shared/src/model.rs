@@ -403,3 +403,73 @@ mod tests {
         assert!(!UploadState::Uploaded.is_final());
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Tracking (written by the poller, read by status-api). Kept in items of their own so that the
+// poller never rewrites an item zip-and-push owns, and vice versa:
+// * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK`; while not final also in the sparse gsi2
+//   (`TRACKING`, `<user_id>#<upload_id>`) so a run finds every pending upload with one query
+// * image link: pk `UPLOAD#<upload_id>`, sk `LINK#<index:05>`
+// * feed health: pk `HEALTH`, sk `FEED`
+
+/// Everything the poller knows about one handed-off upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrackingRecord {
+    /// Owner.
+    pub user_id: String,
+    /// Sequence id.
+    pub sequence_id: String,
+    /// Upload id.
+    pub upload_id: String,
+    /// Mapillary user id whose feed lists the cluster (from the token record's `/me`), when known.
+    pub mapillary_user_id: Option<String>,
+    /// Stages, error code, overall state, timing (the domain's state machine).
+    pub tracked: crate::domain::tracking::TrackedUpload,
+    /// Every change seen, oldest first.
+    pub history: Vec<crate::domain::tracking::Transition>,
+    /// `item_count` of the feed node, once known.
+    pub item_count: Option<i64>,
+    /// The feed node's representative `image_id`, once known.
+    pub image_id: Option<String>,
+    /// Mapillary sequences the upload became, once linked.
+    pub sequence_ids: Vec<String>,
+    /// Which path produced the status/links.
+    pub linked_via: Option<crate::domain::linking::LinkPath>,
+    /// Images linked / dropped, once linked.
+    pub linked_count: u32,
+    /// Images Mapillary dropped (or that failed verification).
+    pub dropped_count: u32,
+    /// When the next check is due (slower for STALE).
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub next_check_at: Option<OffsetDateTime>,
+}
+
+/// The Mapillary counterpart of one of our images (or why there is none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageLink {
+    /// Upload id.
+    pub upload_id: String,
+    /// Entry index in the zip.
+    pub index: u32,
+    /// Our object key.
+    pub key: String,
+    /// Linked or dropped, with ids and link.
+    pub outcome: crate::domain::linking::ImageOutcome,
+    /// Which path found it.
+    pub via: crate::domain::linking::LinkPath,
+}
+
+/// Health of the activity-feed path (Plan B).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedHealth {
+    /// False while the feed is unusable and the tiles fallback is in use.
+    pub healthy: bool,
+    /// Since when it is degraded.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub degraded_since: Option<OffsetDateTime>,
+    /// The last feed error seen.
+    pub last_error: Option<String>,
+    /// Last update.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}

@@ -354,3 +354,49 @@ pub trait MapillaryUploads: Send + Sync {
         organization_id: Option<&str>,
     ) -> impl Future<Output = Result<String, MapillaryError>> + Send;
 }
+
+/// Tracking state (poller-owned items; status-api reads them). See the layout in [`crate::model`].
+pub trait TrackingRepository: Send + Sync {
+    /// Create the tracking record of a handed-off upload unless it exists (intake is idempotent:
+    /// a re-delivered cluster message must not reset progress). Returns whether it was created.
+    fn create_tracking(
+        &self,
+        record: &crate::model::TrackingRecord,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+    /// Write a changed record, only if its stored `tracked.last_checked_at` still equals
+    /// `expected_last_checked_at` (optimistic concurrency between overlapping runs →
+    /// `RepoError::ConditionFailed`). Maintains the sparse pending index (removed once final).
+    fn update_tracking(
+        &self,
+        record: &crate::model::TrackingRecord,
+        expected_last_checked_at: Option<time::OffsetDateTime>,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// One tracking record.
+    fn get_tracking(
+        &self,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<Option<crate::model::TrackingRecord>, RepoError>> + Send;
+    /// Every non-final tracking record (all users), for a poller run.
+    fn list_pending_tracking(
+        &self,
+    ) -> impl Future<Output = Result<Vec<crate::model::TrackingRecord>, RepoError>> + Send;
+    /// Store image links (batch; overwrites links of the same index).
+    fn put_links(
+        &self,
+        links: &[crate::model::ImageLink],
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// An upload's image links, by index.
+    fn list_links(
+        &self,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<Vec<crate::model::ImageLink>, RepoError>> + Send;
+    /// The activity feed's health record.
+    fn get_feed_health(
+        &self,
+    ) -> impl Future<Output = Result<Option<crate::model::FeedHealth>, RepoError>> + Send;
+    /// Replace the activity feed's health record.
+    fn put_feed_health(
+        &self,
+        health: &crate::model::FeedHealth,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+}

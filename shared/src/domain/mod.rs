@@ -3,5 +3,8 @@
 pub mod description;
 pub mod exif;
 pub mod jpeg;
+pub mod linking;
 pub mod sequence;
+pub mod tiles;
+pub mod tracking;
 pub mod zipfmt;

@@ -266,12 +266,7 @@ pub fn tiles_covering_points(
     Ok(out.into_iter().collect())
 }
 
-fn add_bbox_tiles(
-    bbox: &BBox,
-    z: u8,
-    limit: usize,
-    out: &mut BTreeSet<TileId>,
-) -> Result<(), TileError> {
+fn add_bbox_tiles(bbox: &BBox, z: u8, limit: usize, out: &mut BTreeSet<TileId>) -> Result<(), TileError> {
     let n = tiles_per_axis(z)?;
     for v in [bbox.west, bbox.south, bbox.east, bbox.north] {
         if !v.is_finite() {
@@ -397,8 +392,8 @@ pub fn decode_coverage_tile(tile: TileId, bytes: &[u8]) -> Result<CoverageTile, 
         });
     }
     check_geometry_budget(bytes)?;
-    let reader = mvt_reader::Reader::new(bytes.to_vec())
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let reader =
+        mvt_reader::Reader::new(bytes.to_vec()).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     let layers = reader
         .get_layer_metadata()
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -422,17 +417,17 @@ pub fn decode_coverage_tile(tile: TileId, bytes: &[u8]) -> Result<CoverageTile, 
         for (index, f) in features.iter().enumerate() {
             let props = f.properties.as_ref();
             let read = match kind {
-                LayerKind::Image | LayerKind::Overview => {
-                    read_image(tile, layer.extent, &f.geometry, props).map(|p| {
+                LayerKind::Image | LayerKind::Overview => read_image(tile, layer.extent, &f.geometry, props)
+                    .map(|p| {
                         if kind == LayerKind::Image {
                             out.images.push(p)
                         } else {
                             out.overview.push(p)
                         }
-                    })
+                    }),
+                LayerKind::Sequence => {
+                    read_sequence(tile, layer.extent, &f.geometry, props).map(|s| out.sequences.push(s))
                 }
-                LayerKind::Sequence => read_sequence(tile, layer.extent, &f.geometry, props)
-                    .map(|s| out.sequences.push(s)),
             };
             if let Err(reason) = read {
                 out.rejected.push(RejectedFeature {
@@ -464,9 +459,7 @@ fn read_image(
     let position = match geometry {
         Geometry::Point(p) => (p.x(), p.y()),
         Geometry::MultiPoint(mp) if mp.0.len() == 1 => (mp.0[0].x(), mp.0[0].y()),
-        Geometry::MultiPoint(mp) => {
-            return Err(format!("image point has {} positions, not 1", mp.0.len()))
-        }
+        Geometry::MultiPoint(mp) => return Err(format!("image point has {} positions, not 1", mp.0.len())),
         other => return Err(format!("image feature is a {}, not a point", geom_name(other))),
     };
     let position = tile.lon_lat_at(f64::from(position.0), f64::from(position.1), extent);
@@ -491,12 +484,7 @@ fn read_sequence(
     let lines: Vec<&geo_types::LineString<i32>> = match geometry {
         Geometry::LineString(l) => vec![l],
         Geometry::MultiLineString(m) => m.0.iter().collect(),
-        other => {
-            return Err(format!(
-                "sequence feature is a {}, not a line",
-                geom_name(other)
-            ))
-        }
+        other => return Err(format!("sequence feature is a {}, not a line", geom_name(other))),
     };
     let parts: Vec<Vec<LonLat>> = lines
         .into_iter()
@@ -716,10 +704,7 @@ mod tests {
             TileId::containing(LonLat::new(0.0, 0.0), 31),
             Err(TileError::Zoom(31))
         );
-        assert!(matches!(
-            TileId::new(2, 4, 0),
-            Err(TileError::NoSuchTile { .. })
-        ));
+        assert!(matches!(TileId::new(2, 4, 0), Err(TileError::NoSuchTile { .. })));
     }
 
     #[test]
@@ -763,10 +748,7 @@ mod tests {
         // One degree of latitude ≈ 111.2 km.
         let d = distance_m(LonLat::new(0.0, 0.0), LonLat::new(0.0, 1.0));
         assert!((d - 111_195.0).abs() < 10.0, "{d}");
-        assert_eq!(
-            distance_m(LonLat::new(5.0, 5.0), LonLat::new(5.0, 5.0)),
-            0.0
-        );
+        assert_eq!(distance_m(LonLat::new(5.0, 5.0), LonLat::new(5.0, 5.0)), 0.0);
     }
 
     #[test]
