@@ -36,9 +36,18 @@ enum Cmd {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Seconds per fuzz target after the tests (0 skips fuzzing).
+        #[arg(long, default_value_t = 30)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Fuzz the feed and coverage-tile parsers (cargo-fuzz on stable via RUSTC_BOOTSTRAP; see fuzz/README.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// The demo: a generated sequence uploaded into the simulator and tracked to FINISHED.
     Demo {
@@ -95,8 +104,16 @@ fn main() -> Result<()> {
         },
         Cmd::Test {
             no_lint,
+            fuzz_seconds,
             cargo_test_args,
-        } => test(&root, no_lint, &cargo_test_args),
+        } => {
+            test(&root, no_lint, &cargo_test_args)?;
+            if fuzz_seconds > 0 {
+                fuzz(&root, fuzz_seconds)?;
+            }
+            Ok(())
+        }
+        Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
     }
 }
@@ -125,6 +142,45 @@ fn test(root: &Path, no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     let result = run(&mut cmd, "cargo test");
     drop(moto);
     result
+}
+
+/// The fuzz targets of `fuzz/` (their own workspace), each for `seconds`.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    const CARGO_FUZZ_VERSION: &str = "0.13.2";
+    let tools = root.join(".tools");
+    let cargo_fuzz = tools.join("bin/cargo-fuzz");
+    if !cargo_fuzz.exists() {
+        run(
+            cargo(root)
+                .args([
+                    "install",
+                    "cargo-fuzz",
+                    "--locked",
+                    "--version",
+                    CARGO_FUZZ_VERSION,
+                    "--root",
+                ])
+                .arg(&tools),
+            "cargo install cargo-fuzz",
+        )?;
+    }
+    let dir = root.join("fuzz");
+    for target in ["feed_parser", "coverage_tile"] {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+        let mut cmd = Command::new(&cargo_fuzz);
+        cmd.current_dir(&dir)
+            // cargo-fuzz needs nightly-only sanitizer flags; only stable Rust exists here.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "-O", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-rss_limit_mb=2048");
+        run(&mut cmd, &format!("fuzz {target} for {seconds} s"))?;
+    }
+    Ok(())
 }
 
 fn cargo(root: &Path) -> Command {
