@@ -7,6 +7,7 @@ pub mod moto;
 pub mod process;
 pub mod stack;
 pub mod venv;
+pub mod watch;
 
 use std::path::PathBuf;
 
