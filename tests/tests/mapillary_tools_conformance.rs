@@ -683,7 +683,12 @@ async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
         .await
         .iter()
         .filter(|e| e["path"] == path.as_str())
-        .map(|e| (e["offset_header"].as_str().map(str::to_string), e["detail"].clone()))
+        .map(|e| {
+            (
+                e["offset_header"].as_str().map(str::to_string),
+                e["detail"].clone(),
+            )
+        })
         .collect();
     let total = zip_bytes.len() as u64;
     assert_eq!(details[0].1["offset"], 0, "{details:?}");
