@@ -251,6 +251,26 @@ pub trait UploadRepository: Send + Sync {
 
     /// Record a notification that could not be processed (pk `INGEST_ERROR`).
     fn record_ingest_error(&self, error: &IngestError) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// One page of the user's sequences, newest first (gsi1: `USER#<user_id>`, sort key
+    /// `SEQ#<created_at>#<sequence_id>` descending). At most `limit` (≥ 1) records, each **without**
+    /// its `rejected` list (use [`Self::get_sequence`] for that). `after` is the `next` of the previous
+    /// page: the gsi1 sort key of its last record, as returned (callers keep it opaque).
+    fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> impl Future<Output = Result<SequencePage, RepoError>> + Send;
+}
+
+/// A page of [`UploadRepository::list_sequences`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequencePage {
+    /// Newest first.
+    pub sequences: Vec<SequenceRecord>,
+    /// Sort key to continue after, `None` on the last page.
+    pub next: Option<String>,
 }
 
 // ------------------------------------------------------------------ tokens (DynamoDB + KMS)
@@ -285,6 +305,9 @@ pub trait TokenStore: Send + Sync {
     /// Create or replace the user's token item (encrypting `access_token` and `refresh_token`).
     fn save(&self, user_id: &str, token: &StoredToken)
         -> impl Future<Output = Result<(), TokenError>> + Send;
+
+    /// Forget the user's token; returns whether there was one.
+    fn delete(&self, user_id: &str) -> impl Future<Output = Result<bool, TokenError>> + Send;
 }
 
 // ------------------------------------------------------------------ queues (SQS)
@@ -399,4 +422,52 @@ pub trait TrackingRepository: Send + Sync {
         &self,
         health: &crate::model::FeedHealth,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+// ------------------------------------------------------------------ OAuth state (DynamoDB)
+
+/// A pending Mapillary connection: the `state` sent through the consent page, bound to the user
+/// who started it. UsersTable item pk `STATE#<state>`, sk `STATE`, TTL `expires_at` (epoch s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthState {
+    /// The random, URL-safe state value.
+    pub state: String,
+    /// Who started the connection.
+    pub user_id: String,
+    /// Issued.
+    pub created_at: time::OffsetDateTime,
+    /// Unusable from then on.
+    pub expires_at: time::OffsetDateTime,
+}
+
+/// What [`OAuthStateStore::consume`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateOutcome {
+    /// The state was live and is now used up; it belonged to `user_id`.
+    Consumed {
+        /// Who started the connection.
+        user_id: String,
+    },
+    /// The state exists but expired (it stays unusable).
+    Expired,
+    /// Never issued, or already used (a replay).
+    Unknown,
+    /// The state was issued to another user than the one presenting it (it stays unused).
+    Foreign,
+}
+
+/// Single-use, expiring OAuth `state` values.
+pub trait OAuthStateStore: Send + Sync {
+    /// Store a new state (conditional put: an existing item with the same state fails with
+    /// [`RepoError::ConditionFailed`]).
+    fn create(&self, state: &OAuthState) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Use up `state` atomically (one conditional delete: live at `now` and, when `expected_user` is
+    /// given, issued to that user). Two concurrent calls never both get [`StateOutcome::Consumed`].
+    fn consume(
+        &self,
+        state: &str,
+        expected_user: Option<&str>,
+        now: time::OffsetDateTime,
+    ) -> impl Future<Output = Result<StateOutcome, RepoError>> + Send;
 }

@@ -298,6 +298,43 @@ impl UploadRepository for MemRepo {
         lock(&self.state).ingest_errors.push(error.clone());
         Ok(())
     }
+
+    async fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<shared::ports::SequencePage, RepoError> {
+        // Same order and cursor as the DynamoDB adapter: gsi1 sort keys, descending.
+        let st = lock(&self.state);
+        let mut keyed = Vec::new();
+        for seq in st.sequences.values().filter(|s| s.user_id == user_id) {
+            let sk = shared::adapters::dynamo::sequence_gsi1sk(seq.created_at, &seq.sequence_id)?;
+            keyed.push((sk, seq));
+        }
+        keyed.sort_by(|a, b| b.0.cmp(&a.0));
+        let limit = limit.max(1) as usize;
+        let mut page: Vec<_> = keyed
+            .into_iter()
+            .filter(|(sk, _)| after.is_none_or(|a| sk.as_str() < a))
+            .take(limit + 1)
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more {
+            page.last().map(|(sk, _)| sk.clone())
+        } else {
+            None
+        };
+        let sequences = page
+            .into_iter()
+            .map(|(_, s)| SequenceRecord {
+                rejected: Vec::new(),
+                ..s.clone()
+            })
+            .collect();
+        Ok(shared::ports::SequencePage { sequences, next })
+    }
 }
 
 /// Token store in memory (no encryption: nothing leaves the process).
@@ -330,6 +367,10 @@ impl TokenStore for MemTokens {
         self.saves.fetch_add(1, Ordering::Relaxed);
         lock(&self.tokens).insert(user_id.into(), token.clone());
         Ok(())
+    }
+
+    async fn delete(&self, user_id: &str) -> Result<bool, TokenError> {
+        Ok(lock(&self.tokens).remove(user_id).is_some())
     }
 }
 

@@ -34,7 +34,7 @@ use crate::model::{
     Claim, ClaimStatus, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord, UploadImage,
     UploadRecord, UploadState,
 };
-use crate::ports::{ClaimOutcome, RepoError, UploadRepository};
+use crate::ports::{ClaimOutcome, RepoError, SequencePage, UploadRepository};
 
 /// A DynamoDB item.
 type Item = HashMap<String, AttributeValue>;
@@ -592,14 +592,10 @@ impl UploadRepository for DynamoRepository {
         }
         item.insert("pk".into(), s(&pk));
         item.insert("sk".into(), s(SEQUENCE_SK));
-        item.insert("gsi1pk".into(), s(format!("USER#{}", seq.user_id)));
+        item.insert("gsi1pk".into(), s(user_gsi1pk(&seq.user_id)));
         item.insert(
             "gsi1sk".into(),
-            s(format!(
-                "SEQ#{}#{}",
-                sortable_timestamp(seq.created_at)?,
-                seq.sequence_id
-            )),
+            s(sequence_gsi1sk(seq.created_at, &seq.sequence_id)?),
         );
         let old = self
             .client
@@ -746,11 +742,118 @@ impl UploadRepository for DynamoRepository {
             .map_err(|e| repo_error(&e, "PutItem ingest error"))?;
         Ok(())
     }
+
+    async fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<SequencePage, RepoError> {
+        self.query_sequences(user_id, limit, after).await
+    }
+}
+
+/// gsi1 partition key of a user's sequences.
+pub fn user_gsi1pk(user_id: &str) -> String {
+    format!("USER#{user_id}")
+}
+
+/// gsi1 sort key of a sequence: `SEQ#<sortable created_at>#<sequence_id>`.
+pub fn sequence_gsi1sk(created_at: OffsetDateTime, sequence_id: &str) -> Result<String, RepoError> {
+    Ok(format!("SEQ#{}#{sequence_id}", sortable_timestamp(created_at)?))
+}
+
+/// The sequence id inside a gsi1 sort key built by [`sequence_gsi1sk`], if it is one.
+pub fn sequence_id_of_gsi1sk(sk: &str) -> Option<&str> {
+    let rest = sk.strip_prefix("SEQ#")?;
+    let (_, sequence_id) = rest.split_once('#')?;
+    Some(sequence_id).filter(|s| !s.is_empty())
+}
+
+impl DynamoRepository {
+    /// [`UploadRepository::list_sequences`]: reads up to `limit + 1` records (several Query pages if
+    /// DynamoDB's 1 MB page limit cuts in) so that a `next` is only returned when more records exist.
+    async fn query_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<SequencePage, RepoError> {
+        let limit = limit.max(1) as usize;
+        let gsi1pk = user_gsi1pk(user_id);
+        let mut start: Option<Item> = match after {
+            None => None,
+            Some(sk) => {
+                let sequence_id = sequence_id_of_gsi1sk(sk)
+                    .ok_or_else(|| RepoError::Other(format!("list sequences: malformed cursor {sk:?}")))?;
+                Some(HashMap::from([
+                    ("gsi1pk".to_string(), s(&gsi1pk)),
+                    ("gsi1sk".to_string(), s(sk)),
+                    ("pk".to_string(), s(sequence_pk(user_id, sequence_id))),
+                    ("sk".to_string(), s(SEQUENCE_SK)),
+                ]))
+            }
+        };
+        let mut items: Vec<Item> = Vec::new();
+        loop {
+            let want = limit + 1 - items.len();
+            let out = self
+                .client
+                .query()
+                .table_name(&self.uploads_table)
+                .index_name("gsi1")
+                .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+                .expression_attribute_names("#pk", "gsi1pk")
+                .expression_attribute_names("#sk", "gsi1sk")
+                .expression_attribute_values(":pk", s(&gsi1pk))
+                .expression_attribute_values(":prefix", s("SEQ#"))
+                .scan_index_forward(false)
+                .limit(i32::try_from(want).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| repo_error(&e, &format!("Query gsi1 {gsi1pk}")))?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key.filter(|k| !k.is_empty()) {
+                Some(key) if items.len() <= limit => start = Some(key),
+                _ => break,
+            }
+        }
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next = if more {
+            items
+                .last()
+                .and_then(|i| string_of(i, "gsi1sk"))
+                .map(str::to_string)
+        } else {
+            None
+        };
+        let sequences = items
+            .into_iter()
+            .map(|item| {
+                let mut record: SequenceRecord = decode(item, &format!("sequence of {gsi1pk}"))?;
+                record.rejected.clear();
+                Ok(record)
+            })
+            .collect::<Result<Vec<_>, RepoError>>()?;
+        Ok(SequencePage { sequences, next })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gsi1_sort_keys_round_trip_the_sequence_id() {
+        let t = time::macros::datetime!(2026-01-01 00:00:00 UTC);
+        let sk = sequence_gsi1sk(t, "seq-1.a_b").unwrap();
+        assert_eq!(sk, "SEQ#2026-01-01T00:00:00.000000Z#seq-1.a_b");
+        assert_eq!(sequence_id_of_gsi1sk(&sk), Some("seq-1.a_b"));
+        assert_eq!(sequence_id_of_gsi1sk("SEQ#x"), None);
+        assert_eq!(sequence_id_of_gsi1sk("USER#x#y"), None);
+    }
 
     #[test]
     fn sortable_timestamps_sort_like_time() {

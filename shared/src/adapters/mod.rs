@@ -3,6 +3,8 @@
 mod aws_error;
 pub mod dynamo;
 pub mod mapillary;
+pub mod oauth_state;
 pub mod s3;
 pub mod sqs;
 pub mod tokens;
+pub mod tracking;

@@ -233,4 +233,19 @@ impl TokenStore for KmsTokenStore {
             .map_err(|e| token_error(classify(&e), &format!("PutItem token of user {user_id}")))?;
         Ok(())
     }
+
+    async fn delete(&self, user_id: &str) -> Result<bool, TokenError> {
+        let out = self
+            .dynamodb
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(user_pk(user_id)))
+            .key("sk", AttributeValue::S(TOKEN_SK.to_string()))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("DeleteItem token of user {user_id}")))?;
+        // Only the presence of the old item is looked at (it holds the ciphertext).
+        Ok(out.attributes.is_some_and(|a| !a.is_empty()))
+    }
 }

@@ -1,0 +1,313 @@
+//! Typed configuration, read once from the environment at cold start (same names as the template's
+//! `RELAY_*` / `MAPILLARY_*` globals plus the poller's tunables). A missing or malformed variable
+//! fails the start. Hand-rolled over a lookup function, as in zip-and-push, so tests pass a map.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use shared::domain::linking::Tolerances;
+use shared::domain::tracking::{TrackingPolicy, WalkLimits};
+use shared::mapillary::Endpoints;
+
+/// A variable is missing or malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Required and absent (or empty).
+    #[error("missing environment variable {0}")]
+    Missing(&'static str),
+    /// Present but unusable.
+    #[error("environment variable {name}: {reason}")]
+    Invalid {
+        /// Variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where the OAuth client secret comes from.
+#[derive(Debug, Clone)]
+pub enum ClientSecretSource {
+    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
+    Plain(SecretString),
+    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved by `main` at init).
+    SecretArn(String),
+}
+
+/// Which token the GraphQL activity feed is called with (`RELAY_GRAPHQL_TOKEN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphqlToken {
+    /// The user's own token (default).
+    User,
+    /// `MAPILLARY_CLIENT_TOKEN` (e.g. a web-app client token).
+    Client,
+}
+
+/// Tunables of a run (all have defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tunables {
+    /// `RELAY_POLL_BUDGET_S` (240; the function's timeout is 300): a run starts no new work after it.
+    pub budget: Duration,
+    /// `RELAY_FEED_PAGE_SIZE` (50, the web app's `first`).
+    pub feed_page_size: u32,
+    /// `RELAY_FEED_MAX_PAGES` (40): pages of one user's feed walk at most.
+    pub feed_max_pages: u32,
+    /// `RELAY_FEED_HIDE_AFTER_DAYS` (14, the web app's `hide_after`).
+    pub hide_after_days: u32,
+    /// `RELAY_USER_CONCURRENCY` (8): users worked on in parallel.
+    pub user_concurrency: usize,
+    /// `RELAY_INTAKE_MAX_MESSAGES` (1000): clusters-queue messages taken per run at most.
+    pub intake_max_messages: usize,
+    /// `RELAY_STALE_AFTER_H` (72), `RELAY_HARD_STOP_DAYS` (14), `RELAY_STALE_POLL_H` (6),
+    /// `RELAY_POLL_EVERY_S` (0).
+    pub policy: TrackingPolicy,
+    /// `RELAY_GRAPHQL_TOKEN` (`user` | `client`).
+    pub graphql_token: GraphqlToken,
+    /// `RELAY_TOKEN_REFRESH_MARGIN_S` (3600): refresh a user token expiring within this.
+    pub token_refresh_margin: Duration,
+    /// `RELAY_LINK_TIME_TOLERANCE_MS` (1000), `RELAY_LINK_DISTANCE_M` (5).
+    pub tolerances: Tolerances,
+    /// `RELAY_TILE_MARGIN_M` (30): Plan A asks for the z14 tiles within this of our images.
+    pub tile_margin_m: f64,
+    /// `RELAY_ENTITY_BATCH` (50): image ids per `images?image_ids=` request.
+    pub entity_batch: usize,
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Self {
+            budget: Duration::from_secs(240),
+            feed_page_size: 50,
+            feed_max_pages: WalkLimits::default().max_pages,
+            hide_after_days: 14,
+            user_concurrency: 8,
+            intake_max_messages: 1000,
+            policy: TrackingPolicy::default(),
+            graphql_token: GraphqlToken::User,
+            token_refresh_margin: Duration::from_secs(3600),
+            tolerances: Tolerances::default(),
+            tile_margin_m: 30.0,
+            entity_batch: 50,
+        }
+    }
+}
+
+/// Everything the poller reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `RELAY_CLUSTERS_QUEUE_URL`.
+    pub clusters_queue_url: String,
+    /// `RELAY_UPLOADS_TABLE`.
+    pub uploads_table: String,
+    /// `RELAY_USERS_TABLE`.
+    pub users_table: String,
+    /// `RELAY_IDEMPOTENCY_TABLE` (only to build the shared repository).
+    pub idempotency_table: String,
+    /// `RELAY_TOKEN_KEY_ID`.
+    pub token_key_id: String,
+    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`.
+    pub endpoints: Endpoints,
+    /// `MAPILLARY_CLIENT_ID`.
+    pub client_id: String,
+    /// `MAPILLARY_CLIENT_SECRET` or `MAPILLARY_CLIENT_SECRET_ARN`.
+    pub client_secret: ClientSecretSource,
+    /// `MAPILLARY_CLIENT_TOKEN`: required when `RELAY_GRAPHQL_TOKEN=client`.
+    pub client_token: Option<SecretString>,
+    /// Tunables.
+    pub tunables: Tunables,
+}
+
+impl Config {
+    /// Read the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Read variables through `get` (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let opt = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let req = |name: &'static str| opt(name).ok_or(ConfigError::Missing(name));
+        let client_secret = match (opt("MAPILLARY_CLIENT_SECRET"), opt("MAPILLARY_CLIENT_SECRET_ARN")) {
+            (Some(s), _) => ClientSecretSource::Plain(SecretString::from(s)),
+            (None, Some(arn)) => ClientSecretSource::SecretArn(arn),
+            (None, None) => return Err(ConfigError::Missing("MAPILLARY_CLIENT_SECRET")),
+        };
+        let graphql_token = match opt("RELAY_GRAPHQL_TOKEN").as_deref() {
+            None | Some("user") => GraphqlToken::User,
+            Some("client") => GraphqlToken::Client,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "RELAY_GRAPHQL_TOKEN",
+                    reason: format!("{other:?}: expected `user` or `client`"),
+                })
+            }
+        };
+        let client_token = opt("MAPILLARY_CLIENT_TOKEN").map(SecretString::from);
+        if graphql_token == GraphqlToken::Client && client_token.is_none() {
+            return Err(ConfigError::Missing("MAPILLARY_CLIENT_TOKEN"));
+        }
+        let d = Tunables::default();
+        let hours = |h: u64| time::Duration::seconds(h.saturating_mul(3600).min(i64::MAX as u64) as i64);
+        let policy = TrackingPolicy {
+            stale_after: hours(parse(&get, "RELAY_STALE_AFTER_H", 72u64)?),
+            hard_stop_after: hours(parse(&get, "RELAY_HARD_STOP_DAYS", 14u64)?.saturating_mul(24)),
+            poll_every: time::Duration::seconds(parse(&get, "RELAY_POLL_EVERY_S", 0i64)?),
+            stale_poll_every: hours(parse(&get, "RELAY_STALE_POLL_H", 6u64)?),
+        };
+        if policy.hard_stop_after < policy.stale_after {
+            return Err(ConfigError::Invalid {
+                name: "RELAY_HARD_STOP_DAYS",
+                reason: "the hard stop must not come before the stale limit".into(),
+            });
+        }
+        let tunables = Tunables {
+            budget: Duration::from_secs(parse(&get, "RELAY_POLL_BUDGET_S", 240u64)?),
+            feed_page_size: parse(&get, "RELAY_FEED_PAGE_SIZE", d.feed_page_size)?,
+            feed_max_pages: parse(&get, "RELAY_FEED_MAX_PAGES", d.feed_max_pages)?,
+            hide_after_days: parse(&get, "RELAY_FEED_HIDE_AFTER_DAYS", d.hide_after_days)?,
+            user_concurrency: parse(&get, "RELAY_USER_CONCURRENCY", d.user_concurrency)?,
+            intake_max_messages: parse(&get, "RELAY_INTAKE_MAX_MESSAGES", d.intake_max_messages)?,
+            policy,
+            graphql_token,
+            token_refresh_margin: Duration::from_secs(parse(&get, "RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
+            tolerances: Tolerances {
+                captured_at_ms: parse(&get, "RELAY_LINK_TIME_TOLERANCE_MS", d.tolerances.captured_at_ms)?,
+                distance_m: parse(&get, "RELAY_LINK_DISTANCE_M", d.tolerances.distance_m)?,
+                altitude_m: None,
+            },
+            tile_margin_m: parse(&get, "RELAY_TILE_MARGIN_M", d.tile_margin_m)?,
+            entity_batch: parse(&get, "RELAY_ENTITY_BATCH", d.entity_batch)?,
+        };
+        for (name, ok) in [
+            (
+                "RELAY_FEED_PAGE_SIZE",
+                (1..=200).contains(&tunables.feed_page_size),
+            ),
+            ("RELAY_FEED_MAX_PAGES", tunables.feed_max_pages >= 1),
+            ("RELAY_USER_CONCURRENCY", tunables.user_concurrency >= 1),
+            ("RELAY_ENTITY_BATCH", (1..=2000).contains(&tunables.entity_batch)),
+        ] {
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "out of range".into(),
+                });
+            }
+        }
+        Ok(Config {
+            clusters_queue_url: req("RELAY_CLUSTERS_QUEUE_URL")?,
+            uploads_table: req("RELAY_UPLOADS_TABLE")?,
+            users_table: req("RELAY_USERS_TABLE")?,
+            idempotency_table: req("RELAY_IDEMPOTENCY_TABLE")?,
+            token_key_id: req("RELAY_TOKEN_KEY_ID")?,
+            endpoints: Endpoints {
+                graph: req("MAPILLARY_GRAPH_URL")?.trim_end_matches('/').to_string(),
+                upload: req("MAPILLARY_UPLOAD_URL")?.trim_end_matches('/').to_string(),
+                tiles: req("MAPILLARY_TILES_URL")?.trim_end_matches('/').to_string(),
+                www: req("MAPILLARY_WWW_URL")?.trim_end_matches('/').to_string(),
+            },
+            client_id: req("MAPILLARY_CLIENT_ID")?,
+            client_secret,
+            client_token,
+            tunables,
+        })
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid {
+            name,
+            reason: format!("{v:?}: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn base() -> HashMap<&'static str, String> {
+        [
+            ("RELAY_CLUSTERS_QUEUE_URL", "http://q/clusters"),
+            ("RELAY_UPLOADS_TABLE", "uploads"),
+            ("RELAY_USERS_TABLE", "users"),
+            ("RELAY_IDEMPOTENCY_TABLE", "idem"),
+            ("RELAY_TOKEN_KEY_ID", "alias/relay"),
+            ("MAPILLARY_GRAPH_URL", "http://127.0.0.1:1/graph/"),
+            ("MAPILLARY_UPLOAD_URL", "http://127.0.0.1:1/rupload"),
+            ("MAPILLARY_TILES_URL", "http://127.0.0.1:1/tiles"),
+            ("MAPILLARY_WWW_URL", "http://127.0.0.1:1/www"),
+            ("MAPILLARY_CLIENT_ID", "123"),
+            ("MAPILLARY_CLIENT_SECRET", "s3cret"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn when_all_required_set_should_load_with_defaults() {
+        let env = base();
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.endpoints.graph, "http://127.0.0.1:1/graph");
+        assert_eq!(c.tunables, Tunables::default());
+        assert_eq!(c.tunables.policy.stale_after, time::Duration::hours(72));
+        assert_eq!(c.tunables.policy.hard_stop_after, time::Duration::days(14));
+    }
+
+    #[test]
+    fn when_tunables_set_should_use_them() {
+        let mut env = base();
+        env.insert("RELAY_STALE_AFTER_H", "1".into());
+        env.insert("RELAY_HARD_STOP_DAYS", "2".into());
+        env.insert("RELAY_FEED_PAGE_SIZE", "200".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.policy.stale_after, time::Duration::hours(1));
+        assert_eq!(c.tunables.policy.hard_stop_after, time::Duration::days(2));
+        assert_eq!(c.tunables.feed_page_size, 200);
+    }
+
+    #[test]
+    fn when_client_graphql_token_without_token_should_fail() {
+        let mut env = base();
+        env.insert("RELAY_GRAPHQL_TOKEN", "client".into());
+        let e = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+        assert_eq!(e, ConfigError::Missing("MAPILLARY_CLIENT_TOKEN"));
+        env.insert("MAPILLARY_CLIENT_TOKEN", "MLY|1|x".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.graphql_token, GraphqlToken::Client);
+        env.insert("RELAY_GRAPHQL_TOKEN", "robot".into());
+        assert!(Config::from_lookup(|k| env.get(k).cloned()).is_err());
+    }
+
+    #[test]
+    fn when_values_malformed_or_out_of_range_should_fail() {
+        for (k, v) in [
+            ("RELAY_FEED_PAGE_SIZE", "0"),
+            ("RELAY_FEED_PAGE_SIZE", "fifty"),
+            ("RELAY_USER_CONCURRENCY", "0"),
+            ("RELAY_STALE_AFTER_H", "-3"),
+        ] {
+            let mut env = base();
+            env.insert(k, v.into());
+            assert!(Config::from_lookup(|x| env.get(x).cloned()).is_err(), "{k}={v}");
+        }
+        let mut env = base();
+        env.remove("RELAY_UPLOADS_TABLE");
+        assert_eq!(
+            Config::from_lookup(|k| env.get(k).cloned()).unwrap_err(),
+            ConfigError::Missing("RELAY_UPLOADS_TABLE")
+        );
+    }
+}

@@ -1,0 +1,24 @@
+//! poller: an EventBridge-scheduled run that drains the clusters queue into tracking state and
+//! tracks every handed-off upload through Mapillary's four stages, then links it.
+//!
+//! * [`handler`] — one run ([`handler::run_once`]) within a time budget, generic over the ports
+//!   ([`handler::Poller`]); every write is a single conditional item write, so a run cut off at any
+//!   point leaves consistent state and the next run continues.
+//! * [`intake`] — clusters queue → `create_tracking` (idempotent) → delete after the write.
+//! * [`planb`] — the activity feed (one walk per user and run) and linking by order.
+//! * [`plana`] — the fallback when the feed is unusable: coverage tiles → candidates → matching.
+//! * [`tokens`] — user tokens: refresh on expiry/401, Mapillary user id from `/me`.
+//! * [`api`] — the Mapillary reads; [`inbox`] — the SQS receive/delete port; [`clock`] — "now".
+//! * [`config`] — environment configuration.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod handler;
+pub mod inbox;
+pub mod intake;
+pub mod plana;
+pub mod planb;
+pub mod tokens;
+
+pub use handler::{run_once, Poller, RunReport};

@@ -1,0 +1,116 @@
+//! Plan A, the documented way (protocol doc §7): the z14 coverage tiles around the upload's
+//! images → tile image points near ours (time and distance) → their sequences → `image_ids` →
+//! image entities → [`match_candidates`]. Uploads appear in tiles only once `tiler_status` is
+//! FINISHED, so a match also says "all four stages finished".
+
+use std::collections::{BTreeSet, HashMap};
+
+use shared::domain::linking::{match_candidates, LinkReport, MapillaryImage, OurImage, Tolerances};
+use shared::domain::tiles::{
+    decode_coverage_tile, distance_m, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
+};
+use shared::model::{TrackingRecord, UploadImage};
+use shared::ports::{TokenStore, UploadRepository};
+use tracing::{info, warn};
+
+use crate::handler::{our_images, Poller};
+use crate::planb::{sequence_images, with_token, LinkFail};
+use crate::tokens::UserToken;
+
+/// Tiles asked for one upload at most.
+const MAX_TILES_PER_UPLOAD: usize = 64;
+
+/// Decoded tiles of one run and user (uploads of a user usually share tiles).
+#[derive(Debug, Default)]
+pub struct TileCache {
+    tiles: HashMap<TileId, CoverageTile>,
+}
+
+/// Whether a Mapillary image is within the tolerances of one of ours (time and distance).
+pub fn near(o: &OurImage, m: &MapillaryImage, tol: &Tolerances) -> bool {
+    (m.captured_at_ms - o.captured_at_ms).unsigned_abs() <= tol.captured_at_ms.unsigned_abs()
+        && distance_m(LonLat::new(o.lon, o.lat), LonLat::new(m.lon, m.lat)) <= tol.distance_m
+}
+
+/// Find an upload through coverage tiles. `Ok(None)`: not (yet) in the tiles.
+pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
+    p: &Poller<R, U, T, Q>,
+    tok: &mut UserToken,
+    record: &TrackingRecord,
+    cache: &mut TileCache,
+) -> Result<Option<(Vec<UploadImage>, LinkReport)>, LinkFail> {
+    let (entries, ours) = our_images(&p.uploads, &record.upload_id).await?;
+    if ours.is_empty() {
+        return Err(LinkFail::Nothing(format!(
+            "upload {} has no image entries",
+            record.upload_id
+        )));
+    }
+    let tol = p.tunables.tolerances;
+    let points: Vec<LonLat> = ours.iter().map(|o| LonLat::new(o.lon, o.lat)).collect();
+    let tiles = tiles_covering_points(
+        &points,
+        COVERAGE_ZOOM,
+        p.tunables.tile_margin_m,
+        MAX_TILES_PER_UPLOAD,
+    )
+    .map_err(|e| LinkFail::Nothing(format!("tile maths: {e}")))?;
+    let mut sequences: BTreeSet<String> = BTreeSet::new();
+    for tile in tiles {
+        if let std::collections::hash_map::Entry::Vacant(slot) = cache.tiles.entry(tile) {
+            let bytes = with_token!(p, tok, |t| p.api.tile(&t, tile))?;
+            let decoded = match bytes {
+                None => CoverageTile::default(),
+                Some(b) => match decode_coverage_tile(tile, &b) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(?tile, error = %e, "coverage tile unreadable: treated as empty");
+                        CoverageTile::default()
+                    }
+                },
+            };
+            slot.insert(decoded);
+        }
+        let Some(content) = cache.tiles.get(&tile) else {
+            continue;
+        };
+        for pt in &content.images {
+            let Some(at) = pt.captured_at_ms else { continue };
+            let cand = MapillaryImage {
+                id: pt.id.clone(),
+                sequence_id: pt.sequence_id.clone(),
+                captured_at_ms: at,
+                lon: pt.position.lon,
+                lat: pt.position.lat,
+                altitude: None,
+            };
+            // Tile positions are quantised (~0.6 m at z14): allow one extra metre.
+            let loose = Tolerances {
+                distance_m: tol.distance_m + 1.0,
+                ..tol
+            };
+            if ours.iter().any(|o| near(o, &cand, &loose)) {
+                sequences.insert(pt.sequence_id.clone());
+            }
+        }
+    }
+    if sequences.is_empty() {
+        return Ok(None);
+    }
+    let mut candidates = Vec::new();
+    for s in &sequences {
+        candidates.extend(sequence_images(p, tok, s).await?.images);
+    }
+    let report = match_candidates(&ours, &candidates, &tol)?;
+    if report.linked_count() == 0 {
+        return Ok(None);
+    }
+    info!(
+        upload_id = %record.upload_id,
+        sequences = report.sequence_ids.len(),
+        linked = report.linked_count(),
+        dropped = report.dropped_count(),
+        "linked through coverage tiles"
+    );
+    Ok(Some((entries, report)))
+}

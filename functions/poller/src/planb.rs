@@ -1,0 +1,260 @@
+//! Plan B: one walk of the user's activity feed per run (newest first, stopping as soon as every
+//! pending cluster was seen, guarded by [`FeedWalk`]), and linking through the node's `image_id`:
+//! image → `sequence` → `image_ids` → image entities → [`link_by_order`].
+
+use std::collections::{HashMap, HashSet};
+
+use secrecy::SecretString;
+use shared::domain::linking::{link_by_order, LinkReport, MapillaryImage, MapillarySequence};
+use shared::domain::tiles::{BBox, LonLat};
+use shared::domain::tracking::{FeedWalk, WalkEnd, WalkLimits, WalkStep};
+use shared::mapillary::feed::ActivityNode;
+use shared::mapillary::retry::MapillaryError;
+use shared::model::{TrackingRecord, UploadImage};
+use shared::ports::{TokenStore, UploadRepository};
+use tracing::{debug, info, warn};
+
+use crate::handler::{our_images, Poller};
+use crate::tokens::{TokenFail, UserToken};
+
+/// What the feed walk produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedOutcome {
+    /// The feed answered; `nodes` are the pending clusters seen (by cluster id).
+    Walked {
+        /// The user's Mapillary id.
+        mapillary_user_id: String,
+        /// Nodes of pending clusters.
+        nodes: HashMap<String, ActivityNode>,
+        /// Pages fetched.
+        pages: u32,
+        /// Why the walk ended.
+        end: WalkEnd,
+    },
+    /// The feed cannot be used (GraphQL error, changed shape, unknown document, auth a refresh
+    /// does not cure): use Plan A.
+    Unusable(String),
+    /// A transient failure (rate limit, 5xx, network): nothing learned, try next run.
+    Skipped(String),
+}
+
+/// Whether a feed failure means "the feed path is broken" rather than "try again later".
+fn unusable(e: &MapillaryError) -> bool {
+    match e {
+        MapillaryError::Feed(_) | MapillaryError::BadReply { .. } | MapillaryError::Unauthorized { .. } => {
+            true
+        }
+        // "Please reduce the amount of data" (HTTP 500, code 1) will not go away by itself.
+        MapillaryError::Server { message, .. } => message.starts_with("Please reduce"),
+        MapillaryError::Api { status, .. } => (400..500).contains(status),
+        _ => false,
+    }
+}
+
+/// Walk the feed for `clusters`. `graphql_token` overrides the user's token for the feed calls
+/// (a client token cannot be refreshed: a 401 with it makes the feed unusable).
+pub async fn walk_feed<R, U, T: TokenStore, Q>(
+    p: &Poller<R, U, T, Q>,
+    tok: &mut UserToken,
+    graphql_token: Option<&SecretString>,
+    hint: Option<String>,
+    clusters: &[String],
+) -> FeedOutcome {
+    let mapillary_user_id = match tok.mapillary_user_id(p, hint).await {
+        Ok(id) => id,
+        Err(TokenFail::Mapillary(e)) if e.is_retriable() => return FeedOutcome::Skipped(e.to_string()),
+        Err(e) => return FeedOutcome::Skipped(format!("Mapillary user id unknown: {e}")),
+    };
+    let limits = WalkLimits {
+        max_pages: p.tunables.feed_max_pages,
+    };
+    let mut walk = FeedWalk::new(clusters.iter().cloned(), limits);
+    let mut nodes = HashMap::new();
+    loop {
+        let after = match walk.step() {
+            WalkStep::Done(end) => {
+                let end = end.clone();
+                if end.is_anomaly() {
+                    warn!(?end, "feed walk ended abnormally");
+                }
+                if !matches!(end, WalkEnd::AllSeen) {
+                    debug!(
+                        unseen = walk.unseen().len(),
+                        ?end,
+                        "not every pending cluster is in the feed"
+                    );
+                }
+                if matches!(
+                    end,
+                    WalkEnd::UserNotFound | WalkEnd::RepeatedCursor { .. } | WalkEnd::MissingCursor
+                ) {
+                    return FeedOutcome::Unusable(format!("feed walk ended abnormally: {end:?}"));
+                }
+                return FeedOutcome::Walked {
+                    mapillary_user_id,
+                    nodes,
+                    pages: walk.pages(),
+                    end,
+                };
+            }
+            WalkStep::Fetch { after } => after.clone(),
+        };
+        let page = loop {
+            let token = graphql_token.unwrap_or(tok.access());
+            match p
+                .api
+                .feed_page(
+                    token,
+                    &mapillary_user_id,
+                    p.tunables.feed_page_size,
+                    after.as_deref(),
+                    p.tunables.hide_after_days,
+                )
+                .await
+            {
+                Ok(page) => break page,
+                Err(e) if e.is_unauthorized() && graphql_token.is_none() => {
+                    match tok.on_unauthorized(p).await {
+                        Ok(true) => continue,
+                        Ok(false) => return FeedOutcome::Unusable(format!("feed: {e} (after a refresh)")),
+                        Err(TokenFail::Mapillary(r)) if r.is_retriable() => {
+                            return FeedOutcome::Skipped(r.to_string())
+                        }
+                        Err(r) => return FeedOutcome::Unusable(format!("feed: {e}; refresh failed: {r}")),
+                    }
+                }
+                Err(e) if unusable(&e) => return FeedOutcome::Unusable(format!("feed: {e}")),
+                Err(e) => return FeedOutcome::Skipped(format!("feed: {e}")),
+            }
+        };
+        for n in &page.nodes {
+            if walk.is_pending(&n.cluster_id) {
+                nodes.insert(n.cluster_id.clone(), n.clone());
+            }
+        }
+        walk.on_page(&page);
+    }
+}
+
+/// Run a Mapillary read with the user's token, refreshing once on a 401.
+macro_rules! with_token {
+    ($p:expr, $tok:expr, |$t:ident| $call:expr) => {{
+        loop {
+            let $t = $tok.access().clone();
+            match $call.await {
+                Ok(v) => break Ok(v),
+                Err(e) if e.is_unauthorized() => match $tok.on_unauthorized($p).await {
+                    Ok(true) => continue,
+                    Ok(false) => break Err(LinkFail::Mapillary(e)),
+                    Err(r) => break Err(LinkFail::Token(r)),
+                },
+                Err(e) => break Err(LinkFail::Mapillary(e)),
+            }
+        }
+    }};
+}
+pub(crate) use with_token;
+
+/// Why linking failed (retried next run).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkFail {
+    /// A Mapillary call failed.
+    #[error("{0}")]
+    Mapillary(MapillaryError),
+    /// The token could not be refreshed.
+    #[error("{0}")]
+    Token(TokenFail),
+    /// Our records could not be read.
+    #[error("records: {0}")]
+    Repo(#[from] shared::ports::RepoError),
+    /// The alignment refused its inputs.
+    #[error("linking: {0}")]
+    Link(#[from] shared::domain::linking::LinkError),
+    /// Nothing of ours to link.
+    #[error("{0}")]
+    Nothing(String),
+}
+
+/// The images of `sequence_id`, in `image_ids` order (entities batched).
+pub async fn sequence_images<R, U, T: TokenStore, Q>(
+    p: &Poller<R, U, T, Q>,
+    tok: &mut UserToken,
+    sequence_id: &str,
+) -> Result<MapillarySequence, LinkFail> {
+    let ids: Vec<String> = with_token!(p, tok, |t| p.api.image_ids(&t, sequence_id))?;
+    let imgs: Vec<MapillaryImage> = with_token!(p, tok, |t| p.api.images(&t, &ids, p.tunables.entity_batch))?;
+    let mut by_id: HashMap<String, MapillaryImage> = imgs.into_iter().map(|i| (i.id.clone(), i)).collect();
+    let images = ids.iter().filter_map(|id| by_id.remove(id)).collect();
+    Ok(MapillarySequence {
+        id: sequence_id.to_string(),
+        images,
+    })
+}
+
+/// Plan B linking of one upload whose image processing finished.
+pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
+    p: &Poller<R, U, T, Q>,
+    tok: &mut UserToken,
+    record: &TrackingRecord,
+    image_id: &str,
+) -> Result<(Vec<UploadImage>, LinkReport), LinkFail> {
+    let (entries, ours) = our_images(&p.uploads, &record.upload_id).await?;
+    if ours.is_empty() {
+        return Err(LinkFail::Nothing(format!(
+            "upload {} has no image entries",
+            record.upload_id
+        )));
+    }
+    let first: String = with_token!(p, tok, |t| p.api.image_sequence(&t, image_id))?;
+    let mut sequences = vec![sequence_images(p, tok, &first).await?];
+    let tol = p.tunables.tolerances;
+    let mut report = link_by_order(&ours, &sequences, &tol)?;
+    if report.dropped_count() > 0 {
+        // The cluster may have become several sequences (§6.2 item 4): search around the images
+        // that are still missing and add the sequences holding them.
+        let missing: Vec<usize> = report
+            .images
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| matches!(i.outcome, shared::domain::linking::ImageOutcome::Dropped { .. }))
+            .map(|(k, _)| k)
+            .collect();
+        let pts: Vec<LonLat> = missing
+            .iter()
+            .map(|&k| LonLat::new(ours[k].lon, ours[k].lat))
+            .collect();
+        if let Ok(Some(bbox)) = BBox::of_points(&pts).and_then(|b| match b {
+            Some(b) => b.expanded_m(tol.distance_m + 1.0).map(Some),
+            None => Ok(None),
+        }) {
+            let start =
+                missing.iter().map(|&k| ours[k].captured_at_ms).min().unwrap_or(0) - tol.captured_at_ms;
+            let end = missing.iter().map(|&k| ours[k].captured_at_ms).max().unwrap_or(0) + tol.captured_at_ms;
+            let hits: Vec<MapillaryImage> = with_token!(p, tok, |t| p.api.search(&t, &bbox, start, end))?;
+            let known: HashSet<String> = sequences.iter().map(|s| s.id.clone()).collect();
+            let mut extra: Vec<String> = hits
+                .iter()
+                .filter(|h| !known.contains(&h.sequence_id))
+                .filter(|h| missing.iter().any(|&k| crate::plana::near(&ours[k], h, &tol)))
+                .map(|h| h.sequence_id.clone())
+                .collect();
+            extra.sort();
+            extra.dedup();
+            if !extra.is_empty() {
+                info!(extra = extra.len(), "the cluster spans more sequences");
+                for s in extra {
+                    sequences.push(sequence_images(p, tok, &s).await?);
+                }
+                report = link_by_order(&ours, &sequences, &tol)?;
+            }
+        }
+    }
+    info!(
+        upload_id = %record.upload_id,
+        sequences = report.sequence_ids.len(),
+        linked = report.linked_count(),
+        dropped = report.dropped_count(),
+        "linked through the activity feed"
+    );
+    Ok((entries, report))
+}

@@ -1,0 +1,538 @@
+//! The router and its handlers, generic over the ports ([`Deps`]).
+//!
+//! Every handler: caller identity first (401), then input validation (400), then data access
+//! scoped by the caller's user id (another user's sequence is simply not found: 404). Errors are
+//! [`Problem`]s. Request logs carry method, route template, status and latency — never the query
+//! string (the OAuth callback's `code` and `state` are secrets) nor any body.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use lambda_http::request::RequestContext;
+use shared::model::StoredToken;
+use shared::ports::{
+    OAuthState, OAuthStateStore, StateOutcome, TokenError, TokenStore, TrackingRepository, UploadRepository,
+};
+use time::OffsetDateTime;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::Settings;
+use crate::identity;
+use crate::oauth::{new_state, MapillaryConnector};
+use crate::problem::Problem;
+use crate::validate;
+use crate::views;
+
+/// `GET` — the caller's sequences.
+pub const ROUTE_SEQUENCES: &str = "/v1/sequences";
+/// `GET` — one sequence.
+pub const ROUTE_SEQUENCE: &str = "/v1/sequences/{sequence_id}";
+/// `GET` — one sequence's images.
+pub const ROUTE_SEQUENCE_IMAGES: &str = "/v1/sequences/{sequence_id}/images";
+/// `POST` — start a Mapillary connection.
+pub const ROUTE_CONNECT: &str = "/v1/mapillary/connect";
+/// `GET` — Mapillary's redirect back (no JWT).
+pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
+/// `GET`, `DELETE` — the caller's connection.
+pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
+
+/// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
+pub const ROUTES: [(&str, &str); 7] = [
+    ("GET", ROUTE_SEQUENCES),
+    ("GET", ROUTE_SEQUENCE),
+    ("GET", ROUTE_SEQUENCE_IMAGES),
+    ("POST", ROUTE_CONNECT),
+    ("GET", ROUTE_CALLBACK),
+    ("GET", ROUTE_CONNECTION),
+    ("DELETE", ROUTE_CONNECTION),
+];
+
+/// What the handlers use.
+pub trait Deps: Send + Sync + 'static {
+    /// Sequences and uploads.
+    type Repo: UploadRepository + 'static;
+    /// The poller's tracking records and image links.
+    type Tracking: TrackingRepository + 'static;
+    /// Users' Mapillary tokens.
+    type Tokens: TokenStore + 'static;
+    /// OAuth `state` values.
+    type States: OAuthStateStore + 'static;
+    /// Sequences and uploads.
+    fn repo(&self) -> &Self::Repo;
+    /// Tracking records.
+    fn tracking(&self) -> &Self::Tracking;
+    /// Token store.
+    fn tokens(&self) -> &Self::Tokens;
+    /// OAuth states.
+    fn states(&self) -> &Self::States;
+    /// Mapillary OAuth.
+    fn mapillary(&self) -> &MapillaryConnector;
+    /// Settings.
+    fn settings(&self) -> &Settings;
+}
+
+/// The production composition (and the tests' with fakes).
+#[derive(Debug)]
+pub struct AppDeps<R, T, K, S> {
+    /// Sequences and uploads.
+    pub repo: R,
+    /// Tracking records.
+    pub tracking: T,
+    /// Token store.
+    pub tokens: K,
+    /// OAuth states.
+    pub states: S,
+    /// Mapillary OAuth.
+    pub mapillary: MapillaryConnector,
+    /// Settings.
+    pub settings: Settings,
+}
+
+impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
+where
+    R: UploadRepository + 'static,
+    T: TrackingRepository + 'static,
+    K: TokenStore + 'static,
+    S: OAuthStateStore + 'static,
+{
+    type Repo = R;
+    type Tracking = T;
+    type Tokens = K;
+    type States = S;
+    fn repo(&self) -> &R {
+        &self.repo
+    }
+    fn tracking(&self) -> &T {
+        &self.tracking
+    }
+    fn tokens(&self) -> &K {
+        &self.tokens
+    }
+    fn states(&self) -> &S {
+        &self.states
+    }
+    fn mapillary(&self) -> &MapillaryConnector {
+        &self.mapillary
+    }
+    fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+/// The API. Serve it with `lambda_http::run(router(deps))`.
+pub fn router<D: Deps>(deps: Arc<D>) -> Router {
+    Router::new()
+        .route(ROUTE_SEQUENCES, get(list_sequences::<D>))
+        .route(ROUTE_SEQUENCE, get(get_sequence::<D>))
+        .route(ROUTE_SEQUENCE_IMAGES, get(get_images::<D>))
+        .route(ROUTE_CONNECT, post(connect::<D>))
+        .route(ROUTE_CALLBACK, get(callback::<D>))
+        .route(
+            ROUTE_CONNECTION,
+            get(get_connection::<D>).delete(delete_connection::<D>),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_request))
+        .with_state(deps)
+}
+
+type Result<T, E = Problem> = std::result::Result<T, E>;
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "<unmatched>".into());
+    let request_id = match req.extensions().get::<RequestContext>() {
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.request_id.clone(),
+        _ => None,
+    };
+    let span = info_span!("request", method = %req.method(), route = %route, request_id = request_id.as_deref().unwrap_or("-"));
+    async move {
+        let start = Instant::now();
+        let resp = next.run(req).await;
+        info!(
+            status = resp.status().as_u16(),
+            latency_us = start.elapsed().as_micros() as u64,
+            "handled"
+        );
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+async fn no_route() -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "no-such-route",
+        "No such route",
+        "This API has no route at this path; see the OpenAPI document.",
+    )
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "This route does not accept this HTTP method; see the OpenAPI document.",
+    )
+}
+
+fn json_no_store<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn sequence_path(
+    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<String> {
+    let Path(raw) = path.map_err(|_| Problem::invalid_parameter("sequence_id is not valid UTF-8"))?;
+    validate::sequence_id(&raw)?;
+    Ok(raw)
+}
+
+// ------------------------------------------------------------------ sequences
+
+/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
+fn decode_cursor(raw: &str) -> Result<String> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
+    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
+        return Err(bad());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let sk = String::from_utf8(bytes).map_err(|_| bad())?;
+    let rest = sk.strip_prefix("SEQ#").ok_or_else(bad)?;
+    let (stamp, sequence_id) = rest.split_once('#').ok_or_else(bad)?;
+    let stamp_ok = stamp.len() == 27
+        && stamp.ends_with('Z')
+        && stamp
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'T' | b':' | b'.' | b'Z'));
+    if !stamp_ok || !validate::is_valid_id(sequence_id) {
+        return Err(bad());
+    }
+    Ok(sk)
+}
+
+fn encode_cursor(sk: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.as_bytes())
+}
+
+async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
+    let limit = validate::limit(validate::get(&q, "limit"))?;
+    let after = validate::get(&q, "cursor").map(decode_cursor).transpose()?;
+    let page = d.repo().list_sequences(&user, limit, after.as_deref()).await?;
+    let body = views::SequenceList {
+        sequences: page.sequences.iter().map(views::SequenceSummary::from).collect(),
+        next_cursor: page.next.as_deref().map(encode_cursor),
+    };
+    Ok(json_no_store(StatusCode::OK, &body))
+}
+
+fn sequence_not_found(id: &str) -> Problem {
+    Problem::not_found(format!("you have no sequence {id:?}"))
+}
+
+async fn get_sequence<D: Deps>(
+    State(d): State<Arc<D>>,
+    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+    parts: Parts,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
+        return Err(sequence_not_found(&id));
+    };
+    let uploads = d.repo().list_uploads(&user, &id).await?;
+    let mut views_ = Vec::with_capacity(uploads.len());
+    for u in &uploads {
+        // Tracking items are keyed by upload id; the owner check is defence in depth.
+        let tracking = d
+            .tracking()
+            .get_tracking(&u.upload_id)
+            .await?
+            .filter(|t| t.user_id == user);
+        let links = match &tracking {
+            Some(_) => d.tracking().list_links(&u.upload_id).await?,
+            None => Vec::new(),
+        };
+        views_.push(views::upload_view(
+            u,
+            tracking.as_ref().map(|t| (t, links.as_slice())),
+        ));
+    }
+    let feed = d.tracking().get_feed_health().await?;
+    let body = views::sequence_detail(&seq, views_, feed.as_ref());
+    Ok(json_no_store(StatusCode::OK, &body))
+}
+
+async fn get_images<D: Deps>(
+    State(d): State<Arc<D>>,
+    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+    parts: Parts,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
+        return Err(sequence_not_found(&id));
+    };
+    let mut images = Vec::new();
+    for u in d.repo().list_uploads(&user, &id).await? {
+        let ours = d.repo().list_images(&u.upload_id).await?;
+        let owned = d
+            .tracking()
+            .get_tracking(&u.upload_id)
+            .await?
+            .is_some_and(|t| t.user_id == user);
+        let links = if owned {
+            d.tracking().list_links(&u.upload_id).await?
+        } else {
+            Vec::new()
+        };
+        images.extend(views::uploaded_images(&ours, &links));
+    }
+    images.extend(views::rejected_images(&seq));
+    let body = views::ImageList {
+        sequence_id: seq.sequence_id.clone(),
+        images,
+    };
+    Ok(json_no_store(StatusCode::OK, &body))
+}
+
+// ------------------------------------------------------------------ Mapillary connection
+
+/// The callback URL registered with the Mapillary app: configured, or derived from the host the
+/// API was called on (API Gateway's domain name; loopback hosts stay plain http for local runs).
+fn redirect_uri(settings: &Settings, parts: &Parts) -> Result<String> {
+    if let Some(uri) = &settings.redirect_uri {
+        return Ok(uri.clone());
+    }
+    let from_context = match parts.extensions.get::<RequestContext>() {
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.domain_name.clone(),
+        _ => None,
+    };
+    let host = from_context
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 253
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        })
+        .ok_or_else(|| {
+            warn!("no RELAY_OAUTH_REDIRECT_URI and no usable host to derive the callback URL from");
+            Problem::internal()
+        })?;
+    let loopback = host.starts_with("127.0.0.1") || host.starts_with("localhost");
+    let scheme = if loopback { "http" } else { "https" };
+    Ok(format!("{scheme}://{host}{ROUTE_CALLBACK}"))
+}
+
+async fn connect<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
+    let settings = d.settings();
+    let user = identity::require(&parts, settings.dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let redirect = redirect_uri(settings, &parts)?;
+    let now = OffsetDateTime::now_utc();
+    let ttl = time::Duration::try_from(settings.state_ttl).unwrap_or(time::Duration::minutes(10));
+    let state = OAuthState {
+        state: new_state(),
+        user_id: user.clone(),
+        created_at: now,
+        expires_at: now + ttl,
+    };
+    let url = d
+        .mapillary()
+        .authorize_url(&redirect, &state.state, &settings.scope)
+        .map_err(|e| {
+            tracing::error!(error = %e, "building the authorize URL");
+            Problem::internal()
+        })?;
+    d.states().create(&state).await?;
+    info!(user = %user, "Mapillary connection started");
+    let body = views::ConnectStart {
+        authorize_url: url,
+        expires_at: state
+            .expires_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|_| Problem::internal())?,
+    };
+    Ok(json_no_store(StatusCode::OK, &body))
+}
+
+/// Only a short token-free word of Mapillary's `error` parameter is echoed.
+fn consent_error_word(raw: &str) -> Option<&str> {
+    Some(raw)
+        .filter(|e| (1..=64).contains(&e.len()) && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+}
+
+async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
+    let settings = d.settings();
+    let q = validate::query_pairs(
+        parts.uri.query(),
+        &["code", "state", "error", "error_description", "error_reason"],
+    )?;
+    let state = validate::get(&q, "state")
+        .ok_or_else(|| Problem::invalid_parameter("state is required"))
+        .and_then(validate::state)?;
+    let consent_error = validate::get(&q, "error");
+    let code = match (validate::get(&q, "code"), consent_error) {
+        (Some(code), None) => Some(validate::code(code)?),
+        (None, Some(_)) => None,
+        (Some(_), Some(_)) => {
+            return Err(Problem::invalid_parameter(
+                "code and error cannot both be present",
+            ))
+        }
+        (None, None) => return Err(Problem::invalid_parameter("code is required")),
+    };
+    // A JWT (or the dev header) is optional here; when present, the state must be the caller's.
+    let presenter = identity::caller(&parts, settings.dev_auth_header.as_ref())?;
+    let now = OffsetDateTime::now_utc();
+    let user = match d.states().consume(state, presenter.as_deref(), now).await? {
+        StateOutcome::Consumed { user_id } => user_id,
+        StateOutcome::Expired => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "state-expired",
+                "Connection attempt expired",
+                "This connection attempt expired; start again with POST /v1/mapillary/connect.",
+            ))
+        }
+        StateOutcome::Unknown => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "state-invalid",
+                "Unknown or used connection attempt",
+                "This state was never issued or has already been used; start again with POST /v1/mapillary/connect.",
+            ))
+        }
+        StateOutcome::Foreign => {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "state-foreign",
+                "Connection attempt of another user",
+                "This connection attempt was started by another user.",
+            ))
+        }
+    };
+    let Some(code) = code else {
+        let word = consent_error.and_then(consent_error_word).unwrap_or("unknown");
+        info!(user = %user, error = word, "Mapillary consent not granted");
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "consent-denied",
+            "Mapillary did not grant access",
+            format!("Mapillary returned error {word:?} instead of an authorization code."),
+        ));
+    };
+    let redirect = redirect_uri(settings, &parts)?;
+    let grant = d.mapillary().exchange_code(code, &redirect).await.map_err(|e| {
+        // MapillaryError messages never contain tokens, secrets or the code.
+        warn!(user = %user, error = %e, "code exchange failed");
+        if e.is_retriable() {
+            mapillary_unavailable()
+        } else {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "code-rejected",
+                "Authorization code rejected",
+                "Mapillary rejected the authorization code (invalid, expired or already used); start again \
+                 with POST /v1/mapillary/connect.",
+            )
+        }
+    })?;
+    let me = d.mapillary().me(&grant.access_token).await.map_err(|e| {
+        warn!(user = %user, error = %e, "/me with the new token failed");
+        mapillary_unavailable()
+    })?;
+    let token = StoredToken {
+        access_token: grant.access_token,
+        refresh_token: grant.refresh_token,
+        expires_at: grant
+            .expires_in
+            .and_then(|s| i64::try_from(s).ok())
+            .map(|s| now + time::Duration::seconds(s)),
+        mapillary_user_id: Some(me.id),
+        username: Some(me.username),
+        updated_at: now,
+    };
+    d.tokens().save(&user, &token).await?;
+    info!(user = %user, mapillary_user = token.mapillary_user_id.as_deref().unwrap_or("-"), "Mapillary account connected");
+    match &settings.success_url {
+        Some(url) => {
+            let mut resp = StatusCode::SEE_OTHER.into_response();
+            let location = HeaderValue::from_str(url).map_err(|_| Problem::internal())?;
+            resp.headers_mut().insert(header::LOCATION, location);
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(resp)
+        }
+        None => Ok(json_no_store(StatusCode::OK, &views::Connection::of(&token, now))),
+    }
+}
+
+fn mapillary_unavailable() -> Problem {
+    Problem {
+        retry_after: Some(5),
+        ..Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "mapillary-unavailable",
+            "Mapillary unavailable",
+            "Mapillary did not answer as expected; start again with POST /v1/mapillary/connect in a moment.",
+        )
+    }
+}
+
+async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let view = match d.tokens().load(&user).await {
+        Ok(None) => views::Connection::none(),
+        Ok(Some(t)) => views::Connection::of(&t, OffsetDateTime::now_utc()),
+        Err(TokenError::Corrupt(e)) => {
+            warn!(user = %user, error = %e, "stored token unusable");
+            views::Connection {
+                connected: true,
+                reconnect_required: true,
+                ..views::Connection::none()
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(json_no_store(StatusCode::OK, &view))
+}
+
+async fn delete_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let existed = d.tokens().delete(&user).await?;
+    info!(user = %user, existed, "Mapillary connection removed");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

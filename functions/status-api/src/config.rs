@@ -1,0 +1,232 @@
+//! Typed configuration, read once from the environment at cold start; a missing or malformed
+//! variable fails the start.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use shared::mapillary::Endpoints;
+
+/// A variable is missing or malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Required and absent (or empty).
+    #[error("missing environment variable {0}")]
+    Missing(&'static str),
+    /// Present but unusable.
+    #[error("environment variable {name}: {reason}")]
+    Invalid {
+        /// Variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where the OAuth client secret comes from.
+#[derive(Debug, Clone)]
+pub enum ClientSecretSource {
+    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
+    Plain(SecretString),
+    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved by `main` at init).
+    SecretArn(String),
+}
+
+/// What the handlers need to know (no AWS resources, no secrets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `RELAY_OAUTH_REDIRECT_URI`: the callback URL registered with the Mapillary app. When unset,
+    /// `https://<request host>/v1/mapillary/callback` of the `connect` call is used.
+    pub redirect_uri: Option<String>,
+    /// `RELAY_OAUTH_SCOPE` (default `read`, what JOSM sends; see the protocol notes §1.2/§1.7).
+    pub scope: String,
+    /// `RELAY_OAUTH_STATE_TTL_S` (default 600, 60–3600): lifetime of a connect `state`.
+    pub state_ttl: Duration,
+    /// `RELAY_CONNECT_SUCCESS_URL`: where the callback redirects the browser after a successful
+    /// connection; unset → the callback answers JSON.
+    pub success_url: Option<String>,
+    /// `RELAY_DEV_AUTH_HEADER` (dev only, never set in the template): a request header whose value
+    /// is taken as the caller's user id when the request has no JWT authorizer context.
+    pub dev_auth_header: Option<http::HeaderName>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            redirect_uri: None,
+            scope: "read".into(),
+            state_ttl: Duration::from_secs(600),
+            success_url: None,
+            dev_auth_header: None,
+        }
+    }
+}
+
+/// Everything status-api reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `RELAY_UPLOADS_TABLE`.
+    pub uploads_table: String,
+    /// `RELAY_USERS_TABLE`.
+    pub users_table: String,
+    /// `RELAY_IDEMPOTENCY_TABLE`.
+    pub idempotency_table: String,
+    /// `RELAY_TOKEN_KEY_ID`.
+    pub token_key_id: String,
+    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`.
+    pub endpoints: Endpoints,
+    /// `MAPILLARY_CLIENT_ID`.
+    pub client_id: String,
+    /// `MAPILLARY_CLIENT_SECRET` or `MAPILLARY_CLIENT_SECRET_ARN`.
+    pub client_secret: ClientSecretSource,
+    /// Handler settings.
+    pub settings: Settings,
+}
+
+impl Config {
+    /// Read the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Read variables through `get` (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let opt = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let req = |name: &'static str| opt(name).ok_or(ConfigError::Missing(name));
+        let client_secret = match (opt("MAPILLARY_CLIENT_SECRET"), opt("MAPILLARY_CLIENT_SECRET_ARN")) {
+            (Some(s), _) => ClientSecretSource::Plain(SecretString::from(s)),
+            (None, Some(arn)) => ClientSecretSource::SecretArn(arn),
+            (None, None) => return Err(ConfigError::Missing("MAPILLARY_CLIENT_SECRET")),
+        };
+        let absolute_url = |name: &'static str, v: String| -> Result<String, ConfigError> {
+            match url::Url::parse(&v) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(v),
+                _ => Err(ConfigError::Invalid {
+                    name,
+                    reason: "must be an absolute http(s) URL".into(),
+                }),
+            }
+        };
+        let redirect_uri = opt("RELAY_OAUTH_REDIRECT_URI")
+            .map(|v| absolute_url("RELAY_OAUTH_REDIRECT_URI", v))
+            .transpose()?;
+        let success_url = opt("RELAY_CONNECT_SUCCESS_URL")
+            .map(|v| absolute_url("RELAY_CONNECT_SUCCESS_URL", v))
+            .transpose()?;
+        let state_ttl_s = match opt("RELAY_OAUTH_STATE_TTL_S") {
+            None => 600,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (60..=3600).contains(s))
+                .ok_or_else(|| ConfigError::Invalid {
+                    name: "RELAY_OAUTH_STATE_TTL_S",
+                    reason: format!("{v:?} is not a number of seconds between 60 and 3600"),
+                })?,
+        };
+        let scope = opt("RELAY_OAUTH_SCOPE").unwrap_or_else(|| "read".into());
+        let dev_auth_header = opt("RELAY_DEV_AUTH_HEADER")
+            .map(|h| {
+                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| ConfigError::Invalid {
+                    name: "RELAY_DEV_AUTH_HEADER",
+                    reason: format!("{h:?} is not a header name"),
+                })
+            })
+            .transpose()?;
+        let endpoint = |name: &'static str| -> Result<String, ConfigError> {
+            Ok(req(name)?.trim_end_matches('/').to_string())
+        };
+        Ok(Config {
+            uploads_table: req("RELAY_UPLOADS_TABLE")?,
+            users_table: req("RELAY_USERS_TABLE")?,
+            idempotency_table: req("RELAY_IDEMPOTENCY_TABLE")?,
+            token_key_id: req("RELAY_TOKEN_KEY_ID")?,
+            endpoints: Endpoints {
+                graph: endpoint("MAPILLARY_GRAPH_URL")?,
+                upload: endpoint("MAPILLARY_UPLOAD_URL")?,
+                tiles: endpoint("MAPILLARY_TILES_URL")?,
+                www: endpoint("MAPILLARY_WWW_URL")?,
+            },
+            client_id: req("MAPILLARY_CLIENT_ID")?,
+            client_secret,
+            settings: Settings {
+                redirect_uri,
+                scope,
+                state_ttl: Duration::from_secs(state_ttl_s),
+                success_url,
+                dev_auth_header,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn base() -> HashMap<&'static str, String> {
+        [
+            ("RELAY_UPLOADS_TABLE", "uploads"),
+            ("RELAY_USERS_TABLE", "users"),
+            ("RELAY_IDEMPOTENCY_TABLE", "idem"),
+            ("RELAY_TOKEN_KEY_ID", "alias/relay"),
+            ("MAPILLARY_GRAPH_URL", "http://127.0.0.1:1/graph/"),
+            ("MAPILLARY_UPLOAD_URL", "http://127.0.0.1:1/rupload"),
+            ("MAPILLARY_TILES_URL", "http://127.0.0.1:1/tiles"),
+            ("MAPILLARY_WWW_URL", "http://127.0.0.1:1/www"),
+            ("MAPILLARY_CLIENT_ID", "123"),
+            ("MAPILLARY_CLIENT_SECRET", "s3cret"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_leave_dev_auth_off() {
+        let env = base();
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.settings, Settings::default());
+        assert_eq!(c.settings.dev_auth_header, None);
+        assert_eq!(c.endpoints.graph, "http://127.0.0.1:1/graph");
+    }
+
+    #[test]
+    fn malformed_values_fail_naming_the_variable() {
+        for (k, v) in [
+            ("RELAY_OAUTH_STATE_TTL_S", "5"),
+            ("RELAY_CONNECT_SUCCESS_URL", "/relative"),
+            ("RELAY_DEV_AUTH_HEADER", "bad header"),
+        ] {
+            let mut env = base();
+            env.insert(k, v.into());
+            let e = Config::from_lookup(|n| env.get(n).cloned()).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { name, .. } if name == k), "{e}");
+        }
+        let mut env = base();
+        env.remove("RELAY_USERS_TABLE");
+        assert_eq!(
+            Config::from_lookup(|n| env.get(n).cloned()).unwrap_err(),
+            ConfigError::Missing("RELAY_USERS_TABLE")
+        );
+    }
+
+    #[test]
+    fn optional_settings_are_read() {
+        let mut env = base();
+        env.insert("RELAY_DEV_AUTH_HEADER", "x-relay-user".into());
+        env.insert(
+            "RELAY_CONNECT_SUCCESS_URL",
+            "https://app.example/connected".into(),
+        );
+        env.insert("RELAY_OAUTH_STATE_TTL_S", "120".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.settings.dev_auth_header.unwrap().as_str(), "x-relay-user");
+        assert_eq!(c.settings.state_ttl, Duration::from_secs(120));
+        assert_eq!(
+            c.settings.success_url.as_deref(),
+            Some("https://app.example/connected")
+        );
+    }
+}

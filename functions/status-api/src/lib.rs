@@ -1,0 +1,30 @@
+//! status-api: the caller's sequences and their Mapillary status, and the Mapillary account
+//! connection (OAuth), as an axum [`Router`](axum::Router) served by `lambda_http` behind an API
+//! Gateway HTTP API with a JWT authorizer.
+//!
+//! * [`app`] — the router ([`app::router`]), generic over the ports ([`app::Deps`]); one handler
+//!   per route of `openapi.yaml`.
+//! * [`identity`] — the caller: the JWT `sub` claim, or (dev only, opt-in) a header.
+//! * [`views`] — the JSON documents the routes answer with.
+//! * [`validate`] — path and query input rules.
+//! * [`problem`] — `application/problem+json` errors (RFC 9457).
+//! * [`oauth`] — the Mapillary side of the connection (authorize URL, code exchange, `/me`).
+//! * [`config`] — environment configuration.
+//!
+//! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes of
+//! the tracking and OAuth-state ports.
+
+pub mod app;
+pub mod config;
+pub mod identity;
+pub mod oauth;
+pub mod problem;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod validate;
+pub mod views;
+
+pub use app::{router, AppDeps, Deps};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,706 @@
+//! Handler tests: API Gateway v2 events from `events/apigw-v2/` through the router, in-memory
+//! ports, and the OAuth flow against the in-process Mapillary simulator.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use mapillary_sim::{defaults, SimConfig, SimHandle, Simulator};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
+use shared::domain::tracking::{OverallState, TrackedUpload};
+use shared::mapillary::client::MapillaryClient;
+use shared::mapillary::feed::StageStatus;
+use shared::mapillary::retry::RetryPolicy;
+use shared::mapillary::{image_link, Endpoints};
+use shared::model::{
+    FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TrackingRecord, UploadImage,
+    UploadRecord, UploadState,
+};
+use shared::ports::{OAuthState, TokenStore, TrackingRepository, UploadRepository};
+use time::macros::datetime;
+use time::OffsetDateTime;
+use tower::ServiceExt;
+use zip_and_push::testing::{MemRepo, MemTokens};
+
+use crate::app::{router, AppDeps, ROUTES};
+use crate::config::Settings;
+use crate::oauth::MapillaryConnector;
+use crate::testing::{MemStates, MemTracking};
+
+type TestDeps = AppDeps<MemRepo, MemTracking, MemTokens, MemStates>;
+
+const STATE_PLACEHOLDER: &str = "STATE_PLACEHOLDER_0000000000000000000000000";
+
+fn event(name: &str) -> String {
+    let path = format!("{}/../../events/apigw-v2/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn request(json: &str) -> lambda_http::Request {
+    lambda_http::request::from_str(json).expect("an API Gateway v2 event")
+}
+
+/// `event` with its query string replaced (raw and parsed alike).
+fn with_query(name: &str, query: &str) -> String {
+    let mut v: Value = serde_json::from_str(&event(name)).unwrap();
+    v["rawQueryString"] = Value::String(query.into());
+    v.as_object_mut().unwrap().remove("queryStringParameters");
+    v.to_string()
+}
+
+struct Reply {
+    status: u16,
+    content_type: String,
+    headers: http::HeaderMap,
+    body: Value,
+}
+
+async fn call(app: &axum::Router, req: lambda_http::Request) -> Reply {
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    Reply {
+        status,
+        content_type,
+        headers,
+        body,
+    }
+}
+
+fn assert_problem(r: &Reply, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{:#}", r.body);
+    assert_eq!(r.content_type, "application/problem+json");
+    assert_eq!(r.body["status"], status);
+    assert_eq!(r.body["code"], code, "{:#}", r.body);
+    assert!(r.body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+}
+
+fn connector(endpoints: Endpoints) -> MapillaryConnector {
+    MapillaryConnector::new(
+        MapillaryClient::new(
+            endpoints,
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            RetryPolicy::default(),
+        ),
+        defaults::APP_ID,
+        SecretString::from(defaults::CLIENT_SECRET),
+    )
+}
+
+fn deps(endpoints: Endpoints, settings: Settings) -> Arc<TestDeps> {
+    Arc::new(AppDeps {
+        repo: MemRepo::new(),
+        tracking: MemTracking::default(),
+        tokens: MemTokens::new(),
+        states: MemStates::default(),
+        mapillary: connector(endpoints),
+        settings,
+    })
+}
+
+fn offline() -> (Arc<TestDeps>, axum::Router) {
+    let d = deps(Endpoints::under("http://127.0.0.1:9"), Settings::default());
+    (d.clone(), router(d))
+}
+
+fn sequence(user: &str, id: &str, created: OffsetDateTime, uploads: u32) -> SequenceRecord {
+    SequenceRecord {
+        user_id: user.into(),
+        sequence_id: id.into(),
+        state: SequenceState::Uploaded,
+        reason: None,
+        bucket: "b".into(),
+        manifest_key: format!("sequences/{user}/{id}/manifest.json"),
+        manifest_etag: "e".into(),
+        organization_id: None,
+        image_count: 4,
+        accepted_count: 3,
+        upload_ids: (0..uploads)
+            .map(|i| shared::model::upload_id(user, id, i))
+            .collect(),
+        rejected: vec![RejectedImage {
+            key: "img-9.jpg".into(),
+            reason: "no GPS position in EXIF".into(),
+        }],
+        created_at: created,
+        updated_at: created,
+        attempts: 1,
+    }
+}
+
+fn upload(user: &str, seq: &str, index: u32, cluster: Option<&str>) -> UploadRecord {
+    UploadRecord {
+        user_id: user.into(),
+        sequence_id: seq.into(),
+        upload_id: shared::model::upload_id(user, seq, index),
+        index,
+        state: if cluster.is_some() {
+            UploadState::HandedOff
+        } else {
+            UploadState::Pending
+        },
+        session_key: format!("mly_relay_{index}.zip"),
+        total_len: 1000,
+        image_count: 3,
+        cluster_id: cluster.map(str::to_string),
+        handle: None,
+        organization_id: None,
+        bytes_sent: 1000,
+        created_at: datetime!(2026-03-01 10:00 UTC),
+        started_at: Some(datetime!(2026-03-01 10:01 UTC)),
+        finished_at: cluster.map(|_| datetime!(2026-03-01 10:02 UTC)),
+        error: None,
+        attempts: 1,
+    }
+}
+
+fn image(upload_id: &str, index: u32) -> UploadImage {
+    UploadImage {
+        upload_id: upload_id.into(),
+        index,
+        key: format!("sequences/user-1/seq-1/img-{index}.jpg"),
+        etag: "e".into(),
+        size: 10,
+        entry_size: 10,
+        header_consumed: 0,
+        description: "{}".into(),
+        lat: 1.0,
+        lon: 2.0,
+        altitude: None,
+        captured_at: datetime!(2026-03-01 09:00 UTC),
+        heading: None,
+        checkpoint: None,
+    }
+}
+
+/// user-1: seq-1 (one tracked upload with 3 images: linked, dropped, pending; one rejected image)
+/// and seq-0/seq-2 (older/newer); user-2: seq-x.
+async fn seed(d: &TestDeps) {
+    let repo = &d.repo;
+    repo.put_sequence(&sequence("user-1", "seq-0", datetime!(2026-02-01 00:00 UTC), 0))
+        .await
+        .unwrap();
+    repo.put_sequence(&sequence("user-1", "seq-1", datetime!(2026-03-01 00:00 UTC), 1))
+        .await
+        .unwrap();
+    repo.put_sequence(&sequence("user-1", "seq-2", datetime!(2026-04-01 00:00 UTC), 0))
+        .await
+        .unwrap();
+    repo.put_sequence(&sequence("user-2", "seq-x", datetime!(2026-03-15 00:00 UTC), 0))
+        .await
+        .unwrap();
+    let up = upload("user-1", "seq-1", 0, Some("cluster-77"));
+    repo.put_upload(&up).await.unwrap();
+    repo.put_images(&[
+        image(&up.upload_id, 0),
+        image(&up.upload_id, 1),
+        image(&up.upload_id, 2),
+    ])
+    .await
+    .unwrap();
+    let mut tracked = TrackedUpload::new("cluster-77", datetime!(2026-03-01 10:02 UTC));
+    tracked.stages.ingestion = Some(StageStatus::Finished);
+    tracked.stages.image_processing = Some(StageStatus::Finished);
+    tracked.stages.map_data = Some(StageStatus::Failed);
+    tracked.error_code = Some("ANONYMIZATION_FAILED".into());
+    tracked.state = OverallState::Failed {
+        error_code: Some("ANONYMIZATION_FAILED".into()),
+        stage: Some("anonymization_status".into()),
+        reason: "Mapillary reports Map data processing FAILED".into(),
+    };
+    tracked.last_checked_at = Some(datetime!(2026-03-01 12:00 UTC));
+    d.tracking
+        .create_tracking(&TrackingRecord {
+            user_id: "user-1".into(),
+            sequence_id: "seq-1".into(),
+            upload_id: up.upload_id.clone(),
+            mapillary_user_id: Some(defaults::DEMO_USER_ID.into()),
+            tracked,
+            history: Vec::new(),
+            item_count: Some(2),
+            image_id: Some("5001".into()),
+            sequence_ids: vec!["mly-seq-A".into()],
+            linked_via: Some(LinkPath::CoverageTiles),
+            linked_count: 1,
+            dropped_count: 1,
+            next_check_at: None,
+        })
+        .await
+        .unwrap();
+    d.tracking
+        .put_links(&[
+            ImageLink {
+                upload_id: up.upload_id.clone(),
+                index: 0,
+                key: "sequences/user-1/seq-1/img-0.jpg".into(),
+                outcome: ImageOutcome::Linked {
+                    image_id: "5001".into(),
+                    sequence_id: "mly-seq-A".into(),
+                    link: image_link("5001"),
+                },
+                via: LinkPath::CoverageTiles,
+            },
+            ImageLink {
+                upload_id: up.upload_id.clone(),
+                index: 1,
+                key: "sequences/user-1/seq-1/img-1.jpg".into(),
+                outcome: ImageOutcome::Dropped {
+                    reason: DropReason::NotInSequence,
+                },
+                via: LinkPath::CoverageTiles,
+            },
+        ])
+        .await
+        .unwrap();
+    d.tracking
+        .put_feed_health(&FeedHealth {
+            healthy: false,
+            degraded_since: Some(datetime!(2026-03-01 11:00 UTC)),
+            last_error: Some("GraphQL drift".into()),
+            updated_at: datetime!(2026-03-01 12:00 UTC),
+        })
+        .await
+        .unwrap();
+}
+
+// ------------------------------------------------------------------ sequences
+
+#[tokio::test]
+async fn list_is_newest_first_and_paginates_with_an_opaque_cursor() {
+    let (d, app) = offline();
+    seed(&d).await;
+    let r = call(&app, request(&event("list-sequences.json"))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.content_type, "application/json");
+    let ids: Vec<&str> = r.body["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sequence_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["seq-2", "seq-1", "seq-0"], "only user-1's, newest first");
+    assert!(r.body["next_cursor"].is_null());
+
+    let r = call(&app, request(&event("list-sequences-page.json"))).await;
+    assert_eq!(r.body["sequences"].as_array().unwrap().len(), 2);
+    let cursor = r.body["next_cursor"].as_str().expect("a next page").to_string();
+    assert!(
+        !cursor.contains("SEQ#") && !cursor.contains("user-1"),
+        "opaque: {cursor}"
+    );
+    let r = call(
+        &app,
+        request(&with_query(
+            "list-sequences.json",
+            &format!("limit=2&cursor={cursor}"),
+        )),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["sequences"][0]["sequence_id"], "seq-0");
+    assert!(r.body["next_cursor"].is_null());
+}
+
+#[tokio::test]
+async fn list_rejects_bad_limits_cursors_and_unknown_parameters() {
+    let (d, app) = offline();
+    seed(&d).await;
+    let r = call(&app, request(&event("list-sequences-bad-limit.json"))).await;
+    assert_problem(&r, 400, "invalid-parameter");
+    assert!(r.body["detail"].as_str().unwrap().contains("limit"));
+    for q in [
+        "limit=0",
+        "limit=abc",
+        "cursor=%%%",
+        "cursor=U0VRI3g",
+        "cursor=",
+        "other=1",
+        "limit=1&limit=2",
+    ] {
+        let r = call(&app, request(&with_query("list-sequences.json", q))).await;
+        assert_problem(&r, 400, "invalid-parameter");
+    }
+}
+
+#[tokio::test]
+async fn sequence_status_merges_uploads_with_tracking() {
+    let (d, app) = offline();
+    seed(&d).await;
+    let r = call(&app, request(&event("get-status.json"))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    let b = &r.body;
+    assert_eq!(b["sequence_id"], "seq-1");
+    assert_eq!(b["state"], "UPLOADED");
+    assert_eq!(b["rejected_count"], 1);
+    assert_eq!(b["feed"]["healthy"], false);
+    assert!(
+        b["feed"].get("last_error").is_none(),
+        "internal feed errors are not exposed"
+    );
+    let u = &b["uploads"][0];
+    assert_eq!(u["state"], "HANDED_OFF");
+    assert_eq!(u["cluster_id"], "cluster-77");
+    let m = &u["mapillary"];
+    assert_eq!(m["state"], "FAILED");
+    let labels: Vec<&str> = m["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "Image ingestion",
+            "Image processing",
+            "Map data processing",
+            "Map update"
+        ]
+    );
+    assert_eq!(m["stages"][2]["status"], "FAILED");
+    assert!(m["stages"][3]["status"].is_null());
+    assert_eq!(m["error_code"], "ANONYMIZATION_FAILED");
+    assert!(m["error_explanation"]
+        .as_str()
+        .unwrap()
+        .contains("ANONYMIZATION_FAILED"));
+    assert_eq!(m["accepted_count"], 1);
+    assert_eq!(m["rejected_count"], 1);
+    assert_eq!(m["status_source"], "COVERAGE_TILES");
+    assert_eq!(m["sequences"][0]["id"], "mly-seq-A");
+    assert_eq!(m["sequences"][0]["link"], image_link("5001"));
+    assert_eq!(r.headers.get("cache-control").unwrap(), "no-store");
+}
+
+#[tokio::test]
+async fn another_users_sequence_is_not_found_and_input_is_validated() {
+    let (d, app) = offline();
+    seed(&d).await;
+    assert_problem(
+        &call(&app, request(&event("get-status-other-user.json"))).await,
+        404,
+        "not-found",
+    );
+    assert_problem(
+        &call(&app, request(&event("get-status-not-found.json"))).await,
+        404,
+        "not-found",
+    );
+    assert_problem(
+        &call(&app, request(&event("get-status-bad-id.json"))).await,
+        400,
+        "invalid-parameter",
+    );
+    assert_problem(
+        &call(&app, request(&event("get-status-no-auth.json"))).await,
+        401,
+        "unauthenticated",
+    );
+    // The images of another user's sequence are not found either.
+    let mut v: Value = serde_json::from_str(&event("get-images.json")).unwrap();
+    v["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = "user-2".into();
+    assert_problem(&call(&app, request(&v.to_string())).await, 404, "not-found");
+    // A subject that cannot be a user id.
+    v["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = "auth0|../x".into();
+    assert_problem(&call(&app, request(&v.to_string())).await, 401, "unauthenticated");
+    // Unknown routes and methods.
+    let mut v: Value = serde_json::from_str(&event("list-sequences.json")).unwrap();
+    v["rawPath"] = "/v1/nothing".into();
+    assert_problem(&call(&app, request(&v.to_string())).await, 404, "no-such-route");
+    v["rawPath"] = "/v1/sequences".into();
+    v["requestContext"]["http"]["method"] = "PUT".into();
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        405,
+        "method-not-allowed",
+    );
+}
+
+#[tokio::test]
+async fn images_map_our_keys_to_mapillary_or_a_reason() {
+    let (d, app) = offline();
+    seed(&d).await;
+    let r = call(&app, request(&event("get-images.json"))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    let images = r.body["images"].as_array().unwrap();
+    assert_eq!(images.len(), 4);
+    assert_eq!(images[0]["status"], "LINKED");
+    assert_eq!(images[0]["mapillary_image_id"], "5001");
+    assert_eq!(images[0]["link"], image_link("5001"));
+    assert_eq!(images[0]["found_via"], "COVERAGE_TILES");
+    assert_eq!(images[1]["status"], "DROPPED");
+    assert!(images[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not in the Mapillary sequence"));
+    assert_eq!(images[2]["status"], "PENDING");
+    assert_eq!(images[3]["status"], "REJECTED");
+    assert_eq!(images[3]["reason"], "no GPS position in EXIF");
+}
+
+// ------------------------------------------------------------------ dev identity mode
+
+#[tokio::test]
+async fn dev_identity_header_is_honoured_only_when_configured_and_never_over_a_jwt() {
+    let mut no_auth: Value = serde_json::from_str(&event("get-status-no-auth.json")).unwrap();
+    no_auth["headers"]["x-relay-user"] = "user-1".into();
+    // Off by default.
+    let (d, app) = offline();
+    seed(&d).await;
+    assert_problem(
+        &call(&app, request(&no_auth.to_string())).await,
+        401,
+        "unauthenticated",
+    );
+    // On when configured.
+    let d = deps(
+        Endpoints::under("http://127.0.0.1:9"),
+        Settings {
+            dev_auth_header: Some(http::HeaderName::from_static("x-relay-user")),
+            ..Settings::default()
+        },
+    );
+    seed(&d).await;
+    let app = router(d);
+    assert_eq!(call(&app, request(&no_auth.to_string())).await.status, 200);
+    // With a JWT context the header is ignored: user-2's JWT cannot read user-1's data by header.
+    let mut jwt: Value = serde_json::from_str(&event("get-status-other-user.json")).unwrap();
+    jwt["headers"]["x-relay-user"] = "user-1".into();
+    assert_problem(&call(&app, request(&jwt.to_string())).await, 404, "not-found");
+}
+
+// ------------------------------------------------------------------ OAuth
+
+/// A router against a fresh simulator, redirect URI registered there.
+async fn oauth_setup() -> (SimHandle, Arc<TestDeps>, axum::Router) {
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let d = deps(
+        Endpoints::under(sim.base_url()),
+        Settings {
+            redirect_uri: Some(defaults::REDIRECT_URI.into()),
+            ..Settings::default()
+        },
+    );
+    let app = router(d.clone());
+    (sim, d, app)
+}
+
+/// POST connect, then let the simulator consent: returns (code, state).
+async fn consent(app: &axum::Router) -> (String, String) {
+    let r = call(app, request(&event("post-connect.json"))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    let url = url::Url::parse(r.body["authorize_url"].as_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["client_id"], defaults::APP_ID);
+    assert_eq!(q["response_type"], "code");
+    assert_eq!(q["scope"], "read");
+    assert_eq!(q["redirect_uri"], defaults::REDIRECT_URI);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = http.get(url).send().await.unwrap();
+    assert!(resp.status().is_redirection(), "{}", resp.status());
+    let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
+    let back: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    assert_eq!(back["state"], q["state"], "the simulator echoes our state");
+    (back["code"].clone(), back["state"].clone())
+}
+
+fn callback_event(code: &str, state: &str) -> String {
+    let raw = event("get-callback.json").replace(STATE_PLACEHOLDER, state);
+    let mut v: Value = serde_json::from_str(&raw).unwrap();
+    let query = format!("code={code}&state={state}");
+    v["rawQueryString"] = Value::String(query);
+    v.as_object_mut().unwrap().remove("queryStringParameters");
+    v.to_string()
+}
+
+#[tokio::test]
+async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
+    let (sim, d, app) = oauth_setup().await;
+    let (code, state) = consent(&app).await;
+
+    let r = call(&app, request(&callback_event(&code, &state))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["connected"], true);
+    assert_eq!(r.body["username"], defaults::DEMO_USERNAME);
+    assert_eq!(r.body["mapillary_user_id"], defaults::DEMO_USER_ID);
+    assert!(r.body["expires_at"].is_string());
+    let stored = d
+        .tokens
+        .load("user-1")
+        .await
+        .unwrap()
+        .expect("token saved for the state's user");
+    let token = stored.access_token.expose_secret().to_string();
+    assert!(
+        !r.body.to_string().contains(&token),
+        "the token is never in a response"
+    );
+
+    // The connection, without the token.
+    let r = call(&app, request(&event("get-connection.json"))).await;
+    assert_eq!(r.body["connected"], true);
+    assert_eq!(r.body["username"], defaults::DEMO_USERNAME);
+    assert!(!r.body.to_string().contains(&token));
+
+    // Replayed state (even with a fresh, valid code): rejected.
+    let (code2, _unused_state) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code2, &state))).await;
+    assert_problem(&r, 400, "state-invalid");
+
+    // Expired state.
+    let expired = crate::oauth::new_state();
+    d.states.insert(OAuthState {
+        state: expired.clone(),
+        user_id: "user-1".into(),
+        created_at: OffsetDateTime::now_utc() - time::Duration::minutes(20),
+        expires_at: OffsetDateTime::now_utc() - time::Duration::minutes(10),
+    });
+    assert_problem(
+        &call(&app, request(&callback_event(&code2, &expired))).await,
+        400,
+        "state-expired",
+    );
+
+    // Never-issued state.
+    let unknown = crate::oauth::new_state();
+    assert_problem(
+        &call(&app, request(&callback_event(&code2, &unknown))).await,
+        400,
+        "state-invalid",
+    );
+
+    // Bad code with a live state: Mapillary rejects it; the state is used up.
+    let (_code3, state3) = consent(&app).await;
+    let r = call(&app, request(&callback_event("AQbogus0code", &state3))).await;
+    assert_problem(&r, 400, "code-rejected");
+    assert_problem(
+        &call(&app, request(&callback_event(&code2, &state3))).await,
+        400,
+        "state-invalid",
+    );
+
+    // Foreign state: presented by a signed-in other user.
+    let (code4, state4) = consent(&app).await;
+    let mut v: Value = serde_json::from_str(&callback_event(&code4, &state4)).unwrap();
+    v["requestContext"]["authorizer"] =
+        serde_json::json!({"jwt": {"claims": {"sub": "user-2"}, "scopes": null}});
+    assert_problem(&call(&app, request(&v.to_string())).await, 403, "state-foreign");
+    // …which leaves it usable by its owner.
+    assert_eq!(
+        call(&app, request(&callback_event(&code4, &state4))).await.status,
+        200
+    );
+
+    // Malformed input.
+    assert_problem(
+        &call(&app, request(&event("get-callback-bad-state.json"))).await,
+        400,
+        "invalid-parameter",
+    );
+
+    // Forget the connection.
+    let r = call(&app, request(&event("delete-connection.json"))).await;
+    assert_eq!(r.status, 204);
+    let r = call(&app, request(&event("get-connection.json"))).await;
+    assert_eq!(r.body["connected"], false);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn callback_redirects_to_the_success_url_when_configured() {
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let d = deps(
+        Endpoints::under(sim.base_url()),
+        Settings {
+            redirect_uri: Some(defaults::REDIRECT_URI.into()),
+            success_url: Some("https://app.example/connected".into()),
+            ..Settings::default()
+        },
+    );
+    let app = router(d);
+    let (code, state) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code, &state))).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.headers["location"], "https://app.example/connected");
+    sim.shutdown().await;
+}
+
+// ------------------------------------------------------------------ OpenAPI
+
+fn openapi() -> serde_yaml::Value {
+    let path = format!("{}/openapi.yaml", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn openapi_document_and_router_agree() {
+    let doc = openapi();
+    assert_eq!(doc["openapi"].as_str().unwrap(), "3.1.0");
+    let methods = ["get", "put", "post", "delete", "patch"];
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_mapping().unwrap() {
+        let path = path.as_str().unwrap();
+        for m in methods {
+            if item.get(m).is_some() {
+                documented.insert((m.to_uppercase(), path.to_string()));
+            }
+        }
+    }
+    let served: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served, "openapi.yaml paths vs app::ROUTES");
+
+    // The router serves exactly those: documented operations route somewhere, other methods are 405.
+    let (d, app) = offline();
+    seed(&d).await;
+    let base: Value = serde_json::from_str(&event("list-sequences.json")).unwrap();
+    let paths: BTreeSet<&String> = documented.iter().map(|(_, p)| p).collect();
+    for path in paths {
+        let concrete = path.replace("{sequence_id}", "seq-1");
+        for m in methods {
+            let mut v = base.clone();
+            v["rawPath"] = concrete.clone().into();
+            v["requestContext"]["http"]["method"] = m.to_uppercase().into();
+            let r = call(&app, request(&v.to_string())).await;
+            if documented.contains(&(m.to_uppercase(), path.clone())) {
+                assert!(
+                    r.status != 405 && r.body["code"] != "no-such-route",
+                    "{m} {path} is documented but not routed: {:#}",
+                    r.body
+                );
+            } else {
+                assert_eq!(
+                    r.status, 405,
+                    "{m} {path} is not documented but answered {}",
+                    r.status
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The JSON documents of the API (see `openapi.yaml`), built from the records. Timestamps are
+//! RFC 3339; absent values are `null`, never omitted, so clients see one shape.
+
+use serde::Serialize;
+use shared::domain::linking::{ImageOutcome, LinkPath};
+use shared::domain::tracking::{OverallState, NO_ERROR};
+use shared::mapillary::feed::StageStatus;
+use shared::mapillary::image_link;
+use shared::model::{FeedHealth, ImageLink, SequenceRecord, TrackingRecord, UploadImage, UploadRecord};
+use time::OffsetDateTime;
+
+/// RFC 3339, or `null`.
+type Ts = Option<String>;
+
+fn ts(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+fn ots(t: Option<OffsetDateTime>) -> Ts {
+    t.map(ts)
+}
+
+/// Which way the status or links of an upload were obtained.
+fn path_name(p: LinkPath) -> &'static str {
+    match p {
+        LinkPath::ActivityFeed => "ACTIVITY_FEED",
+        LinkPath::CoverageTiles => "COVERAGE_TILES",
+    }
+}
+
+/// `GET /v1/sequences`.
+#[derive(Debug, Serialize)]
+pub struct SequenceList {
+    /// Newest first.
+    pub sequences: Vec<SequenceSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One sequence in the list.
+#[derive(Debug, Serialize)]
+pub struct SequenceSummary {
+    pub sequence_id: String,
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub image_count: u32,
+    pub accepted_count: u32,
+    pub upload_count: usize,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&SequenceRecord> for SequenceSummary {
+    fn from(s: &SequenceRecord) -> Self {
+        Self {
+            sequence_id: s.sequence_id.clone(),
+            state: s.state.as_str(),
+            reason: s.reason.clone(),
+            image_count: s.image_count,
+            accepted_count: s.accepted_count,
+            upload_count: s.upload_ids.len(),
+            created_at: ts(s.created_at),
+            updated_at: ts(s.updated_at),
+        }
+    }
+}
+
+/// `GET /v1/sequences/{sequence_id}`.
+#[derive(Debug, Serialize)]
+pub struct SequenceDetail {
+    pub sequence_id: String,
+    /// Our pipeline's state (`RECEIVED`, `UPLOADING`, `UPLOADED`, `FAILED`).
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub image_count: u32,
+    pub accepted_count: u32,
+    pub rejected_count: usize,
+    pub rejected: Vec<Rejected>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub uploads: Vec<UploadView>,
+    /// Health of the activity feed (when unhealthy the poller uses the coverage-tiles fallback).
+    pub feed: Option<FeedView>,
+}
+
+/// An image left out of the uploads.
+#[derive(Debug, Serialize)]
+pub struct Rejected {
+    pub key: String,
+    pub reason: String,
+}
+
+/// The activity feed's health.
+#[derive(Debug, Serialize)]
+pub struct FeedView {
+    pub healthy: bool,
+    pub degraded_since: Ts,
+    pub updated_at: String,
+}
+
+/// One upload (one zip, one Mapillary cluster).
+#[derive(Debug, Serialize)]
+pub struct UploadView {
+    pub upload_id: String,
+    pub index: u32,
+    /// Our upload state (`PENDING` … `HANDED_OFF`, `FINISH_UNCERTAIN`, `FAILED`).
+    pub state: &'static str,
+    pub cluster_id: Option<String>,
+    pub image_count: u32,
+    pub bytes: u64,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Ts,
+    pub finished_at: Ts,
+    /// What Mapillary did with it, once the poller tracks it.
+    pub mapillary: Option<MapillaryView>,
+}
+
+/// Mapillary's processing of one upload.
+#[derive(Debug, Serialize)]
+pub struct MapillaryView {
+    /// `IN_PROGRESS`, `FINISHED`, `STALE`, `FAILED`.
+    pub state: &'static str,
+    /// Why it is STALE or FAILED.
+    pub reason: Option<String>,
+    /// The four stages, in processing order.
+    pub stages: Vec<StageView>,
+    pub error_code: Option<String>,
+    /// `error_code` in words.
+    pub error_explanation: Option<String>,
+    pub finish_upload_at: String,
+    pub last_checked_at: Ts,
+    /// Mapillary sequences the upload became, with a web link each (to its first image of ours).
+    pub sequences: Vec<MapillarySequenceView>,
+    /// Images Mapillary has (linked).
+    pub accepted_count: u32,
+    /// Images Mapillary dropped.
+    pub rejected_count: u32,
+    /// `item_count` of Mapillary's activity-feed entry.
+    pub item_count: Option<i64>,
+    /// Which path produced the links: `ACTIVITY_FEED` or `COVERAGE_TILES`; `null` until linked.
+    pub status_source: Option<&'static str>,
+}
+
+/// One processing stage.
+#[derive(Debug, Serialize)]
+pub struct StageView {
+    /// Mapillary's field name (`status`, `initial_processing_status`, …).
+    pub field: &'static str,
+    /// Human label.
+    pub label: &'static str,
+    /// As Mapillary reported it (`IN_PROGRESS`, `FINISHED`, `FAILED`, or any other value); `null`
+    /// while not reported.
+    pub status: Option<String>,
+}
+
+/// A Mapillary sequence.
+#[derive(Debug, Serialize)]
+pub struct MapillarySequenceView {
+    pub id: String,
+    pub link: Option<String>,
+}
+
+/// The four stages: wire field and label.
+pub const STAGES: [(&str, &str); 4] = [
+    ("status", "Image ingestion"),
+    ("initial_processing_status", "Image processing"),
+    ("anonymization_status", "Map data processing"),
+    ("tiler_status", "Map update"),
+];
+
+/// `error_code` in words. Mapillary documents no codes; only `UNSET` ("no error") has been seen.
+pub fn explain_error_code(code: &str) -> String {
+    if code == NO_ERROR || code.is_empty() {
+        "No error reported by Mapillary.".to_string()
+    } else {
+        format!(
+            "Mapillary reported error code {code} while processing this upload. Mapillary does not \
+             document its error codes; the upload will not progress further. Check it in the Mapillary \
+             app and upload the sequence again if needed."
+        )
+    }
+}
+
+fn mapillary_view(t: &TrackingRecord, links: &[ImageLink]) -> MapillaryView {
+    let s = &t.tracked.stages;
+    let values: [&Option<StageStatus>; 4] = [&s.ingestion, &s.image_processing, &s.map_data, &s.map_update];
+    let stages = STAGES
+        .iter()
+        .zip(values)
+        .map(|((field, label), v)| StageView {
+            field,
+            label,
+            status: v.as_ref().map(|v| v.as_str().to_string()),
+        })
+        .collect();
+    let reason = match &t.tracked.state {
+        OverallState::Stale { reason } | OverallState::Failed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    };
+    let sequences = t
+        .sequence_ids
+        .iter()
+        .map(|id| MapillarySequenceView {
+            id: id.clone(),
+            link: links.iter().find_map(|l| match &l.outcome {
+                ImageOutcome::Linked {
+                    image_id,
+                    sequence_id,
+                    ..
+                } if sequence_id == id => Some(image_link(image_id)),
+                _ => None,
+            }),
+        })
+        .collect();
+    let error_code = t.tracked.error_code.clone();
+    MapillaryView {
+        state: t.tracked.state.as_str(),
+        reason,
+        stages,
+        error_explanation: error_code.as_deref().map(explain_error_code),
+        error_code,
+        finish_upload_at: ts(t.tracked.finished_upload_at),
+        last_checked_at: ots(t.tracked.last_checked_at),
+        sequences,
+        accepted_count: t.linked_count,
+        rejected_count: t.dropped_count,
+        item_count: t.item_count,
+        status_source: t.linked_via.map(path_name),
+    }
+}
+
+/// One upload with what the poller knows about it.
+pub fn upload_view(u: &UploadRecord, tracking: Option<(&TrackingRecord, &[ImageLink])>) -> UploadView {
+    UploadView {
+        upload_id: u.upload_id.clone(),
+        index: u.index,
+        state: u.state.as_str(),
+        cluster_id: u.cluster_id.clone(),
+        image_count: u.image_count,
+        bytes: u.total_len,
+        error: u.error.clone(),
+        created_at: ts(u.created_at),
+        started_at: ots(u.started_at),
+        finished_at: ots(u.finished_at),
+        mapillary: tracking.map(|(t, l)| mapillary_view(t, l)),
+    }
+}
+
+/// The sequence document.
+pub fn sequence_detail(
+    seq: &SequenceRecord,
+    uploads: Vec<UploadView>,
+    feed: Option<&FeedHealth>,
+) -> SequenceDetail {
+    SequenceDetail {
+        sequence_id: seq.sequence_id.clone(),
+        state: seq.state.as_str(),
+        reason: seq.reason.clone(),
+        image_count: seq.image_count,
+        accepted_count: seq.accepted_count,
+        rejected_count: seq.rejected.len(),
+        rejected: seq
+            .rejected
+            .iter()
+            .map(|r| Rejected {
+                key: r.key.clone(),
+                reason: r.reason.clone(),
+            })
+            .collect(),
+        created_at: ts(seq.created_at),
+        updated_at: ts(seq.updated_at),
+        uploads,
+        feed: feed.map(|f| FeedView {
+            healthy: f.healthy,
+            degraded_since: ots(f.degraded_since),
+            updated_at: ts(f.updated_at),
+        }),
+    }
+}
+
+/// `GET /v1/sequences/{sequence_id}/images`.
+#[derive(Debug, Serialize)]
+pub struct ImageList {
+    pub sequence_id: String,
+    pub images: Vec<ImageView>,
+}
+
+/// One of our images and its Mapillary counterpart.
+#[derive(Debug, Serialize)]
+pub struct ImageView {
+    /// Our object key (relative to the sequence prefix for rejected images, as the manifest lists
+    /// them; full key otherwise).
+    pub key: String,
+    /// `LINKED`, `DROPPED` (Mapillary has no image for it), `PENDING` (not linked yet) or
+    /// `REJECTED` (we did not upload it).
+    pub status: &'static str,
+    pub upload_id: Option<String>,
+    pub index: Option<u32>,
+    pub mapillary_image_id: Option<String>,
+    pub mapillary_sequence_id: Option<String>,
+    pub link: Option<String>,
+    /// Why it was dropped or rejected.
+    pub reason: Option<String>,
+    /// Which path found the link or the drop.
+    pub found_via: Option<&'static str>,
+}
+
+/// Our uploaded images with their links (by index), in upload order.
+pub fn uploaded_images(images: &[UploadImage], links: &[ImageLink]) -> Vec<ImageView> {
+    images
+        .iter()
+        .map(|img| {
+            let link = links.iter().find(|l| l.index == img.index);
+            let mut v = ImageView {
+                key: img.key.clone(),
+                status: "PENDING",
+                upload_id: Some(img.upload_id.clone()),
+                index: Some(img.index),
+                mapillary_image_id: None,
+                mapillary_sequence_id: None,
+                link: None,
+                reason: None,
+                found_via: None,
+            };
+            if let Some(l) = link {
+                v.found_via = Some(path_name(l.via));
+                match &l.outcome {
+                    ImageOutcome::Linked {
+                        image_id,
+                        sequence_id,
+                        link,
+                    } => {
+                        v.status = "LINKED";
+                        v.mapillary_image_id = Some(image_id.clone());
+                        v.mapillary_sequence_id = Some(sequence_id.clone());
+                        v.link = Some(link.clone());
+                    }
+                    ImageOutcome::Dropped { reason } => {
+                        v.status = "DROPPED";
+                        v.reason = Some(format!("Mapillary has no image for it: {reason}"));
+                    }
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// The images we did not upload.
+pub fn rejected_images(seq: &SequenceRecord) -> Vec<ImageView> {
+    seq.rejected
+        .iter()
+        .map(|r| ImageView {
+            key: r.key.clone(),
+            status: "REJECTED",
+            upload_id: None,
+            index: None,
+            mapillary_image_id: None,
+            mapillary_sequence_id: None,
+            link: None,
+            reason: Some(r.reason.clone()),
+            found_via: None,
+        })
+        .collect()
+}
+
+/// `POST /v1/mapillary/connect`.
+#[derive(Debug, Serialize)]
+pub struct ConnectStart {
+    /// Send the user's browser here.
+    pub authorize_url: String,
+    /// The `state` stops working then.
+    pub expires_at: String,
+}
+
+/// `GET /v1/mapillary/connection` (and the callback's JSON answer).
+#[derive(Debug, Serialize)]
+pub struct Connection {
+    pub connected: bool,
+    pub mapillary_user_id: Option<String>,
+    pub username: Option<String>,
+    /// Token expiry, when Mapillary gave one.
+    pub expires_at: Ts,
+    /// The token's expiry has passed (zip-and-push refreshes before use; reconnect if that fails).
+    pub expired: bool,
+    /// The stored token cannot be used (e.g. the key changed): connect again.
+    pub reconnect_required: bool,
+    pub updated_at: Ts,
+}
+
+impl Connection {
+    /// No connection.
+    pub fn none() -> Self {
+        Self {
+            connected: false,
+            mapillary_user_id: None,
+            username: None,
+            expires_at: None,
+            expired: false,
+            reconnect_required: false,
+            updated_at: None,
+        }
+    }
+
+    /// From a stored token (never exposing the token).
+    pub fn of(t: &shared::model::StoredToken, now: OffsetDateTime) -> Self {
+        Self {
+            connected: true,
+            mapillary_user_id: t.mapillary_user_id.clone(),
+            username: t.username.clone(),
+            expires_at: ots(t.expires_at),
+            expired: t.expires_at.is_some_and(|e| e <= now),
+            reconnect_required: false,
+            updated_at: Some(ts(t.updated_at)),
+        }
+    }
+}

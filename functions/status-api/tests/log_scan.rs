@@ -1,0 +1,151 @@
+//! Tokens, client secrets, codes and states never reach the logs: the whole OAuth flow (success and
+//! failure paths) runs with a TRACE-level subscriber capturing every line, which is then scanned.
+//! Its own test binary: the subscriber is process-global, so no other test can race its callsites.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::BodyExt;
+use mapillary_sim::{defaults, SimConfig, Simulator};
+use secrecy::{ExposeSecret, SecretString};
+use shared::mapillary::client::MapillaryClient;
+use shared::mapillary::retry::RetryPolicy;
+use shared::mapillary::Endpoints;
+use shared::ports::TokenStore;
+use status_api::config::Settings;
+use status_api::oauth::MapillaryConnector;
+use status_api::testing::{MemStates, MemTracking};
+use status_api::{router, AppDeps};
+use tower::ServiceExt;
+use zip_and_push::testing::{MemRepo, MemTokens};
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn event(name: &str) -> String {
+    let path = format!("{}/../../events/apigw-v2/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap()
+}
+
+fn callback(code: &str, state: &str) -> lambda_http::Request {
+    let mut v: serde_json::Value = serde_json::from_str(&event("get-callback.json")).unwrap();
+    v["rawQueryString"] = format!("code={code}&state={state}").into();
+    v.as_object_mut().unwrap().remove("queryStringParameters");
+    lambda_http::request::from_str(&v.to_string()).unwrap()
+}
+
+async fn status_and_body(app: &axum::Router, req: lambda_http::Request) -> (u16, String) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn consent(app: &axum::Router) -> (String, String) {
+    let (status, body) = status_and_body(
+        app,
+        lambda_http::request::from_str(&event("post-connect.json")).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = http
+        .get(v["authorize_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    (q["code"].clone(), q["state"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs() {
+    let capture = Capture::default();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("trace,mapillary_sim=off"))
+        .with_writer(capture.clone())
+        .json()
+        .init();
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let deps = Arc::new(AppDeps {
+        repo: MemRepo::new(),
+        tracking: MemTracking::default(),
+        tokens: MemTokens::new(),
+        states: MemStates::default(),
+        mapillary: MapillaryConnector::new(
+            MapillaryClient::new(
+                Endpoints::under(sim.base_url()),
+                reqwest::Client::new(),
+                RetryPolicy::default(),
+            ),
+            defaults::APP_ID,
+            SecretString::from(defaults::CLIENT_SECRET),
+        ),
+        settings: Settings {
+            redirect_uri: Some(defaults::REDIRECT_URI.into()),
+            ..Settings::default()
+        },
+    });
+    let app = router(deps.clone());
+    let (code, state) = consent(&app).await;
+    let (status, body) = status_and_body(&app, callback(&code, &state)).await;
+    assert_eq!(status, 200, "{body}");
+    // Failure paths log too: a bad code, a replayed state.
+    let (_c, state2) = consent(&app).await;
+    assert_eq!(status_and_body(&app, callback("AQbogus", &state2)).await.0, 400);
+    assert_eq!(status_and_body(&app, callback(&code, &state)).await.0, 400);
+    let conn = lambda_http::request::from_str(&event("get-connection.json")).unwrap();
+    let (status, body) = status_and_body(&app, conn).await;
+    assert_eq!(status, 200);
+    let token = deps.tokens.load("user-1").await.unwrap().unwrap();
+    let token = token.access_token.expose_secret().to_string();
+    assert!(!body.contains(&token));
+    sim.shutdown().await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("Mapillary account connected"),
+        "the flow was logged:\n{logs}"
+    );
+    assert!(
+        logs.contains("code exchange failed"),
+        "the failure was logged:\n{logs}"
+    );
+    for (what, secret) in [
+        ("access token", token.as_str()),
+        ("client secret", defaults::CLIENT_SECRET),
+        (
+            "client secret hash part",
+            defaults::CLIENT_SECRET.rsplit('|').next().unwrap(),
+        ),
+        ("authorization code", code.as_str()),
+        ("state", state.as_str()),
+        ("state 2", state2.as_str()),
+    ] {
+        assert!(!logs.contains(secret), "{what} found in the logs");
+    }
+}

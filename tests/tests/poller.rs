@@ -1,0 +1,611 @@
+//! The poller end to end on the local stack (moto: the stack from `infra/template.yaml`, DynamoDB,
+//! SQS, KMS through `shared::adapters`) and the in-process Mapillary simulator with its frozen
+//! clock. zip-and-push's state is written directly through the adapters: each upload is a real zip
+//! uploaded to the simulator and finished (a real cluster), its upload record and image entries are
+//! put with `DynamoRepository`, and its cluster message is sent with `SqsClusterQueue`. The poller's
+//! "now" follows the simulator's clock.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use integration_tests::moto::shared_moto;
+use integration_tests::stack::{self, LocalStack};
+use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET};
+use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use poller::api::MapillaryApi;
+use poller::clock::Clock;
+use poller::config::Tunables;
+use poller::inbox::SqsInbox;
+use poller::tokens::UserToken;
+use poller::{run_once, Poller, RunReport};
+use relay_fixtures::{jpeg, track, TrackSpec};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::sqs::SqsClusterQueue;
+use shared::adapters::tokens::KmsTokenStore;
+use shared::adapters::tracking::DynamoTracking;
+use shared::domain::linking::{ImageOutcome, LinkPath};
+use shared::domain::tracking::OverallState;
+use shared::mapillary::client::MapillaryClient;
+use shared::mapillary::retry::RetryPolicy;
+use shared::mapillary::Endpoints;
+use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadRecord, UploadState};
+use shared::ports::{ClusterQueue, TokenStore, TrackingRepository, UploadRepository};
+use time::{Duration as TDuration, OffsetDateTime};
+
+type P = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+
+struct World {
+    _stack: LocalStack,
+    sim: SimHandle,
+    poller: P,
+    client: MapillaryClient,
+    clusters: SqsClusterQueue,
+    http: reqwest::Client,
+}
+
+/// A simulator user: our user id, the token.
+struct SimUser {
+    ours: String,
+    token: String,
+}
+
+fn sim_now(sim: &SimHandle) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(sim.sim().now_ms()) * 1_000_000).expect("time")
+}
+
+async fn world(tag: &str, tunables: Tunables) -> Result<World> {
+    let endpoint = shared_moto()?;
+    let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let client = MapillaryClient::new(
+        Endpoints::under(sim.base_url()),
+        http.clone(),
+        RetryPolicy::fast(),
+    );
+    let poller = Poller {
+        tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
+        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        tokens: KmsTokenStore::new(
+            stack.dynamodb(),
+            stack.kms(),
+            &stack.users_table,
+            &stack.token_key_id,
+        ),
+        inbox: SqsInbox::new(stack.sqs(), &stack.clusters_queue_url),
+        api: MapillaryApi::new(
+            client.clone(),
+            http.clone(),
+            APP_ID,
+            SecretString::from(CLIENT_SECRET),
+        ),
+        client_token: None,
+        tunables,
+        clock: Clock::manual(sim_now(&sim)),
+    };
+    let clusters = SqsClusterQueue::new(stack.sqs(), &stack.clusters_queue_url);
+    Ok(World {
+        _stack: stack,
+        sim,
+        poller,
+        client,
+        clusters,
+        http,
+    })
+}
+
+impl World {
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value> {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.sim.admin_url()))
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        ensure!(status.is_success(), "admin {path}: {status} {text}");
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A new simulator user with an OAuth token (refreshable), connected as `ours`.
+    async fn user(&self, ours: &str, username: &str, with_mapillary_id: bool) -> Result<SimUser> {
+        let u = self
+            .admin(
+                reqwest::Method::POST,
+                "/users",
+                json!({"username": username, "oauth": true}),
+            )
+            .await?;
+        let token = u["access_token"].as_str().context("token")?.to_string();
+        let id = u["id"].as_str().context("id")?.to_string();
+        self.poller
+            .tokens
+            .save(
+                ours,
+                &StoredToken {
+                    access_token: SecretString::from(token.clone()),
+                    refresh_token: None,
+                    expires_at: None,
+                    mapillary_user_id: with_mapillary_id.then_some(id),
+                    username: Some(username.into()),
+                    updated_at: OffsetDateTime::now_utc(),
+                },
+            )
+            .await?;
+        Ok(SimUser {
+            ours: ours.into(),
+            token,
+        })
+    }
+
+    /// Upload `n` images (a straight track starting at `lat`,`lon`, 2 s apart, starting at
+    /// `start`) as one zip, finish it, and write what zip-and-push would have written. Returns the
+    /// upload id and cluster id. `send` = also put the cluster message on the queue.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload(
+        &self,
+        u: &SimUser,
+        seq: &str,
+        n: usize,
+        lat: f64,
+        lon: f64,
+        start: OffsetDateTime,
+        send: bool,
+    ) -> Result<(String, String)> {
+        let mut t = TrackSpec::new(lat, lon, start);
+        t.interval_ms = 2000;
+        t.step_m = 8.0;
+        t.altitude = Some(120.0);
+        let specs = track(n, &t);
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut zw = zip::ZipWriter::new(&mut buf);
+            for (i, s) in specs.iter().enumerate() {
+                zw.start_file(
+                    format!("{i}.jpg"),
+                    zip::write::SimpleFileOptions::default()
+                        .compression_method(zip::CompressionMethod::Stored),
+                )?;
+                zw.write_all(&jpeg(s))?;
+            }
+            zw.finish()?;
+        }
+        let bytes = bytes::Bytes::from(buf.into_inner());
+        let total = bytes.len() as u64;
+        let token = SecretString::from(u.token.clone());
+        let key = format!("mly_relay_{}_{seq}.zip", u.ours);
+        let report = self
+            .client
+            .upload_resumable(&token, &key, total, |off| {
+                let b = bytes.slice(off as usize..);
+                futures::stream::iter([Ok::<_, std::io::Error>(b)])
+            })
+            .await?;
+        let cluster = self
+            .client
+            .finish_upload(
+                &token,
+                &report.handle,
+                shared::mapillary::client::FileType::Zip,
+                None,
+            )
+            .await?;
+        let id = upload_id(&u.ours, seq, 0);
+        let now = sim_now(&self.sim);
+        let repo = &self.poller.uploads;
+        repo.put_upload(&UploadRecord {
+            user_id: u.ours.clone(),
+            sequence_id: seq.into(),
+            upload_id: id.clone(),
+            index: 0,
+            state: UploadState::HandedOff,
+            session_key: key,
+            total_len: total,
+            image_count: n as u32,
+            cluster_id: Some(cluster.clone()),
+            handle: Some(report.handle.clone()),
+            organization_id: None,
+            bytes_sent: total,
+            created_at: now,
+            started_at: Some(now),
+            finished_at: Some(now),
+            error: None,
+            attempts: 1,
+        })
+        .await?;
+        let images: Vec<UploadImage> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| UploadImage {
+                upload_id: id.clone(),
+                index: i as u32,
+                key: format!("sequences/{}/{seq}/img_{i:04}.jpg", u.ours),
+                etag: "e".into(),
+                size: 1,
+                entry_size: 1,
+                header_consumed: 0,
+                description: String::new(),
+                lat: s.lat,
+                lon: s.lon,
+                altitude: s.altitude,
+                captured_at: s.captured_at,
+                heading: None,
+                checkpoint: None,
+            })
+            .collect();
+        repo.put_images(&images).await?;
+        if send {
+            self.send(&u.ours, seq, &id, &cluster).await?;
+        }
+        Ok((id, cluster))
+    }
+
+    async fn send(&self, user: &str, seq: &str, id: &str, cluster: &str) -> Result<()> {
+        self.clusters
+            .send_cluster(&ClusterMessage {
+                upload_id: id.into(),
+                user_id: user.into(),
+                sequence_id: seq.into(),
+                cluster_id: cluster.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Advance the simulator and the poller's clock together.
+    fn advance(&self, seconds: i64) {
+        self.sim.advance_clock(seconds);
+        self.poller.clock.set_ms(self.sim.sim().now_ms());
+    }
+
+    async fn run(&self) -> RunReport {
+        run_once(&self.poller, Instant::now() + Duration::from_secs(120)).await
+    }
+
+    async fn requests(&self, path: &str) -> Result<usize> {
+        let v = self.admin(reqwest::Method::GET, "/requests", Value::Null).await?;
+        let list = v
+            .as_array()
+            .or_else(|| v["requests"].as_array())
+            .context("request log")?;
+        Ok(list.iter().filter(|r| r["path"].as_str() == Some(path)).count())
+    }
+
+    async fn clear_requests(&self) -> Result<()> {
+        self.admin(reqwest::Method::DELETE, "/requests", Value::Null)
+            .await?;
+        Ok(())
+    }
+}
+
+fn start_time() -> OffsetDateTime {
+    time::macros::datetime!(2024-04-20 08:00:00 UTC)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_progress_to_finished_and_link_through_the_feed_and_intake_is_idempotent() -> Result<()> {
+    let w = world("poll-stages", Tunables::default()).await?;
+    let u = w.user("alice", "alice_m", false).await?;
+    let (id, cluster) = w.upload(&u, "s1", 6, 48.2, 16.37, start_time(), true).await?;
+    // A re-delivered message must not create a second record nor reset progress.
+    w.send("alice", "s1", &id, &cluster).await?;
+
+    let r = w.run().await;
+    assert_eq!(r.intake.received, 2, "{r:?}");
+    assert_eq!(
+        (r.intake.created, r.intake.duplicates, r.intake.deleted),
+        (1, 1, 2),
+        "{r:?}"
+    );
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(rec.tracked.state, OverallState::InProgress);
+    // The Mapillary user id was resolved with /me and saved to the token record.
+    let tok = w.poller.tokens.load("alice").await?.context("token")?;
+    assert!(tok.mapillary_user_id.is_some());
+    assert_eq!(rec.mapillary_user_id, tok.mapillary_user_id);
+
+    // Stage by stage (default plan 60 s, 600 s, 1800 s, 3600 s).
+    let mut states = Vec::new();
+    for secs in [61, 600, 1800, 3600] {
+        w.advance(secs);
+        let r = w.run().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+        states.push(rec.tracked.stages.clone());
+    }
+    assert_eq!(states[0].ingestion.as_ref().map(|s| s.as_str()), Some("FINISHED"));
+    assert_eq!(
+        states[0].image_processing.as_ref().map(|s| s.as_str()),
+        Some("IN_PROGRESS")
+    );
+    assert!(states[3].all_finished());
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert_eq!(rec.linked_via, Some(LinkPath::ActivityFeed));
+    assert_eq!((rec.linked_count, rec.dropped_count), (6, 0));
+    assert_eq!(rec.sequence_ids.len(), 1);
+    assert_eq!(rec.item_count, Some(6));
+    let fields: Vec<&str> = rec.history.iter().map(|t| t.field.as_str()).collect();
+    for f in [
+        "status",
+        "initial_processing_status",
+        "anonymization_status",
+        "tiler_status",
+        "state",
+    ] {
+        assert!(fields.contains(&f), "{fields:?}");
+    }
+    let links = w.poller.tracking.list_links(&id).await?;
+    assert_eq!(links.len(), 6);
+    for l in &links {
+        match &l.outcome {
+            ImageOutcome::Linked { image_id, link, .. } => {
+                assert_eq!(link, &format!("https://www.mapillary.com/app/?pKey={image_id}"))
+            }
+            other => panic!("not linked: {other:?}"),
+        }
+    }
+    // Final: no longer pending; a further run writes nothing; the re-delivered message changes nothing.
+    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    w.send("alice", "s1", &id, &cluster).await?;
+    let r = w.run().await;
+    assert_eq!((r.intake.duplicates, r.written), (1, 0), "{r:?}");
+    let again = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(again, rec);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_is_recorded_with_its_error_code() -> Result<()> {
+    let w = world("poll-fail", Tunables::default()).await?;
+    let u = w.user("bob", "bob_m", true).await?;
+    w.admin(
+        reqwest::Method::POST,
+        "/plans/next",
+        json!({"fail": {"stage": 2, "error_code": "SIM_PROCESSING_FAILED"}}),
+    )
+    .await?;
+    let (id, _) = w.upload(&u, "s1", 3, 48.2, 16.37, start_time(), true).await?;
+    w.run().await;
+    w.advance(61 + 600);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    match &rec.tracked.state {
+        OverallState::Failed {
+            error_code, stage, ..
+        } => {
+            assert_eq!(error_code.as_deref(), Some("SIM_PROCESSING_FAILED"));
+            assert_eq!(stage.as_deref(), Some("initial_processing_status"));
+        }
+        s => panic!("expected FAILED, got {s:?}"),
+    }
+    assert!(rec.sequence_ids.is_empty());
+    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_broken_falls_back_to_tiles_and_links_the_same_images() -> Result<()> {
+    let w = world("poll-plana", Tunables::default()).await?;
+    let u = w.user("carol", "carol_m", true).await?;
+    let (id, _) = w
+        .upload(&u, "s1", 8, 40.4168, -3.7038, start_time(), true)
+        .await?;
+    w.run().await;
+    w.advance(7000);
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "action": {"kind": "graphql_error", "message": "Unknown document"}}),
+    )
+    .await?;
+    let r = w.run().await;
+    assert_eq!(
+        (r.plan_a_users, r.linked_tiles, r.linked_feed),
+        (1, 1, 0),
+        "{r:?}"
+    );
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(rec.linked_via, Some(LinkPath::CoverageTiles));
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    let health = w.poller.tracking.get_feed_health().await?.context("health")?;
+    assert!(!health.healthy && health.degraded_since.is_some());
+    assert!(health.last_error.unwrap_or_default().contains("Unknown document"));
+    let via_tiles: Vec<(String, ImageOutcome)> = w
+        .poller
+        .tracking
+        .list_links(&id)
+        .await?
+        .into_iter()
+        .map(|l| {
+            assert_eq!(l.via, LinkPath::CoverageTiles);
+            (l.key, l.outcome)
+        })
+        .collect();
+
+    // What Plan B links for the same upload, once the feed works again.
+    w.admin(reqwest::Method::DELETE, "/faults", Value::Null).await?;
+    let mut tok = UserToken::load(&w.poller, "carol").await?;
+    let image_id = rec.image_id.clone().context("image id")?;
+    let (_, report) = poller::planb::link_by_feed(&w.poller, &mut tok, &rec, &image_id).await?;
+    let via_feed: Vec<(String, ImageOutcome)> =
+        report.images.into_iter().map(|i| (i.key, i.outcome)).collect();
+    assert_eq!(via_tiles, via_feed);
+    assert_eq!(report.path, LinkPath::ActivityFeed);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_then_failed_at_the_hard_stop() -> Result<()> {
+    let w = world("poll-stale", Tunables::default()).await?;
+    let u = w.user("dave", "dave_m", true).await?;
+    w.admin(reqwest::Method::POST, "/plans/next", json!({"stuck_at": 2}))
+        .await?;
+    let (id, _) = w.upload(&u, "s1", 2, 48.2, 16.37, start_time(), true).await?;
+    w.run().await;
+    w.advance(73 * 3600);
+    w.run().await;
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    match &rec.tracked.state {
+        OverallState::Stale { reason } => assert!(reason.contains("72 h"), "{reason}"),
+        s => panic!("expected STALE, got {s:?}"),
+    }
+    // Checked at the slower rate: a run right after does not look at it.
+    w.clear_requests().await?;
+    let r = w.run().await;
+    assert_eq!(r.checked, 0, "{r:?}");
+    assert_eq!(w.requests("/graph/graphql").await?, 0);
+    w.advance(14 * 24 * 3600);
+    w.run().await;
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert!(
+        matches!(&rec.tracked.state, OverallState::Failed { reason, .. } if reason.contains("gave up")),
+        "{:?}",
+        rec.tracked.state
+    );
+    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_feed_refreshes_the_token_and_continues() -> Result<()> {
+    let w = world("poll-401", Tunables::default()).await?;
+    let u = w.user("erin", "erin_m", true).await?;
+    let (id, _) = w.upload(&u, "s1", 2, 48.2, 16.37, start_time(), true).await?;
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "times": 1, "action": {"kind": "unauthorized"}}),
+    )
+    .await?;
+    w.advance(61);
+    let r = w.run().await;
+    assert_eq!(r.plan_a_users, 0, "{r:?}");
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(
+        rec.tracked.stages.ingestion.as_ref().map(|s| s.as_str()),
+        Some("FINISHED")
+    );
+    let tok = w.poller.tokens.load("erin").await?.context("token")?;
+    assert_ne!(
+        tok.access_token.expose_secret(),
+        u.token,
+        "the refreshed token was saved"
+    );
+    assert!(tok.expires_at.is_some());
+    Ok(())
+}
+
+/// The seed's exact sample body (protocol doc §6.1, TV-2023a/TV-2022 nodes), served for every feed
+/// request: its clusters are not ours and it always says `has_next_page` with the same cursor.
+const SEED_SAMPLE: &str = r#"{"data":{"fetch__User":{"id":"101176865463974","feed":{"page_info":{"start_cursor":null,"end_cursor":"AQHRfgT-…","has_next_page":true,"has_previous_page":false},"nodes":[{"cluster_id":"151552211058876","type":"UPLOAD","created_at_seconds":1683759912,"captured_at_seconds":1683629036,"thumb_url":"https://scontent-….fbcdn.net/…","item_count":43,"image_id":"202467835974822","status":"FINISHED","initial_processing_status":"FINISHED","anonymization_status":"FINISHED","tiler_status":"FINISHED","error_code":"UNSET","timezone":"EUROPE_MADRID","__typename":"ClusterLatestActivityItem"},{"cluster_id":"…","type":"UPLOAD","thumb_url":null,"item_count":null,"image_id":null,"status":"IN_PROGRESS","initial_processing_status":"IN_PROGRESS","anonymization_status":"IN_PROGRESS","tiler_status":"IN_PROGRESS","error_code":"UNSET","__typename":"ClusterLatestActivityItem"}],"__typename":"UserFeedConnection"},"__typename":"User"},"__typename":"Query"},"extensions":{"is_final":true}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_unknown_and_looping_feed_replies_are_handled() -> Result<()> {
+    let w = world("poll-drift", Tunables::default()).await?;
+    let u = w.user("finn", "finn_m", true).await?;
+    let (id, _) = w.upload(&u, "s1", 2, 48.2, 16.37, start_time(), true).await?;
+    w.run().await;
+    let health = |w: &World| {
+        let t = w.poller.tracking.clone();
+        async move { t.get_feed_health().await }
+    };
+
+    // 1. The seed's sample, forever: the repeated cursor stops the walk after two pages.
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "action": {"kind": "status", "status": 200,
+            "body": serde_json::from_str::<Value>(SEED_SAMPLE)?}}),
+    )
+    .await?;
+    w.clear_requests().await?;
+    let r = w.run().await;
+    assert_eq!(r.plan_a_users, 1, "{r:?}");
+    assert_eq!(w.requests("/graph/graphql").await?, 2);
+    assert!(!health(&w).await?.context("health")?.healthy);
+
+    // 2. A reply that is a bare JSON string (the simulator's fault bodies are JSON), and a renamed
+    //    field: the feed is unusable, the run completes.
+    for action in [
+        json!({"kind": "status", "status": 200, "body": "<html>oops</html>"}),
+        json!({"kind": "rename_node_field", "from": "cluster_id", "to": "clusterId"}),
+    ] {
+        w.admin(reqwest::Method::DELETE, "/faults", Value::Null).await?;
+        w.admin(
+            reqwest::Method::POST,
+            "/faults",
+            json!({"path": "/graph/graphql", "action": action}),
+        )
+        .await?;
+        let r = w.run().await;
+        assert_eq!(r.plan_a_users, 1, "{r:?}");
+    }
+
+    // 3. Unknown enum value in a stage: stored verbatim, shown in the history; the feed is healthy.
+    w.admin(reqwest::Method::DELETE, "/faults", Value::Null).await?;
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "action": {"kind": "set_node_field", "field": "tiler_status", "value": "QUEUED_FOR_TILES"}}),
+    )
+    .await?;
+    let r = w.run().await;
+    assert_eq!(r.plan_a_users, 0, "{r:?}");
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(
+        rec.tracked.stages.map_update.as_ref().map(|s| s.as_str()),
+        Some("QUEUED_FOR_TILES")
+    );
+    assert!(rec
+        .history
+        .iter()
+        .any(|t| t.field == "tiler_status" && t.to.as_deref() == Some("QUEUED_FOR_TILES")));
+    assert_eq!(rec.tracked.state, OverallState::InProgress);
+    let h = health(&w).await?.context("health")?;
+    assert!(h.healthy && h.degraded_since.is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_page_feed_stops_as_soon_as_every_pending_cluster_was_seen() -> Result<()> {
+    let w = world("poll-pages", Tunables::default()).await?;
+    let u = w.user("gina", "gina_m", true).await?;
+    // 230 uploads; only the oldest and the newest are tracked.
+    let mut ids = Vec::new();
+    for i in 0..230 {
+        let at = start_time() + TDuration::minutes(i);
+        let lat = 48.0 + (i as f64) * 0.01;
+        let (id, cluster) = w
+            .upload(&u, &format!("s{i:03}"), 1, lat, 16.37, at, false)
+            .await?;
+        ids.push((id, cluster));
+        w.advance(1); // distinct created_at_seconds, newest last
+    }
+    let (newest, newest_cluster) = ids.last().cloned().context("newest")?;
+    w.send("gina", "s229", &newest, &newest_cluster).await?;
+    w.clear_requests().await?;
+    w.run().await;
+    assert_eq!(w.requests("/graph/graphql").await?, 1, "the newest is on page 1");
+    let (oldest, oldest_cluster) = ids[0].clone();
+    w.send("gina", "s000", &oldest, &oldest_cluster).await?;
+    w.clear_requests().await?;
+    w.run().await;
+    // 230 items at 50 per page: the oldest is on page 5 (and the walk never asks for more).
+    assert_eq!(w.requests("/graph/graphql").await?, 5);
+    let rec = w
+        .poller
+        .tracking
+        .get_tracking(&oldest)
+        .await?
+        .context("tracked")?;
+    assert!(rec.tracked.stages.ingestion.is_some(), "{rec:?}");
+    Ok(())
+}
