@@ -5,7 +5,9 @@
 //! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests.
 //! * `demo` — the main job, end to end on the local stack.
 
+mod bench;
 mod demo;
+mod push;
 mod stack;
 mod venv;
 
@@ -57,6 +59,23 @@ enum Cmd {
         /// Number of images to generate.
         #[arg(long, default_value_t = 60)]
         images: usize,
+    },
+    /// Drop a local folder of JPEGs as a sequence into the local stack, run zip-and-push on it and
+    /// print the sequence's status document (JSON) on stdout.
+    Push {
+        /// Folder with the images (`.jpg`/`.jpeg`, recursively).
+        dir: PathBuf,
+        /// Producer user id (`[A-Za-z0-9._-]`); connected to the simulator's demo user if needed.
+        #[arg(long)]
+        user: Option<String>,
+        /// Sequence id (default: the folder name and a UTC timestamp).
+        #[arg(long)]
+        sequence: Option<String>,
+    },
+    /// Benchmarks (results go to docs/benchmarks.md by hand).
+    Bench {
+        /// What to benchmark: `zip-and-push`.
+        what: String,
     },
 }
 
@@ -115,6 +134,11 @@ fn main() -> Result<()> {
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
+        Cmd::Push { dir, user, sequence } => rt.block_on(push::run(&root, &dir, user, sequence)),
+        Cmd::Bench { what } => match what.as_str() {
+            "zip-and-push" => rt.block_on(bench::run(&root)),
+            other => bail!("unknown benchmark {other:?} (known: zip-and-push)"),
+        },
     }
 }
 
