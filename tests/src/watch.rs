@@ -34,14 +34,18 @@ impl LambdaWatch {
     /// and its output in `<dir>/watch.log`; returns once it accepts connections.
     pub fn start(root: &Path, venvs: &Venvs, env: &[(String, String)], dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.current_dir(root).args(["build", "--quiet"]);
+        // Watch starts each function with `cargo run --manifest-path Cargo.toml --bin <f>`; building each
+        // binary the same way (one package at a time, so the same feature set) means that run finds
+        // nothing to compile. A `-p a -p b -p c` build unifies features across the three and would not.
         for f in FUNCTIONS {
-            build.args(["-p", f]);
-        }
-        let status = build.status().context("building the function binaries")?;
-        if !status.success() {
-            bail!("building the function binaries failed ({status})");
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(root)
+                .args(["build", "--quiet", "--manifest-path", "Cargo.toml", "--bin", f])
+                .status()
+                .with_context(|| format!("building {f}"))?;
+            if !status.success() {
+                bail!("building {f} failed ({status})");
+            }
         }
 
         let env_file = dir.join("lambda.env");
