@@ -5,9 +5,11 @@
 //! * [`s3event`] — lenient parsing of S3 notifications as delivered through SQS (real AWS and moto shapes).
 //! * [`model`] — the records kept about sequences, uploads and images.
 //! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
+//! * [`config`] — typed reading of a function's environment (required names, tunables, endpoints).
 //! * [`telemetry`] — structured JSON logging set-up shared by every function.
 
 pub mod adapters;
+pub mod config;
 pub mod domain;
 pub mod mapillary;
 pub mod model;

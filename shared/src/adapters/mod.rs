@@ -5,6 +5,7 @@ pub mod dynamo;
 pub mod mapillary;
 pub mod oauth_state;
 pub mod s3;
+pub mod secrets;
 pub mod sqs;
 pub mod tokens;
 pub mod tracking;

@@ -1,0 +1,201 @@
+//! Reading a function's configuration from its environment: the pieces every function shares
+//! (required names, typed tunables with defaults, the Mapillary endpoints and the OAuth client
+//! secret's source). Each function's `config.rs` builds its own typed `Config` with these.
+//!
+//! Hand-rolled over a lookup function rather than figment/envy: a few dozen flat variables, and the
+//! lookup makes every parser testable without touching the process environment.
+
+use secrecy::SecretString;
+
+use crate::mapillary::Endpoints;
+
+/// A variable is missing or malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Required and absent (or empty).
+    #[error("missing environment variable {0}")]
+    Missing(&'static str),
+    /// Present but unusable.
+    #[error("environment variable {name}: {reason}")]
+    Invalid {
+        /// Variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// `name` is present but out of its range (`reason` says the range).
+    pub fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where the OAuth client secret comes from.
+#[derive(Debug, Clone)]
+pub enum ClientSecretSource {
+    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
+    Plain(SecretString),
+    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved at init by
+    /// [`crate::adapters::secrets::resolve_client_secret`]).
+    SecretArn(String),
+}
+
+/// Typed access to variables through a lookup function (the process environment, or a map in tests).
+/// Values are trimmed; an empty value counts as absent.
+pub struct Env<F> {
+    get: F,
+}
+
+impl Env<fn(&str) -> Option<String>> {
+    /// The process environment.
+    pub fn process() -> Self {
+        Env {
+            get: |k: &str| std::env::var(k).ok(),
+        }
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    /// Variables looked up through `get`.
+    pub fn new(get: F) -> Self {
+        Env { get }
+    }
+
+    /// The trimmed value of `name`, `None` when absent or empty.
+    pub fn optional(&self, name: &str) -> Option<String> {
+        (self.get)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The value of `name`, which must be set.
+    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.optional(name).ok_or(ConfigError::Missing(name))
+    }
+
+    /// `name` parsed as `T`, or `default` when unset.
+    pub fn parse_or<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.optional(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|e: T::Err| ConfigError::invalid(name, format!("{v:?}: {e}"))),
+        }
+    }
+
+    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`
+    /// (trailing slashes removed).
+    pub fn endpoints(&self) -> Result<Endpoints, ConfigError> {
+        let base = |name: &'static str| -> Result<String, ConfigError> {
+            let v = self.required(name)?;
+            if !(v.starts_with("https://") || v.starts_with("http://")) {
+                return Err(ConfigError::invalid(name, format!("{v:?} is not an http(s) URL")));
+            }
+            Ok(v.trim_end_matches('/').to_string())
+        };
+        Ok(Endpoints {
+            graph: base("MAPILLARY_GRAPH_URL")?,
+            upload: base("MAPILLARY_UPLOAD_URL")?,
+            tiles: base("MAPILLARY_TILES_URL")?,
+            www: base("MAPILLARY_WWW_URL")?,
+        })
+    }
+
+    /// `MAPILLARY_CLIENT_SECRET` (plain, local stacks) or else `MAPILLARY_CLIENT_SECRET_ARN`.
+    pub fn client_secret(&self) -> Result<ClientSecretSource, ConfigError> {
+        match (
+            (self.get)("MAPILLARY_CLIENT_SECRET").filter(|v| !v.is_empty()),
+            self.optional("MAPILLARY_CLIENT_SECRET_ARN"),
+        ) {
+            (Some(s), _) => Ok(ClientSecretSource::Plain(SecretString::from(s))),
+            (None, Some(arn)) => Ok(ClientSecretSource::SecretArn(arn)),
+            (None, None) => Err(ConfigError::Missing("MAPILLARY_CLIENT_SECRET")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn env(pairs: &[(&'static str, &str)]) -> Env<impl Fn(&str) -> Option<String>> {
+        let map: HashMap<&'static str, String> = pairs.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        Env::new(move |k: &str| map.get(k).cloned())
+    }
+
+    #[test]
+    fn when_required_is_blank_should_report_it_missing() {
+        let e = env(&[("A", "  ")]);
+        assert_eq!(e.required("A"), Err(ConfigError::Missing("A")));
+        assert_eq!(e.required("B"), Err(ConfigError::Missing("B")));
+    }
+
+    #[test]
+    fn when_value_does_not_parse_should_name_variable_and_value() {
+        let e = env(&[("N", " 12 "), ("BAD", "twelve")]);
+        assert_eq!(e.parse_or("N", 1u32), Ok(12));
+        assert_eq!(e.parse_or("UNSET", 7u32), Ok(7));
+        match e.parse_or("BAD", 1u32) {
+            Err(ConfigError::Invalid { name, reason }) => {
+                assert_eq!(name, "BAD");
+                assert!(reason.contains("\"twelve\""), "{reason}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn when_endpoints_have_trailing_slash_should_trim_and_reject_non_urls() {
+        let mut pairs = vec![
+            ("MAPILLARY_GRAPH_URL", "http://h/graph/"),
+            ("MAPILLARY_UPLOAD_URL", "https://rupload.facebook.com"),
+            ("MAPILLARY_TILES_URL", "http://h/tiles"),
+            ("MAPILLARY_WWW_URL", "http://h/www//"),
+        ];
+        let ep = env(&pairs).endpoints().unwrap();
+        assert_eq!(ep.graph, "http://h/graph");
+        assert_eq!(ep.www, "http://h/www");
+        pairs[2] = ("MAPILLARY_TILES_URL", "tiles.mapillary.com");
+        assert!(matches!(
+            env(&pairs).endpoints(),
+            Err(ConfigError::Invalid {
+                name: "MAPILLARY_TILES_URL",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn when_both_secret_sources_set_should_prefer_plain_and_never_show_it() {
+        let both = env(&[
+            ("MAPILLARY_CLIENT_SECRET", "s3cret"),
+            ("MAPILLARY_CLIENT_SECRET_ARN", "arn:x"),
+        ]);
+        match both.client_secret().unwrap() {
+            ClientSecretSource::Plain(s) => {
+                assert_eq!(s.expose_secret(), "s3cret");
+                assert!(!format!("{s:?}").contains("s3cret"));
+            }
+            other => panic!("expected the plain secret, got {other:?}"),
+        }
+        let arn = env(&[("MAPILLARY_CLIENT_SECRET_ARN", "arn:x")]);
+        assert!(matches!(arn.client_secret(), Ok(ClientSecretSource::SecretArn(a)) if a == "arn:x"));
+        assert_eq!(
+            env(&[]).client_secret().unwrap_err(),
+            ConfigError::Missing("MAPILLARY_CLIENT_SECRET")
+        );
+    }
+}
