@@ -76,6 +76,30 @@ pub struct ObjectBody {
     pub etag: String,
 }
 
+/// A whole object as the segments the connection delivered (no copy into one buffer).
+#[derive(Debug, Clone)]
+pub struct ObjectChunks {
+    /// The bytes, in order; their concatenation is the object.
+    pub chunks: Vec<Bytes>,
+    /// ETag without quotes.
+    pub etag: String,
+    /// The md5 (32 lowercase hex) of the object's bytes when the store vouches for it without
+    /// hashing (S3: the ETag of a single-part, unencrypted or SSE-S3 object); `None` otherwise.
+    pub content_md5: Option<String>,
+}
+
+impl ObjectChunks {
+    /// Total length of the chunks.
+    pub fn len(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len() as u64).sum()
+    }
+
+    /// Whether the object is empty.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.iter().all(Bytes::is_empty)
+    }
+}
+
 /// Part of an object.
 #[derive(Debug, Clone)]
 pub struct RangeBody {
@@ -112,6 +136,25 @@ pub trait ObjectStore: Send + Sync {
         key: &str,
         if_match: Option<&str>,
     ) -> impl Future<Output = Result<ObjectBody, StoreError>> + Send;
+
+    /// Like [`ObjectStore::get_object`], but keeps the body in the segments it arrived in and says
+    /// whether the ETag is the md5 of the content. The default wraps `get_object` (one chunk, no
+    /// md5 claim); adapters override it to avoid copying large bodies.
+    fn get_object_chunks(
+        &self,
+        bucket: &str,
+        key: &str,
+        if_match: Option<&str>,
+    ) -> impl Future<Output = Result<ObjectChunks, StoreError>> + Send {
+        async move {
+            let o = self.get_object(bucket, key, if_match).await?;
+            Ok(ObjectChunks {
+                chunks: vec![o.bytes],
+                etag: o.etag,
+                content_md5: None,
+            })
+        }
+    }
 
     /// Every object whose key starts with `prefix` (all pages of ListObjectsV2), in key order.
     /// An empty result is not an error.

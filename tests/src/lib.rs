@@ -1,7 +1,9 @@
 //! Harness for the integration tests and `cargo xtask`: the project's Python venvs ([`venv`]), moto
 //! ([`moto`]), the local AWS stack created from `infra/template.yaml` ([`stack`]) and daemon process
-//! groups ([`process`]).
+//! groups ([`process`]), the functions under `cargo lambda watch` ([`watch`]) and their emulated
+//! triggers ([`esm`]).
 
+pub mod esm;
 pub mod mapillary_tools;
 pub mod moto;
 pub mod process;

@@ -1,6 +1,7 @@
 //! The project's Python virtualenvs: `.venv/aws` (moto, cargo-lambda, cfn-lint, aws-sam-translator),
 //! `.venv/mapillary-tools` (Mapillary's own client; its pins conflict with aws-sam-translator) and
-//! `.venv/checkov` (checkov pins an older boto3 than moto's).
+//! `.venv/checkov` (checkov pins an older boto3 than moto's) and `.venv/schemathesis` (property-based API
+//! tests of the status API's OpenAPI document; its own hypothesis/jsonschema pins).
 //!
 //! [`ensure`] creates them with `python3 -m venv` + pip from the pinned `requirements/*.txt` when they are
 //! missing or when the requirements changed since the last install (a stamp file records them). When
@@ -25,6 +26,8 @@ pub struct Venvs {
     pub mapillary_tools: PathBuf,
     /// `.venv/checkov`
     pub checkov: PathBuf,
+    /// `.venv/schemathesis`
+    pub schemathesis: PathBuf,
 }
 
 impl Venvs {
@@ -56,6 +59,10 @@ impl Venvs {
     pub fn checkov(&self) -> PathBuf {
         self.checkov.join("bin/checkov")
     }
+    /// The `schemathesis` executable.
+    pub fn schemathesis(&self) -> PathBuf {
+        self.schemathesis.join("bin/schemathesis")
+    }
     /// `PATH` with `.venv/aws/bin` prepended (trap 9 in the local-stack notes).
     pub fn path_with_aws_bin(&self) -> std::ffi::OsString {
         let mut paths = vec![self.aws_bin()];
@@ -66,7 +73,8 @@ impl Venvs {
     }
 }
 
-/// Makes sure every venv exists and matches `requirements/{aws,mapillary-tools,checkov}.txt`; returns their paths.
+/// Makes sure every venv exists and matches `requirements/{aws,mapillary-tools,checkov,schemathesis}.txt`;
+/// returns their paths.
 ///
 /// Safe to call concurrently from several processes (an exclusive `flock` on `.venv/.lock` serializes
 /// installs). Progress goes to stderr. The base interpreter is `$RELAY_PYTHON` or `python3`.
@@ -76,6 +84,7 @@ pub fn ensure(repo_root: &Path) -> Result<Venvs> {
         aws: venv_root.join("aws"),
         mapillary_tools: venv_root.join("mapillary-tools"),
         checkov: venv_root.join("checkov"),
+        schemathesis: venv_root.join("schemathesis"),
     };
     let wanted = [
         (&venvs.aws, repo_root.join("requirements/aws.txt"), "moto_server"),
@@ -88,6 +97,11 @@ pub fn ensure(repo_root: &Path) -> Result<Venvs> {
             &venvs.checkov,
             repo_root.join("requirements/checkov.txt"),
             "checkov",
+        ),
+        (
+            &venvs.schemathesis,
+            repo_root.join("requirements/schemathesis.txt"),
+            "schemathesis",
         ),
     ];
     // Fast path, no lock: every stamp matches its requirements file and the main binary exists.

@@ -33,6 +33,19 @@ impl LambdaWatch {
     /// Pre-builds the functions, then starts watch on 127.0.0.1 with `env` (written to `<dir>/lambda.env`)
     /// and its output in `<dir>/watch.log`; returns once it accepts connections.
     pub fn start(root: &Path, venvs: &Venvs, env: &[(String, String)], dir: &Path) -> Result<Self> {
+        Self::start_on(root, venvs, env, dir, free_port()?)
+    }
+
+    /// Like [`LambdaWatch::start`], on a port the caller picked (e.g. with [`crate::moto::free_port`]) — for an
+    /// environment that must name watch's own URLs, such as status-api's `RELAY_OAUTH_REDIRECT_URI`
+    /// (see [`LambdaWatch::function_url_on`]).
+    pub fn start_on(
+        root: &Path,
+        venvs: &Venvs,
+        env: &[(String, String)],
+        dir: &Path,
+        port: u16,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Watch starts each function with `cargo run --manifest-path Cargo.toml --bin <f>`; building each
         // binary the same way (one package at a time, so the same feature set) means that run finds
@@ -57,7 +70,6 @@ impl LambdaWatch {
             writeln!(f, "{k}={v}")?;
         }
         let log = dir.join("watch.log");
-        let port = free_port()?;
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(root)
@@ -110,9 +122,21 @@ impl LambdaWatch {
         format!("{}/2015-03-31/functions/{function}/invocations", self.base_url())
     }
 
-    /// The function-URL base of `function` (payload v2; no authorizer context).
+    /// The function-URL base of `function` (payload v2; no authorizer context). Watch strips this
+    /// prefix: the function sees the rest of the path (`…/lambda-url/status-api/v1/sequences` →
+    /// `/v1/sequences`).
     pub fn function_url(&self, function: &str) -> String {
-        format!("{}/lambda-url/{function}", self.base_url())
+        Self::function_url_on(self.port, function)
+    }
+
+    /// The function-URL base of `function` for a watch on 127.0.0.1:`port`.
+    pub fn function_url_on(port: u16, function: &str) -> String {
+        format!("http://127.0.0.1:{port}/lambda-url/{function}")
+    }
+
+    /// The port watch listens on (127.0.0.1); `cargo lambda invoke --invoke-port` takes it.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Watch's own log (build output, function logs).

@@ -7,13 +7,20 @@
 //! * the **release** `zip-and-push` binary, run as a child process behind a minimal Lambda Runtime
 //!   API served here, once per sequence: wall time from handing out the event to the response, and
 //!   peak RSS (`VmHWM` of the child from `/proc/<pid>/status`);
-//! * (a) raw GETs of the same 400 objects with the same SDK adapter and the same read-ahead
-//!   (`RELAY_PREFETCH_BYTES` / object size, as `zipstream` computes it);
+//! * (a) raw GETs of the same 400 objects with the same SDK adapter call
+//!   (`S3ObjectStore::get_object_chunks`) and the same number in flight as the function's fetcher
+//!   (`zipstream::fetch_concurrency`);
 //! * (b) one raw streamed POST of the same byte count to the simulator's rupload;
 //! * mapillary_tools 0.14.7 on the same files from local disk to the same simulator: `process`,
 //!   then the default per-image `upload`, and `zip` + `upload` of the zip (time and peak RSS each).
 //!
 //! Prints a Markdown table; `docs/benchmarks.md` records the figures.
+//!
+//! For quick iterations: `RELAY_BENCH_SKIP_TOOLS=1` skips the mapillary_tools rows;
+//! `RELAY_BENCH_LOG=<filter>` (e.g. `info`) runs the function with that `RUST_LOG` and keeps its
+//! logs in `target/bench-logs/` (by default it logs at `warn` into the temporary directory);
+//! `RELAY_BENCH_FN_ENV="K=V K=V"` adds variables to the function's environment (experiments,
+//! e.g. glibc `MALLOC_ARENA_MAX=2`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -52,6 +59,52 @@ struct Row {
     bytes: u64,
     wall: Duration,
     peak_rss_kib: Option<u64>,
+    /// CPU seconds during the row: (the measured process if separate, moto, this process — the
+    /// simulator and the runtime API live here).
+    cpu: Option<(Option<f64>, f64, f64)>,
+}
+
+/// User + system CPU seconds of a live process (`/proc/<pid>/stat`, fields 14 and 15, in clock
+/// ticks of 1/100 s — `USER_HZ` is 100 on every Linux ABI that matters here).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
+/// CPU seconds of moto and of this process, for deltas around a measurement.
+struct CpuMark {
+    moto_pid: String,
+    moto: f64,
+    own: f64,
+}
+
+impl CpuMark {
+    fn now(moto_pid: u32) -> Self {
+        let moto_pid = moto_pid.to_string();
+        Self {
+            moto: cpu_secs(&moto_pid),
+            own: cpu_secs("self"),
+            moto_pid,
+        }
+    }
+
+    fn since(&self, process: Option<f64>) -> Option<(Option<f64>, f64, f64)> {
+        Some((
+            process,
+            cpu_secs(&self.moto_pid) - self.moto,
+            cpu_secs("self") - self.own,
+        ))
+    }
 }
 
 pub async fn run(root: &Path) -> Result<()> {
@@ -103,32 +156,50 @@ pub async fn run(root: &Path) -> Result<()> {
     };
     let total: u64 = files.iter().map(|(_, p)| file_len(p)).sum();
     let mut rows = Vec::new();
+    let log_filter = std::env::var("RELAY_BENCH_LOG").ok().filter(|v| !v.is_empty());
+    let log_dir = match &log_filter {
+        Some(_) => root.join("target").join("bench-logs"),
+        None => work.path().to_path_buf(),
+    };
+    std::fs::create_dir_all(&log_dir)?;
+    let skip_tools = std::env::var("RELAY_BENCH_SKIP_TOOLS").is_ok_and(|v| !v.is_empty() && v != "0");
 
-    // (a) raw GETs, same adapter, same read-ahead as the function.
-    let read_ahead = ((config.tunables.prefetch_bytes / IMAGE_BYTES as u64).clamp(1, 32)) as usize;
+    // (a) raw GETs, same adapter call and the same number in flight as the function's fetcher.
+    let read_ahead =
+        zip_and_push::zipstream::fetch_concurrency(config.tunables.prefetch_bytes, IMAGE_BYTES as u64);
     let store = S3ObjectStore::new(s3.clone());
+    let mark = CpuMark::now(moto.pid());
     let t0 = Instant::now();
     let mut got = 0u64;
+    let mut chunks = 0usize;
     let mut stream = futures::stream::iter(files.iter())
         .map(|(key, _)| {
             let store = &store;
             let bucket = &stack.bucket;
             async move {
                 store
-                    .get_object(bucket, &format!("sequences/{USER}/s2g/{key}"), None)
+                    .get_object_chunks(bucket, &format!("sequences/{USER}/s2g/{key}"), None)
                     .await
             }
         })
         .buffered(read_ahead);
     while let Some(o) = stream.next().await {
-        got += o?.bytes.len() as u64;
+        let o = o?;
+        got += o.len();
+        chunks += o.chunks.len();
     }
+    drop(stream);
+    eprintln!(
+        "bench: (a) the body arrived in {chunks} segments, {:.0} KiB on average",
+        got as f64 / 1024.0 / chunks.max(1) as f64
+    );
     ensure!(got == total, "GET {got} bytes, expected {total}");
     rows.push(Row {
         what: format!("(a) raw S3 GET of the 400 objects (read-ahead {read_ahead})"),
         bytes: got,
         wall: t0.elapsed(),
         peak_rss_kib: None,
+        cpu: mark.since(None),
     });
     if let Some(r) = rows.last() {
         report(r);
@@ -136,6 +207,7 @@ pub async fn run(root: &Path) -> Result<()> {
 
     // (b) raw POST of the same byte count to rupload.
     let zip_len = total + (IMAGES as u64) * 200; // about the zip's size; the byte count is what matters
+    let mark = CpuMark::now(moto.pid());
     let t0 = Instant::now();
     raw_post(&sim_endpoints.upload_url, "bench_raw_post.zip", zip_len).await?;
     rows.push(Row {
@@ -143,6 +215,7 @@ pub async fn run(root: &Path) -> Result<()> {
         bytes: zip_len,
         wall: t0.elapsed(),
         peak_rss_kib: None,
+        cpu: mark.since(None),
     });
     if let Some(r) = rows.last() {
         report(r);
@@ -151,8 +224,11 @@ pub async fn run(root: &Path) -> Result<()> {
     // The function (release binary, own process), 200 MiB then 2 GiB.
     for (seq, n) in [("s200m", SMALL_IMAGES), ("s2g", IMAGES)] {
         let event = sqs_event_json(&body_for(seq)?)?;
-        let log = work.path().join(format!("function-{seq}.log"));
-        let (wall, rss, response) = run_function(&bin, &env, &event, &log).await?;
+        let log = log_dir.join(format!("function-{seq}.log"));
+        let filter = log_filter.as_deref().unwrap_or("warn");
+        let mark = CpuMark::now(moto.pid());
+        let (wall, rss, fn_cpu, response) = run_function(&bin, &env, &event, &log, filter).await?;
+        let cpu = mark.since(Some(fn_cpu));
         ensure!(
             response["batchItemFailures"]
                 .as_array()
@@ -180,6 +256,7 @@ pub async fn run(root: &Path) -> Result<()> {
             bytes,
             wall,
             peak_rss_kib: Some(rss),
+            cpu,
         });
         if let Some(r) = rows.last() {
             report(r);
@@ -214,7 +291,7 @@ pub async fn run(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&zip_dir)?;
     let empty_desc = work.path().join("empty-descriptions.json");
     integration_tests::mapillary_tools::write_empty_descriptions(&empty_desc)?;
-    let steps: Vec<(&str, &MapillaryTools, Vec<std::ffi::OsString>)> = vec![
+    let mut steps: Vec<(&str, &MapillaryTools, Vec<std::ffi::OsString>)> = vec![
         (
             "mapillary_tools process (EXIF → descriptions)",
             &per_image,
@@ -249,6 +326,10 @@ pub async fn run(root: &Path) -> Result<()> {
             ],
         ),
     ];
+    if skip_tools {
+        eprintln!("bench: RELAY_BENCH_SKIP_TOOLS set: skipping mapillary_tools");
+        steps.clear();
+    }
     for (what, tools, args) in steps {
         let log = work.path().join(format!("{}.log", what.replace(' ', "_")));
         let mut cmd = tools.command(&args);
@@ -268,6 +349,7 @@ pub async fn run(root: &Path) -> Result<()> {
             bytes: total,
             wall,
             peak_rss_kib: Some(rss),
+            cpu: None,
         });
         if let Some(r) = rows.last() {
             report(r);
@@ -445,24 +527,31 @@ async fn run_measured(mut cmd: Command) -> Result<(Duration, u64, bool)> {
 }
 
 /// Runs the release binary against a one-event Lambda Runtime API served here; (wall from handing
-/// out the event to its response, peak RSS KiB, response JSON).
+/// out the event to its response, peak RSS KiB, CPU seconds of the process, response JSON).
 async fn run_function(
     bin: &Path,
     env: &BTreeMap<String, String>,
     event: &Value,
     log: &Path,
-) -> Result<(Duration, u64, Value)> {
+    log_filter: &str,
+) -> Result<(Duration, u64, f64, Value)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, mut rx) = mpsc::channel::<Runtime>(4);
     let server = tokio::spawn(serve_runtime(listener, event.to_string(), tx));
+    let extra: Vec<(String, String)> = std::env::var("RELAY_BENCH_FN_ENV")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
     let child = Command::new(bin)
         .envs(env)
+        .envs(extra)
         .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
         .env("AWS_LAMBDA_FUNCTION_NAME", "zip-and-push")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_filter)
         .stdin(Stdio::null())
         .stdout(File::create(log)?)
         .stderr(File::create(log.with_extension("err"))?)
@@ -486,12 +575,13 @@ async fn run_function(
     };
     // The process is still alive (waiting for its next event): its VmHWM is exact.
     let rss = vm_hwm_kib(pid).unwrap_or(0);
+    let cpu = cpu_secs(&pid.to_string());
     let mut child = child;
     child.kill()?;
     child.wait()?;
     server.abort();
     let (wall, response) = outcome?;
-    Ok((wall, rss, response))
+    Ok((wall, rss, cpu, response))
 }
 
 enum Runtime {
@@ -603,31 +693,46 @@ async fn serve_conn(
     }
 }
 
+/// `function / moto / xtask` CPU seconds (`—` where not measured).
+fn cpu_cell(r: &Row) -> String {
+    match r.cpu {
+        Some((f, moto, own)) => format!(
+            "{} / {moto:.1} / {own:.1}",
+            f.map(|f| format!("{f:.1}")).unwrap_or_else(|| "—".into())
+        ),
+        None => "—".into(),
+    }
+}
+
 fn report(r: &Row) {
     eprintln!(
-        "bench: {}: {:.2} s{}",
+        "bench: {}: {:.2} s{}, CPU s (function / moto / xtask+simulator) {}",
         r.what,
         r.wall.as_secs_f64(),
         r.peak_rss_kib
             .map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        cpu_cell(r)
     );
 }
 
 fn print_table(rows: &[Row]) {
-    println!("| Measurement | Bytes | Wall (s) | Throughput (MiB/s) | Peak RSS (MiB) |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| Measurement | Bytes | Wall (s) | Throughput (MiB/s) | Peak RSS (MiB) | CPU s: function / moto / xtask+sim |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in rows {
         let secs = r.wall.as_secs_f64();
         println!(
-            "| {} | {} | {:.2} | {:.0} | {} |",
+            "| {} | {} | {:.2} | {:.0} | {} | {} |",
             r.what,
             r.bytes,
             secs,
             r.bytes as f64 / MIB / secs.max(1e-9),
             r.peak_rss_kib
                 .map(|k| format!("{:.1}", k as f64 / 1024.0))
-                .unwrap_or_else(|| "—".into())
+                .unwrap_or_else(|| "—".into()),
+            cpu_cell(r)
         );
     }
     let get = rows.iter().find(|r| r.what.starts_with("(a)")).map(|r| r.wall);

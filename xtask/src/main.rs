@@ -2,13 +2,17 @@
 //!
 //! * `setup` — create the pinned Python venvs (`.venv/aws`, `.venv/mapillary-tools`).
 //! * `stack up | down | status` — moto + the Mapillary simulator + the stack from `infra/template.yaml`.
-//! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests.
+//! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests, fuzzing,
+//!   then `demo --ci`.
 //! * `demo` — the main job, end to end on the local stack.
 
 mod bench;
+mod bench_api;
+mod bench_poller;
 mod demo;
 mod push;
 mod stack;
+mod track;
 mod venv;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +45,9 @@ enum Cmd {
         /// Seconds per fuzz target after the tests (0 skips fuzzing).
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u64,
+        /// Skip the last step, `cargo xtask demo --ci`.
+        #[arg(long)]
+        no_demo: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
@@ -51,13 +58,15 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// The demo: a generated sequence uploaded into the simulator and tracked to FINISHED.
+    /// The demo: moto + simulator + the three functions under `cargo lambda watch`; a generated
+    /// sequence dropped into S3 and followed through the status API to FINISHED and linked.
     Demo {
-        /// Non-interactive: exit non-zero unless every upload ends FINISHED.
+        /// Non-interactive: exit non-zero unless every upload ends FINISHED and linked and the image
+        /// without GPS is reported.
         #[arg(long)]
         ci: bool,
-        /// Number of images to generate.
-        #[arg(long, default_value_t = 60)]
+        /// Number of geotagged images to generate (plus one without GPS).
+        #[arg(long, default_value_t = demo::DEFAULT_IMAGES)]
         images: usize,
     },
     /// Drop a local folder of JPEGs as a sequence into the local stack, run zip-and-push on it and
@@ -71,10 +80,13 @@ enum Cmd {
         /// Sequence id (default: the folder name and a UTC timestamp).
         #[arg(long)]
         sequence: Option<String>,
+        /// Then run the poller until every upload is final, printing each stage transition.
+        #[arg(long)]
+        track: bool,
     },
     /// Benchmarks (results go to docs/benchmarks.md by hand).
     Bench {
-        /// What to benchmark: `zip-and-push`.
+        /// What to benchmark: `zip-and-push`, `poller` or `status-api`.
         what: String,
     },
 }
@@ -124,20 +136,33 @@ fn main() -> Result<()> {
         Cmd::Test {
             no_lint,
             fuzz_seconds,
+            no_demo,
             cargo_test_args,
         } => {
             test(&root, no_lint, &cargo_test_args)?;
             if fuzz_seconds > 0 {
                 fuzz(&root, fuzz_seconds)?;
             }
+            if !no_demo {
+                // Last step: the demo end to end, non-interactively (fails unless all is FINISHED and linked).
+                eprintln!("xtask: cargo xtask demo --ci");
+                rt.block_on(demo::run(&root, true, demo::DEFAULT_IMAGES))?;
+            }
             Ok(())
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
-        Cmd::Push { dir, user, sequence } => rt.block_on(push::run(&root, &dir, user, sequence)),
+        Cmd::Push {
+            dir,
+            user,
+            sequence,
+            track,
+        } => rt.block_on(push::run(&root, &dir, user, sequence, track)),
         Cmd::Bench { what } => match what.as_str() {
             "zip-and-push" => rt.block_on(bench::run(&root)),
-            other => bail!("unknown benchmark {other:?} (known: zip-and-push)"),
+            "poller" => rt.block_on(bench_poller::run(&root)),
+            "status-api" => rt.block_on(bench_api::run(&root)),
+            other => bail!("unknown benchmark {other:?} (known: zip-and-push, poller, status-api)"),
         },
     }
 }

@@ -313,8 +313,16 @@ pub async fn invoke(
     Ok(failed.len())
 }
 
-/// `cargo xtask push DIR [--user U] [--sequence S]`.
-pub async fn run(root: &Path, dir: &Path, user: Option<String>, sequence: Option<String>) -> Result<()> {
+/// `cargo xtask push DIR [--user U] [--sequence S] [--track]`. With `track`, the poller then runs
+/// against the stack until every upload is final ([`crate::track`]); the status document printed
+/// on stdout then carries the tracking records too (`"tracking"`).
+pub async fn run(
+    root: &Path,
+    dir: &Path,
+    user: Option<String>,
+    sequence: Option<String>,
+    track: bool,
+) -> Result<()> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -384,7 +392,14 @@ pub async fn run(root: &Path, dir: &Path, user: Option<String>, sequence: Option
                 status.rejected.len(),
                 started.elapsed().as_secs_f64()
             );
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            if !track {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(());
+            }
+            let records = crate::track::track(&env, &state.sim.url, &user, &sequence).await?;
+            let mut doc = serde_json::to_value(&status)?;
+            doc["tracking"] = serde_json::to_value(&records)?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
             return Ok(());
         }
         if status.is_none() && started.elapsed() > Duration::from_secs(30) {

@@ -14,6 +14,9 @@ use shared::mapillary::client::{MapillaryClient, Me, TokenGrant};
 use shared::mapillary::feed::ActivityPage;
 use shared::mapillary::retry::{classify_graph, MapillaryError};
 
+/// Most results of one image search (Mapillary's maximum and default `limit`).
+pub const SEARCH_LIMIT: usize = 2000;
+
 /// Entity fields the linking needs.
 pub const LINK_FIELDS: &str = "id,sequence,captured_at,geometry,altitude";
 
@@ -222,6 +225,22 @@ impl MapillaryApi {
             .append_pair("end_captured_at", &end_ms.to_string())
             .append_pair("fields", LINK_FIELDS)
             .append_pair("limit", "2000");
+        self.data_images(self.get_json(token, url).await?)
+    }
+
+    /// Every image of `sequence_ids` (`GET images?sequence_id=a,b,…&fields=…&limit=2000`, one
+    /// request; the protocol's §7.4 search filter). No pagination: a reply of [`SEARCH_LIMIT`]
+    /// images may be truncated, and the order is not capture order (callers sort and verify).
+    pub async fn images_of_sequences(
+        &self,
+        token: &SecretString,
+        sequence_ids: &[String],
+    ) -> Result<Vec<MapillaryImage>, MapillaryError> {
+        let mut url = self.graph_url("images")?;
+        url.query_pairs_mut()
+            .append_pair("sequence_id", &sequence_ids.join(","))
+            .append_pair("fields", LINK_FIELDS)
+            .append_pair("limit", &SEARCH_LIMIT.to_string());
         self.data_images(self.get_json(token, url).await?)
     }
 

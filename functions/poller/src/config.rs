@@ -71,6 +71,14 @@ pub struct Tunables {
     pub tile_margin_m: f64,
     /// `RELAY_ENTITY_BATCH` (50): image ids per `images?image_ids=` request.
     pub entity_batch: usize,
+    /// `RELAY_UPLOAD_CONCURRENCY` (8): one user's uploads read and written in parallel.
+    pub upload_concurrency: usize,
+    /// `RELAY_RECONCILE_WINDOW_H` (24): a FINISH_UNCERTAIN upload whose cluster has not shown up in
+    /// the activity feed this long after zip-and-push gave up on `finish_upload`'s reply is FAILED.
+    pub reconcile_window: Duration,
+    /// `RELAY_RECONCILE_SCAN_EVERY_S` (900): how often the uploads table is scanned for new
+    /// FINISH_UNCERTAIN uploads (0: every run).
+    pub reconcile_scan_every: Duration,
 }
 
 impl Default for Tunables {
@@ -88,6 +96,9 @@ impl Default for Tunables {
             tolerances: Tolerances::default(),
             tile_margin_m: 30.0,
             entity_batch: 50,
+            upload_concurrency: 8,
+            reconcile_window: Duration::from_secs(24 * 3600),
+            reconcile_scan_every: Duration::from_secs(900),
         }
     }
 }
@@ -177,6 +188,11 @@ impl Config {
             },
             tile_margin_m: parse(&get, "RELAY_TILE_MARGIN_M", d.tile_margin_m)?,
             entity_batch: parse(&get, "RELAY_ENTITY_BATCH", d.entity_batch)?,
+            upload_concurrency: parse(&get, "RELAY_UPLOAD_CONCURRENCY", d.upload_concurrency)?,
+            reconcile_window: Duration::from_secs(
+                parse(&get, "RELAY_RECONCILE_WINDOW_H", 24u64)?.saturating_mul(3600),
+            ),
+            reconcile_scan_every: Duration::from_secs(parse(&get, "RELAY_RECONCILE_SCAN_EVERY_S", 900u64)?),
         };
         for (name, ok) in [
             (
@@ -185,6 +201,7 @@ impl Config {
             ),
             ("RELAY_FEED_MAX_PAGES", tunables.feed_max_pages >= 1),
             ("RELAY_USER_CONCURRENCY", tunables.user_concurrency >= 1),
+            ("RELAY_UPLOAD_CONCURRENCY", tunables.upload_concurrency >= 1),
             ("RELAY_ENTITY_BATCH", (1..=2000).contains(&tunables.entity_batch)),
         ] {
             if !ok {

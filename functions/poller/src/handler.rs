@@ -2,13 +2,16 @@
 //! feed health record. The run starts no new work after its budget; each record write is one
 //! conditional PutItem, so whatever a cut-off run did not reach is simply picked up next time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use futures::StreamExt;
 use secrecy::SecretString;
 use shared::domain::linking::{ImageOutcome, LinkPath, LinkReport, OurImage};
-use shared::domain::tracking::{apply_node, check_deadlines, is_due, OverallState, Transition, Update};
+use shared::domain::tracking::{
+    adopt_cluster, apply_node, check_deadlines, is_due, reconcile_failed, OverallState, Transition, Update,
+};
 use shared::mapillary::feed::{ActivityNode, StageStatus, Stages};
 use shared::model::{FeedHealth, ImageLink, TrackingRecord, UploadImage};
 use shared::ports::{RepoError, TokenStore, TrackingRepository, UploadRepository};
@@ -20,7 +23,8 @@ use crate::config::{GraphqlToken, Tunables};
 use crate::inbox::ClusterInbox;
 use crate::intake::{intake, IntakeReport};
 use crate::plana::{find_by_tiles, TileCache};
-use crate::planb::{link_by_feed, walk_feed, FeedOutcome};
+use crate::planb::{link_many, walk_feed, FeedOutcome};
+use crate::reconcile::{discover_uncertain, TrackingExtra};
 use crate::tokens::UserToken;
 
 /// The ports and settings of a run.
@@ -49,6 +53,8 @@ pub struct Poller<R, U, T, Q> {
 pub struct RunReport {
     /// Intake.
     pub intake: IntakeReport,
+    /// FINISH_UNCERTAIN uploads taken into tracking.
+    pub reconcile: crate::reconcile::DiscoveryReport,
     /// Users worked on.
     pub users: usize,
     /// Users whose feed was unusable (Plan A used).
@@ -101,7 +107,7 @@ struct UserOutcome {
 /// minus a margin, or `now + budget`, whichever is earlier).
 pub async fn run_once<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> RunReport
 where
-    R: TrackingRepository,
+    R: TrackingRepository + TrackingExtra,
     U: UploadRepository,
     T: TokenStore,
     Q: ClusterInbox,
@@ -111,6 +117,7 @@ where
         intake: intake(p, deadline).await,
         ..RunReport::default()
     };
+    report.reconcile = discover_uncertain(p, deadline).await;
     let pending = match p.tracking.list_pending_tracking().await {
         Ok(v) => v,
         Err(e) => {
@@ -127,10 +134,12 @@ where
         }
     }
     report.users = by_user.len();
+    let linked_in_run: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let linked_in_run = &linked_in_run;
     let outcomes: Vec<UserOutcome> = futures::stream::iter(by_user)
         .map(|(user, records)| {
             let span = info_span!("user", user_id = %user);
-            async move { track_user(p, &user, records, deadline).await }.instrument(span)
+            async move { track_user(p, &user, records, deadline, linked_in_run).await }.instrument(span)
         })
         .buffer_unordered(p.tunables.user_concurrency)
         .collect()
@@ -278,14 +287,37 @@ fn apply_links(record: &mut TrackingRecord, report: &LinkReport) {
     }
 }
 
+/// One upload during a user's turn: the record as loaded, as it will be written, and its links.
+struct Work {
+    record: TrackingRecord,
+    old: TrackingRecord,
+    update: Update,
+    links: Vec<ImageLink>,
+}
+
+impl Work {
+    fn needs_link(&self) -> bool {
+        self.record.linked_via.is_none() && !matches!(self.update.state, OverallState::Failed { .. })
+    }
+}
+
+/// A record ready to be written.
+struct WriteJob {
+    record: TrackingRecord,
+    expected: Option<time::OffsetDateTime>,
+    links: Vec<ImageLink>,
+    transitions: Vec<Transition>,
+}
+
 async fn track_user<R, U, T, Q>(
     p: &Poller<R, U, T, Q>,
     user_id: &str,
     records: Vec<TrackingRecord>,
     deadline: Instant,
+    linked_in_run: &Mutex<HashSet<String>>,
 ) -> UserOutcome
 where
-    R: TrackingRepository,
+    R: TrackingRepository + TrackingExtra,
     U: UploadRepository,
     T: TokenStore,
     Q: ClusterInbox,
@@ -303,32 +335,43 @@ where
             None
         }
     };
+    // FINISH_UNCERTAIN uploads: walk the feed back to the earliest moment their cluster can have
+    // been created, and keep every node since then as a candidate.
+    let horizon = records
+        .iter()
+        .filter_map(|r| r.tracked.reconcile.as_ref().filter(|c| c.is_open()))
+        .map(|c| c.created_from_s)
+        .min();
     let feed = match token.as_mut() {
         Some(tok) => {
             let graphql = match p.tunables.graphql_token {
                 GraphqlToken::User => None,
                 GraphqlToken::Client => p.client_token.clone(),
             };
-            let clusters: Vec<String> = records.iter().map(|r| r.tracked.cluster_id.clone()).collect();
+            let clusters: Vec<String> = records
+                .iter()
+                .filter(|r| !r.tracked.is_reconciling())
+                .map(|r| r.tracked.cluster_id.clone())
+                .collect();
             let hint = records.iter().find_map(|r| r.mapillary_user_id.clone());
-            walk_feed(p, tok, graphql.as_ref(), hint, &clusters).await
+            walk_feed(p, tok, graphql.as_ref(), hint, &clusters, horizon).await
         }
         None => FeedOutcome::Skipped("no token".into()),
     };
     let mut tiles = TileCache::default();
-    let nodes: HashMap<String, ActivityNode> = match &feed {
-        FeedOutcome::Walked { nodes, .. } => {
+    let (mut nodes, recent): (HashMap<String, ActivityNode>, Vec<ActivityNode>) = match &feed {
+        FeedOutcome::Walked { nodes, recent, .. } => {
             out.feed_ok = true;
-            nodes.clone()
+            (nodes.clone(), recent.clone())
         }
         FeedOutcome::Unusable(e) => {
             warn!(error = %e, "activity feed unusable for this user: Plan A (coverage tiles)");
             out.feed_unusable = Some(e.clone());
-            HashMap::new()
+            (HashMap::new(), Vec::new())
         }
         FeedOutcome::Skipped(e) => {
             info!(reason = %e, "feed not read this run");
-            HashMap::new()
+            (HashMap::new(), Vec::new())
         }
     };
     let mapillary_user_id = match &feed {
@@ -337,17 +380,49 @@ where
         } => Some(mapillary_user_id.clone()),
         _ => None,
     };
+
+    // 1. Status of every upload (pure, from the feed nodes and the clock).
+    let now = p.clock.now();
+    let mut taken_clusters: HashSet<String> = records
+        .iter()
+        .filter(|r| !r.tracked.is_reconciling())
+        .map(|r| r.tracked.cluster_id.clone())
+        .collect();
+    let window = time::Duration::try_from(p.tunables.reconcile_window).unwrap_or(time::Duration::DAY);
+    let mut works: Vec<Work> = Vec::with_capacity(records.len());
     for mut record in records {
-        if Instant::now() >= deadline {
-            out.cut_off = true;
-            break;
-        }
         out.checked += 1;
-        let now = p.clock.now();
         let old = record.clone();
-        let mut links: Vec<ImageLink> = Vec::new();
-        let mut update: Update = match nodes.get(&record.tracked.cluster_id) {
-            Some(node) => match apply_node(&record.tracked, node, now, &p.tunables.policy) {
+        let mut adopted: Option<Transition> = None;
+        let mut forced: Option<Update> = None;
+        if let (Some(rc), true) = (record.tracked.reconcile.clone(), record.tracked.is_reconciling()) {
+            // Only a feed walked to the horizon can say "no such cluster".
+            if out.feed_ok {
+                match rc.pick(&recent, &taken_clusters) {
+                    Ok(Some(node)) => {
+                        info!(upload_id = %record.upload_id, cluster_id = %node.cluster_id,
+                            "FINISH_UNCERTAIN: cluster found in the activity feed; adopted");
+                        adopted = Some(adopt_cluster(&mut record.tracked, &node.cluster_id, now));
+                        taken_clusters.insert(node.cluster_id.clone());
+                        nodes.insert(node.cluster_id.clone(), node.clone());
+                    }
+                    Ok(None) if now >= rc.give_up_at => {
+                        warn!(upload_id = %record.upload_id, "FINISH_UNCERTAIN: no cluster in the feed within the window: FAILED");
+                        forced = Some(reconcile_failed(&record.tracked, now, window, None));
+                    }
+                    Err(n) if now >= rc.give_up_at => {
+                        forced = Some(reconcile_failed(&record.tracked, now, window, Some(n)));
+                    }
+                    Err(n) => {
+                        warn!(upload_id = %record.upload_id, candidates = n, "FINISH_UNCERTAIN: several clusters match; waiting");
+                    }
+                    Ok(None) => {}
+                }
+            }
+        }
+        let mut update: Update = match (forced, nodes.get(&record.tracked.cluster_id)) {
+            (Some(u), _) => u,
+            (None, Some(node)) => match apply_node(&record.tracked, node, now, &p.tunables.policy) {
                 Ok(u) => {
                     if node.item_count.is_some() {
                         record.item_count = node.item_count;
@@ -362,47 +437,122 @@ where
                     check_deadlines(&record.tracked, now, &p.tunables.policy)
                 }
             },
-            None => check_deadlines(&record.tracked, now, &p.tunables.policy),
+            (None, None) => check_deadlines(&record.tracked, now, &p.tunables.policy),
         };
-        let processed = matches!(update.stages.image_processing, Some(StageStatus::Finished));
-        let needs_link = record.linked_via.is_none() && !matches!(update.state, OverallState::Failed { .. });
-        if let (Some(tok), true) = (token.as_mut(), needs_link) {
-            if out.feed_unusable.is_some() {
+        if let Some(t) = adopted {
+            update.transitions.insert(0, t);
+            update.changed = true;
+        }
+        works.push(Work {
+            record,
+            old,
+            update,
+            links: Vec::new(),
+        });
+    }
+
+    // 2. Linking: Plan A per upload when the feed is unusable, else Plan B batched for the user.
+    if let Some(tok) = token.as_mut() {
+        if out.feed_unusable.is_some() {
+            let mut taken: HashSet<String> = match p.tracking.user_linked_sequences(user_id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "listing the user's linked sequences failed");
+                    out.errors.push(format!("user {user_id}: linked sequences: {e}"));
+                    HashSet::new()
+                }
+            };
+            taken.extend(works.iter().flat_map(|w| w.record.sequence_ids.iter().cloned()));
+            for w in works.iter_mut().filter(|w| w.needs_link()) {
+                if Instant::now() >= deadline {
+                    out.cut_off = true;
+                    break;
+                }
+                if let Ok(run) = linked_in_run.lock() {
+                    taken.extend(run.iter().cloned());
+                }
                 // Plan A: the upload shows in coverage tiles only once all four stages finished.
-                match find_by_tiles(p, tok, &record, &mut tiles).await {
+                match find_by_tiles(p, tok, &w.record, &mut tiles, &taken).await {
                     Ok(Some((entries, report))) => {
-                        let node = finished_node(&record.tracked.cluster_id);
-                        if let Ok(u) = apply_node(&record.tracked, &node, now, &p.tunables.policy) {
-                            update = u;
+                        let node = finished_node(&w.record.tracked.cluster_id);
+                        if let Ok(u) = apply_node(&w.record.tracked, &node, now, &p.tunables.policy) {
+                            let adopted: Vec<Transition> = w
+                                .update
+                                .transitions
+                                .iter()
+                                .filter(|t| t.field == "cluster_id")
+                                .cloned()
+                                .collect();
+                            w.update = u;
+                            w.update.transitions.splice(0..0, adopted);
                         }
-                        links = links_of(&entries, &report);
-                        apply_links(&mut record, &report);
+                        w.links = links_of(&entries, &report);
+                        apply_links(&mut w.record, &report);
+                        taken.extend(report.sequence_ids.iter().cloned());
                         out.linked_tiles += 1;
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        warn!(upload_id = %record.upload_id, error = %e, "Plan A lookup failed");
+                        warn!(upload_id = %w.record.upload_id, error = %e, "Plan A lookup failed");
                         out.errors
-                            .push(format!("upload {}: Plan A: {e}", record.upload_id));
+                            .push(format!("upload {}: Plan A: {e}", w.record.upload_id));
                     }
                 }
-            } else if processed {
-                if let Some(image_id) = record.image_id.clone() {
-                    match link_by_feed(p, tok, &record, &image_id).await {
-                        Ok((entries, report)) => {
-                            links = links_of(&entries, &report);
-                            apply_links(&mut record, &report);
-                            out.linked_feed += 1;
-                        }
-                        Err(e) => {
-                            warn!(upload_id = %record.upload_id, error = %e, "linking failed; retried next run");
-                            out.errors
-                                .push(format!("upload {}: linking: {e}", record.upload_id));
+            }
+        } else {
+            let jobs: Vec<(usize, String)> = works
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| {
+                    w.needs_link() && matches!(w.update.stages.image_processing, Some(StageStatus::Finished))
+                })
+                .filter_map(|(k, w)| w.record.image_id.clone().map(|i| (k, i)))
+                .collect();
+            if !jobs.is_empty() {
+                if Instant::now() >= deadline {
+                    out.cut_off = true;
+                } else {
+                    let refs: Vec<(&TrackingRecord, String)> =
+                        jobs.iter().map(|(k, i)| (&works[*k].record, i.clone())).collect();
+                    let results = link_many(p, tok, &refs).await;
+                    drop(refs);
+                    for ((k, _), res) in jobs.iter().zip(results) {
+                        let w = &mut works[*k];
+                        match res {
+                            Ok((entries, report)) => {
+                                w.links = links_of(&entries, &report);
+                                apply_links(&mut w.record, &report);
+                                out.linked_feed += 1;
+                            }
+                            Err(e) => {
+                                warn!(upload_id = %w.record.upload_id, error = %e, "linking failed; retried next run");
+                                out.errors
+                                    .push(format!("upload {}: linking: {e}", w.record.upload_id));
+                            }
                         }
                     }
                 }
             }
         }
+        if let Ok(mut run) = linked_in_run.lock() {
+            for w in &works {
+                if !w.links.is_empty() {
+                    run.extend(w.record.sequence_ids.iter().cloned());
+                }
+            }
+        }
+    }
+
+    // 3. Write what changed (bounded concurrency; each write is one conditional PutItem).
+    let mut jobs: Vec<WriteJob> = Vec::new();
+    for w in works {
+        let Work {
+            mut record,
+            old,
+            update,
+            links,
+        } = w;
+        let needs_link = old.linked_via.is_none() && !matches!(update.state, OverallState::Failed { .. });
         if needs_link && record.linked_via.is_none() && update.state.is_final() {
             // Never let an unlinked upload leave the pending index: retry the whole step next run.
             out.errors.push(format!(
@@ -427,37 +577,77 @@ where
             s if s.is_final() => None,
             _ => Some(now + p.tunables.policy.poll_every),
         };
-        if !links.is_empty() {
-            if let Err(e) = p.tracking.put_links(&links).await {
-                warn!(upload_id = %record.upload_id, error = %e, "storing links failed");
-                out.errors
-                    .push(format!("upload {}: links: {e}", record.upload_id));
-                continue;
-            }
-        }
-        match p
-            .tracking
-            .update_tracking(&record, old.tracked.last_checked_at)
-            .await
-        {
-            Ok(()) => {
+        jobs.push(WriteJob {
+            record,
+            expected: old.tracked.last_checked_at,
+            links,
+            transitions: update.transitions,
+        });
+    }
+    let written: Vec<WriteOutcome> = futures::stream::iter(jobs)
+        .map(|job| write_one(p, job, deadline))
+        .buffer_unordered(p.tunables.upload_concurrency.max(1))
+        .collect()
+        .await;
+    for w in written {
+        match w {
+            WriteOutcome::Written(upload_id, transitions) => {
                 out.written += 1;
-                for t in &update.transitions {
-                    info!(upload_id = %record.upload_id, field = %t.field, from = t.from.as_deref().unwrap_or("-"),
-                        to = t.to.as_deref().unwrap_or("-"), "transition");
-                    out.transitions.push((record.upload_id.clone(), t.clone()));
-                }
+                out.transitions
+                    .extend(transitions.into_iter().map(|t| (upload_id.clone(), t)));
             }
-            Err(RepoError::ConditionFailed(m)) => {
-                info!(upload_id = %record.upload_id, reason = %m, "another run updated the record first");
-            }
-            Err(e) => {
-                warn!(upload_id = %record.upload_id, error = %e, "writing the tracking record failed");
-                out.errors.push(format!("upload {}: {e}", record.upload_id));
-            }
+            WriteOutcome::Lost => {}
+            WriteOutcome::CutOff => out.cut_off = true,
+            WriteOutcome::Failed(e) => out.errors.push(e),
         }
     }
     out
+}
+
+enum WriteOutcome {
+    Written(String, Vec<Transition>),
+    /// Another run updated the record first.
+    Lost,
+    CutOff,
+    Failed(String),
+}
+
+async fn write_one<R, U, T, Q>(p: &Poller<R, U, T, Q>, job: WriteJob, deadline: Instant) -> WriteOutcome
+where
+    R: TrackingRepository,
+{
+    if Instant::now() >= deadline {
+        return WriteOutcome::CutOff;
+    }
+    let WriteJob {
+        record,
+        expected,
+        links,
+        transitions,
+    } = job;
+    if !links.is_empty() {
+        if let Err(e) = p.tracking.put_links(&links).await {
+            warn!(upload_id = %record.upload_id, error = %e, "storing links failed");
+            return WriteOutcome::Failed(format!("upload {}: links: {e}", record.upload_id));
+        }
+    }
+    match p.tracking.update_tracking(&record, expected).await {
+        Ok(()) => {
+            for t in &transitions {
+                info!(upload_id = %record.upload_id, field = %t.field, from = t.from.as_deref().unwrap_or("-"),
+                    to = t.to.as_deref().unwrap_or("-"), "transition");
+            }
+            WriteOutcome::Written(record.upload_id, transitions)
+        }
+        Err(RepoError::ConditionFailed(m)) => {
+            info!(upload_id = %record.upload_id, reason = %m, "another run updated the record first");
+            WriteOutcome::Lost
+        }
+        Err(e) => {
+            warn!(upload_id = %record.upload_id, error = %e, "writing the tracking record failed");
+            WriteOutcome::Failed(format!("upload {}: {e}", record.upload_id))
+        }
+    }
 }
 
 /// The link path label, for printing.

@@ -9,6 +9,7 @@
 //! * [`plana`] — the fallback when the feed is unusable: coverage tiles → candidates → matching.
 //! * [`tokens`] — user tokens: refresh on expiry/401, Mapillary user id from `/me`.
 //! * [`api`] — the Mapillary reads; [`inbox`] — the SQS receive/delete port; [`clock`] — "now".
+//! * [`reconcile`] — FINISH_UNCERTAIN uploads: found by scan, their cluster looked for in the feed.
 //! * [`config`] — environment configuration.
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod inbox;
 pub mod intake;
 pub mod plana;
 pub mod planb;
+pub mod reconcile;
 pub mod tokens;
 
 pub use handler::{run_once, Poller, RunReport};

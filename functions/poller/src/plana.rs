@@ -3,7 +3,7 @@
 //! image entities → [`match_candidates`]. Uploads appear in tiles only once `tiler_status` is
 //! FINISHED, so a match also says "all four stages finished".
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use shared::domain::linking::{match_candidates, LinkReport, MapillaryImage, OurImage, Tolerances};
 use shared::domain::tiles::{
@@ -32,12 +32,15 @@ pub fn near(o: &OurImage, m: &MapillaryImage, tol: &Tolerances) -> bool {
         && distance_m(LonLat::new(o.lon, o.lat), LonLat::new(m.lon, m.lat)) <= tol.distance_m
 }
 
-/// Find an upload through coverage tiles. `Ok(None)`: not (yet) in the tiles.
+/// Find an upload through coverage tiles. `Ok(None)`: not (yet) in the tiles. Sequences in
+/// `taken` (linked to other uploads already) are never candidates, so two uploads at the same
+/// place are not linked to the same sequence.
 pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
     tok: &mut UserToken,
     record: &TrackingRecord,
     cache: &mut TileCache,
+    taken: &HashSet<String>,
 ) -> Result<Option<(Vec<UploadImage>, LinkReport)>, LinkFail> {
     let (entries, ours) = our_images(&p.uploads, &record.upload_id).await?;
     if ours.is_empty() {
@@ -89,7 +92,7 @@ pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
                 distance_m: tol.distance_m + 1.0,
                 ..tol
             };
-            if ours.iter().any(|o| near(o, &cand, &loose)) {
+            if !taken.contains(&pt.sequence_id) && ours.iter().any(|o| near(o, &cand, &loose)) {
                 sequences.insert(pt.sequence_id.clone());
             }
         }

@@ -4,8 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures::StreamExt;
 use secrecy::SecretString;
-use shared::domain::linking::{link_by_order, LinkReport, MapillaryImage, MapillarySequence};
+use shared::domain::linking::{link_by_order, LinkReport, MapillaryImage, MapillarySequence, OurImage};
 use shared::domain::tiles::{BBox, LonLat};
 use shared::domain::tracking::{FeedWalk, WalkEnd, WalkLimits, WalkStep};
 use shared::mapillary::feed::ActivityNode;
@@ -14,6 +15,7 @@ use shared::model::{TrackingRecord, UploadImage};
 use shared::ports::{TokenStore, UploadRepository};
 use tracing::{debug, info, warn};
 
+use crate::api::SEARCH_LIMIT;
 use crate::handler::{our_images, Poller};
 use crate::tokens::{TokenFail, UserToken};
 
@@ -26,6 +28,8 @@ pub enum FeedOutcome {
         mapillary_user_id: String,
         /// Nodes of pending clusters.
         nodes: HashMap<String, ActivityNode>,
+        /// With a horizon: every node created at or after it (reconciliation candidates).
+        recent: Vec<ActivityNode>,
         /// Pages fetched.
         pages: u32,
         /// Why the walk ended.
@@ -59,6 +63,7 @@ pub async fn walk_feed<R, U, T: TokenStore, Q>(
     graphql_token: Option<&SecretString>,
     hint: Option<String>,
     clusters: &[String],
+    horizon: Option<i64>,
 ) -> FeedOutcome {
     let mapillary_user_id = match tok.mapillary_user_id(p, hint).await {
         Ok(id) => id,
@@ -69,7 +74,11 @@ pub async fn walk_feed<R, U, T: TokenStore, Q>(
         max_pages: p.tunables.feed_max_pages,
     };
     let mut walk = FeedWalk::new(clusters.iter().cloned(), limits);
+    if let Some(h) = horizon {
+        walk = walk.with_horizon(h);
+    }
     let mut nodes = HashMap::new();
+    let mut recent = Vec::new();
     loop {
         let after = match walk.step() {
             WalkStep::Done(end) => {
@@ -93,6 +102,7 @@ pub async fn walk_feed<R, U, T: TokenStore, Q>(
                 return FeedOutcome::Walked {
                     mapillary_user_id,
                     nodes,
+                    recent,
                     pages: walk.pages(),
                     end,
                 };
@@ -130,6 +140,9 @@ pub async fn walk_feed<R, U, T: TokenStore, Q>(
         for n in &page.nodes {
             if walk.is_pending(&n.cluster_id) {
                 nodes.insert(n.cluster_id.clone(), n.clone());
+            }
+            if horizon.is_some_and(|h| n.created_at_seconds.is_some_and(|c| c >= h)) {
+                recent.push(n.clone());
             }
         }
         walk.on_page(&page);
@@ -257,4 +270,133 @@ pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
         "linked through the activity feed"
     );
     Ok((entries, report))
+}
+
+/// Sequence ids per `images?sequence_id=` search (keeps the URL short).
+const SEQUENCES_PER_SEARCH: usize = 50;
+
+/// An upload's images and its link report.
+pub type Linked = (Vec<UploadImage>, LinkReport);
+
+/// An upload's image entries and the same as linking inputs.
+type OursOf = (Vec<UploadImage>, Vec<OurImage>);
+
+/// Plan B linking of several uploads of one user at once (each with the feed node's
+/// representative `image_id`), in a handful of requests instead of three per upload:
+/// 1. our image entries, read concurrently (`RELAY_UPLOAD_CONCURRENCY`);
+/// 2. every representative image's `sequence` in one batch (`images?image_ids=`);
+/// 3. the images of all those sequences with `images?sequence_id=a,b,…` searches (§7.4), at
+///    most [`SEARCH_LIMIT`] expected images and [`SEQUENCES_PER_SEARCH`] ids per request;
+/// 4. [`link_by_order`] per upload, the search's images sorted by `captured_at`.
+///
+/// An upload falls back to [`link_by_feed`] (the documented per-upload path with `image_ids`'
+/// authoritative order and the search for further sequences of a split cluster) when the batch
+/// could not vouch for its result: a failed or possibly truncated request, equal capture times in
+/// the sequence (the order would be a guess), or any image left unlinked. Results are in `jobs` order.
+pub async fn link_many<R, U: UploadRepository, T: TokenStore, Q>(
+    p: &Poller<R, U, T, Q>,
+    tok: &mut UserToken,
+    jobs: &[(&TrackingRecord, String)],
+) -> Vec<Result<Linked, LinkFail>> {
+    let ours: Vec<Result<OursOf, shared::ports::RepoError>> = futures::stream::iter(jobs)
+        .map(|(r, _)| our_images(&p.uploads, &r.upload_id))
+        .buffered(p.tunables.upload_concurrency.max(1))
+        .collect()
+        .await;
+    let mut reps: Vec<String> = jobs.iter().map(|(_, i)| i.clone()).collect();
+    reps.sort();
+    reps.dedup();
+    let seq_of: HashMap<String, String> =
+        match with_token!(p, tok, |t| p.api.images(&t, &reps, p.tunables.entity_batch)) {
+            Ok(imgs) => imgs.into_iter().map(|i| (i.id, i.sequence_id)).collect(),
+            Err(e) => {
+                warn!(error = %e, "batched image → sequence lookup failed: per-upload linking");
+                HashMap::new()
+            }
+        };
+    // Sequences to fetch, with the number of images expected (for the search limit).
+    let mut wanted: Vec<(String, usize)> = Vec::new();
+    for (k, (r, image_id)) in jobs.iter().enumerate() {
+        let Some(s) = seq_of.get(image_id) else { continue };
+        if wanted.iter().any(|(w, _)| w == s) {
+            continue;
+        }
+        let ours_len = ours[k].as_ref().map(|(_, o)| o.len()).unwrap_or(0);
+        let expected = r
+            .item_count
+            .and_then(|c| usize::try_from(c).ok())
+            .unwrap_or(ours_len)
+            .max(ours_len)
+            .max(1);
+        wanted.push((s.clone(), expected));
+    }
+    let mut found: HashMap<String, Vec<MapillaryImage>> = HashMap::new();
+    let mut complete: HashSet<String> = HashSet::new();
+    let mut rest = wanted.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut chunk: Vec<String> = Vec::new();
+        let mut expected = 0usize;
+        while let Some((s, n)) = rest.peek() {
+            if !chunk.is_empty() && (expected + n >= SEARCH_LIMIT || chunk.len() >= SEQUENCES_PER_SEARCH) {
+                break;
+            }
+            expected += n;
+            chunk.push(s.clone());
+            rest.next();
+        }
+        match with_token!(p, tok, |t| p.api.images_of_sequences(&t, &chunk)) {
+            Ok(imgs) if imgs.len() < SEARCH_LIMIT => {
+                for i in imgs {
+                    found.entry(i.sequence_id.clone()).or_default().push(i);
+                }
+                complete.extend(chunk);
+            }
+            Ok(_) => debug!(
+                sequences = chunk.len(),
+                "search reply may be truncated: per-upload linking"
+            ),
+            Err(e) => warn!(error = %e, "searching the sequences' images failed: per-upload linking"),
+        }
+    }
+    let tol = p.tunables.tolerances;
+    let mut out = Vec::with_capacity(jobs.len());
+    for ((record, image_id), mine) in jobs.iter().zip(ours) {
+        let (entries, ours) = match mine {
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Err(LinkFail::Repo(e)));
+                continue;
+            }
+        };
+        let batch = seq_of
+            .get(image_id)
+            .filter(|s| complete.contains(*s))
+            .and_then(|s| {
+                let mut images = found.get(s).cloned().unwrap_or_default();
+                images.sort_by(|a, b| {
+                    a.captured_at_ms
+                        .cmp(&b.captured_at_ms)
+                        .then_with(|| a.id.cmp(&b.id))
+                });
+                let ties = images
+                    .windows(2)
+                    .any(|w| w[0].captured_at_ms == w[1].captured_at_ms);
+                (!ties && !images.is_empty()).then(|| MapillarySequence {
+                    id: s.clone(),
+                    images,
+                })
+            });
+        if let (Some(seq), false) = (batch, ours.is_empty()) {
+            match link_by_order(&ours, std::slice::from_ref(&seq), &tol) {
+                Ok(report) if report.dropped_count() == 0 => {
+                    debug!(upload_id = %record.upload_id, "linked through the activity feed (batched)");
+                    out.push(Ok((entries, report)));
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        out.push(link_by_feed(p, tok, record, image_id).await);
+    }
+    out
 }

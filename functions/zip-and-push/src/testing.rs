@@ -3,7 +3,7 @@
 //! lease rules, conditional writes check the stored state.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -16,8 +16,9 @@ use shared::model::{
     UploadImage, UploadRecord, UploadState,
 };
 use shared::ports::{
-    BoxError, ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryUploads, ObjectBody, ObjectInfo,
-    ObjectStore, QueueError, RangeBody, RepoError, StoreError, TokenError, TokenStore, UploadRepository,
+    BoxError, ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryUploads, ObjectBody, ObjectChunks,
+    ObjectInfo, ObjectStore, QueueError, RangeBody, RepoError, StoreError, TokenError, TokenStore,
+    UploadRepository,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -33,7 +34,14 @@ pub struct MemStore {
     pub full_gets: AtomicU64,
     /// Bytes served by ranged GETs.
     pub range_bytes: AtomicU64,
+    /// Whether [`ObjectStore::get_object_chunks`] vouches for the md5 of the content (as S3 does
+    /// through the ETag of single-part plain/SSE-S3 objects). Off: the caller must hash.
+    pub vouch_md5: AtomicBool,
 }
+
+/// Segment size of [`MemStore::get_object_chunks`] bodies: odd, so JPEG headers and CRC/md5
+/// inputs straddle segment boundaries as they do with real connections.
+pub const MEM_CHUNK: usize = 7919;
 
 impl MemStore {
     /// Empty store.
@@ -99,6 +107,25 @@ impl ObjectStore for MemStore {
         }
         self.full_gets.fetch_add(1, Ordering::Relaxed);
         Ok(ObjectBody { bytes, etag })
+    }
+
+    async fn get_object_chunks(
+        &self,
+        bucket: &str,
+        key: &str,
+        if_match: Option<&str>,
+    ) -> Result<ObjectChunks, StoreError> {
+        let o = self.get_object(bucket, key, if_match).await?;
+        let chunks = (0..o.bytes.len())
+            .step_by(MEM_CHUNK)
+            .map(|at| o.bytes.slice(at..(at + MEM_CHUNK).min(o.bytes.len())))
+            .collect();
+        let content_md5 = self.vouch_md5.load(Ordering::Relaxed).then(|| o.etag.clone());
+        Ok(ObjectChunks {
+            chunks,
+            etag: o.etag,
+            content_md5,
+        })
     }
 
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {

@@ -338,6 +338,37 @@ async fn clean_zip(seq: &str, imgs: &[(String, Vec<u8>)]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn when_store_vouches_for_the_md5_should_produce_the_identical_zip() {
+    let imgs = named(&specs(12, 250));
+    // The store does not vouch: every original is hashed (the fallback).
+    let hashed = clean_zip("md5", &imgs).await;
+
+    // The store vouches (S3: plain ETag of a single-part plain/SSE-S3 object): no hashing, same zip.
+    let w = world().await;
+    w.deps
+        .store
+        .vouch_md5
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let etag = drop_sequence(&w.deps.store, "md5", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "md5", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "md5").await;
+    let vouched = stored_zip(&w, &st.uploads[0].upload_id).await;
+    assert_eq!(vouched, hashed);
+
+    // And the comment is mapillary_tools' sequence_md5sum of the originals' md5s.
+    let md5s: Vec<String> = imgs
+        .iter()
+        .map(|(_, b)| hex::encode(<md5::Md5 as md5::Digest>::digest(b)))
+        .collect();
+    let z = zip::ZipArchive::new(std::io::Cursor::new(vouched)).expect("zip");
+    assert_eq!(
+        z.comment(),
+        &shared::domain::zipfmt::archive_comment(&shared::domain::zipfmt::sequence_md5sum(&md5s))[..]
+    );
+}
+
+#[tokio::test]
 async fn when_connection_dropped_mid_body_should_resume_with_identical_bytes() {
     let imgs = named(&specs(30, 300));
     let clean = clean_zip("drop", &imgs).await;

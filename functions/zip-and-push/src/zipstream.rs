@@ -11,10 +11,21 @@
 //! `MapillaryClient::upload_resumable` wants a `'static` body stream per POST while the sources
 //! here borrow the ports; [`upload_zip`] therefore runs the producer next to the upload in the same
 //! task and hands each POST a channel receiver.
+//!
+//! Inside the producer three futures are polled concurrently, so no stage waits for another:
+//! the *fetcher* (GETs with bounded read-ahead, all polled all the time → a one-slot channel of
+//! ready entries), the
+//! *emitter* (ready entries → the POST's body channel) and the *checkpointer* (entry checkpoints
+//! → the repository in batches). The hashing (CRC-32 of the transformed entry; md5 of the original
+//! unless S3 vouches for it through the ETag, see [`ObjectChunks::content_md5`]) runs on the
+//! blocking pool, off the threads that drive the connections. Objects stay in the segments the S3
+//! connection delivered them in: nothing is copied except the JPEG head that is rewritten.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use md5::{Digest, Md5};
 use secrecy::SecretString;
@@ -23,7 +34,7 @@ use shared::domain::zipfmt::{self, ZipFormatError, ZipPlan, ZipPosition};
 use shared::mapillary::client::UploadReport;
 use shared::mapillary::retry::MapillaryError;
 use shared::model::{EntryCheckpoint, UploadImage};
-use shared::ports::{MapillaryUploads, ObjectStore, StoreError, UploadRepository};
+use shared::ports::{MapillaryUploads, ObjectChunks, ObjectStore, StoreError, UploadRepository};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -33,6 +44,15 @@ const CHUNK: usize = 256 * 1024;
 const CHANNEL_CHUNKS: usize = 8;
 /// Checkpoints written per repository call.
 const CHECKPOINT_BATCH: usize = 25;
+/// First guess of the JPEG head to make contiguous for the rewrite (grown on demand).
+const HEAD_GUESS: usize = 64 * 1024;
+
+/// Objects fetched concurrently (GETs in flight or finished, waiting their turn) for a read-ahead
+/// budget of `prefetch_bytes` and a largest entry of `largest` bytes. One more object waits in the
+/// ready slot and one is being sent, so about `prefetch_bytes + 2 × largest` object bytes are held.
+pub fn fetch_concurrency(prefetch_bytes: u64, largest: u64) -> usize {
+    (prefetch_bytes / largest.max(1)).clamp(1, 32) as usize
+}
 
 /// Length of the archive comment `{"sequence_md5sum":"<32 hex>"}`.
 pub fn comment_len() -> usize {
@@ -72,20 +92,82 @@ pub enum ZipError {
     /// Entry metadata is inconsistent with the plan (corrupt records).
     #[error("inconsistent upload records: {0}")]
     Inconsistent(String),
+    /// The hashing task on the blocking pool did not complete (runtime shutting down).
+    #[error("hashing an entry failed: {0}")]
+    Hashing(String),
 }
 
 impl ZipError {
     /// Whether producing the body again later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, ZipError::Store { source, .. } if source.is_transient())
+            || matches!(self, ZipError::Hashing(_))
     }
 }
 
 /// One produced entry.
 struct Entry {
     index: usize,
-    pieces: [Bytes; 3],
+    /// Local header, rewritten JPEG header, then the object's segments after its original header.
+    pieces: Vec<Bytes>,
     checkpoint: EntryCheckpoint,
+}
+
+/// The first `len` bytes of `chunks` in one buffer (zero-copy when the first chunk holds them).
+fn contiguous_prefix(chunks: &[Bytes], len: usize) -> Bytes {
+    if let Some(first) = chunks.first() {
+        if first.len() >= len {
+            return first.slice(..len);
+        }
+    }
+    let mut out = Vec::with_capacity(len);
+    for c in chunks {
+        if out.len() >= len {
+            break;
+        }
+        let take = (len - out.len()).min(c.len());
+        out.extend_from_slice(&c[..take]);
+    }
+    Bytes::from(out)
+}
+
+/// The segments of `chunks` from byte `from` on (zero-copy slices).
+fn chunks_from(chunks: &[Bytes], from: usize) -> Vec<Bytes> {
+    let mut skip = from;
+    let mut out = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        if skip >= c.len() {
+            skip -= c.len();
+            continue;
+        }
+        out.push(c.slice(skip..));
+        skip = 0;
+    }
+    out
+}
+
+/// CRC-32 of the transformed entry (`header` then `data`) and the md5 hex of the original
+/// (`original`), unless `content_md5` already is that md5 (S3 vouched for it through the ETag).
+/// CPU-bound: callers run it on the blocking pool.
+fn entry_hashes(
+    header: &[u8],
+    data: &[Bytes],
+    original: &[Bytes],
+    content_md5: Option<String>,
+) -> (u32, String) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(header);
+    for c in data {
+        crc.update(c);
+    }
+    let md5 = content_md5.unwrap_or_else(|| {
+        let mut h = Md5::new();
+        for c in original {
+            h.update(c);
+        }
+        hex::encode(h.finalize())
+    });
+    (crc.finalize(), md5)
 }
 
 /// The zip of one upload, producible from any offset.
@@ -122,8 +204,8 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
         }
         let sizes: Vec<u64> = images.iter().map(|i| i.entry_size).collect();
         let plan = ZipPlan::from_sizes(&sizes, comment_len())?;
-        let largest = sizes.iter().copied().max().unwrap_or(1).max(1);
-        let read_ahead = (prefetch_bytes / largest).clamp(1, 32) as usize;
+        let largest = sizes.iter().copied().max().unwrap_or(1);
+        let read_ahead = fetch_concurrency(prefetch_bytes, largest);
         let checkpoints = images
             .iter()
             .zip(plan.entries())
@@ -190,9 +272,9 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             key: img.key.clone(),
             what,
         };
-        let obj = match self
+        let obj: ObjectChunks = match self
             .store
-            .get_object(self.bucket, &img.key, Some(&img.etag))
+            .get_object_chunks(self.bucket, &img.key, Some(&img.etag))
             .await
         {
             Ok(o) => o,
@@ -207,30 +289,50 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
                 })
             }
         };
-        if obj.bytes.len() as u64 != img.size {
-            return Err(changed(format!(
-                "size {} instead of {}",
-                obj.bytes.len(),
-                img.size
-            )));
+        let size = obj.len();
+        if size != img.size {
+            return Err(changed(format!("size {size} instead of {}", img.size)));
         }
-        let md5 = hex::encode(Md5::digest(&obj.bytes));
-        let rh = jpeg::rewrite_header(&obj.bytes, &img.description).map_err(|source| ZipError::Header {
-            key: img.key.clone(),
-            source,
-        })?;
+        // Only the head is rewritten, so only the head is made contiguous; grow it if the marker
+        // structure needs more than the first guess.
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        let consumed = usize::try_from(img.header_consumed).unwrap_or(usize::MAX);
+        let mut want = consumed.max(HEAD_GUESS).min(size);
+        let rh = loop {
+            let head = contiguous_prefix(&obj.chunks, want);
+            match jpeg::rewrite_header(&head, &img.description) {
+                Ok(rh) => break rh,
+                Err(JpegError::Truncated { needed, .. }) if needed > want && want < size => {
+                    want = needed.min(size);
+                }
+                Err(source) => {
+                    return Err(ZipError::Header {
+                        key: img.key.clone(),
+                        source,
+                    })
+                }
+            }
+        };
         if rh.consumed as u64 != img.header_consumed || rh.transformed_len(img.size) != Some(img.entry_size) {
             return Err(changed("its JPEG header differs from the one planned".into()));
         }
-        let data = obj.bytes.slice(rh.consumed..);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&rh.header);
-        crc.update(&data);
-        let crc32 = crc.finalize();
+        let header = Bytes::from(rh.header);
+        let data = chunks_from(&obj.chunks, rh.consumed);
+        let (crc32, md5) = {
+            let (header, data) = (header.clone(), data.clone());
+            let (original, content_md5) = (obj.chunks, obj.content_md5);
+            tokio::task::spawn_blocking(move || entry_hashes(&header, &data, &original, content_md5))
+                .await
+                .map_err(|e| ZipError::Hashing(e.to_string()))?
+        };
         let local = zipfmt::local_header(&pe.name, crc32, pe.size)?;
+        let mut pieces = Vec::with_capacity(data.len() + 2);
+        pieces.push(Bytes::from(local));
+        pieces.push(header);
+        pieces.extend(data);
         Ok(Entry {
             index,
-            pieces: [Bytes::from(local), Bytes::from(rh.header), data],
+            pieces,
             checkpoint: EntryCheckpoint {
                 index: index as u32,
                 crc32,
@@ -238,6 +340,19 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
                 local_header_offset: pe.local_header_offset,
             },
         })
+    }
+
+    /// Write the checkpoints arriving on `rx` in batches, one repository call at a time, until the
+    /// sender is dropped; then write the rest.
+    async fn write_checkpoints(&self, mut rx: mpsc::UnboundedReceiver<EntryCheckpoint>) {
+        let mut pending = Vec::new();
+        while let Some(cp) = rx.recv().await {
+            pending.push(cp);
+            if pending.len() >= CHECKPOINT_BATCH {
+                self.flush(&mut pending).await;
+            }
+        }
+        self.flush(&mut pending).await;
     }
 
     async fn flush(&self, pending: &mut Vec<EntryCheckpoint>) {
@@ -270,34 +385,76 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             start_entry = start,
             "producing zip body"
         );
-        let mut pending = Vec::new();
-        let mut entries = futures::stream::iter(start..n)
-            .map(|i| self.build_entry(i))
-            .buffered(self.read_ahead);
-        while let Some(entry) = entries.next().await {
-            let entry = entry?;
-            self.remember(&entry.checkpoint);
-            pending.push(entry.checkpoint.clone());
-            if pending.len() >= CHECKPOINT_BATCH {
-                self.flush(&mut pending).await;
-            }
-            let mut pos = self
-                .plan
-                .entries()
-                .get(entry.index)
-                .map(|e| e.local_header_offset)
-                .unwrap_or_default();
-            for piece in entry.pieces {
-                let len = piece.len() as u64;
-                if !emit(tx, piece, pos, offset).await {
-                    self.flush(&mut pending).await;
-                    return Ok(());
+        // Fetcher → (one ready entry) → emitter → body channel; emitter → checkpointer.
+        let (ready_tx, mut ready_rx) = mpsc::channel::<Result<Entry, ZipError>>(1);
+        let (cp_tx, cp_rx) = mpsc::unbounded_channel::<EntryCheckpoint>();
+        let fetch = async move {
+            // Every GET in flight keeps being polled while a finished entry waits for the ready
+            // slot (a `buffered` stream is only polled from `next()`, and hyper stops reading a
+            // body nobody polls). At most `read_ahead` entries are in flight or finished here.
+            let mut in_flight = FuturesOrdered::new();
+            let mut finished: VecDeque<Result<Entry, ZipError>> = VecDeque::new();
+            let mut next = start;
+            loop {
+                while next < n && in_flight.len() + finished.len() < self.read_ahead {
+                    in_flight.push_back(self.build_entry(next));
+                    next += 1;
                 }
-                pos += len;
+                if in_flight.is_empty() && finished.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    permit = ready_tx.reserve(), if !finished.is_empty() => {
+                        let (Ok(permit), Some(entry)) = (permit, finished.pop_front()) else {
+                            break; // the emitter is gone
+                        };
+                        let failed = entry.is_err();
+                        permit.send(entry);
+                        if failed {
+                            break;
+                        }
+                    }
+                    Some(entry) = in_flight.next(), if !in_flight.is_empty() => finished.push_back(entry),
+                }
             }
+        };
+        let emit_entries = async move {
+            while let Some(entry) = ready_rx.recv().await {
+                let entry = entry?;
+                self.remember(&entry.checkpoint);
+                // The checkpointer outlives this loop; a failed send cannot happen.
+                let _ = cp_tx.send(entry.checkpoint.clone());
+                let mut pos = self
+                    .plan
+                    .entries()
+                    .get(entry.index)
+                    .map(|e| e.local_header_offset)
+                    .unwrap_or_default();
+                for piece in entry.pieces {
+                    let len = piece.len() as u64;
+                    if !emit(tx, piece, pos, offset).await {
+                        return Ok(false);
+                    }
+                    pos += len;
+                }
+            }
+            Ok::<bool, ZipError>(true)
+        };
+        // The checkpointer ends (after its last batch) when the emitter drops its sender.
+        let emit_and_checkpoint = async { tokio::join!(emit_entries, self.write_checkpoints(cp_rx)).0 };
+        tokio::pin!(fetch, emit_and_checkpoint);
+        let mut fetching = true;
+        let emitted = loop {
+            tokio::select! {
+                res = &mut emit_and_checkpoint => break res,
+                () = &mut fetch, if fetching => fetching = false,
+            }
+        };
+        if !emitted? {
+            // The receiver is gone (connection lost or upload over); checkpoints are written.
+            return Ok(());
         }
-        self.flush(&mut pending).await;
-        drop(entries);
+        let mut pending = Vec::new();
 
         // The tail: every entry's CRC and the originals' md5s.
         let mut records = Vec::with_capacity(n);
@@ -430,5 +587,69 @@ where
             .map(UploadFailure::Source)
             .unwrap_or(UploadFailure::Mapillary(e))),
         Err(e) => Err(UploadFailure::Mapillary(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked(data: &[u8], sizes: &[usize]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &s in sizes {
+            out.push(Bytes::copy_from_slice(&data[at..at + s]));
+            at += s;
+        }
+        out.push(Bytes::copy_from_slice(&data[at..]));
+        out
+    }
+
+    #[test]
+    fn prefix_and_suffix_of_chunks_cover_exactly_the_object() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let chunks = chunked(&data, &[10, 300, 1, 0, 400]);
+        for cut in [0, 5, 10, 11, 310, 311, 711, 999, 1000] {
+            assert_eq!(&contiguous_prefix(&chunks, cut)[..], &data[..cut], "prefix {cut}");
+            let rest: Vec<u8> = chunks_from(&chunks, cut)
+                .iter()
+                .flat_map(|c| c.to_vec())
+                .collect();
+            assert_eq!(rest, &data[cut..], "suffix from {cut}");
+        }
+        // The zero-copy path: the first chunk holds the prefix.
+        let p = contiguous_prefix(&chunks, 4);
+        assert_eq!(p.as_ptr(), chunks[0].as_ptr());
+    }
+
+    #[test]
+    fn hashes_of_chunks_equal_hashes_of_the_whole_and_a_vouched_md5_is_taken_as_is() {
+        let original: Vec<u8> = (0..50_000u32).map(|i| (i * 31 % 256) as u8).collect();
+        let header = b"new header".to_vec();
+        let consumed = 1234;
+        let chunks = chunked(&original, &[100, 2000, 7, 30_000]);
+        let data = chunks_from(&chunks, consumed);
+
+        let mut whole = header.clone();
+        whole.extend_from_slice(&original[consumed..]);
+        let want_crc = crc32fast::hash(&whole);
+        let want_md5 = hex::encode(Md5::digest(&original));
+
+        // Fallback: hashed here, from the segments.
+        let (crc, md5) = entry_hashes(&header, &data, &chunks, None);
+        assert_eq!((crc, md5.as_str()), (want_crc, want_md5.as_str()));
+        // Fast path: the store's md5 (S3 ETag) is used without hashing; the CRC is still computed.
+        let (crc, md5) = entry_hashes(&header, &data, &chunks, Some(want_md5.clone()));
+        assert_eq!((crc, md5), (want_crc, want_md5));
+        let (_, md5) = entry_hashes(&header, &data, &chunks, Some("f".repeat(32)));
+        assert_eq!(md5, "f".repeat(32), "a vouched md5 is not recomputed");
+    }
+
+    #[test]
+    fn fetch_concurrency_follows_the_budget() {
+        assert_eq!(fetch_concurrency(32 << 20, 5 << 20), 6);
+        assert_eq!(fetch_concurrency(1, 5 << 20), 1);
+        assert_eq!(fetch_concurrency(u64::MAX, 1), 32);
+        assert_eq!(fetch_concurrency(10, 0), 10);
     }
 }

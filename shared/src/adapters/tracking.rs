@@ -3,7 +3,10 @@
 //! * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK`; while not final also gsi2pk `TRACKING`,
 //!   gsi2sk `<user_id>#<upload_id>` (sparse: one Query finds every pending upload);
 //! * image link: pk `UPLOAD#<upload_id>`, sk `LINK#<index:05>`;
-//! * feed health: pk `HEALTH`, sk `FEED`.
+//! * feed health: pk `HEALTH`, sk `FEED`;
+//! * once final, a tracking record is in gsi2 under `TRACKED#<user_id>` / `<upload_id>` instead
+//!   (a user's linked sequences, for Plan A's exclusion);
+//! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`.
 //!
 //! Items are the model types serialized with `serde_dynamo` plus the key attributes. A struct of
 //! its own (not [`super::dynamo::DynamoRepository`]): the poller's items never share code paths
@@ -23,7 +26,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::aws_error::classify;
-use crate::model::{FeedHealth, ImageLink, TrackingRecord};
+use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
 use crate::ports::{RepoError, TrackingRepository};
 
 type Item = HashMap<String, AttributeValue>;
@@ -36,6 +39,13 @@ pub const TRACKING_GSI2PK: &str = "TRACKING";
 pub const HEALTH_PK: &str = "HEALTH";
 /// Sort key of the feed health record.
 pub const FEED_SK: &str = "FEED";
+/// Sort key of the record of the last FINISH_UNCERTAIN scan.
+pub const RECONCILE_SCAN_SK: &str = "RECONCILE_SCAN";
+
+/// gsi2 partition key of a user's final tracking records.
+pub fn tracked_gsi2pk(user_id: &str) -> String {
+    format!("TRACKED#{user_id}")
+}
 const BATCH_WRITE_MAX: usize = 25;
 const BATCH_ATTEMPTS: usize = 8;
 
@@ -102,6 +112,9 @@ impl DynamoTracking {
                 "gsi2sk".into(),
                 s(format!("{}#{}", record.user_id, record.upload_id)),
             );
+        } else {
+            item.insert("gsi2pk".into(), s(tracked_gsi2pk(&record.user_id)));
+            item.insert("gsi2sk".into(), s(&record.upload_id));
         }
         Ok(item)
     }
@@ -152,6 +165,86 @@ impl DynamoTracking {
                 }
             }
         }
+    }
+}
+
+impl DynamoTracking {
+    /// The user's final tracking records (gsi2 `TRACKED#<user_id>`).
+    pub async fn list_final_tracking(&self, user_id: &str) -> Result<Vec<TrackingRecord>, RepoError> {
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name("gsi2")
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", "gsi2pk")
+            .expression_attribute_values(":pk", s(tracked_gsi2pk(user_id)))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, "Query gsi2 TRACKED#"))?;
+            for item in page.items.unwrap_or_default() {
+                out.push(decode(item, "final tracking record")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// zip-and-push's upload records in `state`, all users (a Scan with a filter: upload items
+    /// leave every index once final, so there is no cheaper way without a change to their layout).
+    pub async fn scan_uploads_in_state(&self, state: UploadState) -> Result<Vec<UploadRecord>, RepoError> {
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression("#st = :st AND begins_with(#pk, :seq) AND begins_with(#sk, :up)")
+            .expression_attribute_names("#st", "state")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#sk", "sk")
+            .expression_attribute_values(":st", s(state.as_str()))
+            .expression_attribute_values(":seq", s("SEQ#"))
+            .expression_attribute_values(":up", s("UPLOAD#"))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, "Scan uploads by state"))?;
+            for item in page.items.unwrap_or_default() {
+                out.push(decode(item, "upload record")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the last FINISH_UNCERTAIN scan completed.
+    pub async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        let Some(item) = self.get(HEALTH_PK, RECONCILE_SCAN_SK).await? else {
+            return Ok(None);
+        };
+        match item.get("at") {
+            Some(AttributeValue::S(v)) => OffsetDateTime::parse(v, &Rfc3339)
+                .map(Some)
+                .map_err(|e| RepoError::Corrupt(format!("reconcile scan mark {v:?}: {e}"))),
+            _ => Err(RepoError::Corrupt("reconcile scan mark has no `at`".into())),
+        }
+    }
+
+    /// Record a completed FINISH_UNCERTAIN scan.
+    pub async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
+        let v = at
+            .format(&Rfc3339)
+            .map_err(|e| RepoError::Other(format!("formatting {at}: {e}")))?;
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(HEALTH_PK))
+            .item("sk", s(RECONCILE_SCAN_SK))
+            .item("at", s(v))
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, "PutItem reconcile scan mark"))?;
+        Ok(())
     }
 }
 

@@ -103,6 +103,123 @@ pub struct TrackedUpload {
     pub state: OverallState,
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub last_checked_at: Option<OffsetDateTime>,
+    /// Set for a FINISH_UNCERTAIN upload: `cluster_id` is empty until the cluster was found in the
+    /// activity feed (then the reconciliation stays as a record of how it was found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<Reconcile>,
+}
+
+/// What identifies the cluster of an upload whose `finish_upload` reply was lost (zip-and-push's
+/// FINISH_UNCERTAIN). A feed node matches when it was created in the window in which
+/// `finish_upload` ran, starts at our first capture second and holds no more images than we sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconcile {
+    /// The earliest `created_at_seconds` the cluster can have (the upload started, minus slack).
+    pub created_from_s: i64,
+    /// The latest `created_at_seconds` it can have (zip-and-push gave up on the reply, plus slack).
+    pub created_until_s: i64,
+    /// Our first image's capture time, epoch seconds (the node's `captured_at_seconds`).
+    pub first_captured_at_s: i64,
+    /// Images in our zip (the node's `item_count` cannot be larger).
+    pub image_count: u32,
+    /// Give up (FAILED) when no cluster was found by then.
+    #[serde(with = "time::serde::rfc3339")]
+    pub give_up_at: OffsetDateTime,
+    /// When the cluster was found and adopted.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub adopted_at: Option<OffsetDateTime>,
+}
+
+impl Reconcile {
+    /// Whether the upload still waits for its cluster.
+    pub fn is_open(&self) -> bool {
+        self.adopted_at.is_none()
+    }
+
+    /// Whether `node` can be this upload's cluster (created in the window, same first capture
+    /// second ±1, `item_count` — once known — not above ours).
+    pub fn matches(&self, node: &ActivityNode) -> bool {
+        let created = node
+            .created_at_seconds
+            .is_some_and(|c| (self.created_from_s..=self.created_until_s).contains(&c));
+        let captured = node
+            .captured_at_seconds
+            .is_some_and(|c| (c - self.first_captured_at_s).abs() <= 1);
+        let count = node
+            .item_count
+            .is_none_or(|n| n > 0 && n <= i64::from(self.image_count));
+        created && captured && count
+    }
+
+    /// The single node among `candidates` that matches, leaving out clusters in `taken`
+    /// (tracked by other uploads). `Err(n)`: `n` (≥ 2) nodes match, none is adopted.
+    pub fn pick<'a>(
+        &self,
+        candidates: impl IntoIterator<Item = &'a ActivityNode>,
+        taken: &HashSet<String>,
+    ) -> Result<Option<&'a ActivityNode>, usize> {
+        let hits: Vec<&ActivityNode> = candidates
+            .into_iter()
+            .filter(|n| !taken.contains(&n.cluster_id) && self.matches(n))
+            .collect();
+        match hits.len() {
+            0 => Ok(None),
+            1 => Ok(hits.first().copied()),
+            n => Err(n),
+        }
+    }
+}
+
+/// The update that records an adopted cluster id (`cluster_id` transition) on a reconciled upload.
+pub fn adopt_cluster(upload: &mut TrackedUpload, cluster_id: &str, now: OffsetDateTime) -> Transition {
+    upload.cluster_id = cluster_id.to_string();
+    if let Some(r) = upload.reconcile.as_mut() {
+        r.adopted_at = Some(now);
+    }
+    Transition {
+        at: now,
+        field: "cluster_id".into(),
+        from: None,
+        to: Some(cluster_id.to_string()),
+    }
+}
+
+/// FAILED for a FINISH_UNCERTAIN upload whose cluster never showed up in the activity feed.
+pub fn reconcile_failed(
+    upload: &TrackedUpload,
+    now: OffsetDateTime,
+    window: Duration,
+    ambiguous: Option<usize>,
+) -> Update {
+    let reason = match ambiguous {
+        Some(n) => format!(
+            "finish_upload's reply was lost and {n} clusters in the activity feed match the upload: \
+             none could be adopted safely within {}",
+            human(window)
+        ),
+        None => format!(
+            "finish_upload's reply was lost and no matching cluster appeared in the activity feed within {}: \
+             Mapillary did not create one; upload the sequence again",
+            human(window)
+        ),
+    };
+    let state = OverallState::Failed {
+        error_code: None,
+        stage: None,
+        reason,
+    };
+    Update {
+        changed: true,
+        stages: upload.stages.clone(),
+        error_code: upload.error_code.clone(),
+        transitions: vec![Transition {
+            at: now,
+            field: "state".into(),
+            from: Some(upload.state.as_str().to_string()),
+            to: Some(state.as_str().to_string()),
+        }],
+        state,
+    }
 }
 
 impl TrackedUpload {
@@ -120,7 +237,13 @@ impl TrackedUpload {
             error_code: None,
             state: OverallState::InProgress,
             last_checked_at: None,
+            reconcile: None,
         }
+    }
+
+    /// Waiting for the cluster of a FINISH_UNCERTAIN upload (no cluster id yet).
+    pub fn is_reconciling(&self) -> bool {
+        self.reconcile.as_ref().is_some_and(Reconcile::is_open)
     }
 
     /// Copy an update's values in (`last_checked_at` is the caller's business).
@@ -400,6 +523,8 @@ pub struct FeedWalk {
     pages: u32,
     limits: WalkLimits,
     step: WalkStep,
+    horizon: Option<i64>,
+    horizon_reached: bool,
 }
 
 impl FeedWalk {
@@ -424,7 +549,19 @@ impl FeedWalk {
             pages: 0,
             limits,
             step,
+            horizon: None,
+            horizon_reached: false,
         }
+    }
+
+    /// Also walk until a node created before `created_before_s` (epoch seconds) was seen, or the
+    /// feed ends: used to see every cluster created since then (FINISH_UNCERTAIN reconciliation).
+    pub fn with_horizon(mut self, created_before_s: i64) -> Self {
+        self.horizon = Some(created_before_s);
+        if self.limits.max_pages > 0 && self.pages == 0 {
+            self.step = WalkStep::Fetch { after: None };
+        }
+        self
     }
 
     /// The next thing to do.
@@ -442,8 +579,12 @@ impl FeedWalk {
             if self.pending.contains(&n.cluster_id) {
                 self.seen.insert(n.cluster_id.clone());
             }
+            if let (Some(h), Some(c)) = (self.horizon, n.created_at_seconds) {
+                self.horizon_reached |= c < h;
+            }
         }
-        self.step = WalkStep::Done(if self.seen.len() == self.pending.len() {
+        let horizon_done = self.horizon.is_none() || self.horizon_reached;
+        self.step = WalkStep::Done(if self.seen.len() == self.pending.len() && horizon_done {
             WalkEnd::AllSeen
         } else if !page.user_found {
             WalkEnd::UserNotFound

@@ -1,0 +1,203 @@
+//! FINISH_UNCERTAIN reconciliation. zip-and-push marks an upload FINISH_UNCERTAIN when
+//! `finish_upload`'s reply was lost (it must never call it again: every call creates a cluster)
+//! and sends no cluster message. The poller finds such uploads (a filtered scan of the uploads
+//! table, at most every `RELAY_RECONCILE_SCAN_EVERY_S`), creates a tracking record without a
+//! cluster id but with what identifies the cluster ([`Reconcile`]: the time window of the
+//! `finish_upload` call, our first capture second, our image count), and the user's feed walk then
+//! looks for a node that matches (see `handler`): found → the cluster id is adopted and tracking
+//! continues as for any upload; not found within `RELAY_RECONCILE_WINDOW_H` → FAILED with a reason.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Instant;
+
+use shared::adapters::tracking::DynamoTracking;
+use shared::domain::tracking::{OverallState, Reconcile, TrackedUpload};
+use shared::model::{TrackingRecord, UploadRecord, UploadState};
+use shared::ports::{RepoError, TrackingRepository, UploadRepository};
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use crate::handler::Poller;
+
+/// Slack around the `finish_upload` window (clock skew between Mapillary and us), seconds.
+pub const CREATED_SLACK_S: i64 = 120;
+
+/// Poller reads beyond the shared [`TrackingRepository`] port (implemented for [`DynamoTracking`]).
+pub trait TrackingExtra: Send + Sync {
+    /// Sequence ids linked to the user's final uploads (Plan A leaves them out).
+    fn user_linked_sequences(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = Result<HashSet<String>, RepoError>> + Send;
+    /// Every FINISH_UNCERTAIN upload record.
+    fn finish_uncertain_uploads(&self) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
+    /// When the last complete FINISH_UNCERTAIN scan ran.
+    fn reconcile_scan_mark(&self) -> impl Future<Output = Result<Option<OffsetDateTime>, RepoError>> + Send;
+    /// Record a complete FINISH_UNCERTAIN scan.
+    fn set_reconcile_scan_mark(
+        &self,
+        at: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+impl TrackingExtra for DynamoTracking {
+    async fn user_linked_sequences(&self, user_id: &str) -> Result<HashSet<String>, RepoError> {
+        Ok(self
+            .list_final_tracking(user_id)
+            .await?
+            .into_iter()
+            .flat_map(|r| r.sequence_ids)
+            .collect())
+    }
+
+    async fn finish_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
+        self.scan_uploads_in_state(UploadState::FinishUncertain).await
+    }
+
+    async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        DynamoTracking::reconcile_scan_mark(self).await
+    }
+
+    async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
+        DynamoTracking::set_reconcile_scan_mark(self, at).await
+    }
+}
+
+/// What the discovery step did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiscoveryReport {
+    /// The uploads table was scanned in this run.
+    pub scanned: bool,
+    /// FINISH_UNCERTAIN uploads seen.
+    pub found: usize,
+    /// Tracking records created for them (the rest were tracked already).
+    pub created: usize,
+    /// Problems (each also logged).
+    pub errors: Vec<String>,
+}
+
+/// Take FINISH_UNCERTAIN uploads into tracking (when a scan is due).
+pub async fn discover_uncertain<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> DiscoveryReport
+where
+    R: TrackingRepository + TrackingExtra,
+    U: UploadRepository,
+{
+    let mut rep = DiscoveryReport::default();
+    let now = p.clock.now();
+    let every = time::Duration::try_from(p.tunables.reconcile_scan_every).unwrap_or(time::Duration::HOUR);
+    match p.tracking.reconcile_scan_mark().await {
+        Ok(Some(last)) if now - last < every && now >= last => return rep,
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "reading the reconcile scan mark failed");
+            rep.errors.push(format!("reconcile scan mark: {e}"));
+            return rep;
+        }
+    }
+    let uploads = match p.tracking.finish_uncertain_uploads().await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "scanning for FINISH_UNCERTAIN uploads failed");
+            rep.errors.push(format!("FINISH_UNCERTAIN scan: {e}"));
+            return rep;
+        }
+    };
+    rep.scanned = true;
+    rep.found = uploads.len();
+    let mut complete = true;
+    for up in &uploads {
+        if Instant::now() >= deadline {
+            complete = false;
+            break;
+        }
+        match p.tracking.get_tracking(&up.upload_id).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(e) => {
+                rep.errors.push(format!("upload {}: {e}", up.upload_id));
+                complete = false;
+                continue;
+            }
+        }
+        let record = match reconcile_record(p, up).await {
+            Ok(r) => r,
+            Err(e) => {
+                rep.errors.push(format!("upload {}: {e}", up.upload_id));
+                complete = false;
+                continue;
+            }
+        };
+        match p.tracking.create_tracking(&record).await {
+            Ok(true) => {
+                info!(upload_id = %up.upload_id, state = record.tracked.state.as_str(),
+                    "FINISH_UNCERTAIN upload taken into tracking: looking for its cluster in the feed");
+                rep.created += 1;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                rep.errors.push(format!("upload {}: {e}", up.upload_id));
+                complete = false;
+            }
+        }
+    }
+    if complete {
+        if let Err(e) = p.tracking.set_reconcile_scan_mark(now).await {
+            rep.errors.push(format!("reconcile scan mark: {e}"));
+        }
+    }
+    rep
+}
+
+/// The tracking record of a FINISH_UNCERTAIN upload: no cluster id, the [`Reconcile`] facts.
+/// Without image entries nothing identifies the cluster: the record is FAILED at once.
+pub async fn reconcile_record<R, U: UploadRepository, T, Q>(
+    p: &Poller<R, U, T, Q>,
+    up: &UploadRecord,
+) -> Result<TrackingRecord, RepoError> {
+    let now = p.clock.now();
+    let images = p.uploads.list_images(&up.upload_id).await?;
+    let ended = up.finished_at.unwrap_or(now);
+    let began = up.started_at.unwrap_or(up.created_at).min(ended);
+    let mut tracked = TrackedUpload::new(String::new(), ended);
+    let first = images.iter().map(|i| i.captured_at).min();
+    match first {
+        Some(first) => {
+            let window = time::Duration::try_from(p.tunables.reconcile_window).unwrap_or(time::Duration::DAY);
+            tracked.reconcile = Some(Reconcile {
+                created_from_s: began.unix_timestamp() - CREATED_SLACK_S,
+                created_until_s: ended.unix_timestamp() + CREATED_SLACK_S,
+                first_captured_at_s: first.unix_timestamp(),
+                image_count: up
+                    .image_count
+                    .max(u32::try_from(images.len()).unwrap_or(u32::MAX)),
+                give_up_at: ended + window,
+                adopted_at: None,
+            });
+        }
+        None => {
+            tracked.state = OverallState::Failed {
+                error_code: None,
+                stage: None,
+                reason: "finish_upload's reply was lost and the upload has no image entries to identify \
+                         its cluster by"
+                    .into(),
+            };
+        }
+    }
+    Ok(TrackingRecord {
+        user_id: up.user_id.clone(),
+        sequence_id: up.sequence_id.clone(),
+        upload_id: up.upload_id.clone(),
+        mapillary_user_id: None,
+        tracked,
+        history: Vec::new(),
+        item_count: None,
+        image_id: None,
+        sequence_ids: Vec::new(),
+        linked_via: None,
+        linked_count: 0,
+        dropped_count: 0,
+        next_check_at: None,
+    })
+}

@@ -1,0 +1,478 @@
+//! The poller's FINISH_UNCERTAIN reconciliation and Plan A's exclusion of sequences linked to
+//! other uploads, on moto (the stack from `infra/template.yaml`) and the in-process simulator with
+//! its frozen clock. zip-and-push's records are written directly through the adapters, as in
+//! `poller.rs`; the lost `finish_upload` reply comes from the simulator's fault rules.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use integration_tests::moto::shared_moto;
+use integration_tests::stack::{self, LocalStack};
+use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET};
+use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use poller::api::MapillaryApi;
+use poller::clock::Clock;
+use poller::config::Tunables;
+use poller::inbox::SqsInbox;
+use poller::{run_once, Poller, RunReport};
+use relay_fixtures::{jpeg, track, TrackSpec};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::sqs::SqsClusterQueue;
+use shared::adapters::tokens::KmsTokenStore;
+use shared::adapters::tracking::DynamoTracking;
+use shared::domain::linking::LinkPath;
+use shared::domain::tracking::OverallState;
+use shared::mapillary::client::{FileType, MapillaryClient};
+use shared::mapillary::retry::RetryPolicy;
+use shared::mapillary::Endpoints;
+use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadRecord, UploadState};
+use shared::ports::{ClusterQueue, TokenStore, TrackingRepository, UploadRepository};
+use time::OffsetDateTime;
+
+type P = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+
+struct World {
+    _stack: LocalStack,
+    sim: SimHandle,
+    poller: P,
+    client: MapillaryClient,
+    clusters: SqsClusterQueue,
+    http: reqwest::Client,
+}
+
+fn sim_now(sim: &SimHandle) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(sim.sim().now_ms()) * 1_000_000).expect("time")
+}
+
+fn start_time() -> OffsetDateTime {
+    time::macros::datetime!(2024-04-20 08:00:00 UTC)
+}
+
+async fn world(tag: &str) -> Result<World> {
+    let endpoint = shared_moto()?;
+    let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let client = MapillaryClient::new(
+        Endpoints::under(sim.base_url()),
+        http.clone(),
+        RetryPolicy::fast(),
+    );
+    let tunables = Tunables {
+        reconcile_scan_every: Duration::ZERO,
+        ..Tunables::default()
+    };
+    let poller = Poller {
+        tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
+        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        tokens: KmsTokenStore::new(
+            stack.dynamodb(),
+            stack.kms(),
+            &stack.users_table,
+            &stack.token_key_id,
+        ),
+        inbox: SqsInbox::new(stack.sqs(), &stack.clusters_queue_url),
+        api: MapillaryApi::new(
+            client.clone(),
+            http.clone(),
+            APP_ID,
+            SecretString::from(CLIENT_SECRET),
+        ),
+        client_token: None,
+        tunables,
+        clock: Clock::manual(sim_now(&sim)),
+    };
+    let clusters = SqsClusterQueue::new(stack.sqs(), &stack.clusters_queue_url);
+    Ok(World {
+        _stack: stack,
+        sim,
+        poller,
+        client,
+        clusters,
+        http,
+    })
+}
+
+/// How `finish_upload` goes for an upload.
+#[derive(Clone, Copy, PartialEq)]
+enum Finish {
+    /// Returns the cluster: handed off (cluster message sent).
+    Ok,
+    /// The cluster is created, the reply is lost: FINISH_UNCERTAIN.
+    ReplyLost,
+    /// Fails (502) before creating anything: FINISH_UNCERTAIN too (zip-and-push cannot tell).
+    NotCreated,
+}
+
+impl World {
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value> {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.sim.admin_url()))
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        ensure!(status.is_success(), "admin {path}: {status} {text}");
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A simulator user connected as `ours`; returns the token.
+    async fn user(&self, ours: &str, username: &str) -> Result<String> {
+        let u = self
+            .admin(reqwest::Method::POST, "/users", json!({"username": username}))
+            .await?;
+        let token = u["access_token"].as_str().context("token")?.to_string();
+        self.poller
+            .tokens
+            .save(
+                ours,
+                &StoredToken {
+                    access_token: SecretString::from(token.clone()),
+                    refresh_token: None,
+                    expires_at: None,
+                    mapillary_user_id: u["id"].as_str().map(str::to_string),
+                    username: Some(username.into()),
+                    updated_at: OffsetDateTime::now_utc(),
+                },
+            )
+            .await?;
+        Ok(token)
+    }
+
+    /// Upload `n` images starting at `start` as one zip and finish it as `how` says; write what
+    /// zip-and-push would have written. Returns the upload id and, if it was handed off, the cluster.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload(
+        &self,
+        ours: &str,
+        token: &str,
+        seq: &str,
+        n: usize,
+        start: OffsetDateTime,
+        how: Finish,
+    ) -> Result<(String, Option<String>)> {
+        let mut t = TrackSpec::new(48.2, 16.37, start);
+        t.interval_ms = 2000;
+        t.step_m = 8.0;
+        let specs = track(n, &t);
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut zw = zip::ZipWriter::new(&mut buf);
+            for (i, s) in specs.iter().enumerate() {
+                zw.start_file(
+                    format!("{i}.jpg"),
+                    zip::write::SimpleFileOptions::default()
+                        .compression_method(zip::CompressionMethod::Stored),
+                )?;
+                zw.write_all(&jpeg(s))?;
+            }
+            zw.finish()?;
+        }
+        let bytes = bytes::Bytes::from(buf.into_inner());
+        let total = bytes.len() as u64;
+        let secret = SecretString::from(token.to_string());
+        let key = format!("mly_relay_{ours}_{seq}.zip");
+        let started = sim_now(&self.sim);
+        let report = self
+            .client
+            .upload_resumable(&secret, &key, total, |off| {
+                futures::stream::iter([Ok::<_, std::io::Error>(bytes.slice(off as usize..))])
+            })
+            .await?;
+        match how {
+            Finish::Ok => {}
+            Finish::ReplyLost => {
+                self.admin(
+                    reqwest::Method::POST,
+                    "/faults",
+                    json!({"path": "/graph/finish_upload", "times": 1, "phase": "after",
+                        "action": {"kind": "lost_reply"}}),
+                )
+                .await?;
+            }
+            Finish::NotCreated => {
+                self.admin(
+                    reqwest::Method::POST,
+                    "/faults",
+                    json!({"path": "/graph/finish_upload", "times": 1, "phase": "before",
+                        "action": {"kind": "server_error", "status": 502}}),
+                )
+                .await?;
+            }
+        }
+        let finished = self
+            .client
+            .finish_upload(&secret, &report.handle, FileType::Zip, None)
+            .await;
+        let (state, cluster, error) = match (how, finished) {
+            (Finish::Ok, Ok(c)) => (UploadState::HandedOff, Some(c), None),
+            (Finish::ReplyLost | Finish::NotCreated, Err(e)) => {
+                ensure!(
+                    e.is_ambiguous(),
+                    "expected an ambiguous finish_upload failure, got {e}"
+                );
+                (
+                    UploadState::FinishUncertain,
+                    None,
+                    Some(format!("finish_upload outcome unknown: {e}")),
+                )
+            }
+            (_, r) => anyhow::bail!("finish_upload: unexpected {r:?}"),
+        };
+        let id = upload_id(ours, seq, 0);
+        let now = sim_now(&self.sim);
+        self.poller
+            .uploads
+            .put_upload(&UploadRecord {
+                user_id: ours.into(),
+                sequence_id: seq.into(),
+                upload_id: id.clone(),
+                index: 0,
+                state,
+                session_key: key,
+                total_len: total,
+                image_count: n as u32,
+                cluster_id: cluster.clone(),
+                handle: Some(report.handle.clone()),
+                organization_id: None,
+                bytes_sent: total,
+                created_at: started,
+                started_at: Some(started),
+                finished_at: Some(now),
+                error,
+                attempts: 1,
+            })
+            .await?;
+        let images: Vec<UploadImage> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| UploadImage {
+                upload_id: id.clone(),
+                index: i as u32,
+                key: format!("sequences/{ours}/{seq}/img_{i:04}.jpg"),
+                etag: "e".into(),
+                size: 1,
+                entry_size: 1,
+                header_consumed: 0,
+                description: String::new(),
+                lat: s.lat,
+                lon: s.lon,
+                altitude: s.altitude,
+                captured_at: s.captured_at,
+                heading: None,
+                checkpoint: None,
+            })
+            .collect();
+        self.poller.uploads.put_images(&images).await?;
+        if let Some(c) = &cluster {
+            self.clusters
+                .send_cluster(&ClusterMessage {
+                    upload_id: id.clone(),
+                    user_id: ours.into(),
+                    sequence_id: seq.into(),
+                    cluster_id: c.clone(),
+                })
+                .await?;
+        }
+        Ok((id, cluster))
+    }
+
+    /// The simulator's cluster ids of a Mapillary user (by username), oldest first.
+    async fn sim_clusters(&self, username: &str) -> Result<Vec<String>> {
+        let v = self.admin(reqwest::Method::GET, "/clusters", Value::Null).await?;
+        let list = v
+            .as_array()
+            .or_else(|| v["clusters"].as_array())
+            .context("clusters")?;
+        let users = self.admin(reqwest::Method::GET, "/users", Value::Null).await?;
+        let owner = users
+            .as_array()
+            .or_else(|| users["users"].as_array())
+            .context("users")?
+            .iter()
+            .find(|u| u["username"].as_str() == Some(username))
+            .and_then(|u| u["id"].as_str())
+            .context("user")?
+            .to_string();
+        Ok(list
+            .iter()
+            .filter(|c| c["owner_id"].as_str() == Some(owner.as_str()))
+            .filter_map(|c| c["id"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    fn advance(&self, seconds: i64) {
+        self.sim.advance_clock(seconds);
+        self.poller.clock.set_ms(self.sim.sim().now_ms());
+    }
+
+    async fn run(&self) -> RunReport {
+        run_once(&self.poller, Instant::now() + Duration::from_secs(120)).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_uncertain_uploads_are_adopted_from_the_feed_or_failed_after_the_window() -> Result<()> {
+    let w = world("poll-reconcile").await?;
+    let token = w.user("hana", "hana_m").await?;
+    // A handed-off upload (a decoy with its own cluster), then a lost reply (the cluster exists),
+    // then a finish that failed before creating anything. Two minutes apart.
+    let (ok_id, ok_cluster) = w
+        .upload("hana", &token, "s1", 4, start_time(), Finish::Ok)
+        .await?;
+    w.advance(120);
+    let (lost_id, none) = w
+        .upload(
+            "hana",
+            &token,
+            "s2",
+            5,
+            start_time() + time::Duration::hours(1),
+            Finish::ReplyLost,
+        )
+        .await?;
+    assert!(none.is_none());
+    w.advance(120);
+    let (gone_id, _) = w
+        .upload(
+            "hana",
+            &token,
+            "s3",
+            3,
+            start_time() + time::Duration::hours(2),
+            Finish::NotCreated,
+        )
+        .await?;
+    let clusters = w.sim_clusters("hana_m").await?;
+    assert_eq!(
+        clusters.len(),
+        2,
+        "the lost reply created a cluster, the 502 did not: {clusters:?}"
+    );
+    let lost_cluster = clusters
+        .iter()
+        .find(|c| Some(*c) != ok_cluster.as_ref())
+        .context("the lost reply's cluster")?
+        .clone();
+
+    let r = w.run().await;
+    assert!(r.reconcile.scanned, "{r:?}");
+    assert_eq!((r.reconcile.found, r.reconcile.created), (2, 2), "{r:?}");
+    let lost = w.poller.tracking.get_tracking(&lost_id).await?.context("lost")?;
+    assert_eq!(lost.tracked.cluster_id, lost_cluster, "the feed node was adopted");
+    assert!(lost
+        .tracked
+        .reconcile
+        .as_ref()
+        .is_some_and(|c| c.adopted_at.is_some()));
+    assert!(lost
+        .history
+        .iter()
+        .any(|t| t.field == "cluster_id" && t.to.as_deref() == Some(lost_cluster.as_str())));
+    assert!(
+        lost.tracked.stages.ingestion.is_some(),
+        "tracked like any upload: {lost:?}"
+    );
+    let gone = w.poller.tracking.get_tracking(&gone_id).await?.context("gone")?;
+    assert!(
+        gone.tracked.is_reconciling() && gone.tracked.cluster_id.is_empty(),
+        "{gone:?}"
+    );
+    assert_eq!(gone.tracked.state, OverallState::InProgress);
+
+    // A second run: nothing new is taken in, nothing is adopted twice.
+    let r = w.run().await;
+    assert_eq!(r.reconcile.created, 0, "{r:?}");
+
+    // Every stage finishes: both real clusters are linked; the missing one is still awaited.
+    w.advance(7000);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let lost = w.poller.tracking.get_tracking(&lost_id).await?.context("lost")?;
+    assert_eq!(lost.tracked.state, OverallState::Finished);
+    assert_eq!(lost.linked_via, Some(LinkPath::ActivityFeed));
+    assert_eq!(lost.linked_count, 5);
+    let ok = w.poller.tracking.get_tracking(&ok_id).await?.context("ok")?;
+    assert_eq!(ok.tracked.cluster_id, ok_cluster.clone().unwrap_or_default());
+    assert_eq!(
+        (ok.tracked.state.clone(), ok.linked_count),
+        (OverallState::Finished, 4)
+    );
+    assert_ne!(ok.sequence_ids, lost.sequence_ids);
+    let gone = w.poller.tracking.get_tracking(&gone_id).await?.context("gone")?;
+    assert!(gone.tracked.is_reconciling());
+
+    // Past the window (24 h after zip-and-push gave up): FAILED with the reason.
+    w.advance(24 * 3600);
+    w.run().await;
+    let gone = w.poller.tracking.get_tracking(&gone_id).await?.context("gone")?;
+    match &gone.tracked.state {
+        OverallState::Failed { reason, .. } => {
+            assert!(
+                reason.contains("no matching cluster") && reason.contains("24 h"),
+                "{reason}"
+            )
+        }
+        s => panic!("expected FAILED, got {s:?}"),
+    }
+    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_a_never_links_a_sequence_already_linked_to_another_upload() -> Result<()> {
+    let w = world("poll-exclude").await?;
+    let token = w.user("ivan", "ivan_m").await?;
+    // The same six images uploaded twice (a re-upload): two clusters, two sequences, identical
+    // images at the same places and times — each matches both uploads.
+    let (first_id, _) = w
+        .upload("ivan", &token, "s1", 6, start_time(), Finish::Ok)
+        .await?;
+    w.run().await;
+    w.advance(7000);
+    let r = w.run().await;
+    assert_eq!(r.linked_feed, 1, "{r:?}");
+    let first = w
+        .poller
+        .tracking
+        .get_tracking(&first_id)
+        .await?
+        .context("first")?;
+    assert_eq!(first.sequence_ids.len(), 1);
+
+    // The re-upload's own cluster never reaches the tiles (stuck at map update): the first
+    // upload's sequence is then the only candidate in the tiles, and it must not be taken.
+    w.admin(reqwest::Method::POST, "/plans/next", json!({"stuck_at": 4}))
+        .await?;
+    let (second_id, _) = w
+        .upload("ivan", &token, "s2", 6, start_time(), Finish::Ok)
+        .await?;
+    w.run().await;
+    w.advance(7000);
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "action": {"kind": "graphql_error", "message": "Unknown document"}}),
+    )
+    .await?;
+    let r = w.run().await;
+    assert_eq!((r.plan_a_users, r.linked_tiles), (1, 0), "{r:?}");
+    let second = w
+        .poller
+        .tracking
+        .get_tracking(&second_id)
+        .await?
+        .context("second")?;
+    assert_eq!(second.linked_via, None, "linked to {:?}", second.sequence_ids);
+    assert!(second.sequence_ids.is_empty());
+    assert!(!second.tracked.state.is_final(), "{:?}", second.tracked.state);
+    assert!(w.poller.tracking.list_links(&second_id).await?.is_empty());
+    Ok(())
+}
