@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod config;
+pub mod deadline;
 pub mod domain;
 pub mod mapillary;
 pub mod model;

@@ -1,7 +1,7 @@
 //! Composition root: telemetry, SDK config, typed config, adapters, then the Lambda runtime. The
 //! EventBridge schedule's event content is ignored: every invocation is one run.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
@@ -20,12 +20,13 @@ use shared::mapillary::retry::RetryPolicy;
 /// Stop starting new work this long before the Lambda deadline.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(20);
 
+/// The function's timeout in infra/template.yaml: the deadline assumed when the invocation carries
+/// none that is usable (see `shared::deadline`).
+const FALLBACK_TIMEOUT: Duration = Duration::from_secs(300);
+
 fn deadline_of(deadline_ms: u64) -> Instant {
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
-    let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+    let at = shared::deadline::from_epoch_ms(deadline_ms, FALLBACK_TIMEOUT);
+    let left = at.saturating_duration_since(Instant::now());
     Instant::now() + left.saturating_sub(DEADLINE_MARGIN)
 }
 

@@ -1,6 +1,6 @@
 //! Composition root: telemetry, SDK config, typed config, adapters, then the Lambda runtime.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
@@ -15,14 +15,9 @@ use shared::mapillary::retry::RetryPolicy;
 use zip_and_push::config::{ClientSecretSource, Config};
 use zip_and_push::{handle_batch, HandlerDeps};
 
-/// The Lambda deadline as an `Instant` (the context carries epoch milliseconds).
-fn deadline_of(deadline_ms: u64) -> Instant {
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
-    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
-}
+/// The function's timeout in infra/template.yaml: the deadline assumed when the invocation carries
+/// none that is usable (see `shared::deadline`).
+const FALLBACK_TIMEOUT: Duration = Duration::from_secs(900);
 
 async fn client_secret(
     source: ClientSecretSource,
@@ -114,7 +109,7 @@ async fn run_function() -> Result<(), Error> {
     };
     let deps = &deps;
     run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let deadline = deadline_of(event.context.deadline);
+        let deadline = shared::deadline::from_epoch_ms(event.context.deadline, FALLBACK_TIMEOUT);
         Ok::<SqsBatchResponse, Error>(handle_batch(deps, event.payload, deadline).await)
     }))
     .await
