@@ -154,6 +154,8 @@ pub async fn track_loop(
                     rec.tracked
                         .error_code
                         .as_deref()
+                        // The feed says `UNSET` when there is no error.
+                        .filter(|e| *e != "UNSET")
                         .map(|e| format!("{e} "))
                         .unwrap_or_default(),
                     path_label(rec.linked_via),
