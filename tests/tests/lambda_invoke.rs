@@ -128,10 +128,8 @@ fn http_response(v: &Value) -> Result<(u64, Value)> {
     Ok((status, body))
 }
 
-// Not run by default yet: under `cargo lambda watch` (cargo-lambda 1.9.2) zip-and-push sees a deadline
-// that leaves no upload time, so it only queues continuations and `seq-1` never leaves UPLOADING
-// (issue 6 stays open on this). Run it with `cargo test -p integration-tests --test lambda_invoke -- --ignored`.
-#[ignore = "zip-and-push gets no upload time under cargo lambda watch's deadline (issue 6, open)"]
+// `cargo lambda watch` (1.9.2) sends a constant `Lambda-Runtime-Deadline-Ms: 600000`; the functions fall back
+// to their template timeout (`shared::deadline`), so `seq-1` is uploaded within this one invocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
     let venvs = venv::ensure(&repo_root())?;

@@ -3,7 +3,7 @@
 //! * `setup` — create the pinned Python venvs (`.venv/aws`, `.venv/mapillary-tools`).
 //! * `stack up | down | status` — moto + the Mapillary simulator + the stack from `infra/template.yaml`.
 //! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests, fuzzing,
-//!   and with `--demo`, `demo --ci`.
+//!   and `demo --ci` last (`--no-demo` skips it).
 //! * `demo` — the main job, end to end on the local stack.
 
 mod bench;
@@ -45,10 +45,9 @@ enum Cmd {
         /// Seconds per fuzz target after the tests (0 skips fuzzing).
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u64,
-        /// Also run `cargo xtask demo --ci` as the last step. Not on by default yet: under
-        /// `cargo lambda watch` zip-and-push gets no upload time from watch's deadline (issue 6, open).
+        /// Skip the last step, `cargo xtask demo --ci` (the demo end to end under `cargo lambda watch`).
         #[arg(long)]
-        demo: bool,
+        no_demo: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
@@ -137,14 +136,14 @@ fn main() -> Result<()> {
         Cmd::Test {
             no_lint,
             fuzz_seconds,
-            demo,
+            no_demo,
             cargo_test_args,
         } => {
             test(&root, no_lint, &cargo_test_args)?;
             if fuzz_seconds > 0 {
                 fuzz(&root, fuzz_seconds)?;
             }
-            if demo {
+            if !no_demo {
                 // Last step: the demo end to end, non-interactively (fails unless all is FINISHED and linked).
                 eprintln!("xtask: cargo xtask demo --ci");
                 rt.block_on(demo::run(&root, true, demo::DEFAULT_IMAGES))?;
