@@ -158,6 +158,9 @@ fn main() -> Result<()> {
             sequence,
             track,
         } => rt.block_on(push::run(&root, &dir, user, sequence, track)),
+        Cmd::Bench { what } if cfg!(debug_assertions) && std::env::var_os(BENCH_DEBUG_ENV).is_none() => {
+            rerun_optimized(&root, &what)
+        }
         Cmd::Bench { what } => match what.as_str() {
             "zip-and-push" => rt.block_on(bench::run(&root)),
             "poller" => rt.block_on(bench_poller::run(&root)),
@@ -165,6 +168,36 @@ fn main() -> Result<()> {
             other => bail!("unknown benchmark {other:?} (known: zip-and-push, poller, status-api)"),
         },
     }
+}
+
+/// Set to run `cargo xtask bench` in the debug build it was started from (figures not comparable).
+const BENCH_DEBUG_ENV: &str = "RELAY_BENCH_DEBUG";
+
+/// Benchmarks measure optimized code: the simulator and the poller run inside this process, so a debug
+/// `cargo xtask bench X` re-runs itself as `cargo run --profile bench-harness -p xtask -- bench X`.
+fn rerun_optimized(root: &Path, what: &str) -> Result<()> {
+    eprintln!("xtask: building xtask with --profile bench-harness for the benchmark");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "run",
+            "--quiet",
+            "--profile",
+            "bench-harness",
+            "--package",
+            "xtask",
+            "--",
+            "bench",
+            what,
+        ])
+        .env(BENCH_DEBUG_ENV, "0")
+        .status()
+        .context("running cargo run --profile bench-harness")?;
+    if !status.success() {
+        bail!("cargo xtask bench {what} (bench-harness profile) failed ({status})");
+    }
+    Ok(())
 }
 
 /// The README's test command.

@@ -6,7 +6,7 @@
 //! (sim choice, §14.6). Nothing here panics on any input: bad input becomes a [`Rejected`] entry
 //! or a [`ContentError`].
 
-use std::io::{Cursor, Read};
+use std::io::{Cursor, Read, Seek};
 
 use exif::{Exif, In, Reader, Tag, Value};
 use serde::{Deserialize, Serialize};
@@ -132,8 +132,12 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<BundleManifest, ContentError> {
 /// Reads a zip upload: every entry is parsed as a JPEG ([`parse_jpeg`]); STORED and DEFLATE
 /// entries are accepted, the archive comment is ignored, anything else is rejected per entry.
 pub fn parse_zip(bytes: &[u8]) -> Result<ParsedUpload, ContentError> {
-    let mut archive =
-        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| ContentError::NotZip(e.to_string()))?;
+    parse_zip_from(Cursor::new(bytes))
+}
+
+/// [`parse_zip`] over any seekable reader (a stored upload file): one entry in memory at a time.
+pub fn parse_zip_from<R: Read + Seek>(reader: R) -> Result<ParsedUpload, ContentError> {
+    let mut archive = zip::ZipArchive::new(reader).map_err(|e| ContentError::NotZip(e.to_string()))?;
     if archive.is_empty() {
         return Err(ContentError::EmptyArchive);
     }
@@ -156,8 +160,8 @@ pub fn parse_zip(bytes: &[u8]) -> Result<ParsedUpload, ContentError> {
     Ok(out)
 }
 
-fn read_entry(
-    archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
+fn read_entry<R: Read + Seek>(
+    archive: &mut zip::ZipArchive<R>,
     index: usize,
 ) -> Result<(String, Vec<u8>), Rejected> {
     let fallback_name = format!("#{index}");

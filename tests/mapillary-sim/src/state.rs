@@ -275,6 +275,10 @@ pub struct Sequence {
     /// When stage 2 finished.
     pub created_at_ms: i64,
     pub is_pano: bool,
+    /// `[min lon, min lat, max lon, max lat]` of the images' original positions (tiles skip
+    /// sequences far from the requested tile without visiting their images).
+    #[serde(skip)]
+    pub bbox: [f64; 4],
 }
 
 /// A server-side image.
@@ -331,6 +335,21 @@ pub struct State {
     pub next_fault_id: u64,
     pub request_log: Vec<RequestLogEntry>,
     pub logging_events: Vec<Value>,
+    /// Lookup indexes over `clusters` (kept in step by [`State::sync_index`]).
+    index: ClusterIndex,
+}
+
+/// Indexes over [`State::clusters`], so that a feed page, a cluster lookup and the per-request refresh
+/// do not scan every cluster (the poller benchmark tracks 10,000). Clusters are only ever appended
+/// and their id and owner never change, so the index catches up from a watermark.
+#[derive(Debug, Default)]
+struct ClusterIndex {
+    /// `clusters[..seen]` are indexed.
+    seen: usize,
+    by_id: HashMap<String, usize>,
+    by_owner: HashMap<String, Vec<usize>>,
+    /// Indexed clusters not materialized yet.
+    unmaterialized: Vec<usize>,
 }
 
 impl State {
@@ -352,7 +371,37 @@ impl State {
             next_fault_id: 1,
             request_log: Vec::new(),
             logging_events: Vec::new(),
+            index: ClusterIndex::default(),
         }
+    }
+
+    /// Index the clusters appended since the last call.
+    fn sync_index(&mut self) {
+        let idx = &mut self.index;
+        for (i, c) in self.clusters.iter().enumerate().skip(idx.seen) {
+            idx.by_id.insert(c.id.clone(), i);
+            idx.by_owner.entry(c.owner_id.clone()).or_default().push(i);
+            if !c.materialized {
+                idx.unmaterialized.push(i);
+            }
+        }
+        idx.seen = self.clusters.len();
+    }
+
+    /// The clusters of `owner_id`, in creation order.
+    pub fn clusters_of<'a>(&'a self, owner_id: &'a str) -> impl Iterator<Item = &'a Cluster> + 'a {
+        let seen = self.index.seen.min(self.clusters.len());
+        let indexed = self
+            .index
+            .by_owner
+            .get(owner_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| self.clusters.get(i));
+        let fresh = self.clusters[seen..]
+            .iter()
+            .filter(move |c| c.owner_id == owner_id);
+        indexed.chain(fresh)
     }
 
     /// Seed the apps, user and organization of [`crate::defaults`].
@@ -464,18 +513,38 @@ impl State {
 
     /// The cluster with this id.
     pub fn cluster(&self, id: &str) -> Option<&Cluster> {
-        self.clusters.iter().find(|c| c.id == id)
+        self.cluster_index(id).and_then(|i| self.clusters.get(i))
+    }
+
+    /// The position of the cluster with this id in `clusters`.
+    pub fn cluster_index(&self, id: &str) -> Option<usize> {
+        match self.index.by_id.get(id) {
+            Some(&i) if self.clusters.get(i).is_some_and(|c| c.id == id) => Some(i),
+            _ => {
+                let seen = self.index.seen.min(self.clusters.len());
+                self.clusters[seen..]
+                    .iter()
+                    .position(|c| c.id == id)
+                    .map(|p| p + seen)
+            }
+        }
     }
 
     /// Create sequences and images for every cluster whose stage 2 has finished by `now_ms`.
     pub fn refresh(&mut self, now_ms: i64) {
-        for ci in 0..self.clusters.len() {
-            let cluster = &self.clusters[ci];
+        self.sync_index();
+        let candidates = std::mem::take(&mut self.index.unmaterialized);
+        let mut waiting = Vec::new();
+        for ci in candidates {
+            let Some(cluster) = self.clusters.get(ci) else {
+                continue;
+            };
             if cluster.materialized {
                 continue;
             }
             let progress = cluster.progress(now_ms);
             if progress.current < 2 {
+                waiting.push(ci);
                 continue;
             }
             let created_at = progress.stage2_done_at_ms.unwrap_or(now_ms);
@@ -500,7 +569,14 @@ impl State {
             for size in groups {
                 let seq_id = self.ids.sequence_key();
                 let mut image_ids = Vec::with_capacity(size);
+                let mut bbox = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
                 for p in iter.by_ref().take(size) {
+                    bbox = [
+                        bbox[0].min(p.meta.lon),
+                        bbox[1].min(p.meta.lat),
+                        bbox[2].max(p.meta.lon),
+                        bbox[3].max(p.meta.lat),
+                    ];
                     let image_id = self.ids.numeric();
                     image_ids.push(image_id.clone());
                     self.images.insert(
@@ -528,6 +604,7 @@ impl State {
                         image_ids,
                         created_at_ms: created_at,
                         is_pano: false,
+                        bbox,
                     },
                 );
                 seq_ids.push(seq_id);
@@ -536,6 +613,7 @@ impl State {
             cluster.sequence_ids = seq_ids;
             cluster.materialized = true;
         }
+        self.index.unmaterialized = waiting;
     }
 
     /// First image of the cluster's first sequence (after stage 2).
@@ -590,6 +668,40 @@ mod tests {
             sequence_ids: Vec::new(),
             materialized: false,
         }
+    }
+
+    #[test]
+    fn index_follows_appended_clusters_and_refresh_materializes_each_once() {
+        let mut w = State::new(7, Settings::default());
+        let plan = ProcessingPlan {
+            stage_seconds: [10, 10, 10, 10],
+            ..ProcessingPlan::default()
+        };
+        let mut a = cluster(plan.clone());
+        a.id = "a".into();
+        a.content = ClusterContent::Images {
+            images: Vec::new(),
+            rejected: Vec::new(),
+        };
+        w.clusters.push(a);
+        w.refresh(0); // indexes "a"; not due yet
+        assert!(!w.clusters[0].materialized);
+        let mut b = cluster(plan);
+        b.id = "b".into();
+        b.owner_id = "v".into();
+        w.clusters.push(b); // appended after the last refresh: found without it
+        assert_eq!(w.cluster("b").map(|c| c.owner_id.as_str()), Some("v"));
+        assert_eq!(w.cluster("a").map(|c| c.owner_id.as_str()), Some("u"));
+        assert!(w.cluster("c").is_none());
+        let ids = |w: &State, o: &str| w.clusters_of(o).map(|c| c.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&w, "u"), ["a"]);
+        assert_eq!(ids(&w, "v"), ["b"]);
+        w.refresh(19_999); // stage 2 ends at 20 s
+        assert!(w.clusters.iter().all(|c| !c.materialized));
+        w.refresh(20_000);
+        assert!(w.clusters.iter().all(|c| c.materialized));
+        assert!(w.index.unmaterialized.is_empty());
+        assert_eq!(ids(&w, "v"), ["b"]);
     }
 
     #[test]

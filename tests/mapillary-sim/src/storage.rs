@@ -41,7 +41,11 @@ pub struct Session {
 #[derive(Debug)]
 enum Backing {
     Memory(Vec<u8>),
-    File { path: PathBuf },
+    /// `append` keeps the file open between the chunks of one POST (opened on first use).
+    File {
+        path: PathBuf,
+        append: Option<tokio::fs::File>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +105,7 @@ impl Store {
             StorageMode::Memory => Backing::Memory(Vec::new()),
             StorageMode::Directory(dir) => Backing::File {
                 path: dir.join(format!("{}.bin", hex::encode(Sha256::digest(key.as_bytes())))),
+                append: None,
             },
         };
         let s = Arc::new(Session {
@@ -211,12 +216,33 @@ impl Session {
         let backing = self.backing.lock().await;
         read_backing(&backing).await
     }
+
+    /// The stored bytes for reading without copying a file-backed upload into memory (`finish_upload`
+    /// reads a 2 GiB zip entry by entry).
+    pub async fn content(&self) -> Result<StoredContent, StorageError> {
+        let backing = self.backing.lock().await;
+        match &*backing {
+            Backing::Memory(v) => Ok(StoredContent::Memory(v.clone())),
+            Backing::File { path, .. } => match tokio::fs::File::open(path).await {
+                Ok(f) => Ok(StoredContent::File(f.into_std().await)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredContent::Memory(Vec::new())),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// What [`Session::content`] gives: the bytes of an in-memory session, or the open file of a stored one.
+#[derive(Debug)]
+pub enum StoredContent {
+    Memory(Vec<u8>),
+    File(std::fs::File),
 }
 
 async fn read_backing(b: &Backing) -> Result<Vec<u8>, StorageError> {
     match b {
         Backing::Memory(v) => Ok(v.clone()),
-        Backing::File { path } => match tokio::fs::File::open(path).await {
+        Backing::File { path, .. } => match tokio::fs::File::open(path).await {
             Ok(mut f) => {
                 let mut out = Vec::new();
                 f.read_to_end(&mut out).await?;
@@ -228,6 +254,15 @@ async fn read_backing(b: &Backing) -> Result<Vec<u8>, StorageError> {
     }
 }
 
+impl Drop for SessionWriter<'_> {
+    /// The append handle lives for one writer (one POST): no descriptor stays open per session.
+    fn drop(&mut self) {
+        if let Backing::File { append, .. } = &mut *self.backing {
+            *append = None;
+        }
+    }
+}
+
 impl SessionWriter<'_> {
     /// Append bytes and update length and hash.
     pub async fn append(&mut self, data: &[u8]) -> Result<(), StorageError> {
@@ -236,12 +271,17 @@ impl SessionWriter<'_> {
         }
         match &mut *self.backing {
             Backing::Memory(v) => v.extend_from_slice(data),
-            Backing::File { path } => {
-                let mut f = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&*path)
-                    .await?;
+            Backing::File { path, append } => {
+                let f = match append {
+                    Some(f) => f,
+                    None => append.insert(
+                        tokio::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&*path)
+                            .await?,
+                    ),
+                };
                 f.write_all(data).await?;
                 f.flush().await?;
             }
@@ -256,7 +296,8 @@ impl SessionWriter<'_> {
     pub async fn truncate(&mut self, len: u64) -> Result<(), StorageError> {
         match &mut *self.backing {
             Backing::Memory(v) => v.truncate(usize::try_from(len).unwrap_or(usize::MAX)),
-            Backing::File { path } => {
+            Backing::File { path, append } => {
+                *append = None;
                 if let Ok(f) = tokio::fs::OpenOptions::new().write(true).open(&*path).await {
                     f.set_len(len).await?;
                 }

@@ -182,7 +182,7 @@ async fn plans_next_clear(State(sim): S) -> Response {
 
 async fn cluster_plan(State(sim): S, Path(id): Path<String>, Json(patch): Json<Value>) -> Response {
     let mut w = sim.world();
-    let Some(c) = w.clusters.iter_mut().find(|c| c.id == id) else {
+    let Some(c) = w.cluster_index(&id).and_then(|i| w.clusters.get_mut(i)) else {
         return not_found("cluster");
     };
     match patched::<ProcessingPlan>(&c.plan, patch) {

@@ -286,12 +286,23 @@ pub async fn images(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(p): Q
         },
     };
     let is_pano = p.get("is_pano").map(|v| v == "true");
-    let seqs: Option<Vec<&str>> = p
-        .get("sequence_id")
-        .map(|s| s.split(',').map(str::trim).collect());
-    let mut hits: Vec<&Image> = w
-        .images
-        .values()
+    let seqs: Option<Vec<&str>> = p.get("sequence_id").map(|s| {
+        let mut v: Vec<&str> = s.split(',').map(str::trim).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    });
+    // With `sequence_id`, the candidates are those sequences' images (no scan of every image).
+    let candidates: Box<dyn Iterator<Item = &Image> + '_> = match &seqs {
+        Some(ids) => Box::new(
+            ids.iter()
+                .filter_map(|id| w.sequences.get(*id))
+                .flat_map(|q| q.image_ids.iter())
+                .filter_map(|id| w.images.get(id)),
+        ),
+        None => Box::new(w.images.values()),
+    };
+    let mut hits: Vec<&Image> = candidates
         .filter(|i| {
             bbox.is_none_or(|b| {
                 i.meta.lon >= b[0] && i.meta.lat >= b[1] && i.meta.lon <= b[2] && i.meta.lat <= b[3]

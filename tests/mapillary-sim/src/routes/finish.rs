@@ -14,6 +14,7 @@ use crate::content::{self, Rejected};
 use crate::reply::{graph_bad_request, graph_not_found, ok};
 use crate::server::Sim;
 use crate::state::{Cluster, ClusterContent, ImageSource, PendingImage};
+use crate::storage::StoredContent;
 
 /// Error codes a cluster can fail with because of its content (documented in README.md).
 pub mod codes {
@@ -64,11 +65,17 @@ async fn read_content(sim: &Sim, key: &str, file_type: &str) -> ClusterContent {
     };
     match file_type {
         "zip" => {
-            let bytes = match session.read_all().await {
-                Ok(b) => b,
+            let stored = match session.content().await {
+                Ok(c) => c,
                 Err(e) => return invalid(codes::STORAGE_ERROR, e.to_string(), Vec::new()),
             };
-            let parsed = tokio::task::spawn_blocking(move || content::parse_zip(&bytes)).await;
+            let parsed = tokio::task::spawn_blocking(move || match stored {
+                StoredContent::Memory(bytes) => content::parse_zip(&bytes),
+                StoredContent::File(f) => {
+                    content::parse_zip_from(std::io::BufReader::with_capacity(1 << 16, f))
+                }
+            })
+            .await;
             match parsed {
                 Ok(Ok(p)) => {
                     let images = p

@@ -215,9 +215,7 @@ fn latest_activity(w: &World, sim: &Sim, vars: &Value) -> Response {
         );
     }
     let mut items: Vec<&Cluster> = w
-        .clusters
-        .iter()
-        .filter(|c| c.owner_id == user_id)
+        .clusters_of(&user_id)
         .filter(|c| match hide_after {
             Some(days) => !(c.progress(now).failed && c.created_at_ms < now - days * DAY_MS),
             None => true,

@@ -190,8 +190,28 @@ pub fn render(
     id: TileId,
 ) -> Result<Option<Vec<u8>>, EncodeError> {
     let mut views = Vec::new();
-    for cluster in w.clusters.iter().filter(|c| c.tiles_visible(now_ms)) {
-        for seq in cluster.sequence_ids.iter().filter_map(|s| w.sequences.get(s)) {
+    let lat_shift = match positions {
+        Positions::Original => 0.0,
+        Positions::Computed => w.settings.computed_offset_m / M_PER_DEG_LAT,
+    };
+    // A sequence whose bounding box misses the tile plus the line buffer has no point or segment in it.
+    let near = |b: &[f64; 4]| {
+        let (x0, y0) = id.project(b[0], b[1] + lat_shift);
+        let (x1, y1) = id.project(b[2], b[3] + lat_shift);
+        let (lo, hi) = (-LINE_BUFFER, f64::from(EXTENT) + LINE_BUFFER);
+        x0.min(x1) <= hi && x0.max(x1) >= lo && y0.min(y1) <= hi && y0.max(y1) >= lo
+    };
+    for cluster in w
+        .clusters
+        .iter()
+        .filter(|c| c.materialized && c.tiles_visible(now_ms))
+    {
+        for seq in cluster
+            .sequence_ids
+            .iter()
+            .filter_map(|s| w.sequences.get(s))
+            .filter(|s| !s.bbox[0].is_finite() || near(&s.bbox))
+        {
             let mut images: Vec<(&Image, (f64, f64))> = seq
                 .image_ids
                 .iter()
