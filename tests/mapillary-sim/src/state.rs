@@ -679,10 +679,6 @@ mod tests {
         };
         let mut a = cluster(plan.clone());
         a.id = "a".into();
-        a.content = ClusterContent::Images {
-            images: Vec::new(),
-            rejected: Vec::new(),
-        };
         w.clusters.push(a);
         w.refresh(0); // indexes "a"; not due yet
         assert!(!w.clusters[0].materialized);
