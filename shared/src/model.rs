@@ -220,6 +220,44 @@ pub struct UploadImage {
     pub checkpoint: Option<EntryCheckpoint>,
 }
 
+/// What linking needs of one of our images: a projection of [`UploadImage`] (read without the
+/// description and checkpoint, which make up most of an entry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImagePosition {
+    /// Upload it belongs to.
+    pub upload_id: String,
+    /// Entry index in the zip.
+    pub index: u32,
+    /// Full object key.
+    pub key: String,
+    /// Latitude, degrees.
+    pub lat: f64,
+    /// Longitude, degrees.
+    pub lon: f64,
+    /// Altitude, metres.
+    pub altitude: Option<f64>,
+    /// Capture time (final, as in the description).
+    #[serde(with = "time::serde::rfc3339")]
+    pub captured_at: OffsetDateTime,
+    /// Final heading, degrees.
+    pub heading: Option<f64>,
+}
+
+impl From<&UploadImage> for ImagePosition {
+    fn from(i: &UploadImage) -> Self {
+        Self {
+            upload_id: i.upload_id.clone(),
+            index: i.index,
+            key: i.key.clone(),
+            lat: i.lat,
+            lon: i.lon,
+            altitude: i.altitude,
+            captured_at: i.captured_at,
+            heading: i.heading,
+        }
+    }
+}
+
 /// A notification that could not be turned into work (bad key, unparsable body):
 /// pk `INGEST_ERROR`, sk `<at rfc3339>#<key>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -407,10 +445,13 @@ mod tests {
 // ------------------------------------------------------------------------------------------------
 // Tracking (written by the poller, read by status-api). Kept in items of their own so that the
 // poller never rewrites an item zip-and-push owns, and vice versa:
-// * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK`; while not final also in the sparse gsi2
-//   (`TRACKING`, `<user_id>#<upload_id>`) so a run finds every pending upload with one query
-// * image link: pk `UPLOAD#<upload_id>`, sk `LINK#<index:05>`
-// * feed health: pk `HEALTH`, sk `FEED`
+// * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK` (the record as one JSON attribute); a user's
+//   pending uploads: pk `PENDING#<user_id>`, sk `PENDING` in gsi2 `PENDING_USERS`, so a run finds
+//   every pending upload with one query over one item per user
+// * image links: pk `UPLOAD#<upload_id>`, sk `LINKS#<chunk:03>`, up to 200 links per item as one
+//   JSON string (one item per upload instead of one per image; older per-image `LINK#<index:05>`
+//   items are still read)
+// * feed health: pk `HEALTH`, sk `FEED`; the run lease: pk `HEALTH`, sk `POLLER_LEASE`
 
 /// Everything the poller knows about one handed-off upload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -429,6 +470,10 @@ pub struct TrackingRecord {
     pub history: Vec<crate::domain::tracking::Transition>,
     /// `item_count` of the feed node, once known.
     pub item_count: Option<i64>,
+    /// Our image entries of the upload (zip-and-push's `image_count`), when known: linking reads
+    /// them by key (`IMG#0` … `IMG#<n-1>`) in batches instead of querying the upload's partition.
+    #[serde(default)]
+    pub image_count: Option<u32>,
     /// The feed node's representative `image_id`, once known.
     pub image_id: Option<String>,
     /// Mapillary sequences the upload became, once linked.

@@ -283,6 +283,31 @@ pub trait UploadRepository: Send + Sync {
         upload_id: &str,
     ) -> impl Future<Output = Result<Vec<UploadImage>, RepoError>> + Send;
 
+    /// The positions of image entries `0 .. count` of several uploads at once (`(upload_id, count)`
+    /// pairs), by key rather than by a query per upload: one result per pair, in the same order,
+    /// each ordered by `index`. An entry that does not exist is simply missing from its upload's
+    /// list (the caller compares the length with `count`). The default reads each upload with
+    /// [`Self::list_images`].
+    fn get_image_positions(
+        &self,
+        uploads: &[(String, u32)],
+    ) -> impl Future<Output = Result<Vec<Vec<crate::model::ImagePosition>>, RepoError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(uploads.len());
+            for (upload_id, count) in uploads {
+                let images = self.list_images(upload_id).await?;
+                out.push(
+                    images
+                        .iter()
+                        .filter(|i| i.index < *count)
+                        .map(crate::model::ImagePosition::from)
+                        .collect(),
+                );
+            }
+            Ok(out)
+        }
+    }
+
     /// Set the `checkpoint` of existing image entries `(upload_id, cp.index)`, leaving other fields
     /// alone (UpdateItem per entry; calls may run concurrently). Overwriting an existing checkpoint
     /// with the same values must succeed.
@@ -344,6 +369,20 @@ impl TokenError {
 pub trait TokenStore: Send + Sync {
     /// The user's token, `None` when the user has no token item.
     fn load(&self, user_id: &str) -> impl Future<Output = Result<Option<StoredToken>, TokenError>> + Send;
+    /// [`Self::load`] for several users, in the same order (the default loads one after the other;
+    /// the DynamoDB store reads the records in batches).
+    fn load_many(
+        &self,
+        user_ids: &[String],
+    ) -> impl Future<Output = Vec<Result<Option<StoredToken>, TokenError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(user_ids.len());
+            for id in user_ids {
+                out.push(self.load(id).await);
+            }
+            out
+        }
+    }
 
     /// Create or replace the user's token item (encrypting `access_token` and `refresh_token`).
     fn save(&self, user_id: &str, token: &StoredToken)

@@ -480,6 +480,24 @@ async fn images_batch_write_page_and_checkpoint() -> Result<()> {
     assert_eq!(a, images[1..601].to_vec());
     assert_eq!(b, images[601..].to_vec());
     assert!(repo.list_images("up-none").await?.is_empty());
+    // Positions by key (BatchGetItem, projected), several uploads and a repeated one in one call.
+    let asked = [
+        ("up-a".to_string(), 600),
+        ("up-b".to_string(), 3),
+        ("up-none".to_string(), 2),
+        ("up-a".to_string(), 2),
+    ];
+    let got = repo.get_image_positions(&asked).await?;
+    let pos = |v: &[UploadImage]| {
+        v.iter()
+            .map(shared::model::ImagePosition::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[0], pos(&images[1..601]));
+    assert_eq!(got[1], pos(&images[601..604]));
+    assert!(got[2].is_empty());
+    assert_eq!(got[3], pos(&images[1..3]));
 
     // Checkpoints: concurrent calls, an overwrite with the same values, other fields untouched.
     let cps = |range: std::ops::Range<u32>| -> Vec<EntryCheckpoint> {

@@ -211,3 +211,33 @@ async fn damaged_items_are_corrupt_not_panics() -> Result<()> {
     assert!(!err.to_string().contains(ACCESS));
     Ok(())
 }
+
+#[tokio::test]
+async fn many_tokens_load_in_batches_in_the_order_asked() -> Result<()> {
+    let (_stack, store) = new_stack("tokens-many").await?;
+    // 230 users (three BatchGetItems), every third without a token, one asked twice.
+    let users: Vec<String> = (0..230).map(|i| format!("user-{i:03}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        if i % 3 != 0 {
+            let mut t = token();
+            t.access_token = SecretString::from(format!("{ACCESS}-{i}"));
+            store.save(u, &t).await?;
+        }
+    }
+    let mut asked = users.clone();
+    asked.push("user-005".into());
+    let got = store.load_many(&asked).await;
+    assert_eq!(got.len(), asked.len());
+    for (i, (u, r)) in asked.iter().zip(got).enumerate() {
+        let i = if i == 230 { 5 } else { i };
+        match r? {
+            None => assert_eq!(i % 3, 0, "{u} has a token"),
+            Some(t) => {
+                assert_ne!(i % 3, 0, "{u} has no token");
+                assert_eq!(t.access_token.expose_secret(), format!("{ACCESS}-{i}"), "{u}");
+                assert_eq!(t.mapillary_user_id.as_deref(), Some("1029384756"));
+            }
+        }
+    }
+    Ok(())
+}

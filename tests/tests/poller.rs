@@ -609,3 +609,147 @@ async fn multi_page_feed_stops_as_soon_as_every_pending_cluster_was_seen() -> Re
     assert!(rec.tracked.stages.ingestion.is_some(), "{rec:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_holding_the_lease_keeps_other_runs_out_until_it_is_released_or_expires() -> Result<()> {
+    let w = world("poll-lease", Tunables::default()).await?;
+    let u = w.user("lea", "lea_m", false).await?;
+    let (id, _) = w.upload(&u, "s1", 3, 48.3, 16.4, start_time(), true).await?;
+    let t = &w.poller.tracking;
+    let now = OffsetDateTime::now_utc();
+    let minute = TDuration::minutes(1);
+    // Another run holds the lease: this one does nothing at all (the message stays queued).
+    assert!(t.acquire_run_lease("other-run", now, now + minute).await?);
+    let r = w.run().await;
+    assert!(r.lease_held, "{r:?}");
+    assert_eq!((r.intake.received, r.users, r.written), (0, 0, 0), "{r:?}");
+    assert!(t.get_tracking(&id).await?.is_none());
+    // Its holder may renew it; nobody else may take it before it expires.
+    assert!(t.acquire_run_lease("other-run", now, now + minute).await?);
+    assert!(!t.acquire_run_lease("third", now, now + minute).await?);
+    // Released: the next run works, and gives the lease back when done.
+    t.release_run_lease("other-run").await?;
+    let r = w.run().await;
+    assert!(!r.lease_held && r.intake.created == 1 && r.written == 1, "{r:?}");
+    assert!(t.get_tracking(&id).await?.is_some());
+    assert!(
+        t.acquire_run_lease("third", now, now + TDuration::seconds(1))
+            .await?,
+        "a run releases its lease when it ends"
+    );
+    // An expired lease is taken over; releasing a lease one does not hold changes nothing.
+    let later = now + TDuration::seconds(5);
+    assert!(t.acquire_run_lease("fourth", later, later + minute).await?);
+    t.release_run_lease("third").await?;
+    assert!(!t.acquire_run_lease("fifth", later, later + minute).await?);
+    t.release_run_lease("fourth").await?;
+    Ok(())
+}
+
+fn record(user: &str, upload: &str) -> shared::model::TrackingRecord {
+    shared::model::TrackingRecord {
+        user_id: user.into(),
+        sequence_id: "s".into(),
+        upload_id: upload.into(),
+        mapillary_user_id: None,
+        tracked: shared::domain::tracking::TrackedUpload::new(format!("c-{upload}"), start_time()),
+        history: Vec::new(),
+        item_count: None,
+        image_count: Some(2),
+        image_id: None,
+        sequence_ids: Vec::new(),
+        linked_via: None,
+        linked_count: 0,
+        dropped_count: 0,
+        next_check_at: None,
+    }
+}
+
+async fn items_under(w: &World, pk: &str, prefix: &str) -> Result<Vec<String>> {
+    let out = w
+        ._stack
+        .dynamodb()
+        .query()
+        .table_name(&w._stack.uploads_table)
+        .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+        .expression_attribute_values(":pk", aws_sdk_dynamodb::types::AttributeValue::S(pk.into()))
+        .expression_attribute_values(":p", aws_sdk_dynamodb::types::AttributeValue::S(prefix.into()))
+        .send()
+        .await?;
+    Ok(out
+        .items()
+        .iter()
+        .filter_map(|i| i.get("sk").and_then(|v| v.as_s().ok()).cloned())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_sets_follow_the_records_and_links_are_stored_per_upload() -> Result<()> {
+    let w = world("poll-layout", Tunables::default()).await?;
+    let t = &w.poller.tracking;
+    // Three pending uploads of one user, one of another; a re-created record is not duplicated.
+    for (u, id) in [("pat", "p1"), ("pat", "p2"), ("pat", "p3"), ("quin", "q1")] {
+        assert!(t.create_tracking(&record(u, id)).await?);
+    }
+    assert!(!t.create_tracking(&record("pat", "p1")).await?);
+    let ids = |v: Vec<shared::model::TrackingRecord>| v.into_iter().map(|r| r.upload_id).collect::<Vec<_>>();
+    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p2", "p3", "q1"]);
+    // The records are one JSON document each, and round-trip.
+    assert_eq!(t.get_tracking("p2").await?, Some(record("pat", "p2")));
+
+    // One of pat's uploads final: it leaves the pending set (the others stay).
+    let mut done = record("pat", "p2");
+    done.tracked.state = OverallState::Finished;
+    t.put_tracking_batch(std::slice::from_ref(&done), &[], None)
+        .await?;
+    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p3", "q1"]);
+    assert_eq!(t.get_tracking("p2").await?, Some(done.clone()));
+    // A final record back in its set (a re-delivered cluster message after it finished) is tidied
+    // by the listing, and its record is not reset.
+    let mut q1 = record("quin", "q1");
+    q1.tracked.state = OverallState::Finished;
+    t.update_tracking(&q1, None).await?;
+    assert!(!t.create_tracking(&record("quin", "q1")).await?);
+    t.create_tracking(&record("quin", "q2")).await?;
+    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p3", "q2"]);
+    assert_eq!(t.get_tracking("q1").await?, Some(q1));
+    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p3", "q2"]);
+    // Every remaining upload of pat final, the user's pending item deleted with them.
+    let finals: Vec<_> = ["p1", "p3"]
+        .iter()
+        .map(|id| {
+            let mut r = record("pat", id);
+            r.tracked.state = OverallState::Finished;
+            r
+        })
+        .collect();
+    t.put_tracking_batch(&finals, &[], Some("pat")).await?;
+    assert_eq!(ids(t.list_pending_tracking().await?), ["q2"]);
+    assert!(items_under(&w, "PENDING#pat", "PENDING").await?.is_empty());
+
+    // Links: one item per 200 links of an upload, all read back in order; a shorter rewrite wins.
+    let link = |i: u32| shared::model::ImageLink {
+        upload_id: "p1".into(),
+        index: i,
+        key: format!("sequences/pat/s/img {i}.jpg"),
+        outcome: ImageOutcome::Linked {
+            image_id: format!("{}", 1000 + i),
+            sequence_id: "seqA".into(),
+            link: format!("https://www.mapillary.com/app/?pKey={}", 1000 + i),
+        },
+        via: LinkPath::ActivityFeed,
+    };
+    let mut many: Vec<_> = (0..450).rev().map(link).collect();
+    many.push(link(7)); // the same index twice: one link
+    t.put_links(&many).await?;
+    assert_eq!(
+        items_under(&w, "UPLOAD#p1", "LINK").await?,
+        ["LINKS#000", "LINKS#001", "LINKS#002"]
+    );
+    let got = t.list_links("p1").await?;
+    assert_eq!(got, (0..450).map(link).collect::<Vec<_>>());
+    t.put_links(&(0..10).map(link).collect::<Vec<_>>()).await?;
+    assert_eq!(t.list_links("p1").await?, (0..10).map(link).collect::<Vec<_>>());
+    assert!(t.list_links("p3").await?.is_empty());
+    Ok(())
+}

@@ -145,6 +145,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             tracked,
             history: Vec::new(),
             item_count: Some(2),
+            image_count: Some(2),
             image_id: Some("5001".into()),
             sequence_ids: vec!["mly-seq-A".into()],
             linked_via: Some(LinkPath::CoverageTiles),

@@ -328,6 +328,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             tracked,
             history: Vec::new(),
             item_count: Some(i64::from(IMAGES)),
+            image_count: Some(IMAGES),
             image_id: Some("9000".into()),
             sequence_ids: vec!["mly-seq".into()],
             linked_via: Some(LinkPath::ActivityFeed),

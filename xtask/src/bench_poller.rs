@@ -326,6 +326,12 @@ fn documented_plan_a(
 
 /// Run the benchmark (see the module docs).
 pub async fn run(root: &Path) -> Result<()> {
+    if let Some(filter) = std::env::var("RELAY_BENCH_LOG").ok().filter(|v| !v.is_empty()) {
+        // The poller's own logs (text, stderr), e.g. RELAY_BENCH_LOG=info.
+        std::env::set_var("RUST_LOG", filter);
+        std::env::set_var("LOG_FORMAT", "text");
+        shared::telemetry::init();
+    }
     let venvs = venv::ensure(root)?;
     let moto = MotoServer::start(&venvs)?;
     let stack = LocalStack::create(moto.endpoint(), &stack::unique_stack_name("bench-poller")).await?;
@@ -400,6 +406,7 @@ pub async fn run(root: &Path) -> Result<()> {
                             tracked: TrackedUpload::new(cluster.clone(), now),
                             history: Vec::new(),
                             item_count: None,
+                            image_count: Some(IMAGES_PER_UPLOAD as u32),
                             image_id: None,
                             sequence_ids: Vec::new(),
                             linked_via: None,
@@ -448,9 +455,10 @@ pub async fn run(root: &Path) -> Result<()> {
         r1.errors.first()
     );
     eprintln!(
-        "bench: status run {:.1} s, {status_reqs} requests ({})",
+        "bench: status run {:.1} s, {status_reqs} requests ({}); {:?}",
         status_wall.as_secs_f64(),
-        fmt_kinds(&status_by)
+        fmt_kinds(&status_by),
+        r1.timings
     );
 
     // (ii) Every stage finished: the run that links everything.
@@ -474,9 +482,10 @@ pub async fn run(root: &Path) -> Result<()> {
         "uploads left pending"
     );
     eprintln!(
-        "bench: linking run {:.1} s, {link_reqs} requests ({})",
+        "bench: linking run {:.1} s, {link_reqs} requests ({}); {:?}",
         link_wall.as_secs_f64(),
-        fmt_kinds(&link_by)
+        fmt_kinds(&link_by),
+        r2.timings
     );
 
     // (iii) Plan A (the poller's find_by_tiles) for the same linking, users in parallel as a run.
@@ -487,18 +496,32 @@ pub async fn run(root: &Path) -> Result<()> {
             async move {
                 let tracking =
                     shared::adapters::tracking::DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
-                let linked = tracking.list_final_tracking(&u.ours).await?;
+                // The user's records and our images by key, as a run reads them (moto answers every
+                // Query with a scan of the whole table, so a query per user or upload would measure moto).
+                let ids: Vec<String> = u.uploads.iter().map(|(id, _, _)| id.clone()).collect();
+                let mut linked = tracking.get_records(&ids).await?;
+                linked.sort_by(|a, b| a.upload_id.cmp(&b.upload_id));
+                ensure!(
+                    linked.len() == ids.len(),
+                    "{}: {} of {} records",
+                    u.ours,
+                    linked.len(),
+                    ids.len()
+                );
+                let mine = poller::planb::our_images_many(p, linked.iter()).await;
                 let mut tok = UserToken::load(p, &u.ours).await?;
                 let mut cache = TileCache::default();
                 let mut taken: HashSet<String> = HashSet::new();
                 let (mut found, mut same) = (0, 0);
-                for rec in &linked {
+                for (rec, mine) in linked.iter().zip(mine) {
                     ensure!(
                         rec.linked_via == Some(LinkPath::ActivityFeed),
                         "{} not linked by Plan B",
                         rec.upload_id
                     );
-                    if let Some((_, report)) = find_by_tiles(p, &mut tok, rec, &mut cache, &taken).await? {
+                    if let Some((_, report)) =
+                        find_by_tiles(p, &mut tok, rec, &mut cache, &taken, Some(mine?)).await?
+                    {
                         found += 1;
                         if report.sequence_ids == rec.sequence_ids
                             && report.linked_count() as u32 == rec.linked_count

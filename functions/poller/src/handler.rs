@@ -1,6 +1,11 @@
-//! One scheduled run: intake, then every user with pending uploads (bounded concurrency), then the
-//! feed health record. The run starts no new work after its budget; each record write is one
-//! conditional PutItem, so whatever a cut-off run did not reach is simply picked up next time.
+//! One scheduled run: the run lease, intake, then every user with pending uploads (bounded
+//! concurrency), then the feed health record. The run starts no new work after its budget.
+//!
+//! Overlapping runs (a run can outlive the schedule's interval, and reserved concurrency is not
+//! guaranteed) are kept apart by one conditional write per run, the lease, instead of a condition
+//! on every record: a run that finds the lease held does nothing. Holding it, a run writes each
+//! user's changed records and links in `BatchWriteItem`s (links first); whatever a cut-off run did
+//! not write is simply picked up by the next.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -13,7 +18,7 @@ use shared::domain::tracking::{
     adopt_cluster, apply_node, check_deadlines, is_due, reconcile_failed, OverallState, Transition, Update,
 };
 use shared::mapillary::feed::{ActivityNode, StageStatus, Stages};
-use shared::model::{FeedHealth, ImageLink, TrackingRecord, UploadImage};
+use shared::model::{FeedHealth, ImageLink, ImagePosition, TrackingRecord};
 use shared::ports::{RepoError, TokenStore, TrackingRepository, UploadRepository};
 use tracing::{info, info_span, warn, Instrument};
 
@@ -69,14 +74,42 @@ pub struct RunReport {
     pub linked_tiles: usize,
     /// The budget ran out before everything was looked at.
     pub cut_off: bool,
+    /// Another run held the lease: this one did nothing.
+    pub lease_held: bool,
+    /// Where the time went.
+    pub timings: RunTimings,
     /// Every transition written, with the upload id.
     pub transitions: Vec<(String, Transition)>,
     /// Problems (each also logged).
     pub errors: Vec<String>,
 }
 
+/// Milliseconds spent per phase of a run. The per-user phases are sums over users, who run
+/// `RELAY_USER_CONCURRENCY` at a time, so they add up to more than the run's wall time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunTimings {
+    /// Intake and the FINISH_UNCERTAIN discovery (wall).
+    pub intake_ms: u64,
+    /// Listing the pending uploads (wall).
+    pub list_ms: u64,
+    /// Every user's turn (wall).
+    pub users_ms: u64,
+    /// Loading every user's token up front (wall), plus refreshing them (summed over users).
+    pub token_ms: u64,
+    /// Walking the activity feed, summed over users.
+    pub feed_ms: u64,
+    /// Linking (our image entries + Mapillary lookups), summed over users.
+    pub link_ms: u64,
+    /// Writing records and links, summed over users.
+    pub write_ms: u64,
+}
+
 impl RunReport {
     fn merge(&mut self, o: UserOutcome) {
+        self.timings.token_ms += o.timings.token_ms;
+        self.timings.feed_ms += o.timings.feed_ms;
+        self.timings.link_ms += o.timings.link_ms;
+        self.timings.write_ms += o.timings.write_ms;
         self.checked += o.checked;
         self.written += o.written;
         self.linked_feed += o.linked_feed;
@@ -101,6 +134,11 @@ struct UserOutcome {
     feed_unusable: Option<String>,
     transitions: Vec<(String, Transition)>,
     errors: Vec<String>,
+    timings: RunTimings,
+}
+
+fn ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One run. `deadline` is when the run must have stopped starting new work (the Lambda deadline
@@ -113,37 +151,108 @@ where
     Q: ClusterInbox,
 {
     let deadline = deadline.min(Instant::now() + p.tunables.budget);
-    let mut report = RunReport {
-        intake: intake(p, deadline).await,
-        ..RunReport::default()
-    };
+    let started = Instant::now();
+    let mut report = RunReport::default();
+    // The lease is wall-clock time (it is about processes, not the tracked uploads' clock) and
+    // lasts past the deadline by the function's stop margin, so it outlives every write of the run.
+    let owner = uuid::Uuid::new_v4().to_string();
+    let wall = time::OffsetDateTime::now_utc();
+    let until = wall
+        + deadline.saturating_duration_since(Instant::now())
+        + std::time::Duration::from_secs(LEASE_SLACK_S);
+    match p.tracking.acquire_run_lease(&owner, wall, until).await {
+        Ok(true) => {}
+        Ok(false) => {
+            info!("another poller run holds the lease: nothing to do");
+            report.lease_held = true;
+            return report;
+        }
+        Err(e) => {
+            warn!(error = %e, "taking the run lease failed");
+            report.errors.push(format!("run lease: {e}"));
+            return report;
+        }
+    }
+    run_leased(p, deadline, &mut report).await;
+    if let Err(e) = p.tracking.release_run_lease(&owner).await {
+        warn!(error = %e, "releasing the run lease failed (it expires by itself)");
+    }
+    info!(
+        received = report.intake.received,
+        created = report.intake.created,
+        users = report.users,
+        checked = report.checked,
+        written = report.written,
+        linked_feed = report.linked_feed,
+        linked_tiles = report.linked_tiles,
+        plan_a_users = report.plan_a_users,
+        cut_off = report.cut_off,
+        elapsed_ms = ms(started),
+        "poller run done"
+    );
+    report
+}
+
+/// How long the lease outlives the run's deadline (covers the function's stop margin).
+const LEASE_SLACK_S: u64 = 60;
+
+async fn run_leased<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant, report: &mut RunReport)
+where
+    R: TrackingRepository + TrackingExtra,
+    U: UploadRepository,
+    T: TokenStore,
+    Q: ClusterInbox,
+{
+    let t = Instant::now();
+    report.intake = intake(p, deadline).await;
     report.reconcile = discover_uncertain(p, deadline).await;
+    report.timings.intake_ms = ms(t);
+    let t = Instant::now();
     let pending = match p.tracking.list_pending_tracking().await {
         Ok(v) => v,
         Err(e) => {
             warn!(error = %e, "listing pending uploads failed");
             report.errors.push(format!("listing pending uploads: {e}"));
-            return report;
+            return;
         }
     };
+    report.timings.list_ms = ms(t);
+    info!(
+        pending = pending.len(),
+        intake_ms = report.timings.intake_ms,
+        list_ms = report.timings.list_ms,
+        "pending uploads listed"
+    );
+    let t = Instant::now();
     let now = p.clock.now();
-    let mut by_user: BTreeMap<String, Vec<TrackingRecord>> = BTreeMap::new();
+    // user → (its due records, how many of its uploads are pending in all)
+    let mut by_user: BTreeMap<String, (Vec<TrackingRecord>, usize)> = BTreeMap::new();
     for r in pending {
+        let entry = by_user.entry(r.user_id.clone()).or_default();
+        entry.1 += 1;
         if is_due(&r.tracked, now, &p.tunables.policy) {
-            by_user.entry(r.user_id.clone()).or_default().push(r);
+            entry.0.push(r);
         }
     }
+    by_user.retain(|_, (due, _)| !due.is_empty());
+    // Every user's token up front: the records in batches, one KMS Decrypt each.
+    let t_tokens = Instant::now();
+    let users: Vec<String> = by_user.keys().cloned().collect();
+    let loaded = p.tokens.load_many(&users).await;
+    report.timings.token_ms = ms(t_tokens);
     report.users = by_user.len();
     let linked_in_run: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
     let linked_in_run = &linked_in_run;
-    let outcomes: Vec<UserOutcome> = futures::stream::iter(by_user)
-        .map(|(user, records)| {
+    let outcomes: Vec<UserOutcome> = futures::stream::iter(by_user.into_iter().zip(loaded))
+        .map(|((user, (records, pending)), token)| {
             let span = info_span!("user", user_id = %user);
-            async move { track_user(p, &user, records, deadline, linked_in_run).await }.instrument(span)
+            async move { track_user(p, &user, token, records, pending, deadline, linked_in_run).await }
+                .instrument(span)
         })
         .buffer_unordered(p.tunables.user_concurrency)
         .collect()
         .await;
+    report.timings.users_ms = ms(t);
     let mut unusable: Option<String> = None;
     let mut any_ok = false;
     for o in outcomes {
@@ -156,19 +265,6 @@ where
     if let Err(e) = update_health(p, unusable, any_ok).await {
         report.errors.push(format!("feed health: {e}"));
     }
-    info!(
-        received = report.intake.received,
-        created = report.intake.created,
-        users = report.users,
-        checked = report.checked,
-        written = report.written,
-        linked_feed = report.linked_feed,
-        linked_tiles = report.linked_tiles,
-        plan_a_users = report.plan_a_users,
-        cut_off = report.cut_off,
-        "poller run done"
-    );
-    report
 }
 
 /// Degraded as soon as one user's feed was unusable; healthy again once a run used the feed
@@ -242,24 +338,30 @@ fn finished_node(cluster_id: &str) -> ActivityNode {
 pub async fn our_images<U: UploadRepository>(
     uploads: &U,
     upload_id: &str,
-) -> Result<(Vec<UploadImage>, Vec<OurImage>), RepoError> {
-    let entries = uploads.list_images(upload_id).await?;
-    let ours = entries
+) -> Result<(Vec<ImagePosition>, Vec<OurImage>), RepoError> {
+    let entries: Vec<ImagePosition> = uploads
+        .list_images(upload_id)
+        .await?
         .iter()
-        .map(|e| OurImage {
-            key: e.key.clone(),
-            lat: e.lat,
-            lon: e.lon,
-            altitude: e.altitude,
-            captured_at_ms: i64::try_from(e.captured_at.unix_timestamp_nanos() / 1_000_000)
-                .unwrap_or(i64::MAX),
-            heading: e.heading,
-        })
+        .map(ImagePosition::from)
         .collect();
+    let ours = entries.iter().map(our_image).collect();
     Ok((entries, ours))
 }
 
-fn links_of(entries: &[UploadImage], report: &LinkReport) -> Vec<ImageLink> {
+/// One image entry as a linking input.
+pub fn our_image(e: &ImagePosition) -> OurImage {
+    OurImage {
+        key: e.key.clone(),
+        lat: e.lat,
+        lon: e.lon,
+        altitude: e.altitude,
+        captured_at_ms: i64::try_from(e.captured_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX),
+        heading: e.heading,
+    }
+}
+
+fn links_of(entries: &[ImagePosition], report: &LinkReport) -> Vec<ImageLink> {
     entries
         .iter()
         .zip(&report.images)
@@ -304,7 +406,6 @@ impl Work {
 /// A record ready to be written.
 struct WriteJob {
     record: TrackingRecord,
-    expected: Option<time::OffsetDateTime>,
     links: Vec<ImageLink>,
     transitions: Vec<Transition>,
 }
@@ -312,7 +413,9 @@ struct WriteJob {
 async fn track_user<R, U, T, Q>(
     p: &Poller<R, U, T, Q>,
     user_id: &str,
+    token: Result<Option<shared::model::StoredToken>, shared::ports::TokenError>,
     records: Vec<TrackingRecord>,
+    pending: usize,
     deadline: Instant,
     linked_in_run: &Mutex<HashSet<String>>,
 ) -> UserOutcome
@@ -327,7 +430,8 @@ where
         out.cut_off = true;
         return out;
     }
-    let mut token = match UserToken::load(p, user_id).await {
+    let t = Instant::now();
+    let mut token = match UserToken::from_loaded(p, user_id, token).await {
         Ok(t) => Some(t),
         Err(e) => {
             warn!(error = %e, "no usable token: only the deadlines are checked");
@@ -337,6 +441,8 @@ where
     };
     // FINISH_UNCERTAIN uploads: walk the feed back to the earliest moment their cluster can have
     // been created, and keep every node since then as a candidate.
+    out.timings.token_ms = ms(t);
+    let t = Instant::now();
     let horizon = records
         .iter()
         .filter_map(|r| r.tracked.reconcile.as_ref().filter(|c| c.is_open()))
@@ -358,6 +464,7 @@ where
         }
         None => FeedOutcome::Skipped("no token".into()),
     };
+    out.timings.feed_ms = ms(t);
     let mut tiles = TileCache::default();
     let (mut nodes, recent): (HashMap<String, ActivityNode>, Vec<ActivityNode>) = match &feed {
         FeedOutcome::Walked { nodes, recent, .. } => {
@@ -452,6 +559,7 @@ where
     }
 
     // 2. Linking: Plan A per upload when the feed is unusable, else Plan B batched for the user.
+    let t = Instant::now();
     if let Some(tok) = token.as_mut() {
         if out.feed_unusable.is_some() {
             let mut taken: HashSet<String> = match p.tracking.user_linked_sequences(user_id).await {
@@ -463,6 +571,21 @@ where
                 }
             };
             taken.extend(works.iter().flat_map(|w| w.record.sequence_ids.iter().cloned()));
+            // Our images of every upload to link, read in batches up front.
+            let mut known: HashMap<String, crate::planb::OursOf> = HashMap::new();
+            let wanted: Vec<&TrackingRecord> = works
+                .iter()
+                .filter(|w| w.needs_link())
+                .map(|w| &w.record)
+                .collect();
+            for (r, mine) in wanted
+                .iter()
+                .zip(crate::planb::our_images_many(p, wanted.iter().copied()).await)
+            {
+                if let Ok(m) = mine {
+                    known.insert(r.upload_id.clone(), m);
+                }
+            }
             for w in works.iter_mut().filter(|w| w.needs_link()) {
                 if Instant::now() >= deadline {
                     out.cut_off = true;
@@ -472,7 +595,8 @@ where
                     taken.extend(run.iter().cloned());
                 }
                 // Plan A: the upload shows in coverage tiles only once all four stages finished.
-                match find_by_tiles(p, tok, &w.record, &mut tiles, &taken).await {
+                let mine = known.remove(&w.record.upload_id);
+                match find_by_tiles(p, tok, &w.record, &mut tiles, &taken, mine).await {
                     Ok(Some((entries, report))) => {
                         let node = finished_node(&w.record.tracked.cluster_id);
                         if let Ok(u) = apply_node(&w.record.tracked, &node, now, &p.tunables.policy) {
@@ -543,7 +667,9 @@ where
         }
     }
 
-    // 3. Write what changed (bounded concurrency; each write is one conditional PutItem).
+    out.timings.link_ms = ms(t);
+
+    // 3. Write what changed: links, then records, in batches (the run holds the lease).
     let mut jobs: Vec<WriteJob> = Vec::new();
     for w in works {
         let Work {
@@ -579,75 +705,47 @@ where
         };
         jobs.push(WriteJob {
             record,
-            expected: old.tracked.last_checked_at,
             links,
             transitions: update.transitions,
         });
     }
-    let written: Vec<WriteOutcome> = futures::stream::iter(jobs)
-        .map(|job| write_one(p, job, deadline))
-        .buffer_unordered(p.tunables.upload_concurrency.max(1))
-        .collect()
+    if jobs.is_empty() {
+        return out;
+    }
+    if Instant::now() >= deadline {
+        out.cut_off = true;
+        return out;
+    }
+    let t = Instant::now();
+    let records: Vec<TrackingRecord> = jobs.iter().map(|j| j.record.clone()).collect();
+    let links: Vec<ImageLink> = jobs.iter().flat_map(|j| j.links.iter().cloned()).collect();
+    // Every pending upload of the user written and final: its pending-uploads item goes too.
+    let all_final = records.len() == pending && records.iter().all(|r| r.tracked.state.is_final());
+    let written = p
+        .tracking
+        .put_tracking_batch(&records, &links, all_final.then_some(user_id))
         .await;
-    for w in written {
-        match w {
-            WriteOutcome::Written(upload_id, transitions) => {
+    out.timings.write_ms = ms(t);
+    match written {
+        Ok(()) => {
+            for job in jobs {
+                for t in &job.transitions {
+                    info!(upload_id = %job.record.upload_id, field = %t.field, from = t.from.as_deref().unwrap_or("-"),
+                        to = t.to.as_deref().unwrap_or("-"), "transition");
+                }
                 out.written += 1;
+                let id = job.record.upload_id;
                 out.transitions
-                    .extend(transitions.into_iter().map(|t| (upload_id.clone(), t)));
+                    .extend(job.transitions.into_iter().map(|t| (id.clone(), t)));
             }
-            WriteOutcome::Lost => {}
-            WriteOutcome::CutOff => out.cut_off = true,
-            WriteOutcome::Failed(e) => out.errors.push(e),
+        }
+        Err(e) => {
+            warn!(error = %e, records = records.len(), "writing the user's tracking records failed; retried next run");
+            out.errors
+                .push(format!("user {user_id}: writing {} records: {e}", records.len()));
         }
     }
     out
-}
-
-enum WriteOutcome {
-    Written(String, Vec<Transition>),
-    /// Another run updated the record first.
-    Lost,
-    CutOff,
-    Failed(String),
-}
-
-async fn write_one<R, U, T, Q>(p: &Poller<R, U, T, Q>, job: WriteJob, deadline: Instant) -> WriteOutcome
-where
-    R: TrackingRepository,
-{
-    if Instant::now() >= deadline {
-        return WriteOutcome::CutOff;
-    }
-    let WriteJob {
-        record,
-        expected,
-        links,
-        transitions,
-    } = job;
-    if !links.is_empty() {
-        if let Err(e) = p.tracking.put_links(&links).await {
-            warn!(upload_id = %record.upload_id, error = %e, "storing links failed");
-            return WriteOutcome::Failed(format!("upload {}: links: {e}", record.upload_id));
-        }
-    }
-    match p.tracking.update_tracking(&record, expected).await {
-        Ok(()) => {
-            for t in &transitions {
-                info!(upload_id = %record.upload_id, field = %t.field, from = t.from.as_deref().unwrap_or("-"),
-                    to = t.to.as_deref().unwrap_or("-"), "transition");
-            }
-            WriteOutcome::Written(record.upload_id, transitions)
-        }
-        Err(RepoError::ConditionFailed(m)) => {
-            info!(upload_id = %record.upload_id, reason = %m, "another run updated the record first");
-            WriteOutcome::Lost
-        }
-        Err(e) => {
-            warn!(upload_id = %record.upload_id, error = %e, "writing the tracking record failed");
-            WriteOutcome::Failed(format!("upload {}: {e}", record.upload_id))
-        }
-    }
 }
 
 /// The link path label, for printing.

@@ -111,6 +111,7 @@ where
         tracked: TrackedUpload::new(msg.cluster_id.clone(), finished_at),
         history: Vec::new(),
         item_count: None,
+        image_count: upload.map(|u| u.image_count),
         image_id: None,
         sequence_ids: Vec::new(),
         linked_via: None,

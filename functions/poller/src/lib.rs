@@ -23,4 +23,4 @@ pub mod planb;
 pub mod reconcile;
 pub mod tokens;
 
-pub use handler::{run_once, Poller, RunReport};
+pub use handler::{run_once, Poller, RunReport, RunTimings};

@@ -102,6 +102,7 @@ async fn main() -> Result<(), Error> {
                 "linked_tiles": report.linked_tiles,
                 "plan_a_users": report.plan_a_users,
                 "cut_off": report.cut_off,
+                "lease_held": report.lease_held,
                 "errors": report.errors.len(),
             }))
         },

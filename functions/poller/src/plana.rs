@@ -9,7 +9,7 @@ use shared::domain::linking::{match_candidates, LinkReport, MapillaryImage, OurI
 use shared::domain::tiles::{
     decode_coverage_tile, distance_m, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
 };
-use shared::model::{TrackingRecord, UploadImage};
+use shared::model::{ImagePosition, TrackingRecord};
 use shared::ports::{TokenStore, UploadRepository};
 use tracing::{info, warn};
 
@@ -41,8 +41,12 @@ pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
     record: &TrackingRecord,
     cache: &mut TileCache,
     taken: &HashSet<String>,
-) -> Result<Option<(Vec<UploadImage>, LinkReport)>, LinkFail> {
-    let (entries, ours) = our_images(&p.uploads, &record.upload_id).await?;
+    known: Option<crate::planb::OursOf>,
+) -> Result<Option<(Vec<ImagePosition>, LinkReport)>, LinkFail> {
+    let (entries, ours) = match known {
+        Some(k) => k,
+        None => our_images(&p.uploads, &record.upload_id).await?,
+    };
     if ours.is_empty() {
         return Err(LinkFail::Nothing(format!(
             "upload {} has no image entries",

@@ -11,7 +11,7 @@ use shared::domain::tiles::{BBox, LonLat};
 use shared::domain::tracking::{FeedWalk, WalkEnd, WalkLimits, WalkStep};
 use shared::mapillary::feed::ActivityNode;
 use shared::mapillary::retry::MapillaryError;
-use shared::model::{TrackingRecord, UploadImage};
+use shared::model::{ImagePosition, TrackingRecord};
 use shared::ports::{TokenStore, UploadRepository};
 use tracing::{debug, info, warn};
 
@@ -210,7 +210,7 @@ pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
     tok: &mut UserToken,
     record: &TrackingRecord,
     image_id: &str,
-) -> Result<(Vec<UploadImage>, LinkReport), LinkFail> {
+) -> Result<(Vec<ImagePosition>, LinkReport), LinkFail> {
     let (entries, ours) = our_images(&p.uploads, &record.upload_id).await?;
     if ours.is_empty() {
         return Err(LinkFail::Nothing(format!(
@@ -276,14 +276,60 @@ pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
 const SEQUENCES_PER_SEARCH: usize = 50;
 
 /// An upload's images and its link report.
-pub type Linked = (Vec<UploadImage>, LinkReport);
+pub type Linked = (Vec<ImagePosition>, LinkReport);
 
 /// An upload's image entries and the same as linking inputs.
-type OursOf = (Vec<UploadImage>, Vec<OurImage>);
+pub type OursOf = (Vec<ImagePosition>, Vec<OurImage>);
+
+/// Our image entries of `records`, in order: by key in batches for every record that knows its
+/// `image_count` (and got exactly that many), by a query per upload for the others.
+pub async fn our_images_many<'r, R, U: UploadRepository, T, Q>(
+    p: &Poller<R, U, T, Q>,
+    records: impl IntoIterator<Item = &'r TrackingRecord>,
+) -> Vec<Result<OursOf, shared::ports::RepoError>> {
+    let records: Vec<&TrackingRecord> = records.into_iter().collect();
+    let keyed: Vec<(String, u32)> = records
+        .iter()
+        .filter_map(|r| r.image_count.filter(|c| *c > 0).map(|c| (r.upload_id.clone(), c)))
+        .collect();
+    let mut batched: HashMap<String, Vec<ImagePosition>> = HashMap::new();
+    if !keyed.is_empty() {
+        match p.uploads.get_image_positions(&keyed).await {
+            Ok(lists) => {
+                for ((id, count), images) in keyed.iter().zip(lists) {
+                    if images.len() == *count as usize {
+                        batched.insert(id.clone(), images);
+                    } else {
+                        warn!(upload_id = %id, found = images.len(), expected = count,
+                            "image entries missing from the batched read: reading the upload's partition");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "batched read of image entries failed: one query per upload"),
+        }
+    }
+    futures::stream::iter(records)
+        .map(|r| {
+            let hit = batched.remove(&r.upload_id);
+            async move {
+                match hit {
+                    Some(entries) => {
+                        let ours = entries.iter().map(crate::handler::our_image).collect();
+                        Ok((entries, ours))
+                    }
+                    None => our_images(&p.uploads, &r.upload_id).await,
+                }
+            }
+        })
+        .buffered(p.tunables.upload_concurrency.max(1))
+        .collect()
+        .await
+}
 
 /// Plan B linking of several uploads of one user at once (each with the feed node's
 /// representative `image_id`), in a handful of requests instead of three per upload:
-/// 1. our image entries, read concurrently (`RELAY_UPLOAD_CONCURRENCY`);
+/// 1. our image entries, by key in `BatchGetItem`s when the record knows the upload's image count,
+///    else one query per upload (`RELAY_UPLOAD_CONCURRENCY` at a time);
 /// 2. every representative image's `sequence` in one batch (`images?image_ids=`);
 /// 3. the images of all those sequences with `images?sequence_id=a,b,…` searches (§7.4), at
 ///    most [`SEARCH_LIMIT`] expected images and [`SEQUENCES_PER_SEARCH`] ids per request;
@@ -298,11 +344,7 @@ pub async fn link_many<R, U: UploadRepository, T: TokenStore, Q>(
     tok: &mut UserToken,
     jobs: &[(&TrackingRecord, String)],
 ) -> Vec<Result<Linked, LinkFail>> {
-    let ours: Vec<Result<OursOf, shared::ports::RepoError>> = futures::stream::iter(jobs)
-        .map(|(r, _)| our_images(&p.uploads, &r.upload_id))
-        .buffered(p.tunables.upload_concurrency.max(1))
-        .collect()
-        .await;
+    let ours = our_images_many(p, jobs.iter().map(|(r, _)| *r)).await;
     let mut reps: Vec<String> = jobs.iter().map(|(_, i)| i.clone()).collect();
     reps.sort();
     reps.dedup();

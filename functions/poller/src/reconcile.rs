@@ -1,7 +1,7 @@
 //! FINISH_UNCERTAIN reconciliation. zip-and-push marks an upload FINISH_UNCERTAIN when
 //! `finish_upload`'s reply was lost (it must never call it again: every call creates a cluster)
-//! and sends no cluster message. The poller finds such uploads (a filtered scan of the uploads
-//! table, at most every `RELAY_RECONCILE_SCAN_EVERY_S`), creates a tracking record without a
+//! and sends no cluster message. The poller finds such uploads (a query of the sparse gsi2
+//! partition `UNCERTAIN` that holds them, at most every `RELAY_RECONCILE_SCAN_EVERY_S`), creates a tracking record without a
 //! cluster id but with what identifies the cluster ([`Reconcile`]: the time window of the
 //! `finish_upload` call, our first capture second, our image count), and the user's feed walk then
 //! looks for a node that matches (see `handler`): found → the cluster id is adopted and tracking
@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use shared::adapters::tracking::DynamoTracking;
 use shared::domain::tracking::{OverallState, Reconcile, TrackedUpload};
-use shared::model::{TrackingRecord, UploadRecord, UploadState};
+use shared::model::{TrackingRecord, UploadRecord};
 use shared::ports::{RepoError, TrackingRepository, UploadRepository};
 use time::OffsetDateTime;
 use tracing::{info, warn};
@@ -39,6 +39,23 @@ pub trait TrackingExtra: Send + Sync {
         &self,
         at: OffsetDateTime,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// Write links, then tracking records, in batches (no per-record condition: the run holds the
+    /// lease).
+    fn put_tracking_batch(
+        &self,
+        records: &[TrackingRecord],
+        links: &[shared::model::ImageLink],
+        clear_pending_of: Option<&str>,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// Take the run lease until `until` (`false`: another run holds it).
+    fn acquire_run_lease(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+    /// Give the run lease back.
+    fn release_run_lease(&self, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
 impl TrackingExtra for DynamoTracking {
@@ -52,7 +69,7 @@ impl TrackingExtra for DynamoTracking {
     }
 
     async fn finish_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
-        self.scan_uploads_in_state(UploadState::FinishUncertain).await
+        self.list_uncertain_uploads().await
     }
 
     async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {
@@ -61,6 +78,28 @@ impl TrackingExtra for DynamoTracking {
 
     async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
         DynamoTracking::set_reconcile_scan_mark(self, at).await
+    }
+
+    async fn put_tracking_batch(
+        &self,
+        records: &[TrackingRecord],
+        links: &[shared::model::ImageLink],
+        clear_pending_of: Option<&str>,
+    ) -> Result<(), RepoError> {
+        DynamoTracking::put_tracking_batch(self, records, links, clear_pending_of).await
+    }
+
+    async fn acquire_run_lease(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, RepoError> {
+        DynamoTracking::acquire_run_lease(self, owner, now, until).await
+    }
+
+    async fn release_run_lease(&self, owner: &str) -> Result<(), RepoError> {
+        DynamoTracking::release_run_lease(self, owner).await
     }
 }
 
@@ -193,6 +232,7 @@ pub async fn reconcile_record<R, U: UploadRepository, T, Q>(
         tracked,
         history: Vec::new(),
         item_count: None,
+        image_count: Some(u32::try_from(images.len()).unwrap_or(u32::MAX)),
         image_id: None,
         sequence_ids: Vec::new(),
         linked_via: None,

@@ -41,7 +41,16 @@ impl UserToken {
         p: &Poller<R, U, T, Q>,
         user_id: &str,
     ) -> Result<Self, TokenFail> {
-        let token = match p.tokens.load(user_id).await {
+        Self::from_loaded(p, user_id, p.tokens.load(user_id).await).await
+    }
+
+    /// [`Self::load`] from what the token store returned (e.g. from [`TokenStore::load_many`]).
+    pub async fn from_loaded<R, U, T: TokenStore, Q>(
+        p: &Poller<R, U, T, Q>,
+        user_id: &str,
+        loaded: Result<Option<StoredToken>, shared::ports::TokenError>,
+    ) -> Result<Self, TokenFail> {
+        let token = match loaded {
             Ok(Some(t)) => t,
             Ok(None) => return Err(TokenFail::Missing),
             Err(e) => return Err(TokenFail::Store(e.to_string())),

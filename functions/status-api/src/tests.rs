@@ -235,6 +235,7 @@ async fn seed(d: &TestDeps) {
             tracked,
             history: Vec::new(),
             item_count: Some(2),
+            image_count: Some(2),
             image_id: Some("5001".into()),
             sequence_ids: vec!["mly-seq-A".into()],
             linked_via: Some(LinkPath::CoverageTiles),

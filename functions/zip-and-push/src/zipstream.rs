@@ -47,11 +47,12 @@ const CHECKPOINT_BATCH: usize = 25;
 /// First guess of the JPEG head to make contiguous for the rewrite (grown on demand).
 const HEAD_GUESS: usize = 64 * 1024;
 
-/// Objects fetched concurrently (GETs in flight or finished, waiting their turn) for a read-ahead
-/// budget of `prefetch_bytes` and a largest entry of `largest` bytes. One more object waits in the
-/// ready slot and one is being sent, so about `prefetch_bytes + 2 × largest` object bytes are held.
+/// Objects fetched concurrently (GETs in flight or finished, waiting their turn) for a budget of
+/// `prefetch_bytes` of object data held and a largest entry of `largest` bytes. Besides the fetched
+/// ones, one object waits in the ready slot and one is being sent; the budget counts them too, so
+/// at most `max(prefetch_bytes, 3 × largest)` object bytes are held.
 pub fn fetch_concurrency(prefetch_bytes: u64, largest: u64) -> usize {
-    (prefetch_bytes / largest.max(1)).clamp(1, 32) as usize
+    (prefetch_bytes / largest.max(1)).saturating_sub(2).clamp(1, 32) as usize
 }
 
 /// Length of the archive comment `{"sequence_md5sum":"<32 hex>"}`.
@@ -647,9 +648,11 @@ mod tests {
 
     #[test]
     fn fetch_concurrency_follows_the_budget() {
-        assert_eq!(fetch_concurrency(32 << 20, 5 << 20), 6);
+        // 32 MiB of 5 MiB objects: 6 held = 4 fetching + the ready slot + the one being sent.
+        assert_eq!(fetch_concurrency(32 << 20, 5 << 20), 4);
+        assert_eq!(fetch_concurrency(15 << 20, 5 << 20), 1);
         assert_eq!(fetch_concurrency(1, 5 << 20), 1);
         assert_eq!(fetch_concurrency(u64::MAX, 1), 32);
-        assert_eq!(fetch_concurrency(10, 0), 10);
+        assert_eq!(fetch_concurrency(10, 0), 8);
     }
 }

@@ -7,7 +7,8 @@
 //!   the index sorts by time). A `rejected` list larger than [`INLINE_REJECTED_BYTES`] is kept as
 //!   items sk `REJECTED#<position:06>` (`key`, `reason`, `position`), with `rejected_count` on META;
 //! * upload: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not final also
-//!   gsi2pk `PENDING`, gsi2sk `<user_id>#<upload_id>` (sparse);
+//!   gsi2pk `PENDING`, gsi2sk `<user_id>#<upload_id>` (sparse); FINISH_UNCERTAIN ones under
+//!   gsi2pk `UNCERTAIN` instead (the poller's reconciliation queries them);
 //! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>` (checkpoint as a nested map);
 //! * ingest error: pk `INGEST_ERROR`, sk `<at>#<key>`.
 //! * claim (IdempotencyTable): `id`, `status`, `lease_until_ms`, `owner`, `expiration` (TTL, epoch s).
@@ -20,7 +21,8 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, PutRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
+    AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
@@ -31,8 +33,8 @@ use time::OffsetDateTime;
 
 use super::aws_error::classify;
 use crate::model::{
-    Claim, ClaimStatus, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord, UploadImage,
-    UploadRecord, UploadState,
+    Claim, ClaimStatus, EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord,
+    UploadImage, UploadRecord, UploadState,
 };
 use crate::ports::{ClaimOutcome, RepoError, SequencePage, UploadRepository};
 
@@ -44,6 +46,19 @@ type Item = HashMap<String, AttributeValue>;
 pub const INLINE_REJECTED_BYTES: usize = 64 * 1024;
 /// Items per `BatchWriteItem` call (DynamoDB's limit).
 const BATCH_WRITE_MAX: usize = 25;
+/// Keys per `BatchGetItem` call (DynamoDB's limit).
+const BATCH_GET_MAX: usize = 100;
+/// The attributes of an image entry that make an [`ImagePosition`].
+const POSITION_ATTRIBUTES: &[&str] = &[
+    "upload_id",
+    "index",
+    "key",
+    "lat",
+    "lon",
+    "altitude",
+    "captured_at",
+    "heading",
+];
 /// Concurrent `BatchWriteItem` / `UpdateItem` calls of one repository call.
 const WRITE_CONCURRENCY: usize = 4;
 /// Attempts of one batch while DynamoDB returns `UnprocessedItems`.
@@ -83,6 +98,9 @@ fn rejected_sk(position: usize) -> String {
 pub const INGEST_ERROR_PK: &str = "INGEST_ERROR";
 /// gsi2 partition key of uploads that are not final.
 pub const PENDING_GSI2PK: &str = "PENDING";
+/// gsi2 partition key of FINISH_UNCERTAIN upload records (sparse: the poller's reconciliation
+/// finds them with one query instead of scanning the table).
+pub const UNCERTAIN_GSI2PK: &str = "UNCERTAIN";
 
 /// RFC 3339 in UTC with a fixed-width fraction: lexicographic order = time order.
 pub fn sortable_timestamp(t: OffsetDateTime) -> Result<String, RepoError> {
@@ -299,13 +317,99 @@ impl DynamoRepository {
         }
     }
 
+    /// `BatchGetItem` of `(pk, sk)` keys on the uploads table (consistent reads): chunks of 100, a
+    /// few in parallel, each retrying its `UnprocessedKeys` with jittered exponential backoff.
+    /// Items come back in no particular order; keys that do not exist are simply absent.
+    /// `projection`: only these attributes (names, each also used as its own `#name` placeholder).
+    async fn batch_get(
+        &self,
+        keys: Vec<(String, String)>,
+        projection: Option<&[&str]>,
+    ) -> Result<Vec<Item>, RepoError> {
+        let mut chunks: Vec<Vec<Item>> = Vec::new();
+        let mut rest = keys
+            .into_iter()
+            .map(|(pk, sk)| HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))]))
+            .peekable();
+        while rest.peek().is_some() {
+            chunks.push(rest.by_ref().take(BATCH_GET_MAX).collect());
+        }
+        let pages: Vec<Vec<Item>> =
+            futures::stream::iter(chunks.into_iter().map(|chunk| self.get_chunk(chunk, projection)))
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .try_collect()
+                .await?;
+        Ok(pages.into_iter().flatten().collect())
+    }
+
+    async fn get_chunk(
+        &self,
+        mut keys: Vec<Item>,
+        projection: Option<&[&str]>,
+    ) -> Result<Vec<Item>, RepoError> {
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(BATCH_ATTEMPTS - 1)
+            .with_jitter()
+            .build();
+        let mut items = Vec::with_capacity(keys.len());
+        loop {
+            let mut ka = KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .consistent_read(true);
+            if let Some(names) = projection {
+                let list: Vec<String> = names.iter().map(|n| format!("#{n}")).collect();
+                ka = ka.projection_expression(list.join(", "));
+                for n in names {
+                    ka = ka.expression_attribute_names(format!("#{n}"), *n);
+                }
+            }
+            let ka = ka
+                .build()
+                .map_err(|e| RepoError::Other(format!("building a BatchGetItem request: {e}")))?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.uploads_table, ka)
+                .send()
+                .await
+                .map_err(|e| repo_error(&e, "BatchGetItem"))?;
+            if let Some(mut r) = out.responses {
+                items.extend(r.remove(&self.uploads_table).unwrap_or_default());
+            }
+            keys = out
+                .unprocessed_keys
+                .and_then(|mut m| m.remove(&self.uploads_table))
+                .map(|ka| ka.keys)
+                .unwrap_or_default();
+            if keys.is_empty() {
+                return Ok(items);
+            }
+            match delays.next() {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => {
+                    return Err(RepoError::Transient(format!(
+                        "BatchGetItem: {} keys still unprocessed after {BATCH_ATTEMPTS} attempts",
+                        keys.len()
+                    )))
+                }
+            }
+        }
+    }
+
     /// The upload item: record + keys (+ sparse gsi2 keys while not final).
     fn upload_item(upload: &UploadRecord) -> Result<Item, RepoError> {
         let mut item = encode(upload, &format!("upload {}", upload.upload_id))?;
         item.insert("pk".into(), s(sequence_pk(&upload.user_id, &upload.sequence_id)));
         item.insert("sk".into(), s(upload_sk(upload.index)));
-        if !upload.state.is_final() {
-            item.insert("gsi2pk".into(), s(PENDING_GSI2PK));
+        if !upload.state.is_final() || upload.state == UploadState::FinishUncertain {
+            let pk = if upload.state.is_final() {
+                UNCERTAIN_GSI2PK
+            } else {
+                PENDING_GSI2PK
+            };
+            item.insert("gsi2pk".into(), s(pk));
             item.insert(
                 "gsi2sk".into(),
                 s(format!("{}#{}", upload.user_id, upload.upload_id)),
@@ -701,6 +805,38 @@ impl UploadRepository for DynamoRepository {
             .collect::<Result<Vec<_>, _>>()?;
         images.sort_by_key(|i| i.index);
         Ok(images)
+    }
+
+    async fn get_image_positions(
+        &self,
+        uploads: &[(String, u32)],
+    ) -> Result<Vec<Vec<ImagePosition>>, RepoError> {
+        // A batch must not name a key twice.
+        let mut wanted: HashMap<&str, u32> = HashMap::new();
+        for (id, count) in uploads {
+            let c = wanted.entry(id.as_str()).or_default();
+            *c = (*c).max(*count);
+        }
+        let keys: Vec<(String, String)> = wanted
+            .iter()
+            .flat_map(|(id, count)| (0..*count).map(move |i| (image_pk(id), image_sk(i))))
+            .collect();
+        let mut by_upload: HashMap<String, Vec<ImagePosition>> = HashMap::new();
+        for item in self.batch_get(keys, Some(POSITION_ATTRIBUTES)).await? {
+            let image: ImagePosition = decode(item, "image entry")?;
+            by_upload.entry(image.upload_id.clone()).or_default().push(image);
+        }
+        Ok(uploads
+            .iter()
+            .map(|(id, count)| {
+                let mut images: Vec<ImagePosition> = by_upload
+                    .get(id)
+                    .map(|v| v.iter().filter(|i| i.index < *count).cloned().collect())
+                    .unwrap_or_default();
+                images.sort_by_key(|i| i.index);
+                images
+            })
+            .collect())
     }
 
     async fn save_checkpoints(

@@ -113,21 +113,72 @@ fn rfc3339(t: OffsetDateTime) -> Result<String, TokenError> {
         .map_err(|e| TokenError::Other(format!("formatting a timestamp: {e}")))
 }
 
-impl TokenStore for KmsTokenStore {
-    async fn load(&self, user_id: &str) -> Result<Option<StoredToken>, TokenError> {
-        let out = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", AttributeValue::S(user_pk(user_id)))
-            .key("sk", AttributeValue::S(TOKEN_SK.to_string()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| token_error(classify(&e), &format!("GetItem token of user {user_id}")))?;
-        let Some(item) = out.item else {
-            return Ok(None);
-        };
+impl KmsTokenStore {
+    /// The token items of `user_ids` (≤ 100) in one BatchGetItem (unprocessed keys retried).
+    async fn batch_items(
+        &self,
+        user_ids: &[&String],
+    ) -> Result<HashMap<String, HashMap<String, AttributeValue>>, String> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let mut keys: Vec<HashMap<String, AttributeValue>> = user_ids
+            .iter()
+            .map(|id| {
+                HashMap::from([
+                    ("pk".to_string(), AttributeValue::S(user_pk(id))),
+                    ("sk".to_string(), AttributeValue::S(TOKEN_SK.to_string())),
+                ])
+            })
+            .collect();
+        let mut out = HashMap::new();
+        for attempt in 0..8u32 {
+            if keys.is_empty() {
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt.min(5))).await;
+            }
+            let ka = KeysAndAttributes::builder()
+                .set_keys(Some(std::mem::take(&mut keys)))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| format!("building a BatchGetItem request: {e}"))?;
+            let resp = self
+                .dynamodb
+                .batch_get_item()
+                .request_items(&self.table, ka)
+                .send()
+                .await
+                .map_err(|e| format!("BatchGetItem tokens: {}", classify(&e).detail))?;
+            for item in resp
+                .responses
+                .and_then(|mut r| r.remove(&self.table))
+                .unwrap_or_default()
+            {
+                if let Some(AttributeValue::S(pk)) = item.get("pk") {
+                    if let Some(id) = pk.strip_prefix("USER#") {
+                        out.insert(id.to_string(), item);
+                    }
+                }
+            }
+            keys = resp
+                .unprocessed_keys
+                .and_then(|mut m| m.remove(&self.table))
+                .map(|ka| ka.keys)
+                .unwrap_or_default();
+        }
+        if keys.is_empty() {
+            Ok(out)
+        } else {
+            Err(format!("BatchGetItem tokens: {} keys unprocessed", keys.len()))
+        }
+    }
+
+    /// Decrypt and decode one token item.
+    async fn decrypt_item(
+        &self,
+        user_id: &str,
+        item: HashMap<String, AttributeValue>,
+    ) -> Result<StoredToken, TokenError> {
         let ciphertext = match item.get("ciphertext") {
             Some(AttributeValue::B(blob)) => blob.clone(),
             _ => {
@@ -169,7 +220,7 @@ impl TokenStore for KmsTokenStore {
                 e.column()
             ))
         })?;
-        Ok(Some(StoredToken {
+        Ok(StoredToken {
             access_token: SecretString::from(payload.access_token),
             refresh_token: payload.refresh_token.map(SecretString::from),
             expires_at: time_attr(&item, "token_expires_at")?,
@@ -178,7 +229,59 @@ impl TokenStore for KmsTokenStore {
             updated_at: time_attr(&item, "updated_at")?.ok_or_else(|| {
                 TokenError::Corrupt(format!("token item of user {user_id} has no updated_at"))
             })?,
-        }))
+        })
+    }
+}
+
+impl TokenStore for KmsTokenStore {
+    async fn load(&self, user_id: &str) -> Result<Option<StoredToken>, TokenError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(user_pk(user_id)))
+            .key("sk", AttributeValue::S(TOKEN_SK.to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("GetItem token of user {user_id}")))?;
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        self.decrypt_item(user_id, item).await.map(Some)
+    }
+
+    async fn load_many(&self, user_ids: &[String]) -> Vec<Result<Option<StoredToken>, TokenError>> {
+        use futures::StreamExt;
+        // The items in BatchGetItems of 100; then one KMS Decrypt each (KMS has no batch call).
+        let mut items: HashMap<String, HashMap<String, AttributeValue>> = HashMap::new();
+        let mut failed: Option<String> = None;
+        let mut unique: Vec<&String> = user_ids.iter().collect();
+        unique.sort();
+        unique.dedup();
+        for chunk in unique.chunks(100) {
+            match self.batch_items(chunk).await {
+                Ok(found) => items.extend(found),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let failed = failed.is_some();
+        let work: Vec<(String, Option<HashMap<String, AttributeValue>>)> = user_ids
+            .iter()
+            .map(|id| (id.clone(), items.get(id).cloned()))
+            .collect();
+        futures::stream::iter(work)
+            .map(|(id, item)| async move {
+                match item {
+                    Some(item) => self.decrypt_item(&id, item).await.map(Some),
+                    // Not in a batch that failed: the user has no token. Else read it alone.
+                    None if !failed => Ok(None),
+                    None => self.load(&id).await,
+                }
+            })
+            .buffered(8)
+            .collect()
+            .await
     }
 
     async fn save(&self, user_id: &str, token: &StoredToken) -> Result<(), TokenError> {

@@ -1,9 +1,23 @@
 //! [`TrackingRepository`] over DynamoDB (UploadsTable), with the layout of [`crate::model`]'s
 //! "Tracking" section:
-//! * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK`; while not final also gsi2pk `TRACKING`,
-//!   gsi2sk `<user_id>#<upload_id>` (sparse: one Query finds every pending upload);
-//! * image link: pk `UPLOAD#<upload_id>`, sk `LINK#<index:05>`;
+//! * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK`; the record as one JSON string `doc` (plus
+//!   `user_id` and, once checked, `last_checked_at` for the optimistic-concurrency condition).
+//!   One attribute instead of a deep map: the poller reads and writes ten thousand of these per
+//!   run, and a flat string is both smaller (fewer request units) and cheaper to (de)serialize.
+//!   Items in the map layout of earlier versions are still read;
+//! * a user's pending uploads: pk `PENDING#<user_id>`, sk `PENDING`, gsi2pk `PENDING_USERS`,
+//!   gsi2sk `<user_id>`, `uploads` = string set of the upload ids not final yet. A run queries the
+//!   (small: one item per user) partition, then reads the records by key. The index changes only
+//!   when an upload starts or ends being tracked, not on every status write (a per-record index
+//!   entry would be rewritten with each record, all in one hot partition);
+//! * image links: pk `UPLOAD#<upload_id>`, sk `LINKS#<chunk:03>`: up to [`LINKS_PER_ITEM`] links of
+//!   the upload as one JSON string (`links`), with `chunks` = how many such items the upload has.
+//!   One item per upload instead of one per image: a run links thousands of uploads, and the item
+//!   count, not the bytes, is what costs (request units are per KB either way). Per-image items
+//!   `LINK#<index:05>` written by earlier versions are still read;
 //! * feed health: pk `HEALTH`, sk `FEED`;
+//! * the run lease: pk `HEALTH`, sk `POLLER_LEASE` (`owner`, `lease_until_ms`): one conditional
+//!   write per run keeps overlapping runs apart, so a run writes its records in batches;
 //! * once final, a tracking record is in gsi2 under `TRACKED#<user_id>` / `<upload_id>` instead
 //!   (a user's linked sequences, for Plan A's exclusion);
 //! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`.
@@ -17,8 +31,9 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest};
 use backon::BackoffBuilder;
+use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
@@ -33,20 +48,34 @@ type Item = HashMap<String, AttributeValue>;
 
 /// Sort key of a tracking record.
 pub const TRACK_SK: &str = "TRACK";
-/// gsi2 partition key of tracking records that are not final.
-pub const TRACKING_GSI2PK: &str = "TRACKING";
+/// gsi2 partition key of the users' pending-uploads items.
+pub const PENDING_USERS_GSI2PK: &str = "PENDING_USERS";
+/// Sort key of a user's pending-uploads item.
+pub const PENDING_SK: &str = "PENDING";
+
+/// Partition key of a user's pending-uploads item.
+pub fn pending_pk(user_id: &str) -> String {
+    format!("PENDING#{user_id}")
+}
 /// Partition key of the feed health record.
 pub const HEALTH_PK: &str = "HEALTH";
 /// Sort key of the feed health record.
 pub const FEED_SK: &str = "FEED";
 /// Sort key of the record of the last FINISH_UNCERTAIN scan.
 pub const RECONCILE_SCAN_SK: &str = "RECONCILE_SCAN";
+/// Sort key of the poller's run lease.
+pub const LEASE_SK: &str = "POLLER_LEASE";
+/// Image links per links item (≈ 300 bytes each as JSON: far below the 400 KB item limit).
+pub const LINKS_PER_ITEM: usize = 200;
 
 /// gsi2 partition key of a user's final tracking records.
 pub fn tracked_gsi2pk(user_id: &str) -> String {
     format!("TRACKED#{user_id}")
 }
 const BATCH_WRITE_MAX: usize = 25;
+const BATCH_GET_MAX: usize = 100;
+/// Concurrent `BatchGetItem` calls of one listing.
+const READ_CONCURRENCY: usize = 4;
 const BATCH_ATTEMPTS: usize = 8;
 
 /// Partition key of an upload's poller items (the same partition as its image entries).
@@ -54,9 +83,76 @@ pub fn upload_pk(upload_id: &str) -> String {
     format!("UPLOAD#{upload_id}")
 }
 
-/// Sort key of an image link.
+/// Sort key of an image link as earlier versions stored it (one item per image; still read).
 pub fn link_sk(index: u32) -> String {
     format!("LINK#{index:05}")
+}
+
+/// Sort key of the `chunk`-th links item of an upload.
+pub fn links_sk(chunk: usize) -> String {
+    format!("LINKS#{chunk:03}")
+}
+
+/// The links items of one upload's links (all of them, in index order).
+fn links_items(upload_id: &str, links: &[&ImageLink]) -> Result<Vec<Item>, RepoError> {
+    let chunks = links.len().div_ceil(LINKS_PER_ITEM);
+    links
+        .chunks(LINKS_PER_ITEM)
+        .enumerate()
+        .map(|(k, part)| {
+            let json = serde_json::to_string(part)
+                .map_err(|e| RepoError::Other(format!("encoding links of {upload_id}: {e}")))?;
+            Ok(HashMap::from([
+                ("pk".to_string(), s(upload_pk(upload_id))),
+                ("sk".to_string(), s(links_sk(k))),
+                ("upload_id".to_string(), s(upload_id)),
+                ("chunk".to_string(), AttributeValue::N(k.to_string())),
+                ("chunks".to_string(), AttributeValue::N(chunks.to_string())),
+                ("links".to_string(), s(json)),
+            ]))
+        })
+        .collect()
+}
+
+/// The links of an upload from its links items (only those of the latest write: `chunk` below the
+/// `chunks` that chunk 0 names) and any older per-image items (overridden by the chunked ones).
+fn merge_links(pk: &str, chunked: Vec<Item>, single: Vec<ImageLink>) -> Result<Vec<ImageLink>, RepoError> {
+    let total = chunked
+        .iter()
+        .find(|i| number(i, "chunk") == Some(0))
+        .and_then(|i| number(i, "chunks"))
+        .unwrap_or(0);
+    let mut by_index: std::collections::BTreeMap<u32, ImageLink> =
+        single.into_iter().map(|l| (l.index, l)).collect();
+    for item in chunked {
+        if number(&item, "chunk").is_none_or(|c| c >= total) {
+            continue; // left over from an earlier, longer write
+        }
+        let Some(AttributeValue::S(json)) = item.get("links") else {
+            return Err(RepoError::Corrupt(format!("links item of {pk} without `links`")));
+        };
+        let part: Vec<ImageLink> =
+            serde_json::from_str(json).map_err(|e| RepoError::Corrupt(format!("links of {pk}: {e}")))?;
+        for l in part {
+            by_index.insert(l.index, l);
+        }
+    }
+    Ok(by_index.into_values().collect())
+}
+
+fn put(item: Item) -> Result<WriteRequest, RepoError> {
+    let put = PutRequest::builder()
+        .set_item(Some(item))
+        .build()
+        .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
+    Ok(WriteRequest::builder().put_request(put).build())
+}
+
+fn number(item: &Item, name: &str) -> Option<usize> {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
+    }
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -69,6 +165,16 @@ fn encode<T: Serialize>(value: &T, what: &str) -> Result<Item, RepoError> {
 
 fn decode<T: DeserializeOwned>(item: Item, what: &str) -> Result<T, RepoError> {
     from_item(item).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
+}
+
+/// A tracking record from its item: the `doc` JSON, or the map layout of earlier versions.
+fn decode_record(item: Item, what: &str) -> Result<TrackingRecord, RepoError> {
+    match item.get("doc") {
+        Some(AttributeValue::S(doc)) => {
+            serde_json::from_str(doc).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
+        }
+        _ => decode(item, what),
+    }
 }
 
 fn repo_error<E>(err: &SdkError<E, HttpResponse>, what: &str) -> RepoError
@@ -103,20 +209,127 @@ impl DynamoTracking {
     }
 
     fn tracking_item(record: &TrackingRecord) -> Result<Item, RepoError> {
-        let mut item = encode(record, &format!("tracking {}", record.upload_id))?;
+        let doc = serde_json::to_string(record)
+            .map_err(|e| RepoError::Other(format!("encoding tracking {}: {e}", record.upload_id)))?;
+        let mut item: Item = HashMap::from([
+            ("doc".to_string(), s(doc)),
+            ("user_id".to_string(), s(&record.user_id)),
+            ("upload_id".to_string(), s(&record.upload_id)),
+        ]);
+        if let Some(t) = record.tracked.last_checked_at {
+            let v = t
+                .format(&Rfc3339)
+                .map_err(|e| RepoError::Other(format!("formatting {t}: {e}")))?;
+            item.insert("last_checked_at".into(), s(v));
+        }
         item.insert("pk".into(), s(upload_pk(&record.upload_id)));
         item.insert("sk".into(), s(TRACK_SK));
-        if !record.tracked.state.is_final() {
-            item.insert("gsi2pk".into(), s(TRACKING_GSI2PK));
-            item.insert(
-                "gsi2sk".into(),
-                s(format!("{}#{}", record.user_id, record.upload_id)),
-            );
-        } else {
+        if record.tracked.state.is_final() {
             item.insert("gsi2pk".into(), s(tracked_gsi2pk(&record.user_id)));
             item.insert("gsi2sk".into(), s(&record.upload_id));
         }
         Ok(item)
+    }
+
+    /// Add (`add`) or remove upload ids in the user's pending set (one UpdateItem; a set that
+    /// becomes empty loses its attribute, and the item is then dropped by the next listing).
+    async fn change_pending(&self, user_id: &str, ids: Vec<String>, add: bool) -> Result<(), RepoError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(pending_pk(user_id)))
+            .key("sk", s(PENDING_SK))
+            .expression_attribute_names("#u", "uploads")
+            .expression_attribute_values(":ids", AttributeValue::Ss(ids));
+        req = if add {
+            req.update_expression("ADD #u :ids SET #g = :g, #gs = :gs, #user = :user")
+                .expression_attribute_names("#g", "gsi2pk")
+                .expression_attribute_names("#gs", "gsi2sk")
+                .expression_attribute_names("#user", "user_id")
+                .expression_attribute_values(":g", s(PENDING_USERS_GSI2PK))
+                .expression_attribute_values(":gs", s(user_id))
+                .expression_attribute_values(":user", s(user_id))
+        } else {
+            req.update_expression("DELETE #u :ids")
+        };
+        req.send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("UpdateItem pending uploads of {user_id}")))?;
+        Ok(())
+    }
+
+    /// Tracking records by upload id (BatchGetItem, consistent): found ones, in no particular order.
+    pub async fn get_records(&self, ids: &[String]) -> Result<Vec<TrackingRecord>, RepoError> {
+        let chunks: Vec<Vec<Item>> = ids
+            .chunks(BATCH_GET_MAX)
+            .map(|c| {
+                c.iter()
+                    .map(|id| {
+                        HashMap::from([
+                            ("pk".to_string(), s(upload_pk(id))),
+                            ("sk".to_string(), s(TRACK_SK)),
+                        ])
+                    })
+                    .collect()
+            })
+            .collect();
+        let pages: Vec<Vec<Item>> = futures::stream::iter(chunks.into_iter().map(|c| self.get_chunk(c)))
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        pages
+            .into_iter()
+            .flatten()
+            .map(|item| decode_record(item, "tracking record"))
+            .collect()
+    }
+
+    async fn get_chunk(&self, mut keys: Vec<Item>) -> Result<Vec<Item>, RepoError> {
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(BATCH_ATTEMPTS - 1)
+            .with_jitter()
+            .build();
+        let mut items = Vec::with_capacity(keys.len());
+        loop {
+            let ka = KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| RepoError::Other(format!("building a BatchGetItem request: {e}")))?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, ka)
+                .send()
+                .await
+                .map_err(|e| repo_error(&e, "BatchGetItem tracking"))?;
+            if let Some(mut r) = out.responses {
+                items.extend(r.remove(&self.table).unwrap_or_default());
+            }
+            keys = out
+                .unprocessed_keys
+                .and_then(|mut m| m.remove(&self.table))
+                .map(|ka| ka.keys)
+                .unwrap_or_default();
+            if keys.is_empty() {
+                return Ok(items);
+            }
+            match delays.next() {
+                Some(d) => tokio::time::sleep(d).await,
+                None => {
+                    return Err(RepoError::Transient(format!(
+                        "BatchGetItem tracking: {} keys still unprocessed",
+                        keys.len()
+                    )))
+                }
+            }
+        }
     }
 
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, RepoError> {
@@ -169,6 +382,142 @@ impl DynamoTracking {
 }
 
 impl DynamoTracking {
+    /// The links items for `links` (grouped by upload; each upload's links are taken as all of
+    /// them: its items are rewritten whole).
+    fn links_requests(links: &[ImageLink]) -> Result<Vec<Item>, RepoError> {
+        let mut by_upload: std::collections::BTreeMap<&str, std::collections::BTreeMap<u32, &ImageLink>> =
+            std::collections::BTreeMap::new();
+        for l in links {
+            // The last link given for an index wins.
+            by_upload
+                .entry(l.upload_id.as_str())
+                .or_default()
+                .insert(l.index, l);
+        }
+        let mut items = Vec::new();
+        for (upload_id, by_index) in by_upload {
+            let ordered: Vec<&ImageLink> = by_index.into_values().collect();
+            items.extend(links_items(upload_id, &ordered)?);
+        }
+        Ok(items)
+    }
+
+    /// `BatchWriteItem` of `requests` in chunks of 25, one after the other (order kept between chunks).
+    async fn write_all(&self, requests: Vec<WriteRequest>) -> Result<(), RepoError> {
+        let mut rest = requests.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<WriteRequest> = rest.by_ref().take(BATCH_WRITE_MAX).collect();
+            self.write_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Write the links, then the tracking records, in batches (unconditional: the caller holds the
+    /// run lease, see [`Self::acquire_run_lease`]). Links first, so a record that says "linked"
+    /// never exists without its links; a failure part-way leaves records as they were, and the
+    /// next run writes everything again.
+    ///
+    /// Records that became final leave their users' pending sets afterwards. `clear_pending_of`:
+    /// the caller knows none of that user's uploads is pending any more, so the user's
+    /// pending-uploads item is deleted in the same batch instead.
+    pub async fn put_tracking_batch(
+        &self,
+        records: &[TrackingRecord],
+        links: &[ImageLink],
+        clear_pending_of: Option<&str>,
+    ) -> Result<(), RepoError> {
+        let mut requests = Vec::new();
+        for item in Self::links_requests(links)? {
+            requests.push(put(item)?);
+        }
+        self.write_all(requests).await?;
+        let mut requests = Vec::with_capacity(records.len() + 1);
+        for r in records {
+            requests.push(put(Self::tracking_item(r)?)?);
+        }
+        if let Some(user) = clear_pending_of {
+            let key = HashMap::from([
+                ("pk".to_string(), s(pending_pk(user))),
+                ("sk".to_string(), s(PENDING_SK)),
+            ]);
+            let delete = DeleteRequest::builder()
+                .set_key(Some(key))
+                .build()
+                .map_err(|e| RepoError::Other(format!("building a delete request: {e}")))?;
+            requests.push(WriteRequest::builder().delete_request(delete).build());
+        }
+        self.write_all(requests).await?;
+        let mut finals: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
+        for r in records.iter().filter(|r| r.tracked.state.is_final()) {
+            if Some(r.user_id.as_str()) != clear_pending_of {
+                finals
+                    .entry(r.user_id.as_str())
+                    .or_default()
+                    .push(r.upload_id.clone());
+            }
+        }
+        for (user, ids) in finals {
+            self.change_pending(user, ids, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Take the run lease for `owner` until `until` unless another owner holds an unexpired one
+    /// (one conditional PutItem). `false`: another run is active.
+    pub async fn acquire_run_lease(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, RepoError> {
+        let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000).to_string();
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(HEALTH_PK))
+            .item("sk", s(LEASE_SK))
+            .item("owner", s(owner))
+            .item("lease_until_ms", AttributeValue::N(ms(until)))
+            .condition_expression("attribute_not_exists(#pk) OR #until < :now OR #owner = :me")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#until", "lease_until_ms")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":now", AttributeValue::N(ms(now)))
+            .expression_attribute_values(":me", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => match repo_error(&e, "PutItem run lease") {
+                RepoError::ConditionFailed(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Give the run lease back (only if `owner` still holds it).
+    pub async fn release_run_lease(&self, owner: &str) -> Result<(), RepoError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(HEALTH_PK))
+            .key("sk", s(LEASE_SK))
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => match repo_error(&e, "DeleteItem run lease") {
+                RepoError::ConditionFailed(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
     /// The user's final tracking records (gsi2 `TRACKED#<user_id>`).
     pub async fn list_final_tracking(&self, user_id: &str) -> Result<Vec<TrackingRecord>, RepoError> {
         let mut pages = self
@@ -185,33 +534,35 @@ impl DynamoTracking {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| repo_error(&e, "Query gsi2 TRACKED#"))?;
             for item in page.items.unwrap_or_default() {
-                out.push(decode(item, "final tracking record")?);
+                out.push(decode_record(item, "final tracking record")?);
             }
         }
         Ok(out)
     }
 
-    /// zip-and-push's upload records in `state`, all users (a Scan with a filter: upload items
-    /// leave every index once final, so there is no cheaper way without a change to their layout).
-    pub async fn scan_uploads_in_state(&self, state: UploadState) -> Result<Vec<UploadRecord>, RepoError> {
+    /// zip-and-push's FINISH_UNCERTAIN upload records, all users: the sparse gsi2 partition
+    /// `UNCERTAIN` that [`crate::adapters::dynamo::DynamoRepository`] keeps them in (one query, not a
+    /// table scan).
+    pub async fn list_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
         let mut pages = self
             .client
-            .scan()
+            .query()
             .table_name(&self.table)
-            .filter_expression("#st = :st AND begins_with(#pk, :seq) AND begins_with(#sk, :up)")
-            .expression_attribute_names("#st", "state")
-            .expression_attribute_names("#pk", "pk")
-            .expression_attribute_names("#sk", "sk")
-            .expression_attribute_values(":st", s(state.as_str()))
-            .expression_attribute_values(":seq", s("SEQ#"))
-            .expression_attribute_values(":up", s("UPLOAD#"))
+            .index_name("gsi2")
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", "gsi2pk")
+            .expression_attribute_values(":pk", s(crate::adapters::dynamo::UNCERTAIN_GSI2PK))
             .into_paginator()
             .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Scan uploads by state"))?;
+            let page = page.map_err(|e| repo_error(&e, "Query gsi2 UNCERTAIN"))?;
             for item in page.items.unwrap_or_default() {
-                out.push(decode(item, "upload record")?);
+                let record: UploadRecord = decode(item, "upload record")?;
+                // The index is eventually consistent: skip one that has moved on since.
+                if record.state == UploadState::FinishUncertain {
+                    out.push(record);
+                }
             }
         }
         Ok(out)
@@ -259,13 +610,20 @@ impl TrackingRepository for DynamoTracking {
             .expression_attribute_names("#pk", "pk")
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
+        let created = match result {
+            Ok(_) => true,
             Err(e) => match repo_error(&e, &format!("PutItem tracking {}", record.upload_id)) {
-                RepoError::ConditionFailed(_) => Ok(false),
-                other => Err(other),
+                RepoError::ConditionFailed(_) => false,
+                other => return Err(other),
             },
+        };
+        // Also for an existing record: a crash between the two writes must not leave a pending
+        // record outside its user's set (a final one is dropped from the set by the next listing).
+        if !record.tracked.state.is_final() {
+            self.change_pending(&record.user_id, vec![record.upload_id.clone()], true)
+                .await?;
         }
+        Ok(created)
     }
 
     async fn update_tracking(
@@ -279,31 +637,28 @@ impl TrackingRepository for DynamoTracking {
             .table_name(&self.table)
             .set_item(Some(Self::tracking_item(record)?))
             .expression_attribute_names("#pk", "pk")
-            .expression_attribute_names("#t", "tracked")
             .expression_attribute_names("#l", "last_checked_at");
         req = match expected_last_checked_at {
             Some(t) => {
                 let v = t
                     .format(&Rfc3339)
                     .map_err(|e| RepoError::Other(format!("formatting {t}: {e}")))?;
-                req.condition_expression("attribute_exists(#pk) AND #t.#l = :l")
+                req.condition_expression("attribute_exists(#pk) AND #l = :l")
                     .expression_attribute_values(":l", s(v))
             }
-            None => req
-                .condition_expression(
-                    "attribute_exists(#pk) AND (attribute_not_exists(#t.#l) OR attribute_type(#t.#l, :null))",
-                )
-                .expression_attribute_values(":null", s("NULL")),
+            None => req.condition_expression("attribute_exists(#pk) AND attribute_not_exists(#l)"),
         };
         req.send()
             .await
             .map_err(|e| repo_error(&e, &format!("PutItem tracking {}", record.upload_id)))?;
-        Ok(())
+        let final_ = record.tracked.state.is_final();
+        self.change_pending(&record.user_id, vec![record.upload_id.clone()], !final_)
+            .await
     }
 
     async fn get_tracking(&self, upload_id: &str) -> Result<Option<TrackingRecord>, RepoError> {
         match self.get(&upload_pk(upload_id), TRACK_SK).await? {
-            Some(item) => Ok(Some(decode(item, &format!("tracking {upload_id}"))?)),
+            Some(item) => Ok(Some(decode_record(item, &format!("tracking {upload_id}"))?)),
             None => Ok(None),
         }
     }
@@ -316,48 +671,72 @@ impl TrackingRepository for DynamoTracking {
             .index_name("gsi2")
             .key_condition_expression("#pk = :pk")
             .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(TRACKING_GSI2PK))
+            .expression_attribute_values(":pk", s(PENDING_USERS_GSI2PK))
             .into_paginator()
             .send();
-        let mut out = Vec::new();
+        // user → its pending upload ids
+        let mut sets: Vec<(String, Vec<String>)> = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi2 TRACKING"))?;
+            let page = page.map_err(|e| repo_error(&e, "Query gsi2 PENDING_USERS"))?;
             for item in page.items.unwrap_or_default() {
-                out.push(decode(item, "pending tracking record")?);
+                let Some(AttributeValue::S(user)) = item.get("user_id") else {
+                    return Err(RepoError::Corrupt("pending-uploads item without user_id".into()));
+                };
+                let ids = match item.get("uploads") {
+                    Some(AttributeValue::Ss(ids)) => ids.clone(),
+                    _ => Vec::new(),
+                };
+                sets.push((user.clone(), ids));
             }
         }
+        let ids: Vec<String> = sets.iter().flat_map(|(_, ids)| ids.iter().cloned()).collect();
+        let mut by_id: HashMap<String, TrackingRecord> = self
+            .get_records(&ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.upload_id.clone(), r))
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for (user, ids) in sets {
+            if ids.is_empty() {
+                // Nothing pending any more: drop the item (unless an upload was added meanwhile).
+                let _ = self
+                    .client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .key("pk", s(pending_pk(&user)))
+                    .key("sk", s(PENDING_SK))
+                    .condition_expression("attribute_not_exists(#u)")
+                    .expression_attribute_names("#u", "uploads")
+                    .send()
+                    .await;
+                continue;
+            }
+            let mut done = Vec::new();
+            for id in ids {
+                match by_id.remove(&id) {
+                    Some(r) if !r.tracked.state.is_final() && r.user_id == user => out.push(r),
+                    // Final (its removal from the set did not happen) or gone: tidy the set.
+                    _ => done.push(id),
+                }
+            }
+            self.change_pending(&user, done, false).await?;
+        }
+        out.sort_by(|a, b| (&a.user_id, &a.upload_id).cmp(&(&b.user_id, &b.upload_id)));
         Ok(out)
     }
 
     async fn put_links(&self, links: &[ImageLink]) -> Result<(), RepoError> {
-        let mut last: HashMap<(&str, u32), usize> = HashMap::new();
-        for (i, l) in links.iter().enumerate() {
-            last.insert((l.upload_id.as_str(), l.index), i);
+        let mut requests = Vec::new();
+        for item in Self::links_requests(links)? {
+            requests.push(put(item)?);
         }
-        let mut requests = Vec::with_capacity(last.len());
-        for (i, l) in links.iter().enumerate() {
-            if last.get(&(l.upload_id.as_str(), l.index)) != Some(&i) {
-                continue;
-            }
-            let mut item = encode(l, &format!("link {}/{}", l.upload_id, l.index))?;
-            item.insert("pk".into(), s(upload_pk(&l.upload_id)));
-            item.insert("sk".into(), s(link_sk(l.index)));
-            let put = PutRequest::builder()
-                .set_item(Some(item))
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
-            requests.push(WriteRequest::builder().put_request(put).build());
-        }
-        let mut rest = requests.into_iter().peekable();
-        while rest.peek().is_some() {
-            let chunk: Vec<WriteRequest> = rest.by_ref().take(BATCH_WRITE_MAX).collect();
-            self.write_chunk(chunk).await?;
-        }
-        Ok(())
+        self.write_all(requests).await
     }
 
     async fn list_links(&self, upload_id: &str) -> Result<Vec<ImageLink>, RepoError> {
         let pk = upload_pk(upload_id);
+        // "LINK" covers both layouts: `LINKS#<chunk>` items and older per-image `LINK#<index>` items.
         let mut pages = self
             .client
             .query()
@@ -366,19 +745,22 @@ impl TrackingRepository for DynamoTracking {
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#sk", "sk")
             .expression_attribute_values(":pk", s(&pk))
-            .expression_attribute_values(":prefix", s("LINK#"))
+            .expression_attribute_values(":prefix", s("LINK"))
             .consistent_read(true)
             .into_paginator()
             .send();
-        let mut out: Vec<ImageLink> = Vec::new();
+        let mut chunked: Vec<Item> = Vec::new();
+        let mut single: Vec<ImageLink> = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} LINK#*")))?;
+            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} LINK*")))?;
             for item in page.items.unwrap_or_default() {
-                out.push(decode(item, &format!("link of {pk}"))?);
+                match item.get("sk") {
+                    Some(AttributeValue::S(sk)) if sk.starts_with("LINKS#") => chunked.push(item),
+                    _ => single.push(decode(item, &format!("link of {pk}"))?),
+                }
             }
         }
-        out.sort_by_key(|l| l.index);
-        Ok(out)
+        merge_links(&pk, chunked, single)
     }
 
     async fn get_feed_health(&self) -> Result<Option<FeedHealth>, RepoError> {
