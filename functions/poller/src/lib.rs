@@ -2,7 +2,8 @@
 //! tracks every handed-off upload through Mapillary's four stages, then links it.
 //!
 //! * [`handler`] — one run ([`handler::run_once`]) within a time budget, generic over the ports
-//!   ([`handler::Poller`]); every write is a single conditional item write, so a run cut off at any
+//!   ([`handler::Poller`]); one conditional write (the run lease) keeps overlapping runs apart, and
+//!   each user's records and links are written in batches, links first, so a run cut off at any
 //!   point leaves consistent state and the next run continues.
 //! * [`intake`] — clusters queue → `create_tracking` (idempotent) → delete after the write.
 //! * [`planb`] — the activity feed (one walk per user and run) and linking by order.

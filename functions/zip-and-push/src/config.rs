@@ -50,7 +50,8 @@ pub struct Tunables {
     pub duplicate_angle_deg: f64,
     /// `RELAY_EXIF_CONCURRENCY` (16): ranged GETs in flight during the EXIF pass.
     pub exif_concurrency: usize,
-    /// `RELAY_PREFETCH_BYTES` (32 MiB): object bytes read ahead of the upload.
+    /// `RELAY_PREFETCH_BYTES` (32 MiB): object bytes held for the upload body (GETs ahead, the
+    /// entry ready and the entry being sent; see `zipstream::fetch_concurrency`).
     pub prefetch_bytes: u64,
     /// `RELAY_DEADLINE_MARGIN_S` (30): stop uploading this long before the Lambda deadline.
     pub deadline_margin: Duration,

@@ -699,8 +699,9 @@ impl TrackingRepository for DynamoTracking {
         let mut out = Vec::with_capacity(ids.len());
         for (user, ids) in sets {
             if ids.is_empty() {
-                // Nothing pending any more: drop the item (unless an upload was added meanwhile).
-                let _ = self
+                // Nothing pending any more: drop the item (unless an upload was added meanwhile). A
+                // failure only leaves an empty item for the next listing.
+                let deleted = self
                     .client
                     .delete_item()
                     .table_name(&self.table)
@@ -710,6 +711,9 @@ impl TrackingRepository for DynamoTracking {
                     .expression_attribute_names("#u", "uploads")
                     .send()
                     .await;
+                if let Err(e) = deleted {
+                    tracing::debug!(user_id = %user, error = %repo_error(&e, "DeleteItem pending"), "empty pending item kept");
+                }
                 continue;
             }
             let mut done = Vec::new();
@@ -720,7 +724,10 @@ impl TrackingRepository for DynamoTracking {
                     _ => done.push(id),
                 }
             }
-            self.change_pending(&user, done, false).await?;
+            // Tidying is best effort: the listing is right either way.
+            if let Err(e) = self.change_pending(&user, done, false).await {
+                tracing::warn!(user_id = %user, error = %e, "removing final uploads from the pending set failed");
+            }
         }
         out.sort_by(|a, b| (&a.user_id, &a.upload_id).cmp(&(&b.user_id, &b.upload_id)));
         Ok(out)
