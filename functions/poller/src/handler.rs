@@ -717,8 +717,14 @@ where
         return out;
     }
     let t = Instant::now();
-    let records: Vec<TrackingRecord> = jobs.iter().map(|j| j.record.clone()).collect();
-    let links: Vec<ImageLink> = jobs.iter().flat_map(|j| j.links.iter().cloned()).collect();
+    let mut records: Vec<TrackingRecord> = Vec::with_capacity(jobs.len());
+    let mut links: Vec<ImageLink> = Vec::new();
+    let mut transitions: Vec<Vec<Transition>> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        records.push(job.record);
+        links.extend(job.links);
+        transitions.push(job.transitions);
+    }
     // Every pending upload of the user written and final: its pending-uploads item goes too.
     let all_final = records.len() == pending && records.iter().all(|r| r.tracked.state.is_final());
     let written = p
@@ -728,15 +734,14 @@ where
     out.timings.write_ms = ms(t);
     match written {
         Ok(()) => {
-            for job in jobs {
-                for t in &job.transitions {
-                    info!(upload_id = %job.record.upload_id, field = %t.field, from = t.from.as_deref().unwrap_or("-"),
+            for (record, changes) in records.iter().zip(transitions) {
+                for t in &changes {
+                    info!(upload_id = %record.upload_id, field = %t.field, from = t.from.as_deref().unwrap_or("-"),
                         to = t.to.as_deref().unwrap_or("-"), "transition");
                 }
                 out.written += 1;
-                let id = job.record.upload_id;
                 out.transitions
-                    .extend(job.transitions.into_iter().map(|t| (id.clone(), t)));
+                    .extend(changes.into_iter().map(|t| (record.upload_id.clone(), t)));
             }
         }
         Err(e) => {

@@ -21,8 +21,7 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, ReturnValue,
-    ReturnValuesOnConditionCheckFailure, WriteRequest,
+    AttributeValue, DeleteRequest, PutRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
@@ -32,6 +31,7 @@ use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_attribute_value, to_item};
 use time::OffsetDateTime;
 
 use super::aws_error::classify;
+use super::batch::batch_get;
 use crate::model::{
     Claim, ClaimStatus, EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord,
     UploadImage, UploadRecord, UploadState,
@@ -46,8 +46,6 @@ type Item = HashMap<String, AttributeValue>;
 pub const INLINE_REJECTED_BYTES: usize = 64 * 1024;
 /// Items per `BatchWriteItem` call (DynamoDB's limit).
 const BATCH_WRITE_MAX: usize = 25;
-/// Keys per `BatchGetItem` call (DynamoDB's limit).
-const BATCH_GET_MAX: usize = 100;
 /// The attributes of an image entry that make an [`ImagePosition`].
 const POSITION_ATTRIBUTES: &[&str] = &[
     "upload_id",
@@ -311,87 +309,6 @@ impl DynamoRepository {
                     return Err(RepoError::Transient(format!(
                         "BatchWriteItem: {} items still unprocessed after {attempts} attempts",
                         pending.len()
-                    )))
-                }
-            }
-        }
-    }
-
-    /// `BatchGetItem` of `(pk, sk)` keys on the uploads table (consistent reads): chunks of 100, a
-    /// few in parallel, each retrying its `UnprocessedKeys` with jittered exponential backoff.
-    /// Items come back in no particular order; keys that do not exist are simply absent.
-    /// `projection`: only these attributes (names, each also used as its own `#name` placeholder).
-    async fn batch_get(
-        &self,
-        keys: Vec<(String, String)>,
-        projection: Option<&[&str]>,
-    ) -> Result<Vec<Item>, RepoError> {
-        let mut chunks: Vec<Vec<Item>> = Vec::new();
-        let mut rest = keys
-            .into_iter()
-            .map(|(pk, sk)| HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))]))
-            .peekable();
-        while rest.peek().is_some() {
-            chunks.push(rest.by_ref().take(BATCH_GET_MAX).collect());
-        }
-        let pages: Vec<Vec<Item>> =
-            futures::stream::iter(chunks.into_iter().map(|chunk| self.get_chunk(chunk, projection)))
-                .buffer_unordered(WRITE_CONCURRENCY)
-                .try_collect()
-                .await?;
-        Ok(pages.into_iter().flatten().collect())
-    }
-
-    async fn get_chunk(
-        &self,
-        mut keys: Vec<Item>,
-        projection: Option<&[&str]>,
-    ) -> Result<Vec<Item>, RepoError> {
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(BATCH_ATTEMPTS - 1)
-            .with_jitter()
-            .build();
-        let mut items = Vec::with_capacity(keys.len());
-        loop {
-            let mut ka = KeysAndAttributes::builder()
-                .set_keys(Some(keys))
-                .consistent_read(true);
-            if let Some(names) = projection {
-                let list: Vec<String> = names.iter().map(|n| format!("#{n}")).collect();
-                ka = ka.projection_expression(list.join(", "));
-                for n in names {
-                    ka = ka.expression_attribute_names(format!("#{n}"), *n);
-                }
-            }
-            let ka = ka
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a BatchGetItem request: {e}")))?;
-            let out = self
-                .client
-                .batch_get_item()
-                .request_items(&self.uploads_table, ka)
-                .send()
-                .await
-                .map_err(|e| repo_error(&e, "BatchGetItem"))?;
-            if let Some(mut r) = out.responses {
-                items.extend(r.remove(&self.uploads_table).unwrap_or_default());
-            }
-            keys = out
-                .unprocessed_keys
-                .and_then(|mut m| m.remove(&self.uploads_table))
-                .map(|ka| ka.keys)
-                .unwrap_or_default();
-            if keys.is_empty() {
-                return Ok(items);
-            }
-            match delays.next() {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => {
-                    return Err(RepoError::Transient(format!(
-                        "BatchGetItem: {} keys still unprocessed after {BATCH_ATTEMPTS} attempts",
-                        keys.len()
                     )))
                 }
             }
@@ -817,12 +734,22 @@ impl UploadRepository for DynamoRepository {
             let c = wanted.entry(id.as_str()).or_default();
             *c = (*c).max(*count);
         }
-        let keys: Vec<(String, String)> = wanted
+        let keys: Vec<Item> = wanted
             .iter()
-            .flat_map(|(id, count)| (0..*count).map(move |i| (image_pk(id), image_sk(i))))
+            .flat_map(|(id, count)| {
+                (0..*count).map(move |i| {
+                    HashMap::from([
+                        ("pk".to_string(), s(image_pk(id))),
+                        ("sk".to_string(), s(image_sk(i))),
+                    ])
+                })
+            })
             .collect();
+        let items = batch_get(&self.client, &self.uploads_table, keys, Some(POSITION_ATTRIBUTES))
+            .await
+            .map_err(|e| e.into_repo("BatchGetItem image positions"))?;
         let mut by_upload: HashMap<String, Vec<ImagePosition>> = HashMap::new();
-        for item in self.batch_get(keys, Some(POSITION_ATTRIBUTES)).await? {
+        for item in items {
             let image: ImagePosition = decode(item, "image entry")?;
             by_upload.entry(image.upload_id.clone()).or_default().push(image);
         }

@@ -24,6 +24,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::aws_error::{classify, AwsFailure};
+use super::batch::batch_get;
 use crate::model::StoredToken;
 use crate::ports::{TokenError, TokenStore};
 
@@ -114,65 +115,6 @@ fn rfc3339(t: OffsetDateTime) -> Result<String, TokenError> {
 }
 
 impl KmsTokenStore {
-    /// The token items of `user_ids` (≤ 100) in one BatchGetItem (unprocessed keys retried).
-    async fn batch_items(
-        &self,
-        user_ids: &[&String],
-    ) -> Result<HashMap<String, HashMap<String, AttributeValue>>, String> {
-        use aws_sdk_dynamodb::types::KeysAndAttributes;
-        let mut keys: Vec<HashMap<String, AttributeValue>> = user_ids
-            .iter()
-            .map(|id| {
-                HashMap::from([
-                    ("pk".to_string(), AttributeValue::S(user_pk(id))),
-                    ("sk".to_string(), AttributeValue::S(TOKEN_SK.to_string())),
-                ])
-            })
-            .collect();
-        let mut out = HashMap::new();
-        for attempt in 0..8u32 {
-            if keys.is_empty() {
-                break;
-            }
-            if attempt > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt.min(5))).await;
-            }
-            let ka = KeysAndAttributes::builder()
-                .set_keys(Some(std::mem::take(&mut keys)))
-                .consistent_read(true)
-                .build()
-                .map_err(|e| format!("building a BatchGetItem request: {e}"))?;
-            let resp = self
-                .dynamodb
-                .batch_get_item()
-                .request_items(&self.table, ka)
-                .send()
-                .await
-                .map_err(|e| format!("BatchGetItem tokens: {}", classify(&e).detail))?;
-            for item in resp
-                .responses
-                .and_then(|mut r| r.remove(&self.table))
-                .unwrap_or_default()
-            {
-                if let Some(AttributeValue::S(pk)) = item.get("pk") {
-                    if let Some(id) = pk.strip_prefix("USER#") {
-                        out.insert(id.to_string(), item);
-                    }
-                }
-            }
-            keys = resp
-                .unprocessed_keys
-                .and_then(|mut m| m.remove(&self.table))
-                .map(|ka| ka.keys)
-                .unwrap_or_default();
-        }
-        if keys.is_empty() {
-            Ok(out)
-        } else {
-            Err(format!("BatchGetItem tokens: {} keys unprocessed", keys.len()))
-        }
-    }
-
     /// Decrypt and decode one token item.
     async fn decrypt_item(
         &self,
@@ -253,19 +195,33 @@ impl TokenStore for KmsTokenStore {
 
     async fn load_many(&self, user_ids: &[String]) -> Vec<Result<Option<StoredToken>, TokenError>> {
         use futures::StreamExt;
-        // The items in BatchGetItems of 100; then one KMS Decrypt each (KMS has no batch call).
-        let mut items: HashMap<String, HashMap<String, AttributeValue>> = HashMap::new();
-        let mut failed: Option<String> = None;
+        // The items in BatchGetItems; then one KMS Decrypt each (KMS has no batch call).
         let mut unique: Vec<&String> = user_ids.iter().collect();
         unique.sort();
         unique.dedup();
-        for chunk in unique.chunks(100) {
-            match self.batch_items(chunk).await {
-                Ok(found) => items.extend(found),
-                Err(e) => failed = Some(e),
+        let keys = unique
+            .iter()
+            .map(|id| {
+                HashMap::from([
+                    ("pk".to_string(), AttributeValue::S(user_pk(id))),
+                    ("sk".to_string(), AttributeValue::S(TOKEN_SK.to_string())),
+                ])
+            })
+            .collect();
+        let mut items: HashMap<String, HashMap<String, AttributeValue>> = HashMap::new();
+        let failed = match batch_get(&self.dynamodb, &self.table, keys, None).await {
+            Ok(found) => {
+                for item in found {
+                    if let Some(AttributeValue::S(pk)) = item.get("pk") {
+                        if let Some(id) = pk.strip_prefix("USER#") {
+                            items.insert(id.to_string(), item);
+                        }
+                    }
+                }
+                false
             }
-        }
-        let failed = failed.is_some();
+            Err(_) => true,
+        };
         let work: Vec<(String, Option<HashMap<String, AttributeValue>>)> = user_ids
             .iter()
             .map(|id| (id.clone(), items.get(id).cloned()))
@@ -274,7 +230,7 @@ impl TokenStore for KmsTokenStore {
             .map(|(id, item)| async move {
                 match item {
                     Some(item) => self.decrypt_item(&id, item).await.map(Some),
-                    // Not in a batch that failed: the user has no token. Else read it alone.
+                    // Not found by a batch read that worked: the user has no token. Else read it alone.
                     None if !failed => Ok(None),
                     None => self.load(&id).await,
                 }

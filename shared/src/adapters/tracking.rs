@@ -31,9 +31,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use backon::BackoffBuilder;
-use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
@@ -41,6 +40,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::aws_error::classify;
+use super::batch::batch_get;
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
 use crate::ports::{RepoError, TrackingRepository};
 
@@ -73,9 +73,6 @@ pub fn tracked_gsi2pk(user_id: &str) -> String {
     format!("TRACKED#{user_id}")
 }
 const BATCH_WRITE_MAX: usize = 25;
-const BATCH_GET_MAX: usize = 100;
-/// Concurrent `BatchGetItem` calls of one listing.
-const READ_CONCURRENCY: usize = 4;
 const BATCH_ATTEMPTS: usize = 8;
 
 /// Partition key of an upload's poller items (the same partition as its image entries).
@@ -264,72 +261,21 @@ impl DynamoTracking {
 
     /// Tracking records by upload id (BatchGetItem, consistent): found ones, in no particular order.
     pub async fn get_records(&self, ids: &[String]) -> Result<Vec<TrackingRecord>, RepoError> {
-        let chunks: Vec<Vec<Item>> = ids
-            .chunks(BATCH_GET_MAX)
-            .map(|c| {
-                c.iter()
-                    .map(|id| {
-                        HashMap::from([
-                            ("pk".to_string(), s(upload_pk(id))),
-                            ("sk".to_string(), s(TRACK_SK)),
-                        ])
-                    })
-                    .collect()
+        let keys: Vec<Item> = ids
+            .iter()
+            .map(|id| {
+                HashMap::from([
+                    ("pk".to_string(), s(upload_pk(id))),
+                    ("sk".to_string(), s(TRACK_SK)),
+                ])
             })
             .collect();
-        let pages: Vec<Vec<Item>> = futures::stream::iter(chunks.into_iter().map(|c| self.get_chunk(c)))
-            .buffer_unordered(READ_CONCURRENCY)
-            .try_collect()
-            .await?;
-        pages
+        batch_get(&self.client, &self.table, keys, None)
+            .await
+            .map_err(|e| e.into_repo("BatchGetItem tracking"))?
             .into_iter()
-            .flatten()
             .map(|item| decode_record(item, "tracking record"))
             .collect()
-    }
-
-    async fn get_chunk(&self, mut keys: Vec<Item>) -> Result<Vec<Item>, RepoError> {
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(BATCH_ATTEMPTS - 1)
-            .with_jitter()
-            .build();
-        let mut items = Vec::with_capacity(keys.len());
-        loop {
-            let ka = KeysAndAttributes::builder()
-                .set_keys(Some(keys))
-                .consistent_read(true)
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a BatchGetItem request: {e}")))?;
-            let out = self
-                .client
-                .batch_get_item()
-                .request_items(&self.table, ka)
-                .send()
-                .await
-                .map_err(|e| repo_error(&e, "BatchGetItem tracking"))?;
-            if let Some(mut r) = out.responses {
-                items.extend(r.remove(&self.table).unwrap_or_default());
-            }
-            keys = out
-                .unprocessed_keys
-                .and_then(|mut m| m.remove(&self.table))
-                .map(|ka| ka.keys)
-                .unwrap_or_default();
-            if keys.is_empty() {
-                return Ok(items);
-            }
-            match delays.next() {
-                Some(d) => tokio::time::sleep(d).await,
-                None => {
-                    return Err(RepoError::Transient(format!(
-                        "BatchGetItem tracking: {} keys still unprocessed",
-                        keys.len()
-                    )))
-                }
-            }
-        }
     }
 
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, RepoError> {

@@ -1,0 +1,122 @@
+//! `BatchGetItem` for every DynamoDB adapter: keys in chunks of 100 (DynamoDB's limit), a few chunks
+//! in flight, each chunk's `UnprocessedKeys` retried with jittered exponential backoff. The adapters
+//! map a [`BatchGetFailure`] into their own error type.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use backon::BackoffBuilder;
+use futures::{StreamExt, TryStreamExt};
+
+use super::aws_error::{classify, AwsFailure};
+use crate::ports::RepoError;
+
+/// A DynamoDB item (or key).
+pub(crate) type Item = HashMap<String, AttributeValue>;
+
+/// Keys per `BatchGetItem` call (DynamoDB's limit).
+const BATCH_GET_MAX: usize = 100;
+/// Chunks in flight at once.
+const CONCURRENCY: usize = 4;
+/// Attempts of one chunk while DynamoDB returns `UnprocessedKeys`.
+const ATTEMPTS: usize = 8;
+
+/// Why a batched read failed.
+#[derive(Debug)]
+pub(crate) enum BatchGetFailure {
+    /// The call failed (classified).
+    Call(AwsFailure),
+    /// The request could not be built.
+    Build(String),
+    /// Keys were still unprocessed after every attempt.
+    Unprocessed(usize),
+}
+
+impl BatchGetFailure {
+    /// As a repository error, `what` naming the read.
+    pub(crate) fn into_repo(self, what: &str) -> RepoError {
+        match self {
+            BatchGetFailure::Call(f) if f.transient => RepoError::Transient(format!("{what}: {}", f.detail)),
+            BatchGetFailure::Call(f) => RepoError::Other(format!("{what}: {}", f.detail)),
+            BatchGetFailure::Build(e) => RepoError::Other(format!("{what}: building the request: {e}")),
+            BatchGetFailure::Unprocessed(n) => RepoError::Transient(format!(
+                "{what}: {n} keys still unprocessed after {ATTEMPTS} attempts"
+            )),
+        }
+    }
+}
+
+/// Every item of `table` named by `keys` (consistent reads), in no particular order; keys that do
+/// not exist are simply absent. `projection`: only these attributes (each name also serves as its
+/// own `#name` placeholder). The caller passes each key once (DynamoDB rejects a repeated key).
+pub(crate) async fn batch_get(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    keys: Vec<Item>,
+    projection: Option<&[&str]>,
+) -> Result<Vec<Item>, BatchGetFailure> {
+    let mut chunks: Vec<Vec<Item>> = Vec::new();
+    let mut rest = keys.into_iter().peekable();
+    while rest.peek().is_some() {
+        chunks.push(rest.by_ref().take(BATCH_GET_MAX).collect());
+    }
+    let pages: Vec<Vec<Item>> = futures::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| get_chunk(client, table, c, projection)),
+    )
+    .buffer_unordered(CONCURRENCY)
+    .try_collect()
+    .await?;
+    Ok(pages.into_iter().flatten().collect())
+}
+
+async fn get_chunk(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    mut keys: Vec<Item>,
+    projection: Option<&[&str]>,
+) -> Result<Vec<Item>, BatchGetFailure> {
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(ATTEMPTS - 1)
+        .with_jitter()
+        .build();
+    let mut items = Vec::with_capacity(keys.len());
+    loop {
+        let mut ka = KeysAndAttributes::builder()
+            .set_keys(Some(keys))
+            .consistent_read(true);
+        if let Some(names) = projection {
+            let list: Vec<String> = names.iter().map(|n| format!("#{n}")).collect();
+            ka = ka.projection_expression(list.join(", "));
+            for n in names {
+                ka = ka.expression_attribute_names(format!("#{n}"), *n);
+            }
+        }
+        let ka = ka.build().map_err(|e| BatchGetFailure::Build(e.to_string()))?;
+        let out = client
+            .batch_get_item()
+            .request_items(table, ka)
+            .send()
+            .await
+            .map_err(|e| BatchGetFailure::Call(classify(&e)))?;
+        if let Some(mut r) = out.responses {
+            items.extend(r.remove(table).unwrap_or_default());
+        }
+        keys = out
+            .unprocessed_keys
+            .and_then(|mut m| m.remove(table))
+            .map(|ka| ka.keys)
+            .unwrap_or_default();
+        if keys.is_empty() {
+            return Ok(items);
+        }
+        match delays.next() {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => return Err(BatchGetFailure::Unprocessed(keys.len())),
+        }
+    }
+}
