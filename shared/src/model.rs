@@ -184,6 +184,11 @@ pub struct EntryCheckpoint {
     pub md5: String,
     /// Offset of the entry's local header in the zip.
     pub local_header_offset: u64,
+    /// [`UploadImage::fingerprint`] of the entry it was computed for: a checkpoint is only used for
+    /// an entry with the same fingerprint (empty in checkpoints stored inside the entry's own item
+    /// by earlier versions, which a rewrite of the entry clears).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// One image of an upload: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`.
@@ -218,6 +223,29 @@ pub struct UploadImage {
     pub heading: Option<f64>,
     /// Set once the entry's CRC/md5 were computed.
     pub checkpoint: Option<EntryCheckpoint>,
+}
+
+impl UploadImage {
+    /// What the entry's bytes are made of — object, version, index, place in the zip and the
+    /// description written into it — as 32 hex digits (sha-256, truncated). A checkpoint carries
+    /// the fingerprint of the entry it was computed for, so a re-planned entry never picks up the
+    /// CRC of a different one.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.index.to_le_bytes());
+        h.update(self.size.to_le_bytes());
+        h.update(self.entry_size.to_le_bytes());
+        h.update(self.header_consumed.to_le_bytes());
+        for part in [
+            self.key.as_bytes(),
+            self.etag.as_bytes(),
+            self.description.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        hex::encode(&h.finalize()[..16])
+    }
 }
 
 /// What linking needs of one of our images: a projection of [`UploadImage`] (read without the

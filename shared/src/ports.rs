@@ -308,9 +308,12 @@ pub trait UploadRepository: Send + Sync {
         }
     }
 
-    /// Set the `checkpoint` of existing image entries `(upload_id, cp.index)`, leaving other fields
-    /// alone (UpdateItem per entry; calls may run concurrently). Overwriting an existing checkpoint
-    /// with the same values must succeed.
+    /// Store checkpoints of an upload's entries, as few writes as the store allows (DynamoDB: one
+    /// item per ≤ 100 checkpoints, not one write per entry). [`Self::list_images`] returns each entry
+    /// with the checkpoint of its index whose `fingerprint` matches the entry's
+    /// ([`UploadImage::fingerprint`]); checkpoints of entries that do not exist, or that were
+    /// re-planned since, are never attached. Calls may run concurrently and overlap; storing the
+    /// same values again must succeed.
     fn save_checkpoints(
         &self,
         upload_id: &str,

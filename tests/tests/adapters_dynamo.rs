@@ -499,16 +499,17 @@ async fn images_batch_write_page_and_checkpoint() -> Result<()> {
     assert!(got[2].is_empty());
     assert_eq!(got[3], pos(&images[1..3]));
 
-    // Checkpoints: concurrent calls, an overwrite with the same values, other fields untouched.
+    // Checkpoints: concurrent calls, overlapping runs, an overwrite with the same values, other
+    // fields untouched; stored as one item per ≤ 100 checkpoints of a call, not one write per entry.
+    let cp_of = |img: &UploadImage| EntryCheckpoint {
+        index: img.index,
+        crc32: 0xdead_beef ^ img.index,
+        md5: format!("{:032x}", u128::from(img.index) * 31),
+        local_header_offset: 5_000_000_000 + u64::from(img.index) * 1000,
+        fingerprint: img.fingerprint(),
+    };
     let cps = |range: std::ops::Range<u32>| -> Vec<EntryCheckpoint> {
-        range
-            .map(|i| EntryCheckpoint {
-                index: i,
-                crc32: 0xdead_beef ^ i,
-                md5: format!("{:032x}", u128::from(i) * 31),
-                local_header_offset: 5_000_000_000 + u64::from(i) * 1000,
-            })
-            .collect()
+        range.map(|i| cp_of(&image("up-a", i))).collect()
     };
     let (low, high) = (cps(0..20), cps(20..40));
     let (first, second) = tokio::join!(
@@ -518,19 +519,36 @@ async fn images_batch_write_page_and_checkpoint() -> Result<()> {
     first?;
     second?;
     repo.save_checkpoints("up-a", &cps(10..30)).await?;
+    assert_eq!(count_items(&stack, "UPLOAD#up-a", "CKPT#").await?, 3);
+    // 250 in one call: three items (100 + 100 + 50).
+    repo.save_checkpoints("up-a", &cps(300..550)).await?;
+    assert_eq!(count_items(&stack, "UPLOAD#up-a", "CKPT#").await?, 6);
+    // Checkpoints of entries that do not exist are stored but never attached.
+    repo.save_checkpoints("up-a", &cps(599..603)).await?;
     let a = repo.list_images("up-a").await?;
+    assert_eq!(a.len(), 600);
     for (i, got) in a.iter().enumerate() {
         let mut want = image("up-a", i as u32);
-        if i < 40 {
-            want.checkpoint = Some(cps(i as u32..i as u32 + 1).remove(0));
+        if i < 40 || (300..550).contains(&i) || i == 599 {
+            want.checkpoint = Some(cp_of(&want));
         }
         assert_eq!(got, &want, "entry {i}");
     }
-    // Only existing entries get a checkpoint.
-    match repo.save_checkpoints("up-a", &cps(599..601)).await {
-        Err(RepoError::ConditionFailed(msg)) => assert!(msg.contains("up-a/600"), "{msg}"),
-        other => panic!("expected ConditionFailed, got {other:?}"),
-    }
+    // A checkpoint computed for a different entry at the same index (a re-planned upload) is not
+    // attached; the entry re-planned with new content loses the old one too.
+    let mut other = image("up-a", 41);
+    other.description = "{\"another\":true}".into();
+    repo.save_checkpoints("up-a", &[cp_of(&other)]).await?;
+    let mut replanned = image("up-a", 5);
+    replanned.etag = "f".repeat(32);
+    repo.put_images(std::slice::from_ref(&replanned)).await?;
+    let a = repo.list_images("up-a").await?;
+    assert_eq!(a[41].checkpoint, None);
+    assert_eq!(
+        a[5], replanned,
+        "the old checkpoint of entry 5 does not match its new content"
+    );
+    assert_eq!(a[6].checkpoint, Some(cp_of(&image("up-a", 6))));
     assert_eq!(count_items(&stack, "UPLOAD#up-a", "IMG#").await?, 600);
     repo.save_checkpoints("up-a", &[]).await?;
     repo.put_images(&[]).await?;

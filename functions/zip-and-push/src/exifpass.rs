@@ -88,12 +88,14 @@ async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Resu
                     return reject(reason);
                 }
                 let end = header_end.min(r.bytes.len());
+                // A copy, not a slice: a slice would keep the whole read buffer (the connection's,
+                // often several times the header) alive for every image until planning is done.
                 return Ok(HeadOutcome::Read(Box::new(HeadRead {
                     rel: c.rel,
                     key: c.key,
                     etag: r.etag,
                     size: r.total_size,
-                    head: r.bytes.slice(..end),
+                    head: Bytes::copy_from_slice(&r.bytes[..end]),
                     meta,
                 })));
             }

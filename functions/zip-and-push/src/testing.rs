@@ -306,15 +306,12 @@ impl UploadRepository for MemRepo {
         upload_id: &str,
         checkpoints: &[EntryCheckpoint],
     ) -> Result<(), RepoError> {
+        // As the DynamoDB adapter: attached to existing entries with the same fingerprint only.
         let mut st = lock(&self.state);
         for cp in checkpoints {
-            match st.images.get_mut(&(upload_id.to_string(), cp.index)) {
-                Some(img) => img.checkpoint = Some(cp.clone()),
-                None => {
-                    return Err(RepoError::ConditionFailed(format!(
-                        "image {upload_id}/{} missing",
-                        cp.index
-                    )))
+            if let Some(img) = st.images.get_mut(&(upload_id.to_string(), cp.index)) {
+                if img.fingerprint() == cp.fingerprint {
+                    img.checkpoint = Some(cp.clone());
                 }
             }
         }

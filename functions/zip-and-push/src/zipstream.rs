@@ -211,9 +211,11 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             .iter()
             .zip(plan.entries())
             .map(|(img, pe)| {
-                img.checkpoint
-                    .clone()
-                    .filter(|cp| cp.local_header_offset == pe.local_header_offset && cp.index == img.index)
+                img.checkpoint.clone().filter(|cp| {
+                    cp.local_header_offset == pe.local_header_offset
+                        && cp.index == img.index
+                        && (cp.fingerprint.is_empty() || cp.fingerprint == img.fingerprint())
+                })
             })
             .collect();
         Ok(Self {
@@ -339,6 +341,7 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
                 crc32,
                 md5,
                 local_header_offset: pe.local_header_offset,
+                fingerprint: img.fingerprint(),
             },
         })
     }

@@ -9,7 +9,11 @@
 //! * upload: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not final also
 //!   gsi2pk `PENDING`, gsi2sk `<user_id>#<upload_id>` (sparse); FINISH_UNCERTAIN ones under
 //!   gsi2pk `UNCERTAIN` instead (the poller's reconciliation queries them);
-//! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>` (checkpoint as a nested map);
+//! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`;
+//! * entry checkpoints: pk `UPLOAD#<upload_id>`, sk `CKPT#<first:05>-<last:05>`, attribute
+//!   `checkpoints` (a list of up to [`CHECKPOINTS_PER_ITEM`]): one write per batch of entries, not one
+//!   per entry; [`UploadRepository::list_images`] reads them with the entries (one query: `CKPT#` and
+//!   `IMG#` are neighbours in the partition) and attaches those whose fingerprint matches;
 //! * ingest error: pk `INGEST_ERROR`, sk `<at>#<key>`.
 //! * claim (IdempotencyTable): `id`, `status`, `lease_until_ms`, `owner`, `expiration` (TTL, epoch s).
 
@@ -27,7 +31,7 @@ use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_attribute_value, to_item};
+use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 use time::OffsetDateTime;
 
 use super::aws_error::classify;
@@ -46,6 +50,8 @@ type Item = HashMap<String, AttributeValue>;
 pub const INLINE_REJECTED_BYTES: usize = 64 * 1024;
 /// Items per `BatchWriteItem` call (DynamoDB's limit).
 const BATCH_WRITE_MAX: usize = 25;
+/// Checkpoints per checkpoint item (about 150 bytes each: far below the 400 KB item limit).
+pub const CHECKPOINTS_PER_ITEM: usize = 100;
 /// The attributes of an image entry that make an [`ImagePosition`].
 const POSITION_ATTRIBUTES: &[&str] = &[
     "upload_id",
@@ -85,6 +91,17 @@ pub fn image_pk(upload_id: &str) -> String {
 /// Sort key of an image entry.
 pub fn image_sk(index: u32) -> String {
     format!("IMG#{index:05}")
+}
+
+/// Sort key of the checkpoint item holding the checkpoints of entries `first ..= last`.
+pub fn checkpoint_sk(first: u32, last: u32) -> String {
+    format!("CKPT#{first:05}-{last:05}")
+}
+
+/// The non-key attributes of a checkpoint item.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointItem {
+    checkpoints: Vec<EntryCheckpoint>,
 }
 
 /// Sort key of an externally stored rejected image.
@@ -235,15 +252,38 @@ impl DynamoRepository {
 
     /// Every item of partition `pk` whose sort key starts with `sk_prefix` (all pages, consistent).
     async fn query_prefix(&self, pk: &str, sk_prefix: &str) -> Result<Vec<Item>, RepoError> {
-        let mut req = self
+        let req = self
             .client
             .query()
-            .table_name(&self.uploads_table)
             .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_values(":prefix", s(sk_prefix));
+        self.query_all(req, pk, &format!("{sk_prefix}*")).await
+    }
+
+    /// Items of partition `pk` with a sort key in `low ..= high`.
+    async fn query_between(&self, pk: &str, low: &str, high: &str) -> Result<Vec<Item>, RepoError> {
+        let req = self
+            .client
+            .query()
+            .key_condition_expression("#pk = :pk AND #sk BETWEEN :low AND :high")
+            .expression_attribute_values(":low", s(low))
+            .expression_attribute_values(":high", s(high));
+        self.query_all(req, pk, &format!("{low}..{high}")).await
+    }
+
+    /// Every page of a consistent query of partition `pk` on the uploads table (`req` carries the
+    /// key condition, naming `#pk`, `#sk` and `:pk`).
+    async fn query_all(
+        &self,
+        req: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+        pk: &str,
+        what: &str,
+    ) -> Result<Vec<Item>, RepoError> {
+        let mut req = req
+            .table_name(&self.uploads_table)
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#sk", "sk")
             .expression_attribute_values(":pk", s(pk))
-            .expression_attribute_values(":prefix", s(sk_prefix))
             .consistent_read(true);
         if let Some(limit) = self.query_limit {
             req = req.limit(limit);
@@ -251,7 +291,7 @@ impl DynamoRepository {
         let mut pages = req.into_paginator().send();
         let mut items = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} {sk_prefix}*")))?;
+            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} {what}")))?;
             items.extend(page.items.unwrap_or_default());
         }
         Ok(items)
@@ -333,36 +373,6 @@ impl DynamoRepository {
             );
         }
         Ok(item)
-    }
-
-    /// `SET checkpoint` on an existing image entry.
-    async fn save_checkpoint(&self, upload_id: &str, cp: &EntryCheckpoint) -> Result<(), RepoError> {
-        let value = to_attribute_value(cp)
-            .map_err(|e| RepoError::Other(format!("encoding checkpoint {upload_id}/{}: {e}", cp.index)))?;
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.uploads_table)
-            .key("pk", s(image_pk(upload_id)))
-            .key("sk", s(image_sk(cp.index)))
-            .update_expression("SET #cp = :cp")
-            .condition_expression("attribute_exists(#pk)")
-            .expression_attribute_names("#cp", "checkpoint")
-            .expression_attribute_names("#pk", "pk")
-            .expression_attribute_values(":cp", value)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) if update_condition_failed(&err).is_some() => Err(RepoError::ConditionFailed(format!(
-                "checkpoint of image entry {upload_id}/{}: the entry does not exist",
-                cp.index
-            ))),
-            Err(err) => Err(repo_error(
-                &err,
-                &format!("UpdateItem image {upload_id}/{}", cp.index),
-            )),
-        }
     }
 
     /// Delete externally stored rejected items of a sequence from position `keep` on.
@@ -714,13 +724,31 @@ impl UploadRepository for DynamoRepository {
 
     async fn list_images(&self, upload_id: &str) -> Result<Vec<UploadImage>, RepoError> {
         let pk = image_pk(upload_id);
-        let mut images = self
-            .query_prefix(&pk, "IMG#")
-            .await?
-            .into_iter()
-            .map(|item| decode::<UploadImage>(item, &format!("image of {pk}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        // `CKPT#…` sorts right before `IMG#…` (and `IMG$` right after every `IMG#…`): one query.
+        let mut images = Vec::new();
+        let mut checkpoints: HashMap<u32, Vec<EntryCheckpoint>> = HashMap::new();
+        for item in self.query_between(&pk, "CKPT#", "IMG$").await? {
+            let is_checkpoints =
+                matches!(item.get("sk"), Some(AttributeValue::S(sk)) if sk.starts_with("CKPT#"));
+            if is_checkpoints {
+                let batch: CheckpointItem = decode(item, &format!("checkpoints of {pk}"))?;
+                for cp in batch.checkpoints {
+                    checkpoints.entry(cp.index).or_default().push(cp);
+                }
+            } else if matches!(item.get("sk"), Some(AttributeValue::S(sk)) if sk.starts_with("IMG#")) {
+                images.push(decode::<UploadImage>(item, &format!("image of {pk}"))?);
+            }
+        }
         images.sort_by_key(|i| i.index);
+        for image in &mut images {
+            let Some(candidates) = checkpoints.remove(&image.index) else {
+                continue;
+            };
+            let fingerprint = image.fingerprint();
+            if let Some(cp) = candidates.into_iter().find(|cp| cp.fingerprint == fingerprint) {
+                image.checkpoint = Some(cp);
+            }
+        }
         Ok(images)
     }
 
@@ -771,14 +799,27 @@ impl UploadRepository for DynamoRepository {
         upload_id: &str,
         checkpoints: &[EntryCheckpoint],
     ) -> Result<(), RepoError> {
-        // Indexes (not references) go through the closure: keeps the future `Send` for any lifetime.
-        futures::stream::iter(
-            (0..checkpoints.len()).map(|i| self.save_checkpoint(upload_id, &checkpoints[i])),
-        )
-        .buffer_unordered(WRITE_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
-        Ok(())
+        // One item per run of ≤ CHECKPOINTS_PER_ITEM (by index, the last value for an index wins):
+        // its sort key names its first and last index, so items of overlapping runs (a resumed
+        // stream starts wherever the server's offset is) never overwrite each other.
+        let mut by_index: Vec<&EntryCheckpoint> = checkpoints.iter().collect();
+        by_index.reverse();
+        by_index.sort_by_key(|cp| cp.index); // stable: the last given value first
+        by_index.dedup_by_key(|cp| cp.index);
+        let mut requests = Vec::new();
+        for chunk in by_index.chunks(CHECKPOINTS_PER_ITEM) {
+            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                continue;
+            };
+            let batch = CheckpointItem {
+                checkpoints: chunk.iter().map(|cp| (*cp).clone()).collect(),
+            };
+            let mut item = encode(&batch, &format!("checkpoints of {upload_id}"))?;
+            item.insert("pk".into(), s(image_pk(upload_id)));
+            item.insert("sk".into(), s(checkpoint_sk(first.index, last.index)));
+            requests.push(put_request(item)?);
+        }
+        self.batch_write(requests).await
     }
 
     async fn record_ingest_error(&self, error: &IngestError) -> Result<(), RepoError> {
