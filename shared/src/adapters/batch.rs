@@ -1,11 +1,12 @@
-//! `BatchGetItem` for every DynamoDB adapter: keys in chunks of 100 (DynamoDB's limit), a few chunks
-//! in flight, each chunk's `UnprocessedKeys` retried with jittered exponential backoff. The adapters
-//! map a [`BatchGetFailure`] into their own error type.
+//! `BatchGetItem` and `BatchWriteItem` for every DynamoDB adapter: keys in chunks of 100, writes in
+//! chunks of 25 (DynamoDB's limits), a few chunks in flight, each chunk's `UnprocessedKeys` /
+//! `UnprocessedItems` retried with jittered exponential backoff. The adapters map a
+//! [`BatchFailure`] into their own error type.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, WriteRequest};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 
@@ -17,32 +18,106 @@ pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// Keys per `BatchGetItem` call (DynamoDB's limit).
 const BATCH_GET_MAX: usize = 100;
+/// Requests per `BatchWriteItem` call (DynamoDB's limit).
+const BATCH_WRITE_MAX: usize = 25;
 /// Chunks in flight at once.
 const CONCURRENCY: usize = 4;
-/// Attempts of one chunk while DynamoDB returns `UnprocessedKeys`.
+/// Attempts of one chunk while DynamoDB returns `UnprocessedKeys` / `UnprocessedItems`.
 const ATTEMPTS: usize = 8;
 
-/// Why a batched read failed.
+/// Why a batched read or write failed.
 #[derive(Debug)]
-pub(crate) enum BatchGetFailure {
+pub(crate) enum BatchFailure {
     /// The call failed (classified).
     Call(AwsFailure),
     /// The request could not be built.
     Build(String),
-    /// Keys were still unprocessed after every attempt.
-    Unprocessed(usize),
+    /// Keys (reads) or items (writes) were still unprocessed after every attempt.
+    Unprocessed {
+        /// How many.
+        count: usize,
+        /// `"keys"` or `"items"`.
+        what: &'static str,
+    },
 }
 
-impl BatchGetFailure {
-    /// As a repository error, `what` naming the read.
+impl BatchFailure {
+    /// As a repository error, `what` naming the call.
     pub(crate) fn into_repo(self, what: &str) -> RepoError {
         match self {
-            BatchGetFailure::Call(f) if f.transient => RepoError::Transient(format!("{what}: {}", f.detail)),
-            BatchGetFailure::Call(f) => RepoError::Other(format!("{what}: {}", f.detail)),
-            BatchGetFailure::Build(e) => RepoError::Other(format!("{what}: building the request: {e}")),
-            BatchGetFailure::Unprocessed(n) => RepoError::Transient(format!(
-                "{what}: {n} keys still unprocessed after {ATTEMPTS} attempts"
+            BatchFailure::Call(f) if f.transient => RepoError::Transient(format!("{what}: {}", f.detail)),
+            BatchFailure::Call(f) => RepoError::Other(format!("{what}: {}", f.detail)),
+            BatchFailure::Build(e) => RepoError::Other(format!("{what}: building the request: {e}")),
+            BatchFailure::Unprocessed { count, what: kind } => RepoError::Transient(format!(
+                "{what}: {count} {kind} still unprocessed after {ATTEMPTS} attempts"
             )),
+        }
+    }
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(ATTEMPTS - 1)
+        .with_jitter()
+        .build()
+}
+
+/// Write `requests` to `table` in chunks of 25, at most `concurrency` chunks at once (1: one after
+/// the other, in order). The caller names each key once per chunk (DynamoDB rejects a repeat).
+pub(crate) async fn batch_write(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    requests: Vec<WriteRequest>,
+    concurrency: usize,
+) -> Result<(), BatchFailure> {
+    let mut chunks: Vec<Vec<WriteRequest>> = Vec::new();
+    let mut rest = requests.into_iter().peekable();
+    while rest.peek().is_some() {
+        chunks.push(rest.by_ref().take(BATCH_WRITE_MAX).collect());
+    }
+    futures::stream::iter(chunks.into_iter().map(|c| write_chunk(client, table, c)))
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+async fn write_chunk(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    mut pending: Vec<WriteRequest>,
+) -> Result<(), BatchFailure> {
+    let mut delays = backoff();
+    loop {
+        let out = client
+            .batch_write_item()
+            .request_items(table, pending)
+            .send()
+            .await
+            .map_err(|e| BatchFailure::Call(classify(&e)))?;
+        pending = out
+            .unprocessed_items
+            .and_then(|mut m| m.remove(table))
+            .unwrap_or_default();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        match delays.next() {
+            Some(delay) => {
+                tracing::debug!(
+                    unprocessed = pending.len(),
+                    "BatchWriteItem left items unprocessed"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            None => {
+                return Err(BatchFailure::Unprocessed {
+                    count: pending.len(),
+                    what: "items",
+                })
+            }
         }
     }
 }
@@ -55,7 +130,7 @@ pub(crate) async fn batch_get(
     table: &str,
     keys: Vec<Item>,
     projection: Option<&[&str]>,
-) -> Result<Vec<Item>, BatchGetFailure> {
+) -> Result<Vec<Item>, BatchFailure> {
     let mut chunks: Vec<Vec<Item>> = Vec::new();
     let mut rest = keys.into_iter().peekable();
     while rest.peek().is_some() {
@@ -77,13 +152,8 @@ async fn get_chunk(
     table: &str,
     mut keys: Vec<Item>,
     projection: Option<&[&str]>,
-) -> Result<Vec<Item>, BatchGetFailure> {
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_times(ATTEMPTS - 1)
-        .with_jitter()
-        .build();
+) -> Result<Vec<Item>, BatchFailure> {
+    let mut delays = backoff();
     let mut items = Vec::with_capacity(keys.len());
     loop {
         let mut ka = KeysAndAttributes::builder()
@@ -96,13 +166,13 @@ async fn get_chunk(
                 ka = ka.expression_attribute_names(format!("#{n}"), *n);
             }
         }
-        let ka = ka.build().map_err(|e| BatchGetFailure::Build(e.to_string()))?;
+        let ka = ka.build().map_err(|e| BatchFailure::Build(e.to_string()))?;
         let out = client
             .batch_get_item()
             .request_items(table, ka)
             .send()
             .await
-            .map_err(|e| BatchGetFailure::Call(classify(&e)))?;
+            .map_err(|e| BatchFailure::Call(classify(&e)))?;
         if let Some(mut r) = out.responses {
             items.extend(r.remove(table).unwrap_or_default());
         }
@@ -116,7 +186,12 @@ async fn get_chunk(
         }
         match delays.next() {
             Some(delay) => tokio::time::sleep(delay).await,
-            None => return Err(BatchGetFailure::Unprocessed(keys.len())),
+            None => {
+                return Err(BatchFailure::Unprocessed {
+                    count: keys.len(),
+                    what: "keys",
+                })
+            }
         }
     }
 }

@@ -18,7 +18,6 @@
 //! * claim (IdempotencyTable): `id`, `status`, `lease_until_ms`, `owner`, `expiration` (TTL, epoch s).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -27,15 +26,13 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, PutRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
-use backon::BackoffBuilder;
-use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 use time::OffsetDateTime;
 
 use super::aws_error::classify;
-use super::batch::batch_get;
+use super::batch::{batch_get, batch_write};
 use crate::model::{
     Claim, ClaimStatus, EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord,
     UploadImage, UploadRecord, UploadState,
@@ -48,8 +45,6 @@ type Item = HashMap<String, AttributeValue>;
 /// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
 /// (an item is limited to 400 KB).
 pub const INLINE_REJECTED_BYTES: usize = 64 * 1024;
-/// Items per `BatchWriteItem` call (DynamoDB's limit).
-const BATCH_WRITE_MAX: usize = 25;
 /// Checkpoints per checkpoint item (about 150 bytes each: far below the 400 KB item limit).
 pub const CHECKPOINTS_PER_ITEM: usize = 100;
 /// The attributes of an image entry that make an [`ImagePosition`].
@@ -63,10 +58,8 @@ const POSITION_ATTRIBUTES: &[&str] = &[
     "captured_at",
     "heading",
 ];
-/// Concurrent `BatchWriteItem` / `UpdateItem` calls of one repository call.
+/// Concurrent `BatchWriteItem` calls of one repository call.
 const WRITE_CONCURRENCY: usize = 4;
-/// Attempts of one batch while DynamoDB returns `UnprocessedItems`.
-const BATCH_ATTEMPTS: usize = 8;
 /// Longest part of an object key kept in an ingest error's sort key (sort keys are ≤ 1024 bytes).
 const INGEST_SK_KEY_BYTES: usize = 900;
 
@@ -300,59 +293,9 @@ impl DynamoRepository {
     /// `BatchWriteItem` of `requests` on the uploads table: chunks of 25, a few in parallel, each
     /// retrying its `UnprocessedItems` with jittered exponential backoff.
     async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), RepoError> {
-        let mut chunks: Vec<Vec<WriteRequest>> = Vec::new();
-        let mut rest = requests.into_iter().peekable();
-        while rest.peek().is_some() {
-            chunks.push(rest.by_ref().take(BATCH_WRITE_MAX).collect());
-        }
-        futures::stream::iter(chunks.into_iter().map(|chunk| self.write_chunk(chunk)))
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
-    }
-
-    async fn write_chunk(&self, mut pending: Vec<WriteRequest>) -> Result<(), RepoError> {
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(BATCH_ATTEMPTS - 1)
-            .with_jitter()
-            .build();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let out = self
-                .client
-                .batch_write_item()
-                .request_items(&self.uploads_table, pending)
-                .send()
-                .await
-                .map_err(|e| repo_error(&e, "BatchWriteItem"))?;
-            pending = out
-                .unprocessed_items
-                .and_then(|mut m| m.remove(&self.uploads_table))
-                .unwrap_or_default();
-            if pending.is_empty() {
-                return Ok(());
-            }
-            match delays.next() {
-                Some(delay) => {
-                    tracing::debug!(
-                        unprocessed = pending.len(),
-                        attempts,
-                        "BatchWriteItem left items unprocessed"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                None => {
-                    return Err(RepoError::Transient(format!(
-                        "BatchWriteItem: {} items still unprocessed after {attempts} attempts",
-                        pending.len()
-                    )))
-                }
-            }
-        }
+        batch_write(&self.client, &self.uploads_table, requests, WRITE_CONCURRENCY)
+            .await
+            .map_err(|e| e.into_repo("BatchWriteItem"))
     }
 
     /// The upload item: record + keys (+ sparse gsi2 keys while not final).

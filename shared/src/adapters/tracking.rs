@@ -27,12 +27,10 @@
 //! with zip-and-push's.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
-use backon::BackoffBuilder;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
@@ -40,7 +38,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::aws_error::classify;
-use super::batch::batch_get;
+use super::batch::{batch_get, batch_write};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
 use crate::ports::{RepoError, TrackingRepository};
 
@@ -72,8 +70,6 @@ pub const LINKS_PER_ITEM: usize = 200;
 pub fn tracked_gsi2pk(user_id: &str) -> String {
     format!("TRACKED#{user_id}")
 }
-const BATCH_WRITE_MAX: usize = 25;
-const BATCH_ATTEMPTS: usize = 8;
 
 /// Partition key of an upload's poller items (the same partition as its image entries).
 pub fn upload_pk(upload_id: &str) -> String {
@@ -291,40 +287,6 @@ impl DynamoTracking {
             .map_err(|e| repo_error(&e, &format!("GetItem {pk} {sk}")))?;
         Ok(out.item)
     }
-
-    async fn write_chunk(&self, mut pending: Vec<WriteRequest>) -> Result<(), RepoError> {
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(BATCH_ATTEMPTS - 1)
-            .with_jitter()
-            .build();
-        loop {
-            let out = self
-                .client
-                .batch_write_item()
-                .request_items(&self.table, pending)
-                .send()
-                .await
-                .map_err(|e| repo_error(&e, "BatchWriteItem links"))?;
-            pending = out
-                .unprocessed_items
-                .and_then(|mut m| m.remove(&self.table))
-                .unwrap_or_default();
-            if pending.is_empty() {
-                return Ok(());
-            }
-            match delays.next() {
-                Some(d) => tokio::time::sleep(d).await,
-                None => {
-                    return Err(RepoError::Transient(format!(
-                        "BatchWriteItem links: {} items still unprocessed",
-                        pending.len()
-                    )))
-                }
-            }
-        }
-    }
 }
 
 impl DynamoTracking {
@@ -350,12 +312,9 @@ impl DynamoTracking {
 
     /// `BatchWriteItem` of `requests` in chunks of 25, one after the other (order kept between chunks).
     async fn write_all(&self, requests: Vec<WriteRequest>) -> Result<(), RepoError> {
-        let mut rest = requests.into_iter().peekable();
-        while rest.peek().is_some() {
-            let chunk: Vec<WriteRequest> = rest.by_ref().take(BATCH_WRITE_MAX).collect();
-            self.write_chunk(chunk).await?;
-        }
-        Ok(())
+        batch_write(&self.client, &self.table, requests, 1)
+            .await
+            .map_err(|e| e.into_repo("BatchWriteItem"))
     }
 
     /// Write the links, then the tracking records, in batches (unconditional: the caller holds the
