@@ -21,7 +21,9 @@
 //! `RELAY_BENCH_LOG=<filter>` (e.g. `info`) runs the function with that `RUST_LOG` and keeps its
 //! logs in `target/bench-logs/` (by default it logs at `warn` into the temporary directory);
 //! `RELAY_BENCH_FN_ENV="K=V K=V"` adds variables to the function's environment (experiments,
-//! e.g. glibc `MALLOC_ARENA_MAX=2`).
+//! e.g. glibc `MALLOC_ARENA_MAX=2`); `RELAY_BENCH_FN_BIN=<path>` runs that zip-and-push binary
+//! instead of building the release one (profiling: `cargo build --profile bench-harness -p
+//! zip-and-push` keeps symbols, then `RELAY_BENCH_FN_BIN=target/bench-harness/zip-and-push`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
