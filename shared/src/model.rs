@@ -517,6 +517,34 @@ pub struct TrackingRecord {
     pub next_check_at: Option<OffsetDateTime>,
 }
 
+impl TrackingRecord {
+    /// A record that starts tracking `tracked` (nothing seen, linked or scheduled yet).
+    pub fn new(
+        user_id: String,
+        sequence_id: String,
+        upload_id: String,
+        tracked: crate::domain::tracking::TrackedUpload,
+        image_count: Option<u32>,
+    ) -> Self {
+        Self {
+            user_id,
+            sequence_id,
+            upload_id,
+            mapillary_user_id: None,
+            tracked,
+            history: Vec::new(),
+            item_count: None,
+            image_count,
+            image_id: None,
+            sequence_ids: Vec::new(),
+            linked_via: None,
+            linked_count: 0,
+            dropped_count: 0,
+            next_check_at: None,
+        }
+    }
+}
+
 /// The Mapillary counterpart of one of our images (or why there is none).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageLink {

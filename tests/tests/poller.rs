@@ -647,22 +647,13 @@ async fn a_run_holding_the_lease_keeps_other_runs_out_until_it_is_released_or_ex
 }
 
 fn record(user: &str, upload: &str) -> shared::model::TrackingRecord {
-    shared::model::TrackingRecord {
-        user_id: user.into(),
-        sequence_id: "s".into(),
-        upload_id: upload.into(),
-        mapillary_user_id: None,
-        tracked: shared::domain::tracking::TrackedUpload::new(format!("c-{upload}"), start_time()),
-        history: Vec::new(),
-        item_count: None,
-        image_count: Some(2),
-        image_id: None,
-        sequence_ids: Vec::new(),
-        linked_via: None,
-        linked_count: 0,
-        dropped_count: 0,
-        next_check_at: None,
-    }
+    shared::model::TrackingRecord::new(
+        user.into(),
+        "s".into(),
+        upload.into(),
+        shared::domain::tracking::TrackedUpload::new(format!("c-{upload}"), start_time()),
+        Some(2),
+    )
 }
 
 async fn items_under(w: &World, pk: &str, prefix: &str) -> Result<Vec<String>> {

@@ -399,20 +399,14 @@ pub async fn run(root: &Path) -> Result<()> {
                 for (k, (id, cluster, _)) in u.uploads.iter().enumerate() {
                     p.tracking
                         .create_tracking(&TrackingRecord {
-                            user_id: u.ours.clone(),
-                            sequence_id: format!("s{k:02}"),
-                            upload_id: id.clone(),
                             mapillary_user_id: Some(u.mapillary_id.clone()),
-                            tracked: TrackedUpload::new(cluster.clone(), now),
-                            history: Vec::new(),
-                            item_count: None,
-                            image_count: Some(IMAGES_PER_UPLOAD as u32),
-                            image_id: None,
-                            sequence_ids: Vec::new(),
-                            linked_via: None,
-                            linked_count: 0,
-                            dropped_count: 0,
-                            next_check_at: None,
+                            ..TrackingRecord::new(
+                                u.ours.clone(),
+                                format!("s{k:02}"),
+                                id.clone(),
+                                TrackedUpload::new(cluster.clone(), now),
+                                Some(IMAGES_PER_UPLOAD as u32),
+                            )
                         })
                         .await?;
                 }

@@ -103,21 +103,12 @@ where
     let finished_at = upload
         .and_then(|u| u.finished_at.or(u.started_at))
         .unwrap_or_else(|| p.clock.now());
-    let record = TrackingRecord {
-        user_id: msg.user_id.clone(),
-        sequence_id: msg.sequence_id.clone(),
-        upload_id: msg.upload_id.clone(),
-        mapillary_user_id: None,
-        tracked: TrackedUpload::new(msg.cluster_id.clone(), finished_at),
-        history: Vec::new(),
-        item_count: None,
-        image_count: upload.map(|u| u.image_count),
-        image_id: None,
-        sequence_ids: Vec::new(),
-        linked_via: None,
-        linked_count: 0,
-        dropped_count: 0,
-        next_check_at: None,
-    };
+    let record = TrackingRecord::new(
+        msg.user_id.clone(),
+        msg.sequence_id.clone(),
+        msg.upload_id.clone(),
+        TrackedUpload::new(msg.cluster_id.clone(), finished_at),
+        upload.map(|u| u.image_count),
+    );
     p.tracking.create_tracking(&record).await
 }

@@ -224,20 +224,11 @@ pub async fn reconcile_record<R, U: UploadRepository, T, Q>(
             };
         }
     }
-    Ok(TrackingRecord {
-        user_id: up.user_id.clone(),
-        sequence_id: up.sequence_id.clone(),
-        upload_id: up.upload_id.clone(),
-        mapillary_user_id: None,
+    Ok(TrackingRecord::new(
+        up.user_id.clone(),
+        up.sequence_id.clone(),
+        up.upload_id.clone(),
         tracked,
-        history: Vec::new(),
-        item_count: None,
-        image_count: Some(u32::try_from(images.len()).unwrap_or(u32::MAX)),
-        image_id: None,
-        sequence_ids: Vec::new(),
-        linked_via: None,
-        linked_count: 0,
-        dropped_count: 0,
-        next_check_at: None,
-    })
+        Some(u32::try_from(images.len()).unwrap_or(u32::MAX)),
+    ))
 }

@@ -211,11 +211,10 @@ impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
             .iter()
             .zip(plan.entries())
             .map(|(img, pe)| {
-                img.checkpoint.clone().filter(|cp| {
-                    cp.local_header_offset == pe.local_header_offset
-                        && cp.index == img.index
-                        && (cp.fingerprint.is_empty() || cp.fingerprint == img.fingerprint())
-                })
+                // The repository attaches only checkpoints with the entry's fingerprint.
+                img.checkpoint
+                    .clone()
+                    .filter(|cp| cp.local_header_offset == pe.local_header_offset && cp.index == img.index)
             })
             .collect();
         Ok(Self {
