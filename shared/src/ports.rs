@@ -13,7 +13,7 @@ use futures::Stream;
 use secrecy::SecretString;
 
 use crate::mapillary::client::{TokenGrant, UploadReport};
-use crate::mapillary::retry::MapillaryError;
+use crate::mapillary::error::MapillaryError;
 use crate::model::{
     Claim, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage,
     UploadRecord, UploadState,

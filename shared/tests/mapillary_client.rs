@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use shared::mapillary::client::{
     ExposeSecret, FileType, MapillaryClient, SecretString, TokenTransport, UploadReport, IMAGE_FIELDS,
 };
-use shared::mapillary::retry::{MapillaryError, RetryPolicy, TransportKind};
+use shared::mapillary::error::{MapillaryError, TransportKind};
+use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 
 type Chunks = futures::stream::Iter<std::vec::IntoIter<Result<Bytes, std::io::Error>>>;

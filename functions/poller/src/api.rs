@@ -11,8 +11,9 @@ use serde_json::Value;
 use shared::domain::linking::MapillaryImage;
 use shared::domain::tiles::{BBox, TileId, PUBLIC_TILESET};
 use shared::mapillary::client::{MapillaryClient, Me, TokenGrant};
+use shared::mapillary::error::MapillaryError;
 use shared::mapillary::feed::ActivityPage;
-use shared::mapillary::retry::{classify_graph, MapillaryError};
+use shared::mapillary::retry::classify_graph;
 
 /// Most results of one image search (Mapillary's maximum and default `limit`).
 pub const SEARCH_LIMIT: usize = 2000;

@@ -3,7 +3,7 @@
 //! and saved back.
 
 use secrecy::SecretString;
-use shared::mapillary::retry::MapillaryError;
+use shared::mapillary::error::MapillaryError;
 use shared::model::StoredToken;
 use shared::ports::TokenStore;
 use tracing::{info, warn};

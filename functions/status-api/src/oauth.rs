@@ -6,7 +6,7 @@ use base64::Engine;
 use secrecy::SecretString;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::client::{Me, TokenGrant};
-use shared::mapillary::retry::MapillaryError;
+use shared::mapillary::error::MapillaryError;
 
 /// A fresh `state`: 32 random bytes from the OS-seeded CSPRNG, base64url without padding
 /// (43 characters).

@@ -9,7 +9,7 @@ use md5::{Digest, Md5};
 use shared::domain::jpeg;
 use shared::domain::sequence::{plan_sequences, SequenceInput};
 use shared::domain::zipfmt::ZipPlan;
-use shared::mapillary::retry::MapillaryError;
+use shared::mapillary::error::MapillaryError;
 use shared::model::{
     upload_id, ClusterMessage, RejectedImage, SequenceRecord, SequenceState, StoredToken, UploadImage,
     UploadRecord, UploadState,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 use secrecy::SecretString;
 use shared::mapillary::client::{TokenGrant, UploadReport};
-use shared::mapillary::retry::MapillaryError;
+use shared::mapillary::error::MapillaryError;
 use shared::model::{
     Claim, ClaimStatus, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken,
     UploadImage, UploadRecord, UploadState,

@@ -32,7 +32,7 @@ use secrecy::SecretString;
 use shared::domain::jpeg::{self, JpegError};
 use shared::domain::zipfmt::{self, ZipFormatError, ZipPlan, ZipPosition};
 use shared::mapillary::client::UploadReport;
-use shared::mapillary::retry::MapillaryError;
+use shared::mapillary::error::MapillaryError;
 use shared::model::{EntryCheckpoint, UploadImage};
 use shared::ports::{MapillaryUploads, ObjectChunks, ObjectStore, StoreError, UploadRepository};
 use tokio::sync::mpsc;

@@ -6,7 +6,7 @@ use futures::Stream;
 use secrecy::SecretString;
 
 use crate::mapillary::client::{FileType, MapillaryClient, TokenGrant, UploadReport};
-use crate::mapillary::retry::MapillaryError;
+use crate::mapillary::error::MapillaryError;
 use crate::ports::{BoxError, MapillaryUploads};
 
 /// Mapillary client plus the app's OAuth client id and secret.

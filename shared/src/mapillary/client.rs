@@ -21,10 +21,9 @@ use tracing::{debug, info, warn};
 
 pub use secrecy::{ExposeSecret, SecretString};
 
+use super::error::MapillaryError;
 use super::feed::{self, ActivityPage};
-use super::retry::{
-    classify_graph, classify_rupload, upload_retry_action, MapillaryError, RetryAction, RetryPolicy,
-};
+use super::retry::{classify_graph, classify_rupload, upload_retry_action, RetryAction, RetryPolicy};
 use super::Endpoints;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -57,25 +56,6 @@ pub struct TokenGrant {
 pub struct Me {
     pub id: String,
     pub username: String,
-}
-
-/// JOSM's refresh schedule (§1.4): refresh when this much of a token's lifetime remains.
-pub fn refresh_margin(expires_in: Duration) -> Duration {
-    const HOUR: u64 = 3600;
-    const DAY: u64 = 24 * HOUR;
-    let s = expires_in.as_secs();
-    let margin = if s > 30 * DAY {
-        7 * DAY
-    } else if s > 7 * DAY {
-        DAY
-    } else if s > DAY {
-        12 * HOUR
-    } else if s > 2 * HOUR {
-        HOUR
-    } else {
-        600
-    };
-    Duration::from_secs(margin)
 }
 
 /// `file_type` of `finish_upload` (§3.1).
@@ -832,21 +812,6 @@ async fn read_reply(resp: reqwest::Response) -> Result<(u16, Option<String>, Byt
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refresh_margin_follows_josm_table() {
-        let d = |days: u64| Duration::from_secs(days * 86_400);
-        let h = |hours: u64| Duration::from_secs(hours * 3600);
-        assert_eq!(refresh_margin(d(60)), d(7));
-        assert_eq!(refresh_margin(d(30)), d(1));
-        assert_eq!(refresh_margin(d(8)), d(1));
-        assert_eq!(refresh_margin(d(7)), h(12));
-        assert_eq!(refresh_margin(d(2)), h(12));
-        assert_eq!(refresh_margin(d(1)), h(1));
-        assert_eq!(refresh_margin(h(3)), h(1));
-        assert_eq!(refresh_margin(h(2)), Duration::from_secs(600));
-        assert_eq!(refresh_margin(Duration::ZERO), Duration::from_secs(600));
-    }
 
     #[test]
     fn secrets_never_show_in_debug_output() {

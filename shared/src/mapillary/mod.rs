@@ -3,6 +3,7 @@
 //! ignored, unknown enum values are kept verbatim, and ids, handles and cursors stay opaque strings.
 
 pub mod client;
+pub mod error;
 pub mod feed;
 pub mod retry;
 
