@@ -267,11 +267,37 @@ const CLEARED_ENV: [&str; 6] = [
 impl MapillaryTools {
     /// Prepares `scratch` (created if missing): `config.ini` with the [`PROFILE`] profile, `history/` and
     /// `cache/`. `program` is the `mapillary_tools` executable (`Venvs::mapillary_tools()`).
+    ///
+    /// The profile is written directly, as `mapillary_tools authenticate --jwt <token>` would write it; see
+    /// [`MapillaryTools::without_profile`] and [`MapillaryTools::authenticate_with_password`] for the path
+    /// where mapillary_tools obtains the token itself.
     pub fn new(
         program: impl Into<PathBuf>,
         scratch: &Path,
         endpoints: &Endpoints,
         account: &Account,
+    ) -> Result<Self, ToolsError> {
+        let tools = Self::without_profile(program, scratch, endpoints, &account.client_token)?;
+        // §11: only user_upload_token is required; the other two keep `upload` from asking `/me` twice and
+        // are shown in its "Uploading to profile" line.
+        let ini = format!(
+            "[{PROFILE}]\nuser_upload_token = {}\nMAPSettingsUsername = {}\nMAPSettingsUserKey = {}\n",
+            account.user_token, account.username, account.user_id
+        );
+        let config = tools.config_path();
+        fs::write(&config, ini).map_err(io("writing", &config))?;
+        Ok(tools)
+    }
+
+    /// Like [`MapillaryTools::new`], but with no profile yet (no `config.ini`): the account's user upload
+    /// token has to come from [`MapillaryTools::authenticate_with_password`], as it does for a user who runs
+    /// `mapillary_tools authenticate`. `client_token` is `MAPILLARY_CLIENT_TOKEN` (it authenticates
+    /// `/login` and `/logging`).
+    pub fn without_profile(
+        program: impl Into<PathBuf>,
+        scratch: &Path,
+        endpoints: &Endpoints,
+        client_token: &str,
     ) -> Result<Self, ToolsError> {
         let program = program.into();
         if !program.is_file() {
@@ -283,13 +309,6 @@ impl MapillaryTools {
             fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
         let config = scratch.join("config.ini");
-        // §11: only user_upload_token is required; the other two keep `upload` from asking `/me` twice and
-        // are shown in its "Uploading to profile" line.
-        let ini = format!(
-            "[{PROFILE}]\nuser_upload_token = {}\nMAPSettingsUsername = {}\nMAPSettingsUserKey = {}\n",
-            account.user_token, account.username, account.user_id
-        );
-        fs::write(&config, ini).map_err(io("writing", &config))?;
         let env = vec![
             ("MAPILLARY_CONFIG_PATH", config.into_os_string()),
             ("MAPILLARY_UPLOAD_HISTORY_PATH", history.into_os_string()),
@@ -297,7 +316,7 @@ impl MapillaryTools {
             ("MAPILLARY_TOOLS_PROMPT_DISABLED", "YES".into()),
             ("NO_PROXY", "127.0.0.1,localhost".into()),
             ("no_proxy", "127.0.0.1,localhost".into()),
-            ("MAPILLARY_CLIENT_TOKEN", account.client_token.clone().into()),
+            ("MAPILLARY_CLIENT_TOKEN", client_token.into()),
             (
                 "MAPILLARY_GRAPH_API_ENDPOINT",
                 endpoints.graph.trim_end_matches('/').into(),
@@ -313,6 +332,49 @@ impl MapillaryTools {
             scratch: scratch.to_path_buf(),
             env,
         })
+    }
+
+    /// `mapillary_tools authenticate --user_name relay --user_email <email> --user_password <password>`:
+    /// mapillary_tools logs in (`POST {graph}/login` with the client token, §1.6) and stores the returned
+    /// `access_token` as the profile's `user_upload_token` (with `MAPSettingsUserKey`), exactly as for a user
+    /// who authenticates interactively. The password is passed on the command line, so use test accounts only.
+    pub fn authenticate_with_password(&self, email: &str, password: &str) -> Result<RunOutput, ToolsError> {
+        self.run_ok([
+            "authenticate",
+            "--user_name",
+            PROFILE,
+            "--user_email",
+            email,
+            "--user_password",
+            password,
+        ])
+    }
+
+    /// The `key = value` pairs of the [`PROFILE`] section of `config.ini` (empty when there is none).
+    /// Holds the user upload token: never print the result.
+    pub fn profile(&self) -> Result<Vec<(String, String)>, ToolsError> {
+        let path = self.config_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let header = format!("[{PROFILE}]");
+        let mut inside = false;
+        let mut out = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                inside = line == header;
+            } else if let (true, Some((k, v))) = (inside, line.split_once('=')) {
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `MAPILLARY_CONFIG_PATH`.
+    pub fn config_path(&self) -> PathBuf {
+        self.scratch.join("config.ini")
     }
 
     /// The scratch directory.
@@ -507,6 +569,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("cargo xtask setup"), "{err}");
+    }
+
+    #[test]
+    fn profile_reads_the_relay_section_as_authenticate_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let tools = MapillaryTools {
+            program: PathBuf::from("/bin/true"),
+            scratch: dir.path().to_path_buf(),
+            env: Vec::new(),
+        };
+        assert_eq!(tools.profile().unwrap(), Vec::new(), "no config.ini yet");
+        // configparser's layout: `key = value`, sections separated by blank lines.
+        fs::write(
+            tools.config_path(),
+            "[other]\nuser_upload_token = nope\n\n[relay]\nuser_upload_token = MLYARabc\nMAPSettingsUserKey = 104\n\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tools.profile().unwrap(),
+            vec![
+                ("user_upload_token".to_string(), "MLYARabc".to_string()),
+                ("MAPSettingsUserKey".to_string(), "104".to_string()),
+            ]
+        );
     }
 
     #[test]

@@ -7,6 +7,13 @@
 //!
 //! and the tests assert on the simulator's state (stored bytes, the MAP* JSON it read, clusters, the request log)
 //! and on what the service will poll: the GraphQL activity feed and the graph entities.
+//!
+//! Each scenario runs in three simulator worlds (issue 13): `lenient`, `seed-2022` (every strictness rule on:
+//! only `Authorization: OAuth` on rupload, `Offset` and `X-Entity-Name` required, JSON-only `finish_upload`,
+//! mapillary_tools-shaped zips, MAP* descriptions required, the feed only with the web-app token) and
+//! `oauth-upload-refused` (rupload and `finish_upload` refuse OAuth tokens; mapillary_tools gets its user upload
+//! token the way a user does, with `mapillary_tools authenticate` and an e-mail and password). In every world the
+//! simulator must refuse none of mapillary_tools' requests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,7 +23,7 @@ use integration_tests::mapillary_tools::{
     write_empty_descriptions, Account, Description, Endpoints, HistoryRecord, MapillaryTools,
 };
 use mapillary_sim::config::DEFAULT_STAGE_SECONDS;
-use mapillary_sim::{defaults, SimConfig, SimHandle, Simulator};
+use mapillary_sim::{defaults, SimConfig, SimHandle, Simulator, World as SimWorld};
 use md5::{Digest as _, Md5};
 use relay_fixtures::{track, write_jpegs, TrackSpec};
 use serde_json::{json, Value};
@@ -38,9 +45,11 @@ const STAGES: [&str; 4] = [
     "tiler_status",
 ];
 
-/// One test's world: its own simulator (frozen clock), scratch directory and configured mapillary_tools.
+/// One test's world: its own simulator (frozen clock, in a named simulator world), scratch directory and
+/// configured mapillary_tools.
 struct World {
     sim: SimHandle,
+    world: SimWorld,
     tools: Arc<MapillaryTools>,
     dir: TempDir,
     http: reqwest::Client,
@@ -52,38 +61,60 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl World {
-    async fn start() -> World {
+    async fn start(world: SimWorld) -> World {
         let venvs = blocking(|| integration_tests::venv::ensure(&integration_tests::repo_root()))
             .await
             .unwrap_or_else(|e| {
                 panic!("the mapillary_tools venv is not available ({e:#}): run `cargo xtask setup`")
             });
-        let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+        let sim = Simulator::start(SimConfig::world(world), "127.0.0.1:0")
             .await
             .expect("simulator starts");
+        assert_eq!(sim.sim().world().settings.world(), Some(world));
         let dir = tempfile::tempdir().expect("tempdir");
         let endpoints = Endpoints {
             graph: sim.graph_url(),
             upload: sim.upload_url(),
         };
-        let account = Account {
-            client_token: defaults::CLIENT_TOKEN.to_string(),
-            user_token: defaults::DEMO_USER_TOKEN.to_string(),
-            username: defaults::DEMO_USERNAME.to_string(),
-            user_id: defaults::DEMO_USER_ID.to_string(),
+        let program = venvs.mapillary_tools();
+        let scratch = dir.path().join("mapillary-tools");
+        let tools = if world == SimWorld::OauthUploadRefused {
+            // Only a user upload token uploads here: let mapillary_tools obtain one as a user would.
+            let tools =
+                MapillaryTools::without_profile(program, &scratch, &endpoints, defaults::CLIENT_TOKEN)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            blocking(move || {
+                tools
+                    .authenticate_with_password(defaults::DEMO_EMAIL, defaults::DEMO_PASSWORD)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                tools
+            })
+            .await
+        } else {
+            let account = Account {
+                client_token: defaults::CLIENT_TOKEN.to_string(),
+                user_token: defaults::DEMO_USER_TOKEN.to_string(),
+                username: defaults::DEMO_USERNAME.to_string(),
+                user_id: defaults::DEMO_USER_ID.to_string(),
+            };
+            MapillaryTools::new(program, &scratch, &endpoints, &account).unwrap_or_else(|e| panic!("{e}"))
         };
-        let tools = MapillaryTools::new(
-            venvs.mapillary_tools(),
-            &dir.path().join("mapillary-tools"),
-            &endpoints,
-            &account,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
         World {
             sim,
+            world,
             tools: Arc::new(tools),
             dir,
             http: reqwest::Client::new(),
+        }
+    }
+
+    /// The token the activity feed takes in this world: in `lenient` the user's own (any token works), in the
+    /// strict worlds only the web-app client token (the seed letter).
+    fn feed_token(&self) -> &'static str {
+        if self.world.is_strict() {
+            defaults::WEB_APP_CLIENT_TOKEN
+        } else {
+            defaults::DEMO_USER_TOKEN
         }
     }
 
@@ -130,7 +161,7 @@ impl World {
             .http
             .get(&url)
             .query(&[("doc", FEED_DOC), ("variables", variables.as_str())])
-            .header("Authorization", format!("OAuth {}", defaults::DEMO_USER_TOKEN))
+            .header("Authorization", format!("OAuth {}", self.feed_token()))
             .send()
             .await
             .expect("graphql GET");
@@ -413,6 +444,54 @@ async fn control_calls_seen(w: &World, sequences: usize) {
         sequences,
         "finish_upload calls"
     );
+    no_refusals(w, &log);
+}
+
+/// The simulator refused none of the run's requests (every logged reply is below 400; a dropped connection
+/// has no status), and in `oauth-upload-refused` every upload call carried the user upload token that
+/// `mapillary_tools authenticate` obtained from `POST /graph/login`.
+fn no_refusals(w: &World, log: &[Value]) {
+    let refused: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["status"].as_u64().is_some_and(|s| s >= 400))
+        .collect();
+    assert!(refused.is_empty(), "refused in {}: {refused:#?}", w.world);
+    if w.world == SimWorld::OauthUploadRefused {
+        let logins: Vec<&Value> = log.iter().filter(|e| e["path"] == "/graph/login").collect();
+        assert_eq!(logins.len(), 1, "one login: {logins:#?}");
+        assert_eq!(logins[0]["token_kind"], "client", "{:?}", logins[0]);
+        assert_eq!(logins[0]["status"], 200);
+        let profile = w.tools.profile().expect("profile");
+        let token = profile
+            .iter()
+            .find(|(k, _)| k == "user_upload_token")
+            .map(|(_, v)| v.as_str())
+            .expect("authenticate stored user_upload_token");
+        assert_ne!(
+            token,
+            defaults::DEMO_USER_TOKEN,
+            "a freshly issued token, not the seeded one"
+        );
+        assert!(
+            profile.contains(&(
+                "MAPSettingsUserKey".to_string(),
+                defaults::DEMO_USER_ID.to_string()
+            )),
+            "MAPSettingsUserKey from the login reply"
+        );
+        let uploads: Vec<&Value> = log
+            .iter()
+            .filter(|e| {
+                e["path"].as_str().is_some_and(|p| p.starts_with("/rupload/"))
+                    || e["path"] == "/graph/finish_upload"
+            })
+            .collect();
+        assert!(!uploads.is_empty());
+        for e in uploads {
+            assert_eq!(e["token_kind"], "user", "a user upload token, not OAuth: {e}");
+            assert_eq!(e["user_id"], defaults::DEMO_USER_ID, "{e}");
+        }
+    }
 }
 
 /// Processes `import` and returns the descriptions with the expected sequences.
@@ -474,9 +553,8 @@ async fn zip_stored_exactly(w: &World, path: &Path, bytes: &[u8]) -> Value {
     s
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn per_image_upload_with_bundle_manifest() {
-    let w = World::start().await;
+async fn per_image_upload_with_bundle_manifest(world: SimWorld) {
+    let w = World::start(world).await;
     let import = w.path("images");
     let files = two_tracks(&import, 12, 10, 1);
     assert!(files.len() >= 20);
@@ -529,9 +607,8 @@ async fn per_image_upload_with_bundle_manifest() {
     feed_finishes_and_resolves(&w, &by_cluster).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn zip_upload_stores_the_exact_zip_bytes() {
-    let w = World::start().await;
+async fn zip_upload_stores_the_exact_zip_bytes(world: SimWorld) {
+    let w = World::start(world).await;
     let import = w.path("images");
     let files = two_tracks(&import, 11, 10, 100);
     let (_, expected) = process(&w, &import).await;
@@ -602,9 +679,8 @@ fn rupload_calls(stderr: &str, url: &str) -> Vec<(String, Option<u64>)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
-    let w = World::start().await;
+async fn zip_upload_resumes_after_a_connection_dropped_mid_body(world: SimWorld) {
+    let w = World::start(world).await;
     let import = w.path("images");
     // One sequence: 20 images 1 s apart.
     let files = two_tracks(&import, 20, 0, 500);
@@ -715,6 +791,7 @@ async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
         run.tail(60)
     );
 
+    no_refusals(&w, &w.requests().await);
     let s = zip_stored_exactly(&w, &zip_path, &zip_bytes).await;
     assert_eq!(s["posts"], 2, "{s}");
     let history = w.tools.history().expect("history");
@@ -725,4 +802,108 @@ async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
     );
     descriptions_match(&w, &by_cluster).await;
     feed_finishes_and_resolves(&w, &by_cluster).await;
+}
+
+/// The three scenarios as tests, one set per simulator world.
+macro_rules! in_world {
+    ($module:ident, $world:expr) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn per_image_upload_with_bundle_manifest() {
+                super::per_image_upload_with_bundle_manifest($world).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn zip_upload_stores_the_exact_zip_bytes() {
+                super::zip_upload_stores_the_exact_zip_bytes($world).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn zip_upload_resumes_after_a_connection_dropped_mid_body() {
+                super::zip_upload_resumes_after_a_connection_dropped_mid_body($world).await;
+            }
+        }
+    };
+}
+
+in_world!(lenient, SimWorld::Lenient);
+in_world!(seed_2022, SimWorld::Seed2022);
+in_world!(oauth_upload_refused, SimWorld::OauthUploadRefused);
+
+/// In `oauth-upload-refused`, mapillary_tools holding an OAuth-issued token is refused as unauthorised on its
+/// first rupload call and exits with its "unauthorized" code 14 (§11); nothing is stored and no cluster made.
+#[tokio::test(flavor = "multi_thread")]
+async fn oauth_upload_refused_stops_mapillary_tools_with_an_oauth_token() {
+    let w = World::start(SimWorld::OauthUploadRefused).await;
+    let oauth = w
+        .admin_post(
+            "/tokens",
+            json!({"user": defaults::DEMO_USER_ID, "oauth_app": defaults::APP_ID}),
+        )
+        .await["access_token"]
+        .as_str()
+        .expect("OAuth token")
+        .to_string();
+    let endpoints = Endpoints {
+        graph: w.sim.graph_url(),
+        upload: w.sim.upload_url(),
+    };
+    let account = Account {
+        client_token: defaults::CLIENT_TOKEN.to_string(),
+        user_token: oauth,
+        username: defaults::DEMO_USERNAME.to_string(),
+        user_id: defaults::DEMO_USER_ID.to_string(),
+    };
+    let venvs = blocking(|| integration_tests::venv::ensure(&integration_tests::repo_root()))
+        .await
+        .unwrap_or_else(|e| panic!("the mapillary_tools venv is not available ({e:#})"));
+    let tools = Arc::new(
+        MapillaryTools::new(
+            venvs.mapillary_tools(),
+            &w.path("oauth-tools"),
+            &endpoints,
+            &account,
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let import = w.path("images");
+    two_tracks(&import, 5, 0, 900);
+    let (t, dir) = (tools.clone(), import.clone());
+    let run = blocking(move || {
+        t.process(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let args = [
+            std::ffi::OsString::from("upload"),
+            dir.into_os_string(),
+            "--user_name".into(),
+            integration_tests::mapillary_tools::PROFILE.into(),
+        ];
+        t.run(args).unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await;
+    assert_eq!(
+        run.code,
+        Some(14),
+        "exit code 14 (unauthorized):\n{}",
+        run.tail(30)
+    );
+    let log = w.requests().await;
+    let rupload: Vec<(u64, String)> = log
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.starts_with("/rupload/")))
+        .map(|e| {
+            (
+                e["status"].as_u64().unwrap_or(0),
+                e["token_kind"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(!rupload.is_empty(), "{log:#?}");
+    assert!(
+        rupload.iter().all(|(s, k)| *s == 401 && k == "user_oauth"),
+        "{rupload:?}"
+    );
+    assert!(w.sessions().await.is_empty(), "nothing stored");
+    assert!(w.clusters().await.is_empty(), "no cluster");
 }

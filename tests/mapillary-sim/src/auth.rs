@@ -30,6 +30,19 @@ pub fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<Strin
         .map(|(_, v)| v)
 }
 
+/// The token from `Authorization: OAuth <t>` only: what rupload takes when
+/// [`crate::Settings::rupload_oauth_header_only`] is on (mapillary_tools always sends this form, §1.1).
+pub fn oauth_header_token(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    let t = rest.trim();
+    (scheme.eq_ignore_ascii_case("oauth") && !t.is_empty()).then(|| t.to_string())
+}
+
 /// Decode `application/x-www-form-urlencoded` pairs.
 pub fn form_pairs(raw: &[u8]) -> Vec<(String, String)> {
     serde_urlencoded::from_bytes::<Vec<(String, String)>>(raw).unwrap_or_default()
@@ -108,8 +121,30 @@ pub fn check_graph(w: &State, token: Option<&str>, now_ms: i64, need: Need) -> R
 }
 
 /// Check the caller of rupload; the error is the 401 `NotAuthorizedError` reply.
-pub fn check_rupload(w: &State, token: Option<&str>, now_ms: i64) -> Result<Caller, Response> {
-    let class = w.classify(token, now_ms);
+///
+/// With [`crate::Settings::rupload_oauth_header_only`], a token sent as `Bearer` or as `access_token=` is
+/// refused like a missing one (the real reply to either is unknown; a server that reads only the `OAuth`
+/// scheme sees no token at all, so the simulator answers what it answers to no token, with a message
+/// naming the accepted form).
+pub fn check_rupload(
+    w: &State,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    now_ms: i64,
+) -> Result<Caller, Response> {
+    let token = if w.settings.rupload_oauth_header_only {
+        let strict = oauth_header_token(headers);
+        if strict.is_none() && presented_token(headers, query).is_some() {
+            return Err(reply::rupload_unauthorized(
+                "rupload takes the access token only as `Authorization: OAuth <token>` \
+                 (not Bearer, not access_token=)",
+            ));
+        }
+        strict
+    } else {
+        presented_token(headers, query)
+    };
+    let class = w.classify(token.as_deref(), now_ms);
     match denial(&class, Need::Upload, w) {
         None => Ok(Caller { class }),
         Some(msg) => Err(reply::rupload_unauthorized(msg)),

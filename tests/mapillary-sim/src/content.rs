@@ -64,6 +64,115 @@ pub struct Rejected {
     pub name: String,
     /// Human-readable reason.
     pub reason: String,
+    /// What kind of problem it is.
+    pub kind: RejectKind,
+}
+
+/// Why an image or archive entry was dropped, by kind (so strict worlds can refuse some kinds outright).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectKind {
+    /// A zip entry that cannot be an image (directory, unsupported compression, too big, corrupt data).
+    Entry,
+    /// Not a well-formed JPEG (markers, frame, scan).
+    Jpeg,
+    /// No EXIF, or EXIF that cannot be read.
+    Exif,
+    /// An ImageDescription that looks like a MAP* description (JSON) but is not a valid one.
+    Description,
+    /// Raw EXIF (no MAP* description) without a usable position or capture time.
+    RawExif,
+    /// A position at (0, 0): no real GPS fix.
+    NullIsland,
+}
+
+impl RejectKind {
+    /// Whether the image lacks a valid MAP* description (what
+    /// [`crate::Settings::require_map_description`] refuses).
+    pub fn lacks_description(self) -> bool {
+        matches!(
+            self,
+            RejectKind::Exif | RejectKind::Description | RejectKind::RawExif
+        )
+    }
+}
+
+/// The container facts of a zip that mapillary_tools fixes (§4.1), for
+/// [`crate::Settings::require_tools_zip`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ZipLayout {
+    /// The archive comment, as stored.
+    pub comment: Vec<u8>,
+    /// Every entry, in archive order.
+    pub entries: Vec<ZipEntryInfo>,
+}
+
+/// Name and MS-DOS timestamp of one zip entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ZipEntryInfo {
+    /// Entry name (lossy UTF-8).
+    pub name: String,
+    /// `(date, time)` in MS-DOS format from the central directory; `None` when the stored value is
+    /// not a valid date.
+    pub dos_datetime: Option<(u16, u16)>,
+}
+
+/// MS-DOS `(date, time)` of 1980-01-01 00:00:00, the timestamp mapillary_tools gives every entry.
+pub const DOS_1980_01_01: (u16, u16) = ((1 << 5) | 1, 0);
+
+impl ZipLayout {
+    /// Why this archive is not shaped like `mapillary_tools zip` output (§4.1), or `None` when it is: the
+    /// comment must be the compact JSON object `{"sequence_md5sum":"<32 lowercase hex>"}` and nothing else,
+    /// and entry `i` must be named `<i>.jpg` and dated 1980-01-01 00:00:00. DEFLATE entries stay accepted
+    /// (the June-2021 client wrote them, §4.1).
+    pub fn tools_shape_problem(&self) -> Option<String> {
+        let comment_ok = serde_json::from_slice::<Json>(&self.comment)
+            .ok()
+            .and_then(|v| {
+                let obj = v.as_object()?;
+                let md5 = obj.get("sequence_md5sum")?.as_str()?;
+                let hex = md5.len() == 32 && md5.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                (obj.len() == 1 && hex).then_some(())
+            })
+            .is_some();
+        if !comment_ok {
+            let shown: String = String::from_utf8_lossy(&self.comment).chars().take(80).collect();
+            return Some(format!(
+                "the archive comment must be mapillary_tools' {{\"sequence_md5sum\":\"<md5>\"}}, got {shown:?}"
+            ));
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let want = format!("{i}.jpg");
+            if e.name != want {
+                return Some(format!(
+                    "entry {i} is named {:?}; entry {i} must be {want:?}",
+                    e.name
+                ));
+            }
+            if e.dos_datetime != Some(DOS_1980_01_01) {
+                let shown = e
+                    .dos_datetime
+                    .map_or_else(|| "an invalid date".to_string(), |(d, t)| dos_display(d, t));
+                return Some(format!(
+                    "entry {:?} is dated {shown}; every entry must be dated 1980-01-01 00:00:00",
+                    e.name
+                ));
+            }
+        }
+        None
+    }
+}
+
+fn dos_display(date: u16, time: u16) -> String {
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        1980 + (date >> 9),
+        (date >> 5) & 0xF,
+        date & 0x1F,
+        time >> 11,
+        (time >> 5) & 0x3F,
+        (time & 0x1F) * 2
+    )
 }
 
 /// The result of reading an uploaded zip.
@@ -73,6 +182,8 @@ pub struct ParsedUpload {
     pub images: Vec<(String, ImageMeta)>,
     /// Rejected entries, in archive order.
     pub rejected: Vec<Rejected>,
+    /// The archive's comment and entry names and dates.
+    pub layout: ZipLayout,
 }
 
 /// Why a whole upload could not be read.
@@ -144,8 +255,23 @@ pub fn parse_zip_from<R: Read + Seek>(reader: R) -> Result<ParsedUpload, Content
     let mut out = ParsedUpload {
         images: Vec::new(),
         rejected: Vec::new(),
+        layout: ZipLayout {
+            comment: archive.comment().to_vec(),
+            entries: Vec::with_capacity(archive.len()),
+        },
     };
     for i in 0..archive.len() {
+        if let Ok(entry) = archive.by_index_raw(i) {
+            out.layout.entries.push(ZipEntryInfo {
+                name: String::from_utf8_lossy(entry.name_raw()).into_owned(),
+                dos_datetime: entry.last_modified().map(|d| (d.datepart(), d.timepart())),
+            });
+        } else {
+            out.layout.entries.push(ZipEntryInfo {
+                name: format!("#{i}"),
+                dos_datetime: None,
+            });
+        }
         match read_entry(&mut archive, i) {
             Ok((name, data)) => match parse_jpeg(&name, &data) {
                 Ok(meta) => out.images.push((name, meta)),
@@ -168,11 +294,13 @@ fn read_entry<R: Read + Seek>(
     let entry = archive.by_index(index).map_err(|e| Rejected {
         name: fallback_name.clone(),
         reason: format!("unreadable zip entry: {e}"),
+        kind: RejectKind::Entry,
     })?;
     let name = String::from_utf8_lossy(entry.name_raw()).into_owned();
     let reject = |reason: String| Rejected {
         name: name.clone(),
         reason,
+        kind: RejectKind::Entry,
     };
     if entry.is_dir() {
         return Err(reject("directory entry, not an image".to_string()));
@@ -299,14 +427,17 @@ fn jpeg_layout(bytes: &[u8]) -> Result<JpegLayout<'_>, String> {
 
 /// Reads one uploaded JPEG: MAP* description first, raw EXIF as fallback (module docs).
 pub fn parse_jpeg(name: &str, bytes: &[u8]) -> Result<ImageMeta, Rejected> {
-    let reject = |reason: String| Rejected {
-        name: name.to_string(),
-        reason,
+    let reject = |kind: RejectKind| {
+        move |reason: String| Rejected {
+            name: name.to_string(),
+            reason,
+            kind,
+        }
     };
-    let layout = jpeg_layout(bytes).map_err(reject)?;
-    let tiff = layout
-        .exif
-        .ok_or_else(|| reject("no EXIF (APP1 Exif segment) so no position or capture time".to_string()))?;
+    let layout = jpeg_layout(bytes).map_err(reject(RejectKind::Jpeg))?;
+    let tiff = layout.exif.ok_or_else(|| {
+        reject(RejectKind::Exif)("no EXIF (APP1 Exif segment) so no position or capture time".to_string())
+    })?;
     // Lenient like real readers: piexif (used by mapillary_tools to inject the description)
     // leaves non-zero next-IFD pointers on the Exif/GPS IFDs, which the strict parser refuses.
     let exif = Reader::new()
@@ -319,19 +450,21 @@ pub fn parse_jpeg(name: &str, bytes: &[u8]) -> Result<ImageMeta, Rejected> {
                 }
             })
         })
-        .map_err(|e| reject(format!("corrupt EXIF: {e}")))?;
+        .map_err(|e| reject(RejectKind::Exif)(format!("corrupt EXIF: {e}")))?;
 
     let description = ascii_tag(&exif, Tag::ImageDescription);
     let mut meta = match description.as_deref().map(str::trim_start) {
         // A JSON object (or array) means the uploader meant a MAP* description: it must be valid.
-        Some(text) if text.starts_with(['{', '[']) => meta_from_description(text).map_err(reject)?,
+        Some(text) if text.starts_with(['{', '[']) => {
+            meta_from_description(text).map_err(reject(RejectKind::Description))?
+        }
         // Absent, or plain camera text ("OLYMPUS DIGITAL CAMERA"): raw EXIF.
-        _ => meta_from_raw_exif(&exif).map_err(reject)?,
+        _ => meta_from_raw_exif(&exif).map_err(reject(RejectKind::RawExif))?,
     };
     meta.width = Some(layout.width);
     meta.height = Some(layout.height);
     if meta.lat.abs() < 1e-9 && meta.lon.abs() < 1e-9 {
-        return Err(reject(
+        return Err(reject(RejectKind::NullIsland)(
             "position is (0, 0) (null island): no real GPS fix".to_string(),
         ));
     }
@@ -1177,6 +1310,74 @@ mod tests {
             let _ = parse_jpeg("f", &j);
             let _ = parse_zip(&z);
         }
+    }
+
+    #[test]
+    fn tools_shape_is_recognised_and_each_deviation_named() {
+        let entry = |name: &str, dt: Option<(u16, u16)>| ZipEntryInfo {
+            name: name.to_string(),
+            dos_datetime: dt,
+        };
+        let good = ZipLayout {
+            comment: br#"{"sequence_md5sum":"0123456789abcdef0123456789abcdef"}"#.to_vec(),
+            entries: vec![
+                entry("0.jpg", Some(DOS_1980_01_01)),
+                entry("1.jpg", Some(DOS_1980_01_01)),
+            ],
+        };
+        assert_eq!(good.tools_shape_problem(), None);
+        let problem = |f: &dyn Fn(&mut ZipLayout)| {
+            let mut l = good.clone();
+            f(&mut l);
+            l.tools_shape_problem().expect("a problem")
+        };
+        for comment in [
+            &b""[..],
+            br#"{"upload_md5sum":"0123456789abcdef0123456789abcdef"}"#,
+            br#"{"sequence_md5sum":"0123456789ABCDEF0123456789ABCDEF"}"#,
+            br#"{"sequence_md5sum":"0123"}"#,
+            br#"{"sequence_md5sum":"0123456789abcdef0123456789abcdef","x":1}"#,
+            br#"["sequence_md5sum"]"#,
+        ] {
+            let p = problem(&|l| l.comment = comment.to_vec());
+            assert!(p.contains("archive comment"), "{p}");
+        }
+        let p = problem(&|l| l.entries[1].name = "IMG_1.jpg".into());
+        assert!(p.contains("entry 1 is named \"IMG_1.jpg\""), "{p}");
+        let p = problem(&|l| l.entries.swap(0, 1));
+        assert!(p.contains("must be \"0.jpg\""), "{p}");
+        // 2024-05-01 09:30:10 in MS-DOS form.
+        let date = ((2024 - 1980) << 9) | (5 << 5) | 1;
+        let time = (9 << 11) | (30 << 5) | 5;
+        let p = problem(&|l| l.entries[0].dos_datetime = Some((date, time)));
+        assert!(p.contains("dated 2024-05-01 09:30:10"), "{p}");
+        let p = problem(&|l| l.entries[0].dos_datetime = None);
+        assert!(p.contains("an invalid date"), "{p}");
+    }
+
+    #[test]
+    fn zip_layout_is_read_from_the_archive() {
+        let bytes = sample_zip(zip::CompressionMethod::Stored);
+        let parsed = parse_zip(&bytes).expect("zip");
+        assert_eq!(
+            parsed.layout.comment,
+            b"{\"sequence_md5sum\":\"00000000000000000000000000000000\"}"
+        );
+        let names: Vec<&str> = parsed.layout.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["0.jpg", "notes.txt", "dir/", "1.jpg", "2.jpg"]);
+        assert!(parsed
+            .layout
+            .entries
+            .iter()
+            .all(|e| e.dos_datetime == Some(DOS_1980_01_01)));
+        assert!(
+            parsed.layout.tools_shape_problem().is_some(),
+            "notes.txt is not entry 1"
+        );
+        let kinds: Vec<RejectKind> = parsed.rejected.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RejectKind::Jpeg, RejectKind::Entry, RejectKind::RawExif]);
+        assert!(RejectKind::RawExif.lacks_description());
+        assert!(!RejectKind::Jpeg.lacks_description());
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub mod server;
 pub mod state;
 pub mod storage;
 
-pub use config::{ClockMode, FailurePlan, GraphqlPolicy, ProcessingPlan, Settings, SimConfig, StorageMode};
+pub use config::{
+    ClockMode, FailurePlan, GraphqlPolicy, ProcessingPlan, Settings, SimConfig, StorageMode, World,
+    DEFAULT_WORLD,
+};
 pub use routes::finish_codes as error_codes;
 pub use server::{Sim, SimError, SimHandle, Simulator};

@@ -1,4 +1,4 @@
-//! `mapillary-sim --listen 127.0.0.1:PORT [--realtime] [--stage-seconds a,b,c,d] [--sequence-cap N]`
+//! `mapillary-sim --listen 127.0.0.1:PORT [--world NAME] [--realtime] [--stage-seconds a,b,c,d] [--sequence-cap N]`
 //!
 //! Prints the base URL as the first stdout line, then serves until SIGTERM or SIGINT.
 
@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
-use mapillary_sim::{ClockMode, SimConfig, Simulator, StorageMode};
+use mapillary_sim::{ClockMode, SimConfig, Simulator, StorageMode, World, DEFAULT_WORLD};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,6 +17,10 @@ struct Args {
     /// Address to bind, e.g. 127.0.0.1:0 for an ephemeral port.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// World to run in: lenient, seed-2022, oauth-upload-refused, partial-bytes-dropped, refresh-revokes,
+    /// feed-drift or feed-gone (default: lenient, until the relay is adapted to the strict worlds).
+    #[arg(long)]
+    world: Option<String>,
     /// Run the clock in real time (the demo); default is frozen (moved by the admin API).
     #[arg(long)]
     realtime: bool,
@@ -34,14 +38,23 @@ struct Args {
     storage_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 enum MainError {
     #[error(transparent)]
     Sim(#[from] mapillary_sim::SimError),
     #[error("--stage-seconds needs exactly 4 values")]
     StageSeconds,
+    #[error("--world: {0}")]
+    World(#[from] mapillary_sim::config::UnknownWorld),
     #[error("stdout: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// `main` returning `Err` prints the error with `Debug`: show the message, not the enum.
+impl std::fmt::Debug for MainError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 #[tokio::main]
@@ -54,6 +67,10 @@ async fn main() -> Result<(), MainError> {
         )
         .init();
     let args = Args::parse();
+    let world: World = match args.world.as_deref() {
+        Some(name) => name.parse()?,
+        None => DEFAULT_WORLD,
+    };
     let mut config = if args.realtime {
         SimConfig::realtime([3, 3, 3, 3])
     } else {
@@ -62,6 +79,9 @@ async fn main() -> Result<(), MainError> {
     if args.realtime {
         config.clock = ClockMode::RealTime;
     }
+    // The world sets only the world switches, so the stage durations above survive it.
+    config = config.with_world(world);
+    tracing::info!(world = world.name(), "world selected");
     if let Some(s) = args.stage_seconds {
         let arr: [u64; 4] = s.try_into().map_err(|_| MainError::StageSeconds)?;
         config.settings.default_plan.stage_seconds = arr;

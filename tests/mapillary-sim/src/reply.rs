@@ -60,6 +60,22 @@ pub fn graph_not_found(id: &str) -> Response {
     )
 }
 
+/// 400 code 100 subcode 33 for a POST on an object the caller may not use (another user's upload handle,
+/// an organization the caller is not a member of): the same §8.2 body as an unknown object, whose real
+/// message already covers "cannot be loaded due to missing permissions".
+pub fn graph_post_not_permitted(id: &str) -> Response {
+    graph_error(
+        StatusCode::BAD_REQUEST,
+        100,
+        Some(33),
+        "MLYApiException",
+        &format!(
+            "Unsupported post request. Object with ID '{id}' does not exist, cannot be loaded due to missing \
+             permissions, or does not support this operation"
+        ),
+    )
+}
+
 /// 400 code 100 (bad parameter).
 pub fn graph_bad_request(message: &str) -> Response {
     graph_error(StatusCode::BAD_REQUEST, 100, None, "MLYApiException", message)

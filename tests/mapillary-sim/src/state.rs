@@ -49,13 +49,19 @@ pub struct Org {
     pub name: String,
     pub slug: String,
     pub description: String,
+    /// Ids of the users who may upload into it ([`crate::Settings::finish_checks_org_membership`]).
+    pub members: std::collections::BTreeSet<String>,
 }
 
-/// A user access token.
+/// A user access token. Two kinds exist: **OAuth tokens** (`oauth_app` set), issued by `POST /graph/token`
+/// to an app, and **user upload tokens** (`oauth_app` `None`): what `POST /graph/login` issues and
+/// `mapillary_tools authenticate` stores as `user_upload_token` (also the seeded
+/// [`crate::defaults::DEMO_USER_TOKEN`] and admin-made tokens without `oauth`). Only the second kind
+/// uploads when [`crate::Settings::oauth_tokens_can_upload`] is off.
 #[derive(Debug, Clone)]
 pub struct TokenRecord {
     pub user_id: String,
-    /// App that issued it through OAuth (`None` for seeded and `/login` tokens).
+    /// App that issued it through OAuth (`None` for user upload tokens: seeded and `/login` tokens).
     pub oauth_app: Option<String>,
     pub issued_at_ms: i64,
     pub expires_at_ms: Option<i64>,
@@ -453,6 +459,7 @@ impl State {
                 name: d::DEMO_ORG_NAME.to_string(),
                 slug: d::DEMO_ORG_SLUG.to_string(),
                 description: "Seeded by mapillary-sim".to_string(),
+                members: [d::DEMO_USER_ID.to_string()].into(),
             },
         );
     }

@@ -53,6 +53,8 @@ struct SessionInfo {
     len: u64,
     hasher: Sha256,
     handle: Option<String>,
+    /// User whose POST completed the upload and got the handle (the handle's owner).
+    owner_id: Option<String>,
     entity_name: Option<String>,
     created_at_ms: i64,
     updated_at_ms: i64,
@@ -67,6 +69,8 @@ pub struct SessionView {
     pub sha256: String,
     pub handle: Option<String>,
     pub completed: bool,
+    /// User the handle was issued to (see [`Store::ensure_handle`]).
+    pub owner_id: Option<String>,
     pub entity_name: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -115,6 +119,7 @@ impl Store {
                 len: 0,
                 hasher: Sha256::new(),
                 handle: None,
+                owner_id: None,
                 entity_name: None,
                 created_at_ms: now_ms,
                 updated_at_ms: now_ms,
@@ -130,8 +135,15 @@ impl Store {
         lock(&self.handles).get(handle).cloned()
     }
 
-    /// Give `session` its handle (once; later calls return the first one).
-    pub fn ensure_handle(&self, session: &Session, make: impl FnOnce() -> String) -> String {
+    /// Give `session` its handle (once; later calls return the first one). The first call also binds the
+    /// handle to `owner` (the user whose POST completed the upload), for
+    /// [`crate::Settings::handles_bound_to_uploader`].
+    pub fn ensure_handle(
+        &self,
+        session: &Session,
+        owner: Option<&str>,
+        make: impl FnOnce() -> String,
+    ) -> String {
         let mut info = lock(&session.info);
         if let Some(h) = &info.handle {
             return h.clone();
@@ -139,6 +151,7 @@ impl Store {
         let h = make();
         lock(&self.handles).insert(h.clone(), session.key.clone());
         info.handle = Some(h.clone());
+        info.owner_id = owner.map(str::to_string);
         h
     }
 
@@ -172,6 +185,11 @@ impl Session {
         lock(&self.info).handle.clone()
     }
 
+    /// The user the handle was issued to.
+    pub fn owner_id(&self) -> Option<String> {
+        lock(&self.info).owner_id.clone()
+    }
+
     /// Hex SHA-256 of the stored bytes.
     pub fn sha256_hex(&self) -> String {
         hex::encode(lock(&self.info).hasher.clone().finalize())
@@ -186,6 +204,7 @@ impl Session {
             sha256: hex::encode(info.hasher.finalize()),
             completed: info.handle.is_some(),
             handle: info.handle,
+            owner_id: info.owner_id,
             entity_name: info.entity_name,
             created_at_ms: info.created_at_ms,
             updated_at_ms: info.updated_at_ms,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{id_string, Params};
-use crate::config::{ProcessingPlan, Settings};
+use crate::config::{ProcessingPlan, Settings, World};
 use crate::faults::{FaultRule, FaultSpec};
 use crate::reply::{json_reply, ok};
 use crate::server::Sim;
@@ -27,6 +27,7 @@ pub fn router() -> Router<Arc<Sim>> {
         .route("/_sim/clock/advance", post(clock_advance))
         .route("/_sim/clock/set", post(clock_set))
         .route("/_sim/config", get(config_get).post(config_set))
+        .route("/_sim/world", get(world_get).post(world_set))
         .route(
             "/_sim/plans/default",
             get(plan_default_get).post(plan_default_set),
@@ -143,6 +144,37 @@ async fn config_set(State(sim): S, Json(patch): Json<Value>) -> Response {
         }
         Err(r) => r,
     }
+}
+
+fn world_view(settings: &Settings) -> Value {
+    json!({
+        "world": settings.world().map(World::name),
+        "worlds": World::names(),
+        "settings": settings,
+    })
+}
+
+/// `GET /_sim/world`: the world the switches match (`null` when a `/_sim/config` patch mixed worlds).
+async fn world_get(State(sim): S) -> Response {
+    ok(world_view(&sim.world().settings))
+}
+
+/// `POST /_sim/world {"world": NAME}`: set every world switch to NAME's preset (other settings kept).
+async fn world_set(State(sim): S, Json(v): Json<Value>) -> Response {
+    let Some(name) = v.get("world").and_then(Value::as_str) else {
+        return bad(format!(
+            "give {{\"world\": NAME}}, one of: {}",
+            World::names().join(", ")
+        ));
+    };
+    let world: World = match name.parse() {
+        Ok(w) => w,
+        Err(e) => return bad(format!("{e}")),
+    };
+    let mut w = sim.world();
+    world.apply(&mut w.settings);
+    tracing::info!(world = world.name(), "world selected");
+    ok(world_view(&w.settings))
 }
 
 async fn plan_default_get(State(sim): S) -> Response {
@@ -408,11 +440,19 @@ async fn org_add(State(sim): S, Json(v): Json<Value>) -> Response {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
+    let mut members = std::collections::BTreeSet::new();
+    for m in v.get("members").and_then(Value::as_array).into_iter().flatten() {
+        let Some(user) = m.as_str().and_then(|u| w.find_user(u)) else {
+            return bad(format!("members: {m} is not a known user id or username"));
+        };
+        members.insert(user.id.clone());
+    }
     let org = Org {
         id: id.clone(),
         name,
         slug,
         description,
+        members,
     };
     w.orgs.insert(id, org.clone());
     to_json(&org)

@@ -18,7 +18,7 @@ use super::{id_string, round7, Params};
 use crate::auth::{check_graph, form_pairs, presented_token, Need};
 use crate::reply::{self, graphql_error, ok};
 use crate::server::Sim;
-use crate::state::{Cluster, State as World};
+use crate::state::{Cluster, State as World, STAGE_FIELDS};
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
@@ -103,6 +103,9 @@ fn run(sim: &Sim, headers: &HeaderMap, query_token: Option<String>, req: GqlRequ
     if let Err(r) = check_graph(&w, token.as_deref(), sim.now_ms(), Need::Graphql) {
         return r;
     }
+    if w.settings.graphql_documents_gone {
+        return document_gone();
+    }
     match operation_name(&req).as_deref() {
         Some("getLatestActivity") if req.doc.contains("fetch__User") || req.operation.is_some() => {
             latest_activity(&w, sim, &req.variables)
@@ -111,6 +114,70 @@ fn run(sim: &Sim, headers: &HeaderMap, query_token: Option<String>, req: GqlRequ
         Some(other) => bad(&format!("Unknown GraphQL document or operation {other:?}")),
         None => bad("Unknown GraphQL document: no operation name"),
     }
+}
+
+/// The reply to a document the server no longer knows (`feed-gone`).
+///
+/// The protocol doc has no reply of Mapillary's for a removed persisted query or document. The simulator
+/// uses the usual GraphQL persisted-query shape, `{"errors":[{"message":"PersistedQueryNotFound",…}]}`
+/// with no `data`, and answers it with HTTP 200 (as persisted-query servers do): the stricter reading,
+/// since only the body, not the status, tells the client that the feed is gone.
+fn document_gone() -> Response {
+    ok(json!({
+        "errors": [{
+            "message": "PersistedQueryNotFound",
+            "extensions": {"code": "PERSISTED_QUERY_NOT_FOUND"},
+        }],
+    }))
+}
+
+/// Stage value of a failed stage in the drifted feed (the help centre's "failed" state, spelled unlike the
+/// simulator's default `FAILED`).
+pub const DRIFT_FAILED: &str = "FAILURE";
+/// Stage value of the next stage not started yet in the drifted feed.
+pub const DRIFT_NOT_STARTED: &str = "NOT_STARTED";
+
+/// Rewrite a node for `feed-drift`: the stage after the running one is [`DRIFT_NOT_STARTED`], the stages
+/// after that are `null`, a failed stage is [`DRIFT_FAILED`], and `created_at_seconds` is a string. Stages
+/// that finished stay `FINISHED`, so a drifted upload still visibly completes.
+fn drift_node(node: &mut Value, progress: &crate::state::Progress) {
+    for (i, field) in STAGE_FIELDS.iter().enumerate() {
+        let value = if i < progress.current {
+            continue;
+        } else if i == progress.current {
+            if !progress.failed {
+                continue;
+            }
+            json!(DRIFT_FAILED)
+        } else if i == progress.current + 1 {
+            json!(DRIFT_NOT_STARTED)
+        } else {
+            Value::Null
+        };
+        node[*field] = value;
+    }
+    if let Some(secs) = node.get("created_at_seconds").and_then(Value::as_i64) {
+        node["created_at_seconds"] = json!(secs.to_string());
+    }
+}
+
+/// The node without `cluster_id` that the drifted feed puts among the good ones.
+fn drift_stray_node(now: i64) -> Value {
+    json!({
+        "type": "UPLOAD",
+        "created_at_seconds": now.div_euclid(1000).to_string(),
+        "captured_at_seconds": null,
+        "thumb_url": null,
+        "item_count": null,
+        "image_id": null,
+        "status": "FINISHED",
+        "initial_processing_status": null,
+        "anonymization_status": null,
+        "tiler_status": null,
+        "error_code": "UNSET",
+        "timezone": null,
+        "__typename": "ClusterLatestActivityItem",
+    })
 }
 
 /// Sort key: newest first by (created_at_seconds, cluster_id).
@@ -232,8 +299,29 @@ fn latest_activity(w: &World, sim: &Sim, vars: &Value) -> Response {
     } else {
         None
     };
-    let nodes: Vec<Value> = items.iter().map(|c| node(w, sim, c, now)).collect();
-    ok(json!({
+    let drift = w.settings.feed_drift;
+    let mut nodes: Vec<Value> = items
+        .iter()
+        .map(|c| {
+            let mut n = node(w, sim, c, now);
+            if drift {
+                drift_node(&mut n, &c.progress(now));
+            }
+            n
+        })
+        .collect();
+    // feed-drift: a node without `cluster_id` right after the first good one, and a GraphQL error about it
+    // beside the (otherwise valid) data. It is not one of the `first` nodes and never anchors a cursor.
+    let mut errors = Vec::new();
+    if drift && !nodes.is_empty() {
+        nodes.insert(1, drift_stray_node(now));
+        errors.push(json!({
+            "message": "Cannot return null for non-nullable field ClusterLatestActivityItem.cluster_id",
+            "path": ["fetch__User", "feed", "nodes", 1, "cluster_id"],
+            "severity": "ERROR",
+        }));
+    }
+    let mut reply = json!({
         "data": {
             "fetch__User": {
                 "id": user_id,
@@ -252,7 +340,11 @@ fn latest_activity(w: &World, sim: &Sim, vars: &Value) -> Response {
             "__typename": "Query",
         },
         "extensions": {"is_final": true},
-    }))
+    });
+    if !errors.is_empty() {
+        reply["errors"] = Value::Array(errors);
+    }
+    ok(reply)
 }
 
 fn new_sequences(w: &World, sim: &Sim, vars: &Value) -> Response {

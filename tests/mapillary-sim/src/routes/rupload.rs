@@ -9,16 +9,15 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::auth::{check_rupload, presented_token};
+use crate::auth::check_rupload;
 use crate::reply::{self, ok};
 use crate::server::{LogSeq, Sim};
 
 /// `GET /rupload/{key}` → `{"offset": n}` (0 for a new key).
 pub async fn offset(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: Request) -> Response {
-    let token = presented_token(req.headers(), req.uri().query());
     {
         let w = sim.world();
-        if let Err(r) = check_rupload(&w, token.as_deref(), sim.now_ms()) {
+        if let Err(r) = check_rupload(&w, req.headers(), req.uri().query(), sim.now_ms()) {
             return r;
         }
     }
@@ -30,16 +29,34 @@ pub async fn offset(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
     ok(json!({ "offset": offset }))
 }
 
+/// A malformed or missing upload header. The real reply is unknown (§13 item 4); the simulator uses
+/// rupload's `debug_info` shape (§2.5) with `retriable: false`, so a client sending the wrong shape fails
+/// at once instead of retrying it 200 times (mapillary_tools retries 4xx only when `retriable` is true).
+fn header_error(message: &str) -> Response {
+    reply::rupload_error(
+        StatusCode::BAD_REQUEST,
+        "InvalidHeaderError",
+        message,
+        Some(false),
+    )
+}
+
 /// `POST /rupload/{key}` with `Offset` and `X-Entity-Name`; streams the body into storage.
 pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: Request) -> Response {
     let now = sim.now_ms();
-    let token = presented_token(req.headers(), req.uri().query());
-    let keep_prefix = {
+    let (keep_prefix, require_offset, require_entity_name, uploader) = {
         let w = sim.world();
-        if let Err(r) = check_rupload(&w, token.as_deref(), now) {
-            return r;
-        }
-        w.settings.keep_prefix_on_drop
+        let caller = match check_rupload(&w, req.headers(), req.uri().query(), now) {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let s = &w.settings;
+        (
+            s.keep_prefix_on_drop,
+            s.rupload_require_offset,
+            s.rupload_require_entity_name,
+            caller.user_id().map(str::to_string),
+        )
     };
     let log_seq = req.extensions().get::<LogSeq>().copied();
     let (parts, mut body) = req.into_parts();
@@ -51,24 +68,27 @@ pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
             .map(|v| v.trim().to_string())
     };
     let offset = match header("offset") {
+        None if require_offset => {
+            return header_error("Offset header is required: the byte offset this POST's body starts at")
+        }
         None => 0,
         Some(v) => match v.parse::<u64>() {
             Ok(n) => n,
-            Err(_) => {
-                return reply::rupload_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidHeaderError",
-                    "Offset header is not a non-negative integer",
-                    Some(false),
-                )
-            }
+            Err(_) => return header_error("Offset header is not a non-negative integer"),
         },
     };
     let entity_name = header("x-entity-name");
-    if let Some(name) = &entity_name {
-        if name != &key {
+    match &entity_name {
+        None if require_entity_name => {
+            return header_error("X-Entity-Name header is required and must equal the upload key")
+        }
+        Some(name) if name != &key => {
+            if require_entity_name {
+                return header_error("X-Entity-Name does not match the upload key in the URL");
+            }
             warn!(%key, entity_name = %name, "X-Entity-Name differs from the upload key");
         }
+        _ => {}
     }
     let session = sim.store.get_or_create(&key, now);
     session.note_post(entity_name, now);
@@ -120,7 +140,9 @@ pub async fn upload(State(sim): State<Arc<Sim>>, Path(key): Path<String>, req: R
         json!({ "start": start, "bytes_received": session.len() - start, "complete": true }),
     );
     let candidate = sim.world_raw().ids.token("SIMh", 40);
-    let handle = sim.store.ensure_handle(&session, || candidate);
+    let handle = sim
+        .store
+        .ensure_handle(&session, uploader.as_deref(), || candidate);
     info!(%key, bytes = session.len(), "upload POST complete");
     ok(json!({ "h": handle }))
 }

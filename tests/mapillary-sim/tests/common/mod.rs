@@ -180,3 +180,145 @@ pub async fn cluster_info(h: &SimHandle, id: &str) -> Value {
 pub async fn short_stages(h: &SimHandle) {
     admin(h, "/plans/default", json!({"stage_seconds": [10, 10, 10, 10]})).await;
 }
+
+/// The simulator in a named world (frozen clock).
+pub async fn start_world(world: mapillary_sim::World) -> SimHandle {
+    start_with(SimConfig::world(world)).await
+}
+
+/// The MAP* description mapillary_tools would inject for `spec` (§4.4): 7-decimal position, UTC capture
+/// time with truncated milliseconds, compact JSON.
+pub fn map_description(spec: &relay_fixtures::ImageSpec) -> String {
+    let t = spec.captured_at.to_offset(time::UtcOffset::UTC);
+    let capture = format!(
+        "{:04}_{:02}_{:02}_{:02}_{:02}_{:02}_{:03}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    );
+    let round7 = |x: f64| (x * 1e7).round() / 1e7;
+    json!({
+        "MAPLatitude": round7(spec.lat),
+        "MAPLongitude": round7(spec.lon),
+        "MAPCaptureTime": capture,
+        "MAPOrientation": 1,
+    })
+    .to_string()
+}
+
+/// `n` geotagged JPEGs one second apart (as [`jpegs`]), each carrying its MAP* description.
+pub fn described_jpegs(n: usize, seed_base: u64) -> Vec<Vec<u8>> {
+    let mut t = TrackSpec::new(50.8966, -0.5591, time::macros::datetime!(2024-05-01 09:00:00 UTC));
+    t.seed_base = seed_base;
+    track(n, &t)
+        .into_iter()
+        .map(|mut spec| {
+            spec.image_description = Some(map_description(&spec));
+            jpeg(&spec)
+        })
+        .collect()
+}
+
+/// How to build a zip for the strict-world tests.
+#[derive(Debug, Clone)]
+pub struct ZipShape {
+    /// Archive comment (`None`: no comment).
+    pub comment: Option<String>,
+    /// Entry names (`None`: `0.jpg`, `1.jpg`, …).
+    pub names: Option<Vec<String>>,
+    /// Entry timestamp (`None`: 1980-01-01 00:00:00, the zip crate's default).
+    pub modified: Option<zip::DateTime>,
+}
+
+impl ZipShape {
+    /// Exactly what `mapillary_tools zip` writes (§4.1).
+    pub fn tools() -> Self {
+        Self {
+            comment: Some(format!(
+                "{{\"sequence_md5sum\":\"{}\"}}",
+                "0123456789abcdef0123456789abcdef"
+            )),
+            names: None,
+            modified: None,
+        }
+    }
+}
+
+/// A STORED zip of `files` in the given shape.
+pub fn zip_shaped(files: &[Vec<u8>], shape: &ZipShape) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let mut opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    if let Some(m) = shape.modified {
+        opts = opts.last_modified_time(m);
+    }
+    for (i, f) in files.iter().enumerate() {
+        let name = shape
+            .names
+            .as_ref()
+            .map_or_else(|| format!("{i}.jpg"), |n| n[i].clone());
+        w.start_file(name, opts).expect("zip entry");
+        w.write_all(f).expect("zip write");
+    }
+    if let Some(c) = &shape.comment {
+        w.set_comment(c.clone()).expect("zip comment");
+    }
+    w.finish().expect("zip finish").into_inner()
+}
+
+/// A mapillary_tools-shaped zip of `n` described images: accepted in every world.
+pub fn tools_zip(n: usize, seed_base: u64) -> Vec<u8> {
+    zip_shaped(&described_jpegs(n, seed_base), &ZipShape::tools())
+}
+
+/// Upload all of `bytes` under `key` as the holder of `token` and return the handle.
+pub async fn upload_as(h: &SimHandle, token: &str, key: &str, bytes: Vec<u8>) -> String {
+    let r = client()
+        .post(format!("{}/{key}", h.upload_url()))
+        .header("Authorization", auth(token))
+        .header("Offset", "0")
+        .header("X-Entity-Name", key)
+        .body(bytes)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 200, "upload {key}");
+    body(r).await["h"].as_str().expect("handle").to_string()
+}
+
+/// `finish_upload` with a JSON body as the holder of `token`.
+pub async fn finish_as(h: &SimHandle, token: &str, fields: Value) -> Response {
+    client()
+        .post(format!("{}/finish_upload", h.graph_url()))
+        .header("Authorization", auth(token))
+        .json(&fields)
+        .send()
+        .await
+        .expect("finish")
+}
+
+/// A new user with a user upload token (admin-made, not OAuth): `(id, token)`.
+pub async fn new_user(h: &SimHandle, username: &str) -> (String, String) {
+    let v = admin(h, "/users", json!({ "username": username })).await;
+    (
+        v["id"].as_str().expect("id").to_string(),
+        v["access_token"].as_str().expect("token").to_string(),
+    )
+}
+
+/// An OAuth token of the relay's app for `user` (admin-made, as the OAuth flow would issue it).
+pub async fn oauth_token(h: &SimHandle, user: &str) -> String {
+    admin(h, "/tokens", json!({"user": user, "oauth": true})).await["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+/// The number of clusters the simulator holds.
+pub async fn cluster_count(h: &SimHandle) -> usize {
+    admin_get(h, "/clusters").await.as_array().map_or(0, Vec::len)
+}
