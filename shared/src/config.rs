@@ -1,6 +1,7 @@
 //! Reading a function's configuration from its environment: the pieces every function shares
-//! (required names, typed tunables with defaults, the Mapillary endpoints and the OAuth client
-//! secret's source). Each function's `config.rs` builds its own typed `Config` with these.
+//! (required names, typed tunables with defaults, the Mapillary app — endpoints, client id, the
+//! client secret's source — and the tables). Each function's `config.rs` builds its own typed
+//! `Config` with these and adds its own variables and range checks.
 //!
 //! Hand-rolled over a lookup function rather than figment/envy: a few dozen flat variables, and the
 //! lookup makes every parser testable without touching the process environment.
@@ -43,6 +44,30 @@ pub enum ClientSecretSource {
     /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved at init by
     /// [`crate::adapters::secrets::resolve_client_secret`]).
     SecretArn(String),
+}
+
+/// The Mapillary app every function talks as.
+#[derive(Debug, Clone)]
+pub struct MapillaryConfig {
+    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`.
+    pub endpoints: Endpoints,
+    /// `MAPILLARY_CLIENT_ID`.
+    pub client_id: String,
+    /// `MAPILLARY_CLIENT_SECRET` or `MAPILLARY_CLIENT_SECRET_ARN`.
+    pub client_secret: ClientSecretSource,
+}
+
+/// Where the relay's records live: the template's DynamoDB tables and the KMS key of the tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tables {
+    /// `RELAY_UPLOADS_TABLE`.
+    pub uploads_table: String,
+    /// `RELAY_USERS_TABLE`.
+    pub users_table: String,
+    /// `RELAY_IDEMPOTENCY_TABLE`.
+    pub idempotency_table: String,
+    /// `RELAY_TOKEN_KEY_ID`: the KMS key that encrypts the tokens in the users table.
+    pub token_key_id: String,
 }
 
 /// Typed access to variables through a lookup function (the process environment, or a map in tests).
@@ -107,6 +132,26 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             upload: base("MAPILLARY_UPLOAD_URL")?,
             tiles: base("MAPILLARY_TILES_URL")?,
             www: base("MAPILLARY_WWW_URL")?,
+        })
+    }
+
+    /// The endpoints ([`Self::endpoints`]), `MAPILLARY_CLIENT_ID` and the client secret's source
+    /// ([`Self::client_secret`]).
+    pub fn mapillary(&self) -> Result<MapillaryConfig, ConfigError> {
+        Ok(MapillaryConfig {
+            endpoints: self.endpoints()?,
+            client_id: self.required("MAPILLARY_CLIENT_ID")?,
+            client_secret: self.client_secret()?,
+        })
+    }
+
+    /// `RELAY_UPLOADS_TABLE`, `RELAY_USERS_TABLE`, `RELAY_IDEMPOTENCY_TABLE`, `RELAY_TOKEN_KEY_ID`.
+    pub fn tables(&self) -> Result<Tables, ConfigError> {
+        Ok(Tables {
+            uploads_table: self.required("RELAY_UPLOADS_TABLE")?,
+            users_table: self.required("RELAY_USERS_TABLE")?,
+            idempotency_table: self.required("RELAY_IDEMPOTENCY_TABLE")?,
+            token_key_id: self.required("RELAY_TOKEN_KEY_ID")?,
         })
     }
 
@@ -176,6 +221,44 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn when_app_and_tables_set_should_read_them_and_name_what_is_missing() {
+        let mut pairs = vec![
+            ("MAPILLARY_GRAPH_URL", "http://h/graph"),
+            ("MAPILLARY_UPLOAD_URL", "http://h/rupload"),
+            ("MAPILLARY_TILES_URL", "http://h/tiles"),
+            ("MAPILLARY_WWW_URL", "http://h/www"),
+            ("MAPILLARY_CLIENT_ID", "123"),
+            ("MAPILLARY_CLIENT_SECRET_ARN", "arn:x"),
+            ("RELAY_UPLOADS_TABLE", "uploads"),
+            ("RELAY_USERS_TABLE", "users"),
+            ("RELAY_IDEMPOTENCY_TABLE", "idem"),
+            ("RELAY_TOKEN_KEY_ID", "alias/relay"),
+        ];
+        let app = env(&pairs).mapillary().unwrap();
+        assert_eq!(app.endpoints.tiles, "http://h/tiles");
+        assert_eq!(app.client_id, "123");
+        assert!(matches!(app.client_secret, ClientSecretSource::SecretArn(a) if a == "arn:x"));
+        let t = env(&pairs).tables().unwrap();
+        assert_eq!(
+            (t.uploads_table.as_str(), t.users_table.as_str()),
+            ("uploads", "users")
+        );
+        assert_eq!(
+            (t.idempotency_table.as_str(), t.token_key_id.as_str()),
+            ("idem", "alias/relay")
+        );
+        pairs.retain(|(k, _)| *k != "MAPILLARY_CLIENT_ID" && *k != "RELAY_TOKEN_KEY_ID");
+        assert_eq!(
+            env(&pairs).mapillary().unwrap_err(),
+            ConfigError::Missing("MAPILLARY_CLIENT_ID")
+        );
+        assert_eq!(
+            env(&pairs).tables().unwrap_err(),
+            ConfigError::Missing("RELAY_TOKEN_KEY_ID")
+        );
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! mapillary-relay's library.
 //!
 //! * [`domain`] — pure logic (EXIF, MAP* descriptions, sequence rules, zip format): no AWS types, no I/O.
-//! * [`mapillary`] — Mapillary wire protocol, client side (endpoints, activity feed).
+//! * [`mapillary`] — Mapillary, client side: the app client every call goes through, users' token
+//!   sessions (refresh), the wire protocol (rupload, feed, entities, tiles).
 //! * [`s3event`] — lenient parsing of S3 notifications as delivered through SQS (real AWS and moto shapes).
 //! * [`model`] — the records kept about sequences, uploads and images.
 //! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
 //! * [`config`] — typed reading of a function's environment (required names, tunables, endpoints).
+//! * [`compose`] — what every function's composition root builds the same way (Mapillary app, tokens).
 //! * [`telemetry`] — structured JSON logging set-up shared by every function.
 
 pub mod adapters;
+pub mod compose;
 pub mod config;
 pub mod deadline;
 pub mod domain;

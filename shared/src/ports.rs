@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::Stream;
 use secrecy::SecretString;
 
-use crate::mapillary::client::{TokenGrant, UploadReport};
+use crate::mapillary::client::{Me, TokenGrant, UploadReport};
 use crate::mapillary::error::MapillaryError;
 use crate::model::{
     Claim, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage,
@@ -429,8 +429,7 @@ pub trait IngestRequeue: Send + Sync {
 
 // ------------------------------------------------------------------ Mapillary
 
-/// The Mapillary calls of zip-and-push (implemented over
-/// [`crate::mapillary::client::MapillaryClient`] in [`crate::adapters::mapillary`]).
+/// The Mapillary calls of zip-and-push (implemented by [`crate::mapillary::app::MapillaryApp`]).
 pub trait MapillaryUploads: Send + Sync {
     /// OAuth refresh grant (client id/secret held by the implementation); `refresh_token` is the
     /// stored refresh token or, when there is none, the current access token.
@@ -461,6 +460,20 @@ pub trait MapillaryUploads: Send + Sync {
         handle: &str,
         organization_id: Option<&str>,
     ) -> impl Future<Output = Result<String, MapillaryError>> + Send;
+}
+
+/// The Mapillary calls of a token session ([`crate::mapillary::session::TokenSession`]): refresh
+/// and `/me` (implemented by [`crate::mapillary::app::MapillaryApp`]).
+pub trait MapillaryAuth: Send + Sync {
+    /// OAuth refresh grant (client id/secret held by the implementation); `refresh_token` is the
+    /// stored refresh token or, when there is none, the current access token.
+    fn refresh(
+        &self,
+        refresh_token: &SecretString,
+    ) -> impl Future<Output = Result<TokenGrant, MapillaryError>> + Send;
+
+    /// The user behind `token` (`GET {graph}/me`).
+    fn me(&self, token: &SecretString) -> impl Future<Output = Result<Me, MapillaryError>> + Send;
 }
 
 /// Tracking state (poller-owned items; status-api reads them). See the layout in [`crate::model`].

@@ -1,5 +1,6 @@
 //! HTTP client of Mapillary: OAuth (§1), rupload with resume (§2), `finish_upload` (§3.1), the
-//! activity feed (§6.1) and graph entities (§7.2–7.3).
+//! activity feed (§6.1), graph entities (§7.2–7.3), image searches (§7.4) and coverage tiles (§7.1).
+//! [`super::app::MapillaryApp`] adds the app's OAuth credentials; the functions call that.
 //!
 //! Tokens and client secrets are [`SecretString`]s: they are only exposed to build the
 //! `Authorization` header (marked sensitive) or a form field, and never appear in `Debug` output,
@@ -25,6 +26,8 @@ use super::error::MapillaryError;
 use super::feed::{self, ActivityPage};
 use super::retry::{classify_graph, classify_rupload, upload_retry_action, RetryAction, RetryPolicy};
 use super::Endpoints;
+use crate::domain::linking::MapillaryImage;
+use crate::domain::tiles::{BBox, TileId, PUBLIC_TILESET};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -170,6 +173,51 @@ impl Image {
     }
 }
 
+/// Most results of one image search (Mapillary's maximum and default `limit`).
+pub const SEARCH_LIMIT: usize = 2000;
+
+/// Entity fields the linking needs (see [`entity_to_image`]).
+pub const LINK_FIELDS: &str = "id,sequence,captured_at,geometry,altitude";
+
+/// An image entity (fields of [`LINK_FIELDS`]) as a linking input; the error names what is missing.
+pub fn entity_to_image(v: &Value) -> Result<MapillaryImage, String> {
+    let id = id_of(v.get("id")).ok_or("image entity has no `id`")?;
+    let sequence_id = id_of(v.get("sequence")).ok_or_else(|| format!("image {id} has no `sequence`"))?;
+    let captured_at_ms = v
+        .get("captured_at")
+        .and_then(|c| c.as_i64().or_else(|| c.as_str().and_then(|s| s.parse().ok())))
+        .ok_or_else(|| format!("image {id} has no `captured_at`"))?;
+    let coords = v
+        .get("geometry")
+        .and_then(|g| g.get("coordinates"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("image {id} has no `geometry`"))?;
+    let lon = coords.first().and_then(number_f64);
+    let lat = coords.get(1).and_then(number_f64);
+    let (Some(lon), Some(lat)) = (lon, lat) else {
+        return Err(format!("image {id} has unreadable coordinates"));
+    };
+    Ok(MapillaryImage {
+        id,
+        sequence_id,
+        captured_at_ms,
+        lon,
+        lat,
+        altitude: v.get("altitude").and_then(number_f64),
+    })
+}
+
+/// The `data` array of an image search or batch read, as linking inputs.
+fn data_images(v: &Value) -> Result<Vec<MapillaryImage>, MapillaryError> {
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad_reply(200, "images reply has no `data` array"))?;
+    data.iter()
+        .map(|e| entity_to_image(e).map_err(|m| bad_reply(200, m)))
+        .collect()
+}
+
 /// Ids are strings on the wire; numbers are accepted and printed (never parsed further).
 fn id_of(v: Option<&Value>) -> Option<String> {
     match v? {
@@ -294,6 +342,12 @@ impl MapillaryClient {
             policy,
             graphql_token: TokenTransport::Header,
         }
+    }
+
+    /// The same client with another retry policy.
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Send the token of GraphQL calls as a header (default) or as `access_token`.
@@ -756,6 +810,108 @@ impl MapillaryClient {
             .collect()
     }
 
+    /// Image entities by id (`GET {graph}/images?image_ids=…&fields=`[`LINK_FIELDS`], one request
+    /// per `batch` ids). Ids Mapillary does not return are simply absent.
+    pub async fn images(
+        &self,
+        token: &SecretString,
+        ids: &[String],
+        batch: usize,
+    ) -> Result<Vec<MapillaryImage>, MapillaryError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(batch.max(1)) {
+            let ids = chunk.join(",");
+            let v = self
+                .graph_get(
+                    token,
+                    &["images"],
+                    &[("image_ids", &ids), ("fields", LINK_FIELDS)],
+                )
+                .await?;
+            out.extend(data_images(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Images in `bbox` captured between `start_ms` and `end_ms` (`GET {graph}/images?bbox=…`, one
+    /// request, at most [`SEARCH_LIMIT`] results: Mapillary's search has no pagination).
+    pub async fn search_images(
+        &self,
+        token: &SecretString,
+        bbox: &BBox,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<MapillaryImage>, MapillaryError> {
+        let bbox = format!("{},{},{},{}", bbox.west, bbox.south, bbox.east, bbox.north);
+        let (start, end, limit) = (start_ms.to_string(), end_ms.to_string(), SEARCH_LIMIT.to_string());
+        let query = [
+            ("bbox", bbox.as_str()),
+            ("start_captured_at", &start),
+            ("end_captured_at", &end),
+            ("fields", LINK_FIELDS),
+            ("limit", &limit),
+        ];
+        let v = self.graph_get(token, &["images"], &query).await?;
+        data_images(&v)
+    }
+
+    /// Every image of `sequence_ids` (`GET {graph}/images?sequence_id=a,b,…&fields=…&limit=2000`, one
+    /// request; §7.4's search filter). No pagination: a reply of [`SEARCH_LIMIT`] images may be
+    /// truncated, and the order is not capture order (callers sort and verify).
+    pub async fn images_of_sequences(
+        &self,
+        token: &SecretString,
+        sequence_ids: &[String],
+    ) -> Result<Vec<MapillaryImage>, MapillaryError> {
+        let (ids, limit) = (sequence_ids.join(","), SEARCH_LIMIT.to_string());
+        let query = [
+            ("sequence_id", ids.as_str()),
+            ("fields", LINK_FIELDS),
+            ("limit", &limit),
+        ];
+        let v = self.graph_get(token, &["images"], &query).await?;
+        data_images(&v)
+    }
+
+    /// One z/x/y coverage tile of `mly1_public` (`GET {tiles}/maps/vtp/mly1_public/2/z/x/y`, token
+    /// as `access_token`). A tile that does not exist (403 code 100, or 404) is `None`; 403 code 4
+    /// is a rate limit (an error).
+    pub async fn coverage_tile(
+        &self,
+        token: &SecretString,
+        tile: TileId,
+    ) -> Result<Option<Bytes>, MapillaryError> {
+        let (z, x, y) = (tile.z.to_string(), tile.x.to_string(), tile.y.to_string());
+        let mut url = Self::url(
+            &self.endpoints.tiles,
+            &["maps", "vtp", PUBLIC_TILESET, "2", &z, &x, &y],
+        )?;
+        url.query_pairs_mut()
+            .append_pair("access_token", token.expose_secret());
+        let resp = self
+            .http
+            .get(url)
+            .timeout(self.policy.min_request_timeout)
+            .send()
+            .await
+            .map_err(MapillaryError::from_transport)?;
+        let (status, retry_after, body) = read_reply(resp).await?;
+        if (200..300).contains(&status) {
+            return Ok((!body.is_empty()).then_some(body));
+        }
+        if status == 404 {
+            return Ok(None);
+        }
+        match classify_graph(status, retry_after.as_deref(), &body, SystemTime::now()) {
+            MapillaryError::Api {
+                status: 403,
+                code: Some(100) | None,
+                ..
+            } => Ok(None),
+            e => Err(e),
+        }
+    }
+
     async fn graph_get(
         &self,
         token: &SecretString,
@@ -856,6 +1012,19 @@ mod tests {
         assert_eq!(img.altitude, Some(12.5));
         assert_eq!(img.compass_angle, None);
         assert!(Image::from_json(serde_json::json!({"sequence": "x"})).is_err());
+    }
+
+    #[test]
+    fn entity_to_image_reads_strings_and_numbers() {
+        let v = serde_json::json!({"id": 148137757289079u64, "sequence": "u8v5JabHqDiGcxVPl7oF3n",
+            "captured_at": 1714557600000i64, "geometry": {"type":"Point","coordinates":["16.37","48.2"]},
+            "altitude": 187.25});
+        let img = entity_to_image(&v).unwrap();
+        assert_eq!(img.id, "148137757289079");
+        assert_eq!((img.lon, img.lat), (16.37, 48.2));
+        assert_eq!(img.altitude, Some(187.25));
+        let err = entity_to_image(&serde_json::json!({"id": "1", "sequence": "s"})).unwrap_err();
+        assert!(err.contains("captured_at"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,22 @@
-//! Mapillary's wire protocol, client side: endpoints, the GraphQL activity feed, and (later) rupload,
-//! `finish_upload`, OAuth and graph entities. Parsing is pure and tolerant: unknown JSON fields are
-//! ignored, unknown enum values are kept verbatim, and ids, handles and cursors stay opaque strings.
+//! Mapillary's wire protocol, client side, and the relay's use of it.
+//!
+//! * [`app`] — [`app::MapillaryApp`], the client with the app's OAuth credentials: every Mapillary
+//!   call the functions make goes through it.
+//! * [`session`] — a user's token during one invocation: load, refresh when it expires soon or after
+//!   a 401, the Mapillary user id.
+//! * [`client`] — the HTTP client (OAuth, rupload, `finish_upload`, feed, entities, searches, tiles).
+//! * [`feed`] — the GraphQL activity feed's document and parser.
+//! * [`error`] — every failure of a call; [`retry`] — the upload retry policy and reply classification.
+//!
+//! Parsing is pure and tolerant: unknown JSON fields are ignored, unknown enum values are kept
+//! verbatim, and ids, handles and cursors stay opaque strings.
 
+pub mod app;
 pub mod client;
 pub mod error;
 pub mod feed;
 pub mod retry;
+pub mod session;
 
 /// The four base URLs of Mapillary's services.
 #[derive(Debug, Clone, PartialEq, Eq)]
