@@ -8,21 +8,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use integration_tests::moto::shared_moto;
-use integration_tests::stack::{self, LocalStack};
+use integration_tests::stack::{self, LocalStack, SimEndpoints};
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET};
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
-use poller::api::MapillaryApi;
 use poller::clock::Clock;
-use poller::config::Tunables;
-use poller::inbox::SqsInbox;
-use poller::{run_once, Poller, RunReport};
+use poller::compose::{compose, ProductionPoller};
+use poller::config::{Config, Tunables};
+use poller::{run_once, RunReport};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
 use shared::adapters::sqs::SqsClusterQueue;
-use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
 use shared::domain::linking::LinkPath;
 use shared::domain::tracking::OverallState;
 use shared::mapillary::client::{FileType, MapillaryClient};
@@ -32,7 +28,7 @@ use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadR
 use shared::ports::{ClusterQueue, TokenStore, TrackingRepository, UploadRepository};
 use time::OffsetDateTime;
 
-type P = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+type P = ProductionPoller;
 
 struct World {
     _stack: LocalStack,
@@ -67,26 +63,14 @@ async fn world(tag: &str) -> Result<World> {
         reconcile_scan_every: Duration::ZERO,
         ..Tunables::default()
     };
-    let poller = Poller {
-        tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
-        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
-        tokens: KmsTokenStore::new(
-            stack.dynamodb(),
-            stack.kms(),
-            &stack.users_table,
-            &stack.token_key_id,
-        ),
-        inbox: SqsInbox::new(stack.sqs(), &stack.clusters_queue_url),
-        api: MapillaryApi::new(
-            client.clone(),
-            http.clone(),
-            APP_ID,
-            SecretString::from(CLIENT_SECRET),
-        ),
-        client_token: None,
-        tunables,
-        clock: Clock::manual(sim_now(&sim)),
-    };
+    // The poller composed by `poller::compose` from the function's environment, as `main.rs` does;
+    // then fast retries, the test's tunables and a clock that follows the simulator's.
+    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
+    let mut poller = compose(&config, stack.sdk_config()).await?;
+    poller.api = poller.api.with_retry_policy(RetryPolicy::fast());
+    poller.tunables = tunables;
+    poller.clock = Clock::manual(sim_now(&sim));
     let clusters = SqsClusterQueue::new(stack.sqs(), &stack.clusters_queue_url);
     Ok(World {
         _stack: stack,

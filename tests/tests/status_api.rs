@@ -1,7 +1,8 @@
-//! status-api on the local stack: the router built exactly as `main.rs` builds it (DynamoDB and KMS
-//! of a stack created from `infra/template.yaml` in the shared moto, the DynamoDB OAuth-state store,
-//! the OAuth client against the in-process Mapillary simulator), called with the API Gateway v2
-//! events of `events/apigw-v2/` (path, query and `sub` adjusted per call).
+//! status-api on the local stack: the router's dependencies composed by `status_api::compose` as
+//! `main.rs` composes them (DynamoDB and KMS of a stack created from `infra/template.yaml` in the
+//! shared moto, the DynamoDB OAuth-state store, the Mapillary app against the in-process simulator;
+//! only the retry policy made fast), called with the API Gateway v2 events of `events/apigw-v2/`
+//! (path, query and `sub` adjusted per call).
 //!
 //! The records it reads are written by the real producers: zip-and-push's handler (sequences,
 //! uploads, images) and the poller (tracking records, image links), both with the token that the
@@ -19,32 +20,24 @@ use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use http_body_util::BodyExt;
 use integration_tests::moto::shared_moto;
 use integration_tests::repo_root;
-use integration_tests::stack::{self, LocalStack};
+use integration_tests::stack::{self, LocalStack, SimEndpoints};
 use mapillary_sim::defaults::{self, APP_ID, CLIENT_SECRET, DEMO_USERNAME, DEMO_USER_ID};
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use relay_fixtures::{jpeg, track, TrackSpec};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::mapillary::MapillaryAdapter;
-use shared::adapters::oauth_state::DynamoStateStore;
 use shared::adapters::s3::S3ObjectStore;
-use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
-use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
-use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
-use shared::mapillary::Endpoints;
 use shared::model::{RejectedImage, SequenceRecord, SequenceState};
 use shared::ports::{TokenStore, UploadRepository};
+use status_api::compose::ProductionDeps;
 use status_api::config::Settings;
-use status_api::oauth::MapillaryConnector;
-use status_api::{router, AppDeps};
+use status_api::router;
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-type Api = AppDeps<DynamoRepository, DynamoTracking, KmsTokenStore, DynamoStateStore>;
+type Api = ProductionDeps;
 
 /// The `sub` of the sample events.
 const USER: &str = "user-1";
@@ -72,36 +65,26 @@ fn settings() -> Settings {
     }
 }
 
-/// The API's dependencies as `main.rs` composes them, for `stack` and `sim`.
-fn api_deps(stack: &LocalStack, sim: &SimHandle, http: &reqwest::Client, settings: Settings) -> Arc<Api> {
-    Arc::new(AppDeps {
-        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
-        tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
-        tokens: KmsTokenStore::new(
-            stack.dynamodb(),
-            stack.kms(),
-            &stack.users_table,
-            &stack.token_key_id,
-        ),
-        states: DynamoStateStore::new(stack.dynamodb(), &stack.users_table),
-        mapillary: MapillaryConnector::new(
-            MapillaryClient::new(
-                Endpoints::under(sim.base_url()),
-                http.clone(),
-                RetryPolicy::fast(),
-            ),
-            APP_ID,
-            SecretString::from(CLIENT_SECRET),
-        ),
-        settings,
-    })
+/// A function's environment for `stack` and `sim` (what `cargo lambda watch` would pass), as a lookup.
+fn lambda_env(stack: &LocalStack, sim: &SimHandle) -> impl Fn(&str) -> Option<String> {
+    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+}
+
+/// The API's dependencies as `main.rs` composes them, for `stack` and `sim` (fast retries, `settings`).
+async fn api_deps(stack: &LocalStack, sim: &SimHandle, settings: Settings) -> Result<Arc<Api>> {
+    let config = status_api::config::Config::from_lookup(lambda_env(stack, sim))?;
+    let mut deps = status_api::compose::compose(&config, stack.sdk_config()).await?;
+    deps.mapillary = deps.mapillary.with_retry_policy(RetryPolicy::fast());
+    deps.settings = settings;
+    Ok(Arc::new(deps))
 }
 
 async fn world(tag: &str) -> Result<World> {
     let stack = LocalStack::create(&shared_moto()?, &stack::unique_stack_name(tag)).await?;
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
     let http = http()?;
-    let api = api_deps(&stack, &sim, &http, settings());
+    let api = api_deps(&stack, &sim, settings()).await?;
     let app = router(api.clone());
     Ok(World {
         stack,
@@ -378,33 +361,13 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
     assert!(!r.raw.contains(&token));
     assert_eq!(r.headers["cache-control"], "no-store");
 
-    // zip-and-push with the stored token (the only token of USER).
-    let zp = zip_and_push::HandlerDeps {
-        store: S3ObjectStore::new(w.stack.s3()),
-        repo: DynamoRepository::new(
-            w.stack.dynamodb(),
-            &w.stack.uploads_table,
-            &w.stack.idempotency_table,
-        ),
-        tokens: KmsTokenStore::new(
-            w.stack.dynamodb(),
-            w.stack.kms(),
-            &w.stack.users_table,
-            &w.stack.token_key_id,
-        ),
-        clusters: SqsClusterQueue::new(w.stack.sqs(), &w.stack.clusters_queue_url),
-        requeue: SqsIngestRequeue::new(w.stack.sqs(), &w.stack.ingest_queue_url),
-        mapillary: MapillaryAdapter::new(
-            MapillaryClient::new(
-                Endpoints::under(w.sim.base_url()),
-                w.http.clone(),
-                RetryPolicy::fast(),
-            ),
-            APP_ID,
-            SecretString::from(CLIENT_SECRET),
-        ),
-        tunables: zip_and_push::config::Tunables::default(),
-    };
+    // zip-and-push with the stored token (the only token of USER), composed as its `main.rs` does
+    // (S3 path-style for moto, fast retries).
+    let config = zip_and_push::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut zp = zip_and_push::compose::compose(&config, w.stack.sdk_config()).await?;
+    zp.store = S3ObjectStore::new(w.stack.s3());
+    zp.mapillary = zp.mapillary.with_retry_policy(RetryPolicy::fast());
+    zp.tunables = zip_and_push::config::Tunables::default();
     let n = 6;
     let mut t = TrackSpec::new(48.2, 16.37, datetime!(2024-04-20 08:00:00 UTC));
     t.interval_ms = 2000;
@@ -432,34 +395,11 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
     assert!(up["mapillary"].is_null(), "{up:#}");
 
     // The poller, with the same token store, follows the simulator's clock through the stages.
-    let poller = poller::Poller {
-        tracking: DynamoTracking::new(w.stack.dynamodb(), &w.stack.uploads_table),
-        uploads: DynamoRepository::new(
-            w.stack.dynamodb(),
-            &w.stack.uploads_table,
-            &w.stack.idempotency_table,
-        ),
-        tokens: KmsTokenStore::new(
-            w.stack.dynamodb(),
-            w.stack.kms(),
-            &w.stack.users_table,
-            &w.stack.token_key_id,
-        ),
-        inbox: poller::inbox::SqsInbox::new(w.stack.sqs(), &w.stack.clusters_queue_url),
-        api: poller::api::MapillaryApi::new(
-            MapillaryClient::new(
-                Endpoints::under(w.sim.base_url()),
-                w.http.clone(),
-                RetryPolicy::fast(),
-            ),
-            w.http.clone(),
-            APP_ID,
-            SecretString::from(CLIENT_SECRET),
-        ),
-        client_token: None,
-        tunables: poller::config::Tunables::default(),
-        clock: poller::clock::Clock::manual(sim_now(&w.sim)),
-    };
+    let config = poller::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut poller = poller::compose::compose(&config, w.stack.sdk_config()).await?;
+    poller.api = poller.api.with_retry_policy(RetryPolicy::fast());
+    poller.tunables = poller::config::Tunables::default();
+    poller.clock = poller::clock::Clock::manual(sim_now(&w.sim));
     let run = poller::run_once(&poller, Instant::now() + Duration::from_secs(120)).await;
     assert_eq!(run.intake.created, 1, "{run:?}");
     let r = call(&w.app, &at(event("get-status.json"), "/v1/sequences/s1", "")).await;
@@ -764,12 +704,12 @@ async fn oauth_rejects_bad_codes_replayed_expired_and_foreign_states_and_delete_
     let short = api_deps(
         &w.stack,
         &w.sim,
-        &w.http,
         Settings {
             state_ttl: Duration::from_secs(1),
             ..settings()
         },
-    );
+    )
+    .await?;
     let short_app = router(short);
     let (code, state) = w.consent(&short_app, USER).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -18,7 +18,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use futures::StreamExt;
 use integration_tests::moto::shared_moto;
-use integration_tests::stack::{self, LocalStack};
+use integration_tests::stack::{self, LocalStack, SimEndpoints};
 use integration_tests::{repo_root, venv};
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USERNAME, DEMO_USER_ID, DEMO_USER_TOKEN};
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
@@ -26,34 +26,22 @@ use md5::{Digest, Md5};
 use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
-use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
-use shared::adapters::tokens::KmsTokenStore;
-use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
-use shared::mapillary::Endpoints;
 use shared::model::{ClusterMessage, SequenceState, SequenceStatus, StoredToken, UploadState};
 use shared::ports::{TokenStore, UploadRepository};
 use time::macros::datetime;
 use time::OffsetDateTime;
-use zip_and_push::config::Tunables;
-use zip_and_push::{handle_batch, sequence_status, HandlerDeps};
+use zip_and_push::compose::{compose, ProductionDeps};
+use zip_and_push::config::{Config, Tunables};
+use zip_and_push::{handle_batch, sequence_status};
 
 /// The producer's user id in S3 keys (mapped to the simulator's demo user by its token).
 const USER: &str = "user-1";
 /// The Lambda event sample whose shape the events are built from.
 const EVENT_SAMPLE: &str = include_str!("../../events/sqs/s3-manifest-created-moto.json");
 
-type Deps = HandlerDeps<
-    S3ObjectStore,
-    DynamoRepository,
-    KmsTokenStore,
-    SqsClusterQueue,
-    SqsIngestRequeue,
-    MapillaryAdapter,
->;
+type Deps = ProductionDeps;
 
 struct World {
     stack: LocalStack,
@@ -79,37 +67,21 @@ fn stored_token(access: &str, expires_at: Option<OffsetDateTime>) -> StoredToken
     }
 }
 
-/// A fresh stack in the shared moto, a fresh simulator, the handler's dependencies built exactly as
-/// `main.rs` builds them (but with the fast retry policy), and the demo user's token written through
-/// the KMS token store for [`USER`].
+/// A fresh stack in the shared moto, a fresh simulator, the handler's dependencies composed by
+/// `zip_and_push::compose` from the function's environment exactly as `main.rs` composes them (then
+/// the fast retry policy, `tunables` and a path-style S3 client for moto), and the demo user's token
+/// written through the KMS token store for [`USER`].
 async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     let endpoint = shared_moto()?;
     let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
     let http = http()?;
-    let mapillary = MapillaryAdapter::new(
-        MapillaryClient::new(
-            Endpoints::under(sim.base_url()),
-            http.clone(),
-            RetryPolicy::fast(),
-        ),
-        APP_ID,
-        SecretString::from(CLIENT_SECRET),
-    );
-    let deps = HandlerDeps {
-        store: S3ObjectStore::new(stack.s3()),
-        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
-        tokens: KmsTokenStore::new(
-            stack.dynamodb(),
-            stack.kms(),
-            &stack.users_table,
-            &stack.token_key_id,
-        ),
-        clusters: SqsClusterQueue::new(stack.sqs(), &stack.clusters_queue_url),
-        requeue: SqsIngestRequeue::new(stack.sqs(), &stack.ingest_queue_url),
-        mapillary,
-        tunables,
-    };
+    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
+    let mut deps = compose(&config, stack.sdk_config()).await?;
+    deps.store = S3ObjectStore::new(stack.s3());
+    deps.mapillary = deps.mapillary.with_retry_policy(RetryPolicy::fast());
+    deps.tunables = tunables;
     deps.tokens
         .save(USER, &stored_token(DEMO_USER_TOKEN, None))
         .await?;

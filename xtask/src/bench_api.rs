@@ -30,22 +30,17 @@ use mapillary_sim::{SimConfig, Simulator};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::oauth_state::DynamoStateStore;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::adapters::tracking::DynamoTracking;
 use shared::domain::linking::{ImageOutcome, LinkPath};
 use shared::domain::tracking::{OverallState, TrackedUpload};
-use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::feed::StageStatus;
-use shared::mapillary::retry::RetryPolicy;
-use shared::mapillary::{image_link, Endpoints};
+use shared::mapillary::image_link;
 use shared::model::{
     upload_id, ImageLink, SequenceRecord, SequenceState, StoredToken, TrackingRecord, UploadImage,
     UploadRecord, UploadState,
 };
 use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
-use status_api::config::Settings;
-use status_api::oauth::MapillaryConnector;
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,27 +74,13 @@ pub async fn run(root: &Path) -> Result<()> {
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
     seed(&stack).await?;
 
-    // ---- warm, in process
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
-    let deps = Arc::new(status_api::AppDeps {
-        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
-        tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
-        tokens: KmsTokenStore::new(
-            stack.dynamodb(),
-            stack.kms(),
-            &stack.users_table,
-            &stack.token_key_id,
-        ),
-        states: DynamoStateStore::new(stack.dynamodb(), &stack.users_table),
-        mapillary: MapillaryConnector::new(
-            MapillaryClient::new(Endpoints::under(sim.base_url()), http, RetryPolicy::default()),
-            defaults::APP_ID,
-            SecretString::from(defaults::CLIENT_SECRET),
-        ),
-        settings: Settings::default(),
-    });
+    // ---- warm, in process, composed as `main.rs` composes it
+    let sim_endpoints = SimEndpoints::from_base(sim.base_url(), defaults::APP_ID, defaults::CLIENT_SECRET);
+    let env = stack.lambda_env(&sim_endpoints);
+    let config = status_api::config::Config::from_lookup(|k| {
+        env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    })?;
+    let deps = Arc::new(status_api::compose::compose(&config, stack.sdk_config()).await?);
     let app = status_api::router(deps);
     let routes = [
         (
@@ -138,8 +119,6 @@ pub async fn run(root: &Path) -> Result<()> {
     }
 
     // ---- cold init, release binary behind a Runtime API
-    let sim_endpoints = SimEndpoints::from_base(sim.base_url(), defaults::APP_ID, defaults::CLIENT_SECRET);
-    let env = stack.lambda_env(&sim_endpoints);
     let cold_event = event(root, "get-status.json", "/v1/sequences/seq-000")?.to_string();
     let mut inits = Vec::new();
     let mut firsts = Vec::new();

@@ -34,12 +34,12 @@ use mapillary_sim::{defaults, ProcessingPlan, SimConfig, SimHandle, Simulator};
 use poller::clock::Clock;
 use poller::plana::{find_by_tiles, TileCache};
 use poller::run_once;
-use poller::tokens::UserToken;
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::linking::LinkPath;
 use shared::domain::tiles::{distance_m, tiles_covering_points, LonLat, TileId, COVERAGE_ZOOM};
 use shared::domain::tracking::TrackedUpload;
+use shared::mapillary::session::TokenSession;
 use shared::model::{upload_id, StoredToken, TrackingRecord, UploadImage};
 use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
 use time::OffsetDateTime;
@@ -503,7 +503,7 @@ pub async fn run(root: &Path) -> Result<()> {
                     ids.len()
                 );
                 let mine = poller::planb::our_images_many(p, linked.iter()).await;
-                let mut tok = UserToken::load(p, &u.ours).await?;
+                let mut tok = TokenSession::load_fresh(p.token_context(), &u.ours).await?;
                 let mut cache = TileCache::default();
                 let mut taken: HashSet<String> = HashSet::new();
                 let (mut found, mut same) = (0, 0);

@@ -6,7 +6,7 @@
 //! unless the user already has a token); DIR's `.jpg`/`.jpeg` files go to
 //! `s3://<bucket>/sequences/<user>/<sequence>/…`, `manifest.json` last; then the ingest queue is
 //! drained: every notification moto put there is wrapped as a Lambda SQS event and handed to
-//! `zip_and_push::handle_batch` (composition as in `functions/zip-and-push/src/main.rs`), acknowledged
+//! `zip_and_push::handle_batch` (composed with `zip_and_push::compose`, as `main.rs` does), acknowledged
 //! messages are deleted, failed ones made visible again, until the queue is empty and the sequence is
 //! final. The status document is printed as JSON on stdout; progress goes to stderr.
 
@@ -23,29 +23,19 @@ use integration_tests::stack::{s3_client, sdk_config};
 use mapillary_sim::defaults;
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
-use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
 use shared::adapters::tokens::KmsTokenStore;
-use shared::mapillary::client::MapillaryClient;
-use shared::mapillary::retry::RetryPolicy;
+use shared::config::ClientSecretSource;
 use shared::model::{SequenceState, StoredToken};
 use shared::ports::TokenStore;
-use zip_and_push::config::{ClientSecretSource, Config};
-use zip_and_push::{handle_batch, sequence_status, HandlerDeps};
+use zip_and_push::compose::{compose, ProductionDeps};
+use zip_and_push::config::Config;
+use zip_and_push::{handle_batch, sequence_status};
 
 use crate::stack::{self, StackState};
 
 /// The handler's dependencies with the AWS and Mapillary adapters.
-pub type RelayDeps = HandlerDeps<
-    S3ObjectStore,
-    DynamoRepository,
-    KmsTokenStore,
-    SqsClusterQueue,
-    SqsIngestRequeue,
-    MapillaryAdapter,
->;
+pub type RelayDeps = ProductionDeps;
 
 /// How long one invocation may run (Lambda's maximum).
 const INVOCATION_TIMEOUT: Duration = Duration::from_secs(900);
@@ -72,42 +62,19 @@ pub fn env_of(state: &StackState) -> BTreeMap<String, String> {
     state.exports.iter().cloned().collect()
 }
 
-/// Config, SDK clients and adapters, composed as the Lambda's `main.rs` does (S3 path-style for
-/// moto; the plain client secret of the local stack).
+/// Config, SDK clients and adapters, composed by the function's own [`compose`] (as its `main.rs`
+/// does), with S3 path-style for moto; the local stack's client secret is plain.
 pub async fn deps_from_env(env: &BTreeMap<String, String>) -> Result<(Config, RelayDeps)> {
     let config = Config::from_lookup(|k| env.get(k).cloned())?;
     let endpoint = env
         .get("AWS_ENDPOINT_URL")
         .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
     let sdk = sdk_config(endpoint).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .build()?;
-    let ClientSecretSource::Plain(secret) = config.client_secret.clone() else {
+    if !matches!(config.mapillary.client_secret, ClientSecretSource::Plain(_)) {
         bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
-    };
-    let mapillary = MapillaryAdapter::new(
-        MapillaryClient::new(config.endpoints.clone(), http, RetryPolicy::default()),
-        config.client_id.clone(),
-        secret,
-    );
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    let sqs = aws_sdk_sqs::Client::new(&sdk);
-    let deps = HandlerDeps {
-        store: S3ObjectStore::new(s3_client(&sdk)),
-        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
-        tokens: KmsTokenStore::new(
-            dynamodb,
-            aws_sdk_kms::Client::new(&sdk),
-            &config.users_table,
-            &config.token_key_id,
-        ),
-        clusters: SqsClusterQueue::new(sqs.clone(), &config.clusters_queue_url),
-        requeue: SqsIngestRequeue::new(sqs, &config.ingest_queue_url),
-        mapillary,
-        tunables: config.tunables.clone(),
-    };
+    }
+    let mut deps = compose(&config, &sdk).await?;
+    deps.store = S3ObjectStore::new(s3_client(&sdk));
     Ok((config, deps))
 }
 

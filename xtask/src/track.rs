@@ -11,59 +11,33 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use integration_tests::stack::sdk_config;
-use poller::api::MapillaryApi;
 use poller::clock::Clock;
-use poller::config::{ClientSecretSource, Config};
+use poller::compose::{compose, ProductionPoller};
+use poller::config::Config;
 use poller::handler::path_label;
-use poller::inbox::SqsInbox;
-use poller::{run_once, Poller};
+use poller::run_once;
 use serde_json::Value;
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
-use shared::mapillary::client::MapillaryClient;
-use shared::mapillary::retry::RetryPolicy;
+use shared::config::ClientSecretSource;
 use shared::model::{TrackingRecord, UploadRecord, UploadState};
 use shared::ports::{TrackingRepository, UploadRepository};
 
 /// The poller over the AWS adapters.
-pub type RelayPoller = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+pub type RelayPoller = ProductionPoller;
 
-/// The poller composed as its `main.rs` does, from a function environment (`stack up`'s exports).
+/// The poller composed by its own [`compose`] (as its `main.rs` does), from a function environment
+/// (`stack up`'s exports), with `clock` as "now".
 pub async fn poller_from_env(env: &BTreeMap<String, String>, clock: Clock) -> Result<RelayPoller> {
     let config = Config::from_lookup(|k| env.get(k).cloned())?;
     let endpoint = env
         .get("AWS_ENDPOINT_URL")
         .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
     let sdk = sdk_config(endpoint).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .build()?;
-    let ClientSecretSource::Plain(secret) = config.client_secret.clone() else {
+    if !matches!(config.mapillary.client_secret, ClientSecretSource::Plain(_)) {
         bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
-    };
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    Ok(Poller {
-        tracking: DynamoTracking::new(dynamodb.clone(), &config.uploads_table),
-        uploads: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
-        tokens: KmsTokenStore::new(
-            dynamodb,
-            aws_sdk_kms::Client::new(&sdk),
-            &config.users_table,
-            &config.token_key_id,
-        ),
-        inbox: SqsInbox::new(aws_sdk_sqs::Client::new(&sdk), &config.clusters_queue_url),
-        api: MapillaryApi::new(
-            MapillaryClient::new(config.endpoints.clone(), http.clone(), RetryPolicy::default()),
-            http,
-            config.client_id.clone(),
-            secret,
-        ),
-        client_token: config.client_token.clone(),
-        tunables: config.tunables.clone(),
-        clock,
-    })
+    }
+    let mut poller = compose(&config, &sdk).await?;
+    poller.clock = clock;
+    Ok(poller)
 }
 
 /// The simulator's clock: `(now_ms, frozen)`.

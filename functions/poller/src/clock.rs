@@ -38,6 +38,13 @@ impl Clock {
     }
 }
 
+/// The token sessions of a run read this clock (token expiry follows the same "now").
+impl shared::mapillary::session::Now for Clock {
+    fn now(&self) -> OffsetDateTime {
+        Clock::now(self)
+    }
+}
+
 fn to_ms(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }

@@ -1,38 +1,14 @@
 //! Typed configuration, read once from the environment at cold start (same names as the template's
 //! `RELAY_*` / `MAPILLARY_*` globals plus the poller's tunables). A missing or malformed variable
-//! fails the start. Hand-rolled over a lookup function, as in zip-and-push, so tests pass a map.
+//! fails the start. Built on [`shared::config`] (the Mapillary app and the tables every function
+//! reads), plus the clusters queue, the client token and the tunables with their ranges.
 
 use std::time::Duration;
 
 use secrecy::SecretString;
+use shared::config::{ConfigError, Env, MapillaryConfig, Tables};
 use shared::domain::linking::Tolerances;
 use shared::domain::tracking::{TrackingPolicy, WalkLimits};
-use shared::mapillary::Endpoints;
-
-/// A variable is missing or malformed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// Required and absent (or empty).
-    #[error("missing environment variable {0}")]
-    Missing(&'static str),
-    /// Present but unusable.
-    #[error("environment variable {name}: {reason}")]
-    Invalid {
-        /// Variable.
-        name: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Where the OAuth client secret comes from.
-#[derive(Debug, Clone)]
-pub enum ClientSecretSource {
-    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
-    Plain(SecretString),
-    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved by `main` at init).
-    SecretArn(String),
-}
 
 /// Which token the GraphQL activity feed is called with (`RELAY_GRAPHQL_TOKEN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,20 +84,10 @@ impl Default for Tunables {
 pub struct Config {
     /// `RELAY_CLUSTERS_QUEUE_URL`.
     pub clusters_queue_url: String,
-    /// `RELAY_UPLOADS_TABLE`.
-    pub uploads_table: String,
-    /// `RELAY_USERS_TABLE`.
-    pub users_table: String,
-    /// `RELAY_IDEMPOTENCY_TABLE` (only to build the shared repository).
-    pub idempotency_table: String,
-    /// `RELAY_TOKEN_KEY_ID`.
-    pub token_key_id: String,
-    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`.
-    pub endpoints: Endpoints,
-    /// `MAPILLARY_CLIENT_ID`.
-    pub client_id: String,
-    /// `MAPILLARY_CLIENT_SECRET` or `MAPILLARY_CLIENT_SECRET_ARN`.
-    pub client_secret: ClientSecretSource,
+    /// The tables and the token key (the idempotency table only to build the shared repository).
+    pub tables: Tables,
+    /// The Mapillary app (endpoints, client id, client secret).
+    pub mapillary: MapillaryConfig,
     /// `MAPILLARY_CLIENT_TOKEN`: required when `RELAY_GRAPHQL_TOKEN=client`.
     pub client_token: Option<SecretString>,
     /// Tunables.
@@ -136,63 +102,59 @@ impl Config {
 
     /// Read variables through `get` (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let opt = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        let req = |name: &'static str| opt(name).ok_or(ConfigError::Missing(name));
-        let client_secret = match (opt("MAPILLARY_CLIENT_SECRET"), opt("MAPILLARY_CLIENT_SECRET_ARN")) {
-            (Some(s), _) => ClientSecretSource::Plain(SecretString::from(s)),
-            (None, Some(arn)) => ClientSecretSource::SecretArn(arn),
-            (None, None) => return Err(ConfigError::Missing("MAPILLARY_CLIENT_SECRET")),
-        };
-        let graphql_token = match opt("RELAY_GRAPHQL_TOKEN").as_deref() {
+        let env = Env::new(get);
+        let mapillary = env.mapillary()?;
+        let graphql_token = match env.optional("RELAY_GRAPHQL_TOKEN").as_deref() {
             None | Some("user") => GraphqlToken::User,
             Some("client") => GraphqlToken::Client,
             Some(other) => {
-                return Err(ConfigError::Invalid {
-                    name: "RELAY_GRAPHQL_TOKEN",
-                    reason: format!("{other:?}: expected `user` or `client`"),
-                })
+                return Err(ConfigError::invalid(
+                    "RELAY_GRAPHQL_TOKEN",
+                    format!("{other:?}: expected `user` or `client`"),
+                ))
             }
         };
-        let client_token = opt("MAPILLARY_CLIENT_TOKEN").map(SecretString::from);
+        let client_token = env.optional("MAPILLARY_CLIENT_TOKEN").map(SecretString::from);
         if graphql_token == GraphqlToken::Client && client_token.is_none() {
             return Err(ConfigError::Missing("MAPILLARY_CLIENT_TOKEN"));
         }
         let d = Tunables::default();
         let hours = |h: u64| time::Duration::seconds(h.saturating_mul(3600).min(i64::MAX as u64) as i64);
         let policy = TrackingPolicy {
-            stale_after: hours(parse(&get, "RELAY_STALE_AFTER_H", 72u64)?),
-            hard_stop_after: hours(parse(&get, "RELAY_HARD_STOP_DAYS", 14u64)?.saturating_mul(24)),
-            poll_every: time::Duration::seconds(parse(&get, "RELAY_POLL_EVERY_S", 0i64)?),
-            stale_poll_every: hours(parse(&get, "RELAY_STALE_POLL_H", 6u64)?),
+            stale_after: hours(env.parse_or("RELAY_STALE_AFTER_H", 72u64)?),
+            hard_stop_after: hours(env.parse_or("RELAY_HARD_STOP_DAYS", 14u64)?.saturating_mul(24)),
+            poll_every: time::Duration::seconds(env.parse_or("RELAY_POLL_EVERY_S", 0i64)?),
+            stale_poll_every: hours(env.parse_or("RELAY_STALE_POLL_H", 6u64)?),
         };
         if policy.hard_stop_after < policy.stale_after {
-            return Err(ConfigError::Invalid {
-                name: "RELAY_HARD_STOP_DAYS",
-                reason: "the hard stop must not come before the stale limit".into(),
-            });
+            return Err(ConfigError::invalid(
+                "RELAY_HARD_STOP_DAYS",
+                "the hard stop must not come before the stale limit",
+            ));
         }
         let tunables = Tunables {
-            budget: Duration::from_secs(parse(&get, "RELAY_POLL_BUDGET_S", 240u64)?),
-            feed_page_size: parse(&get, "RELAY_FEED_PAGE_SIZE", d.feed_page_size)?,
-            feed_max_pages: parse(&get, "RELAY_FEED_MAX_PAGES", d.feed_max_pages)?,
-            hide_after_days: parse(&get, "RELAY_FEED_HIDE_AFTER_DAYS", d.hide_after_days)?,
-            user_concurrency: parse(&get, "RELAY_USER_CONCURRENCY", d.user_concurrency)?,
-            intake_max_messages: parse(&get, "RELAY_INTAKE_MAX_MESSAGES", d.intake_max_messages)?,
+            budget: Duration::from_secs(env.parse_or("RELAY_POLL_BUDGET_S", 240u64)?),
+            feed_page_size: env.parse_or("RELAY_FEED_PAGE_SIZE", d.feed_page_size)?,
+            feed_max_pages: env.parse_or("RELAY_FEED_MAX_PAGES", d.feed_max_pages)?,
+            hide_after_days: env.parse_or("RELAY_FEED_HIDE_AFTER_DAYS", d.hide_after_days)?,
+            user_concurrency: env.parse_or("RELAY_USER_CONCURRENCY", d.user_concurrency)?,
+            intake_max_messages: env.parse_or("RELAY_INTAKE_MAX_MESSAGES", d.intake_max_messages)?,
             policy,
             graphql_token,
-            token_refresh_margin: Duration::from_secs(parse(&get, "RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
+            token_refresh_margin: Duration::from_secs(env.parse_or("RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
             tolerances: Tolerances {
-                captured_at_ms: parse(&get, "RELAY_LINK_TIME_TOLERANCE_MS", d.tolerances.captured_at_ms)?,
-                distance_m: parse(&get, "RELAY_LINK_DISTANCE_M", d.tolerances.distance_m)?,
+                captured_at_ms: env.parse_or("RELAY_LINK_TIME_TOLERANCE_MS", d.tolerances.captured_at_ms)?,
+                distance_m: env.parse_or("RELAY_LINK_DISTANCE_M", d.tolerances.distance_m)?,
                 altitude_m: None,
             },
-            tile_margin_m: parse(&get, "RELAY_TILE_MARGIN_M", d.tile_margin_m)?,
-            entity_batch: parse(&get, "RELAY_ENTITY_BATCH", d.entity_batch)?,
-            upload_concurrency: parse(&get, "RELAY_UPLOAD_CONCURRENCY", d.upload_concurrency)?,
+            tile_margin_m: env.parse_or("RELAY_TILE_MARGIN_M", d.tile_margin_m)?,
+            entity_batch: env.parse_or("RELAY_ENTITY_BATCH", d.entity_batch)?,
+            upload_concurrency: env.parse_or("RELAY_UPLOAD_CONCURRENCY", d.upload_concurrency)?,
             reconcile_window: Duration::from_secs(
-                parse(&get, "RELAY_RECONCILE_WINDOW_H", 24u64)?.saturating_mul(3600),
+                env.parse_or("RELAY_RECONCILE_WINDOW_H", 24u64)?
+                    .saturating_mul(3600),
             ),
-            reconcile_scan_every: Duration::from_secs(parse(&get, "RELAY_RECONCILE_SCAN_EVERY_S", 900u64)?),
+            reconcile_scan_every: Duration::from_secs(env.parse_or("RELAY_RECONCILE_SCAN_EVERY_S", 900u64)?),
         };
         for (name, ok) in [
             (
@@ -205,46 +167,16 @@ impl Config {
             ("RELAY_ENTITY_BATCH", (1..=2000).contains(&tunables.entity_batch)),
         ] {
             if !ok {
-                return Err(ConfigError::Invalid {
-                    name,
-                    reason: "out of range".into(),
-                });
+                return Err(ConfigError::invalid(name, "out of range"));
             }
         }
         Ok(Config {
-            clusters_queue_url: req("RELAY_CLUSTERS_QUEUE_URL")?,
-            uploads_table: req("RELAY_UPLOADS_TABLE")?,
-            users_table: req("RELAY_USERS_TABLE")?,
-            idempotency_table: req("RELAY_IDEMPOTENCY_TABLE")?,
-            token_key_id: req("RELAY_TOKEN_KEY_ID")?,
-            endpoints: Endpoints {
-                graph: req("MAPILLARY_GRAPH_URL")?.trim_end_matches('/').to_string(),
-                upload: req("MAPILLARY_UPLOAD_URL")?.trim_end_matches('/').to_string(),
-                tiles: req("MAPILLARY_TILES_URL")?.trim_end_matches('/').to_string(),
-                www: req("MAPILLARY_WWW_URL")?.trim_end_matches('/').to_string(),
-            },
-            client_id: req("MAPILLARY_CLIENT_ID")?,
-            client_secret,
+            clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
+            tables: env.tables()?,
+            mapillary,
             client_token,
             tunables,
         })
-    }
-}
-
-fn parse<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &'static str,
-    default: T,
-) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    match get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid {
-            name,
-            reason: format!("{v:?}: {e}"),
-        }),
     }
 }
 
@@ -277,7 +209,7 @@ mod tests {
     fn when_all_required_set_should_load_with_defaults() {
         let env = base();
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
-        assert_eq!(c.endpoints.graph, "http://127.0.0.1:1/graph");
+        assert_eq!(c.mapillary.endpoints.graph, "http://127.0.0.1:1/graph");
         assert_eq!(c.tunables, Tunables::default());
         assert_eq!(c.tunables.policy.stale_after, time::Duration::hours(72));
         assert_eq!(c.tunables.policy.hard_stop_after, time::Duration::days(14));

@@ -17,12 +17,13 @@ use shared::domain::linking::{ImageOutcome, LinkPath, LinkReport, OurImage};
 use shared::domain::tracking::{
     adopt_cluster, apply_node, check_deadlines, is_due, reconcile_failed, OverallState, Transition, Update,
 };
+use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::feed::{ActivityNode, StageStatus, Stages};
+use shared::mapillary::session::{SessionContext, TokenSession};
 use shared::model::{FeedHealth, ImageLink, ImagePosition, TrackingRecord};
 use shared::ports::{RepoError, TokenStore, TrackingRepository, UploadRepository};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::api::MapillaryApi;
 use crate::clock::Clock;
 use crate::config::{GraphqlToken, Tunables};
 use crate::inbox::ClusterInbox;
@@ -30,7 +31,6 @@ use crate::intake::{intake, IntakeReport};
 use crate::plana::{find_by_tiles, TileCache};
 use crate::planb::{link_many, walk_feed, FeedOutcome};
 use crate::reconcile::{discover_uncertain, TrackingExtra};
-use crate::tokens::UserToken;
 
 /// The ports and settings of a run.
 #[derive(Debug, Clone)]
@@ -44,13 +44,22 @@ pub struct Poller<R, U, T, Q> {
     /// The clusters queue.
     pub inbox: Q,
     /// Mapillary.
-    pub api: MapillaryApi,
+    pub api: MapillaryApp,
     /// `MAPILLARY_CLIENT_TOKEN`, for `RELAY_GRAPHQL_TOKEN=client`.
     pub client_token: Option<SecretString>,
     /// Tunables.
     pub tunables: Tunables,
     /// "Now".
     pub clock: Clock,
+}
+
+impl<R, U, T, Q> Poller<R, U, T, Q> {
+    /// What the run's token sessions share: the token store, Mapillary, the refresh margin and the
+    /// run's clock.
+    pub fn token_context(&self) -> SessionContext<'_, T, MapillaryApp> {
+        SessionContext::new(&self.tokens, &self.api, self.tunables.token_refresh_margin)
+            .with_clock(&self.clock)
+    }
 }
 
 /// What a run did.
@@ -431,7 +440,7 @@ where
         return out;
     }
     let t = Instant::now();
-    let mut token = match UserToken::from_loaded(p, user_id, token).await {
+    let mut token = match TokenSession::from_loaded_fresh(p.token_context(), user_id, token).await {
         Ok(t) => Some(t),
         Err(e) => {
             warn!(error = %e, "no usable token: only the deadlines are checked");

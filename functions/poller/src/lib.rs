@@ -8,20 +8,22 @@
 //! * [`intake`] — clusters queue → `create_tracking` (idempotent) → delete after the write.
 //! * [`planb`] — the activity feed (one walk per user and run) and linking by order.
 //! * [`plana`] — the fallback when the feed is unusable: coverage tiles → candidates → matching.
-//! * [`tokens`] — user tokens: refresh on expiry/401, Mapillary user id from `/me`.
-//! * [`api`] — the Mapillary reads; [`inbox`] — the SQS receive/delete port; [`clock`] — "now".
+//! * User tokens (refresh on expiry/401, Mapillary user id from `/me`) are
+//!   `shared::mapillary::session`'s; every Mapillary call goes through `shared::mapillary::app`.
+//! * [`inbox`] — the SQS receive/delete port; [`clock`] — "now".
 //! * [`reconcile`] — FINISH_UNCERTAIN uploads: found by scan, their cluster looked for in the feed.
-//! * [`config`] — environment configuration.
+//! * [`config`] — environment configuration; [`compose`] — config + SDK config → the production
+//!   [`Poller`]; [`lambda`] — one invocation (deadline, response document).
 
-pub mod api;
 pub mod clock;
+pub mod compose;
 pub mod config;
 pub mod handler;
 pub mod inbox;
 pub mod intake;
+pub mod lambda;
 pub mod plana;
 pub mod planb;
 pub mod reconcile;
-pub mod tokens;
 
 pub use handler::{run_once, Poller, RunReport, RunTimings};

@@ -9,13 +9,14 @@ use shared::domain::linking::{match_candidates, LinkReport, MapillaryImage, OurI
 use shared::domain::tiles::{
     decode_coverage_tile, distance_m, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
 };
+use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::session::TokenSession;
 use shared::model::{ImagePosition, TrackingRecord};
 use shared::ports::{TokenStore, UploadRepository};
 use tracing::{info, warn};
 
 use crate::handler::{our_images, Poller};
-use crate::planb::{sequence_images, with_token, LinkFail};
-use crate::tokens::UserToken;
+use crate::planb::{sequence_images, LinkFail};
 
 /// Tiles asked for one upload at most.
 const MAX_TILES_PER_UPLOAD: usize = 64;
@@ -37,7 +38,7 @@ pub fn near(o: &OurImage, m: &MapillaryImage, tol: &Tolerances) -> bool {
 /// place are not linked to the same sequence.
 pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
-    tok: &mut UserToken,
+    tok: &mut TokenSession<'_, T, MapillaryApp>,
     record: &TrackingRecord,
     cache: &mut TileCache,
     taken: &HashSet<String>,
@@ -65,7 +66,10 @@ pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
     let mut sequences: BTreeSet<String> = BTreeSet::new();
     for tile in tiles {
         if let std::collections::hash_map::Entry::Vacant(slot) = cache.tiles.entry(tile) {
-            let bytes = with_token!(p, tok, |t| p.api.tile(&t, tile))?;
+            let api = &p.api;
+            let bytes = tok
+                .call(|t| async move { api.coverage_tile(&t, tile).await })
+                .await?;
             let decoded = match bytes {
                 None => CoverageTile::default(),
                 Some(b) => match decode_coverage_tile(tile, &b) {

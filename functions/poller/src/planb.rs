@@ -9,15 +9,16 @@ use secrecy::SecretString;
 use shared::domain::linking::{link_by_order, LinkReport, MapillaryImage, MapillarySequence, OurImage};
 use shared::domain::tiles::{BBox, LonLat};
 use shared::domain::tracking::{FeedWalk, WalkEnd, WalkLimits, WalkStep};
+use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::client::SEARCH_LIMIT;
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::feed::ActivityNode;
+use shared::mapillary::session::{CallError, SessionError, TokenSession};
 use shared::model::{ImagePosition, TrackingRecord};
 use shared::ports::{TokenStore, UploadRepository};
 use tracing::{debug, info, warn};
 
-use crate::api::SEARCH_LIMIT;
 use crate::handler::{our_images, Poller};
-use crate::tokens::{TokenFail, UserToken};
 
 /// What the feed walk produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,15 +60,15 @@ fn unusable(e: &MapillaryError) -> bool {
 /// (a client token cannot be refreshed: a 401 with it makes the feed unusable).
 pub async fn walk_feed<R, U, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
-    tok: &mut UserToken,
+    tok: &mut TokenSession<'_, T, MapillaryApp>,
     graphql_token: Option<&SecretString>,
     hint: Option<String>,
     clusters: &[String],
     horizon: Option<i64>,
 ) -> FeedOutcome {
-    let mapillary_user_id = match tok.mapillary_user_id(p, hint).await {
+    let mapillary_user_id = match tok.mapillary_user_id(hint).await {
         Ok(id) => id,
-        Err(TokenFail::Mapillary(e)) if e.is_retriable() => return FeedOutcome::Skipped(e.to_string()),
+        Err(SessionError::Mapillary(e)) if e.is_retriable() => return FeedOutcome::Skipped(e.to_string()),
         Err(e) => return FeedOutcome::Skipped(format!("Mapillary user id unknown: {e}")),
     };
     let limits = WalkLimits {
@@ -124,10 +125,10 @@ pub async fn walk_feed<R, U, T: TokenStore, Q>(
             {
                 Ok(page) => break page,
                 Err(e) if e.is_unauthorized() && graphql_token.is_none() => {
-                    match tok.on_unauthorized(p).await {
+                    match tok.on_unauthorized().await {
                         Ok(true) => continue,
                         Ok(false) => return FeedOutcome::Unusable(format!("feed: {e} (after a refresh)")),
-                        Err(TokenFail::Mapillary(r)) if r.is_retriable() => {
+                        Err(SessionError::Mapillary(r)) if r.is_retriable() => {
                             return FeedOutcome::Skipped(r.to_string())
                         }
                         Err(r) => return FeedOutcome::Unusable(format!("feed: {e}; refresh failed: {r}")),
@@ -149,25 +150,6 @@ pub async fn walk_feed<R, U, T: TokenStore, Q>(
     }
 }
 
-/// Run a Mapillary read with the user's token, refreshing once on a 401.
-macro_rules! with_token {
-    ($p:expr, $tok:expr, |$t:ident| $call:expr) => {{
-        loop {
-            let $t = $tok.access().clone();
-            match $call.await {
-                Ok(v) => break Ok(v),
-                Err(e) if e.is_unauthorized() => match $tok.on_unauthorized($p).await {
-                    Ok(true) => continue,
-                    Ok(false) => break Err(LinkFail::Mapillary(e)),
-                    Err(r) => break Err(LinkFail::Token(r)),
-                },
-                Err(e) => break Err(LinkFail::Mapillary(e)),
-            }
-        }
-    }};
-}
-pub(crate) use with_token;
-
 /// Why linking failed (retried next run).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkFail {
@@ -176,7 +158,7 @@ pub enum LinkFail {
     Mapillary(MapillaryError),
     /// The token could not be refreshed.
     #[error("{0}")]
-    Token(TokenFail),
+    Token(SessionError),
     /// Our records could not be read.
     #[error("records: {0}")]
     Repo(#[from] shared::ports::RepoError),
@@ -188,14 +170,30 @@ pub enum LinkFail {
     Nothing(String),
 }
 
+/// A Mapillary read with the user's token (refreshed once on a 401, see [`TokenSession::call`]).
+impl From<CallError> for LinkFail {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Call(e) => LinkFail::Mapillary(e),
+            CallError::Refresh(r) => LinkFail::Token(r),
+        }
+    }
+}
+
 /// The images of `sequence_id`, in `image_ids` order (entities batched).
 pub async fn sequence_images<R, U, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
-    tok: &mut UserToken,
+    tok: &mut TokenSession<'_, T, MapillaryApp>,
     sequence_id: &str,
 ) -> Result<MapillarySequence, LinkFail> {
-    let ids: Vec<String> = with_token!(p, tok, |t| p.api.image_ids(&t, sequence_id))?;
-    let imgs: Vec<MapillaryImage> = with_token!(p, tok, |t| p.api.images(&t, &ids, p.tunables.entity_batch))?;
+    let api = &p.api;
+    let ids: Vec<String> = tok
+        .call(|t| async move { api.image_ids(&t, sequence_id).await })
+        .await?;
+    let (wanted, batch) = (&ids, p.tunables.entity_batch);
+    let imgs: Vec<MapillaryImage> = tok
+        .call(|t| async move { api.images(&t, wanted, batch).await })
+        .await?;
     let mut by_id: HashMap<String, MapillaryImage> = imgs.into_iter().map(|i| (i.id.clone(), i)).collect();
     let images = ids.iter().filter_map(|id| by_id.remove(id)).collect();
     Ok(MapillarySequence {
@@ -207,7 +205,7 @@ pub async fn sequence_images<R, U, T: TokenStore, Q>(
 /// Plan B linking of one upload whose image processing finished.
 pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
-    tok: &mut UserToken,
+    tok: &mut TokenSession<'_, T, MapillaryApp>,
     record: &TrackingRecord,
     image_id: &str,
 ) -> Result<(Vec<ImagePosition>, LinkReport), LinkFail> {
@@ -218,7 +216,10 @@ pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
             record.upload_id
         )));
     }
-    let first: String = with_token!(p, tok, |t| p.api.image_sequence(&t, image_id))?;
+    let api = &p.api;
+    let first: String = tok
+        .call(|t| async move { api.image_sequence(&t, image_id).await })
+        .await?;
     let mut sequences = vec![sequence_images(p, tok, &first).await?];
     let tol = p.tunables.tolerances;
     let mut report = link_by_order(&ours, &sequences, &tol)?;
@@ -243,7 +244,10 @@ pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
             let start =
                 missing.iter().map(|&k| ours[k].captured_at_ms).min().unwrap_or(0) - tol.captured_at_ms;
             let end = missing.iter().map(|&k| ours[k].captured_at_ms).max().unwrap_or(0) + tol.captured_at_ms;
-            let hits: Vec<MapillaryImage> = with_token!(p, tok, |t| p.api.search(&t, &bbox, start, end))?;
+            let bbox = &bbox;
+            let hits: Vec<MapillaryImage> = tok
+                .call(|t| async move { api.search_images(&t, bbox, start, end).await })
+                .await?;
             let known: HashSet<String> = sequences.iter().map(|s| s.id.clone()).collect();
             let mut extra: Vec<String> = hits
                 .iter()
@@ -341,21 +345,24 @@ pub async fn our_images_many<'r, R, U: UploadRepository, T, Q>(
 /// the sequence (the order would be a guess), or any image left unlinked. Results are in `jobs` order.
 pub async fn link_many<R, U: UploadRepository, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
-    tok: &mut UserToken,
+    tok: &mut TokenSession<'_, T, MapillaryApp>,
     jobs: &[(&TrackingRecord, String)],
 ) -> Vec<Result<Linked, LinkFail>> {
     let ours = our_images_many(p, jobs.iter().map(|(r, _)| *r)).await;
     let mut reps: Vec<String> = jobs.iter().map(|(_, i)| i.clone()).collect();
     reps.sort();
     reps.dedup();
-    let seq_of: HashMap<String, String> =
-        match with_token!(p, tok, |t| p.api.images(&t, &reps, p.tunables.entity_batch)) {
-            Ok(imgs) => imgs.into_iter().map(|i| (i.id, i.sequence_id)).collect(),
-            Err(e) => {
-                warn!(error = %e, "batched image → sequence lookup failed: per-upload linking");
-                HashMap::new()
-            }
-        };
+    let (api, batch, wanted_reps) = (&p.api, p.tunables.entity_batch, &reps);
+    let seq_of: HashMap<String, String> = match tok
+        .call(|t| async move { api.images(&t, wanted_reps, batch).await })
+        .await
+    {
+        Ok(imgs) => imgs.into_iter().map(|i| (i.id, i.sequence_id)).collect(),
+        Err(e) => {
+            warn!(error = %e, "batched image → sequence lookup failed: per-upload linking");
+            HashMap::new()
+        }
+    };
     // Sequences to fetch, with the number of images expected (for the search limit).
     let mut wanted: Vec<(String, usize)> = Vec::new();
     for (k, (r, image_id)) in jobs.iter().enumerate() {
@@ -386,7 +393,11 @@ pub async fn link_many<R, U: UploadRepository, T: TokenStore, Q>(
             chunk.push(s.clone());
             rest.next();
         }
-        match with_token!(p, tok, |t| p.api.images_of_sequences(&t, &chunk)) {
+        let ids = &chunk;
+        match tok
+            .call(|t| async move { api.images_of_sequences(&t, ids).await })
+            .await
+        {
             Ok(imgs) if imgs.len() < SEARCH_LIMIT => {
                 for i in imgs {
                     found.entry(i.sequence_id.clone()).or_default().push(i);

@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use lambda_http::request::RequestContext;
+use shared::mapillary::app::MapillaryApp;
 use shared::model::StoredToken;
 use shared::ports::{
     OAuthState, OAuthStateStore, StateOutcome, TokenError, TokenStore, TrackingRepository, UploadRepository,
@@ -26,7 +27,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::Settings;
 use crate::identity;
-use crate::oauth::{new_state, MapillaryConnector};
+use crate::oauth::new_state;
 use crate::problem::Problem;
 use crate::validate;
 use crate::views;
@@ -74,7 +75,7 @@ pub trait Deps: Send + Sync + 'static {
     /// OAuth states.
     fn states(&self) -> &Self::States;
     /// Mapillary OAuth.
-    fn mapillary(&self) -> &MapillaryConnector;
+    fn mapillary(&self) -> &MapillaryApp;
     /// Settings.
     fn settings(&self) -> &Settings;
 }
@@ -91,7 +92,7 @@ pub struct AppDeps<R, T, K, S> {
     /// OAuth states.
     pub states: S,
     /// Mapillary OAuth.
-    pub mapillary: MapillaryConnector,
+    pub mapillary: MapillaryApp,
     /// Settings.
     pub settings: Settings,
 }
@@ -119,7 +120,7 @@ where
     fn states(&self) -> &S {
         &self.states
     }
-    fn mapillary(&self) -> &MapillaryConnector {
+    fn mapillary(&self) -> &MapillaryApp {
         &self.mapillary
     }
     fn settings(&self) -> &Settings {
@@ -369,7 +370,7 @@ async fn connect<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Respo
     };
     let url = d
         .mapillary()
-        .authorize_url(&redirect, &state.state, &settings.scope)
+        .authorize_url(&redirect, &state.state, Some(&settings.scope))
         .map_err(|e| {
             tracing::error!(error = %e, "building the authorize URL");
             Problem::internal()
@@ -453,21 +454,25 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         ));
     };
     let redirect = redirect_uri(settings, &parts)?;
-    let grant = d.mapillary().exchange_code(code, &redirect).await.map_err(|e| {
-        // MapillaryError messages never contain tokens, secrets or the code.
-        warn!(user = %user, error = %e, "code exchange failed");
-        if e.is_retriable() {
-            mapillary_unavailable()
-        } else {
-            Problem::new(
+    let grant = d
+        .mapillary()
+        .exchange_code(code, Some(&redirect))
+        .await
+        .map_err(|e| {
+            // MapillaryError messages never contain tokens, secrets or the code.
+            warn!(user = %user, error = %e, "code exchange failed");
+            if e.is_retriable() {
+                mapillary_unavailable()
+            } else {
+                Problem::new(
                 StatusCode::BAD_REQUEST,
                 "code-rejected",
                 "Authorization code rejected",
                 "Mapillary rejected the authorization code (invalid, expired or already used); start again \
                  with POST /v1/mapillary/connect.",
             )
-        }
-    })?;
+            }
+        })?;
     let me = d.mapillary().me(&grant.access_token).await.map_err(|e| {
         warn!(user = %user, error = %e, "/me with the new token failed");
         mapillary_unavailable()

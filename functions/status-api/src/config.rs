@@ -1,35 +1,10 @@
 //! Typed configuration, read once from the environment at cold start; a missing or malformed
-//! variable fails the start.
+//! variable fails the start. Built on [`shared::config`] (the Mapillary app and the tables every
+//! function reads), plus the handlers' [`Settings`] with their checks.
 
 use std::time::Duration;
 
-use secrecy::SecretString;
-use shared::mapillary::Endpoints;
-
-/// A variable is missing or malformed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// Required and absent (or empty).
-    #[error("missing environment variable {0}")]
-    Missing(&'static str),
-    /// Present but unusable.
-    #[error("environment variable {name}: {reason}")]
-    Invalid {
-        /// Variable.
-        name: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Where the OAuth client secret comes from.
-#[derive(Debug, Clone)]
-pub enum ClientSecretSource {
-    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
-    Plain(SecretString),
-    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved by `main` at init).
-    SecretArn(String),
-}
+use shared::config::{ConfigError, Env, MapillaryConfig, Tables};
 
 /// What the handlers need to know (no AWS resources, no secrets).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,20 +39,10 @@ impl Default for Settings {
 /// Everything status-api reads from its environment.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `RELAY_UPLOADS_TABLE`.
-    pub uploads_table: String,
-    /// `RELAY_USERS_TABLE`.
-    pub users_table: String,
-    /// `RELAY_IDEMPOTENCY_TABLE`.
-    pub idempotency_table: String,
-    /// `RELAY_TOKEN_KEY_ID`.
-    pub token_key_id: String,
-    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`.
-    pub endpoints: Endpoints,
-    /// `MAPILLARY_CLIENT_ID`.
-    pub client_id: String,
-    /// `MAPILLARY_CLIENT_SECRET` or `MAPILLARY_CLIENT_SECRET_ARN`.
-    pub client_secret: ClientSecretSource,
+    /// The tables and the token key.
+    pub tables: Tables,
+    /// The Mapillary app (endpoints, client id, client secret).
+    pub mapillary: MapillaryConfig,
     /// Handler settings.
     pub settings: Settings,
 }
@@ -90,20 +55,13 @@ impl Config {
 
     /// Read variables through `get` (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let opt = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        let req = |name: &'static str| opt(name).ok_or(ConfigError::Missing(name));
-        let client_secret = match (opt("MAPILLARY_CLIENT_SECRET"), opt("MAPILLARY_CLIENT_SECRET_ARN")) {
-            (Some(s), _) => ClientSecretSource::Plain(SecretString::from(s)),
-            (None, Some(arn)) => ClientSecretSource::SecretArn(arn),
-            (None, None) => return Err(ConfigError::Missing("MAPILLARY_CLIENT_SECRET")),
-        };
+        let env = Env::new(get);
+        let opt = |name: &str| env.optional(name);
+        let mapillary = env.mapillary()?;
         let absolute_url = |name: &'static str, v: String| -> Result<String, ConfigError> {
             match url::Url::parse(&v) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(v),
-                _ => Err(ConfigError::Invalid {
-                    name,
-                    reason: "must be an absolute http(s) URL".into(),
-                }),
+                _ => Err(ConfigError::invalid(name, "must be an absolute http(s) URL")),
             }
         };
         let redirect_uri = opt("RELAY_OAUTH_REDIRECT_URI")
@@ -118,36 +76,24 @@ impl Config {
                 .parse::<u64>()
                 .ok()
                 .filter(|s| (60..=3600).contains(s))
-                .ok_or_else(|| ConfigError::Invalid {
-                    name: "RELAY_OAUTH_STATE_TTL_S",
-                    reason: format!("{v:?} is not a number of seconds between 60 and 3600"),
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "RELAY_OAUTH_STATE_TTL_S",
+                        format!("{v:?} is not a number of seconds between 60 and 3600"),
+                    )
                 })?,
         };
         let scope = opt("RELAY_OAUTH_SCOPE").unwrap_or_else(|| "read".into());
         let dev_auth_header = opt("RELAY_DEV_AUTH_HEADER")
             .map(|h| {
-                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| ConfigError::Invalid {
-                    name: "RELAY_DEV_AUTH_HEADER",
-                    reason: format!("{h:?} is not a header name"),
+                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    ConfigError::invalid("RELAY_DEV_AUTH_HEADER", format!("{h:?} is not a header name"))
                 })
             })
             .transpose()?;
-        let endpoint = |name: &'static str| -> Result<String, ConfigError> {
-            Ok(req(name)?.trim_end_matches('/').to_string())
-        };
         Ok(Config {
-            uploads_table: req("RELAY_UPLOADS_TABLE")?,
-            users_table: req("RELAY_USERS_TABLE")?,
-            idempotency_table: req("RELAY_IDEMPOTENCY_TABLE")?,
-            token_key_id: req("RELAY_TOKEN_KEY_ID")?,
-            endpoints: Endpoints {
-                graph: endpoint("MAPILLARY_GRAPH_URL")?,
-                upload: endpoint("MAPILLARY_UPLOAD_URL")?,
-                tiles: endpoint("MAPILLARY_TILES_URL")?,
-                www: endpoint("MAPILLARY_WWW_URL")?,
-            },
-            client_id: req("MAPILLARY_CLIENT_ID")?,
-            client_secret,
+            tables: env.tables()?,
+            mapillary,
             settings: Settings {
                 redirect_uri,
                 scope,
@@ -189,7 +135,7 @@ mod tests {
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
         assert_eq!(c.settings, Settings::default());
         assert_eq!(c.settings.dev_auth_header, None);
-        assert_eq!(c.endpoints.graph, "http://127.0.0.1:1/graph");
+        assert_eq!(c.mapillary.endpoints.graph, "http://127.0.0.1:1/graph");
     }
 
     #[test]

@@ -8,13 +8,15 @@
 //! * [`views`] — the JSON documents the routes answer with.
 //! * [`validate`] — path and query input rules.
 //! * [`problem`] — `application/problem+json` errors (RFC 9457).
-//! * [`oauth`] — the Mapillary side of the connection (authorize URL, code exchange, `/me`).
-//! * [`config`] — environment configuration.
+//! * [`oauth`] — the connection's `state`; the Mapillary side (authorize URL, code exchange, `/me`)
+//!   is `shared::mapillary::app::MapillaryApp`'s.
+//! * [`config`] — environment configuration; [`compose`] — config + SDK config → production deps.
 //!
 //! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes of
 //! the tracking and OAuth-state ports.
 
 pub mod app;
+pub mod compose;
 pub mod config;
 pub mod identity;
 pub mod oauth;

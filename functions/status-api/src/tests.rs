@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
 use shared::domain::tracking::{OverallState, TrackedUpload};
+use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::feed::StageStatus;
 use shared::mapillary::retry::RetryPolicy;
@@ -26,7 +27,6 @@ use zip_and_push::testing::{MemRepo, MemTokens};
 
 use crate::app::{router, AppDeps, ROUTES};
 use crate::config::Settings;
-use crate::oauth::MapillaryConnector;
 use crate::testing::{MemStates, MemTracking};
 
 type TestDeps = AppDeps<MemRepo, MemTracking, MemTokens, MemStates>;
@@ -89,8 +89,8 @@ fn assert_problem(r: &Reply, status: u16, code: &str) {
     assert!(r.body["detail"].as_str().is_some_and(|d| !d.is_empty()));
 }
 
-fn connector(endpoints: Endpoints) -> MapillaryConnector {
-    MapillaryConnector::new(
+fn connector(endpoints: Endpoints) -> MapillaryApp {
+    MapillaryApp::new(
         MapillaryClient::new(
             endpoints,
             reqwest::Client::builder()

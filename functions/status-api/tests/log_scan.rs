@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use http_body_util::BodyExt;
 use mapillary_sim::{defaults, SimConfig, Simulator};
 use secrecy::{ExposeSecret, SecretString};
+use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::ports::TokenStore;
 use status_api::config::Settings;
-use status_api::oauth::MapillaryConnector;
 use status_api::testing::{MemStates, MemTracking};
 use status_api::{router, AppDeps};
 use tower::ServiceExt;
@@ -96,7 +96,7 @@ async fn secrets_never_reach_the_logs() {
         tracking: MemTracking::default(),
         tokens: MemTokens::new(),
         states: MemStates::default(),
-        mapillary: MapillaryConnector::new(
+        mapillary: MapillaryApp::new(
             MapillaryClient::new(
                 Endpoints::under(sim.base_url()),
                 reqwest::Client::new(),

@@ -1,39 +1,12 @@
 //! Typed configuration, read once from the environment at cold start; a missing or malformed
-//! variable fails the start (never a silent default for required values).
-//!
-//! Hand-rolled over a lookup function rather than figment/envy: a dozen flat variables, and the
-//! lookup makes the parser testable without touching the process environment.
+//! variable fails the start (never a silent default for required values). Built on
+//! [`shared::config`] (the Mapillary app and the tables every function reads), plus this function's
+//! bucket, queues and pipeline tunables with their ranges.
 
 use std::time::Duration;
 
-use secrecy::SecretString;
+use shared::config::{ConfigError, Env, MapillaryConfig, Tables};
 use shared::domain::sequence::SequenceConfig;
-use shared::mapillary::Endpoints;
-
-/// A variable is missing or malformed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// Required and absent (or empty).
-    #[error("missing environment variable {0}")]
-    Missing(&'static str),
-    /// Present but unusable.
-    #[error("environment variable {name}: {reason}")]
-    Invalid {
-        /// Variable.
-        name: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Where the OAuth client secret comes from.
-#[derive(Debug, Clone)]
-pub enum ClientSecretSource {
-    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
-    Plain(SecretString),
-    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved by `main` at init).
-    SecretArn(String),
-}
 
 /// Tunables of the pipeline (all have defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -101,20 +74,10 @@ pub struct Config {
     pub ingest_queue_url: String,
     /// `RELAY_CLUSTERS_QUEUE_URL`.
     pub clusters_queue_url: String,
-    /// `RELAY_UPLOADS_TABLE`.
-    pub uploads_table: String,
-    /// `RELAY_USERS_TABLE`.
-    pub users_table: String,
-    /// `RELAY_IDEMPOTENCY_TABLE`.
-    pub idempotency_table: String,
-    /// `RELAY_TOKEN_KEY_ID`.
-    pub token_key_id: String,
-    /// `MAPILLARY_GRAPH_URL`, `MAPILLARY_UPLOAD_URL`, `MAPILLARY_TILES_URL`, `MAPILLARY_WWW_URL`.
-    pub endpoints: Endpoints,
-    /// `MAPILLARY_CLIENT_ID`.
-    pub client_id: String,
-    /// `MAPILLARY_CLIENT_SECRET` or `MAPILLARY_CLIENT_SECRET_ARN`.
-    pub client_secret: ClientSecretSource,
+    /// The tables and the token key.
+    pub tables: Tables,
+    /// The Mapillary app (endpoints, client id, client secret).
+    pub mapillary: MapillaryConfig,
     /// Pipeline tunables.
     pub tunables: Tunables,
 }
@@ -127,86 +90,49 @@ impl Config {
 
     /// Read variables through `get` (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let req = |name: &'static str| -> Result<String, ConfigError> {
-            get(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-                .ok_or(ConfigError::Missing(name))
-        };
-        let client_secret = match (
-            get("MAPILLARY_CLIENT_SECRET").filter(|v| !v.is_empty()),
-            get("MAPILLARY_CLIENT_SECRET_ARN").filter(|v| !v.is_empty()),
-        ) {
-            (Some(s), _) => ClientSecretSource::Plain(SecretString::from(s)),
-            (None, Some(arn)) => ClientSecretSource::SecretArn(arn),
-            (None, None) => return Err(ConfigError::Missing("MAPILLARY_CLIENT_SECRET")),
-        };
+        let env = Env::new(get);
+        let mapillary = env.mapillary()?;
         let d = Tunables::default();
         let tunables = Tunables {
-            max_images_per_upload: parse(&get, "RELAY_MAX_IMAGES_PER_UPLOAD", d.max_images_per_upload)?,
-            cutoff_time_s: parse(&get, "RELAY_CUTOFF_TIME_S", d.cutoff_time_s)?,
-            cutoff_distance_m: parse(&get, "RELAY_CUTOFF_DISTANCE_M", d.cutoff_distance_m)?,
-            duplicate_distance_m: parse(&get, "RELAY_DUPLICATE_DISTANCE_M", d.duplicate_distance_m)?,
-            duplicate_angle_deg: parse(&get, "RELAY_DUPLICATE_ANGLE_DEG", d.duplicate_angle_deg)?,
-            exif_concurrency: parse(&get, "RELAY_EXIF_CONCURRENCY", d.exif_concurrency)?,
-            prefetch_bytes: parse(&get, "RELAY_PREFETCH_BYTES", d.prefetch_bytes)?,
-            deadline_margin: Duration::from_secs(parse(&get, "RELAY_DEADLINE_MARGIN_S", 30u64)?),
-            token_refresh_margin: Duration::from_secs(parse(&get, "RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
-            max_receives: parse(&get, "RELAY_MAX_RECEIVES", d.max_receives)?,
+            max_images_per_upload: env.parse_or("RELAY_MAX_IMAGES_PER_UPLOAD", d.max_images_per_upload)?,
+            cutoff_time_s: env.parse_or("RELAY_CUTOFF_TIME_S", d.cutoff_time_s)?,
+            cutoff_distance_m: env.parse_or("RELAY_CUTOFF_DISTANCE_M", d.cutoff_distance_m)?,
+            duplicate_distance_m: env.parse_or("RELAY_DUPLICATE_DISTANCE_M", d.duplicate_distance_m)?,
+            duplicate_angle_deg: env.parse_or("RELAY_DUPLICATE_ANGLE_DEG", d.duplicate_angle_deg)?,
+            exif_concurrency: env.parse_or("RELAY_EXIF_CONCURRENCY", d.exif_concurrency)?,
+            prefetch_bytes: env.parse_or("RELAY_PREFETCH_BYTES", d.prefetch_bytes)?,
+            deadline_margin: Duration::from_secs(env.parse_or("RELAY_DEADLINE_MARGIN_S", 30u64)?),
+            token_refresh_margin: Duration::from_secs(env.parse_or("RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
+            max_receives: env.parse_or("RELAY_MAX_RECEIVES", d.max_receives)?,
         };
         if !(1..=500).contains(&tunables.max_images_per_upload) {
-            return Err(ConfigError::Invalid {
-                name: "RELAY_MAX_IMAGES_PER_UPLOAD",
-                reason: "must be between 1 and 500".into(),
-            });
+            return Err(ConfigError::invalid(
+                "RELAY_MAX_IMAGES_PER_UPLOAD",
+                "must be between 1 and 500",
+            ));
         }
         if tunables.exif_concurrency == 0 {
-            return Err(ConfigError::Invalid {
-                name: "RELAY_EXIF_CONCURRENCY",
-                reason: "must be at least 1".into(),
-            });
+            return Err(ConfigError::invalid(
+                "RELAY_EXIF_CONCURRENCY",
+                "must be at least 1",
+            ));
         }
         Ok(Config {
-            bucket: req("RELAY_BUCKET")?,
-            ingest_queue_url: req("RELAY_INGEST_QUEUE_URL")?,
-            clusters_queue_url: req("RELAY_CLUSTERS_QUEUE_URL")?,
-            uploads_table: req("RELAY_UPLOADS_TABLE")?,
-            users_table: req("RELAY_USERS_TABLE")?,
-            idempotency_table: req("RELAY_IDEMPOTENCY_TABLE")?,
-            token_key_id: req("RELAY_TOKEN_KEY_ID")?,
-            endpoints: Endpoints {
-                graph: req("MAPILLARY_GRAPH_URL")?.trim_end_matches('/').to_string(),
-                upload: req("MAPILLARY_UPLOAD_URL")?.trim_end_matches('/').to_string(),
-                tiles: req("MAPILLARY_TILES_URL")?.trim_end_matches('/').to_string(),
-                www: req("MAPILLARY_WWW_URL")?.trim_end_matches('/').to_string(),
-            },
-            client_id: req("MAPILLARY_CLIENT_ID")?,
-            client_secret,
+            bucket: env.required("RELAY_BUCKET")?,
+            ingest_queue_url: env.required("RELAY_INGEST_QUEUE_URL")?,
+            clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
+            tables: env.tables()?,
+            mapillary,
             tunables,
         })
-    }
-}
-
-fn parse<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &'static str,
-    default: T,
-) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    match get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid {
-            name,
-            reason: format!("{v:?}: {e}"),
-        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use shared::config::ClientSecretSource;
 
     use super::*;
 
@@ -235,9 +161,9 @@ mod tests {
     fn when_all_required_set_should_load_with_defaults() {
         let env = base();
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
-        assert_eq!(c.endpoints.graph, "http://127.0.0.1:1/graph");
+        assert_eq!(c.mapillary.endpoints.graph, "http://127.0.0.1:1/graph");
         assert_eq!(c.tunables, Tunables::default());
-        assert!(matches!(c.client_secret, ClientSecretSource::Plain(_)));
+        assert!(matches!(c.mapillary.client_secret, ClientSecretSource::Plain(_)));
     }
 
     #[test]
@@ -274,6 +200,9 @@ mod tests {
         env.remove("MAPILLARY_CLIENT_SECRET");
         env.insert("MAPILLARY_CLIENT_SECRET_ARN", "arn:aws:secretsmanager:x".into());
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
-        assert!(matches!(c.client_secret, ClientSecretSource::SecretArn(_)));
+        assert!(matches!(
+            c.mapillary.client_secret,
+            ClientSecretSource::SecretArn(_)
+        ));
     }
 }

@@ -7,8 +7,8 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures::StreamExt;
 use shared::model::{claim_id, Claim, ClaimStatus, IngestError, SequenceStatus};
 use shared::ports::{
-    ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryUploads, ObjectStore, RepoError, TokenStore,
-    UploadRepository,
+    ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryAuth, MapillaryUploads, ObjectStore, RepoError,
+    TokenStore, UploadRepository,
 };
 use shared::s3event::{self, Notification, ObjectCreated};
 use time::OffsetDateTime;
@@ -35,8 +35,8 @@ pub trait Deps: Send + Sync {
     type Clusters: ClusterQueue;
     /// Ingest queue (continuations).
     type Requeue: IngestRequeue;
-    /// Mapillary.
-    type Mapillary: MapillaryUploads;
+    /// Mapillary: uploads, and refresh for the token session.
+    type Mapillary: MapillaryUploads + MapillaryAuth;
     /// S3.
     fn store(&self) -> &Self::Store;
     /// DynamoDB records.
@@ -79,7 +79,7 @@ where
     T: TokenStore,
     C: ClusterQueue,
     Q: IngestRequeue,
-    M: MapillaryUploads,
+    M: MapillaryUploads + MapillaryAuth,
 {
     type Store = S;
     type Repo = R;

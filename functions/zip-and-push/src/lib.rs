@@ -7,14 +7,17 @@
 //! * [`zipstream`] — the mapillary_tools-format zip streamed from S3 from any offset.
 //! * [`exifpass`] — metadata from ranged reads of the images' heads.
 //! * [`manifest`] — the trigger contract (key layout, manifest JSON).
-//! * [`config`] — environment configuration.
+//! * [`config`] — environment configuration; [`compose`] — config + SDK config → production deps.
+//! * [`malloc`] — glibc allocator settings `main` applies first.
 //!
 //! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes
 //! of the ports.
 
+pub mod compose;
 pub mod config;
 pub mod exifpass;
 pub mod handler;
+pub mod malloc;
 pub mod manifest;
 pub mod pipeline;
 #[cfg(any(test, feature = "testing"))]

@@ -10,13 +10,12 @@ use shared::domain::jpeg;
 use shared::domain::sequence::{plan_sequences, SequenceInput};
 use shared::domain::zipfmt::ZipPlan;
 use shared::mapillary::error::MapillaryError;
+use shared::mapillary::session::{CallError, SessionContext, SessionError, TokenSession};
 use shared::model::{
-    upload_id, ClusterMessage, RejectedImage, SequenceRecord, SequenceState, StoredToken, UploadImage,
-    UploadRecord, UploadState,
+    upload_id, ClusterMessage, RejectedImage, SequenceRecord, SequenceState, UploadImage, UploadRecord,
+    UploadState,
 };
-use shared::ports::{
-    ClusterQueue, MapillaryUploads, ObjectStore, RepoError, StoreError, TokenStore, UploadRepository,
-};
+use shared::ports::{ClusterQueue, MapillaryUploads, ObjectStore, RepoError, StoreError, UploadRepository};
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -146,7 +145,10 @@ async fn run_inner<D: Deps>(d: &D, job: &Job) -> Result<Outcome, Fail> {
             return Ok(Outcome::Done);
         }
     }
-    let mut token = load_token(d, &job.seq.user_id).await?;
+    let ctx = SessionContext::new(d.tokens(), d.mapillary(), d.tunables().token_refresh_margin);
+    let mut token = TokenSession::load(ctx, &job.seq.user_id)
+        .await
+        .map_err(|e| token_fail(&job.seq.user_id, e))?;
     let mut seq = match existing {
         Some(s) if s.state == SequenceState::Uploading => s,
         _ => {
@@ -207,51 +209,21 @@ async fn run_inner<D: Deps>(d: &D, job: &Job) -> Result<Outcome, Fail> {
 
 // ------------------------------------------------------------------ tokens
 
-async fn load_token<D: Deps>(d: &D, user_id: &str) -> Result<StoredToken, Fail> {
-    match d.tokens().load(user_id).await {
-        Ok(Some(t)) => Ok(t),
-        Ok(None) => Err(Fail::Permanent(format!(
+/// The user's token session of this invocation (see `shared::mapillary::session`).
+type Session<'a, D> = TokenSession<'a, <D as Deps>::Tokens, <D as Deps>::Mapillary>;
+
+/// Why the user's token cannot be used, as this function reports it.
+fn token_fail(user_id: &str, e: SessionError) -> Fail {
+    match e {
+        SessionError::Missing => Fail::Permanent(format!(
             "no Mapillary token for user {user_id}: connect the account"
-        ))),
-        Err(e) if e.is_transient() => Err(Fail::Transient(e.to_string())),
-        Err(e) => Err(Fail::Permanent(format!(
-            "the Mapillary token of user {user_id} is unusable: {e}"
-        ))),
-    }
-}
-
-async fn ensure_fresh<D: Deps>(d: &D, user_id: &str, token: &mut StoredToken) -> Result<(), Fail> {
-    let margin = time::Duration::try_from(d.tunables().token_refresh_margin).unwrap_or(time::Duration::HOUR);
-    if token.expires_at.is_some_and(|e| e - now() < margin) {
-        info!("token expires soon: refreshing");
-        refresh(d, user_id, token).await?;
-    }
-    Ok(())
-}
-
-async fn refresh<D: Deps>(d: &D, user_id: &str, token: &mut StoredToken) -> Result<(), Fail> {
-    let with = token
-        .refresh_token
-        .clone()
-        .unwrap_or_else(|| token.access_token.clone());
-    match d.mapillary().refresh(&with).await {
-        Ok(grant) => {
-            token.access_token = grant.access_token;
-            if grant.refresh_token.is_some() {
-                token.refresh_token = grant.refresh_token;
-            }
-            token.expires_at = grant
-                .expires_in
-                .map(|s| now() + time::Duration::seconds(s.min(i64::MAX as u64) as i64));
-            token.updated_at = now();
-            if let Err(e) = d.tokens().save(user_id, token).await {
-                warn!(error = %e, "saving the refreshed token failed; using it for this invocation");
-            }
-            info!("token refreshed");
-            Ok(())
+        )),
+        SessionError::Store(e) if e.is_transient() => Fail::Transient(e.to_string()),
+        SessionError::Store(e) => {
+            Fail::Permanent(format!("the Mapillary token of user {user_id} is unusable: {e}"))
         }
-        Err(e) if e.is_retriable() => Err(Fail::Transient(format!("token refresh: {e}"))),
-        Err(e) => Err(Fail::Permanent(format!("Mapillary rejected the token: {e}"))),
+        SessionError::Mapillary(e) if e.is_retriable() => Fail::Transient(format!("token refresh: {e}")),
+        SessionError::Mapillary(e) => Fail::Permanent(format!("Mapillary rejected the token: {e}")),
     }
 }
 
@@ -478,7 +450,7 @@ async fn drive_upload<D: Deps>(
     job: &Job,
     seq: &SequenceRecord,
     mut up: UploadRecord,
-    token: &mut StoredToken,
+    token: &mut Session<'_, D>,
 ) -> Result<Step, Fail> {
     let repo = d.repo();
     let mut finish_now = false;
@@ -524,8 +496,10 @@ async fn drive_upload<D: Deps>(
                 }
                 up.attempts += 1;
                 repo.put_upload(&up).await?;
-                ensure_fresh(d, &seq.user_id, token).await?;
-                let mut refreshed = false;
+                token
+                    .ensure_fresh()
+                    .await
+                    .map_err(|e| token_fail(&seq.user_id, e))?;
                 let report = loop {
                     let Some(budget) = job
                         .deadline
@@ -535,20 +509,22 @@ async fn drive_upload<D: Deps>(
                     else {
                         return Ok(Step::OutOfTime);
                     };
-                    let attempt = upload_zip(d.mapillary(), &source, &token.access_token, &up.session_key);
+                    let attempt = upload_zip(d.mapillary(), &source, token.access(), &up.session_key);
                     match tokio::time::timeout(budget, attempt).await {
                         Err(_) => {
                             info!("deadline near: stopping the upload to continue in a follow-up invocation");
                             return Ok(Step::OutOfTime);
                         }
                         Ok(Ok(report)) => break report,
-                        Ok(Err(UploadFailure::Mapillary(e))) if e.is_unauthorized() && !refreshed => {
-                            info!("upload unauthorized: refreshing the token once");
-                            refresh(d, &seq.user_id, token).await?;
-                            refreshed = true;
-                        }
                         Ok(Err(UploadFailure::Mapillary(e))) if e.is_unauthorized() => {
-                            return Err(Fail::Permanent(format!("Mapillary rejected the token: {e}")));
+                            // Refreshed at most once per invocation (the session's rule).
+                            match token.on_unauthorized().await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    return Err(Fail::Permanent(format!("Mapillary rejected the token: {e}")))
+                                }
+                                Err(r) => return Err(token_fail(&seq.user_id, r)),
+                            }
                         }
                         Ok(Err(UploadFailure::Mapillary(e))) if retry_later(&e) => {
                             return Err(Fail::Transient(format!("upload {}: {e}", up.upload_id)));
@@ -639,7 +615,7 @@ async fn finish<D: Deps>(
     d: &D,
     seq: &SequenceRecord,
     up: &mut UploadRecord,
-    token: &mut StoredToken,
+    token: &mut Session<'_, D>,
 ) -> Result<(), Fail> {
     let repo = d.repo();
     let Some(handle) = up.handle.clone() else {
@@ -650,48 +626,43 @@ async fn finish<D: Deps>(
             .await
             .map_err(Into::into);
     };
-    let mut refreshed = false;
-    loop {
-        let res = d
-            .mapillary()
-            .finish_upload(&token.access_token, &handle, up.organization_id.as_deref())
-            .await;
-        match res {
-            Ok(cluster_id) => {
-                info!(upload_id = %up.upload_id, cluster_id = %cluster_id, "finish_upload returned a cluster");
-                up.cluster_id = Some(cluster_id);
-                up.state = UploadState::Uploaded;
-                up.finished_at = Some(now());
-                up.error = None;
-                repo.put_upload(up).await?;
-                return Ok(());
-            }
-            // A 401 created nothing: refresh once and call again.
-            Err(e) if e.is_unauthorized() && !refreshed => {
-                refresh(d, &seq.user_id, token).await?;
-                refreshed = true;
-            }
-            Err(e) if e.is_ambiguous() => {
-                warn!(error = %e, "finish_upload outcome unknown");
-                up.state = UploadState::FinishUncertain;
-                up.error = Some(format!("finish_upload outcome unknown: {e}"));
-                up.finished_at = Some(now());
-                repo.put_upload(up).await?;
-                return Ok(());
-            }
-            Err(e) if e.is_retriable() => {
-                // Definitely not created (e.g. rate limited before sending): go back to UPLOADING so
-                // the next attempt gets the handle again and finishes.
-                up.state = UploadState::Uploading;
-                repo.transition_upload(up, UploadState::Finishing).await?;
-                return Err(Fail::Transient(format!("finish_upload: {e}")));
-            }
-            Err(e) if e.is_unauthorized() => {
-                return Err(Fail::Permanent(format!("Mapillary rejected the token: {e}")));
-            }
-            Err(e) => {
-                return fail_upload(d, up, format!("finish_upload failed: {e}")).await;
-            }
+    let (mly, org) = (d.mapillary(), up.organization_id.clone());
+    // A 401 created nothing: the session refreshes the token (once per invocation) and calls again.
+    let res = token
+        .call(|t| {
+            let (handle, org) = (&handle, org.as_deref());
+            async move { mly.finish_upload(&t, handle, org).await }
+        })
+        .await;
+    let e = match res {
+        Ok(cluster_id) => {
+            info!(upload_id = %up.upload_id, cluster_id = %cluster_id, "finish_upload returned a cluster");
+            up.cluster_id = Some(cluster_id);
+            up.state = UploadState::Uploaded;
+            up.finished_at = Some(now());
+            up.error = None;
+            repo.put_upload(up).await?;
+            return Ok(());
         }
+        Err(CallError::Refresh(r)) => return Err(token_fail(&seq.user_id, r)),
+        Err(CallError::Call(e)) => e,
+    };
+    if e.is_ambiguous() {
+        warn!(error = %e, "finish_upload outcome unknown");
+        up.state = UploadState::FinishUncertain;
+        up.error = Some(format!("finish_upload outcome unknown: {e}"));
+        up.finished_at = Some(now());
+        repo.put_upload(up).await?;
+        Ok(())
+    } else if e.is_retriable() {
+        // Definitely not created (e.g. rate limited before sending): go back to UPLOADING so the next
+        // attempt gets the handle again and finishes.
+        up.state = UploadState::Uploading;
+        repo.transition_upload(up, UploadState::Finishing).await?;
+        Err(Fail::Transient(format!("finish_upload: {e}")))
+    } else if e.is_unauthorized() {
+        Err(Fail::Permanent(format!("Mapillary rejected the token: {e}")))
+    } else {
+        fail_upload(d, up, format!("finish_upload failed: {e}")).await
     }
 }

@@ -9,16 +9,16 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use secrecy::SecretString;
-use shared::mapillary::client::{TokenGrant, UploadReport};
+use shared::mapillary::client::{Me, TokenGrant, UploadReport};
 use shared::mapillary::error::MapillaryError;
 use shared::model::{
     Claim, ClaimStatus, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken,
     UploadImage, UploadRecord, UploadState,
 };
 use shared::ports::{
-    BoxError, ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryUploads, ObjectBody, ObjectChunks,
-    ObjectInfo, ObjectStore, QueueError, RangeBody, RepoError, StoreError, TokenError, TokenStore,
-    UploadRepository,
+    BoxError, ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryAuth, MapillaryUploads, ObjectBody,
+    ObjectChunks, ObjectInfo, ObjectStore, QueueError, RangeBody, RepoError, StoreError, TokenError,
+    TokenStore, UploadRepository,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -462,6 +462,16 @@ impl<M> RecordingMapillary<M> {
     /// A copy of the reports.
     pub fn reports(&self) -> Vec<UploadReport> {
         lock(&self.reports).clone()
+    }
+}
+
+impl<M: MapillaryAuth> MapillaryAuth for RecordingMapillary<M> {
+    async fn refresh(&self, refresh_token: &SecretString) -> Result<TokenGrant, MapillaryError> {
+        self.inner.refresh(refresh_token).await
+    }
+
+    async fn me(&self, token: &SecretString) -> Result<Me, MapillaryError> {
+        self.inner.me(token).await
     }
 }
 

@@ -10,9 +10,9 @@ use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use shared::adapters::mapillary::MapillaryAdapter;
 use shared::domain::description::parse_capture_time;
 use shared::domain::exif::read_metadata;
+use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{MapillaryClient, UploadReport};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
@@ -28,7 +28,7 @@ const BUCKET: &str = "relay-test";
 const USER: &str = "user-1";
 
 type TestDeps =
-    HandlerDeps<MemStore, MemRepo, MemTokens, MemQueues, MemQueues, RecordingMapillary<MapillaryAdapter>>;
+    HandlerDeps<MemStore, MemRepo, MemTokens, MemQueues, MemQueues, RecordingMapillary<MapillaryApp>>;
 
 struct World {
     sim: SimHandle,
@@ -58,7 +58,7 @@ async fn world() -> World {
         .await
         .expect("simulator starts");
     let client = MapillaryClient::new(Endpoints::under(sim.base_url()), http(), RetryPolicy::fast());
-    let mly = MapillaryAdapter::new(client, APP_ID, SecretString::from(CLIENT_SECRET));
+    let mly = MapillaryApp::new(client, APP_ID, SecretString::from(CLIENT_SECRET));
     let tokens = MemTokens::new();
     tokens.insert(USER, token(DEMO_USER_TOKEN, None));
     let deps = HandlerDeps {

@@ -1,9 +1,9 @@
-//! Adapters: the ports implemented with AWS SDK clients (S3, SQS, DynamoDB, KMS) and Mapillary HTTP.
+//! Adapters: the ports implemented with AWS SDK clients (S3, SQS, DynamoDB, KMS, Secrets Manager).
+//! The Mapillary ports are implemented by [`crate::mapillary::app::MapillaryApp`].
 
 mod aws_error;
 mod batch;
 pub mod dynamo;
-pub mod mapillary;
 pub mod oauth_state;
 pub mod s3;
 pub mod secrets;

@@ -1,0 +1,40 @@
+//! Composition root: the typed [`Config`] and the AWS SDK configuration become the production
+//! [`Poller`] (DynamoDB, KMS and SQS adapters, the Mapillary app, the system clock). `main.rs`,
+//! `cargo xtask push --track` and the integration tests all compose through [`compose`]; tests then
+//! swap single fields (the clock that follows the simulator, a faster retry policy, tunables).
+
+use std::time::Duration;
+
+use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::tokens::KmsTokenStore;
+use shared::adapters::tracking::DynamoTracking;
+use shared::compose::{mapillary_app, token_store, ComposeError};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::handler::Poller;
+use crate::inbox::SqsInbox;
+
+/// The poller over the AWS adapters.
+pub type ProductionPoller = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+
+/// Connection set-up limit of Mapillary requests.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The production poller of `config`, with AWS clients from `sdk` (which also reads the client
+/// secret from Secrets Manager when the config names an ARN) and the system clock.
+pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<ProductionPoller, ComposeError> {
+    let api = mapillary_app(&config.mapillary, sdk, CONNECT_TIMEOUT).await?;
+    let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
+    let tables = &config.tables;
+    Ok(Poller {
+        tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
+        uploads: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table, &tables.idempotency_table),
+        tokens: token_store(dynamodb, sdk, tables),
+        inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
+        api,
+        client_token: config.client_token.clone(),
+        tunables: config.tunables.clone(),
+        clock: Clock::System,
+    })
+}

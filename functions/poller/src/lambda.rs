@@ -1,0 +1,49 @@
+//! One Lambda invocation: the EventBridge schedule's event content is ignored, every invocation is
+//! one run ([`run_once`]) that stops starting new work [`DEADLINE_MARGIN`] before the deadline.
+
+use std::time::{Duration, Instant};
+
+use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
+
+use crate::handler::{run_once, Poller};
+use crate::inbox::ClusterInbox;
+use crate::reconcile::TrackingExtra;
+
+/// Stop starting new work this long before the Lambda deadline.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(20);
+
+/// The function's timeout in infra/template.yaml: the deadline assumed when the invocation carries
+/// none that is usable (see `shared::deadline`).
+pub const FALLBACK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// When a run invoked with `deadline_ms` (the invocation's deadline, epoch ms) must stop starting
+/// new work.
+pub fn deadline_of(deadline_ms: u64) -> Instant {
+    let at = shared::deadline::from_epoch_ms(deadline_ms, FALLBACK_TIMEOUT);
+    let left = at.saturating_duration_since(Instant::now());
+    Instant::now() + left.saturating_sub(DEADLINE_MARGIN)
+}
+
+/// One run for an invocation with deadline `deadline_ms`; the response document sums it up.
+pub async fn invoke<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline_ms: u64) -> serde_json::Value
+where
+    R: TrackingRepository + TrackingExtra,
+    U: UploadRepository,
+    T: TokenStore,
+    Q: ClusterInbox,
+{
+    let report = run_once(p, deadline_of(deadline_ms)).await;
+    serde_json::json!({
+        "received": report.intake.received,
+        "created": report.intake.created,
+        "users": report.users,
+        "checked": report.checked,
+        "written": report.written,
+        "linked_feed": report.linked_feed,
+        "linked_tiles": report.linked_tiles,
+        "plan_a_users": report.plan_a_users,
+        "cut_off": report.cut_off,
+        "lease_held": report.lease_held,
+        "errors": report.errors.len(),
+    })
+}

@@ -1,0 +1,40 @@
+//! Composition root: the typed [`Config`] and the AWS SDK configuration become the router's
+//! production dependencies (DynamoDB and KMS adapters, the OAuth-state store, the Mapillary app).
+//! `main.rs` and the integration tests compose through [`compose`]; tests then swap single fields
+//! (a faster retry policy, settings).
+
+use std::time::Duration;
+
+use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::oauth_state::DynamoStateStore;
+use shared::adapters::tokens::KmsTokenStore;
+use shared::adapters::tracking::DynamoTracking;
+use shared::compose::{mapillary_app, token_store, ComposeError};
+
+use crate::app::AppDeps;
+use crate::config::Config;
+
+/// The router's dependencies in production.
+pub type ProductionDeps = AppDeps<DynamoRepository, DynamoTracking, KmsTokenStore, DynamoStateStore>;
+
+/// Connection set-up limit of Mapillary requests (an API caller is waiting).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The production dependencies of `config`, with AWS clients from `sdk` (which also reads the client
+/// secret from Secrets Manager when the config names an ARN).
+pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<ProductionDeps, ComposeError> {
+    if let Some(h) = &config.settings.dev_auth_header {
+        tracing::warn!(header = %h, "RELAY_DEV_AUTH_HEADER is set: requests without a JWT authorizer context are trusted by that header (local development only)");
+    }
+    let mapillary = mapillary_app(&config.mapillary, sdk, CONNECT_TIMEOUT).await?;
+    let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
+    let tables = &config.tables;
+    Ok(AppDeps {
+        repo: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table, &tables.idempotency_table),
+        tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
+        tokens: token_store(dynamodb.clone(), sdk, tables),
+        states: DynamoStateStore::new(dynamodb, &tables.users_table),
+        mapillary,
+        settings: config.settings.clone(),
+    })
+}
