@@ -42,7 +42,7 @@ pub enum ClientSecretSource {
     /// `MAPILLARY_CLIENT_SECRET` (local stacks).
     Plain(SecretString),
     /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved at init by
-    /// [`crate::adapters::secrets::resolve_client_secret`]).
+    /// `adapters::secrets::resolve_client_secret`).
     SecretArn(String),
 }
 

@@ -429,7 +429,7 @@ pub trait IngestRequeue: Send + Sync {
 
 // ------------------------------------------------------------------ Mapillary
 
-/// The Mapillary calls of zip-and-push (implemented by [`crate::mapillary::app::MapillaryApp`]).
+/// The Mapillary calls of zip-and-push (implemented by `MapillaryApp` of `mapillary::app`).
 pub trait MapillaryUploads: Send + Sync {
     /// OAuth refresh grant (client id/secret held by the implementation); `refresh_token` is the
     /// stored refresh token or, when there is none, the current access token.
@@ -462,8 +462,8 @@ pub trait MapillaryUploads: Send + Sync {
     ) -> impl Future<Output = Result<String, MapillaryError>> + Send;
 }
 
-/// The Mapillary calls of a token session ([`crate::mapillary::session::TokenSession`]): refresh
-/// and `/me` (implemented by [`crate::mapillary::app::MapillaryApp`]).
+/// The Mapillary calls of a token session (`TokenSession` of `mapillary::session`): refresh and
+/// `/me` (implemented by `MapillaryApp` of `mapillary::app`).
 pub trait MapillaryAuth: Send + Sync {
     /// OAuth refresh grant (client id/secret held by the implementation); `refresh_token` is the
     /// stored refresh token or, when there is none, the current access token.

@@ -1,5 +1,5 @@
 //! Adapters: the ports implemented with AWS SDK clients (S3, SQS, DynamoDB, KMS, Secrets Manager).
-//! The Mapillary ports are implemented by [`crate::mapillary::app::MapillaryApp`].
+//! The Mapillary ports are implemented by `MapillaryApp` (`mapillary::app`).
 
 mod aws_error;
 mod batch;

@@ -1,6 +1,6 @@
 //! HTTP client of Mapillary: OAuth (§1), rupload with resume (§2), `finish_upload` (§3.1), the
 //! activity feed (§6.1), graph entities (§7.2–7.3), image searches (§7.4) and coverage tiles (§7.1).
-//! [`super::app::MapillaryApp`] adds the app's OAuth credentials; the functions call that.
+//! `MapillaryApp` (in `app.rs`) adds the app's OAuth credentials; the functions call that.
 //!
 //! Tokens and client secrets are [`SecretString`]s: they are only exposed to build the
 //! `Authorization` header (marked sensitive) or a form field, and never appear in `Debug` output,
