@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use aws_sdk_dynamodb::types::AttributeValue;
 use integration_tests::moto::shared_moto;
 use integration_tests::stack::{self, LocalStack};
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::DynamoRepository;
 use shared::model::{
     claim_id, upload_id, Claim, ClaimStatus, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord,
     SequenceState, UploadImage, UploadRecord, UploadState,

@@ -27,7 +27,7 @@ use mapillary_sim::{SimConfig, Simulator};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::Value;
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::model::{SequenceState, StoredToken};
 use shared::ports::TokenStore;

@@ -26,7 +26,7 @@ use md5::{Digest, Md5};
 use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};

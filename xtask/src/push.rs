@@ -23,7 +23,7 @@ use integration_tests::stack::{s3_client, sdk_config};
 use mapillary_sim::defaults;
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};

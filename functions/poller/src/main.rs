@@ -11,9 +11,9 @@ use poller::config::{ClientSecretSource, Config};
 use poller::inbox::SqsInbox;
 use poller::{run_once, Poller};
 use secrecy::SecretString;
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::DynamoRepository;
+use shared::adapters::dynamodb::DynamoTracking;
 use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 

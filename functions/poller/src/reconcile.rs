@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::Instant;
 
-use shared::adapters::tracking::DynamoTracking;
+use shared::adapters::dynamodb::DynamoTracking;
 use shared::domain::tracking::{OverallState, Reconcile, TrackedUpload};
 use shared::model::{TrackingRecord, UploadRecord};
 use shared::ports::{RepoError, TrackingRepository, UploadRepository};

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use lambda_http::{run, Error};
 use secrecy::SecretString;
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::oauth_state::DynamoStateStore;
+use shared::adapters::dynamodb::DynamoRepository;
+use shared::adapters::dynamodb::DynamoStateStore;
+use shared::adapters::dynamodb::DynamoTracking;
 use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use status_api::config::{ClientSecretSource, Config};

@@ -333,7 +333,7 @@ impl UploadRepository for MemRepo {
         let st = lock(&self.state);
         let mut keyed = Vec::new();
         for seq in st.sequences.values().filter(|s| s.user_id == user_id) {
-            let sk = shared::adapters::dynamo::sequence_gsi1sk(seq.created_at, &seq.sequence_id)?;
+            let sk = shared::adapters::dynamodb::uploads::sequence_gsi1sk(seq.created_at, &seq.sequence_id)?;
             keyed.push((sk, seq));
         }
         keyed.sort_by(|a, b| b.0.cmp(&a.0));

@@ -19,28 +19,22 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, PutRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
+    AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 use time::OffsetDateTime;
 
-use super::aws_error::classify;
 use super::batch::{batch_get, batch_write};
+use super::item::{
+    condition_failed, decode, delete_request, encode, key, n, number_of, put_request, repo_error, s,
+    string_of, Item,
+};
 use crate::model::{
     Claim, ClaimStatus, EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord,
     UploadImage, UploadRecord, UploadState,
 };
 use crate::ports::{ClaimOutcome, RepoError, SequencePage, UploadRepository};
-
-/// A DynamoDB item.
-type Item = HashMap<String, AttributeValue>;
 
 /// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
 /// (an item is limited to 400 KB).
@@ -120,78 +114,6 @@ pub fn sortable_timestamp(t: OffsetDateTime) -> Result<String, RepoError> {
         .map_err(|e| RepoError::Other(format!("formatting timestamp {t}: {e}")))
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl std::fmt::Display) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn encode<T: Serialize>(value: &T, what: &str) -> Result<Item, RepoError> {
-    to_item(value).map_err(|e| RepoError::Other(format!("encoding {what}: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(item: Item, what: &str) -> Result<T, RepoError> {
-    from_item(item).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
-}
-
-/// Map an SDK error into a [`RepoError`], keeping code and message.
-fn repo_error<E>(err: &SdkError<E, HttpResponse>, what: &str) -> RepoError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let f = classify(err);
-    let msg = format!("{what}: {}", f.detail);
-    if f.has_code("ConditionalCheckFailedException") {
-        RepoError::ConditionFailed(msg)
-    } else if f.transient {
-        RepoError::Transient(msg)
-    } else {
-        RepoError::Other(msg)
-    }
-}
-
-/// The old item returned with a `ConditionalCheckFailedException` of PutItem, if that is the error.
-fn put_condition_failed(err: &SdkError<PutItemError, HttpResponse>) -> Option<Option<Item>> {
-    match err {
-        SdkError::ServiceError(ctx) => match ctx.err() {
-            PutItemError::ConditionalCheckFailedException(e) => {
-                Some(e.item().filter(|i| !i.is_empty()).cloned())
-            }
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The old item returned with a `ConditionalCheckFailedException` of UpdateItem, if that is the error.
-fn update_condition_failed(err: &SdkError<UpdateItemError, HttpResponse>) -> Option<Option<Item>> {
-    match err {
-        SdkError::ServiceError(ctx) => match ctx.err() {
-            UpdateItemError::ConditionalCheckFailedException(e) => {
-                Some(e.item().filter(|i| !i.is_empty()).cloned())
-            }
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn string_of<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
-    match item.get(name) {
-        Some(AttributeValue::S(v)) => Some(v),
-        _ => None,
-    }
-}
-
-fn number_of(item: &Item, name: &str) -> Option<i64> {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-}
-
 /// "held by X until T" / "COMPLETED" / "missing": why a claim condition failed.
 fn describe_claim(item: Option<&Item>) -> String {
     match item {
@@ -200,7 +122,7 @@ fn describe_claim(item: Option<&Item>) -> String {
             "the claim is {} held by {} until {} ms",
             string_of(item, "status").unwrap_or("?"),
             string_of(item, "owner").unwrap_or("?"),
-            number_of(item, "lease_until_ms").unwrap_or_default()
+            number_of::<i64>(item, "lease_until_ms").unwrap_or_default()
         ),
     }
 }
@@ -322,30 +244,17 @@ impl DynamoRepository {
     async fn delete_rejected_from(&self, pk: &str, keep: usize) -> Result<(), RepoError> {
         let mut deletes = Vec::new();
         for item in self.query_prefix(pk, "REJECTED#").await? {
-            let position = number_of(&item, "position").and_then(|p| usize::try_from(p).ok());
+            let position = number_of::<usize>(&item, "position");
             if position.is_some_and(|p| p < keep) {
                 continue;
             }
             let Some(sk) = string_of(&item, "sk") else {
                 continue;
             };
-            let key = HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))]);
-            let delete = DeleteRequest::builder()
-                .set_key(Some(key))
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a delete request: {e}")))?;
-            deletes.push(WriteRequest::builder().delete_request(delete).build());
+            deletes.push(delete_request(key(pk, sk))?);
         }
         self.batch_write(deletes).await
     }
-}
-
-fn put_request(item: Item) -> Result<WriteRequest, RepoError> {
-    let put = PutRequest::builder()
-        .set_item(Some(item))
-        .build()
-        .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
-    Ok(WriteRequest::builder().put_request(put).build())
 }
 
 fn rejected_bytes(rejected: &[RejectedImage]) -> usize {
@@ -396,7 +305,7 @@ impl UploadRepository for DynamoRepository {
                 }
                 Err(err) => err,
             };
-            let Some(old) = put_condition_failed(&err) else {
+            let Some(old) = condition_failed(&err) else {
                 return Err(repo_error(&err, &format!("PutItem claim {}", claim.id)));
             };
             let old = match old {
@@ -452,7 +361,7 @@ impl UploadRepository for DynamoRepository {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err) => match update_condition_failed(&err) {
+            Err(err) => match condition_failed(&err) {
                 Some(old) => Err(RepoError::ConditionFailed(format!(
                     "renew claim {id} for {owner}: {}",
                     describe_claim(old.as_ref())
@@ -480,7 +389,7 @@ impl UploadRepository for DynamoRepository {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err) => match update_condition_failed(&err) {
+            Err(err) => match condition_failed(&err) {
                 Some(old) => Err(RepoError::ConditionFailed(format!(
                     "complete claim {id} for {owner}: {}",
                     describe_claim(old.as_ref())
@@ -509,7 +418,7 @@ impl UploadRepository for DynamoRepository {
         let Some(item) = out.item else {
             return Ok(None);
         };
-        let external = number_of(&item, "rejected_count")
+        let external = number_of::<i64>(&item, "rejected_count")
             .map(|c| usize::try_from(c).map_err(|_| RepoError::Corrupt(format!("{pk}: rejected_count {c}"))))
             .transpose()?;
         let mut record: SequenceRecord = decode(item, &format!("sequence {pk}"))?;
@@ -583,7 +492,7 @@ impl UploadRepository for DynamoRepository {
             .attributes;
         let had_external = old
             .as_ref()
-            .and_then(|o| number_of(o, "rejected_count"))
+            .and_then(|o| number_of::<i64>(o, "rejected_count"))
             .is_some();
         if external || had_external {
             let keep = if external { seq.rejected.len() } else { 0 };
@@ -617,7 +526,7 @@ impl UploadRepository for DynamoRepository {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err) => match put_condition_failed(&err) {
+            Err(err) => match condition_failed(&err) {
                 Some(old) => {
                     let found = match &old {
                         Some(item) => format!("is {}", string_of(item, "state").unwrap_or("?")),
@@ -707,14 +616,7 @@ impl UploadRepository for DynamoRepository {
         }
         let keys: Vec<Item> = wanted
             .iter()
-            .flat_map(|(id, count)| {
-                (0..*count).map(move |i| {
-                    HashMap::from([
-                        ("pk".to_string(), s(image_pk(id))),
-                        ("sk".to_string(), s(image_sk(i))),
-                    ])
-                })
-            })
+            .flat_map(|(id, count)| (0..*count).map(move |i| key(image_pk(id), image_sk(i))))
             .collect();
         let items = batch_get(&self.client, &self.uploads_table, keys, Some(POSITION_ATTRIBUTES))
             .await

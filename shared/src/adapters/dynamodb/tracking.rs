@@ -23,26 +23,22 @@
 //! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`.
 //!
 //! Items are the model types serialized with `serde_dynamo` plus the key attributes. A struct of
-//! its own (not [`super::dynamo::DynamoRepository`]): the poller's items never share code paths
+//! its own (not [`super::DynamoRepository`]): the poller's items never share code paths
 //! with zip-and-push's.
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
+use aws_sdk_dynamodb::types::{AttributeValue, WriteRequest};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::aws_error::classify;
 use super::batch::{batch_get, batch_write};
+use super::item::{
+    decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, Item,
+};
+use super::uploads::UNCERTAIN_GSI2PK;
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
 use crate::ports::{RepoError, TrackingRepository};
-
-type Item = HashMap<String, AttributeValue>;
 
 /// Sort key of a tracking record.
 pub const TRACK_SK: &str = "TRACK";
@@ -99,8 +95,8 @@ fn links_items(upload_id: &str, links: &[&ImageLink]) -> Result<Vec<Item>, RepoE
                 ("pk".to_string(), s(upload_pk(upload_id))),
                 ("sk".to_string(), s(links_sk(k))),
                 ("upload_id".to_string(), s(upload_id)),
-                ("chunk".to_string(), AttributeValue::N(k.to_string())),
-                ("chunks".to_string(), AttributeValue::N(chunks.to_string())),
+                ("chunk".to_string(), n(k)),
+                ("chunks".to_string(), n(chunks)),
                 ("links".to_string(), s(json)),
             ]))
         })
@@ -112,13 +108,13 @@ fn links_items(upload_id: &str, links: &[&ImageLink]) -> Result<Vec<Item>, RepoE
 fn merge_links(pk: &str, chunked: Vec<Item>, single: Vec<ImageLink>) -> Result<Vec<ImageLink>, RepoError> {
     let total = chunked
         .iter()
-        .find(|i| number(i, "chunk") == Some(0))
-        .and_then(|i| number(i, "chunks"))
+        .find(|i| number_of::<usize>(i, "chunk") == Some(0))
+        .and_then(|i| number_of::<usize>(i, "chunks"))
         .unwrap_or(0);
     let mut by_index: std::collections::BTreeMap<u32, ImageLink> =
         single.into_iter().map(|l| (l.index, l)).collect();
     for item in chunked {
-        if number(&item, "chunk").is_none_or(|c| c >= total) {
+        if number_of::<usize>(&item, "chunk").is_none_or(|c| c >= total) {
             continue; // left over from an earlier, longer write
         }
         let Some(AttributeValue::S(json)) = item.get("links") else {
@@ -133,33 +129,6 @@ fn merge_links(pk: &str, chunked: Vec<Item>, single: Vec<ImageLink>) -> Result<V
     Ok(by_index.into_values().collect())
 }
 
-fn put(item: Item) -> Result<WriteRequest, RepoError> {
-    let put = PutRequest::builder()
-        .set_item(Some(item))
-        .build()
-        .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
-    Ok(WriteRequest::builder().put_request(put).build())
-}
-
-fn number(item: &Item, name: &str) -> Option<usize> {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn encode<T: Serialize>(value: &T, what: &str) -> Result<Item, RepoError> {
-    to_item(value).map_err(|e| RepoError::Other(format!("encoding {what}: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(item: Item, what: &str) -> Result<T, RepoError> {
-    from_item(item).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
-}
-
 /// A tracking record from its item: the `doc` JSON, or the map layout of earlier versions.
 fn decode_record(item: Item, what: &str) -> Result<TrackingRecord, RepoError> {
     match item.get("doc") {
@@ -167,21 +136,6 @@ fn decode_record(item: Item, what: &str) -> Result<TrackingRecord, RepoError> {
             serde_json::from_str(doc).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
         }
         _ => decode(item, what),
-    }
-}
-
-fn repo_error<E>(err: &SdkError<E, HttpResponse>, what: &str) -> RepoError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let f = classify(err);
-    let msg = format!("{what}: {}", f.detail);
-    if f.has_code("ConditionalCheckFailedException") {
-        RepoError::ConditionFailed(msg)
-    } else if f.transient {
-        RepoError::Transient(msg)
-    } else {
-        RepoError::Other(msg)
     }
 }
 
@@ -210,10 +164,7 @@ impl DynamoTracking {
             ("upload_id".to_string(), s(&record.upload_id)),
         ]);
         if let Some(t) = record.tracked.last_checked_at {
-            let v = t
-                .format(&Rfc3339)
-                .map_err(|e| RepoError::Other(format!("formatting {t}: {e}")))?;
-            item.insert("last_checked_at".into(), s(v));
+            item.insert("last_checked_at".into(), s(rfc3339(t)?));
         }
         item.insert("pk".into(), s(upload_pk(&record.upload_id)));
         item.insert("sk".into(), s(TRACK_SK));
@@ -257,15 +208,7 @@ impl DynamoTracking {
 
     /// Tracking records by upload id (BatchGetItem, consistent): found ones, in no particular order.
     pub async fn get_records(&self, ids: &[String]) -> Result<Vec<TrackingRecord>, RepoError> {
-        let keys: Vec<Item> = ids
-            .iter()
-            .map(|id| {
-                HashMap::from([
-                    ("pk".to_string(), s(upload_pk(id))),
-                    ("sk".to_string(), s(TRACK_SK)),
-                ])
-            })
-            .collect();
+        let keys: Vec<Item> = ids.iter().map(|id| key(upload_pk(id), TRACK_SK)).collect();
         batch_get(&self.client, &self.table, keys, None)
             .await
             .map_err(|e| e.into_repo("BatchGetItem tracking"))?
@@ -333,23 +276,15 @@ impl DynamoTracking {
     ) -> Result<(), RepoError> {
         let mut requests = Vec::new();
         for item in Self::links_requests(links)? {
-            requests.push(put(item)?);
+            requests.push(put_request(item)?);
         }
         self.write_all(requests).await?;
         let mut requests = Vec::with_capacity(records.len() + 1);
         for r in records {
-            requests.push(put(Self::tracking_item(r)?)?);
+            requests.push(put_request(Self::tracking_item(r)?)?);
         }
         if let Some(user) = clear_pending_of {
-            let key = HashMap::from([
-                ("pk".to_string(), s(pending_pk(user))),
-                ("sk".to_string(), s(PENDING_SK)),
-            ]);
-            let delete = DeleteRequest::builder()
-                .set_key(Some(key))
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a delete request: {e}")))?;
-            requests.push(WriteRequest::builder().delete_request(delete).build());
+            requests.push(delete_request(key(pending_pk(user), PENDING_SK))?);
         }
         self.write_all(requests).await?;
         let mut finals: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
@@ -375,7 +310,7 @@ impl DynamoTracking {
         now: OffsetDateTime,
         until: OffsetDateTime,
     ) -> Result<bool, RepoError> {
-        let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000).to_string();
+        let ms = |t: OffsetDateTime| t.unix_timestamp_nanos() / 1_000_000;
         let result = self
             .client
             .put_item()
@@ -383,12 +318,12 @@ impl DynamoTracking {
             .item("pk", s(HEALTH_PK))
             .item("sk", s(LEASE_SK))
             .item("owner", s(owner))
-            .item("lease_until_ms", AttributeValue::N(ms(until)))
+            .item("lease_until_ms", n(ms(until)))
             .condition_expression("attribute_not_exists(#pk) OR #until < :now OR #owner = :me")
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#until", "lease_until_ms")
             .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":now", AttributeValue::N(ms(now)))
+            .expression_attribute_values(":now", n(ms(now)))
             .expression_attribute_values(":me", s(owner))
             .send()
             .await;
@@ -446,7 +381,7 @@ impl DynamoTracking {
     }
 
     /// zip-and-push's FINISH_UNCERTAIN upload records, all users: the sparse gsi2 partition
-    /// `UNCERTAIN` that [`crate::adapters::dynamo::DynamoRepository`] keeps them in (one query, not a
+    /// `UNCERTAIN` that [`super::DynamoRepository`] keeps them in (one query, not a
     /// table scan).
     pub async fn list_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
         let mut pages = self
@@ -456,7 +391,7 @@ impl DynamoTracking {
             .index_name("gsi2")
             .key_condition_expression("#pk = :pk")
             .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(crate::adapters::dynamo::UNCERTAIN_GSI2PK))
+            .expression_attribute_values(":pk", s(UNCERTAIN_GSI2PK))
             .into_paginator()
             .send();
         let mut out = Vec::new();
@@ -488,15 +423,12 @@ impl DynamoTracking {
 
     /// Record a completed FINISH_UNCERTAIN scan.
     pub async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
-        let v = at
-            .format(&Rfc3339)
-            .map_err(|e| RepoError::Other(format!("formatting {at}: {e}")))?;
         self.client
             .put_item()
             .table_name(&self.table)
             .item("pk", s(HEALTH_PK))
             .item("sk", s(RECONCILE_SCAN_SK))
-            .item("at", s(v))
+            .item("at", s(rfc3339(at)?))
             .send()
             .await
             .map_err(|e| repo_error(&e, "PutItem reconcile scan mark"))?;
@@ -544,13 +476,9 @@ impl TrackingRepository for DynamoTracking {
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#l", "last_checked_at");
         req = match expected_last_checked_at {
-            Some(t) => {
-                let v = t
-                    .format(&Rfc3339)
-                    .map_err(|e| RepoError::Other(format!("formatting {t}: {e}")))?;
-                req.condition_expression("attribute_exists(#pk) AND #l = :l")
-                    .expression_attribute_values(":l", s(v))
-            }
+            Some(t) => req
+                .condition_expression("attribute_exists(#pk) AND #l = :l")
+                .expression_attribute_values(":l", s(rfc3339(t)?)),
             None => req.condition_expression("attribute_exists(#pk) AND attribute_not_exists(#l)"),
         };
         req.send()
@@ -641,7 +569,7 @@ impl TrackingRepository for DynamoTracking {
     async fn put_links(&self, links: &[ImageLink]) -> Result<(), RepoError> {
         let mut requests = Vec::new();
         for item in Self::links_requests(links)? {
-            requests.push(put(item)?);
+            requests.push(put_request(item)?);
         }
         self.write_all(requests).await
     }
