@@ -4,6 +4,7 @@
 //! * [`mapillary`] — Mapillary wire protocol, client side (endpoints, activity feed).
 //! * [`s3event`] — lenient parsing of S3 notifications as delivered through SQS (real AWS and moto shapes).
 //! * [`model`] — the records kept about sequences, uploads and images.
+//! * [`idempotency`] — manifest claims: the lease rules that keep one invocation per manifest.
 //! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
 //! * [`config`] — typed reading of a function's environment (required names, tunables, endpoints).
 //! * [`telemetry`] — structured JSON logging set-up shared by every function.
@@ -12,6 +13,7 @@ pub mod adapters;
 pub mod config;
 pub mod deadline;
 pub mod domain;
+pub mod idempotency;
 pub mod mapillary;
 pub mod model;
 pub mod ports;

@@ -12,11 +12,12 @@ use bytes::Bytes;
 use futures::Stream;
 use secrecy::SecretString;
 
+use crate::idempotency::{Claim, ClaimOutcome};
 use crate::mapillary::client::{TokenGrant, UploadReport};
 use crate::mapillary::retry::MapillaryError;
 use crate::model::{
-    Claim, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage,
-    UploadRecord, UploadState,
+    ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage, UploadRecord,
+    UploadState,
 };
 
 /// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
@@ -194,52 +195,8 @@ impl RepoError {
     }
 }
 
-/// What [`UploadRepository::claim`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    /// The caller now holds the claim (new, or an INPROGRESS claim whose lease had expired —
-    /// then `previous` is that claim: a crashed or timed-out attempt to resume).
-    Acquired {
-        /// The expired claim that was taken over, if any.
-        previous: Option<Claim>,
-    },
-    /// The manifest was fully processed before: acknowledge the duplicate.
-    Completed,
-    /// Another invocation holds a live lease until `lease_until_ms` (epoch ms): retry later.
-    Held {
-        /// End of the other holder's lease.
-        lease_until_ms: i64,
-    },
-}
-
 /// Records of sequences, uploads, images and manifest claims (DynamoDB).
 pub trait UploadRepository: Send + Sync {
-    /// Claim a manifest (IdempotencyTable). Conditional put of `claim` (status INPROGRESS,
-    /// `lease_until_ms`, `owner`, `expiration`) that succeeds when no item with `claim.id` exists,
-    /// or the item is INPROGRESS with `lease_until_ms < now_ms` ([`ClaimOutcome::Acquired`], with the
-    /// old item as `previous`), or its TTL `expiration` (epoch s) is past. Otherwise the existing item
-    /// decides: COMPLETED → [`ClaimOutcome::Completed`]; INPROGRESS with a live lease →
-    /// [`ClaimOutcome::Held`]. (Use `ReturnValuesOnConditionCheckFailure=ALL_OLD`.)
-    fn claim(
-        &self,
-        claim: &Claim,
-        now_ms: i64,
-    ) -> impl Future<Output = Result<ClaimOutcome, RepoError>> + Send;
-
-    /// Set `lease_until_ms` of claim `id` to `lease_until_ms` if it is INPROGRESS and held by
-    /// `owner` (used to release early: pass "now", or to extend). Errors:
-    /// [`RepoError::ConditionFailed`] when the claim is not held by `owner` any more.
-    fn renew_claim(
-        &self,
-        id: &str,
-        owner: &str,
-        lease_until_ms: i64,
-    ) -> impl Future<Output = Result<(), RepoError>> + Send;
-
-    /// Mark claim `id` COMPLETED (condition: it is held by `owner`; [`RepoError::ConditionFailed`]
-    /// otherwise).
-    fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
-
     /// The sequence record, `None` when absent.
     fn get_sequence(
         &self,
@@ -342,6 +299,37 @@ pub struct SequencePage {
     pub sequences: Vec<SequenceRecord>,
     /// Sort key to continue after, `None` on the last page.
     pub next: Option<String>,
+}
+
+// ------------------------------------------------------------------ idempotency (DynamoDB)
+
+/// Manifest claims (IdempotencyTable), with the rules of [`crate::idempotency`].
+pub trait IdempotencyStore: Send + Sync {
+    /// Claim a manifest: store `claim` (status INPROGRESS, `lease_until_ms`, `owner`,
+    /// `expiration`) atomically if the claim stored under `claim.id` is free at `now_ms`; else
+    /// report what holds it. The outcome is [`crate::idempotency::outcome_over`] of the claim
+    /// stored before, decided atomically (two concurrent claims never both acquire). A `claim`
+    /// that is not INPROGRESS is refused with [`RepoError::Other`].
+    fn claim(
+        &self,
+        claim: &Claim,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<ClaimOutcome, RepoError>> + Send;
+
+    /// Set `lease_until_ms` of claim `id` to `lease_until_ms` if `owner` may
+    /// ([`crate::idempotency::may_renew`]: INPROGRESS and held by `owner`); used to extend, or to
+    /// release early by passing "now". Errors: [`RepoError::ConditionFailed`] when the claim is
+    /// missing or not held by `owner` any more.
+    fn renew_claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_until_ms: i64,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Mark claim `id` COMPLETED if `owner` may ([`crate::idempotency::may_complete`]); errors:
+    /// [`RepoError::ConditionFailed`] when it is missing or held by another owner.
+    fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
 // ------------------------------------------------------------------ tokens (DynamoDB + KMS)

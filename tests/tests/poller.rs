@@ -70,7 +70,7 @@ async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     );
     let poller = Poller {
         tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
-        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table),
         tokens: KmsTokenStore::new(
             stack.dynamodb(),
             stack.kms(),

@@ -69,7 +69,7 @@ async fn world(tag: &str) -> Result<World> {
     };
     let poller = Poller {
         tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
-        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        uploads: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table),
         tokens: KmsTokenStore::new(
             stack.dynamodb(),
             stack.kms(),

@@ -25,9 +25,9 @@ use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
-use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::dynamodb::DynamoStateStore;
 use shared::adapters::dynamodb::DynamoTracking;
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository};
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
@@ -75,7 +75,7 @@ fn settings() -> Settings {
 /// The API's dependencies as `main.rs` composes them, for `stack` and `sim`.
 fn api_deps(stack: &LocalStack, sim: &SimHandle, http: &reqwest::Client, settings: Settings) -> Arc<Api> {
     Arc::new(AppDeps {
-        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table),
         tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
         tokens: KmsTokenStore::new(
             stack.dynamodb(),
@@ -381,11 +381,8 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
     // zip-and-push with the stored token (the only token of USER).
     let zp = zip_and_push::HandlerDeps {
         store: S3ObjectStore::new(w.stack.s3()),
-        repo: DynamoRepository::new(
-            w.stack.dynamodb(),
-            &w.stack.uploads_table,
-            &w.stack.idempotency_table,
-        ),
+        repo: DynamoRepository::new(w.stack.dynamodb(), &w.stack.uploads_table),
+        claims: DynamoIdempotency::new(w.stack.dynamodb(), &w.stack.idempotency_table),
         tokens: KmsTokenStore::new(
             w.stack.dynamodb(),
             w.stack.kms(),
@@ -434,11 +431,7 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
     // The poller, with the same token store, follows the simulator's clock through the stages.
     let poller = poller::Poller {
         tracking: DynamoTracking::new(w.stack.dynamodb(), &w.stack.uploads_table),
-        uploads: DynamoRepository::new(
-            w.stack.dynamodb(),
-            &w.stack.uploads_table,
-            &w.stack.idempotency_table,
-        ),
+        uploads: DynamoRepository::new(w.stack.dynamodb(), &w.stack.uploads_table),
         tokens: KmsTokenStore::new(
             w.stack.dynamodb(),
             w.stack.kms(),

@@ -75,7 +75,7 @@ fn sequence(user: &str, id: &str, created: OffsetDateTime, uploads: u32) -> Sequ
 /// USER: `seq-old`, `seq-a` (one upload of 3 images, tracked: failed at map-data processing, one image
 /// linked, one dropped, one pending) and `seq-new`; OTHER: `theirs`. Feed health degraded.
 async fn seed(stack: &LocalStack) -> Result<()> {
-    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table);
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
     let tracking = DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
     repo.put_sequence(&sequence(USER, "seq-old", datetime!(2026-02-01 00:00 UTC), 0))
         .await?;

@@ -26,7 +26,7 @@ use md5::{Digest, Md5};
 use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
-use shared::adapters::dynamodb::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository};
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
@@ -49,6 +49,7 @@ const EVENT_SAMPLE: &str = include_str!("../../events/sqs/s3-manifest-created-mo
 type Deps = HandlerDeps<
     S3ObjectStore,
     DynamoRepository,
+    DynamoIdempotency,
     KmsTokenStore,
     SqsClusterQueue,
     SqsIngestRequeue,
@@ -98,7 +99,8 @@ async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     );
     let deps = HandlerDeps {
         store: S3ObjectStore::new(stack.s3()),
-        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table),
+        claims: DynamoIdempotency::new(stack.dynamodb(), &stack.idempotency_table),
         tokens: KmsTokenStore::new(
             stack.dynamodb(),
             stack.kms(),

@@ -84,7 +84,7 @@ pub async fn run(root: &Path) -> Result<()> {
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let deps = Arc::new(status_api::AppDeps {
-        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table),
+        repo: DynamoRepository::new(stack.dynamodb(), &stack.uploads_table),
         tracking: DynamoTracking::new(stack.dynamodb(), &stack.uploads_table),
         tokens: KmsTokenStore::new(
             stack.dynamodb(),
@@ -244,7 +244,7 @@ async fn call(app: &axum::Router, event: &str) -> Result<()> {
 }
 
 async fn seed(stack: &LocalStack) -> Result<()> {
-    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table);
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
     let tracking = DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
     let base = time::macros::datetime!(2026-03-01 00:00 UTC);
     for i in 0..SEQUENCES {

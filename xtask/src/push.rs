@@ -23,7 +23,7 @@ use integration_tests::stack::{s3_client, sdk_config};
 use mapillary_sim::defaults;
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use shared::adapters::dynamodb::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository};
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
@@ -41,6 +41,7 @@ use crate::stack::{self, StackState};
 pub type RelayDeps = HandlerDeps<
     S3ObjectStore,
     DynamoRepository,
+    DynamoIdempotency,
     KmsTokenStore,
     SqsClusterQueue,
     SqsIngestRequeue,
@@ -96,7 +97,8 @@ pub async fn deps_from_env(env: &BTreeMap<String, String>) -> Result<(Config, Re
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let deps = HandlerDeps {
         store: S3ObjectStore::new(s3_client(&sdk)),
-        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
+        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table),
+        claims: DynamoIdempotency::new(dynamodb.clone(), &config.idempotency_table),
         tokens: KmsTokenStore::new(
             dynamodb,
             aws_sdk_kms::Client::new(&sdk),

@@ -46,7 +46,7 @@ pub async fn poller_from_env(env: &BTreeMap<String, String>, clock: Clock) -> Re
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     Ok(Poller {
         tracking: DynamoTracking::new(dynamodb.clone(), &config.uploads_table),
-        uploads: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
+        uploads: DynamoRepository::new(dynamodb.clone(), &config.uploads_table),
         tokens: KmsTokenStore::new(
             dynamodb,
             aws_sdk_kms::Client::new(&sdk),

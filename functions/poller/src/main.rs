@@ -75,7 +75,7 @@ async fn main() -> Result<(), Error> {
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let poller = Poller {
         tracking: DynamoTracking::new(dynamodb.clone(), &config.uploads_table),
-        uploads: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
+        uploads: DynamoRepository::new(dynamodb.clone(), &config.uploads_table),
         tokens: KmsTokenStore::new(
             dynamodb,
             aws_sdk_kms::Client::new(&sdk),

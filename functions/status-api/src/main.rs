@@ -57,7 +57,7 @@ async fn main() -> Result<(), Error> {
     let secret = client_secret(config.client_secret.clone(), &sdk).await?;
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let deps = AppDeps {
-        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
+        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table),
         tracking: DynamoTracking::new(dynamodb.clone(), &config.uploads_table),
         tokens: KmsTokenStore::new(
             dynamodb.clone(),

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures::StreamExt;
-use shared::model::{claim_id, Claim, ClaimStatus, IngestError, SequenceStatus};
+use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
+use shared::model::{IngestError, SequenceStatus};
 use shared::ports::{
-    ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryUploads, ObjectStore, RepoError, TokenStore,
+    ClusterQueue, IdempotencyStore, IngestRequeue, MapillaryUploads, ObjectStore, RepoError, TokenStore,
     UploadRepository,
 };
 use shared::s3event::{self, Notification, ObjectCreated};
@@ -29,6 +30,8 @@ pub trait Deps: Send + Sync {
     type Store: ObjectStore;
     /// DynamoDB records.
     type Repo: UploadRepository;
+    /// Manifest claims (idempotency).
+    type Claims: IdempotencyStore;
     /// Tokens.
     type Tokens: TokenStore;
     /// Clusters queue.
@@ -41,6 +44,8 @@ pub trait Deps: Send + Sync {
     fn store(&self) -> &Self::Store;
     /// DynamoDB records.
     fn repo(&self) -> &Self::Repo;
+    /// Manifest claims.
+    fn claims(&self) -> &Self::Claims;
     /// Tokens.
     fn tokens(&self) -> &Self::Tokens;
     /// Clusters queue.
@@ -55,11 +60,13 @@ pub trait Deps: Send + Sync {
 
 /// The usual [`Deps`]: one value per port.
 #[derive(Debug, Clone)]
-pub struct HandlerDeps<S, R, T, C, Q, M> {
+pub struct HandlerDeps<S, R, I, T, C, Q, M> {
     /// S3.
     pub store: S,
     /// DynamoDB records.
     pub repo: R,
+    /// Manifest claims.
+    pub claims: I,
     /// Tokens.
     pub tokens: T,
     /// Clusters queue.
@@ -72,10 +79,11 @@ pub struct HandlerDeps<S, R, T, C, Q, M> {
     pub tunables: Tunables,
 }
 
-impl<S, R, T, C, Q, M> Deps for HandlerDeps<S, R, T, C, Q, M>
+impl<S, R, I, T, C, Q, M> Deps for HandlerDeps<S, R, I, T, C, Q, M>
 where
     S: ObjectStore,
     R: UploadRepository,
+    I: IdempotencyStore,
     T: TokenStore,
     C: ClusterQueue,
     Q: IngestRequeue,
@@ -83,6 +91,7 @@ where
 {
     type Store = S;
     type Repo = R;
+    type Claims = I;
     type Tokens = T;
     type Clusters = C;
     type Requeue = Q;
@@ -92,6 +101,9 @@ where
     }
     fn repo(&self) -> &R {
         &self.repo
+    }
+    fn claims(&self) -> &I {
+        &self.claims
     }
     fn tokens(&self) -> &T {
         &self.tokens
@@ -249,7 +261,7 @@ async fn handle_object<D: Deps>(
             owner: owner.clone(),
             expiration: now / 1000 + CLAIM_TTL.as_secs() as i64,
         };
-        match d.repo().claim(&claim, now).await {
+        match d.claims().claim(&claim, now).await {
             Ok(ClaimOutcome::Completed) => {
                 info!("manifest already processed: duplicate acknowledged");
                 return true;
@@ -277,7 +289,7 @@ async fn handle_object<D: Deps>(
         };
         match run_sequence(d, &job).await {
             Outcome::Done => {
-                if let Err(e) = d.repo().complete_claim(&id, &owner).await {
+                if let Err(e) = d.claims().complete_claim(&id, &owner).await {
                     warn!(error = %e, "completing the claim failed (a duplicate will find the sequence final)");
                 }
                 true
@@ -300,7 +312,7 @@ async fn handle_object<D: Deps>(
                 error!(%reason, "sequence failed");
                 match fail_sequence(d, &job, &reason).await {
                     Ok(()) => {
-                        if let Err(e) = d.repo().complete_claim(&id, &owner).await {
+                        if let Err(e) = d.claims().complete_claim(&id, &owner).await {
                             warn!(error = %e, "completing the claim failed");
                         }
                         true
@@ -324,7 +336,7 @@ async fn handle_object<D: Deps>(
 }
 
 async fn release<D: Deps>(d: &D, id: &str, owner: &str) {
-    if let Err(e) = d.repo().renew_claim(id, owner, now_ms() - 1).await {
+    if let Err(e) = d.claims().renew_claim(id, owner, now_ms() - 1).await {
         warn!(error = %e, "releasing the claim failed (it expires with its lease)");
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 use secrecy::SecretString;
-use shared::adapters::dynamodb::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository};
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
@@ -95,7 +95,8 @@ async fn run_function() -> Result<(), Error> {
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let deps = HandlerDeps {
         store: S3ObjectStore::new(aws_sdk_s3::Client::new(&sdk)),
-        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table, &config.idempotency_table),
+        repo: DynamoRepository::new(dynamodb.clone(), &config.uploads_table),
+        claims: DynamoIdempotency::new(dynamodb.clone(), &config.idempotency_table),
         tokens: KmsTokenStore::new(
             dynamodb,
             aws_sdk_kms::Client::new(&sdk),

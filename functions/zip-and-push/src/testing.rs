@@ -9,14 +9,15 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use secrecy::SecretString;
+use shared::idempotency::{may_complete, may_renew, outcome_over, Claim, ClaimOutcome, ClaimStatus};
 use shared::mapillary::client::{TokenGrant, UploadReport};
 use shared::mapillary::retry::MapillaryError;
 use shared::model::{
-    Claim, ClaimStatus, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken,
-    UploadImage, UploadRecord, UploadState,
+    ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage, UploadRecord,
+    UploadState,
 };
 use shared::ports::{
-    BoxError, ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryUploads, ObjectBody, ObjectChunks,
+    BoxError, ClusterQueue, IdempotencyStore, IngestRequeue, MapillaryUploads, ObjectBody, ObjectChunks,
     ObjectInfo, ObjectStore, QueueError, RangeBody, RepoError, StoreError, TokenError, TokenStore,
     UploadRepository,
 };
@@ -153,8 +154,6 @@ impl ObjectStore for MemStore {
 /// Everything the repository holds.
 #[derive(Debug, Default, Clone)]
 pub struct RepoState {
-    /// Claims by id.
-    pub claims: HashMap<String, Claim>,
     /// Sequences by (user, sequence).
     pub sequences: BTreeMap<(String, String), SequenceRecord>,
     /// Uploads by (user, sequence, index).
@@ -185,49 +184,6 @@ impl MemRepo {
 }
 
 impl UploadRepository for MemRepo {
-    async fn claim(&self, claim: &Claim, now_ms: i64) -> Result<ClaimOutcome, RepoError> {
-        let mut st = lock(&self.state);
-        let previous = match st.claims.get(&claim.id) {
-            None => None,
-            Some(c) if c.expiration < now_ms / 1000 => None,
-            Some(c) if c.status == ClaimStatus::Completed => return Ok(ClaimOutcome::Completed),
-            Some(c) if c.lease_until_ms >= now_ms => {
-                return Ok(ClaimOutcome::Held {
-                    lease_until_ms: c.lease_until_ms,
-                })
-            }
-            Some(c) => Some(c.clone()),
-        };
-        st.claims.insert(claim.id.clone(), claim.clone());
-        Ok(ClaimOutcome::Acquired { previous })
-    }
-
-    async fn renew_claim(&self, id: &str, owner: &str, lease_until_ms: i64) -> Result<(), RepoError> {
-        let mut st = lock(&self.state);
-        match st.claims.get_mut(id) {
-            Some(c) if c.owner == owner && c.status == ClaimStatus::Inprogress => {
-                c.lease_until_ms = lease_until_ms;
-                Ok(())
-            }
-            _ => Err(RepoError::ConditionFailed(format!(
-                "claim {id} not held by {owner}"
-            ))),
-        }
-    }
-
-    async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
-        let mut st = lock(&self.state);
-        match st.claims.get_mut(id) {
-            Some(c) if c.owner == owner => {
-                c.status = ClaimStatus::Completed;
-                Ok(())
-            }
-            _ => Err(RepoError::ConditionFailed(format!(
-                "claim {id} not held by {owner}"
-            ))),
-        }
-    }
-
     async fn get_sequence(
         &self,
         user_id: &str,
@@ -358,6 +314,61 @@ impl UploadRepository for MemRepo {
             })
             .collect();
         Ok(shared::ports::SequencePage { sequences, next })
+    }
+}
+
+/// Manifest claims in memory, with the rules of [`shared::idempotency`].
+#[derive(Debug, Default)]
+pub struct MemClaims {
+    /// Claims by id (tests may inspect and edit them, e.g. to end a lease).
+    pub claims: Mutex<HashMap<String, Claim>>,
+}
+
+impl MemClaims {
+    /// No claims.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl IdempotencyStore for MemClaims {
+    async fn claim(&self, claim: &Claim, now_ms: i64) -> Result<ClaimOutcome, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a new claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let mut claims = lock(&self.claims);
+        let outcome = outcome_over(claims.get(&claim.id), now_ms);
+        if matches!(outcome, ClaimOutcome::Acquired { .. }) {
+            claims.insert(claim.id.clone(), claim.clone());
+        }
+        Ok(outcome)
+    }
+
+    async fn renew_claim(&self, id: &str, owner: &str, lease_until_ms: i64) -> Result<(), RepoError> {
+        match lock(&self.claims).get_mut(id) {
+            Some(c) if may_renew(c, owner) => {
+                c.lease_until_ms = lease_until_ms;
+                Ok(())
+            }
+            _ => Err(RepoError::ConditionFailed(format!(
+                "claim {id} not held by {owner}"
+            ))),
+        }
+    }
+
+    async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
+        match lock(&self.claims).get_mut(id) {
+            Some(c) if may_complete(c, owner) => {
+                c.status = ClaimStatus::Completed;
+                Ok(())
+            }
+            _ => Err(RepoError::ConditionFailed(format!(
+                "claim {id} not held by {owner}"
+            ))),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! [`UploadRepository`] over DynamoDB: the UploadsTable (sequences, uploads, image entries, ingest
-//! errors) and the IdempotencyTable (manifest claims, Powertools-style conditional put with a lease).
+//! [`UploadRepository`] over DynamoDB: zip-and-push's records in the UploadsTable (sequences,
+//! uploads, image entries, ingest errors). Manifest claims live in their own table and adapter
+//! ([`super::idempotency`]).
 //!
 //! Items are the model types serialized with `serde_dynamo`, plus the key attributes:
 //! * sequence: pk `SEQ#<user_id>#<sequence_id>`, sk `META`, gsi1pk `USER#<user_id>`,
@@ -15,7 +16,6 @@
 //!   per entry; [`UploadRepository::list_images`] reads them with the entries (one query: `CKPT#` and
 //!   `IMG#` are neighbours in the partition) and attaches those whose fingerprint matches;
 //! * ingest error: pk `INGEST_ERROR`, sk `<at>#<key>`.
-//! * claim (IdempotencyTable): `id`, `status`, `lease_until_ms`, `owner`, `expiration` (TTL, epoch s).
 
 use std::collections::HashMap;
 
@@ -31,10 +31,10 @@ use super::item::{
     string_of, Item,
 };
 use crate::model::{
-    Claim, ClaimStatus, EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord,
-    UploadImage, UploadRecord, UploadState,
+    EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadImage, UploadRecord,
+    UploadState,
 };
-use crate::ports::{ClaimOutcome, RepoError, SequencePage, UploadRepository};
+use crate::ports::{RepoError, SequencePage, UploadRepository};
 
 /// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
 /// (an item is limited to 400 KB).
@@ -114,19 +114,6 @@ pub fn sortable_timestamp(t: OffsetDateTime) -> Result<String, RepoError> {
         .map_err(|e| RepoError::Other(format!("formatting timestamp {t}: {e}")))
 }
 
-/// "held by X until T" / "COMPLETED" / "missing": why a claim condition failed.
-fn describe_claim(item: Option<&Item>) -> String {
-    match item {
-        None => "the claim does not exist".to_string(),
-        Some(item) => format!(
-            "the claim is {} held by {} until {} ms",
-            string_of(item, "status").unwrap_or("?"),
-            string_of(item, "owner").unwrap_or("?"),
-            number_of::<i64>(item, "lease_until_ms").unwrap_or_default()
-        ),
-    }
-}
-
 /// One rejected image stored as its own item.
 #[derive(Serialize, Deserialize)]
 struct RejectedItem {
@@ -140,21 +127,15 @@ struct RejectedItem {
 pub struct DynamoRepository {
     client: aws_sdk_dynamodb::Client,
     uploads_table: String,
-    idempotency_table: String,
     query_limit: Option<i32>,
 }
 
 impl DynamoRepository {
-    /// Records in `uploads_table`, claims in `idempotency_table`.
-    pub fn new(
-        client: aws_sdk_dynamodb::Client,
-        uploads_table: impl Into<String>,
-        idempotency_table: impl Into<String>,
-    ) -> Self {
+    /// Records in `uploads_table`.
+    pub fn new(client: aws_sdk_dynamodb::Client, uploads_table: impl Into<String>) -> Self {
         Self {
             client,
             uploads_table: uploads_table.into(),
-            idempotency_table: idempotency_table.into(),
             query_limit: None,
         }
     }
@@ -262,143 +243,6 @@ fn rejected_bytes(rejected: &[RejectedImage]) -> usize {
 }
 
 impl UploadRepository for DynamoRepository {
-    async fn claim(&self, claim: &Claim, now_ms: i64) -> Result<ClaimOutcome, RepoError> {
-        if claim.status != ClaimStatus::Inprogress {
-            return Err(RepoError::Other(format!(
-                "claim {}: a new claim must be INPROGRESS, got {:?}",
-                claim.id, claim.status
-            )));
-        }
-        let item = encode(claim, &format!("claim {}", claim.id))?;
-        // A lost race (the blocking item vanished between the put and the read) is retried.
-        for _ in 0..3 {
-            let result = self
-                .client
-                .put_item()
-                .table_name(&self.idempotency_table)
-                .set_item(Some(item.clone()))
-                .condition_expression(
-                    "attribute_not_exists(#id) OR #exp < :now_s \
-                     OR (#status = :inprogress AND #lease < :now_ms)",
-                )
-                .expression_attribute_names("#id", "id")
-                .expression_attribute_names("#exp", "expiration")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_names("#lease", "lease_until_ms")
-                .expression_attribute_values(":now_s", n(now_ms.div_euclid(1000)))
-                .expression_attribute_values(":now_ms", n(now_ms))
-                .expression_attribute_values(":inprogress", s("INPROGRESS"))
-                .return_values(ReturnValue::AllOld)
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .send()
-                .await;
-            let err = match result {
-                Ok(out) => {
-                    let previous = match out.attributes.filter(|a| !a.is_empty()) {
-                        Some(old) => Some(decode::<Claim>(old, &format!("claim {}", claim.id))?),
-                        None => None,
-                    };
-                    return Ok(ClaimOutcome::Acquired {
-                        // A TTL-expired COMPLETED claim is gone for DynamoDB too: nothing to resume.
-                        previous: previous.filter(|p| p.status == ClaimStatus::Inprogress),
-                    });
-                }
-                Err(err) => err,
-            };
-            let Some(old) = condition_failed(&err) else {
-                return Err(repo_error(&err, &format!("PutItem claim {}", claim.id)));
-            };
-            let old = match old {
-                Some(old) => Some(old),
-                // Older servers do not return the item with the failure: read it.
-                None => {
-                    self.client
-                        .get_item()
-                        .table_name(&self.idempotency_table)
-                        .key("id", s(&claim.id))
-                        .consistent_read(true)
-                        .send()
-                        .await
-                        .map_err(|e| repo_error(&e, &format!("GetItem claim {}", claim.id)))?
-                        .item
-                }
-            };
-            let Some(old) = old else { continue };
-            let old: Claim = decode(old, &format!("claim {}", claim.id))?;
-            match old.status {
-                ClaimStatus::Completed => return Ok(ClaimOutcome::Completed),
-                ClaimStatus::Inprogress if old.lease_until_ms >= now_ms => {
-                    return Ok(ClaimOutcome::Held {
-                        lease_until_ms: old.lease_until_ms,
-                    })
-                }
-                // Read after the lease ran out: try again.
-                ClaimStatus::Inprogress => continue,
-            }
-        }
-        Err(RepoError::Transient(format!(
-            "claim {}: the item kept changing under concurrent claims",
-            claim.id
-        )))
-    }
-
-    async fn renew_claim(&self, id: &str, owner: &str, lease_until_ms: i64) -> Result<(), RepoError> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.idempotency_table)
-            .key("id", s(id))
-            .update_expression("SET #lease = :lease")
-            .condition_expression("#status = :inprogress AND #owner = :owner")
-            .expression_attribute_names("#lease", "lease_until_ms")
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":lease", n(lease_until_ms))
-            .expression_attribute_values(":inprogress", s("INPROGRESS"))
-            .expression_attribute_values(":owner", s(owner))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match condition_failed(&err) {
-                Some(old) => Err(RepoError::ConditionFailed(format!(
-                    "renew claim {id} for {owner}: {}",
-                    describe_claim(old.as_ref())
-                ))),
-                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
-            },
-        }
-    }
-
-    async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
-        // Completing twice by the same owner succeeds (a retried call must not fail).
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.idempotency_table)
-            .key("id", s(id))
-            .update_expression("SET #status = :completed")
-            .condition_expression("#owner = :owner")
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":completed", s("COMPLETED"))
-            .expression_attribute_values(":owner", s(owner))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match condition_failed(&err) {
-                Some(old) => Err(RepoError::ConditionFailed(format!(
-                    "complete claim {id} for {owner}: {}",
-                    describe_claim(old.as_ref())
-                ))),
-                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
-            },
-        }
-    }
-
     async fn get_sequence(
         &self,
         user_id: &str,
