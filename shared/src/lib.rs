@@ -8,11 +8,14 @@
 //! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
 //! * [`config`] — typed reading of a function's environment (required names, tunables, endpoints).
 //! * [`telemetry`] — structured JSON logging set-up shared by every function.
+//! * `fakes` (feature `fakes`, and in this crate's tests) — in-memory fakes of the ports.
 
 pub mod adapters;
 pub mod config;
 pub mod deadline;
 pub mod domain;
+#[cfg(any(test, feature = "fakes"))]
+pub mod fakes;
 pub mod idempotency;
 pub mod mapillary;
 pub mod model;

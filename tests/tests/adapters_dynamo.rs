@@ -11,7 +11,10 @@ use shared::model::{
     upload_id, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord, SequenceState, UploadImage,
     UploadRecord, UploadState,
 };
-use shared::ports::{IdempotencyStore, RepoError, UploadRepository};
+use shared::ports::{
+    IdempotencyStore, ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequenceReader,
+    SequenceStore, UploadReader, UploadStore,
+};
 use time::macros::datetime;
 use time::OffsetDateTime;
 

@@ -16,7 +16,6 @@ use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use poller::api::MapillaryApi;
 use poller::clock::Clock;
 use poller::config::Tunables;
-use poller::inbox::SqsInbox;
 use poller::tokens::UserToken;
 use poller::{run_once, Poller, RunReport};
 use relay_fixtures::{jpeg, track, TrackSpec};
@@ -24,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::dynamodb::DynamoTracking;
-use shared::adapters::sqs::SqsClusterQueue;
+use shared::adapters::sqs::{SqsClusterQueue, SqsInbox};
 use shared::adapters::tokens::KmsTokenStore;
 use shared::domain::linking::{ImageOutcome, LinkPath};
 use shared::domain::tracking::OverallState;
@@ -32,7 +31,9 @@ use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadRecord, UploadState};
-use shared::ports::{ClusterQueue, TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{
+    ClusterQueue, ImageEntryStore, RunLease, TokenStore, TrackingReader, TrackingStore, UploadStore,
+};
 use time::{Duration as TDuration, OffsetDateTime};
 
 type P = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;

@@ -36,7 +36,7 @@ use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::model::{RejectedImage, SequenceRecord, SequenceState};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{SequenceStore, TokenStore};
 use status_api::config::Settings;
 use status_api::oauth::MapillaryConnector;
 use status_api::{router, AppDeps};
@@ -438,7 +438,7 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
             &w.stack.users_table,
             &w.stack.token_key_id,
         ),
-        inbox: poller::inbox::SqsInbox::new(w.stack.sqs(), &w.stack.clusters_queue_url),
+        inbox: shared::adapters::sqs::SqsInbox::new(w.stack.sqs(), &w.stack.clusters_queue_url),
         api: poller::api::MapillaryApi::new(
             MapillaryClient::new(
                 Endpoints::under(w.sim.base_url()),

@@ -31,7 +31,7 @@ use shared::model::{
     upload_id, FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TrackingRecord,
     UploadImage, UploadRecord, UploadState,
 };
-use shared::ports::{TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, SequenceStore, TrackingStore, UploadStore};
 use time::macros::datetime;
 use time::OffsetDateTime;
 

@@ -35,7 +35,7 @@ use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::model::{ClusterMessage, SequenceState, SequenceStatus, StoredToken, UploadState};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{ImageEntryReader, SequenceReader, TokenStore, UploadReader};
 use time::macros::datetime;
 use time::OffsetDateTime;
 use zip_and_push::config::Tunables;

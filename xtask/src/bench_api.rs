@@ -43,7 +43,7 @@ use shared::model::{
     upload_id, ImageLink, SequenceRecord, SequenceState, StoredToken, TrackingRecord, UploadImage,
     UploadRecord, UploadState,
 };
-use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, SequenceStore, TokenStore, TrackingStore, UploadStore};
 use status_api::config::Settings;
 use status_api::oauth::MapillaryConnector;
 use time::OffsetDateTime;

@@ -41,7 +41,7 @@ use shared::domain::linking::LinkPath;
 use shared::domain::tiles::{distance_m, tiles_covering_points, LonLat, TileId, COVERAGE_ZOOM};
 use shared::domain::tracking::TrackedUpload;
 use shared::model::{upload_id, StoredToken, TrackingRecord, UploadImage};
-use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, TokenStore, TrackingStore};
 use time::OffsetDateTime;
 
 use crate::track::poller_from_env;

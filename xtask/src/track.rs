@@ -15,16 +15,16 @@ use poller::api::MapillaryApi;
 use poller::clock::Clock;
 use poller::config::{ClientSecretSource, Config};
 use poller::handler::path_label;
-use poller::inbox::SqsInbox;
 use poller::{run_once, Poller};
 use serde_json::Value;
 use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::dynamodb::DynamoTracking;
+use shared::adapters::sqs::SqsInbox;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::model::{TrackingRecord, UploadRecord, UploadState};
-use shared::ports::{TrackingRepository, UploadRepository};
+use shared::ports::{TrackingReader, UploadReader};
 
 /// The poller over the AWS adapters.
 pub type RelayPoller = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
@@ -252,6 +252,7 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
+    use shared::ports::{ImageEntryStore, UploadStore};
 
     fn at(ms: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).expect("time")

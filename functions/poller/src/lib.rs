@@ -9,7 +9,9 @@
 //! * [`planb`] — the activity feed (one walk per user and run) and linking by order.
 //! * [`plana`] — the fallback when the feed is unusable: coverage tiles → candidates → matching.
 //! * [`tokens`] — user tokens: refresh on expiry/401, Mapillary user id from `/me`.
-//! * [`api`] — the Mapillary reads; [`inbox`] — the SQS receive/delete port; [`clock`] — "now".
+//! * [`api`] — the Mapillary reads; [`clock`] — "now". The ports (the clusters queue's
+//!   [`ClusterInbox`](shared::ports::ClusterInbox), the tracking store, the run lease…) and their
+//!   adapters are in `shared`.
 //! * [`reconcile`] — FINISH_UNCERTAIN uploads: found by scan, their cluster looked for in the feed.
 //! * [`config`] — environment configuration.
 
@@ -17,7 +19,6 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod handler;
-pub mod inbox;
 pub mod intake;
 pub mod plana;
 pub mod planb;

@@ -10,7 +10,7 @@ use shared::domain::tiles::{
     decode_coverage_tile, distance_m, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
 };
 use shared::model::{ImagePosition, TrackingRecord};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{ImageEntryReader, TokenStore};
 use tracing::{info, warn};
 
 use crate::handler::{our_images, Poller};
@@ -35,7 +35,7 @@ pub fn near(o: &OurImage, m: &MapillaryImage, tol: &Tolerances) -> bool {
 /// Find an upload through coverage tiles. `Ok(None)`: not (yet) in the tiles. Sequences in
 /// `taken` (linked to other uploads already) are never candidates, so two uploads at the same
 /// place are not linked to the same sequence.
-pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
+pub async fn find_by_tiles<R, U: ImageEntryReader, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
     tok: &mut UserToken,
     record: &TrackingRecord,

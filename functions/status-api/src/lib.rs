@@ -11,16 +11,13 @@
 //! * [`oauth`] — the Mapillary side of the connection (authorize URL, code exchange, `/me`).
 //! * [`config`] — environment configuration.
 //!
-//! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes of
-//! the tracking and OAuth-state ports.
+//! The unit tests run on the in-memory fakes of `shared::fakes`.
 
 pub mod app;
 pub mod config;
 pub mod identity;
 pub mod oauth;
 pub mod problem;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 pub mod validate;
 pub mod views;
 

@@ -8,8 +8,8 @@ use futures::StreamExt;
 use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
 use shared::model::{IngestError, SequenceStatus};
 use shared::ports::{
-    ClusterQueue, IdempotencyStore, IngestRequeue, MapillaryUploads, ObjectStore, RepoError, TokenStore,
-    UploadRepository,
+    ClusterQueue, IdempotencyStore, ImageEntryStore, IngestErrorLog, IngestRequeue, MapillaryUploads,
+    ObjectStore, RepoError, SequenceReader, SequenceStore, TokenStore, UploadReader, UploadStore,
 };
 use shared::s3event::{self, Notification, ObjectCreated};
 use time::OffsetDateTime;
@@ -28,8 +28,8 @@ const CLAIM_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub trait Deps: Send + Sync {
     /// S3.
     type Store: ObjectStore;
-    /// DynamoDB records.
-    type Repo: UploadRepository;
+    /// DynamoDB records: sequences, uploads, image entries, ingest errors.
+    type Repo: SequenceStore + UploadStore + ImageEntryStore + IngestErrorLog;
     /// Manifest claims (idempotency).
     type Claims: IdempotencyStore;
     /// Tokens.
@@ -82,7 +82,7 @@ pub struct HandlerDeps<S, R, I, T, C, Q, M> {
 impl<S, R, I, T, C, Q, M> Deps for HandlerDeps<S, R, I, T, C, Q, M>
 where
     S: ObjectStore,
-    R: UploadRepository,
+    R: SequenceStore + UploadStore + ImageEntryStore + IngestErrorLog,
     I: IdempotencyStore,
     T: TokenStore,
     C: ClusterQueue,
@@ -147,7 +147,7 @@ pub async fn handle_batch<D: Deps>(deps: &D, event: SqsEvent, deadline: Instant)
 }
 
 /// The status document of a sequence, `None` when it is unknown.
-pub async fn sequence_status<R: UploadRepository>(
+pub async fn sequence_status<R: SequenceReader + UploadReader>(
     repo: &R,
     user_id: &str,
     sequence_id: &str,

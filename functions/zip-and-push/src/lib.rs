@@ -9,16 +9,15 @@
 //! * [`manifest`] — the trigger contract (key layout, manifest JSON).
 //! * [`config`] — environment configuration.
 //!
-//! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes
-//! of the ports.
+//! The unit tests run on the in-memory fakes of `shared::fakes`.
 
 pub mod config;
 pub mod exifpass;
 pub mod handler;
 pub mod manifest;
 pub mod pipeline;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
+#[cfg(test)]
+mod testing;
 pub mod zipstream;
 
 pub use handler::{handle_batch, sequence_status, Deps, HandlerDeps};

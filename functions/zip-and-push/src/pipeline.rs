@@ -15,7 +15,8 @@ use shared::model::{
     UploadRecord, UploadState,
 };
 use shared::ports::{
-    ClusterQueue, MapillaryUploads, ObjectStore, RepoError, StoreError, TokenStore, UploadRepository,
+    ClusterQueue, ImageEntryReader, ImageEntryStore, MapillaryUploads, ObjectStore, RepoError,
+    SequenceReader, SequenceStore, StoreError, TokenStore, UploadReader, UploadStore,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};

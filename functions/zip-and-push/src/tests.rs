@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use shared::adapters::mapillary::MapillaryAdapter;
 use shared::domain::description::parse_capture_time;
 use shared::domain::exif::read_metadata;
+use shared::fakes::{MemClaims, MemQueues, MemRepo, MemStore, MemTokens};
 use shared::mapillary::client::{MapillaryClient, UploadReport};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
@@ -22,7 +23,7 @@ use time::OffsetDateTime;
 
 use crate::config::Tunables;
 use crate::handler::{handle_batch, sequence_status, HandlerDeps};
-use crate::testing::{MemClaims, MemQueues, MemRepo, MemStore, MemTokens, RecordingMapillary};
+use crate::testing::RecordingMapillary;
 
 const BUCKET: &str = "relay-test";
 const USER: &str = "user-1";

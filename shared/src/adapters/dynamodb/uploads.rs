@@ -1,5 +1,6 @@
-//! [`UploadRepository`] over DynamoDB: zip-and-push's records in the UploadsTable (sequences,
-//! uploads, image entries, ingest errors). Manifest claims live in their own table and adapter
+//! zip-and-push's records over DynamoDB: [`SequenceStore`], [`UploadStore`], [`ImageEntryStore`]
+//! (and their readers) and [`IngestErrorLog`] in the UploadsTable (sequences, uploads, image
+//! entries, ingest errors). Manifest claims live in their own table and adapter
 //! ([`super::idempotency`]).
 //!
 //! Items are the model types serialized with `serde_dynamo`, plus the key attributes:
@@ -13,7 +14,7 @@
 //! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`;
 //! * entry checkpoints: pk `UPLOAD#<upload_id>`, sk `CKPT#<first:05>-<last:05>`, attribute
 //!   `checkpoints` (a list of up to [`CHECKPOINTS_PER_ITEM`]): one write per batch of entries, not one
-//!   per entry; [`UploadRepository::list_images`] reads them with the entries (one query: `CKPT#` and
+//!   per entry; [`ImageEntryReader::list_images`] reads them with the entries (one query: `CKPT#` and
 //!   `IMG#` are neighbours in the partition) and attaches those whose fingerprint matches;
 //! * ingest error: pk `INGEST_ERROR`, sk `<at>#<key>`.
 
@@ -34,7 +35,10 @@ use crate::model::{
     EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadImage, UploadRecord,
     UploadState,
 };
-use crate::ports::{RepoError, SequencePage, UploadRepository};
+use crate::ports::{
+    ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
+    SequenceStore, UploadReader, UploadStore,
+};
 
 /// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
 /// (an item is limited to 400 KB).
@@ -122,7 +126,7 @@ struct RejectedItem {
     reason: String,
 }
 
-/// DynamoDB implementation of [`UploadRepository`].
+/// zip-and-push's records in the UploadsTable (every records port of [`crate::ports`]).
 #[derive(Debug, Clone)]
 pub struct DynamoRepository {
     client: aws_sdk_dynamodb::Client,
@@ -242,7 +246,7 @@ fn rejected_bytes(rejected: &[RejectedImage]) -> usize {
     rejected.iter().map(|r| r.key.len() + r.reason.len() + 32).sum()
 }
 
-impl UploadRepository for DynamoRepository {
+impl SequenceReader for DynamoRepository {
     async fn get_sequence(
         &self,
         user_id: &str,
@@ -293,6 +297,17 @@ impl UploadRepository for DynamoRepository {
         Ok(Some(record))
     }
 
+    async fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<SequencePage, RepoError> {
+        self.query_sequences(user_id, limit, after).await
+    }
+}
+
+impl SequenceStore for DynamoRepository {
     async fn put_sequence(&self, seq: &SequenceRecord) -> Result<(), RepoError> {
         let pk = sequence_pk(&seq.user_id, &seq.sequence_id);
         let mut item = encode(seq, &format!("sequence {pk}"))?;
@@ -344,7 +359,23 @@ impl UploadRepository for DynamoRepository {
         }
         Ok(())
     }
+}
 
+impl UploadReader for DynamoRepository {
+    async fn list_uploads(&self, user_id: &str, sequence_id: &str) -> Result<Vec<UploadRecord>, RepoError> {
+        let pk = sequence_pk(user_id, sequence_id);
+        let mut uploads = self
+            .query_prefix(&pk, "UPLOAD#")
+            .await?
+            .into_iter()
+            .map(|item| decode::<UploadRecord>(item, &format!("upload of {pk}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        uploads.sort_by_key(|u| u.index);
+        Ok(uploads)
+    }
+}
+
+impl UploadStore for DynamoRepository {
     async fn put_upload(&self, upload: &UploadRecord) -> Result<(), RepoError> {
         self.client
             .put_item()
@@ -386,38 +417,9 @@ impl UploadRepository for DynamoRepository {
             },
         }
     }
+}
 
-    async fn list_uploads(&self, user_id: &str, sequence_id: &str) -> Result<Vec<UploadRecord>, RepoError> {
-        let pk = sequence_pk(user_id, sequence_id);
-        let mut uploads = self
-            .query_prefix(&pk, "UPLOAD#")
-            .await?
-            .into_iter()
-            .map(|item| decode::<UploadRecord>(item, &format!("upload of {pk}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        uploads.sort_by_key(|u| u.index);
-        Ok(uploads)
-    }
-
-    async fn put_images(&self, images: &[UploadImage]) -> Result<(), RepoError> {
-        // One batch must not name a key twice: the last entry for a key wins, as with single puts.
-        let mut last: HashMap<(&str, u32), usize> = HashMap::new();
-        for (i, image) in images.iter().enumerate() {
-            last.insert((image.upload_id.as_str(), image.index), i);
-        }
-        let mut requests = Vec::with_capacity(last.len());
-        for (i, image) in images.iter().enumerate() {
-            if last.get(&(image.upload_id.as_str(), image.index)) != Some(&i) {
-                continue;
-            }
-            let mut item = encode(image, &format!("image {}/{}", image.upload_id, image.index))?;
-            item.insert("pk".into(), s(image_pk(&image.upload_id)));
-            item.insert("sk".into(), s(image_sk(image.index)));
-            requests.push(put_request(item)?);
-        }
-        self.batch_write(requests).await
-    }
-
+impl ImageEntryReader for DynamoRepository {
     async fn list_images(&self, upload_id: &str) -> Result<Vec<UploadImage>, RepoError> {
         let pk = image_pk(upload_id);
         // `CKPT#…` sorts right before `IMG#…` (and `IMG$` right after every `IMG#…`): one query.
@@ -482,6 +484,27 @@ impl UploadRepository for DynamoRepository {
             })
             .collect())
     }
+}
+
+impl ImageEntryStore for DynamoRepository {
+    async fn put_images(&self, images: &[UploadImage]) -> Result<(), RepoError> {
+        // One batch must not name a key twice: the last entry for a key wins, as with single puts.
+        let mut last: HashMap<(&str, u32), usize> = HashMap::new();
+        for (i, image) in images.iter().enumerate() {
+            last.insert((image.upload_id.as_str(), image.index), i);
+        }
+        let mut requests = Vec::with_capacity(last.len());
+        for (i, image) in images.iter().enumerate() {
+            if last.get(&(image.upload_id.as_str(), image.index)) != Some(&i) {
+                continue;
+            }
+            let mut item = encode(image, &format!("image {}/{}", image.upload_id, image.index))?;
+            item.insert("pk".into(), s(image_pk(&image.upload_id)));
+            item.insert("sk".into(), s(image_sk(image.index)));
+            requests.push(put_request(item)?);
+        }
+        self.batch_write(requests).await
+    }
 
     async fn save_checkpoints(
         &self,
@@ -510,7 +533,9 @@ impl UploadRepository for DynamoRepository {
         }
         self.batch_write(requests).await
     }
+}
 
+impl IngestErrorLog for DynamoRepository {
     async fn record_ingest_error(&self, error: &IngestError) -> Result<(), RepoError> {
         let mut key_part = error.key.as_str();
         if key_part.len() > INGEST_SK_KEY_BYTES {
@@ -535,15 +560,6 @@ impl UploadRepository for DynamoRepository {
             .map_err(|e| repo_error(&e, "PutItem ingest error"))?;
         Ok(())
     }
-
-    async fn list_sequences(
-        &self,
-        user_id: &str,
-        limit: u32,
-        after: Option<&str>,
-    ) -> Result<SequencePage, RepoError> {
-        self.query_sequences(user_id, limit, after).await
-    }
 }
 
 /// gsi1 partition key of a user's sequences.
@@ -564,7 +580,7 @@ pub fn sequence_id_of_gsi1sk(sk: &str) -> Option<&str> {
 }
 
 impl DynamoRepository {
-    /// [`UploadRepository::list_sequences`]: reads up to `limit + 1` records (several Query pages if
+    /// [`SequenceReader::list_sequences`]: reads up to `limit + 1` records (several Query pages if
     /// DynamoDB's 1 MB page limit cuts in) so that a `next` is only returned when more records exist.
     async fn query_sequences(
         &self,
