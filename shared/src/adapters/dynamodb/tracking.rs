@@ -73,11 +73,6 @@ pub fn upload_pk(upload_id: &str) -> String {
     format!("UPLOAD#{upload_id}")
 }
 
-/// Sort key of an image link as earlier versions stored it (one item per image; still read).
-pub fn link_sk(index: u32) -> String {
-    format!("LINK#{index:05}")
-}
-
 /// Sort key of the `chunk`-th links item of an upload.
 pub fn links_sk(chunk: usize) -> String {
     format!("LINKS#{chunk:03}")
