@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use lambda_http::{run, Error};
 use secrecy::SecretString;
-use shared::adapters::dynamodb::DynamoRepository;
-use shared::adapters::dynamodb::DynamoStateStore;
-use shared::adapters::dynamodb::DynamoTracking;
+use shared::adapters::dynamodb::{DynamoRepository, DynamoStateStore, DynamoTracking};
 use shared::adapters::tokens::KmsTokenStore;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
