@@ -64,8 +64,6 @@ pub struct Tables {
     pub uploads_table: String,
     /// `RELAY_USERS_TABLE`.
     pub users_table: String,
-    /// `RELAY_IDEMPOTENCY_TABLE`.
-    pub idempotency_table: String,
     /// `RELAY_TOKEN_KEY_ID`: the KMS key that encrypts the tokens in the users table.
     pub token_key_id: String,
 }
@@ -145,12 +143,12 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         })
     }
 
-    /// `RELAY_UPLOADS_TABLE`, `RELAY_USERS_TABLE`, `RELAY_IDEMPOTENCY_TABLE`, `RELAY_TOKEN_KEY_ID`.
+    /// `RELAY_UPLOADS_TABLE`, `RELAY_USERS_TABLE`, `RELAY_TOKEN_KEY_ID` (zip-and-push also reads
+    /// `RELAY_IDEMPOTENCY_TABLE`, its own).
     pub fn tables(&self) -> Result<Tables, ConfigError> {
         Ok(Tables {
             uploads_table: self.required("RELAY_UPLOADS_TABLE")?,
             users_table: self.required("RELAY_USERS_TABLE")?,
-            idempotency_table: self.required("RELAY_IDEMPOTENCY_TABLE")?,
             token_key_id: self.required("RELAY_TOKEN_KEY_ID")?,
         })
     }
@@ -246,10 +244,7 @@ mod tests {
             (t.uploads_table.as_str(), t.users_table.as_str()),
             ("uploads", "users")
         );
-        assert_eq!(
-            (t.idempotency_table.as_str(), t.token_key_id.as_str()),
-            ("idem", "alias/relay")
-        );
+        assert_eq!(t.token_key_id, "alias/relay");
         pairs.retain(|(k, _)| *k != "MAPILLARY_CLIENT_ID" && *k != "RELAY_TOKEN_KEY_ID");
         assert_eq!(
             env(&pairs).mapillary().unwrap_err(),

@@ -407,38 +407,6 @@ impl SequenceStatus {
     }
 }
 
-/// Status of a manifest claim in the idempotency table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ClaimStatus {
-    /// Someone works on it (or crashed while doing so: see the lease).
-    Inprogress,
-    /// Done; duplicates are acknowledged.
-    Completed,
-}
-
-/// A claim of a manifest (idempotency item, key `id`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claim {
-    /// [`claim_id`] of bucket, key and etag.
-    pub id: String,
-    /// Status.
-    pub status: ClaimStatus,
-    /// Epoch ms until which an INPROGRESS claim is held by `owner`.
-    pub lease_until_ms: i64,
-    /// Who holds it (e.g. the Lambda request id).
-    pub owner: String,
-    /// TTL, epoch seconds.
-    pub expiration: i64,
-}
-
-/// `sha256(bucket + "/" + key + "#" + etag)` as lowercase hex: the idempotency key of a manifest.
-/// The etag is used without surrounding quotes.
-pub fn claim_id(bucket: &str, key: &str, etag: &str) -> String {
-    let etag = etag.trim_matches('"');
-    hex::encode(Sha256::digest(format!("{bucket}/{key}#{etag}").as_bytes()))
-}
-
 /// Deterministic upload id: `<user_id>.<sequence_id>.<index:03>` (unique across users).
 pub fn upload_id(user_id: &str, sequence_id: &str, index: u32) -> String {
     format!("{user_id}.{sequence_id}.{index:03}")
@@ -447,13 +415,6 @@ pub fn upload_id(user_id: &str, sequence_id: &str, index: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn claim_id_ignores_etag_quotes_and_differs_by_etag() {
-        assert_eq!(claim_id("b", "k", "\"abc\""), claim_id("b", "k", "abc"));
-        assert_ne!(claim_id("b", "k", "abc"), claim_id("b", "k", "abd"));
-        assert_eq!(claim_id("b", "k", "e").len(), 64);
-    }
 
     #[test]
     fn states_serialize_as_screaming_snake() {

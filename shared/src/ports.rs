@@ -2,21 +2,27 @@
 //! (native `async` in traits, `Send` futures), so tests plug in in-memory fakes and `main`
 //! plugs in the AWS/Mapillary adapters of [`crate::adapters`].
 //!
+//! Capabilities kept in DynamoDB are cut by what each caller needs: a reader per entity (status-api
+//! and the poller only read zip-and-push's records; status-api only reads the poller's) and a
+//! store that adds the writes; one adapter per table implements several of them.
+//!
 //! Every error enum has `is_transient()`: `true` means "the same call may succeed later"
 //! (throttling, 5xx, timeouts, connection errors) — the caller then releases its work and lets SQS
 //! redeliver; `false` means retrying the same call will not help.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use bytes::Bytes;
 use futures::Stream;
 use secrecy::SecretString;
 
+use crate::idempotency::{Claim, ClaimOutcome};
 use crate::mapillary::client::{Me, TokenGrant, UploadReport};
 use crate::mapillary::error::MapillaryError;
 use crate::model::{
-    Claim, ClusterMessage, EntryCheckpoint, IngestError, SequenceRecord, StoredToken, UploadImage,
-    UploadRecord, UploadState,
+    ClusterMessage, EntryCheckpoint, FeedHealth, ImageLink, IngestError, SequenceRecord, StoredToken,
+    TrackingRecord, UploadImage, UploadRecord, UploadState,
 };
 
 /// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
@@ -168,9 +174,13 @@ pub trait ObjectStore: Send + Sync {
     fn head(&self, bucket: &str, key: &str) -> impl Future<Output = Result<ObjectInfo, StoreError>> + Send;
 }
 
-// ------------------------------------------------------------------ repository (DynamoDB)
+// ------------------------------------------------------------------ records (DynamoDB)
+//
+// zip-and-push's records, cut by what each caller needs: every entity has a reader (status-api
+// and the poller only read) and a store that adds the writes (zip-and-push, the only writer).
+// One adapter implements them all (`DynamoRepository`, the UploadsTable).
 
-/// Failure of an [`UploadRepository`] call.
+/// Failure of a port kept in DynamoDB (records, claims, tracking, OAuth states).
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     /// A conditional write's condition did not hold (DynamoDB `ConditionalCheckFailedException`).
@@ -194,52 +204,8 @@ impl RepoError {
     }
 }
 
-/// What [`UploadRepository::claim`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    /// The caller now holds the claim (new, or an INPROGRESS claim whose lease had expired —
-    /// then `previous` is that claim: a crashed or timed-out attempt to resume).
-    Acquired {
-        /// The expired claim that was taken over, if any.
-        previous: Option<Claim>,
-    },
-    /// The manifest was fully processed before: acknowledge the duplicate.
-    Completed,
-    /// Another invocation holds a live lease until `lease_until_ms` (epoch ms): retry later.
-    Held {
-        /// End of the other holder's lease.
-        lease_until_ms: i64,
-    },
-}
-
-/// Records of sequences, uploads, images and manifest claims (DynamoDB).
-pub trait UploadRepository: Send + Sync {
-    /// Claim a manifest (IdempotencyTable). Conditional put of `claim` (status INPROGRESS,
-    /// `lease_until_ms`, `owner`, `expiration`) that succeeds when no item with `claim.id` exists,
-    /// or the item is INPROGRESS with `lease_until_ms < now_ms` ([`ClaimOutcome::Acquired`], with the
-    /// old item as `previous`), or its TTL `expiration` (epoch s) is past. Otherwise the existing item
-    /// decides: COMPLETED → [`ClaimOutcome::Completed`]; INPROGRESS with a live lease →
-    /// [`ClaimOutcome::Held`]. (Use `ReturnValuesOnConditionCheckFailure=ALL_OLD`.)
-    fn claim(
-        &self,
-        claim: &Claim,
-        now_ms: i64,
-    ) -> impl Future<Output = Result<ClaimOutcome, RepoError>> + Send;
-
-    /// Set `lease_until_ms` of claim `id` to `lease_until_ms` if it is INPROGRESS and held by
-    /// `owner` (used to release early: pass "now", or to extend). Errors:
-    /// [`RepoError::ConditionFailed`] when the claim is not held by `owner` any more.
-    fn renew_claim(
-        &self,
-        id: &str,
-        owner: &str,
-        lease_until_ms: i64,
-    ) -> impl Future<Output = Result<(), RepoError>> + Send;
-
-    /// Mark claim `id` COMPLETED (condition: it is held by `owner`; [`RepoError::ConditionFailed`]
-    /// otherwise).
-    fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
-
+/// Reading a user's sequence records (status-api's listing and detail, zip-and-push's resume).
+pub trait SequenceReader: Send + Sync {
     /// The sequence record, `None` when absent.
     fn get_sequence(
         &self,
@@ -247,14 +213,42 @@ pub trait UploadRepository: Send + Sync {
         sequence_id: &str,
     ) -> impl Future<Output = Result<Option<SequenceRecord>, RepoError>> + Send;
 
+    /// One page of the user's sequences, newest first (gsi1: `USER#<user_id>`, sort key
+    /// `SEQ#<created_at>#<sequence_id>` descending). At most `limit` (≥ 1) records, each **without**
+    /// its `rejected` list (use [`Self::get_sequence`] for that). `after` is the `next` of the previous
+    /// page: the gsi1 sort key of its last record, as returned (callers keep it opaque).
+    fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> impl Future<Output = Result<SequencePage, RepoError>> + Send;
+}
+
+/// Writing sequence records (zip-and-push).
+pub trait SequenceStore: SequenceReader {
     /// Write (create or replace) the sequence record, including the gsi1 keys
     /// (`USER#<user_id>`, `SEQ#<created_at>#<sequence_id>`) and every `rejected` entry (however many:
     /// store a large list as separate items and replace the old ones; `get_sequence` must return
     /// exactly this list, in this order).
     fn put_sequence(&self, seq: &SequenceRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
 
-    /// Write (create or replace) an upload record. The sparse gsi2 keys (`PENDING`,
-    /// `<user_id>#<upload_id>`) are present iff `!upload.state.is_final()`.
+/// Reading a sequence's upload records (status-api, the poller's intake, zip-and-push).
+pub trait UploadReader: Send + Sync {
+    /// The sequence's upload records, ordered by `index` (empty when none).
+    fn list_uploads(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+    ) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
+}
+
+/// Writing upload records (zip-and-push).
+pub trait UploadStore: UploadReader {
+    /// Write (create or replace) an upload record. The sparse gsi2 keys are `PENDING`,
+    /// `<user_id>#<upload_id>` while `!upload.state.is_final()`, and `UNCERTAIN` (same sort key)
+    /// while it is FINISH_UNCERTAIN (the poller's reconciliation reads that partition).
     fn put_upload(&self, upload: &UploadRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
 
     /// Replace the upload record with `upload` only if the stored record's `state` is `expected`
@@ -265,18 +259,10 @@ pub trait UploadRepository: Send + Sync {
         upload: &UploadRecord,
         expected: UploadState,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
 
-    /// The sequence's upload records, ordered by `index` (empty when none).
-    fn list_uploads(
-        &self,
-        user_id: &str,
-        sequence_id: &str,
-    ) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
-
-    /// Write image entries (create or replace; batch writes of ≤ 25, unprocessed items retried).
-    /// All entries of one call may belong to different uploads (each carries its `upload_id`).
-    fn put_images(&self, images: &[UploadImage]) -> impl Future<Output = Result<(), RepoError>> + Send;
-
+/// Reading an upload's image entries (status-api, the poller's linking, zip-and-push's resume).
+pub trait ImageEntryReader: Send + Sync {
     /// All image entries of an upload, ordered by `index`, with their checkpoints.
     fn list_images(
         &self,
@@ -307,10 +293,17 @@ pub trait UploadRepository: Send + Sync {
             Ok(out)
         }
     }
+}
+
+/// Writing image entries and their upload checkpoints (zip-and-push).
+pub trait ImageEntryStore: ImageEntryReader {
+    /// Write image entries (create or replace; batch writes of ≤ 25, unprocessed items retried).
+    /// All entries of one call may belong to different uploads (each carries its `upload_id`).
+    fn put_images(&self, images: &[UploadImage]) -> impl Future<Output = Result<(), RepoError>> + Send;
 
     /// Store checkpoints of an upload's entries, as few writes as the store allows (DynamoDB: one
-    /// item per ≤ 100 checkpoints, not one write per entry). [`Self::list_images`] returns each entry
-    /// with the checkpoint of its index whose `fingerprint` matches the entry's
+    /// item per ≤ 100 checkpoints, not one write per entry). [`ImageEntryReader::list_images`]
+    /// returns each entry with the checkpoint of its index whose `fingerprint` matches the entry's
     /// ([`UploadImage::fingerprint`]); checkpoints of entries that do not exist, or that were
     /// re-planned since, are never attached. Calls may run concurrently and overlap; storing the
     /// same values again must succeed.
@@ -319,29 +312,52 @@ pub trait UploadRepository: Send + Sync {
         upload_id: &str,
         checkpoints: &[EntryCheckpoint],
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
-
-    /// Record a notification that could not be processed (pk `INGEST_ERROR`).
-    fn record_ingest_error(&self, error: &IngestError) -> impl Future<Output = Result<(), RepoError>> + Send;
-
-    /// One page of the user's sequences, newest first (gsi1: `USER#<user_id>`, sort key
-    /// `SEQ#<created_at>#<sequence_id>` descending). At most `limit` (≥ 1) records, each **without**
-    /// its `rejected` list (use [`Self::get_sequence`] for that). `after` is the `next` of the previous
-    /// page: the gsi1 sort key of its last record, as returned (callers keep it opaque).
-    fn list_sequences(
-        &self,
-        user_id: &str,
-        limit: u32,
-        after: Option<&str>,
-    ) -> impl Future<Output = Result<SequencePage, RepoError>> + Send;
 }
 
-/// A page of [`UploadRepository::list_sequences`].
+/// Notifications that could not be processed (zip-and-push).
+pub trait IngestErrorLog: Send + Sync {
+    /// Record a notification that could not be processed (pk `INGEST_ERROR`).
+    fn record_ingest_error(&self, error: &IngestError) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+/// A page of [`SequenceReader::list_sequences`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequencePage {
     /// Newest first.
     pub sequences: Vec<SequenceRecord>,
     /// Sort key to continue after, `None` on the last page.
     pub next: Option<String>,
+}
+
+// ------------------------------------------------------------------ idempotency (DynamoDB)
+
+/// Manifest claims (IdempotencyTable), with the rules of [`crate::idempotency`].
+pub trait IdempotencyStore: Send + Sync {
+    /// Claim a manifest: store `claim` (status INPROGRESS, `lease_until_ms`, `owner`,
+    /// `expiration`) atomically if the claim stored under `claim.id` is free at `now_ms`; else
+    /// report what holds it. The outcome is [`crate::idempotency::outcome_over`] of the claim
+    /// stored before, decided atomically (two concurrent claims never both acquire). A `claim`
+    /// that is not INPROGRESS is refused with [`RepoError::Other`].
+    fn claim(
+        &self,
+        claim: &Claim,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<ClaimOutcome, RepoError>> + Send;
+
+    /// Set `lease_until_ms` of claim `id` to `lease_until_ms` if `owner` may
+    /// ([`crate::idempotency::may_renew`]: INPROGRESS and held by `owner`); used to extend, or to
+    /// release early by passing "now". Errors: [`RepoError::ConditionFailed`] when the claim is
+    /// missing or not held by `owner` any more.
+    fn renew_claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_until_ms: i64,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Mark claim `id` COMPLETED if `owner` may ([`crate::idempotency::may_complete`]); errors:
+    /// [`RepoError::ConditionFailed`] when it is missing or held by another owner.
+    fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
 // ------------------------------------------------------------------ tokens (DynamoDB + KMS)
@@ -415,7 +431,7 @@ impl QueueError {
     }
 }
 
-/// The clusters queue (zip-and-push → poller).
+/// The clusters queue as zip-and-push writes it (zip-and-push → poller).
 pub trait ClusterQueue: Send + Sync {
     /// Send `msg` as a JSON body (`{"upload_id","user_id","sequence_id","cluster_id"}`).
     fn send_cluster(&self, msg: &ClusterMessage) -> impl Future<Output = Result<(), QueueError>> + Send;
@@ -425,6 +441,35 @@ pub trait ClusterQueue: Send + Sync {
 pub trait IngestRequeue: Send + Sync {
     /// Send `body` verbatim (the original S3 notification body) with `delay_seconds` (0–900).
     fn requeue(&self, body: &str, delay_seconds: u32) -> impl Future<Output = Result<(), QueueError>> + Send;
+}
+
+/// One message received from the clusters queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxMessage {
+    /// SQS message id (for logs).
+    pub message_id: String,
+    /// Receipt handle (to delete it).
+    pub receipt_handle: String,
+    /// The body.
+    pub body: String,
+}
+
+/// Failure of the clusters queue's receive or delete.
+#[derive(Debug, thiserror::Error)]
+#[error("clusters queue: {0}")]
+pub struct InboxError(pub String);
+
+/// The clusters queue as the poller reads it: receive a batch, delete what was durably handled
+/// (a message that is not deleted comes back after its visibility timeout).
+pub trait ClusterInbox: Send + Sync {
+    /// Up to 10 visible messages, without waiting (empty = the queue looks empty). Received
+    /// messages are invisible to other receivers for the queue's visibility timeout.
+    fn receive(&self) -> impl Future<Output = Result<Vec<InboxMessage>, InboxError>> + Send;
+    /// Delete these messages (one batch of ≤ 10); returns the receipt handles that failed.
+    fn delete(
+        &self,
+        receipt_handles: &[String],
+    ) -> impl Future<Output = Result<Vec<String>, InboxError>> + Send;
 }
 
 // ------------------------------------------------------------------ Mapillary
@@ -476,49 +521,104 @@ pub trait MapillaryAuth: Send + Sync {
     fn me(&self, token: &SecretString) -> impl Future<Output = Result<Me, MapillaryError>> + Send;
 }
 
-/// Tracking state (poller-owned items; status-api reads them). See the layout in [`crate::model`].
-pub trait TrackingRepository: Send + Sync {
-    /// Create the tracking record of a handed-off upload unless it exists (intake is idempotent:
-    /// a re-delivered cluster message must not reset progress). Returns whether it was created.
-    fn create_tracking(
-        &self,
-        record: &crate::model::TrackingRecord,
-    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
-    /// Write a changed record, only if its stored `tracked.last_checked_at` still equals
-    /// `expected_last_checked_at` (optimistic concurrency between overlapping runs →
-    /// `RepoError::ConditionFailed`). Maintains the sparse pending index (removed once final).
-    fn update_tracking(
-        &self,
-        record: &crate::model::TrackingRecord,
-        expected_last_checked_at: Option<time::OffsetDateTime>,
-    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+// ------------------------------------------------------------------ tracking (DynamoDB)
+//
+// The poller's state: status-api reads it ([`TrackingReader`]); the poller writes it
+// ([`TrackingStore`]), keeps overlapping runs apart ([`RunLease`]) and reconciles uploads whose
+// `finish_upload` reply was lost ([`ReconcileStore`]). One adapter implements them all
+// (`DynamoTracking`, the UploadsTable); see the layout in [`crate::model`].
+
+/// Reading tracking state (status-api; the poller through [`TrackingStore`]).
+pub trait TrackingReader: Send + Sync {
     /// One tracking record.
     fn get_tracking(
         &self,
         upload_id: &str,
-    ) -> impl Future<Output = Result<Option<crate::model::TrackingRecord>, RepoError>> + Send;
-    /// Every non-final tracking record (all users), for a poller run.
-    fn list_pending_tracking(
-        &self,
-    ) -> impl Future<Output = Result<Vec<crate::model::TrackingRecord>, RepoError>> + Send;
-    /// Store image links (batch; overwrites links of the same index).
-    fn put_links(
-        &self,
-        links: &[crate::model::ImageLink],
-    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    ) -> impl Future<Output = Result<Option<TrackingRecord>, RepoError>> + Send;
     /// An upload's image links, by index.
-    fn list_links(
-        &self,
-        upload_id: &str,
-    ) -> impl Future<Output = Result<Vec<crate::model::ImageLink>, RepoError>> + Send;
+    fn list_links(&self, upload_id: &str) -> impl Future<Output = Result<Vec<ImageLink>, RepoError>> + Send;
     /// The activity feed's health record.
-    fn get_feed_health(
+    fn get_feed_health(&self) -> impl Future<Output = Result<Option<FeedHealth>, RepoError>> + Send;
+}
+
+/// The poller's tracking records, links and feed health.
+///
+/// Pending uploads are found through per-user pending sets, not by scanning records: a record
+/// enters its user's set when it is created (or written by [`Self::update_tracking`]) while not
+/// final, and leaves it once written final; [`Self::list_pending_tracking`] reads the sets and
+/// drops ids whose record is final or gone.
+pub trait TrackingStore: TrackingReader {
+    /// Create the tracking record of a handed-off upload unless it exists (intake is idempotent:
+    /// a re-delivered cluster message must not reset progress). Returns whether it was created.
+    /// A record that is not final is (again) put in its user's pending set either way.
+    fn create_tracking(
         &self,
-    ) -> impl Future<Output = Result<Option<crate::model::FeedHealth>, RepoError>> + Send;
+        record: &TrackingRecord,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+    /// Write a changed record, only if its stored `tracked.last_checked_at` still equals
+    /// `expected_last_checked_at` (optimistic concurrency → `RepoError::ConditionFailed`, also
+    /// when the record does not exist). Puts it in its user's pending set, or removes it once final.
+    fn update_tracking(
+        &self,
+        record: &TrackingRecord,
+        expected_last_checked_at: Option<time::OffsetDateTime>,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// Every tracking record in a pending set that is not final (all users), ordered by user id
+    /// then upload id, for a poller run. Ids of final or missing records are dropped from their
+    /// sets on the way (best effort).
+    fn list_pending_tracking(&self) -> impl Future<Output = Result<Vec<TrackingRecord>, RepoError>> + Send;
+    /// Store image links (batch): each upload named in `links` gets exactly the given links (the
+    /// last one given for an index wins; its earlier links are replaced).
+    fn put_links(&self, links: &[ImageLink]) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// Write the links (as [`Self::put_links`]), then the tracking records, in batches, without a
+    /// per-record condition (the caller holds the [`RunLease`]). Links first, so a record that says
+    /// "linked" never exists without its links. Records that are final then leave their users'
+    /// pending sets; `clear_pending_of`: the caller knows none of that user's uploads is pending
+    /// any more, so the user's whole pending set is dropped instead.
+    fn put_tracking_batch(
+        &self,
+        records: &[TrackingRecord],
+        links: &[ImageLink],
+        clear_pending_of: Option<&str>,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
     /// Replace the activity feed's health record.
-    fn put_feed_health(
+    fn put_feed_health(&self, health: &FeedHealth) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// Sequence ids linked to the user's final uploads (linking by tiles leaves them out).
+    fn user_linked_sequences(
         &self,
-        health: &crate::model::FeedHealth,
+        user_id: &str,
+    ) -> impl Future<Output = Result<HashSet<String>, RepoError>> + Send;
+}
+
+/// The poller's run lease: one holder at a time, so overlapping runs (a run can outlive the
+/// schedule's interval) never write the same records.
+pub trait RunLease: Send + Sync {
+    /// Take the lease for `owner` until `until` unless another owner holds one that has not
+    /// expired at `now` (a lease is held up to and including its end; its holder may take it again
+    /// to extend it). `false`: another run holds it.
+    fn acquire_run_lease(
+        &self,
+        owner: &str,
+        now: time::OffsetDateTime,
+        until: time::OffsetDateTime,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+    /// Give the lease back if `owner` still holds it (otherwise nothing changes).
+    fn release_run_lease(&self, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+/// FINISH_UNCERTAIN reconciliation: the uploads whose `finish_upload` reply was lost, and when the
+/// poller last looked for them.
+pub trait ReconcileStore: Send + Sync {
+    /// Every FINISH_UNCERTAIN upload record (zip-and-push's, all users).
+    fn finish_uncertain_uploads(&self) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
+    /// When the last complete FINISH_UNCERTAIN scan ran.
+    fn reconcile_scan_mark(
+        &self,
+    ) -> impl Future<Output = Result<Option<time::OffsetDateTime>, RepoError>> + Send;
+    /// Record a complete FINISH_UNCERTAIN scan.
+    fn set_reconcile_scan_mark(
+        &self,
+        at: time::OffsetDateTime,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 

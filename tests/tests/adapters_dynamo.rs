@@ -1,23 +1,35 @@
-//! `DynamoRepository` against real moto DynamoDB tables (a stack of `infra/template.yaml`).
+//! `DynamoRepository` and `DynamoIdempotency` against real moto DynamoDB tables (a stack of
+//! `infra/template.yaml`).
 
 use anyhow::{Context, Result};
 use aws_sdk_dynamodb::types::AttributeValue;
 use integration_tests::moto::shared_moto;
 use integration_tests::stack::{self, LocalStack};
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository};
+use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
 use shared::model::{
-    claim_id, upload_id, Claim, ClaimStatus, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord,
-    SequenceState, UploadImage, UploadRecord, UploadState,
+    upload_id, EntryCheckpoint, IngestError, RejectedImage, SequenceRecord, SequenceState, UploadImage,
+    UploadRecord, UploadState,
 };
-use shared::ports::{ClaimOutcome, RepoError, UploadRepository};
+use shared::ports::{
+    IdempotencyStore, ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequenceReader,
+    SequenceStore, UploadReader, UploadStore,
+};
 use time::macros::datetime;
 use time::OffsetDateTime;
 
 async fn new_stack(tag: &str) -> Result<(LocalStack, DynamoRepository)> {
     let endpoint = shared_moto()?;
     let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
-    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table);
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
     Ok((stack, repo))
+}
+
+async fn claims_stack(tag: &str) -> Result<(LocalStack, DynamoIdempotency)> {
+    let endpoint = shared_moto()?;
+    let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
+    let claims = DynamoIdempotency::new(stack.dynamodb(), &stack.idempotency_table);
+    Ok((stack, claims))
 }
 
 fn claim(id: &str, owner: &str, lease_until_ms: i64) -> Claim {
@@ -62,18 +74,19 @@ fn s_attr<'a>(item: &'a std::collections::HashMap<String, AttributeValue>, name:
 
 #[tokio::test]
 async fn claims_follow_the_lease_protocol() -> Result<()> {
-    let (stack, repo) = new_stack("ddb-claim").await?;
+    let (stack, claims) = claims_stack("ddb-claim").await?;
     let id = claim_id(&stack.bucket, "sequences/u/s/manifest.json", "\"etag1\"");
     let now = 1_000_000_000_000i64;
 
     // First claim acquires, with nothing to resume.
     assert_eq!(
-        repo.claim(&claim(&id, "req-a", now + 60_000), now).await?,
+        claims.claim(&claim(&id, "req-a", now + 60_000), now).await?,
         ClaimOutcome::Acquired { previous: None }
     );
     // A second invocation during the lease sees it held.
     assert_eq!(
-        repo.claim(&claim(&id, "req-b", now + 90_000), now + 1_000)
+        claims
+            .claim(&claim(&id, "req-b", now + 90_000), now + 1_000)
             .await?,
         ClaimOutcome::Held {
             lease_until_ms: now + 60_000
@@ -81,7 +94,8 @@ async fn claims_follow_the_lease_protocol() -> Result<()> {
     );
     // The lease ends exactly at its `lease_until_ms`: still held at that instant.
     assert!(matches!(
-        repo.claim(&claim(&id, "req-b", now + 90_000), now + 60_000)
+        claims
+            .claim(&claim(&id, "req-b", now + 90_000), now + 60_000)
             .await?,
         ClaimOutcome::Held { .. }
     ));
@@ -91,24 +105,24 @@ async fn claims_follow_the_lease_protocol() -> Result<()> {
     assert_eq!(n_attr(&item, "expiration"), 4_000_000_000);
 
     // Only the owner may renew; renewing extends the lease.
-    match repo.renew_claim(&id, "req-b", now + 120_000).await {
+    match claims.renew_claim(&id, "req-b", now + 120_000).await {
         Err(RepoError::ConditionFailed(msg)) => assert!(msg.contains("req-a"), "{msg}"),
         other => panic!("expected ConditionFailed, got {other:?}"),
     }
-    repo.renew_claim(&id, "req-a", now + 120_000).await?;
+    claims.renew_claim(&id, "req-a", now + 120_000).await?;
     assert_eq!(
         n_attr(&raw_claim(&stack, &id).await?, "lease_until_ms"),
         now + 120_000
     );
     assert!(matches!(
-        repo.claim(&claim(&id, "req-b", now + 200_000), now + 100_000).await?,
+        claims.claim(&claim(&id, "req-b", now + 200_000), now + 100_000).await?,
         ClaimOutcome::Held {
             lease_until_ms: l
         } if l == now + 120_000
     ));
 
     // The holder crashes: after the lease, the next delivery takes over and learns what it resumes.
-    let taken = repo
+    let taken = claims
         .claim(&claim(&id, "req-c", now + 300_000), now + 120_001)
         .await?;
     assert_eq!(
@@ -122,43 +136,44 @@ async fn claims_follow_the_lease_protocol() -> Result<()> {
     );
     // The old holder lost it: it can neither renew nor complete.
     assert!(matches!(
-        repo.renew_claim(&id, "req-a", now + 400_000).await,
+        claims.renew_claim(&id, "req-a", now + 400_000).await,
         Err(RepoError::ConditionFailed(_))
     ));
     assert!(matches!(
-        repo.complete_claim(&id, "req-a").await,
+        claims.complete_claim(&id, "req-a").await,
         Err(RepoError::ConditionFailed(_))
     ));
 
     // Release early (lease = now): the next claim after that instant acquires.
-    repo.renew_claim(&id, "req-c", now + 130_000).await?;
+    claims.renew_claim(&id, "req-c", now + 130_000).await?;
     assert!(matches!(
-        repo.claim(&claim(&id, "req-d", now + 400_000), now + 130_001).await?,
+        claims.claim(&claim(&id, "req-d", now + 400_000), now + 130_001).await?,
         ClaimOutcome::Acquired { previous: Some(Claim { ref owner, .. }) } if owner == "req-c"
     ));
 
     // Completed: every later delivery is a duplicate, even long after any lease.
-    repo.complete_claim(&id, "req-d").await?;
-    repo.complete_claim(&id, "req-d").await?; // a retried completion succeeds
+    claims.complete_claim(&id, "req-d").await?;
+    claims.complete_claim(&id, "req-d").await?; // a retried completion succeeds
     assert_eq!(s_attr(&raw_claim(&stack, &id).await?, "status"), "COMPLETED");
     assert_eq!(
-        repo.claim(&claim(&id, "req-e", now + 999_000), now + 900_000)
+        claims
+            .claim(&claim(&id, "req-e", now + 999_000), now + 900_000)
             .await?,
         ClaimOutcome::Completed
     );
     // A completed claim cannot be renewed (it is no longer INPROGRESS).
     assert!(matches!(
-        repo.renew_claim(&id, "req-d", now).await,
+        claims.renew_claim(&id, "req-d", now).await,
         Err(RepoError::ConditionFailed(_))
     ));
 
     // Unknown claims.
-    match repo.renew_claim("no-such-claim", "x", now).await {
+    match claims.renew_claim("no-such-claim", "x", now).await {
         Err(RepoError::ConditionFailed(msg)) => assert!(msg.contains("does not exist"), "{msg}"),
         other => panic!("expected ConditionFailed, got {other:?}"),
     }
     assert!(matches!(
-        repo.complete_claim("no-such-claim", "x").await,
+        claims.complete_claim("no-such-claim", "x").await,
         Err(RepoError::ConditionFailed(_))
     ));
     // A claim must be INPROGRESS.
@@ -166,13 +181,13 @@ async fn claims_follow_the_lease_protocol() -> Result<()> {
         status: ClaimStatus::Completed,
         ..claim("other", "x", now)
     };
-    assert!(matches!(repo.claim(&bad, now).await, Err(RepoError::Other(_))));
+    assert!(matches!(claims.claim(&bad, now).await, Err(RepoError::Other(_))));
     Ok(())
 }
 
 #[tokio::test]
 async fn ttl_expired_claims_are_free_again() -> Result<()> {
-    let (_stack, repo) = new_stack("ddb-ttl").await?;
+    let (_stack, claims) = claims_stack("ddb-ttl").await?;
     let now = 2_000_000_000_000i64;
     // A completed claim whose TTL passed (DynamoDB deletes such items lazily).
     let id = "ttl-completed";
@@ -180,14 +195,16 @@ async fn ttl_expired_claims_are_free_again() -> Result<()> {
         expiration: now / 1000 + 10,
         ..claim(id, "old", now + 1_000)
     };
-    repo.claim(&expiring, now).await?;
-    repo.complete_claim(id, "old").await?;
+    claims.claim(&expiring, now).await?;
+    claims.complete_claim(id, "old").await?;
     assert_eq!(
-        repo.claim(&claim(id, "new", now + 5_000), now + 5_000).await?,
+        claims.claim(&claim(id, "new", now + 5_000), now + 5_000).await?,
         ClaimOutcome::Completed
     );
     assert_eq!(
-        repo.claim(&claim(id, "new", now + 20_000), now + 11_000).await?,
+        claims
+            .claim(&claim(id, "new", now + 20_000), now + 11_000)
+            .await?,
         ClaimOutcome::Acquired { previous: None }
     );
     // An INPROGRESS claim past its TTL but within its lease is taken over too, and resumed.
@@ -196,9 +213,11 @@ async fn ttl_expired_claims_are_free_again() -> Result<()> {
         expiration: now / 1000 + 10,
         ..claim(id, "old", now + 60_000)
     };
-    repo.claim(&expiring, now).await?;
+    claims.claim(&expiring, now).await?;
     assert!(matches!(
-        repo.claim(&claim(id, "new", now + 90_000), now + 11_000).await?,
+        claims
+            .claim(&claim(id, "new", now + 90_000), now + 11_000)
+            .await?,
         ClaimOutcome::Acquired { previous: Some(_) }
     ));
     Ok(())
@@ -206,14 +225,14 @@ async fn ttl_expired_claims_are_free_again() -> Result<()> {
 
 #[tokio::test]
 async fn concurrent_claims_have_exactly_one_winner() -> Result<()> {
-    let (_stack, repo) = new_stack("ddb-race").await?;
+    let (_stack, store) = claims_stack("ddb-race").await?;
     let now = 1_500_000_000_000i64;
     for round in 0..3 {
         let id = format!("race-{round}");
         let claims: Vec<Claim> = (0..8)
             .map(|i| claim(&id, &format!("owner-{i}"), now + 60_000 + i))
             .collect();
-        let outcomes = futures::future::join_all(claims.iter().map(|c| repo.claim(c, now))).await;
+        let outcomes = futures::future::join_all(claims.iter().map(|c| store.claim(c, now))).await;
         let outcomes: Vec<ClaimOutcome> = outcomes.into_iter().collect::<Result<_, _>>()?;
         let winners = outcomes
             .iter()
@@ -600,10 +619,11 @@ async fn ingest_errors_are_recorded_under_their_own_partition() -> Result<()> {
 #[tokio::test]
 async fn an_unreachable_endpoint_is_transient() -> Result<()> {
     let config = stack::sdk_config("http://127.0.0.1:1").await;
-    let repo = DynamoRepository::new(aws_sdk_dynamodb::Client::new(&config), "t", "i");
+    let repo = DynamoRepository::new(aws_sdk_dynamodb::Client::new(&config), "t");
     let err = repo.get_sequence("u", "s").await.expect_err("no server");
     assert!(err.is_transient(), "{err:?}");
-    let err = repo.claim(&claim("x", "o", 1), 0).await.expect_err("no server");
+    let claims = DynamoIdempotency::new(aws_sdk_dynamodb::Client::new(&config), "i");
+    let err = claims.claim(&claim("x", "o", 1), 0).await.expect_err("no server");
     assert!(matches!(err, RepoError::Transient(_)), "{err:?}");
     Ok(())
 }
@@ -701,7 +721,7 @@ async fn unprocessed_batch_items_are_retried_until_written() -> Result<()> {
     // Every batch of more than 3 writes leaves its last 3 unprocessed; the retry carries exactly those.
     let (endpoint, seen) = fake_dynamo::start(3).await?;
     let config = stack::sdk_config(&endpoint).await;
-    let repo = DynamoRepository::new(aws_sdk_dynamodb::Client::new(&config), "uploads", "idem");
+    let repo = DynamoRepository::new(aws_sdk_dynamodb::Client::new(&config), "uploads");
     let images: Vec<UploadImage> = (0..60).map(|i| image("up", i)).collect();
     repo.put_images(&images).await?;
 
@@ -731,7 +751,7 @@ async fn unprocessed_batch_items_are_retried_until_written() -> Result<()> {
 async fn items_that_stay_unprocessed_end_in_a_transient_error() -> Result<()> {
     let (endpoint, seen) = fake_dynamo::start(usize::MAX).await?;
     let config = stack::sdk_config(&endpoint).await;
-    let repo = DynamoRepository::new(aws_sdk_dynamodb::Client::new(&config), "uploads", "idem");
+    let repo = DynamoRepository::new(aws_sdk_dynamodb::Client::new(&config), "uploads");
     let err = repo
         .put_images(&[image("up", 0), image("up", 1)])
         .await

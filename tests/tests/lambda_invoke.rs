@@ -27,7 +27,7 @@ use mapillary_sim::{SimConfig, Simulator};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::Value;
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::model::{SequenceState, StoredToken};
 use shared::ports::TokenStore;
@@ -170,7 +170,7 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
     let dir = repo_root().join(".scratch/lambda-invoke").join(&stack.stack_name);
     let watch = LambdaWatch::start(&repo_root(), &venvs, &env, &dir)?;
     let port = watch.port();
-    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table);
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
 
     // seq-1 through the emulated event-source mapping (the queue also holds moto's s3:TestEvent).
     let esm = SqsEventSource::new(stack.sqs(), &stack.ingest_queue_url, "zip-and-push");

@@ -28,7 +28,9 @@ use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::session::TokenSession;
 use shared::mapillary::Endpoints;
 use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadRecord, UploadState};
-use shared::ports::{ClusterQueue, TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{
+    ClusterQueue, ImageEntryStore, RunLease, TokenStore, TrackingReader, TrackingStore, UploadStore,
+};
 use time::{Duration as TDuration, OffsetDateTime};
 
 type P = ProductionPoller;

@@ -25,7 +25,7 @@ use shared::mapillary::client::{FileType, MapillaryClient};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadRecord, UploadState};
-use shared::ports::{ClusterQueue, TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{ClusterQueue, ImageEntryStore, TokenStore, TrackingReader, TrackingStore, UploadStore};
 use time::OffsetDateTime;
 
 type P = ProductionPoller;

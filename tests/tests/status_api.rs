@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::mapillary::retry::RetryPolicy;
 use shared::model::{RejectedImage, SequenceRecord, SequenceState};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{SequenceStore, TokenStore};
 use status_api::compose::ProductionDeps;
 use status_api::config::Settings;
 use status_api::router;

@@ -21,8 +21,7 @@ use integration_tests::{repo_root, venv};
 use mapillary_sim::defaults::{self, APP_ID, CLIENT_SECRET, DEMO_USERNAME};
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::tracking::DynamoTracking;
+use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
 use shared::domain::tracking::{OverallState, TrackedUpload};
 use shared::mapillary::feed::StageStatus;
@@ -31,7 +30,7 @@ use shared::model::{
     upload_id, FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TrackingRecord,
     UploadImage, UploadRecord, UploadState,
 };
-use shared::ports::{TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, SequenceStore, TrackingStore, UploadStore};
 use time::macros::datetime;
 use time::OffsetDateTime;
 
@@ -75,7 +74,7 @@ fn sequence(user: &str, id: &str, created: OffsetDateTime, uploads: u32) -> Sequ
 /// USER: `seq-old`, `seq-a` (one upload of 3 images, tracked: failed at map-data processing, one image
 /// linked, one dropped, one pending) and `seq-new`; OTHER: `theirs`. Feed health degraded.
 async fn seed(stack: &LocalStack) -> Result<()> {
-    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table);
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
     let tracking = DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
     repo.put_sequence(&sequence(USER, "seq-old", datetime!(2026-02-01 00:00 UTC), 0))
         .await?;

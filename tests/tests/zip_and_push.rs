@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::mapillary::retry::RetryPolicy;
 use shared::model::{ClusterMessage, SequenceState, SequenceStatus, StoredToken, UploadState};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{ImageEntryReader, SequenceReader, TokenStore, UploadReader};
 use time::macros::datetime;
 use time::OffsetDateTime;
 use zip_and_push::compose::{compose, ProductionDeps};

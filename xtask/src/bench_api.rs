@@ -29,9 +29,8 @@ use mapillary_sim::defaults;
 use mapillary_sim::{SimConfig, Simulator};
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
 use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
 use shared::domain::linking::{ImageOutcome, LinkPath};
 use shared::domain::tracking::{OverallState, TrackedUpload};
 use shared::mapillary::feed::StageStatus;
@@ -40,7 +39,7 @@ use shared::model::{
     upload_id, ImageLink, SequenceRecord, SequenceState, StoredToken, TrackingRecord, UploadImage,
     UploadRecord, UploadState,
 };
-use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, SequenceStore, TokenStore, TrackingStore, UploadStore};
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -223,7 +222,7 @@ async fn call(app: &axum::Router, event: &str) -> Result<()> {
 }
 
 async fn seed(stack: &LocalStack) -> Result<()> {
-    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table, &stack.idempotency_table);
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
     let tracking = DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
     let base = time::macros::datetime!(2026-03-01 00:00 UTC);
     for i in 0..SEQUENCES {

@@ -41,7 +41,7 @@ use shared::domain::tiles::{distance_m, tiles_covering_points, LonLat, TileId, C
 use shared::domain::tracking::TrackedUpload;
 use shared::mapillary::session::TokenSession;
 use shared::model::{upload_id, StoredToken, TrackingRecord, UploadImage};
-use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, TokenStore, TrackingStore};
 use time::OffsetDateTime;
 
 use crate::track::poller_from_env;
@@ -489,7 +489,7 @@ pub async fn run(root: &Path) -> Result<()> {
             let (p, stack) = (&p, &stack);
             async move {
                 let tracking =
-                    shared::adapters::tracking::DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
+                    shared::adapters::dynamodb::DynamoTracking::new(stack.dynamodb(), &stack.uploads_table);
                 // The user's records and our images by key, as a run reads them (moto answers every
                 // Query with a scan of the whole table, so a query per user or upload would measure moto).
                 let ids: Vec<String> = u.uploads.iter().map(|(id, _, _)| id.clone()).collect();

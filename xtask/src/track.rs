@@ -19,7 +19,7 @@ use poller::run_once;
 use serde_json::Value;
 use shared::config::ClientSecretSource;
 use shared::model::{TrackingRecord, UploadRecord, UploadState};
-use shared::ports::{TrackingRepository, UploadRepository};
+use shared::ports::{TrackingReader, UploadReader};
 
 /// The poller over the AWS adapters.
 pub type RelayPoller = ProductionPoller;
@@ -226,6 +226,7 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
+    use shared::ports::{ImageEntryStore, UploadStore};
 
     fn at(ms: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).expect("time")

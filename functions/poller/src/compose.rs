@@ -5,15 +5,14 @@
 
 use std::time::Duration;
 
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
+use shared::adapters::sqs::SqsInbox;
 use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::handler::Poller;
-use crate::inbox::SqsInbox;
 
 /// The poller over the AWS adapters.
 pub type ProductionPoller = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
@@ -29,7 +28,7 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
     let tables = &config.tables;
     Ok(Poller {
         tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
-        uploads: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table, &tables.idempotency_table),
+        uploads: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table),
         tokens: token_store(dynamodb, sdk, tables),
         inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
         api,

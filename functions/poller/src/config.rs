@@ -84,7 +84,7 @@ impl Default for Tunables {
 pub struct Config {
     /// `RELAY_CLUSTERS_QUEUE_URL`.
     pub clusters_queue_url: String,
-    /// The tables and the token key (the idempotency table only to build the shared repository).
+    /// The tables and the token key.
     pub tables: Tables,
     /// The Mapillary app (endpoints, client id, client secret).
     pub mapillary: MapillaryConfig,

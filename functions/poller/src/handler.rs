@@ -21,16 +21,18 @@ use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::feed::{ActivityNode, StageStatus, Stages};
 use shared::mapillary::session::{SessionContext, TokenSession};
 use shared::model::{FeedHealth, ImageLink, ImagePosition, TrackingRecord};
-use shared::ports::{RepoError, TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{
+    ClusterInbox, ImageEntryReader, ReconcileStore, RepoError, RunLease, TokenStore, TrackingStore,
+    UploadReader,
+};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::clock::Clock;
 use crate::config::{GraphqlToken, Tunables};
-use crate::inbox::ClusterInbox;
 use crate::intake::{intake, IntakeReport};
 use crate::plana::{find_by_tiles, TileCache};
 use crate::planb::{link_many, walk_feed, FeedOutcome};
-use crate::reconcile::{discover_uncertain, TrackingExtra};
+use crate::reconcile::discover_uncertain;
 
 /// The ports and settings of a run.
 #[derive(Debug, Clone)]
@@ -154,8 +156,8 @@ fn ms(t: Instant) -> u64 {
 /// minus a margin, or `now + budget`, whichever is earlier).
 pub async fn run_once<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> RunReport
 where
-    R: TrackingRepository + TrackingExtra,
-    U: UploadRepository,
+    R: TrackingStore + RunLease + ReconcileStore,
+    U: UploadReader + ImageEntryReader,
     T: TokenStore,
     Q: ClusterInbox,
 {
@@ -207,8 +209,8 @@ const LEASE_SLACK_S: u64 = 60;
 
 async fn run_leased<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant, report: &mut RunReport)
 where
-    R: TrackingRepository + TrackingExtra,
-    U: UploadRepository,
+    R: TrackingStore + ReconcileStore,
+    U: UploadReader + ImageEntryReader,
     T: TokenStore,
     Q: ClusterInbox,
 {
@@ -284,7 +286,7 @@ async fn update_health<R, U, T, Q>(
     any_ok: bool,
 ) -> Result<(), RepoError>
 where
-    R: TrackingRepository,
+    R: TrackingStore,
 {
     let old = p.tracking.get_feed_health().await?;
     let now = p.clock.now();
@@ -344,7 +346,7 @@ fn finished_node(cluster_id: &str) -> ActivityNode {
 }
 
 /// Our images of an upload, in zip order, as linking inputs (and their entries for the links).
-pub async fn our_images<U: UploadRepository>(
+pub async fn our_images<U: ImageEntryReader>(
     uploads: &U,
     upload_id: &str,
 ) -> Result<(Vec<ImagePosition>, Vec<OurImage>), RepoError> {
@@ -429,10 +431,9 @@ async fn track_user<R, U, T, Q>(
     linked_in_run: &Mutex<HashSet<String>>,
 ) -> UserOutcome
 where
-    R: TrackingRepository + TrackingExtra,
-    U: UploadRepository,
+    R: TrackingStore,
+    U: ImageEntryReader,
     T: TokenStore,
-    Q: ClusterInbox,
 {
     let mut out = UserOutcome::default();
     if Instant::now() >= deadline {

@@ -6,11 +6,10 @@ use std::time::Instant;
 
 use shared::domain::tracking::TrackedUpload;
 use shared::model::{ClusterMessage, TrackingRecord};
-use shared::ports::{TrackingRepository, UploadRepository};
+use shared::ports::{ClusterInbox, TrackingStore, UploadReader};
 use tracing::{info, warn};
 
 use crate::handler::Poller;
-use crate::inbox::ClusterInbox;
 
 /// What the intake did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,8 +29,8 @@ pub struct IntakeReport {
 /// Drain the queue (up to `intake_max_messages`, until it looks empty or the deadline passes).
 pub async fn intake<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> IntakeReport
 where
-    R: TrackingRepository,
-    U: UploadRepository,
+    R: TrackingStore,
+    U: UploadReader,
     Q: ClusterInbox,
 {
     let mut rep = IntakeReport::default();
@@ -94,8 +93,8 @@ async fn create<R, U, T, Q>(
     msg: &ClusterMessage,
 ) -> Result<bool, shared::ports::RepoError>
 where
-    R: TrackingRepository,
-    U: UploadRepository,
+    R: TrackingStore,
+    U: UploadReader,
 {
     // When did `finish_upload` return? zip-and-push's upload record knows; else "now".
     let uploads = p.uploads.list_uploads(&msg.user_id, &msg.sequence_id).await?;

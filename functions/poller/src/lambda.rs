@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use shared::ports::{TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{
+    ClusterInbox, ImageEntryReader, ReconcileStore, RunLease, TokenStore, TrackingStore, UploadReader,
+};
 
 use crate::handler::{run_once, Poller};
-use crate::inbox::ClusterInbox;
-use crate::reconcile::TrackingExtra;
 
 /// Stop starting new work this long before the Lambda deadline.
 pub const DEADLINE_MARGIN: Duration = Duration::from_secs(20);
@@ -27,8 +27,8 @@ pub fn deadline_of(deadline_ms: u64) -> Instant {
 /// One run for an invocation with deadline `deadline_ms`; the response document sums it up.
 pub async fn invoke<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline_ms: u64) -> serde_json::Value
 where
-    R: TrackingRepository + TrackingExtra,
-    U: UploadRepository,
+    R: TrackingStore + RunLease + ReconcileStore,
+    U: UploadReader + ImageEntryReader,
     T: TokenStore,
     Q: ClusterInbox,
 {

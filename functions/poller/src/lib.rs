@@ -10,7 +10,9 @@
 //! * [`plana`] — the fallback when the feed is unusable: coverage tiles → candidates → matching.
 //! * User tokens (refresh on expiry/401, Mapillary user id from `/me`) are
 //!   `shared::mapillary::session`'s; every Mapillary call goes through `shared::mapillary::app`.
-//! * [`inbox`] — the SQS receive/delete port; [`clock`] — "now".
+//! * [`clock`] — "now". The ports (the clusters queue's
+//!   [`ClusterInbox`](shared::ports::ClusterInbox), the tracking store, the run lease…) and their
+//!   adapters are in `shared`.
 //! * [`reconcile`] — FINISH_UNCERTAIN uploads: found by scan, their cluster looked for in the feed.
 //! * [`config`] — environment configuration; [`compose`] — config + SDK config → the production
 //!   [`Poller`]; [`lambda`] — one invocation (deadline, response document).
@@ -19,7 +21,6 @@ pub mod clock;
 pub mod compose;
 pub mod config;
 pub mod handler;
-pub mod inbox;
 pub mod intake;
 pub mod lambda;
 pub mod plana;

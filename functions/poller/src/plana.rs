@@ -12,7 +12,7 @@ use shared::domain::tiles::{
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::session::TokenSession;
 use shared::model::{ImagePosition, TrackingRecord};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{ImageEntryReader, TokenStore};
 use tracing::{info, warn};
 
 use crate::handler::{our_images, Poller};
@@ -36,7 +36,7 @@ pub fn near(o: &OurImage, m: &MapillaryImage, tol: &Tolerances) -> bool {
 /// Find an upload through coverage tiles. `Ok(None)`: not (yet) in the tiles. Sequences in
 /// `taken` (linked to other uploads already) are never candidates, so two uploads at the same
 /// place are not linked to the same sequence.
-pub async fn find_by_tiles<R, U: UploadRepository, T: TokenStore, Q>(
+pub async fn find_by_tiles<R, U: ImageEntryReader, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
     tok: &mut TokenSession<'_, T, MapillaryApp>,
     record: &TrackingRecord,

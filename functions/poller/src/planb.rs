@@ -15,7 +15,7 @@ use shared::mapillary::error::MapillaryError;
 use shared::mapillary::feed::ActivityNode;
 use shared::mapillary::session::{CallError, SessionError, TokenSession};
 use shared::model::{ImagePosition, TrackingRecord};
-use shared::ports::{TokenStore, UploadRepository};
+use shared::ports::{ImageEntryReader, TokenStore};
 use tracing::{debug, info, warn};
 
 use crate::handler::{our_images, Poller};
@@ -203,7 +203,7 @@ pub async fn sequence_images<R, U, T: TokenStore, Q>(
 }
 
 /// Plan B linking of one upload whose image processing finished.
-pub async fn link_by_feed<R, U: UploadRepository, T: TokenStore, Q>(
+pub async fn link_by_feed<R, U: ImageEntryReader, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
     tok: &mut TokenSession<'_, T, MapillaryApp>,
     record: &TrackingRecord,
@@ -287,7 +287,7 @@ pub type OursOf = (Vec<ImagePosition>, Vec<OurImage>);
 
 /// Our image entries of `records`, in order: by key in batches for every record that knows its
 /// `image_count` (and got exactly that many), by a query per upload for the others.
-pub async fn our_images_many<'r, R, U: UploadRepository, T, Q>(
+pub async fn our_images_many<'r, R, U: ImageEntryReader, T, Q>(
     p: &Poller<R, U, T, Q>,
     records: impl IntoIterator<Item = &'r TrackingRecord>,
 ) -> Vec<Result<OursOf, shared::ports::RepoError>> {
@@ -343,7 +343,7 @@ pub async fn our_images_many<'r, R, U: UploadRepository, T, Q>(
 /// authoritative order and the search for further sequences of a split cluster) when the batch
 /// could not vouch for its result: a failed or possibly truncated request, equal capture times in
 /// the sequence (the order would be a guess), or any image left unlinked. Results are in `jobs` order.
-pub async fn link_many<R, U: UploadRepository, T: TokenStore, Q>(
+pub async fn link_many<R, U: ImageEntryReader, T: TokenStore, Q>(
     p: &Poller<R, U, T, Q>,
     tok: &mut TokenSession<'_, T, MapillaryApp>,
     jobs: &[(&TrackingRecord, String)],

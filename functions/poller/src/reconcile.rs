@@ -7,101 +7,17 @@
 //! looks for a node that matches (see `handler`): found → the cluster id is adopted and tracking
 //! continues as for any upload; not found within `RELAY_RECONCILE_WINDOW_H` → FAILED with a reason.
 
-use std::collections::HashSet;
-use std::future::Future;
 use std::time::Instant;
 
-use shared::adapters::tracking::DynamoTracking;
 use shared::domain::tracking::{OverallState, Reconcile, TrackedUpload};
 use shared::model::{TrackingRecord, UploadRecord};
-use shared::ports::{RepoError, TrackingRepository, UploadRepository};
-use time::OffsetDateTime;
+use shared::ports::{ImageEntryReader, ReconcileStore, RepoError, TrackingStore};
 use tracing::{info, warn};
 
 use crate::handler::Poller;
 
 /// Slack around the `finish_upload` window (clock skew between Mapillary and us), seconds.
 pub const CREATED_SLACK_S: i64 = 120;
-
-/// Poller reads beyond the shared [`TrackingRepository`] port (implemented for [`DynamoTracking`]).
-pub trait TrackingExtra: Send + Sync {
-    /// Sequence ids linked to the user's final uploads (Plan A leaves them out).
-    fn user_linked_sequences(
-        &self,
-        user_id: &str,
-    ) -> impl Future<Output = Result<HashSet<String>, RepoError>> + Send;
-    /// Every FINISH_UNCERTAIN upload record.
-    fn finish_uncertain_uploads(&self) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
-    /// When the last complete FINISH_UNCERTAIN scan ran.
-    fn reconcile_scan_mark(&self) -> impl Future<Output = Result<Option<OffsetDateTime>, RepoError>> + Send;
-    /// Record a complete FINISH_UNCERTAIN scan.
-    fn set_reconcile_scan_mark(
-        &self,
-        at: OffsetDateTime,
-    ) -> impl Future<Output = Result<(), RepoError>> + Send;
-    /// Write links, then tracking records, in batches (no per-record condition: the run holds the
-    /// lease).
-    fn put_tracking_batch(
-        &self,
-        records: &[TrackingRecord],
-        links: &[shared::model::ImageLink],
-        clear_pending_of: Option<&str>,
-    ) -> impl Future<Output = Result<(), RepoError>> + Send;
-    /// Take the run lease until `until` (`false`: another run holds it).
-    fn acquire_run_lease(
-        &self,
-        owner: &str,
-        now: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
-    /// Give the run lease back.
-    fn release_run_lease(&self, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
-}
-
-impl TrackingExtra for DynamoTracking {
-    async fn user_linked_sequences(&self, user_id: &str) -> Result<HashSet<String>, RepoError> {
-        Ok(self
-            .list_final_tracking(user_id)
-            .await?
-            .into_iter()
-            .flat_map(|r| r.sequence_ids)
-            .collect())
-    }
-
-    async fn finish_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
-        self.list_uncertain_uploads().await
-    }
-
-    async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {
-        DynamoTracking::reconcile_scan_mark(self).await
-    }
-
-    async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
-        DynamoTracking::set_reconcile_scan_mark(self, at).await
-    }
-
-    async fn put_tracking_batch(
-        &self,
-        records: &[TrackingRecord],
-        links: &[shared::model::ImageLink],
-        clear_pending_of: Option<&str>,
-    ) -> Result<(), RepoError> {
-        DynamoTracking::put_tracking_batch(self, records, links, clear_pending_of).await
-    }
-
-    async fn acquire_run_lease(
-        &self,
-        owner: &str,
-        now: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> Result<bool, RepoError> {
-        DynamoTracking::acquire_run_lease(self, owner, now, until).await
-    }
-
-    async fn release_run_lease(&self, owner: &str) -> Result<(), RepoError> {
-        DynamoTracking::release_run_lease(self, owner).await
-    }
-}
 
 /// What the discovery step did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,8 +35,8 @@ pub struct DiscoveryReport {
 /// Take FINISH_UNCERTAIN uploads into tracking (when a scan is due).
 pub async fn discover_uncertain<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> DiscoveryReport
 where
-    R: TrackingRepository + TrackingExtra,
-    U: UploadRepository,
+    R: TrackingStore + ReconcileStore,
+    U: ImageEntryReader,
 {
     let mut rep = DiscoveryReport::default();
     let now = p.clock.now();
@@ -190,7 +106,7 @@ where
 
 /// The tracking record of a FINISH_UNCERTAIN upload: no cluster id, the [`Reconcile`] facts.
 /// Without image entries nothing identifies the cluster: the record is FAILED at once.
-pub async fn reconcile_record<R, U: UploadRepository, T, Q>(
+pub async fn reconcile_record<R, U: ImageEntryReader, T, Q>(
     p: &Poller<R, U, T, Q>,
     up: &UploadRecord,
 ) -> Result<TrackingRecord, RepoError> {

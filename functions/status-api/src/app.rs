@@ -20,7 +20,8 @@ use lambda_http::request::RequestContext;
 use shared::mapillary::app::MapillaryApp;
 use shared::model::StoredToken;
 use shared::ports::{
-    OAuthState, OAuthStateStore, StateOutcome, TokenError, TokenStore, TrackingRepository, UploadRepository,
+    ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome, TokenError, TokenStore,
+    TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
@@ -58,10 +59,10 @@ pub const ROUTES: [(&str, &str); 7] = [
 
 /// What the handlers use.
 pub trait Deps: Send + Sync + 'static {
-    /// Sequences and uploads.
-    type Repo: UploadRepository + 'static;
-    /// The poller's tracking records and image links.
-    type Tracking: TrackingRepository + 'static;
+    /// Sequences, uploads and image entries (read only).
+    type Repo: SequenceReader + UploadReader + ImageEntryReader + 'static;
+    /// The poller's tracking records, image links and feed health (read only).
+    type Tracking: TrackingReader + 'static;
     /// Users' Mapillary tokens.
     type Tokens: TokenStore + 'static;
     /// OAuth `state` values.
@@ -99,8 +100,8 @@ pub struct AppDeps<R, T, K, S> {
 
 impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
 where
-    R: UploadRepository + 'static,
-    T: TrackingRepository + 'static,
+    R: SequenceReader + UploadReader + ImageEntryReader + 'static,
+    T: TrackingReader + 'static,
     K: TokenStore + 'static,
     S: OAuthStateStore + 'static,
 {

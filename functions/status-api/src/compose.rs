@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use shared::adapters::dynamo::DynamoRepository;
-use shared::adapters::oauth_state::DynamoStateStore;
+use shared::adapters::dynamodb::{DynamoRepository, DynamoStateStore, DynamoTracking};
 use shared::adapters::tokens::KmsTokenStore;
-use shared::adapters::tracking::DynamoTracking;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
 use crate::app::AppDeps;
@@ -30,7 +28,7 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
     let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
     let tables = &config.tables;
     Ok(AppDeps {
-        repo: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table, &tables.idempotency_table),
+        repo: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table),
         tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
         tokens: token_store(dynamodb.clone(), sdk, tables),
         states: DynamoStateStore::new(dynamodb, &tables.users_table),

@@ -12,8 +12,7 @@
 //!   is `shared::mapillary::app::MapillaryApp`'s.
 //! * [`config`] — environment configuration; [`compose`] — config + SDK config → production deps.
 //!
-//! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes of
-//! the tracking and OAuth-state ports.
+//! The unit tests run on the in-memory fakes of `shared::fakes`.
 
 pub mod app;
 pub mod compose;
@@ -21,8 +20,6 @@ pub mod config;
 pub mod identity;
 pub mod oauth;
 pub mod problem;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 pub mod validate;
 pub mod views;
 

@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
 use shared::domain::tracking::{OverallState, TrackedUpload};
+use shared::fakes::{MemRepo, MemStates, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::feed::StageStatus;
@@ -19,15 +20,13 @@ use shared::model::{
     FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TrackingRecord, UploadImage,
     UploadRecord, UploadState,
 };
-use shared::ports::{OAuthState, TokenStore, TrackingRepository, UploadRepository};
+use shared::ports::{ImageEntryStore, OAuthState, SequenceStore, TokenStore, TrackingStore, UploadStore};
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tower::ServiceExt;
-use zip_and_push::testing::{MemRepo, MemTokens};
 
 use crate::app::{router, AppDeps, ROUTES};
 use crate::config::Settings;
-use crate::testing::{MemStates, MemTracking};
 
 type TestDeps = AppDeps<MemRepo, MemTracking, MemTokens, MemStates>;
 

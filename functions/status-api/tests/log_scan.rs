@@ -8,16 +8,15 @@ use std::sync::{Arc, Mutex};
 use http_body_util::BodyExt;
 use mapillary_sim::{defaults, SimConfig, Simulator};
 use secrecy::{ExposeSecret, SecretString};
+use shared::fakes::{MemRepo, MemStates, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::ports::TokenStore;
 use status_api::config::Settings;
-use status_api::testing::{MemStates, MemTracking};
 use status_api::{router, AppDeps};
 use tower::ServiceExt;
-use zip_and_push::testing::{MemRepo, MemTokens};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use shared::adapters::dynamo::DynamoRepository;
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository};
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::sqs::{SqsClusterQueue, SqsIngestRequeue};
 use shared::adapters::tokens::KmsTokenStore;
@@ -19,6 +19,7 @@ use crate::handler::HandlerDeps;
 pub type ProductionDeps = HandlerDeps<
     S3ObjectStore,
     DynamoRepository,
+    DynamoIdempotency,
     KmsTokenStore,
     SqsClusterQueue,
     SqsIngestRequeue,
@@ -37,7 +38,8 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
     let tables = &config.tables;
     Ok(HandlerDeps {
         store: S3ObjectStore::new(aws_sdk_s3::Client::new(sdk)),
-        repo: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table, &tables.idempotency_table),
+        repo: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table),
+        claims: DynamoIdempotency::new(dynamodb.clone(), &config.idempotency_table),
         tokens: token_store(dynamodb, sdk, tables),
         clusters: SqsClusterQueue::new(sqs.clone(), &config.clusters_queue_url),
         requeue: SqsIngestRequeue::new(sqs, &config.ingest_queue_url),

@@ -76,6 +76,8 @@ pub struct Config {
     pub clusters_queue_url: String,
     /// The tables and the token key.
     pub tables: Tables,
+    /// `RELAY_IDEMPOTENCY_TABLE`: the message claims (one per S3 object version).
+    pub idempotency_table: String,
     /// The Mapillary app (endpoints, client id, client secret).
     pub mapillary: MapillaryConfig,
     /// Pipeline tunables.
@@ -122,6 +124,7 @@ impl Config {
             ingest_queue_url: env.required("RELAY_INGEST_QUEUE_URL")?,
             clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
             tables: env.tables()?,
+            idempotency_table: env.required("RELAY_IDEMPOTENCY_TABLE")?,
             mapillary,
             tunables,
         })

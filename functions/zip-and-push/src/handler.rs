@@ -5,10 +5,12 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures::StreamExt;
-use shared::model::{claim_id, Claim, ClaimStatus, IngestError, SequenceStatus};
+use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
+use shared::model::{IngestError, SequenceStatus};
 use shared::ports::{
-    ClaimOutcome, ClusterQueue, IngestRequeue, MapillaryAuth, MapillaryUploads, ObjectStore, RepoError,
-    TokenStore, UploadRepository,
+    ClusterQueue, IdempotencyStore, ImageEntryStore, IngestErrorLog, IngestRequeue, MapillaryAuth,
+    MapillaryUploads, ObjectStore, RepoError, SequenceReader, SequenceStore, TokenStore, UploadReader,
+    UploadStore,
 };
 use shared::s3event::{self, Notification, ObjectCreated};
 use time::OffsetDateTime;
@@ -27,8 +29,10 @@ const CLAIM_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub trait Deps: Send + Sync {
     /// S3.
     type Store: ObjectStore;
-    /// DynamoDB records.
-    type Repo: UploadRepository;
+    /// DynamoDB records: sequences, uploads, image entries, ingest errors.
+    type Repo: SequenceStore + UploadStore + ImageEntryStore + IngestErrorLog;
+    /// Manifest claims (idempotency).
+    type Claims: IdempotencyStore;
     /// Tokens.
     type Tokens: TokenStore;
     /// Clusters queue.
@@ -41,6 +45,8 @@ pub trait Deps: Send + Sync {
     fn store(&self) -> &Self::Store;
     /// DynamoDB records.
     fn repo(&self) -> &Self::Repo;
+    /// Manifest claims.
+    fn claims(&self) -> &Self::Claims;
     /// Tokens.
     fn tokens(&self) -> &Self::Tokens;
     /// Clusters queue.
@@ -55,11 +61,13 @@ pub trait Deps: Send + Sync {
 
 /// The usual [`Deps`]: one value per port.
 #[derive(Debug, Clone)]
-pub struct HandlerDeps<S, R, T, C, Q, M> {
+pub struct HandlerDeps<S, R, I, T, C, Q, M> {
     /// S3.
     pub store: S,
     /// DynamoDB records.
     pub repo: R,
+    /// Manifest claims.
+    pub claims: I,
     /// Tokens.
     pub tokens: T,
     /// Clusters queue.
@@ -72,10 +80,11 @@ pub struct HandlerDeps<S, R, T, C, Q, M> {
     pub tunables: Tunables,
 }
 
-impl<S, R, T, C, Q, M> Deps for HandlerDeps<S, R, T, C, Q, M>
+impl<S, R, I, T, C, Q, M> Deps for HandlerDeps<S, R, I, T, C, Q, M>
 where
     S: ObjectStore,
-    R: UploadRepository,
+    R: SequenceStore + UploadStore + ImageEntryStore + IngestErrorLog,
+    I: IdempotencyStore,
     T: TokenStore,
     C: ClusterQueue,
     Q: IngestRequeue,
@@ -83,6 +92,7 @@ where
 {
     type Store = S;
     type Repo = R;
+    type Claims = I;
     type Tokens = T;
     type Clusters = C;
     type Requeue = Q;
@@ -92,6 +102,9 @@ where
     }
     fn repo(&self) -> &R {
         &self.repo
+    }
+    fn claims(&self) -> &I {
+        &self.claims
     }
     fn tokens(&self) -> &T {
         &self.tokens
@@ -135,7 +148,7 @@ pub async fn handle_batch<D: Deps>(deps: &D, event: SqsEvent, deadline: Instant)
 }
 
 /// The status document of a sequence, `None` when it is unknown.
-pub async fn sequence_status<R: UploadRepository>(
+pub async fn sequence_status<R: SequenceReader + UploadReader>(
     repo: &R,
     user_id: &str,
     sequence_id: &str,
@@ -249,7 +262,7 @@ async fn handle_object<D: Deps>(
             owner: owner.clone(),
             expiration: now / 1000 + CLAIM_TTL.as_secs() as i64,
         };
-        match d.repo().claim(&claim, now).await {
+        match d.claims().claim(&claim, now).await {
             Ok(ClaimOutcome::Completed) => {
                 info!("manifest already processed: duplicate acknowledged");
                 return true;
@@ -277,7 +290,7 @@ async fn handle_object<D: Deps>(
         };
         match run_sequence(d, &job).await {
             Outcome::Done => {
-                if let Err(e) = d.repo().complete_claim(&id, &owner).await {
+                if let Err(e) = d.claims().complete_claim(&id, &owner).await {
                     warn!(error = %e, "completing the claim failed (a duplicate will find the sequence final)");
                 }
                 true
@@ -300,7 +313,7 @@ async fn handle_object<D: Deps>(
                 error!(%reason, "sequence failed");
                 match fail_sequence(d, &job, &reason).await {
                     Ok(()) => {
-                        if let Err(e) = d.repo().complete_claim(&id, &owner).await {
+                        if let Err(e) = d.claims().complete_claim(&id, &owner).await {
                             warn!(error = %e, "completing the claim failed");
                         }
                         true
@@ -324,7 +337,7 @@ async fn handle_object<D: Deps>(
 }
 
 async fn release<D: Deps>(d: &D, id: &str, owner: &str) {
-    if let Err(e) = d.repo().renew_claim(id, owner, now_ms() - 1).await {
+    if let Err(e) = d.claims().renew_claim(id, owner, now_ms() - 1).await {
         warn!(error = %e, "releasing the claim failed (it expires with its lease)");
     }
 }

@@ -10,8 +10,7 @@
 //! * [`config`] — environment configuration; [`compose`] — config + SDK config → production deps.
 //! * [`malloc`] — glibc allocator settings `main` applies first.
 //!
-//! With the `testing` feature (always in this crate's tests), [`testing`] holds in-memory fakes
-//! of the ports.
+//! The unit tests run on the in-memory fakes of `shared::fakes`.
 
 pub mod compose;
 pub mod config;
@@ -20,8 +19,8 @@ pub mod handler;
 pub mod malloc;
 pub mod manifest;
 pub mod pipeline;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
+#[cfg(test)]
+mod testing;
 pub mod zipstream;
 
 pub use handler::{handle_batch, sequence_status, Deps, HandlerDeps};

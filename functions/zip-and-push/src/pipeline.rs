@@ -15,7 +15,10 @@ use shared::model::{
     upload_id, ClusterMessage, RejectedImage, SequenceRecord, SequenceState, UploadImage, UploadRecord,
     UploadState,
 };
-use shared::ports::{ClusterQueue, MapillaryUploads, ObjectStore, RepoError, StoreError, UploadRepository};
+use shared::ports::{
+    ClusterQueue, ImageEntryReader, ImageEntryStore, MapillaryUploads, ObjectStore, RepoError,
+    SequenceReader, SequenceStore, StoreError, UploadReader, UploadStore,
+};
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 

@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::description::parse_capture_time;
 use shared::domain::exif::read_metadata;
+use shared::fakes::{MemClaims, MemQueues, MemRepo, MemStore, MemTokens};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{MapillaryClient, UploadReport};
 use shared::mapillary::retry::RetryPolicy;
@@ -22,13 +23,20 @@ use time::OffsetDateTime;
 
 use crate::config::Tunables;
 use crate::handler::{handle_batch, sequence_status, HandlerDeps};
-use crate::testing::{MemQueues, MemRepo, MemStore, MemTokens, RecordingMapillary};
+use crate::testing::RecordingMapillary;
 
 const BUCKET: &str = "relay-test";
 const USER: &str = "user-1";
 
-type TestDeps =
-    HandlerDeps<MemStore, MemRepo, MemTokens, MemQueues, MemQueues, RecordingMapillary<MapillaryApp>>;
+type TestDeps = HandlerDeps<
+    MemStore,
+    MemRepo,
+    MemClaims,
+    MemTokens,
+    MemQueues,
+    MemQueues,
+    RecordingMapillary<MapillaryApp>,
+>;
 
 struct World {
     sim: SimHandle,
@@ -64,6 +72,7 @@ async fn world() -> World {
     let deps = HandlerDeps {
         store: MemStore::new(),
         repo: MemRepo::new(),
+        claims: MemClaims::new(),
         tokens,
         clusters: MemQueues::new(),
         requeue: MemQueues::new(),
@@ -429,7 +438,7 @@ async fn when_handler_killed_mid_upload_should_resume_on_redelivery_with_identic
     assert!(w.deps.mapillary.reports().is_empty());
 
     // The dead invocation's lease runs out; SQS redelivers.
-    for c in w.deps.repo.state.lock().expect("lock").claims.values_mut() {
+    for c in w.deps.claims.claims.lock().expect("lock").values_mut() {
         c.lease_until_ms = 0;
     }
     let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;

@@ -34,7 +34,7 @@ use shared::domain::zipfmt::{self, ZipFormatError, ZipPlan, ZipPosition};
 use shared::mapillary::client::UploadReport;
 use shared::mapillary::error::MapillaryError;
 use shared::model::{EntryCheckpoint, UploadImage};
-use shared::ports::{MapillaryUploads, ObjectChunks, ObjectStore, StoreError, UploadRepository};
+use shared::ports::{ImageEntryStore, MapillaryUploads, ObjectChunks, ObjectStore, StoreError};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -184,7 +184,7 @@ pub struct ZipSource<'a, S, R> {
     failure: Mutex<Option<ZipError>>,
 }
 
-impl<'a, S: ObjectStore, R: UploadRepository> ZipSource<'a, S, R> {
+impl<'a, S: ObjectStore, R: ImageEntryStore> ZipSource<'a, S, R> {
     /// A source for `images` (ordered by index, with any stored checkpoints); `prefetch_bytes`
     /// bounds the object bytes read ahead of the connection.
     pub fn new(
@@ -572,7 +572,7 @@ pub async fn upload_zip<M, S, R>(
 where
     M: MapillaryUploads,
     S: ObjectStore,
-    R: UploadRepository,
+    R: ImageEntryStore,
 {
     let (req_tx, req_rx) = mpsc::unbounded_channel::<(u64, BodySender)>();
     let make_body = move |offset: u64| {

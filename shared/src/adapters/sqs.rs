@@ -1,12 +1,14 @@
-//! [`ClusterQueue`] and [`IngestRequeue`] over SQS `SendMessage`.
+//! The queues over SQS: [`ClusterQueue`] and [`IngestRequeue`] (`SendMessage`), and the clusters
+//! queue's receiving side, [`ClusterInbox`] (zip-and-push sends to it, the poller reads it).
 
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::SdkError;
 use aws_sdk_sqs::operation::send_message::SendMessageError;
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 
 use super::aws_error::classify;
 use crate::model::ClusterMessage;
-use crate::ports::{ClusterQueue, IngestRequeue, QueueError};
+use crate::ports::{ClusterInbox, ClusterQueue, InboxError, InboxMessage, IngestRequeue, QueueError};
 
 /// Longest delay SQS accepts on a message, in seconds.
 pub const MAX_DELAY_SECONDS: u32 = 900;
@@ -102,5 +104,90 @@ impl IngestRequeue for SqsIngestRequeue {
         .await?;
         tracing::debug!(message_id = %message_id, delay_seconds, "continuation message sent");
         Ok(())
+    }
+}
+
+/// The clusters queue as the poller reads it ([`ClusterInbox`] over SQS `ReceiveMessage` /
+/// `DeleteMessageBatch`).
+#[derive(Debug, Clone)]
+pub struct SqsInbox {
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+}
+
+impl SqsInbox {
+    /// Read `queue_url`.
+    pub fn new(client: aws_sdk_sqs::Client, queue_url: impl Into<String>) -> Self {
+        Self {
+            client,
+            queue_url: queue_url.into(),
+        }
+    }
+}
+
+impl ClusterInbox for SqsInbox {
+    async fn receive(&self) -> Result<Vec<InboxMessage>, InboxError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(0)
+            .send()
+            .await
+            .map_err(|e| {
+                InboxError(format!(
+                    "ReceiveMessage: {}",
+                    aws_sdk_sqs::error::DisplayErrorContext(e)
+                ))
+            })?;
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| {
+                Some(InboxMessage {
+                    message_id: m.message_id.unwrap_or_default(),
+                    receipt_handle: m.receipt_handle?,
+                    body: m.body.unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn delete(&self, receipt_handles: &[String]) -> Result<Vec<String>, InboxError> {
+        if receipt_handles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let entries = receipt_handles
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(h)
+                    .build()
+                    .map_err(|e| InboxError(format!("building a delete entry: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .client
+            .delete_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| {
+                InboxError(format!(
+                    "DeleteMessageBatch: {}",
+                    aws_sdk_sqs::error::DisplayErrorContext(e)
+                ))
+            })?;
+        Ok(out
+            .failed
+            .iter()
+            .filter_map(|f| f.id.parse::<usize>().ok())
+            .filter_map(|i| receipt_handles.get(i).cloned())
+            .collect())
     }
 }

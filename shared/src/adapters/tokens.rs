@@ -24,7 +24,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::aws_error::{classify, AwsFailure};
-use super::batch::batch_get;
+use super::dynamodb::batch::batch_get;
+use super::dynamodb::item::{key, s, string_of, Item};
 use crate::model::StoredToken;
 use crate::ports::{TokenError, TokenStore};
 
@@ -89,7 +90,7 @@ fn token_error(f: AwsFailure, what: &str) -> TokenError {
     }
 }
 
-fn string_attr(item: &HashMap<String, AttributeValue>, name: &str) -> Result<Option<String>, TokenError> {
+fn string_attr(item: &Item, name: &str) -> Result<Option<String>, TokenError> {
     match item.get(name) {
         None | Some(AttributeValue::Null(_)) => Ok(None),
         Some(AttributeValue::S(s)) => Ok(Some(s.clone())),
@@ -97,10 +98,7 @@ fn string_attr(item: &HashMap<String, AttributeValue>, name: &str) -> Result<Opt
     }
 }
 
-fn time_attr(
-    item: &HashMap<String, AttributeValue>,
-    name: &str,
-) -> Result<Option<OffsetDateTime>, TokenError> {
+fn time_attr(item: &Item, name: &str) -> Result<Option<OffsetDateTime>, TokenError> {
     string_attr(item, name)?
         .map(|s| {
             OffsetDateTime::parse(&s, &Rfc3339)
@@ -116,11 +114,7 @@ fn rfc3339(t: OffsetDateTime) -> Result<String, TokenError> {
 
 impl KmsTokenStore {
     /// Decrypt and decode one token item.
-    async fn decrypt_item(
-        &self,
-        user_id: &str,
-        item: HashMap<String, AttributeValue>,
-    ) -> Result<StoredToken, TokenError> {
+    async fn decrypt_item(&self, user_id: &str, item: Item) -> Result<StoredToken, TokenError> {
         let ciphertext = match item.get("ciphertext") {
             Some(AttributeValue::B(blob)) => blob.clone(),
             _ => {
@@ -181,8 +175,7 @@ impl TokenStore for KmsTokenStore {
             .dynamodb
             .get_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(user_pk(user_id)))
-            .key("sk", AttributeValue::S(TOKEN_SK.to_string()))
+            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
             .consistent_read(true)
             .send()
             .await
@@ -199,30 +192,21 @@ impl TokenStore for KmsTokenStore {
         let mut unique: Vec<&String> = user_ids.iter().collect();
         unique.sort();
         unique.dedup();
-        let keys = unique
-            .iter()
-            .map(|id| {
-                HashMap::from([
-                    ("pk".to_string(), AttributeValue::S(user_pk(id))),
-                    ("sk".to_string(), AttributeValue::S(TOKEN_SK.to_string())),
-                ])
-            })
-            .collect();
-        let mut items: HashMap<String, HashMap<String, AttributeValue>> = HashMap::new();
+        let keys = unique.iter().map(|id| key(user_pk(id), TOKEN_SK)).collect();
+        let mut items: HashMap<String, Item> = HashMap::new();
         let failed = match batch_get(&self.dynamodb, &self.table, keys, None).await {
             Ok(found) => {
                 for item in found {
-                    if let Some(AttributeValue::S(pk)) = item.get("pk") {
-                        if let Some(id) = pk.strip_prefix("USER#") {
-                            items.insert(id.to_string(), item);
-                        }
+                    let id = string_of(&item, "pk").and_then(|pk| pk.strip_prefix("USER#"));
+                    if let Some(id) = id.map(str::to_string) {
+                        items.insert(id, item);
                     }
                 }
                 false
             }
             Err(_) => true,
         };
-        let work: Vec<(String, Option<HashMap<String, AttributeValue>>)> = user_ids
+        let work: Vec<(String, Option<Item>)> = user_ids
             .iter()
             .map(|id| (id.clone(), items.get(id).cloned()))
             .collect();
@@ -270,22 +254,21 @@ impl TokenStore for KmsTokenStore {
             .dynamodb
             .put_item()
             .table_name(&self.table)
-            .item("pk", AttributeValue::S(user_pk(user_id)))
-            .item("sk", AttributeValue::S(TOKEN_SK.to_string()))
-            .item("user_id", AttributeValue::S(user_id.to_string()))
+            .set_item(Some(key(user_pk(user_id), TOKEN_SK)))
+            .item("user_id", s(user_id))
             .item("ciphertext", AttributeValue::B(ciphertext))
-            .item("updated_at", AttributeValue::S(rfc3339(token.updated_at)?));
-        if let Some(key) = encrypted.key_id {
-            req = req.item("kms_key_id", AttributeValue::S(key));
+            .item("updated_at", s(rfc3339(token.updated_at)?));
+        if let Some(key_id) = encrypted.key_id {
+            req = req.item("kms_key_id", s(key_id));
         }
         if let Some(expires_at) = token.expires_at {
-            req = req.item("token_expires_at", AttributeValue::S(rfc3339(expires_at)?));
+            req = req.item("token_expires_at", s(rfc3339(expires_at)?));
         }
         if let Some(id) = &token.mapillary_user_id {
-            req = req.item("mapillary_user_id", AttributeValue::S(id.clone()));
+            req = req.item("mapillary_user_id", s(id));
         }
         if let Some(name) = &token.username {
-            req = req.item("username", AttributeValue::S(name.clone()));
+            req = req.item("username", s(name));
         }
         req.send()
             .await
@@ -298,8 +281,7 @@ impl TokenStore for KmsTokenStore {
             .dynamodb
             .delete_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(user_pk(user_id)))
-            .key("sk", AttributeValue::S(TOKEN_SK.to_string()))
+            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
             .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
             .send()
             .await

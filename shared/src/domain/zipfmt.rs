@@ -346,11 +346,6 @@ impl PlannedEntry {
             local_header_offset: self.local_header_offset,
         }
     }
-
-    /// Offset one past the entry's last data byte.
-    pub fn end_offset(&self) -> u64 {
-        self.data_offset + self.size
-    }
 }
 
 /// Which part of the archive a byte offset falls in (see [`ZipPlan::locate`]).

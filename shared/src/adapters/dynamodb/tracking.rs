@@ -1,5 +1,6 @@
-//! [`TrackingRepository`] over DynamoDB (UploadsTable), with the layout of [`crate::model`]'s
-//! "Tracking" section:
+//! The poller's ports over DynamoDB — [`TrackingStore`] (and [`TrackingReader`]), [`RunLease`],
+//! [`ReconcileStore`] — in the UploadsTable, with the layout of [`crate::model`]'s "Tracking"
+//! section:
 //! * tracking: pk `UPLOAD#<upload_id>`, sk `TRACK`; the record as one JSON string `doc` (plus
 //!   `user_id` and, once checked, `last_checked_at` for the optimistic-concurrency condition).
 //!   One attribute instead of a deep map: the poller reads and writes ten thousand of these per
@@ -23,26 +24,22 @@
 //! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`.
 //!
 //! Items are the model types serialized with `serde_dynamo` plus the key attributes. A struct of
-//! its own (not [`super::dynamo::DynamoRepository`]): the poller's items never share code paths
+//! its own (not [`super::DynamoRepository`]): the poller's items never share code paths
 //! with zip-and-push's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
+use aws_sdk_dynamodb::types::{AttributeValue, WriteRequest};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::aws_error::classify;
 use super::batch::{batch_get, batch_write};
+use super::item::{
+    decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, Item,
+};
+use super::uploads::UNCERTAIN_GSI2PK;
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
-use crate::ports::{RepoError, TrackingRepository};
-
-type Item = HashMap<String, AttributeValue>;
+use crate::ports::{ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
 
 /// Sort key of a tracking record.
 pub const TRACK_SK: &str = "TRACK";
@@ -76,11 +73,6 @@ pub fn upload_pk(upload_id: &str) -> String {
     format!("UPLOAD#{upload_id}")
 }
 
-/// Sort key of an image link as earlier versions stored it (one item per image; still read).
-pub fn link_sk(index: u32) -> String {
-    format!("LINK#{index:05}")
-}
-
 /// Sort key of the `chunk`-th links item of an upload.
 pub fn links_sk(chunk: usize) -> String {
     format!("LINKS#{chunk:03}")
@@ -99,8 +91,8 @@ fn links_items(upload_id: &str, links: &[&ImageLink]) -> Result<Vec<Item>, RepoE
                 ("pk".to_string(), s(upload_pk(upload_id))),
                 ("sk".to_string(), s(links_sk(k))),
                 ("upload_id".to_string(), s(upload_id)),
-                ("chunk".to_string(), AttributeValue::N(k.to_string())),
-                ("chunks".to_string(), AttributeValue::N(chunks.to_string())),
+                ("chunk".to_string(), n(k)),
+                ("chunks".to_string(), n(chunks)),
                 ("links".to_string(), s(json)),
             ]))
         })
@@ -112,13 +104,13 @@ fn links_items(upload_id: &str, links: &[&ImageLink]) -> Result<Vec<Item>, RepoE
 fn merge_links(pk: &str, chunked: Vec<Item>, single: Vec<ImageLink>) -> Result<Vec<ImageLink>, RepoError> {
     let total = chunked
         .iter()
-        .find(|i| number(i, "chunk") == Some(0))
-        .and_then(|i| number(i, "chunks"))
+        .find(|i| number_of::<usize>(i, "chunk") == Some(0))
+        .and_then(|i| number_of::<usize>(i, "chunks"))
         .unwrap_or(0);
     let mut by_index: std::collections::BTreeMap<u32, ImageLink> =
         single.into_iter().map(|l| (l.index, l)).collect();
     for item in chunked {
-        if number(&item, "chunk").is_none_or(|c| c >= total) {
+        if number_of::<usize>(&item, "chunk").is_none_or(|c| c >= total) {
             continue; // left over from an earlier, longer write
         }
         let Some(AttributeValue::S(json)) = item.get("links") else {
@@ -133,33 +125,6 @@ fn merge_links(pk: &str, chunked: Vec<Item>, single: Vec<ImageLink>) -> Result<V
     Ok(by_index.into_values().collect())
 }
 
-fn put(item: Item) -> Result<WriteRequest, RepoError> {
-    let put = PutRequest::builder()
-        .set_item(Some(item))
-        .build()
-        .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
-    Ok(WriteRequest::builder().put_request(put).build())
-}
-
-fn number(item: &Item, name: &str) -> Option<usize> {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn encode<T: Serialize>(value: &T, what: &str) -> Result<Item, RepoError> {
-    to_item(value).map_err(|e| RepoError::Other(format!("encoding {what}: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(item: Item, what: &str) -> Result<T, RepoError> {
-    from_item(item).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
-}
-
 /// A tracking record from its item: the `doc` JSON, or the map layout of earlier versions.
 fn decode_record(item: Item, what: &str) -> Result<TrackingRecord, RepoError> {
     match item.get("doc") {
@@ -167,21 +132,6 @@ fn decode_record(item: Item, what: &str) -> Result<TrackingRecord, RepoError> {
             serde_json::from_str(doc).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
         }
         _ => decode(item, what),
-    }
-}
-
-fn repo_error<E>(err: &SdkError<E, HttpResponse>, what: &str) -> RepoError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let f = classify(err);
-    let msg = format!("{what}: {}", f.detail);
-    if f.has_code("ConditionalCheckFailedException") {
-        RepoError::ConditionFailed(msg)
-    } else if f.transient {
-        RepoError::Transient(msg)
-    } else {
-        RepoError::Other(msg)
     }
 }
 
@@ -210,10 +160,7 @@ impl DynamoTracking {
             ("upload_id".to_string(), s(&record.upload_id)),
         ]);
         if let Some(t) = record.tracked.last_checked_at {
-            let v = t
-                .format(&Rfc3339)
-                .map_err(|e| RepoError::Other(format!("formatting {t}: {e}")))?;
-            item.insert("last_checked_at".into(), s(v));
+            item.insert("last_checked_at".into(), s(rfc3339(t)?));
         }
         item.insert("pk".into(), s(upload_pk(&record.upload_id)));
         item.insert("sk".into(), s(TRACK_SK));
@@ -257,15 +204,7 @@ impl DynamoTracking {
 
     /// Tracking records by upload id (BatchGetItem, consistent): found ones, in no particular order.
     pub async fn get_records(&self, ids: &[String]) -> Result<Vec<TrackingRecord>, RepoError> {
-        let keys: Vec<Item> = ids
-            .iter()
-            .map(|id| {
-                HashMap::from([
-                    ("pk".to_string(), s(upload_pk(id))),
-                    ("sk".to_string(), s(TRACK_SK)),
-                ])
-            })
-            .collect();
+        let keys: Vec<Item> = ids.iter().map(|id| key(upload_pk(id), TRACK_SK)).collect();
         batch_get(&self.client, &self.table, keys, None)
             .await
             .map_err(|e| e.into_repo("BatchGetItem tracking"))?
@@ -317,114 +256,8 @@ impl DynamoTracking {
             .map_err(|e| e.into_repo("BatchWriteItem"))
     }
 
-    /// Write the links, then the tracking records, in batches (unconditional: the caller holds the
-    /// run lease, see [`Self::acquire_run_lease`]). Links first, so a record that says "linked"
-    /// never exists without its links; a failure part-way leaves records as they were, and the
-    /// next run writes everything again.
-    ///
-    /// Records that became final leave their users' pending sets afterwards. `clear_pending_of`:
-    /// the caller knows none of that user's uploads is pending any more, so the user's
-    /// pending-uploads item is deleted in the same batch instead.
-    pub async fn put_tracking_batch(
-        &self,
-        records: &[TrackingRecord],
-        links: &[ImageLink],
-        clear_pending_of: Option<&str>,
-    ) -> Result<(), RepoError> {
-        let mut requests = Vec::new();
-        for item in Self::links_requests(links)? {
-            requests.push(put(item)?);
-        }
-        self.write_all(requests).await?;
-        let mut requests = Vec::with_capacity(records.len() + 1);
-        for r in records {
-            requests.push(put(Self::tracking_item(r)?)?);
-        }
-        if let Some(user) = clear_pending_of {
-            let key = HashMap::from([
-                ("pk".to_string(), s(pending_pk(user))),
-                ("sk".to_string(), s(PENDING_SK)),
-            ]);
-            let delete = DeleteRequest::builder()
-                .set_key(Some(key))
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a delete request: {e}")))?;
-            requests.push(WriteRequest::builder().delete_request(delete).build());
-        }
-        self.write_all(requests).await?;
-        let mut finals: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
-        for r in records.iter().filter(|r| r.tracked.state.is_final()) {
-            if Some(r.user_id.as_str()) != clear_pending_of {
-                finals
-                    .entry(r.user_id.as_str())
-                    .or_default()
-                    .push(r.upload_id.clone());
-            }
-        }
-        for (user, ids) in finals {
-            self.change_pending(user, ids, false).await?;
-        }
-        Ok(())
-    }
-
-    /// Take the run lease for `owner` until `until` unless another owner holds an unexpired one
-    /// (one conditional PutItem). `false`: another run is active.
-    pub async fn acquire_run_lease(
-        &self,
-        owner: &str,
-        now: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> Result<bool, RepoError> {
-        let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000).to_string();
-        let result = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .item("pk", s(HEALTH_PK))
-            .item("sk", s(LEASE_SK))
-            .item("owner", s(owner))
-            .item("lease_until_ms", AttributeValue::N(ms(until)))
-            .condition_expression("attribute_not_exists(#pk) OR #until < :now OR #owner = :me")
-            .expression_attribute_names("#pk", "pk")
-            .expression_attribute_names("#until", "lease_until_ms")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":now", AttributeValue::N(ms(now)))
-            .expression_attribute_values(":me", s(owner))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) => match repo_error(&e, "PutItem run lease") {
-                RepoError::ConditionFailed(_) => Ok(false),
-                other => Err(other),
-            },
-        }
-    }
-
-    /// Give the run lease back (only if `owner` still holds it).
-    pub async fn release_run_lease(&self, owner: &str) -> Result<(), RepoError> {
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .key("pk", s(HEALTH_PK))
-            .key("sk", s(LEASE_SK))
-            .condition_expression("#owner = :me")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":me", s(owner))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) => match repo_error(&e, "DeleteItem run lease") {
-                RepoError::ConditionFailed(_) => Ok(()),
-                other => Err(other),
-            },
-        }
-    }
-
     /// The user's final tracking records (gsi2 `TRACKED#<user_id>`).
-    pub async fn list_final_tracking(&self, user_id: &str) -> Result<Vec<TrackingRecord>, RepoError> {
+    async fn list_final_tracking(&self, user_id: &str) -> Result<Vec<TrackingRecord>, RepoError> {
         let mut pages = self
             .client
             .query()
@@ -444,67 +277,54 @@ impl DynamoTracking {
         }
         Ok(out)
     }
+}
 
-    /// zip-and-push's FINISH_UNCERTAIN upload records, all users: the sparse gsi2 partition
-    /// `UNCERTAIN` that [`crate::adapters::dynamo::DynamoRepository`] keeps them in (one query, not a
-    /// table scan).
-    pub async fn list_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
+impl TrackingReader for DynamoTracking {
+    async fn get_tracking(&self, upload_id: &str) -> Result<Option<TrackingRecord>, RepoError> {
+        match self.get(&upload_pk(upload_id), TRACK_SK).await? {
+            Some(item) => Ok(Some(decode_record(item, &format!("tracking {upload_id}"))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_links(&self, upload_id: &str) -> Result<Vec<ImageLink>, RepoError> {
+        let pk = upload_pk(upload_id);
+        // "LINK" covers both layouts: `LINKS#<chunk>` items and older per-image `LINK#<index>` items.
         let mut pages = self
             .client
             .query()
             .table_name(&self.table)
-            .index_name("gsi2")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(crate::adapters::dynamo::UNCERTAIN_GSI2PK))
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#sk", "sk")
+            .expression_attribute_values(":pk", s(&pk))
+            .expression_attribute_values(":prefix", s("LINK"))
+            .consistent_read(true)
             .into_paginator()
             .send();
-        let mut out = Vec::new();
+        let mut chunked: Vec<Item> = Vec::new();
+        let mut single: Vec<ImageLink> = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi2 UNCERTAIN"))?;
+            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} LINK*")))?;
             for item in page.items.unwrap_or_default() {
-                let record: UploadRecord = decode(item, "upload record")?;
-                // The index is eventually consistent: skip one that has moved on since.
-                if record.state == UploadState::FinishUncertain {
-                    out.push(record);
+                match item.get("sk") {
+                    Some(AttributeValue::S(sk)) if sk.starts_with("LINKS#") => chunked.push(item),
+                    _ => single.push(decode(item, &format!("link of {pk}"))?),
                 }
             }
         }
-        Ok(out)
+        merge_links(&pk, chunked, single)
     }
 
-    /// When the last FINISH_UNCERTAIN scan completed.
-    pub async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {
-        let Some(item) = self.get(HEALTH_PK, RECONCILE_SCAN_SK).await? else {
-            return Ok(None);
-        };
-        match item.get("at") {
-            Some(AttributeValue::S(v)) => OffsetDateTime::parse(v, &Rfc3339)
-                .map(Some)
-                .map_err(|e| RepoError::Corrupt(format!("reconcile scan mark {v:?}: {e}"))),
-            _ => Err(RepoError::Corrupt("reconcile scan mark has no `at`".into())),
+    async fn get_feed_health(&self) -> Result<Option<FeedHealth>, RepoError> {
+        match self.get(HEALTH_PK, FEED_SK).await? {
+            Some(item) => Ok(Some(decode(item, "feed health")?)),
+            None => Ok(None),
         }
-    }
-
-    /// Record a completed FINISH_UNCERTAIN scan.
-    pub async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
-        let v = at
-            .format(&Rfc3339)
-            .map_err(|e| RepoError::Other(format!("formatting {at}: {e}")))?;
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .item("pk", s(HEALTH_PK))
-            .item("sk", s(RECONCILE_SCAN_SK))
-            .item("at", s(v))
-            .send()
-            .await
-            .map_err(|e| repo_error(&e, "PutItem reconcile scan mark"))?;
-        Ok(())
     }
 }
 
-impl TrackingRepository for DynamoTracking {
+impl TrackingStore for DynamoTracking {
     async fn create_tracking(&self, record: &TrackingRecord) -> Result<bool, RepoError> {
         let result = self
             .client
@@ -544,13 +364,9 @@ impl TrackingRepository for DynamoTracking {
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#l", "last_checked_at");
         req = match expected_last_checked_at {
-            Some(t) => {
-                let v = t
-                    .format(&Rfc3339)
-                    .map_err(|e| RepoError::Other(format!("formatting {t}: {e}")))?;
-                req.condition_expression("attribute_exists(#pk) AND #l = :l")
-                    .expression_attribute_values(":l", s(v))
-            }
+            Some(t) => req
+                .condition_expression("attribute_exists(#pk) AND #l = :l")
+                .expression_attribute_values(":l", s(rfc3339(t)?)),
             None => req.condition_expression("attribute_exists(#pk) AND attribute_not_exists(#l)"),
         };
         req.send()
@@ -559,13 +375,6 @@ impl TrackingRepository for DynamoTracking {
         let final_ = record.tracked.state.is_final();
         self.change_pending(&record.user_id, vec![record.upload_id.clone()], !final_)
             .await
-    }
-
-    async fn get_tracking(&self, upload_id: &str) -> Result<Option<TrackingRecord>, RepoError> {
-        match self.get(&upload_pk(upload_id), TRACK_SK).await? {
-            Some(item) => Ok(Some(decode_record(item, &format!("tracking {upload_id}"))?)),
-            None => Ok(None),
-        }
     }
 
     async fn list_pending_tracking(&self) -> Result<Vec<TrackingRecord>, RepoError> {
@@ -641,45 +450,51 @@ impl TrackingRepository for DynamoTracking {
     async fn put_links(&self, links: &[ImageLink]) -> Result<(), RepoError> {
         let mut requests = Vec::new();
         for item in Self::links_requests(links)? {
-            requests.push(put(item)?);
+            requests.push(put_request(item)?);
         }
         self.write_all(requests).await
     }
 
-    async fn list_links(&self, upload_id: &str) -> Result<Vec<ImageLink>, RepoError> {
-        let pk = upload_pk(upload_id);
-        // "LINK" covers both layouts: `LINKS#<chunk>` items and older per-image `LINK#<index>` items.
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
-            .expression_attribute_names("#pk", "pk")
-            .expression_attribute_names("#sk", "sk")
-            .expression_attribute_values(":pk", s(&pk))
-            .expression_attribute_values(":prefix", s("LINK"))
-            .consistent_read(true)
-            .into_paginator()
-            .send();
-        let mut chunked: Vec<Item> = Vec::new();
-        let mut single: Vec<ImageLink> = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} LINK*")))?;
-            for item in page.items.unwrap_or_default() {
-                match item.get("sk") {
-                    Some(AttributeValue::S(sk)) if sk.starts_with("LINKS#") => chunked.push(item),
-                    _ => single.push(decode(item, &format!("link of {pk}"))?),
-                }
+    /// Write the links, then the tracking records, in batches (unconditional: the caller holds the
+    /// run lease, see [`RunLease::acquire_run_lease`]). Links first, so a record that says "linked"
+    /// never exists without its links; a failure part-way leaves records as they were, and the
+    /// next run writes everything again.
+    ///
+    /// Records that became final leave their users' pending sets afterwards. `clear_pending_of`:
+    /// the caller knows none of that user's uploads is pending any more, so the user's
+    /// pending-uploads item is deleted in the same batch instead.
+    async fn put_tracking_batch(
+        &self,
+        records: &[TrackingRecord],
+        links: &[ImageLink],
+        clear_pending_of: Option<&str>,
+    ) -> Result<(), RepoError> {
+        let mut requests = Vec::new();
+        for item in Self::links_requests(links)? {
+            requests.push(put_request(item)?);
+        }
+        self.write_all(requests).await?;
+        let mut requests = Vec::with_capacity(records.len() + 1);
+        for r in records {
+            requests.push(put_request(Self::tracking_item(r)?)?);
+        }
+        if let Some(user) = clear_pending_of {
+            requests.push(delete_request(key(pending_pk(user), PENDING_SK))?);
+        }
+        self.write_all(requests).await?;
+        let mut finals: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
+        for r in records.iter().filter(|r| r.tracked.state.is_final()) {
+            if Some(r.user_id.as_str()) != clear_pending_of {
+                finals
+                    .entry(r.user_id.as_str())
+                    .or_default()
+                    .push(r.upload_id.clone());
             }
         }
-        merge_links(&pk, chunked, single)
-    }
-
-    async fn get_feed_health(&self) -> Result<Option<FeedHealth>, RepoError> {
-        match self.get(HEALTH_PK, FEED_SK).await? {
-            Some(item) => Ok(Some(decode(item, "feed health")?)),
-            None => Ok(None),
+        for (user, ids) in finals {
+            self.change_pending(user, ids, false).await?;
         }
+        Ok(())
     }
 
     async fn put_feed_health(&self, health: &FeedHealth) -> Result<(), RepoError> {
@@ -693,6 +508,130 @@ impl TrackingRepository for DynamoTracking {
             .send()
             .await
             .map_err(|e| repo_error(&e, "PutItem feed health"))?;
+        Ok(())
+    }
+
+    async fn user_linked_sequences(&self, user_id: &str) -> Result<HashSet<String>, RepoError> {
+        Ok(self
+            .list_final_tracking(user_id)
+            .await?
+            .into_iter()
+            .flat_map(|r| r.sequence_ids)
+            .collect())
+    }
+}
+
+impl RunLease for DynamoTracking {
+    /// Take the run lease for `owner` until `until` unless another owner holds an unexpired one
+    /// (one conditional PutItem). `false`: another run is active.
+    async fn acquire_run_lease(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, RepoError> {
+        let ms = |t: OffsetDateTime| t.unix_timestamp_nanos() / 1_000_000;
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(HEALTH_PK))
+            .item("sk", s(LEASE_SK))
+            .item("owner", s(owner))
+            .item("lease_until_ms", n(ms(until)))
+            .condition_expression("attribute_not_exists(#pk) OR #until < :now OR #owner = :me")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#until", "lease_until_ms")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":now", n(ms(now)))
+            .expression_attribute_values(":me", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => match repo_error(&e, "PutItem run lease") {
+                RepoError::ConditionFailed(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Give the run lease back (only if `owner` still holds it).
+    async fn release_run_lease(&self, owner: &str) -> Result<(), RepoError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(HEALTH_PK))
+            .key("sk", s(LEASE_SK))
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => match repo_error(&e, "DeleteItem run lease") {
+                RepoError::ConditionFailed(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+impl ReconcileStore for DynamoTracking {
+    /// zip-and-push's FINISH_UNCERTAIN upload records, all users: the sparse gsi2 partition
+    /// `UNCERTAIN` that [`super::DynamoRepository`] keeps them in (one query, not a
+    /// table scan).
+    async fn finish_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name("gsi2")
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", "gsi2pk")
+            .expression_attribute_values(":pk", s(UNCERTAIN_GSI2PK))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, "Query gsi2 UNCERTAIN"))?;
+            for item in page.items.unwrap_or_default() {
+                let record: UploadRecord = decode(item, "upload record")?;
+                // The index is eventually consistent: skip one that has moved on since.
+                if record.state == UploadState::FinishUncertain {
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the last FINISH_UNCERTAIN scan completed.
+    async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {
+        let Some(item) = self.get(HEALTH_PK, RECONCILE_SCAN_SK).await? else {
+            return Ok(None);
+        };
+        match item.get("at") {
+            Some(AttributeValue::S(v)) => OffsetDateTime::parse(v, &Rfc3339)
+                .map(Some)
+                .map_err(|e| RepoError::Corrupt(format!("reconcile scan mark {v:?}: {e}"))),
+            _ => Err(RepoError::Corrupt("reconcile scan mark has no `at`".into())),
+        }
+    }
+
+    /// Record a completed FINISH_UNCERTAIN scan.
+    async fn set_reconcile_scan_mark(&self, at: OffsetDateTime) -> Result<(), RepoError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(HEALTH_PK))
+            .item("sk", s(RECONCILE_SCAN_SK))
+            .item("at", s(rfc3339(at)?))
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, "PutItem reconcile scan mark"))?;
         Ok(())
     }
 }

@@ -3,18 +3,15 @@
 //! `UnprocessedItems` retried with jittered exponential backoff. The adapters map a
 //! [`BatchFailure`] into their own error type.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, WriteRequest};
+use aws_sdk_dynamodb::types::{KeysAndAttributes, WriteRequest};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 
-use super::aws_error::{classify, AwsFailure};
+use super::item::Item;
+use crate::adapters::aws_error::{classify, AwsFailure};
 use crate::ports::RepoError;
-
-/// A DynamoDB item (or key).
-pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// Keys per `BatchGetItem` call (DynamoDB's limit).
 const BATCH_GET_MAX: usize = 100;

@@ -1,5 +1,7 @@
-//! [`UploadRepository`] over DynamoDB: the UploadsTable (sequences, uploads, image entries, ingest
-//! errors) and the IdempotencyTable (manifest claims, Powertools-style conditional put with a lease).
+//! zip-and-push's records over DynamoDB: [`SequenceStore`], [`UploadStore`], [`ImageEntryStore`]
+//! (and their readers) and [`IngestErrorLog`] in the UploadsTable (sequences, uploads, image
+//! entries, ingest errors). Manifest claims live in their own table and adapter
+//! ([`super::idempotency`]).
 //!
 //! Items are the model types serialized with `serde_dynamo`, plus the key attributes:
 //! * sequence: pk `SEQ#<user_id>#<sequence_id>`, sk `META`, gsi1pk `USER#<user_id>`,
@@ -12,35 +14,31 @@
 //! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`;
 //! * entry checkpoints: pk `UPLOAD#<upload_id>`, sk `CKPT#<first:05>-<last:05>`, attribute
 //!   `checkpoints` (a list of up to [`CHECKPOINTS_PER_ITEM`]): one write per batch of entries, not one
-//!   per entry; [`UploadRepository::list_images`] reads them with the entries (one query: `CKPT#` and
+//!   per entry; [`ImageEntryReader::list_images`] reads them with the entries (one query: `CKPT#` and
 //!   `IMG#` are neighbours in the partition) and attaches those whose fingerprint matches;
 //! * ingest error: pk `INGEST_ERROR`, sk `<at>#<key>`.
-//! * claim (IdempotencyTable): `id`, `status`, `lease_until_ms`, `owner`, `expiration` (TTL, epoch s).
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, PutRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
+    AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 use time::OffsetDateTime;
 
-use super::aws_error::classify;
 use super::batch::{batch_get, batch_write};
-use crate::model::{
-    Claim, ClaimStatus, EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord,
-    UploadImage, UploadRecord, UploadState,
+use super::item::{
+    condition_failed, decode, delete_request, encode, key, n, number_of, put_request, repo_error, s,
+    string_of, Item,
 };
-use crate::ports::{ClaimOutcome, RepoError, SequencePage, UploadRepository};
-
-/// A DynamoDB item.
-type Item = HashMap<String, AttributeValue>;
+use crate::model::{
+    EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadImage, UploadRecord,
+    UploadState,
+};
+use crate::ports::{
+    ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
+    SequenceStore, UploadReader, UploadStore,
+};
 
 /// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
 /// (an item is limited to 400 KB).
@@ -120,91 +118,6 @@ pub fn sortable_timestamp(t: OffsetDateTime) -> Result<String, RepoError> {
         .map_err(|e| RepoError::Other(format!("formatting timestamp {t}: {e}")))
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl std::fmt::Display) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn encode<T: Serialize>(value: &T, what: &str) -> Result<Item, RepoError> {
-    to_item(value).map_err(|e| RepoError::Other(format!("encoding {what}: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(item: Item, what: &str) -> Result<T, RepoError> {
-    from_item(item).map_err(|e| RepoError::Corrupt(format!("{what}: {e}")))
-}
-
-/// Map an SDK error into a [`RepoError`], keeping code and message.
-fn repo_error<E>(err: &SdkError<E, HttpResponse>, what: &str) -> RepoError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let f = classify(err);
-    let msg = format!("{what}: {}", f.detail);
-    if f.has_code("ConditionalCheckFailedException") {
-        RepoError::ConditionFailed(msg)
-    } else if f.transient {
-        RepoError::Transient(msg)
-    } else {
-        RepoError::Other(msg)
-    }
-}
-
-/// The old item returned with a `ConditionalCheckFailedException` of PutItem, if that is the error.
-fn put_condition_failed(err: &SdkError<PutItemError, HttpResponse>) -> Option<Option<Item>> {
-    match err {
-        SdkError::ServiceError(ctx) => match ctx.err() {
-            PutItemError::ConditionalCheckFailedException(e) => {
-                Some(e.item().filter(|i| !i.is_empty()).cloned())
-            }
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The old item returned with a `ConditionalCheckFailedException` of UpdateItem, if that is the error.
-fn update_condition_failed(err: &SdkError<UpdateItemError, HttpResponse>) -> Option<Option<Item>> {
-    match err {
-        SdkError::ServiceError(ctx) => match ctx.err() {
-            UpdateItemError::ConditionalCheckFailedException(e) => {
-                Some(e.item().filter(|i| !i.is_empty()).cloned())
-            }
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn string_of<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
-    match item.get(name) {
-        Some(AttributeValue::S(v)) => Some(v),
-        _ => None,
-    }
-}
-
-fn number_of(item: &Item, name: &str) -> Option<i64> {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-}
-
-/// "held by X until T" / "COMPLETED" / "missing": why a claim condition failed.
-fn describe_claim(item: Option<&Item>) -> String {
-    match item {
-        None => "the claim does not exist".to_string(),
-        Some(item) => format!(
-            "the claim is {} held by {} until {} ms",
-            string_of(item, "status").unwrap_or("?"),
-            string_of(item, "owner").unwrap_or("?"),
-            number_of(item, "lease_until_ms").unwrap_or_default()
-        ),
-    }
-}
-
 /// One rejected image stored as its own item.
 #[derive(Serialize, Deserialize)]
 struct RejectedItem {
@@ -213,26 +126,20 @@ struct RejectedItem {
     reason: String,
 }
 
-/// DynamoDB implementation of [`UploadRepository`].
+/// zip-and-push's records in the UploadsTable (every records port of [`crate::ports`]).
 #[derive(Debug, Clone)]
 pub struct DynamoRepository {
     client: aws_sdk_dynamodb::Client,
     uploads_table: String,
-    idempotency_table: String,
     query_limit: Option<i32>,
 }
 
 impl DynamoRepository {
-    /// Records in `uploads_table`, claims in `idempotency_table`.
-    pub fn new(
-        client: aws_sdk_dynamodb::Client,
-        uploads_table: impl Into<String>,
-        idempotency_table: impl Into<String>,
-    ) -> Self {
+    /// Records in `uploads_table`.
+    pub fn new(client: aws_sdk_dynamodb::Client, uploads_table: impl Into<String>) -> Self {
         Self {
             client,
             uploads_table: uploads_table.into(),
-            idempotency_table: idempotency_table.into(),
             query_limit: None,
         }
     }
@@ -322,174 +229,24 @@ impl DynamoRepository {
     async fn delete_rejected_from(&self, pk: &str, keep: usize) -> Result<(), RepoError> {
         let mut deletes = Vec::new();
         for item in self.query_prefix(pk, "REJECTED#").await? {
-            let position = number_of(&item, "position").and_then(|p| usize::try_from(p).ok());
+            let position = number_of::<usize>(&item, "position");
             if position.is_some_and(|p| p < keep) {
                 continue;
             }
             let Some(sk) = string_of(&item, "sk") else {
                 continue;
             };
-            let key = HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))]);
-            let delete = DeleteRequest::builder()
-                .set_key(Some(key))
-                .build()
-                .map_err(|e| RepoError::Other(format!("building a delete request: {e}")))?;
-            deletes.push(WriteRequest::builder().delete_request(delete).build());
+            deletes.push(delete_request(key(pk, sk))?);
         }
         self.batch_write(deletes).await
     }
-}
-
-fn put_request(item: Item) -> Result<WriteRequest, RepoError> {
-    let put = PutRequest::builder()
-        .set_item(Some(item))
-        .build()
-        .map_err(|e| RepoError::Other(format!("building a put request: {e}")))?;
-    Ok(WriteRequest::builder().put_request(put).build())
 }
 
 fn rejected_bytes(rejected: &[RejectedImage]) -> usize {
     rejected.iter().map(|r| r.key.len() + r.reason.len() + 32).sum()
 }
 
-impl UploadRepository for DynamoRepository {
-    async fn claim(&self, claim: &Claim, now_ms: i64) -> Result<ClaimOutcome, RepoError> {
-        if claim.status != ClaimStatus::Inprogress {
-            return Err(RepoError::Other(format!(
-                "claim {}: a new claim must be INPROGRESS, got {:?}",
-                claim.id, claim.status
-            )));
-        }
-        let item = encode(claim, &format!("claim {}", claim.id))?;
-        // A lost race (the blocking item vanished between the put and the read) is retried.
-        for _ in 0..3 {
-            let result = self
-                .client
-                .put_item()
-                .table_name(&self.idempotency_table)
-                .set_item(Some(item.clone()))
-                .condition_expression(
-                    "attribute_not_exists(#id) OR #exp < :now_s \
-                     OR (#status = :inprogress AND #lease < :now_ms)",
-                )
-                .expression_attribute_names("#id", "id")
-                .expression_attribute_names("#exp", "expiration")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_names("#lease", "lease_until_ms")
-                .expression_attribute_values(":now_s", n(now_ms.div_euclid(1000)))
-                .expression_attribute_values(":now_ms", n(now_ms))
-                .expression_attribute_values(":inprogress", s("INPROGRESS"))
-                .return_values(ReturnValue::AllOld)
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .send()
-                .await;
-            let err = match result {
-                Ok(out) => {
-                    let previous = match out.attributes.filter(|a| !a.is_empty()) {
-                        Some(old) => Some(decode::<Claim>(old, &format!("claim {}", claim.id))?),
-                        None => None,
-                    };
-                    return Ok(ClaimOutcome::Acquired {
-                        // A TTL-expired COMPLETED claim is gone for DynamoDB too: nothing to resume.
-                        previous: previous.filter(|p| p.status == ClaimStatus::Inprogress),
-                    });
-                }
-                Err(err) => err,
-            };
-            let Some(old) = put_condition_failed(&err) else {
-                return Err(repo_error(&err, &format!("PutItem claim {}", claim.id)));
-            };
-            let old = match old {
-                Some(old) => Some(old),
-                // Older servers do not return the item with the failure: read it.
-                None => {
-                    self.client
-                        .get_item()
-                        .table_name(&self.idempotency_table)
-                        .key("id", s(&claim.id))
-                        .consistent_read(true)
-                        .send()
-                        .await
-                        .map_err(|e| repo_error(&e, &format!("GetItem claim {}", claim.id)))?
-                        .item
-                }
-            };
-            let Some(old) = old else { continue };
-            let old: Claim = decode(old, &format!("claim {}", claim.id))?;
-            match old.status {
-                ClaimStatus::Completed => return Ok(ClaimOutcome::Completed),
-                ClaimStatus::Inprogress if old.lease_until_ms >= now_ms => {
-                    return Ok(ClaimOutcome::Held {
-                        lease_until_ms: old.lease_until_ms,
-                    })
-                }
-                // Read after the lease ran out: try again.
-                ClaimStatus::Inprogress => continue,
-            }
-        }
-        Err(RepoError::Transient(format!(
-            "claim {}: the item kept changing under concurrent claims",
-            claim.id
-        )))
-    }
-
-    async fn renew_claim(&self, id: &str, owner: &str, lease_until_ms: i64) -> Result<(), RepoError> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.idempotency_table)
-            .key("id", s(id))
-            .update_expression("SET #lease = :lease")
-            .condition_expression("#status = :inprogress AND #owner = :owner")
-            .expression_attribute_names("#lease", "lease_until_ms")
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":lease", n(lease_until_ms))
-            .expression_attribute_values(":inprogress", s("INPROGRESS"))
-            .expression_attribute_values(":owner", s(owner))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match update_condition_failed(&err) {
-                Some(old) => Err(RepoError::ConditionFailed(format!(
-                    "renew claim {id} for {owner}: {}",
-                    describe_claim(old.as_ref())
-                ))),
-                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
-            },
-        }
-    }
-
-    async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
-        // Completing twice by the same owner succeeds (a retried call must not fail).
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.idempotency_table)
-            .key("id", s(id))
-            .update_expression("SET #status = :completed")
-            .condition_expression("#owner = :owner")
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":completed", s("COMPLETED"))
-            .expression_attribute_values(":owner", s(owner))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match update_condition_failed(&err) {
-                Some(old) => Err(RepoError::ConditionFailed(format!(
-                    "complete claim {id} for {owner}: {}",
-                    describe_claim(old.as_ref())
-                ))),
-                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
-            },
-        }
-    }
-
+impl SequenceReader for DynamoRepository {
     async fn get_sequence(
         &self,
         user_id: &str,
@@ -509,7 +266,7 @@ impl UploadRepository for DynamoRepository {
         let Some(item) = out.item else {
             return Ok(None);
         };
-        let external = number_of(&item, "rejected_count")
+        let external = number_of::<i64>(&item, "rejected_count")
             .map(|c| usize::try_from(c).map_err(|_| RepoError::Corrupt(format!("{pk}: rejected_count {c}"))))
             .transpose()?;
         let mut record: SequenceRecord = decode(item, &format!("sequence {pk}"))?;
@@ -540,6 +297,17 @@ impl UploadRepository for DynamoRepository {
         Ok(Some(record))
     }
 
+    async fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<SequencePage, RepoError> {
+        self.query_sequences(user_id, limit, after).await
+    }
+}
+
+impl SequenceStore for DynamoRepository {
     async fn put_sequence(&self, seq: &SequenceRecord) -> Result<(), RepoError> {
         let pk = sequence_pk(&seq.user_id, &seq.sequence_id);
         let mut item = encode(seq, &format!("sequence {pk}"))?;
@@ -583,7 +351,7 @@ impl UploadRepository for DynamoRepository {
             .attributes;
         let had_external = old
             .as_ref()
-            .and_then(|o| number_of(o, "rejected_count"))
+            .and_then(|o| number_of::<i64>(o, "rejected_count"))
             .is_some();
         if external || had_external {
             let keep = if external { seq.rejected.len() } else { 0 };
@@ -591,7 +359,23 @@ impl UploadRepository for DynamoRepository {
         }
         Ok(())
     }
+}
 
+impl UploadReader for DynamoRepository {
+    async fn list_uploads(&self, user_id: &str, sequence_id: &str) -> Result<Vec<UploadRecord>, RepoError> {
+        let pk = sequence_pk(user_id, sequence_id);
+        let mut uploads = self
+            .query_prefix(&pk, "UPLOAD#")
+            .await?
+            .into_iter()
+            .map(|item| decode::<UploadRecord>(item, &format!("upload of {pk}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        uploads.sort_by_key(|u| u.index);
+        Ok(uploads)
+    }
+}
+
+impl UploadStore for DynamoRepository {
     async fn put_upload(&self, upload: &UploadRecord) -> Result<(), RepoError> {
         self.client
             .put_item()
@@ -617,7 +401,7 @@ impl UploadRepository for DynamoRepository {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err) => match put_condition_failed(&err) {
+            Err(err) => match condition_failed(&err) {
                 Some(old) => {
                     let found = match &old {
                         Some(item) => format!("is {}", string_of(item, "state").unwrap_or("?")),
@@ -633,38 +417,9 @@ impl UploadRepository for DynamoRepository {
             },
         }
     }
+}
 
-    async fn list_uploads(&self, user_id: &str, sequence_id: &str) -> Result<Vec<UploadRecord>, RepoError> {
-        let pk = sequence_pk(user_id, sequence_id);
-        let mut uploads = self
-            .query_prefix(&pk, "UPLOAD#")
-            .await?
-            .into_iter()
-            .map(|item| decode::<UploadRecord>(item, &format!("upload of {pk}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        uploads.sort_by_key(|u| u.index);
-        Ok(uploads)
-    }
-
-    async fn put_images(&self, images: &[UploadImage]) -> Result<(), RepoError> {
-        // One batch must not name a key twice: the last entry for a key wins, as with single puts.
-        let mut last: HashMap<(&str, u32), usize> = HashMap::new();
-        for (i, image) in images.iter().enumerate() {
-            last.insert((image.upload_id.as_str(), image.index), i);
-        }
-        let mut requests = Vec::with_capacity(last.len());
-        for (i, image) in images.iter().enumerate() {
-            if last.get(&(image.upload_id.as_str(), image.index)) != Some(&i) {
-                continue;
-            }
-            let mut item = encode(image, &format!("image {}/{}", image.upload_id, image.index))?;
-            item.insert("pk".into(), s(image_pk(&image.upload_id)));
-            item.insert("sk".into(), s(image_sk(image.index)));
-            requests.push(put_request(item)?);
-        }
-        self.batch_write(requests).await
-    }
-
+impl ImageEntryReader for DynamoRepository {
     async fn list_images(&self, upload_id: &str) -> Result<Vec<UploadImage>, RepoError> {
         let pk = image_pk(upload_id);
         // `CKPT#…` sorts right before `IMG#…` (and `IMG$` right after every `IMG#…`): one query.
@@ -707,14 +462,7 @@ impl UploadRepository for DynamoRepository {
         }
         let keys: Vec<Item> = wanted
             .iter()
-            .flat_map(|(id, count)| {
-                (0..*count).map(move |i| {
-                    HashMap::from([
-                        ("pk".to_string(), s(image_pk(id))),
-                        ("sk".to_string(), s(image_sk(i))),
-                    ])
-                })
-            })
+            .flat_map(|(id, count)| (0..*count).map(move |i| key(image_pk(id), image_sk(i))))
             .collect();
         let items = batch_get(&self.client, &self.uploads_table, keys, Some(POSITION_ATTRIBUTES))
             .await
@@ -735,6 +483,27 @@ impl UploadRepository for DynamoRepository {
                 images
             })
             .collect())
+    }
+}
+
+impl ImageEntryStore for DynamoRepository {
+    async fn put_images(&self, images: &[UploadImage]) -> Result<(), RepoError> {
+        // One batch must not name a key twice: the last entry for a key wins, as with single puts.
+        let mut last: HashMap<(&str, u32), usize> = HashMap::new();
+        for (i, image) in images.iter().enumerate() {
+            last.insert((image.upload_id.as_str(), image.index), i);
+        }
+        let mut requests = Vec::with_capacity(last.len());
+        for (i, image) in images.iter().enumerate() {
+            if last.get(&(image.upload_id.as_str(), image.index)) != Some(&i) {
+                continue;
+            }
+            let mut item = encode(image, &format!("image {}/{}", image.upload_id, image.index))?;
+            item.insert("pk".into(), s(image_pk(&image.upload_id)));
+            item.insert("sk".into(), s(image_sk(image.index)));
+            requests.push(put_request(item)?);
+        }
+        self.batch_write(requests).await
     }
 
     async fn save_checkpoints(
@@ -764,7 +533,9 @@ impl UploadRepository for DynamoRepository {
         }
         self.batch_write(requests).await
     }
+}
 
+impl IngestErrorLog for DynamoRepository {
     async fn record_ingest_error(&self, error: &IngestError) -> Result<(), RepoError> {
         let mut key_part = error.key.as_str();
         if key_part.len() > INGEST_SK_KEY_BYTES {
@@ -789,15 +560,6 @@ impl UploadRepository for DynamoRepository {
             .map_err(|e| repo_error(&e, "PutItem ingest error"))?;
         Ok(())
     }
-
-    async fn list_sequences(
-        &self,
-        user_id: &str,
-        limit: u32,
-        after: Option<&str>,
-    ) -> Result<SequencePage, RepoError> {
-        self.query_sequences(user_id, limit, after).await
-    }
 }
 
 /// gsi1 partition key of a user's sequences.
@@ -818,7 +580,7 @@ pub fn sequence_id_of_gsi1sk(sk: &str) -> Option<&str> {
 }
 
 impl DynamoRepository {
-    /// [`UploadRepository::list_sequences`]: reads up to `limit + 1` records (several Query pages if
+    /// [`SequenceReader::list_sequences`]: reads up to `limit + 1` records (several Query pages if
     /// DynamoDB's 1 MB page limit cuts in) so that a `next` is only returned when more records exist.
     async fn query_sequences(
         &self,

@@ -1,0 +1,139 @@
+//! [`IdempotencyStore`] in memory: the claims of [`crate::idempotency`], decided by the same rules
+//! the DynamoDB adapter states as condition expressions.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::lock;
+use crate::idempotency::{may_complete, may_renew, outcome_over, Claim, ClaimOutcome, ClaimStatus};
+use crate::ports::{IdempotencyStore, RepoError};
+
+/// Manifest claims in memory, with the rules of [`crate::idempotency`].
+#[derive(Debug, Default)]
+pub struct MemClaims {
+    /// Claims by id (tests may inspect and edit them, e.g. to end a lease).
+    pub claims: Mutex<HashMap<String, Claim>>,
+}
+
+impl MemClaims {
+    /// No claims.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl IdempotencyStore for MemClaims {
+    async fn claim(&self, claim: &Claim, now_ms: i64) -> Result<ClaimOutcome, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a new claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let mut claims = lock(&self.claims);
+        let outcome = outcome_over(claims.get(&claim.id), now_ms);
+        if matches!(outcome, ClaimOutcome::Acquired { .. }) {
+            claims.insert(claim.id.clone(), claim.clone());
+        }
+        Ok(outcome)
+    }
+
+    async fn renew_claim(&self, id: &str, owner: &str, lease_until_ms: i64) -> Result<(), RepoError> {
+        match lock(&self.claims).get_mut(id) {
+            Some(c) if may_renew(c, owner) => {
+                c.lease_until_ms = lease_until_ms;
+                Ok(())
+            }
+            _ => Err(RepoError::ConditionFailed(format!(
+                "claim {id} not held by {owner}"
+            ))),
+        }
+    }
+
+    async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
+        match lock(&self.claims).get_mut(id) {
+            Some(c) if may_complete(c, owner) => {
+                c.status = ClaimStatus::Completed;
+                Ok(())
+            }
+            _ => Err(RepoError::ConditionFailed(format!(
+                "claim {id} not held by {owner}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(id: &str, owner: &str, lease_until_ms: i64) -> Claim {
+        Claim {
+            id: id.into(),
+            status: ClaimStatus::Inprogress,
+            lease_until_ms,
+            owner: owner.into(),
+            expiration: 4_000_000_000,
+        }
+    }
+
+    // The protocol `tests/tests/adapters_dynamo.rs` asserts against DynamoDB.
+    #[tokio::test]
+    async fn claims_follow_the_lease_protocol() {
+        let claims = MemClaims::new();
+        let now = 1_000_000_000_000i64;
+        assert_eq!(
+            claims.claim(&claim("m", "a", now + 60_000), now).await.unwrap(),
+            ClaimOutcome::Acquired { previous: None }
+        );
+        assert_eq!(
+            claims
+                .claim(&claim("m", "b", now + 90_000), now + 60_000)
+                .await
+                .unwrap(),
+            ClaimOutcome::Held {
+                lease_until_ms: now + 60_000
+            }
+        );
+        // Only the holder renews.
+        assert!(matches!(
+            claims.renew_claim("m", "b", now + 120_000).await,
+            Err(RepoError::ConditionFailed(_))
+        ));
+        claims.renew_claim("m", "a", now + 120_000).await.unwrap();
+        // After the lease, the next attempt takes over and learns what it resumes.
+        let taken = claims
+            .claim(&claim("m", "c", now + 300_000), now + 120_001)
+            .await
+            .unwrap();
+        assert_eq!(
+            taken,
+            ClaimOutcome::Acquired {
+                previous: Some(claim("m", "a", now + 120_000))
+            }
+        );
+        // The old holder lost it.
+        assert!(claims.renew_claim("m", "a", now).await.is_err());
+        assert!(claims.complete_claim("m", "a").await.is_err());
+        // Completed: duplicates from then on; completing again succeeds; no more renewing.
+        claims.complete_claim("m", "c").await.unwrap();
+        claims.complete_claim("m", "c").await.unwrap();
+        assert_eq!(
+            claims
+                .claim(&claim("m", "d", now + 999_000), now + 900_000)
+                .await
+                .unwrap(),
+            ClaimOutcome::Completed
+        );
+        assert!(claims.renew_claim("m", "c", now).await.is_err());
+        // Unknown claims, and a new claim that is not INPROGRESS.
+        assert!(claims.renew_claim("nope", "x", now).await.is_err());
+        assert!(claims.complete_claim("nope", "x").await.is_err());
+        let bad = Claim {
+            status: ClaimStatus::Completed,
+            ..claim("other", "x", now)
+        };
+        assert!(matches!(claims.claim(&bad, now).await, Err(RepoError::Other(_))));
+        assert!(!lock(&claims.claims).contains_key("other"));
+    }
+}

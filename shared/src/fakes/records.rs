@@ -1,0 +1,297 @@
+//! zip-and-push's records in memory (the UploadsTable of [`crate::adapters::dynamodb::uploads`]):
+//! sequences, uploads, image entries, ingest errors, behind the records ports.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use super::lock;
+use crate::model::{EntryCheckpoint, IngestError, SequenceRecord, UploadImage, UploadRecord, UploadState};
+use crate::ports::{
+    ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
+    SequenceStore, UploadReader, UploadStore,
+};
+
+/// Everything the repository holds.
+#[derive(Debug, Default, Clone)]
+pub struct RepoState {
+    /// Sequences by (user, sequence).
+    pub sequences: BTreeMap<(String, String), SequenceRecord>,
+    /// Uploads by (user, sequence, index).
+    pub uploads: BTreeMap<(String, String, u32), UploadRecord>,
+    /// Images by (upload, index).
+    pub images: BTreeMap<(String, u32), UploadImage>,
+    /// Ingest errors.
+    pub ingest_errors: Vec<IngestError>,
+}
+
+/// zip-and-push's records in memory (the fake of
+/// [`DynamoRepository`](crate::adapters::dynamodb::DynamoRepository)).
+#[derive(Debug, Default)]
+pub struct MemRepo {
+    /// The data (tests may inspect and edit it). Shared with a [`super::MemTracking`] made with
+    /// [`super::MemTracking::over`], as both adapters share the UploadsTable.
+    pub state: Arc<Mutex<RepoState>>,
+}
+
+impl MemRepo {
+    /// Empty repository.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of the data.
+    pub fn snapshot(&self) -> RepoState {
+        lock(&self.state).clone()
+    }
+}
+
+impl SequenceReader for MemRepo {
+    async fn get_sequence(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+    ) -> Result<Option<SequenceRecord>, RepoError> {
+        Ok(lock(&self.state)
+            .sequences
+            .get(&(user_id.into(), sequence_id.into()))
+            .cloned())
+    }
+
+    async fn list_sequences(
+        &self,
+        user_id: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<SequencePage, RepoError> {
+        // Same order and cursor as the DynamoDB adapter: gsi1 sort keys, descending.
+        let st = lock(&self.state);
+        let mut keyed = Vec::new();
+        for seq in st.sequences.values().filter(|s| s.user_id == user_id) {
+            let sk = crate::adapters::dynamodb::uploads::sequence_gsi1sk(seq.created_at, &seq.sequence_id)?;
+            keyed.push((sk, seq));
+        }
+        keyed.sort_by(|a, b| b.0.cmp(&a.0));
+        let limit = limit.max(1) as usize;
+        let mut page: Vec<_> = keyed
+            .into_iter()
+            .filter(|(sk, _)| after.is_none_or(|a| sk.as_str() < a))
+            .take(limit + 1)
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more {
+            page.last().map(|(sk, _)| sk.clone())
+        } else {
+            None
+        };
+        let sequences = page
+            .into_iter()
+            .map(|(_, s)| SequenceRecord {
+                rejected: Vec::new(),
+                ..s.clone()
+            })
+            .collect();
+        Ok(SequencePage { sequences, next })
+    }
+}
+
+impl SequenceStore for MemRepo {
+    async fn put_sequence(&self, seq: &SequenceRecord) -> Result<(), RepoError> {
+        lock(&self.state)
+            .sequences
+            .insert((seq.user_id.clone(), seq.sequence_id.clone()), seq.clone());
+        Ok(())
+    }
+}
+
+impl UploadReader for MemRepo {
+    async fn list_uploads(&self, user_id: &str, sequence_id: &str) -> Result<Vec<UploadRecord>, RepoError> {
+        Ok(lock(&self.state)
+            .uploads
+            .iter()
+            .filter(|((u, s, _), _)| u == user_id && s == sequence_id)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+}
+
+impl UploadStore for MemRepo {
+    async fn put_upload(&self, upload: &UploadRecord) -> Result<(), RepoError> {
+        lock(&self.state).uploads.insert(
+            (upload.user_id.clone(), upload.sequence_id.clone(), upload.index),
+            upload.clone(),
+        );
+        Ok(())
+    }
+
+    async fn transition_upload(&self, upload: &UploadRecord, expected: UploadState) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        let k = (upload.user_id.clone(), upload.sequence_id.clone(), upload.index);
+        match st.uploads.get(&k) {
+            Some(u) if u.state == expected => {
+                st.uploads.insert(k, upload.clone());
+                Ok(())
+            }
+            Some(u) => Err(RepoError::ConditionFailed(format!(
+                "upload {} is {}, not {}",
+                u.upload_id,
+                u.state.as_str(),
+                expected.as_str()
+            ))),
+            None => Err(RepoError::ConditionFailed(format!(
+                "upload {} missing",
+                upload.upload_id
+            ))),
+        }
+    }
+}
+
+impl ImageEntryReader for MemRepo {
+    async fn list_images(&self, upload_id: &str) -> Result<Vec<UploadImage>, RepoError> {
+        Ok(lock(&self.state)
+            .images
+            .iter()
+            .filter(|((u, _), _)| u == upload_id)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+}
+
+impl ImageEntryStore for MemRepo {
+    async fn put_images(&self, images: &[UploadImage]) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        for i in images {
+            st.images.insert((i.upload_id.clone(), i.index), i.clone());
+        }
+        Ok(())
+    }
+
+    async fn save_checkpoints(
+        &self,
+        upload_id: &str,
+        checkpoints: &[EntryCheckpoint],
+    ) -> Result<(), RepoError> {
+        // As the DynamoDB adapter: attached to existing entries with the same fingerprint only.
+        let mut st = lock(&self.state);
+        for cp in checkpoints {
+            if let Some(img) = st.images.get_mut(&(upload_id.to_string(), cp.index)) {
+                if img.fingerprint() == cp.fingerprint {
+                    img.checkpoint = Some(cp.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl IngestErrorLog for MemRepo {
+    async fn record_ingest_error(&self, error: &IngestError) -> Result<(), RepoError> {
+        lock(&self.state).ingest_errors.push(error.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use time::macros::datetime;
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::model::{SequenceState, UploadState};
+
+    /// A PENDING upload record of `user`'s sequence `seq`.
+    pub(crate) fn upload_record(user: &str, seq: &str, upload_id: &str) -> UploadRecord {
+        UploadRecord {
+            user_id: user.into(),
+            sequence_id: seq.into(),
+            upload_id: upload_id.into(),
+            index: 0,
+            state: UploadState::Pending,
+            session_key: format!("mly_relay_{upload_id}.zip"),
+            total_len: 100,
+            image_count: 2,
+            cluster_id: None,
+            handle: None,
+            organization_id: None,
+            bytes_sent: 0,
+            created_at: datetime!(2026-03-01 10:00:00 UTC),
+            started_at: None,
+            finished_at: None,
+            error: None,
+            attempts: 0,
+        }
+    }
+
+    fn sequence(user: &str, seq: &str, created_at: OffsetDateTime) -> SequenceRecord {
+        SequenceRecord {
+            user_id: user.into(),
+            sequence_id: seq.into(),
+            state: SequenceState::Uploading,
+            reason: None,
+            bucket: "b".into(),
+            manifest_key: format!("sequences/{user}/{seq}/manifest.json"),
+            manifest_etag: "e".into(),
+            organization_id: None,
+            image_count: 1,
+            accepted_count: 1,
+            upload_ids: Vec::new(),
+            rejected: vec![crate::model::RejectedImage {
+                key: "bad.jpg".into(),
+                reason: "not a JPEG".into(),
+            }],
+            created_at,
+            updated_at: created_at,
+            attempts: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn sequences_page_newest_first_without_their_rejected_lists() {
+        let repo = MemRepo::new();
+        for (i, seq) in ["s0", "s1", "s2"].iter().enumerate() {
+            let at = datetime!(2026-03-01 10:00:00 UTC) + time::Duration::days(i as i64);
+            repo.put_sequence(&sequence("u", seq, at)).await.unwrap();
+        }
+        repo.put_sequence(&sequence("other", "x", datetime!(2026-04-01 00:00 UTC)))
+            .await
+            .unwrap();
+        let first = repo.list_sequences("u", 2, None).await.unwrap();
+        let names = |p: &SequencePage| {
+            p.sequences
+                .iter()
+                .map(|s| s.sequence_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&first), ["s2", "s1"]);
+        assert!(first.sequences.iter().all(|s| s.rejected.is_empty()));
+        let rest = repo.list_sequences("u", 2, first.next.as_deref()).await.unwrap();
+        assert_eq!(names(&rest), ["s0"]);
+        assert_eq!(rest.next, None);
+        // The record itself keeps its list.
+        let one = repo.get_sequence("u", "s0").await.unwrap().unwrap();
+        assert_eq!(one.rejected.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn transitions_check_the_stored_state() {
+        let repo = MemRepo::new();
+        let up = upload_record("u", "s", "u.s.000");
+        assert!(matches!(
+            repo.transition_upload(&up, UploadState::Pending).await,
+            Err(RepoError::ConditionFailed(_))
+        ));
+        repo.put_upload(&up).await.unwrap();
+        let uploading = UploadRecord {
+            state: UploadState::Uploading,
+            ..up.clone()
+        };
+        repo.transition_upload(&uploading, UploadState::Pending)
+            .await
+            .unwrap();
+        assert!(matches!(
+            repo.transition_upload(&up, UploadState::Pending).await,
+            Err(RepoError::ConditionFailed(_))
+        ));
+        assert_eq!(repo.list_uploads("u", "s").await.unwrap(), [uploading]);
+    }
+}
