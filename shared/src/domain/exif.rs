@@ -20,6 +20,8 @@ use std::ops::Range;
 
 use exif::{Exif, In, Reader, Tag, Value};
 use serde::{Deserialize, Serialize};
+
+use super::jpeg::{self, MarkerWalk, WalkError, WalkRules};
 use time::{Date, Duration, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// Why no metadata could be read from an image. Every message is a precise human reason,
@@ -128,87 +130,39 @@ pub struct ImageMetadata {
     pub camera_uuid: Option<String>,
 }
 
-const SOI: [u8; 2] = [0xFF, 0xD8];
-const EXIF_ID: &[u8] = b"Exif\0\0";
-
-/// Walks the JPEG marker segments in `head` (a prefix of the file) up to the APP1 Exif segment.
+/// Walks the JPEG marker segments in `head` (a prefix of the file) up to the APP1 Exif segment,
+/// with the shared walker [`jpeg::walk_markers`] under the EXIF reader's rules
+/// ([`WalkRules::EXIF_READ`]: on to SOS/EOI, whole segments per fetch).
 ///
 /// Errors: [`ExifError::NotJpeg`] (empty, or another format's signature) and
 /// [`ExifError::MalformedJpeg`] (broken marker structure).
 pub fn header_extent(head: &[u8]) -> Result<HeaderExtent, ExifError> {
-    match head {
-        [] => return Err(ExifError::NotJpeg("the file is empty (0 bytes)".into())),
-        [0xFF] => return Ok(HeaderExtent::NeedMore { at_least: 2 }),
-        [a, b, ..] if [*a, *b] == SOI => {}
-        _ => return Err(ExifError::NotJpeg(describe_signature(head))),
+    if head.is_empty() {
+        return Err(ExifError::NotJpeg("the file is empty (0 bytes)".into()));
     }
-    let len = head.len();
-    let mut pos = 2;
-    loop {
-        if pos >= len {
-            return Ok(HeaderExtent::NeedMore { at_least: pos + 4 });
-        }
-        if head[pos] != 0xFF {
-            return Err(ExifError::MalformedJpeg(format!(
-                "expected a marker at byte {pos}, found 0x{:02X}",
-                head[pos]
-            )));
-        }
-        // Any number of 0xFF fill bytes may precede the marker code.
-        let mut m = pos + 1;
-        while m < len && head[m] == 0xFF {
-            m += 1;
-        }
-        if m >= len {
-            return Ok(HeaderExtent::NeedMore { at_least: m + 3 });
-        }
-        match head[m] {
-            0x00 => {
-                return Err(ExifError::MalformedJpeg(format!(
-                    "stuffed byte 0xFF00 at byte {pos} outside the image data"
-                )))
-            }
-            0xD8 => {
-                return Err(ExifError::MalformedJpeg(format!(
-                    "second start-of-image marker at byte {pos}"
-                )))
-            }
-            // Standalone markers (RSTn, TEM) carry no length.
-            0xD0..=0xD7 | 0x01 => pos = m + 1,
-            // Start of scan or end of image: no Exif segment before the image data.
-            0xDA | 0xD9 => {
-                return Ok(HeaderExtent::Complete {
-                    exif: None,
-                    header_end: pos,
-                })
-            }
-            code => {
-                if m + 3 > len {
-                    return Ok(HeaderExtent::NeedMore { at_least: m + 3 });
-                }
-                let seg_len = usize::from(u16::from_be_bytes([head[m + 1], head[m + 2]]));
-                if seg_len < 2 {
-                    return Err(ExifError::MalformedJpeg(format!(
-                        "segment 0xFF{code:02X} at byte {pos} has an invalid length {seg_len}"
-                    )));
-                }
-                let payload = m + 3;
-                let seg_end = m + 1 + seg_len;
-                if code == 0xE1 {
-                    // Need the whole APP1 segment to know whether it is Exif and to read it.
-                    if seg_end > len {
-                        return Ok(HeaderExtent::NeedMore { at_least: seg_end });
-                    }
-                    if head[payload..seg_end].starts_with(EXIF_ID) {
-                        return Ok(HeaderExtent::Complete {
-                            exif: Some(payload + EXIF_ID.len()..seg_end),
-                            header_end: seg_end,
-                        });
-                    }
-                }
-                pos = seg_end;
-            }
-        }
+    match jpeg::walk_markers(head, WalkRules::EXIF_READ) {
+        Ok(MarkerWalk::Exif(seg)) => Ok(HeaderExtent::Complete {
+            header_end: seg.segment.end,
+            exif: Some(seg.tiff),
+        }),
+        Ok(MarkerWalk::NoExif(stop)) => Ok(HeaderExtent::Complete {
+            exif: None,
+            header_end: stop.at,
+        }),
+        Ok(MarkerWalk::NeedMore { at_least }) => Ok(HeaderExtent::NeedMore { at_least }),
+        Err(WalkError::NoSoi) => Err(ExifError::NotJpeg(describe_signature(head))),
+        Err(WalkError::NotAMarker { at, found }) => Err(ExifError::MalformedJpeg(format!(
+            "expected a marker at byte {at}, found 0x{found:02X}"
+        ))),
+        Err(WalkError::InvalidMarker { at, code: 0x00, .. }) => Err(ExifError::MalformedJpeg(format!(
+            "stuffed byte 0xFF00 at byte {at} outside the image data"
+        ))),
+        Err(WalkError::InvalidMarker { at, .. }) => Err(ExifError::MalformedJpeg(format!(
+            "second start-of-image marker at byte {at}"
+        ))),
+        Err(WalkError::BadLength { at, code, len, .. }) => Err(ExifError::MalformedJpeg(format!(
+            "segment 0xFF{code:02X} at byte {at} has an invalid length {len}"
+        ))),
     }
 }
 

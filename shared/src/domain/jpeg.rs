@@ -161,71 +161,264 @@ fn truncated(needed: usize, head: &[u8]) -> JpegError {
     }
 }
 
+/// The header rewrite's walk ([`WalkRules::REWRITE`]) with its own error wording.
 fn scan(head: &[u8]) -> Result<Scan, JpegError> {
-    match head {
-        [0xFF, 0xD8, ..] => {}
-        [0xFF] | [] => return Err(truncated(2, head)),
-        _ => return Err(JpegError::NotJpeg),
+    match walk_markers(head, WalkRules::REWRITE) {
+        Ok(MarkerWalk::Exif(ExifSegment { segment, tiff })) => Ok(Scan::Exif { segment, tiff }),
+        Ok(MarkerWalk::NoExif(stop)) => Ok(Scan::NoExif {
+            insert_at: stop.after_leading_app0,
+        }),
+        Ok(MarkerWalk::NeedMore { at_least }) => Err(truncated(at_least, head)),
+        Err(WalkError::NoSoi) => Err(JpegError::NotJpeg),
+        Err(WalkError::NotAMarker { at, .. }) => Err(JpegError::BadMarker {
+            offset: at,
+            reason: "expected a marker (FF xx)",
+        }),
+        Err(WalkError::InvalidMarker { marker_at, .. }) => Err(JpegError::BadMarker {
+            offset: marker_at,
+            reason: "invalid marker before the image data",
+        }),
+        Err(WalkError::BadLength { marker_at, .. }) => Err(JpegError::BadMarker {
+            offset: marker_at,
+            reason: "segment length below 2",
+        }),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The marker walker shared by the header rewrite and the EXIF reader
+
+/// Where a marker walk ends when it meets no Exif APP1 first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopAt {
+    /// At the first marker that is neither APPn (`FFE0`–`FFEF`) nor COM (`FFFE`): DQT, SOF, DHT,
+    /// SOS, EOI, RSTn, TEM, … The header rewrite's rule: metadata segments come first in every
+    /// JPEG writer, and a fresh APP1 is inserted there when none is Exif.
+    FirstNonMetadata,
+    /// At start-of-scan (`FFDA`) or end-of-image (`FFD9`) only: table and frame segments are
+    /// stepped over by their length, standalone markers (RSTn, TEM) by their two bytes. The EXIF
+    /// reader's rule: an Exif APP1 anywhere before the image data is found (exifread, which
+    /// mapillary_tools reads with, searches that far too).
+    ScanOrEnd,
+}
+
+/// How much more of the file a walk asks for when `head` ends too early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// The least that lets the walk go on: the next marker byte, then the length field, then
+    /// the 6 bytes that say whether an APP1 is `Exif\0\0`; only an Exif APP1 is needed whole.
+    /// The header rewrite's rule (its callers grow a contiguous buffer they already hold).
+    Minimal,
+    /// Whole units: a marker together with its length field, and every APP1 segment in full
+    /// before looking into it. The EXIF reader's rule (its callers fetch by ranged reads, where
+    /// each extra round trip costs more than a few bytes).
+    WholeSegments,
+}
+
+/// The rules of one marker walk: where it stops and how it asks for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkRules {
+    /// Where the walk ends without an Exif APP1.
+    pub stop_at: StopAt,
+    /// How much it asks for when the head is too short.
+    pub fetch: Fetch,
+}
+
+impl WalkRules {
+    /// [`rewrite_header`]: stop at the first non-metadata marker, ask for the minimum.
+    pub const REWRITE: WalkRules = WalkRules {
+        stop_at: StopAt::FirstNonMetadata,
+        fetch: Fetch::Minimal,
+    };
+    /// [`crate::domain::exif::header_extent`]: walk to the image data, ask for whole segments.
+    pub const EXIF_READ: WalkRules = WalkRules {
+        stop_at: StopAt::ScanOrEnd,
+        fetch: Fetch::WholeSegments,
+    };
+}
+
+/// The first APP1 segment whose payload starts with `Exif\0\0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExifSegment {
+    /// The whole segment, from the `FF` directly before the `E1` to its last byte.
+    pub segment: Range<usize>,
+    /// The TIFF block: the payload after `Exif\0\0`.
+    pub tiff: Range<usize>,
+}
+
+/// Where a walk stopped without finding an Exif APP1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkStop {
+    /// The marker code that ended the walk (the byte after `FF`).
+    pub marker: u8,
+    /// Offset of the marker's first `FF` (fill bytes included): where the segments before it end.
+    pub at: usize,
+    /// Offset just past the APP0 segments that directly follow SOI (2 when there are none): where
+    /// a new APP1 belongs.
+    pub after_leading_app0: usize,
+}
+
+/// The outcome of [`walk_markers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkerWalk {
+    /// An Exif APP1 came before the stop marker; `head` holds it whole.
+    Exif(ExifSegment),
+    /// The stop marker came first.
+    NoExif(WalkStop),
+    /// `head` ends before the walk could decide: supply at least `at_least` bytes from the start
+    /// of the file (always more than `head` has). Each step asks for at most one more segment
+    /// (≤ 64 KiB); a file shorter than `at_least` is truncated.
+    NeedMore {
+        /// Minimum length of the next `head`.
+        at_least: usize,
+    },
+}
+
+/// A broken marker structure (callers word it for their own error type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkError {
+    /// The data does not start with SOI (`FF D8`).
+    NoSoi,
+    /// A segment ends where no `FF` follows.
+    NotAMarker {
+        /// Offset where a marker was expected.
+        at: usize,
+        /// The byte found there.
+        found: u8,
+    },
+    /// `FF00` (a stuffed byte, only valid inside scan data) or a second SOI before the image data.
+    InvalidMarker {
+        /// Offset of the marker's first `FF` (fill bytes included).
+        at: usize,
+        /// Offset of the `FF` directly before the code.
+        marker_at: usize,
+        /// `0x00` or `0xD8`.
+        code: u8,
+    },
+    /// A segment length field below 2 (it counts its own two bytes).
+    BadLength {
+        /// Offset of the marker's first `FF` (fill bytes included).
+        at: usize,
+        /// Offset of the `FF` directly before the code.
+        marker_at: usize,
+        /// The marker code.
+        code: u8,
+        /// The length field's value.
+        len: u16,
+    },
+}
+
+const SOI_CODE: u8 = 0xD8;
+const EOI_CODE: u8 = 0xD9;
+const SOS_CODE: u8 = 0xDA;
+const APP0_CODE: u8 = 0xE0;
+const APP1_CODE: u8 = 0xE1;
+
+/// APPn or COM: the metadata segments.
+fn is_metadata(code: u8) -> bool {
+    matches!(code, 0xE0..=0xEF | 0xFE)
+}
+
+/// RSTn and TEM carry no length field.
+fn is_standalone(code: u8) -> bool {
+    matches!(code, 0xD0..=0xD7 | 0x01)
+}
+
+/// Walks the marker segments of `head` (a prefix of a JPEG file) from SOI to the first Exif APP1
+/// or to the marker where `rules` stop. The single JPEG marker walker of the domain: the header
+/// rewrite ([`rewrite_header`]) and the EXIF reader ([`crate::domain::exif::header_extent`]) differ
+/// only in their [`WalkRules`].
+///
+/// Common to both rules: any number of `FF` fill bytes may precede a marker code; `FF00`, a second
+/// SOI and a length field below 2 are errors; an APP1 is Exif when its payload starts with
+/// `Exif\0\0` (shorter APP1 segments are not). Every offset is bounds-checked: any bytes give a
+/// result or an error, never a panic.
+pub fn walk_markers(head: &[u8], rules: WalkRules) -> Result<MarkerWalk, WalkError> {
+    match head {
+        [0xFF, SOI_CODE, ..] => {}
+        [] | [0xFF] => return Ok(MarkerWalk::NeedMore { at_least: 2 }),
+        _ => return Err(WalkError::NoSoi),
+    }
+    let need = |at_least: usize| Ok(MarkerWalk::NeedMore { at_least });
+    // For a marker whose code byte sits at `m`: the code alone, or the code and its length field.
+    let marker_need = |m: usize| match rules.fetch {
+        Fetch::Minimal => m + 1,
+        Fetch::WholeSegments => m + 3,
+    };
     let mut pos = 2usize;
-    let mut insert_at = 2usize;
+    let mut after_leading_app0 = 2usize;
     let mut leading_app0 = true;
     loop {
         match head.get(pos) {
-            None => return Err(truncated(pos + 2, head)),
+            None => return need(marker_need(pos + 1)),
             Some(0xFF) => {}
-            Some(_) => {
-                return Err(JpegError::BadMarker {
-                    offset: pos,
-                    reason: "expected a marker (FF xx)",
-                })
-            }
+            Some(&found) => return Err(WalkError::NotAMarker { at: pos, found }),
         }
-        // Any number of FF fill bytes may precede the marker code.
         let mut m = pos + 1;
         while head.get(m) == Some(&0xFF) {
             m += 1;
         }
-        let marker = *head.get(m).ok_or_else(|| truncated(m + 1, head))?;
-        let marker_start = m - 1;
-        match marker {
-            0xE0..=0xEF | 0xFE => {}
-            0x00 | 0xD8 => {
-                return Err(JpegError::BadMarker {
-                    offset: marker_start,
-                    reason: "invalid marker before the image data",
-                })
-            }
-            // First marker that is neither APPn nor COM: no Exif before the image data.
-            _ => return Ok(Scan::NoExif { insert_at }),
-        }
-        let len_bytes = head.get(m + 1..m + 3).ok_or_else(|| truncated(m + 3, head))?;
-        let seg_len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
-        if seg_len < 2 {
-            return Err(JpegError::BadMarker {
-                offset: marker_start,
-                reason: "segment length below 2",
+        let Some(&code) = head.get(m) else {
+            return need(marker_need(m));
+        };
+        let marker_at = m - 1;
+        if code == 0x00 || code == SOI_CODE {
+            return Err(WalkError::InvalidMarker {
+                at: pos,
+                marker_at,
+                code,
             });
         }
-        let payload_start = m + 3;
-        let seg_end = m + 1 + seg_len;
-        if marker == 0xE1 {
-            let probe_end = (payload_start + EXIF_HEADER.len()).min(seg_end);
-            let probe = head
-                .get(payload_start..probe_end)
-                .ok_or_else(|| truncated(probe_end, head))?;
-            if probe == EXIF_HEADER {
+        let stop = match rules.stop_at {
+            StopAt::FirstNonMetadata => !is_metadata(code),
+            StopAt::ScanOrEnd => code == SOS_CODE || code == EOI_CODE,
+        };
+        if stop {
+            return Ok(MarkerWalk::NoExif(WalkStop {
+                marker: code,
+                at: pos,
+                after_leading_app0,
+            }));
+        }
+        if is_standalone(code) {
+            pos = m + 1;
+            leading_app0 = false;
+            continue;
+        }
+        let Some(&[hi, lo]) = head.get(m + 1..m + 3).and_then(|b| <&[u8; 2]>::try_from(b).ok()) else {
+            return need(m + 3);
+        };
+        let len = u16::from_be_bytes([hi, lo]);
+        if len < 2 {
+            return Err(WalkError::BadLength {
+                at: pos,
+                marker_at,
+                code,
+                len,
+            });
+        }
+        let payload = m + 3;
+        let seg_end = m + 1 + usize::from(len);
+        if code == APP1_CODE {
+            let probe_end = match rules.fetch {
+                Fetch::Minimal => (payload + EXIF_HEADER.len()).min(seg_end),
+                Fetch::WholeSegments => seg_end,
+            };
+            let Some(probe) = head.get(payload..probe_end) else {
+                return need(probe_end);
+            };
+            if probe.starts_with(EXIF_HEADER) {
                 if seg_end > head.len() {
-                    return Err(truncated(seg_end, head));
+                    return need(seg_end);
                 }
-                return Ok(Scan::Exif {
-                    segment: marker_start..seg_end,
-                    tiff: payload_start + EXIF_HEADER.len()..seg_end,
-                });
+                return Ok(MarkerWalk::Exif(ExifSegment {
+                    segment: marker_at..seg_end,
+                    tiff: payload + EXIF_HEADER.len()..seg_end,
+                }));
             }
         }
-        if marker == 0xE0 && leading_app0 {
-            insert_at = seg_end;
+        if code == APP0_CODE && leading_app0 {
+            after_leading_app0 = seg_end;
         } else {
             leading_app0 = false;
         }
