@@ -1,13 +1,14 @@
 //! The one JPEG marker walker (`jpeg::walk_markers`) and its two callers: the EXIF reader
-//! (`exif::header_extent`, [`WalkRules::EXIF_READ`]) and the header rewrite
-//! (`jpeg::rewrite_header`, [`WalkRules::REWRITE`]). Each test pins one of the places where the
-//! two used to walk with separate code and different rules: how much a short head asks for, where
-//! fill bytes put the offsets, which offset an error names, and which segments count as Exif.
+//! (`exif::header_extent`, `Fetch::WholeSegments`) and the header rewrite (`jpeg::rewrite_header`,
+//! `Fetch::Minimal`). Each test pins one of the places where the two used to walk with separate
+//! code and different rules: which segments they pass to find the Exif APP1 (the rewrite used to
+//! stop at the first table), how much a short head asks for, where fill bytes put the offsets,
+//! which offset an error names, and which segments count as Exif.
 
 use relay_fixtures::{jpeg, ImageSpec};
 use shared::domain::exif::{header_extent, read_metadata, ExifError, HeaderExtent};
 use shared::domain::jpeg::{
-    rewrite_header, walk_markers, ExifSegment, Fetch, JpegError, MarkerWalk, StopAt, WalkError, WalkRules,
+    rewrite_header, walk_markers, ExifSegment, Fetch, JpegError, MarkerWalk, RewrittenHeader, WalkError,
     WalkStop,
 };
 use time::macros::datetime;
@@ -33,21 +34,14 @@ fn fixture() -> (Vec<u8>, std::ops::Range<usize>) {
 }
 
 #[test]
-fn rules_are_the_documented_pairs() {
-    assert_eq!(WalkRules::EXIF_READ.stop_at, StopAt::ScanOrEnd);
-    assert_eq!(WalkRules::EXIF_READ.fetch, Fetch::WholeSegments);
-    assert_eq!(WalkRules::REWRITE.fetch, Fetch::Minimal);
-}
-
-#[test]
 fn both_callers_find_the_same_exif_segment_in_a_fixture() {
     let (bytes, app1) = fixture();
     let want = ExifSegment {
         segment: app1.clone(),
         tiff: app1.start + 10..app1.end,
     };
-    for rules in [WalkRules::EXIF_READ, WalkRules::REWRITE] {
-        assert_eq!(walk_markers(&bytes, rules), Ok(MarkerWalk::Exif(want.clone())));
+    for fetch in [Fetch::WholeSegments, Fetch::Minimal] {
+        assert_eq!(walk_markers(&bytes, fetch), Ok(MarkerWalk::Exif(want.clone())));
     }
     assert_eq!(
         header_extent(&bytes),
@@ -203,7 +197,7 @@ fn fill_bytes_before_a_marker_shift_offsets_as_each_caller_reports_them() {
     file.extend([0xFF, 0xFF, 0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
     // The walk reports the first fill byte: the segments before the marker end there.
     assert_eq!(
-        walk_markers(&file, WalkRules::EXIF_READ),
+        walk_markers(&file, Fetch::WholeSegments),
         Ok(MarkerWalk::NoExif(WalkStop {
             marker: 0xDA,
             at: end,
@@ -229,7 +223,7 @@ fn broken_markers_name_the_offset_each_caller_always_named() {
     // SOI, two fill bytes, then the stuffed-byte code 00.
     let file = [0xFF, 0xD8, 0xFF, 0xFF, 0x00, 0x00];
     assert_eq!(
-        walk_markers(&file, WalkRules::EXIF_READ),
+        walk_markers(&file, Fetch::WholeSegments),
         Err(WalkError::InvalidMarker {
             at: 2,
             marker_at: 3,
@@ -261,7 +255,7 @@ fn broken_markers_name_the_offset_each_caller_always_named() {
     ));
     let short_len = [0xFF, 0xD8, 0xFF, 0xFF, 0xE1, 0x00, 0x01];
     assert_eq!(
-        walk_markers(&short_len, WalkRules::REWRITE),
+        walk_markers(&short_len, Fetch::Minimal),
         Err(WalkError::BadLength {
             at: 2,
             marker_at: 3,
@@ -281,7 +275,7 @@ fn broken_markers_name_the_offset_each_caller_always_named() {
     ));
     let no_marker = [0xFF, 0xD8, 0x12];
     assert_eq!(
-        walk_markers(&no_marker, WalkRules::REWRITE),
+        walk_markers(&no_marker, Fetch::Minimal),
         Err(WalkError::NotAMarker { at: 2, found: 0x12 })
     );
     assert_eq!(
@@ -295,8 +289,170 @@ fn broken_markers_name_the_offset_each_caller_always_named() {
         Err(JpegError::BadMarker { offset: 2, .. })
     ));
     // Not a JPEG at all.
-    assert_eq!(walk_markers(b"GIF89a", WalkRules::REWRITE), Err(WalkError::NoSoi));
+    assert_eq!(walk_markers(b"GIF89a", Fetch::Minimal), Err(WalkError::NoSoi));
     assert!(matches!(header_extent(b"GIF89a"), Err(ExifError::NotJpeg(m)) if m.contains("GIF")));
     assert_eq!(rewrite_header(b"GIF89a", "x"), Err(JpegError::NotJpeg));
     assert!(matches!(header_extent(b""), Err(ExifError::NotJpeg(m)) if m.contains("empty")));
+}
+
+/// Apply a rewrite: the new header, then the original from `consumed` on.
+fn apply(original: &[u8], r: &RewrittenHeader) -> Vec<u8> {
+    let mut out = r.header.clone();
+    out.extend_from_slice(&original[r.consumed..]);
+    out
+}
+
+/// The fixture with `before` (e.g. a DQT segment) between SOI and its Exif APP1.
+fn with_segments_before_exif(before: &[u8]) -> (Vec<u8>, std::ops::Range<usize>) {
+    let (fixture, app1) = fixture();
+    let mut file = vec![0xFF, 0xD8];
+    file.extend_from_slice(before);
+    let at = file.len();
+    file.extend_from_slice(&fixture[app1.start..]);
+    (file, at..at + app1.len())
+}
+
+#[test]
+fn an_exif_app1_behind_tables_or_standalone_markers_is_rewritten_in_place() {
+    let dqt = segment(0xDB, &[0u8; 65]);
+    let dri = segment(0xDD, &[0, 16]);
+    let rst_tem = [0xFF, 0xD0, 0xFF, 0x01];
+    for before in [dqt.clone(), [dqt.clone(), dri.clone()].concat(), rst_tem.to_vec()] {
+        let (file, app1) = with_segments_before_exif(&before);
+        let original = read_metadata(&file).expect("the reader finds the Exif APP1 behind them");
+        assert_eq!(
+            header_extent(&file),
+            Ok(HeaderExtent::Complete {
+                exif: Some(app1.start + 10..app1.end),
+                header_end: app1.end,
+            })
+        );
+        // The rewrite edits that same segment (it used to stop at the DQT/RST and insert a second,
+        // description-only Exif APP1 after SOI, hiding the GPS position from every reader).
+        let r = rewrite_header(&file, "{\"MAPFilename\":\"a.jpg\"}").expect("rewrite");
+        assert_eq!(r.consumed, app1.end);
+        assert_eq!(
+            &r.header[..app1.start],
+            &file[..app1.start],
+            "segments before it kept"
+        );
+        let out = apply(&file, &r);
+        let count = out.windows(6).filter(|w| *w == b"Exif\0\0").count();
+        assert_eq!(count, 1, "exactly one Exif APP1");
+        let after = read_metadata(&out).expect("still readable");
+        assert_eq!((after.lat, after.lon), (original.lat, original.lon));
+        assert_eq!(after.captured_at, original.captured_at);
+        // Rewriting again finds the rewritten segment.
+        assert_eq!(rewrite_header(&out, "x").expect("again").consumed, r.header.len());
+    }
+}
+
+#[test]
+fn without_exif_the_rewrite_needs_the_head_through_sos() {
+    // SOI, APP0, DQT and no Exif: the walk passes the DQT, so a head ending there is short.
+    let mut file = vec![0xFF, 0xD8];
+    file.extend(segment(0xE0, JFIF));
+    let app0_end = file.len();
+    file.extend(segment(0xDB, &[0u8; 65]));
+    let dqt_end = file.len();
+    assert_eq!(
+        rewrite_header(&file, "x"),
+        Err(JpegError::Truncated {
+            needed: dqt_end + 2,
+            available: dqt_end,
+        })
+    );
+    assert_eq!(
+        header_extent(&file),
+        Ok(HeaderExtent::NeedMore {
+            at_least: dqt_end + 4
+        })
+    );
+    file.extend([0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
+    assert_eq!(
+        walk_markers(&file, Fetch::Minimal),
+        Ok(MarkerWalk::NoExif(WalkStop {
+            marker: 0xDA,
+            at: dqt_end,
+            after_leading_app0: app0_end,
+        }))
+    );
+    // The fresh APP1 still goes right after the leading APP0.
+    assert_eq!(rewrite_header(&file, "x").expect("rewrite").consumed, app0_end);
+}
+
+/// Deterministic xorshift for the mutation loop.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn on_any_head_the_reader_and_the_rewrite_agree_on_the_exif_segment() {
+    let (plain, _) = fixture();
+    let (behind_dqt, _) = with_segments_before_exif(&segment(0xDB, &[7u8; 65]));
+    let markers = [0x00, 0x01, 0xD0, 0xD8, 0xD9, 0xDA, 0xDB, 0xE0, 0xE1, 0xFE, 0xFF];
+    let mut rng = Rng(0x00C0_FFEE);
+    let mut both = 0;
+    for round in 0..20_000 {
+        let mut m = if round % 2 == 0 {
+            plain.clone()
+        } else {
+            behind_dqt.clone()
+        };
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(120.min(m.len()));
+            m[at] = if rng.below(2) == 0 {
+                markers[rng.below(markers.len())]
+            } else {
+                rng.next() as u8
+            };
+        }
+        let cut = if rng.below(3) == 0 {
+            rng.below(m.len() + 1)
+        } else {
+            m.len()
+        };
+        let head = &m[..cut];
+        let reader = walk_markers(head, Fetch::WholeSegments);
+        let rewrite = walk_markers(head, Fetch::Minimal);
+        match (&reader, &rewrite) {
+            // Complete walks agree exactly; only how much a short head asks for differs (either
+            // can ask for more: the reader a whole APP1, the rewrite the marker behind it).
+            (Ok(MarkerWalk::NeedMore { at_least: a }), Ok(MarkerWalk::NeedMore { at_least: b })) => {
+                assert!(*a > cut && *b > cut, "{a} {b} {cut}");
+            }
+            (Ok(MarkerWalk::NeedMore { at_least }), Ok(found)) => {
+                // The rewrite decided on fewer bytes: only by probing a non-Exif APP1 or by not
+                // needing a length field the reader asks for.
+                assert!(*at_least > cut, "{found:?}");
+            }
+            (Ok(r), Ok(w)) => {
+                assert_eq!(r, w, "prefix {cut} of round {round}");
+                if let Ok(MarkerWalk::Exif(seg)) = &reader {
+                    if let (Ok(HeaderExtent::Complete { header_end, .. }), Ok(rh)) =
+                        (header_extent(head), rewrite_header(head, "x"))
+                    {
+                        assert_eq!(rh.consumed, header_end);
+                        assert_eq!(rh.consumed, seg.segment.end);
+                        both += 1;
+                    }
+                }
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            (Err(e), Ok(MarkerWalk::NeedMore { .. })) => {
+                panic!("the reader saw {e:?} in bytes the rewrite has not reached: prefix {cut}")
+            }
+            (a, b) => panic!("reader {a:?} vs rewrite {b:?} on prefix {cut} of round {round}"),
+        }
+    }
+    assert!(both > 1000, "only {both} heads rewritten");
 }

@@ -21,7 +21,7 @@ use std::ops::Range;
 use exif::{Exif, In, Reader, Tag, Value};
 use serde::{Deserialize, Serialize};
 
-use super::jpeg::{self, MarkerWalk, WalkError, WalkRules};
+use super::jpeg::{self, Fetch, MarkerWalk, WalkError};
 use time::{Date, Duration, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// Why no metadata could be read from an image. Every message is a precise human reason,
@@ -131,8 +131,8 @@ pub struct ImageMetadata {
 }
 
 /// Walks the JPEG marker segments in `head` (a prefix of the file) up to the APP1 Exif segment,
-/// with the shared walker [`jpeg::walk_markers`] under the EXIF reader's rules
-/// ([`WalkRules::EXIF_READ`]: on to SOS/EOI, whole segments per fetch).
+/// with the shared walker [`jpeg::walk_markers`] (on to SOS/EOI), asking for whole segments at a
+/// time ([`Fetch::WholeSegments`]).
 ///
 /// Errors: [`ExifError::NotJpeg`] (empty, or another format's signature) and
 /// [`ExifError::MalformedJpeg`] (broken marker structure).
@@ -140,7 +140,7 @@ pub fn header_extent(head: &[u8]) -> Result<HeaderExtent, ExifError> {
     if head.is_empty() {
         return Err(ExifError::NotJpeg("the file is empty (0 bytes)".into()));
     }
-    match jpeg::walk_markers(head, WalkRules::EXIF_READ) {
+    match jpeg::walk_markers(head, Fetch::WholeSegments) {
         Ok(MarkerWalk::Exif(seg)) => Ok(HeaderExtent::Complete {
             header_end: seg.segment.end,
             exif: Some(seg.tiff),

@@ -87,7 +87,8 @@ impl RewrittenHeader {
 /// Put `description` into the EXIF ImageDescription of the JPEG whose first bytes are `head`.
 ///
 /// `head` must hold the file at least through the end of its Exif APP1 segment, or — when there is
-/// none — through the first marker that is neither APPn nor COM. When it is too short,
+/// none — through its SOS (or EOI) marker: the Exif APP1 rewritten is the one the EXIF reader reads
+/// ([`walk_markers`]), wherever it sits before the image data. When `head` is too short,
 /// [`JpegError::Truncated`] says how many bytes are needed.
 ///
 /// Every other EXIF tag, the byte order, all other segments and the image data are preserved.
@@ -150,7 +151,7 @@ enum Scan {
         segment: Range<usize>,
         tiff: Range<usize>,
     },
-    /// No Exif APP1 before the first non-APPn/COM marker; a new one goes at `insert_at`.
+    /// No Exif APP1 before SOS/EOI; a new one goes at `insert_at`.
     NoExif { insert_at: usize },
 }
 
@@ -161,9 +162,9 @@ fn truncated(needed: usize, head: &[u8]) -> JpegError {
     }
 }
 
-/// The header rewrite's walk ([`WalkRules::REWRITE`]) with its own error wording.
+/// The header rewrite's walk ([`Fetch::Minimal`]) with its own error wording.
 fn scan(head: &[u8]) -> Result<Scan, JpegError> {
-    match walk_markers(head, WalkRules::REWRITE) {
+    match walk_markers(head, Fetch::Minimal) {
         Ok(MarkerWalk::Exif(ExifSegment { segment, tiff })) => Ok(Scan::Exif { segment, tiff }),
         Ok(MarkerWalk::NoExif(stop)) => Ok(Scan::NoExif {
             insert_at: stop.after_leading_app0,
@@ -188,53 +189,19 @@ fn scan(head: &[u8]) -> Result<Scan, JpegError> {
 // ---------------------------------------------------------------------------------------------
 // The marker walker shared by the header rewrite and the EXIF reader
 
-/// Where a marker walk ends when it meets no Exif APP1 first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopAt {
-    /// At the first marker that is neither APPn (`FFE0`–`FFEF`) nor COM (`FFFE`): DQT, SOF, DHT,
-    /// SOS, EOI, RSTn, TEM, … The header rewrite's rule: metadata segments come first in every
-    /// JPEG writer, and a fresh APP1 is inserted there when none is Exif.
-    FirstNonMetadata,
-    /// At start-of-scan (`FFDA`) or end-of-image (`FFD9`) only: table and frame segments are
-    /// stepped over by their length, standalone markers (RSTn, TEM) by their two bytes. The EXIF
-    /// reader's rule: an Exif APP1 anywhere before the image data is found (exifread, which
-    /// mapillary_tools reads with, searches that far too).
-    ScanOrEnd,
-}
-
-/// How much more of the file a walk asks for when `head` ends too early.
+/// How much more of the file a walk asks for when `head` ends too early: the one rule in which
+/// the two callers of [`walk_markers`] differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fetch {
     /// The least that lets the walk go on: the next marker byte, then the length field, then
     /// the 6 bytes that say whether an APP1 is `Exif\0\0`; only an Exif APP1 is needed whole.
-    /// The header rewrite's rule (its callers grow a contiguous buffer they already hold).
+    /// The header rewrite's rule ([`rewrite_header`]: its callers grow a contiguous buffer they
+    /// already hold, and report the exact end of the Exif APP1 as the bytes consumed).
     Minimal,
     /// Whole units: a marker together with its length field, and every APP1 segment in full
-    /// before looking into it. The EXIF reader's rule (its callers fetch by ranged reads, where
-    /// each extra round trip costs more than a few bytes).
+    /// before looking into it. The EXIF reader's rule ([`crate::domain::exif::header_extent`]:
+    /// its callers fetch by ranged reads, where each extra round trip costs more than a few bytes).
     WholeSegments,
-}
-
-/// The rules of one marker walk: where it stops and how it asks for more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalkRules {
-    /// Where the walk ends without an Exif APP1.
-    pub stop_at: StopAt,
-    /// How much it asks for when the head is too short.
-    pub fetch: Fetch,
-}
-
-impl WalkRules {
-    /// [`rewrite_header`]: stop at the first non-metadata marker, ask for the minimum.
-    pub const REWRITE: WalkRules = WalkRules {
-        stop_at: StopAt::FirstNonMetadata,
-        fetch: Fetch::Minimal,
-    };
-    /// [`crate::domain::exif::header_extent`]: walk to the image data, ask for whole segments.
-    pub const EXIF_READ: WalkRules = WalkRules {
-        stop_at: StopAt::ScanOrEnd,
-        fetch: Fetch::WholeSegments,
-    };
 }
 
 /// The first APP1 segment whose payload starts with `Exif\0\0`.
@@ -246,10 +213,10 @@ pub struct ExifSegment {
     pub tiff: Range<usize>,
 }
 
-/// Where a walk stopped without finding an Exif APP1.
+/// Where a walk stopped (at SOS or EOI) without finding an Exif APP1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalkStop {
-    /// The marker code that ended the walk (the byte after `FF`).
+    /// The marker code that ended the walk: `0xDA` (SOS) or `0xD9` (EOI).
     pub marker: u8,
     /// Offset of the marker's first `FF` (fill bytes included): where the segments before it end.
     pub at: usize,
@@ -314,26 +281,29 @@ const SOS_CODE: u8 = 0xDA;
 const APP0_CODE: u8 = 0xE0;
 const APP1_CODE: u8 = 0xE1;
 
-/// APPn or COM: the metadata segments.
-fn is_metadata(code: u8) -> bool {
-    matches!(code, 0xE0..=0xEF | 0xFE)
-}
-
 /// RSTn and TEM carry no length field.
 fn is_standalone(code: u8) -> bool {
     matches!(code, 0xD0..=0xD7 | 0x01)
 }
 
-/// Walks the marker segments of `head` (a prefix of a JPEG file) from SOI to the first Exif APP1
-/// or to the marker where `rules` stop. The single JPEG marker walker of the domain: the header
-/// rewrite ([`rewrite_header`]) and the EXIF reader ([`crate::domain::exif::header_extent`]) differ
-/// only in their [`WalkRules`].
+/// Walks the marker segments of `head` (a prefix of a JPEG file) from SOI to the first APP1
+/// segment whose payload starts with `Exif\0\0`, or else to start-of-scan (`FFDA`) or
+/// end-of-image (`FFD9`). The single JPEG marker walker of the domain: the header rewrite
+/// ([`rewrite_header`]) and the EXIF reader ([`crate::domain::exif::header_extent`]) differ only
+/// in how much they ask for at a time ([`Fetch`]) and in what they take from the stop (the end of
+/// the segments, or where a new APP1 belongs).
 ///
-/// Common to both rules: any number of `FF` fill bytes may precede a marker code; `FF00`, a second
-/// SOI and a length field below 2 are errors; an APP1 is Exif when its payload starts with
-/// `Exif\0\0` (shorter APP1 segments are not). Every offset is bounds-checked: any bytes give a
-/// result or an error, never a panic.
-pub fn walk_markers(head: &[u8], rules: WalkRules) -> Result<MarkerWalk, WalkError> {
+/// Stop rule, shared on purpose: table and frame segments (DQT, SOF, DHT, DRI, …) are stepped
+/// over by their length and standalone markers (RSTn, TEM) by their two bytes, so an Exif APP1
+/// anywhere before the image data is found, as exifread (mapillary_tools' reader) and piexif (its
+/// writer) find it. The rewrite once stopped at the first marker that was neither APPn nor COM;
+/// for an Exif APP1 behind a DQT it then inserted a second, description-only Exif APP1 in front
+/// of it, and every reader lost the image's GPS position and time.
+///
+/// Also common: any number of `FF` fill bytes may precede a marker code; `FF00`, a second SOI and
+/// a length field below 2 are errors; APP1 segments shorter than the identifier are not Exif.
+/// Every offset is bounds-checked: any bytes give a result or an error, never a panic.
+pub fn walk_markers(head: &[u8], fetch: Fetch) -> Result<MarkerWalk, WalkError> {
     match head {
         [0xFF, SOI_CODE, ..] => {}
         [] | [0xFF] => return Ok(MarkerWalk::NeedMore { at_least: 2 }),
@@ -341,7 +311,7 @@ pub fn walk_markers(head: &[u8], rules: WalkRules) -> Result<MarkerWalk, WalkErr
     }
     let need = |at_least: usize| Ok(MarkerWalk::NeedMore { at_least });
     // For a marker whose code byte sits at `m`: the code alone, or the code and its length field.
-    let marker_need = |m: usize| match rules.fetch {
+    let marker_need = |m: usize| match fetch {
         Fetch::Minimal => m + 1,
         Fetch::WholeSegments => m + 3,
     };
@@ -369,11 +339,7 @@ pub fn walk_markers(head: &[u8], rules: WalkRules) -> Result<MarkerWalk, WalkErr
                 code,
             });
         }
-        let stop = match rules.stop_at {
-            StopAt::FirstNonMetadata => !is_metadata(code),
-            StopAt::ScanOrEnd => code == SOS_CODE || code == EOI_CODE,
-        };
-        if stop {
+        if code == SOS_CODE || code == EOI_CODE {
             return Ok(MarkerWalk::NoExif(WalkStop {
                 marker: code,
                 at: pos,
@@ -400,7 +366,7 @@ pub fn walk_markers(head: &[u8], rules: WalkRules) -> Result<MarkerWalk, WalkErr
         let payload = m + 3;
         let seg_end = m + 1 + usize::from(len);
         if code == APP1_CODE {
-            let probe_end = match rules.fetch {
+            let probe_end = match fetch {
                 Fetch::Minimal => (payload + EXIF_HEADER.len()).min(seg_end),
                 Fetch::WholeSegments => seg_end,
             };
@@ -607,6 +573,8 @@ mod tests {
         jpeg.extend(segment(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0"));
         let app0_end = jpeg.len();
         jpeg.extend(segment(0xDB, &[0u8; 65]));
+        // The walk goes on to the scan (an Exif APP1 may follow the tables).
+        jpeg.extend([0xFF, 0xDA, 0x00, 0x02]);
         let r = rewrite_header(&jpeg, "hi").expect("rewrite");
         assert_eq!(r.consumed, app0_end);
         assert_eq!(&r.header[..app0_end], &jpeg[..app0_end]);
