@@ -506,6 +506,7 @@ fn rewrite_tiff(tiff: &[u8], desc: &[u8]) -> Result<Vec<u8>, JpegError> {
     let next_ifd = read4(tiff, entries_end).ok_or(JpegError::CorruptExif(
         "IFD0 next-IFD pointer runs past the EXIF block",
     ))?;
+    check_layout(tiff, order, ifd0)?;
 
     let mut kept: Vec<[u8; IFD_ENTRY_LEN]> = entries
         .chunks_exact(IFD_ENTRY_LEN)
@@ -537,6 +538,113 @@ fn rewrite_tiff(tiff: &[u8], desc: &[u8]) -> Result<Vec<u8>, JpegError> {
     out.extend_from_slice(&next_ifd);
     out[4..8].copy_from_slice(&order.u32_bytes(new_ifd0_32));
     Ok(out)
+}
+
+/// Tags whose LONG value is the offset of a sub-IFD, and the IFD they are read from.
+const EXIF_IFD_POINTER: u16 = 0x8769;
+const GPS_IFD_POINTER: u16 = 0x8825;
+const INTEROP_IFD_POINTER: u16 = 0xA005;
+/// More IFDs than this in one EXIF block is not a camera's (IFD0, IFD1, Exif, GPS, Interop).
+const MAX_IFDS: usize = 32;
+
+/// Byte size of one value of a TIFF field type (BYTE … DOUBLE, and IFD); `None` for types that
+/// readers skip without reading a value.
+fn type_size(field_type: u16) -> Option<u64> {
+    match field_type {
+        1 | 2 | 6 | 7 => Some(1),
+        3 | 8 => Some(2),
+        4 | 9 | 11 | 13 => Some(4),
+        5 | 10 | 12 => Some(8),
+        _ => None,
+    }
+}
+
+/// Which IFD a walk is in: the main chain (IFD0, IFD1, …) holds the Exif and GPS pointers, the
+/// Exif IFD the Interop pointer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IfdKind {
+    Chain,
+    Exif,
+    Other,
+}
+
+/// Every IFD the readers reach (the IFD0/IFD1 chain, the Exif, GPS and Interop IFDs) and every
+/// field value they point to must lie inside `tiff`.
+///
+/// Why: the rewrite appends the description and the new IFD0 at the end of the block. A table or
+/// value that ran past the old end was cut off for every reader (kamadak-exif and exifread keep the
+/// rest); after the append it would read the appended bytes instead — as bogus entries that
+/// replace real ones (seen: GPSLongitudeRef lost, the longitude's sign flipped) — so the uploaded
+/// file would no longer say what the original said. Such a block is refused (the image is rejected
+/// with this reason) rather than rewritten into different metadata. ImageDescription in IFD0 is
+/// not checked: it is replaced. Thumbnail and strip byte ranges (IFD1) are not field values and
+/// are not checked either: a cut-off thumbnail changes no capture metadata.
+fn check_layout(tiff: &[u8], order: Order, ifd0: usize) -> Result<(), JpegError> {
+    let len = tiff.len() as u64;
+    let mut todo: Vec<(usize, IfdKind)> = vec![(ifd0, IfdKind::Chain)];
+    let mut seen: Vec<usize> = Vec::new();
+    while let Some((at, kind)) = todo.pop() {
+        // A loop (an IFD pointing back to one already read): readers stop there too.
+        if seen.contains(&at) {
+            continue;
+        }
+        if seen.len() >= MAX_IFDS {
+            return Err(JpegError::CorruptExif(
+                "the EXIF block links more IFDs than any camera writes",
+            ));
+        }
+        seen.push(at);
+        let count = read2(tiff, at).ok_or(JpegError::CorruptExif(
+            "an IFD offset points past the end of the EXIF block",
+        ))?;
+        let entries_start = at.saturating_add(2);
+        let entries_end = entries_start.saturating_add(usize::from(order.u16(count)) * IFD_ENTRY_LEN);
+        let entries = tiff
+            .get(entries_start..entries_end)
+            .ok_or(JpegError::CorruptExif(
+                "an IFD's entries run past the end of the EXIF block",
+            ))?;
+        let next = read4(tiff, entries_end).ok_or(JpegError::CorruptExif(
+            "an IFD's next-IFD pointer runs past the end of the EXIF block",
+        ))?;
+        for e in entries.chunks_exact(IFD_ENTRY_LEN) {
+            let tag = order.u16([e[0], e[1]]);
+            let field_type = order.u16([e[2], e[3]]);
+            let count = u64::from(order.u32([e[4], e[5], e[6], e[7]]));
+            let value = order.u32([e[8], e[9], e[10], e[11]]);
+            if at == ifd0 && tag == IMAGE_DESCRIPTION_TAG {
+                continue;
+            }
+            if let Some(size) = type_size(field_type) {
+                // count < 2^32 and size ≤ 8: no overflow in u64.
+                let bytes = count * size;
+                if bytes > 4 && u64::from(value) + bytes > len {
+                    return Err(JpegError::CorruptExif(
+                        "a field value runs past the end of the EXIF block",
+                    ));
+                }
+            }
+            let is_pointer = matches!(field_type, 4 | 13) && count >= 1;
+            let sub = match (kind, tag) {
+                (IfdKind::Chain, EXIF_IFD_POINTER) => Some(IfdKind::Exif),
+                (IfdKind::Chain, GPS_IFD_POINTER) | (IfdKind::Exif, INTEROP_IFD_POINTER) => {
+                    Some(IfdKind::Other)
+                }
+                _ => None,
+            };
+            if let (true, Some(sub)) = (is_pointer, sub) {
+                let to =
+                    usize::try_from(value).map_err(|_| JpegError::CorruptExif("IFD offset out of range"))?;
+                todo.push((to, sub));
+            }
+        }
+        let next = order.u32(next);
+        if kind == IfdKind::Chain && next != 0 {
+            let to = usize::try_from(next).map_err(|_| JpegError::CorruptExif("IFD offset out of range"))?;
+            todo.push((to, IfdKind::Chain));
+        }
+    }
+    Ok(())
 }
 
 /// A little-endian TIFF block whose IFD0 holds only ImageDescription.
