@@ -347,9 +347,10 @@ impl PlannedEntry {
         }
     }
 
-    /// Offset one past the entry's last data byte.
+    /// Offset one past the entry's last data byte. [`ZipPlan`] checks that this fits a u64 for
+    /// every entry it plans; a hand-built (or deserialised) entry saturates instead of wrapping.
     pub fn end_offset(&self) -> u64 {
-        self.data_offset + self.size
+        self.data_offset.saturating_add(self.size)
     }
 }
 
