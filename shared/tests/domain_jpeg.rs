@@ -697,6 +697,17 @@ fn exif_structures_reaching_past_the_block_are_refused_not_rewritten_into_other_
             "an IFD offset points past the end of the EXIF block"
         ))
     );
+    // A value or an IFD over the TIFF header, whose IFD0 offset the rewrite changes.
+    let in_header = layout_tiff(|t| t[8 + 2 + 12 + 8] = 2);
+    assert_eq!(
+        rewrite_tiff_block(&in_header),
+        Err(JpegError::CorruptExif("a field value overlaps the TIFF header"))
+    );
+    let ifd_in_header = layout_tiff(|t| t[8 + 2 + 24 + 8] = 4);
+    assert_eq!(
+        rewrite_tiff_block(&ifd_in_header),
+        Err(JpegError::CorruptExif("an IFD overlaps the TIFF header"))
+    );
     // Not refused: the old ImageDescription's value (it is replaced), a type no reader reads,
     // and an IFD chain that loops back to IFD0 (readers stop there).
     assert!(rewrite_tiff_block(&layout_tiff(|t| t[8 + 2 + 4] = 200)).is_ok());

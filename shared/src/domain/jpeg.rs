@@ -568,14 +568,18 @@ enum IfdKind {
     Other,
 }
 
+/// The TIFF header (byte order, 42, IFD0 offset): the rewrite changes its IFD0 offset.
+const TIFF_HEADER_LEN: usize = 8;
+
 /// Every IFD the readers reach (the IFD0/IFD1 chain, the Exif, GPS and Interop IFDs) and every
-/// field value they point to must lie inside `tiff`.
+/// field value they point to must lie inside `tiff`, behind its 8-byte header.
 ///
 /// Why: the rewrite appends the description and the new IFD0 at the end of the block. A table or
 /// value that ran past the old end was cut off for every reader (kamadak-exif and exifread keep the
 /// rest); after the append it would read the appended bytes instead — as bogus entries that
 /// replace real ones (seen: GPSLongitudeRef lost, the longitude's sign flipped) — so the uploaded
-/// file would no longer say what the original said. Such a block is refused (the image is rejected
+/// file would no longer say what the original said. The same holds for a table or value that
+/// overlaps the header, whose IFD0 offset the rewrite changes. Such a block is refused (the image is rejected
 /// with this reason) rather than rewritten into different metadata. ImageDescription in IFD0 is
 /// not checked: it is replaced. Thumbnail and strip byte ranges (IFD1) are not field values and
 /// are not checked either: a cut-off thumbnail changes no capture metadata.
@@ -594,6 +598,9 @@ fn check_layout(tiff: &[u8], order: Order, ifd0: usize) -> Result<(), JpegError>
             ));
         }
         seen.push(at);
+        if at < TIFF_HEADER_LEN {
+            return Err(JpegError::CorruptExif("an IFD overlaps the TIFF header"));
+        }
         let count = read2(tiff, at).ok_or(JpegError::CorruptExif(
             "an IFD offset points past the end of the EXIF block",
         ))?;
@@ -622,6 +629,9 @@ fn check_layout(tiff: &[u8], order: Order, ifd0: usize) -> Result<(), JpegError>
                     return Err(JpegError::CorruptExif(
                         "a field value runs past the end of the EXIF block",
                     ));
+                }
+                if bytes > 4 && u64::from(value) < TIFF_HEADER_LEN as u64 {
+                    return Err(JpegError::CorruptExif("a field value overlaps the TIFF header"));
                 }
             }
             let is_pointer = matches!(field_type, 4 | 13) && count >= 1;
