@@ -11,7 +11,9 @@
 //! * no `MAPSequenceUUID` (description file only).
 //!
 //! [`validate`] implements `ImageDescriptionEXIFSchema` plus the `strptime` check of
-//! `validate_image_desc`.
+//! `validate_image_desc`. [`map_description`] refuses metadata that no valid description can hold
+//! ([`DescriptionError`]: non-finite numbers, coordinates or capture times out of range) instead of
+//! writing a description the schema rejects — or panicking on an instant with no UTC form.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

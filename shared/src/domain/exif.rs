@@ -12,7 +12,15 @@
 //!   rejected with [`ExifError::NoGps`] / [`ExifError::NoCaptureTime`].
 //! * (0, 0) is rejected here already ([`ExifError::NullIsland`]); mapillary_tools does it in its
 //!   sequence step (which [`crate::domain::sequence`] repeats), and coordinates outside ±90/±180
-//!   are rejected here ([`ExifError::InvalidGps`]) where mapillary_tools fails its schema check.
+//!   are rejected here ([`ExifError::InvalidGps`]) where mapillary_tools fails its schema check
+//!   (after its sequence rules, where such an image can still drop its neighbours).
+//! * Capture times outside 1000-01-01..=9999-12-31 UTC are rejected here
+//!   ([`ExifError::CaptureTimeOutOfRange`]). mapillary_tools fails the image at its schema check
+//!   for years before 1000 (its `MAPCaptureTime` then has fewer than 4 year digits) and when its
+//!   date arithmetic overflows (`24:00:00` on 9999-12-31, hours beyond any date); a time that is
+//!   in year 10000 only in UTC (9999-12-31 at a negative offset) ends its whole run with a
+//!   ValueError. Python's quirk of turning an unconvertible naive time in year 1 into 1970 is not
+//!   copied: that image is rejected too.
 //! * ISO-8601 date strings in EXIF date tags are accepted in the common forms only (see
 //!   [`parse_exif_datetime`]); camera EXIF uses `YYYY:MM:DD HH:MM:SS`, which is fully covered.
 
@@ -1002,6 +1010,38 @@ mod tests {
         let value_at = r.start + entry + 8;
         broken[value_at..value_at + 4].copy_from_slice(&0x00FF_FFF0u32.to_le_bytes());
         assert!(matches!(read_metadata(&broken), Err(ExifError::CorruptExif(_))));
+    }
+
+    #[test]
+    fn out_of_range_coordinates_are_invalid_gps() {
+        let at = |lat: f64, lon: f64| {
+            let mut s = spec();
+            s.lat = lat;
+            s.lon = lon;
+            read_metadata(&jpeg(&s))
+        };
+        assert_eq!(
+            at(90.5, 10.0),
+            Err(ExifError::InvalidGps("latitude 90.5 is outside -90..90".into()))
+        );
+        assert_eq!(
+            at(-91.0, 10.0),
+            Err(ExifError::InvalidGps("latitude -91 is outside -90..90".into()))
+        );
+        assert_eq!(
+            at(10.0, 180.25),
+            Err(ExifError::InvalidGps(
+                "longitude 180.25 is outside -180..180".into()
+            ))
+        );
+        assert_eq!(
+            at(10.0, -200.0),
+            Err(ExifError::InvalidGps(
+                "longitude -200 is outside -180..180".into()
+            ))
+        );
+        let edge = at(-90.0, 180.0).expect("the edges are valid");
+        assert_eq!((edge.lat, edge.lon), (-90.0, 180.0));
     }
 
     /// The fixture with DateTimeOriginal only (and `offset`), its wall time replaced by `wall`
