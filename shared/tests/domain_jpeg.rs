@@ -619,3 +619,102 @@ fn mapillary_tools_exif_read_sees_description_and_unchanged_metadata() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// EXIF structures that reach past the block (found by the planning fuzz target)
+
+/// A little-endian TIFF block: IFD0 {Make, ImageDescription, GPS pointer}, GPS IFD
+/// {GPSLatitudeRef "N", GPSLongitudeRef "W"}, then the values. `edit` changes it before use.
+fn layout_tiff(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let entry = |tag: u16, typ: u16, count: u32, value: u32| {
+        let mut e = Vec::new();
+        e.extend_from_slice(&tag.to_le_bytes());
+        e.extend_from_slice(&typ.to_le_bytes());
+        e.extend_from_slice(&count.to_le_bytes());
+        e.extend_from_slice(&value.to_le_bytes());
+        e
+    };
+    // IFD0 at 8: 3 entries → 2 + 36 + 4 = 42 bytes, GPS IFD at 50: 2 entries → 30 bytes, values at 80.
+    let mut t = b"II*\0\x08\0\0\0".to_vec();
+    t.extend_from_slice(&3u16.to_le_bytes());
+    t.extend(entry(0x010E, 2, 12, 86)); // ImageDescription "old old old\0"
+    t.extend(entry(0x010F, 2, 6, 80)); // Make "Maker\0"
+    t.extend(entry(0x8825, 4, 1, 50)); // GPS IFD pointer
+    t.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(t.len(), 50);
+    t.extend_from_slice(&2u16.to_le_bytes());
+    t.extend(entry(0x0001, 2, 2, u32::from_le_bytes(*b"N\0\0\0")));
+    t.extend(entry(0x0003, 2, 2, u32::from_le_bytes(*b"W\0\0\0")));
+    t.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(t.len(), 80);
+    t.extend_from_slice(b"Maker\0old old old\0");
+    edit(&mut t);
+    t
+}
+
+fn rewrite_tiff_block(tiff: &[u8]) -> Result<RewrittenHeader, JpegError> {
+    let mut j = vec![0xFF, 0xD8];
+    j.extend(segment(0xE1, &[b"Exif\0\0".as_slice(), tiff].concat()));
+    j.extend([0xFF, 0xDA, 0x00, 0x02]);
+    rewrite_header(&j, "{\"MAPFilename\":\"x.jpg\"}")
+}
+
+#[test]
+fn exif_structures_reaching_past_the_block_are_refused_not_rewritten_into_other_metadata() {
+    let ok = rewrite_tiff_block(&layout_tiff(|_| {})).expect("a sound block rewrites");
+    assert!(ok.header.len() > ok.consumed);
+    // The GPS IFD claims 5 entries where the block ends after 3½: the rest would be read from the
+    // appended bytes (the fuzz finding: the longitude reference was replaced and the longitude's
+    // sign flipped).
+    let overrun = layout_tiff(|t| t[50] = 5);
+    assert_eq!(
+        rewrite_tiff_block(&overrun),
+        Err(JpegError::CorruptExif(
+            "an IFD's entries run past the end of the EXIF block"
+        ))
+    );
+    // Make's value (6 → 60 bytes) runs past the end.
+    let value = layout_tiff(|t| t[8 + 2 + 12 + 4] = 60);
+    assert_eq!(
+        rewrite_tiff_block(&value),
+        Err(JpegError::CorruptExif(
+            "a field value runs past the end of the EXIF block"
+        ))
+    );
+    // The GPS pointer points past the end.
+    let pointer = layout_tiff(|t| t[8 + 2 + 24 + 8] = 200);
+    assert_eq!(
+        rewrite_tiff_block(&pointer),
+        Err(JpegError::CorruptExif(
+            "an IFD offset points past the end of the EXIF block"
+        ))
+    );
+    // IFD0's next-IFD pointer points past the end (an IFD1 the append would create).
+    let next = layout_tiff(|t| t[46] = 250);
+    assert_eq!(
+        rewrite_tiff_block(&next),
+        Err(JpegError::CorruptExif(
+            "an IFD offset points past the end of the EXIF block"
+        ))
+    );
+    // A value or an IFD over the TIFF header, whose IFD0 offset the rewrite changes.
+    let in_header = layout_tiff(|t| t[8 + 2 + 12 + 8] = 2);
+    assert_eq!(
+        rewrite_tiff_block(&in_header),
+        Err(JpegError::CorruptExif("a field value overlaps the TIFF header"))
+    );
+    let ifd_in_header = layout_tiff(|t| t[8 + 2 + 24 + 8] = 4);
+    assert_eq!(
+        rewrite_tiff_block(&ifd_in_header),
+        Err(JpegError::CorruptExif("an IFD overlaps the TIFF header"))
+    );
+    // Not refused: the old ImageDescription's value (it is replaced), a type no reader reads,
+    // and an IFD chain that loops back to IFD0 (readers stop there).
+    assert!(rewrite_tiff_block(&layout_tiff(|t| t[8 + 2 + 4] = 200)).is_ok());
+    assert!(rewrite_tiff_block(&layout_tiff(|t| {
+        t[8 + 2 + 12 + 2] = 99;
+        t[8 + 2 + 12 + 4] = 255;
+    }))
+    .is_ok());
+    assert!(rewrite_tiff_block(&layout_tiff(|t| t[46] = 8)).is_ok());
+}

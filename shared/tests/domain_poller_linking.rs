@@ -306,3 +306,26 @@ fn when_no_candidate_matches_plan_a_should_link_nothing() {
     assert!(r.sequence_ids.is_empty());
     assert!(r.unmatched_mapillary.is_empty());
 }
+
+#[test]
+fn extreme_capture_times_and_tolerances_do_not_overflow() {
+    let mut ours = ours(2);
+    ours[0].captured_at_ms = i64::MIN + 5;
+    ours[1].captured_at_ms = i64::MAX - 5;
+    let candidates = vec![
+        theirs(&ours[0], "1", "S1"),
+        theirs(&ours[1], "2", "S1"),
+        MapillaryImage {
+            captured_at_ms: 0,
+            ..theirs(&ours[0], "3", "S2")
+        },
+    ];
+    // A tolerance so wide that `t ± tol` leaves i64 for both images.
+    let tol = Tolerances {
+        captured_at_ms: i64::MAX,
+        ..Tolerances::default()
+    };
+    let report = match_candidates(&ours, &candidates, &tol).expect("links");
+    let links: Vec<(&str, &str)> = report.links().collect();
+    assert_eq!(links, vec![("img_000.jpg", "1"), ("img_001.jpg", "2")]);
+}

@@ -380,3 +380,34 @@ fn feed_walk_guards_against_loops_and_endless_feeds() {
         }
     );
 }
+
+#[test]
+fn reconcile_match_with_extreme_capture_seconds_is_false_not_an_overflow() {
+    use shared::domain::tracking::Reconcile;
+    let r = Reconcile {
+        created_from_s: 0,
+        created_until_s: i64::MAX,
+        first_captured_at_s: 1_683_629_036,
+        image_count: 3,
+        give_up_at: FINISHED_AT,
+        adopted_at: None,
+    };
+    let mut n = node("C1", [IP, IP, IP, IP], "UNSET");
+    n.created_at_seconds = Some(1_683_759_912);
+    for (captured, matches) in [
+        (i64::MIN, false),
+        (i64::MAX, false),
+        (1_683_629_037, true),
+        (1_683_629_035, true),
+        (1_683_629_038, false),
+    ] {
+        n.captured_at_seconds = Some(captured);
+        assert_eq!(r.matches(&n), matches, "{captured}");
+    }
+    let r = Reconcile {
+        first_captured_at_s: i64::MIN,
+        ..r
+    };
+    n.captured_at_seconds = Some(i64::MAX);
+    assert!(!r.matches(&n));
+}

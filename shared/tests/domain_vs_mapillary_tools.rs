@@ -259,6 +259,157 @@ fn descriptions_and_sequences_match_mapillary_tools() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `spec` as JPEG bytes with the first `from` replaced by `to` (same length).
+fn patched(spec: &ImageSpec, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = relay_fixtures::jpeg(spec);
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern in the fixture");
+    bytes[at..at + to.len()].copy_from_slice(to);
+    bytes
+}
+
+/// `mapillary_tools process` on `dir`: `Ok(file → error type, or "" for an accepted image)`, or
+/// `Err(stderr)` when the command itself fails.
+fn process(venv: &Path, dir: &Path) -> Result<BTreeMap<String, String>, String> {
+    let out = Command::new(venv.join("bin/mapillary_tools"))
+        .arg("process")
+        .arg(dir)
+        .arg("--skip_process_errors")
+        .env("MAPILLARY_TOOLS_PROMPT_DISABLED", "YES")
+        .env("TZ", "UTC")
+        .output()
+        .expect("run mapillary_tools");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let desc_file = dir.join("mapillary_image_description.json");
+    let dump = python(venv, DUMP_DESCS, &[desc_file.to_str().expect("utf-8 path")]);
+    Ok(dump
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).expect("json line");
+            let file = v["file"].as_str().expect("file").to_string();
+            (file, v["error"].as_str().unwrap_or("").to_string())
+        })
+        .collect())
+}
+
+/// Out-of-range coordinates and capture times: which images mapillary_tools 0.14.7 refuses, and
+/// that ours refuses the same ones (earlier, at the EXIF read, with a reason that says why).
+#[test]
+fn hostile_positions_and_times_are_rejected_where_mapillary_tools_rejects_them() {
+    let venv = venv();
+    let dir = scratch("hostile");
+    let t0 = datetime!(2024-05-01 10:00:00.250 UTC);
+    let ok = ImageSpec::new(50.8966, -0.5591, t0);
+    let dto_only = |mut s: ImageSpec| {
+        s.time_tags = TimeTags::DateTimeOriginal { offset: None };
+        s
+    };
+    // One camera model each: mapillary_tools keeps out-of-range images in its sequence rules until
+    // its final validation, so sharing a sequence would drop the good image too (capture speed).
+    let camera = |mut s: ImageSpec, k: usize| {
+        s.model = Some(format!("Model {k}"));
+        s
+    };
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("IMG_0000.jpg", relay_fixtures::jpeg(&ok)),
+        (
+            "IMG_0001.jpg",
+            relay_fixtures::jpeg(&camera(ImageSpec::new(90.5, -0.5591, t0), 1)),
+        ),
+        (
+            "IMG_0002.jpg",
+            relay_fixtures::jpeg(&camera(ImageSpec::new(50.8966, -180.5, t0), 2)),
+        ),
+        (
+            "IMG_0003.jpg",
+            patched(
+                &camera(dto_only(ok.clone()), 3),
+                b"2024:05:01 10:00:00",
+                b"0999:05:01 10:00:00",
+            ),
+        ),
+        (
+            "IMG_0004.jpg",
+            patched(
+                &camera(dto_only(ok.clone()), 4),
+                b"2024:05:01 10:00:00",
+                b"0000:05:01 10:00:00",
+            ),
+        ),
+    ];
+    for (name, bytes) in &files {
+        std::fs::write(dir.join(name), bytes).expect("write");
+    }
+    let theirs = process(&venv, &dir).expect("mapillary_tools process");
+    let ours: BTreeMap<String, String> = files
+        .iter()
+        .map(|(name, bytes)| {
+            let r = read_metadata(bytes)
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string());
+            (name.to_string(), r)
+        })
+        .collect();
+    let rejected = |m: &BTreeMap<String, String>| -> Vec<String> {
+        m.iter()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(f, _)| f.clone())
+            .collect()
+    };
+    assert_eq!(
+        rejected(&ours),
+        rejected(&theirs),
+        "ours {ours:?}, theirs {theirs:?}"
+    );
+    // Theirs: the schema check (MAPLatitude/MAPLongitude minimum/maximum, the 4-digit-year
+    // MAPCaptureTime pattern); year 0 has no timestamp at all (the error type then names the
+    // next geotag source it tried, which depends on the machine, e.g. exiftool missing).
+    assert_eq!(theirs["IMG_0000.jpg"], "");
+    assert_eq!(theirs["IMG_0001.jpg"], "MapillaryMetadataValidationError");
+    assert_eq!(theirs["IMG_0002.jpg"], "MapillaryMetadataValidationError");
+    assert_eq!(theirs["IMG_0003.jpg"], "MapillaryMetadataValidationError");
+    assert_ne!(theirs["IMG_0004.jpg"], "");
+    assert_eq!(
+        ours["IMG_0001.jpg"],
+        "invalid GPS position: latitude 90.5 is outside -90..90"
+    );
+    assert_eq!(
+        ours["IMG_0002.jpg"],
+        "invalid GPS position: longitude -180.5 is outside -180..180"
+    );
+    assert!(
+        ours["IMG_0003.jpg"].starts_with(
+            "capture time out of range: DateTimeOriginal \"0999:05:01 10:00:00\" is not between 1000-01-01"
+        ),
+        "{}",
+        ours["IMG_0003.jpg"]
+    );
+    assert_eq!(ours["IMG_0004.jpg"], "no capture time: none of GPSDateStamp+GPSTimeStamp, DateTimeOriginal, DateTimeDigitized or DateTime holds a valid date and time");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Issue 15's file (9999-12-31 23:59:59 at -01:00 is in year 10000 in UTC): mapillary_tools
+    // reads it, then fails the whole run formatting MAPCaptureTime. Ours rejects just the image.
+    let dir = scratch("year10000");
+    let mut s = ok;
+    s.time_tags = TimeTags::DateTimeOriginal {
+        offset: Some("-01:00".into()),
+    };
+    let bytes = patched(&s, b"2024:05:01 09:00:00", b"9999:12:31 23:59:59");
+    std::fs::write(dir.join("IMG_0000.jpg"), &bytes).expect("write");
+    let err = process(&venv, &dir).expect_err("mapillary_tools cannot process it");
+    assert!(err.contains("year 10000 is out of range"), "{err}");
+    assert!(matches!(
+        read_metadata(&bytes),
+        Err(shared::domain::exif::ExifError::CaptureTimeOutOfRange(_))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn python_stdin(venv: &Path, script: &str, input: &str) -> String {
     use std::io::Write;
     let mut child = Command::new(venv.join("bin/python"))

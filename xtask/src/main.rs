@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Fuzz the feed and coverage-tile parsers (cargo-fuzz on stable via RUSTC_BOOTSTRAP; see fuzz/README.md).
+    /// Fuzz the feed and coverage-tile parsers and the planning path (cargo-fuzz on stable via RUSTC_BOOTSTRAP; see fuzz/README.md).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -226,6 +226,9 @@ fn test(root: &Path, no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     result
 }
 
+/// The libFuzzer targets of `fuzz/` (fuzz/Cargo.toml's `[[bin]]`s), run by `fuzz` and `test`.
+const FUZZ_TARGETS: [&str; 4] = ["feed_parser", "coverage_tile", "planning_path", "planning_fields"];
+
 /// The fuzz targets of `fuzz/` (their own workspace), each for `seconds`.
 fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -247,14 +250,16 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
         )?;
     }
     let dir = root.join("fuzz");
-    for target in ["feed_parser", "coverage_tile"] {
+    for target in FUZZ_TARGETS {
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
         let mut cmd = Command::new(&cargo_fuzz);
         cmd.current_dir(&dir)
             // cargo-fuzz needs nightly-only sanitizer flags; only stable Rust exists here.
             .env("RUSTC_BOOTSTRAP", "1")
-            .args(["fuzz", "run", "-O", target])
+            // -a: overflow checks and debug assertions stay on in the optimised build (-O alone
+            // turns them off, and an integer overflow is one of the things fuzzing looks for).
+            .args(["fuzz", "run", "-O", "-a", target])
             .arg(&corpus)
             .arg(dir.join("seeds").join(target))
             .arg("--")

@@ -11,7 +11,9 @@
 //! * no `MAPSequenceUUID` (description file only).
 //!
 //! [`validate`] implements `ImageDescriptionEXIFSchema` plus the `strptime` check of
-//! `validate_image_desc`.
+//! `validate_image_desc`. [`map_description`] refuses metadata that no valid description can hold
+//! ([`DescriptionError`]: non-finite numbers, coordinates or capture times out of range) instead of
+//! writing a description the schema rejects — or panicking on an instant with no UTC form.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,18 +21,71 @@ use std::fmt::Write as _;
 use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
 
-use super::exif::ImageMetadata;
+use super::exif::{self, ImageMetadata};
 
 const COORDINATES_PRECISION: usize = 7;
 const ALTITUDE_PRECISION: usize = 3;
 const ANGLE_PRECISION: usize = 3;
 
+/// Why an image's metadata cannot be written as a MAP* description. mapillary_tools' schema (or
+/// its `strftime`) would fail the image for each of these; the reasons name the field and value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DescriptionError {
+    /// Latitude not finite or outside -90..=90 (`MAPLatitude` minimum/maximum).
+    #[error("latitude {0} is not a number between -90 and 90")]
+    Latitude(f64),
+    /// Longitude not finite or outside -180..=180 (`MAPLongitude` minimum/maximum).
+    #[error("longitude {0} is not a number between -180 and 180")]
+    Longitude(f64),
+    /// Altitude not finite (JSON has no NaN or infinity).
+    #[error("altitude {0} is not a finite number")]
+    Altitude(f64),
+    /// Heading not finite.
+    #[error("compass heading {0} is not a finite number")]
+    Heading(f64),
+    /// Capture time outside 1000-01-01..=9999-12-31 UTC (see
+    /// [`crate::domain::exif::EARLIEST_CAPTURE_TIME`]).
+    #[error(
+        "capture time {0} is not between 1000-01-01 and 9999-12-31 in UTC; correct the camera clock or the image's EXIF date"
+    )]
+    CaptureTime(String),
+}
+
+/// Checks that `meta` can be written as a valid MAP* description (the ranges of
+/// [`DescriptionError`]); [`map_description`] does this first.
+pub fn check_describable(meta: &ImageMetadata) -> Result<(), DescriptionError> {
+    if !meta.lat.is_finite() || !(-90.0..=90.0).contains(&meta.lat) {
+        return Err(DescriptionError::Latitude(meta.lat));
+    }
+    if !meta.lon.is_finite() || !(-180.0..=180.0).contains(&meta.lon) {
+        return Err(DescriptionError::Longitude(meta.lon));
+    }
+    if let Some(alt) = meta.altitude.filter(|a| !a.is_finite()) {
+        return Err(DescriptionError::Altitude(alt));
+    }
+    if let Some(h) = meta.heading.filter(|h| !h.is_finite()) {
+        return Err(DescriptionError::Heading(h));
+    }
+    utc_in_range(meta.captured_at)?;
+    Ok(())
+}
+
+/// `at` in UTC, if within the MAP* range (checked conversion: an instant near the limits of
+/// `time` with a non-UTC offset has no UTC representation and must not panic).
+fn utc_in_range(at: OffsetDateTime) -> Result<OffsetDateTime, DescriptionError> {
+    at.checked_to_offset(UtcOffset::UTC)
+        .filter(|t| exif::capture_time_in_range(*t))
+        .ok_or_else(|| DescriptionError::CaptureTime(at.to_string()))
+}
+
 /// The EXIF MAP* JSON for one image; `filename` is the original base name (`MAPFilename`).
 ///
 /// The heading is normalised into [0, 360) first, as `process_finalize` (`_apply_offsets`)
 /// does; a missing heading omits `MAPCompassHeading` (after [`crate::domain::sequence`] every
-/// image has one).
-pub fn map_description(meta: &ImageMetadata, filename: &str) -> String {
+/// image has one). Metadata that no valid description can hold is an error
+/// ([`check_describable`]).
+pub fn map_description(meta: &ImageMetadata, filename: &str) -> Result<String, DescriptionError> {
+    check_describable(meta)?;
     let mut fields: BTreeMap<&str, String> = BTreeMap::new();
     fields.insert(
         "MAPLatitude",
@@ -42,7 +97,7 @@ pub fn map_description(meta: &ImageMetadata, filename: &str) -> String {
     );
     fields.insert(
         "MAPCaptureTime",
-        json_string(&format_capture_time(meta.captured_at)),
+        json_string(&format_capture_time(meta.captured_at)?),
     );
     if let Some(alt) = meta.altitude {
         fields.insert("MAPAltitude", py_float_repr(py_round(alt, ALTITUDE_PRECISION)));
@@ -78,7 +133,7 @@ pub fn map_description(meta: &ImageMetadata, filename: &str) -> String {
         out.push_str(v);
     }
     out.push('}');
-    out
+    Ok(out)
 }
 
 /// Python `(h + 0.0) % 360` (`_apply_offsets`): into [0, 360), `-0.0` becoming `0.0`.
@@ -93,10 +148,12 @@ pub fn normalize_heading(h: f64) -> f64 {
     }
 }
 
-/// `MAPCaptureTime`: UTC `YYYY_MM_DD_HH_MM_SS_mmm`, milliseconds truncated.
-pub fn format_capture_time(at: OffsetDateTime) -> String {
-    let t = at.to_offset(UtcOffset::UTC);
-    format!(
+/// `MAPCaptureTime`: UTC `YYYY_MM_DD_HH_MM_SS_mmm`, milliseconds truncated. Instants outside
+/// 1000-01-01..=9999-12-31 UTC are an error (their year would not have 4 digits, or would not
+/// exist in Python).
+pub fn format_capture_time(at: OffsetDateTime) -> Result<String, DescriptionError> {
+    let t = utc_in_range(at)?;
+    Ok(format!(
         "{:04}_{:02}_{:02}_{:02}_{:02}_{:02}_{:03}",
         t.year(),
         u8::from(t.month()),
@@ -105,7 +162,7 @@ pub fn format_capture_time(at: OffsetDateTime) -> String {
         t.minute(),
         t.second(),
         t.millisecond()
-    )
+    ))
 }
 
 /// Python's `round(x, ndigits)` for floats: the exact binary value rounded half-to-even at
@@ -359,7 +416,7 @@ mod tests {
     #[test]
     fn matches_the_protocol_example() {
         assert_eq!(
-            map_description(&meta(), "IMG_0000.jpg"),
+            map_description(&meta(), "IMG_0000.jpg").expect("describable"),
             r#"{"MAPAltitude":77.42,"MAPCaptureTime":"2024_05_01_10_00_00_250","MAPCompassHeading":{"MagneticHeading":133.54,"TrueHeading":133.54},"MAPDeviceMake":"TestMake","MAPDeviceModel":"TestModel","MAPFilename":"IMG_0000.jpg","MAPLatitude":50.8966,"MAPLongitude":-0.5591,"MAPOrientation":1}"#
         );
     }
@@ -372,7 +429,7 @@ mod tests {
         m.make = None;
         m.model = Some("Cam \"Ø\" 📷\n\u{7f}".into());
         m.camera_uuid = Some("AB12_CD".into());
-        let d = map_description(&m, "b\\ä.jpg");
+        let d = map_description(&m, "b\\ä.jpg").expect("describable");
         assert_eq!(
             d,
             r#"{"MAPCameraUUID":"AB12_CD","MAPCaptureTime":"2024_05_01_10_00_00_250","MAPDeviceModel":"Cam \"\u00d8\" \ud83d\udcf7\n\u007f","MAPFilename":"b\\\u00e4.jpg","MAPLatitude":50.8966,"MAPLongitude":-0.5591,"MAPOrientation":1}"#
@@ -382,11 +439,86 @@ mod tests {
     }
 
     #[test]
+    fn undescribable_metadata_is_an_error_not_a_panic() {
+        let cases: Vec<(ImageMetadata, &str)> = vec![
+            (ImageMetadata { lat: 90.5, ..meta() }, "latitude 90.5 is not a number between -90 and 90"),
+            (ImageMetadata { lat: f64::NAN, ..meta() }, "latitude NaN is not a number between -90 and 90"),
+            (
+                ImageMetadata { lon: -180.000_001, ..meta() },
+                "longitude -180.000001 is not a number between -180 and 180",
+            ),
+            (
+                ImageMetadata { lon: f64::INFINITY, ..meta() },
+                "longitude inf is not a number between -180 and 180",
+            ),
+            (
+                ImageMetadata { altitude: Some(f64::NAN), ..meta() },
+                "altitude NaN is not a finite number",
+            ),
+            (
+                ImageMetadata { heading: Some(f64::NEG_INFINITY), ..meta() },
+                "compass heading -inf is not a finite number",
+            ),
+            (
+                // Issue 15's instant: `to_offset(UTC)` panicked on it.
+                ImageMetadata { captured_at: datetime!(9999-12-31 23:59:59 -01:00), ..meta() },
+                "capture time 9999-12-31 23:59:59.0 -01:00:00 is not between 1000-01-01 and 9999-12-31 in UTC",
+            ),
+            (
+                ImageMetadata { captured_at: datetime!(0999-12-31 23:59:59.999 UTC), ..meta() },
+                "capture time 0999-12-31 23:59:59.999 +00:00:00 is not between",
+            ),
+        ];
+        for (m, want) in cases {
+            let e = map_description(&m, "a.jpg").expect_err(want);
+            assert!(e.to_string().starts_with(want), "{e}");
+            // (Compared as text: NaN ≠ NaN.)
+            assert_eq!(
+                check_describable(&m).map_err(|e| e.to_string()),
+                Err(e.to_string())
+            );
+        }
+        assert!(format_capture_time(datetime!(9999-12-31 23:59:59 -01:00)).is_err());
+        // The boundaries themselves are fine.
+        for m in [
+            ImageMetadata {
+                lat: -90.0,
+                lon: 180.0,
+                ..meta()
+            },
+            ImageMetadata {
+                lat: 90.0,
+                lon: -180.0,
+                ..meta()
+            },
+            ImageMetadata {
+                captured_at: datetime!(1000-01-01 00:00 UTC),
+                ..meta()
+            },
+            ImageMetadata {
+                captured_at: datetime!(9999-12-31 23:59:59.999_999 UTC),
+                ..meta()
+            },
+            ImageMetadata {
+                captured_at: datetime!(9999-12-31 23:59:59 +01:00),
+                ..meta()
+            },
+        ] {
+            let d = map_description(&m, "a.jpg").expect("describable");
+            validate(&d).expect("valid");
+        }
+        assert_eq!(
+            format_capture_time(datetime!(1000-01-01 00:00 UTC)).as_deref(),
+            Ok("1000_01_01_00_00_00_000")
+        );
+    }
+
+    #[test]
     fn heading_is_normalised_like_apply_offsets() {
         let mut m = meta();
         for (h, want) in [(360.0, "0.0"), (-0.0, "0.0"), (-90.0, "270.0"), (725.5, "5.5")] {
             m.heading = Some(h);
-            let d = map_description(&m, "a.jpg");
+            let d = map_description(&m, "a.jpg").expect("describable");
             let expect = format!("{{\"MagneticHeading\":{want},\"TrueHeading\":{want}}}");
             assert!(d.contains(&expect), "{h}: {d}");
         }
@@ -395,12 +527,12 @@ mod tests {
     #[test]
     fn capture_time_truncates_milliseconds() {
         assert_eq!(
-            format_capture_time(datetime!(2024-12-31 23:59:59.999_999 UTC)),
-            "2024_12_31_23_59_59_999"
+            format_capture_time(datetime!(2024-12-31 23:59:59.999_999 UTC)).as_deref(),
+            Ok("2024_12_31_23_59_59_999")
         );
         assert_eq!(
-            format_capture_time(datetime!(2024-05-01 12:00:00.0019 +02:00)),
-            "2024_05_01_10_00_00_001"
+            format_capture_time(datetime!(2024-05-01 12:00:00.0019 +02:00)).as_deref(),
+            Ok("2024_05_01_10_00_00_001")
         );
     }
 
@@ -437,7 +569,7 @@ mod tests {
 
     #[test]
     fn validate_rejects_what_the_schema_rejects() {
-        let ok = map_description(&meta(), "a.jpg");
+        let ok = map_description(&meta(), "a.jpg").expect("describable");
         validate(&ok).expect("valid");
         let bad = [
             (r#"[]"#, "object"),

@@ -12,7 +12,15 @@
 //!   rejected with [`ExifError::NoGps`] / [`ExifError::NoCaptureTime`].
 //! * (0, 0) is rejected here already ([`ExifError::NullIsland`]); mapillary_tools does it in its
 //!   sequence step (which [`crate::domain::sequence`] repeats), and coordinates outside ±90/±180
-//!   are rejected here ([`ExifError::InvalidGps`]) where mapillary_tools fails its schema check.
+//!   are rejected here ([`ExifError::InvalidGps`]) where mapillary_tools fails its schema check
+//!   (after its sequence rules, where such an image can still drop its neighbours).
+//! * Capture times outside 1000-01-01..=9999-12-31 UTC are rejected here
+//!   ([`ExifError::CaptureTimeOutOfRange`]). mapillary_tools fails the image at its schema check
+//!   for years before 1000 (its `MAPCaptureTime` then has fewer than 4 year digits) and when its
+//!   date arithmetic overflows (`24:00:00` on 9999-12-31, hours beyond any date); a time that is
+//!   in year 10000 only in UTC (9999-12-31 at a negative offset) ends its whole run with a
+//!   ValueError. Python's quirk of turning an unconvertible naive time in year 1 into 1970 is not
+//!   copied: that image is rejected too.
 //! * ISO-8601 date strings in EXIF date tags are accepted in the common forms only (see
 //!   [`parse_exif_datetime`]); camera EXIF uses `YYYY:MM:DD HH:MM:SS`, which is fully covered.
 
@@ -20,6 +28,8 @@ use std::ops::Range;
 
 use exif::{Exif, In, Reader, Tag, Value};
 use serde::{Deserialize, Serialize};
+
+use super::jpeg::{self, Fetch, MarkerWalk, WalkError};
 use time::{Date, Duration, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// Why no metadata could be read from an image. Every message is a precise human reason,
@@ -47,6 +57,11 @@ pub enum ExifError {
     /// No usable capture time in the GPS or EXIF date tags.
     #[error("no capture time: none of GPSDateStamp+GPSTimeStamp, DateTimeOriginal, DateTimeDigitized or DateTime holds a valid date and time")]
     NoCaptureTime,
+    /// The capture time parses but lies outside what a MAP* description can carry (see
+    /// [`EARLIEST_CAPTURE_TIME`] and [`LATEST_CAPTURE_TIME`]), or its date arithmetic leaves the
+    /// years 1–9999 (where mapillary_tools fails the image with an OverflowError).
+    #[error("capture time out of range: {0}")]
+    CaptureTimeOutOfRange(String),
     /// Latitude and longitude are both exactly 0.
     #[error("GPS position is (0, 0) (\"null island\"), which marks a missing GPS fix")]
     NullIsland,
@@ -128,87 +143,39 @@ pub struct ImageMetadata {
     pub camera_uuid: Option<String>,
 }
 
-const SOI: [u8; 2] = [0xFF, 0xD8];
-const EXIF_ID: &[u8] = b"Exif\0\0";
-
-/// Walks the JPEG marker segments in `head` (a prefix of the file) up to the APP1 Exif segment.
+/// Walks the JPEG marker segments in `head` (a prefix of the file) up to the APP1 Exif segment,
+/// with the shared walker [`jpeg::walk_markers`] (on to SOS/EOI), asking for whole segments at a
+/// time ([`Fetch::WholeSegments`]).
 ///
 /// Errors: [`ExifError::NotJpeg`] (empty, or another format's signature) and
 /// [`ExifError::MalformedJpeg`] (broken marker structure).
 pub fn header_extent(head: &[u8]) -> Result<HeaderExtent, ExifError> {
-    match head {
-        [] => return Err(ExifError::NotJpeg("the file is empty (0 bytes)".into())),
-        [0xFF] => return Ok(HeaderExtent::NeedMore { at_least: 2 }),
-        [a, b, ..] if [*a, *b] == SOI => {}
-        _ => return Err(ExifError::NotJpeg(describe_signature(head))),
+    if head.is_empty() {
+        return Err(ExifError::NotJpeg("the file is empty (0 bytes)".into()));
     }
-    let len = head.len();
-    let mut pos = 2;
-    loop {
-        if pos >= len {
-            return Ok(HeaderExtent::NeedMore { at_least: pos + 4 });
-        }
-        if head[pos] != 0xFF {
-            return Err(ExifError::MalformedJpeg(format!(
-                "expected a marker at byte {pos}, found 0x{:02X}",
-                head[pos]
-            )));
-        }
-        // Any number of 0xFF fill bytes may precede the marker code.
-        let mut m = pos + 1;
-        while m < len && head[m] == 0xFF {
-            m += 1;
-        }
-        if m >= len {
-            return Ok(HeaderExtent::NeedMore { at_least: m + 3 });
-        }
-        match head[m] {
-            0x00 => {
-                return Err(ExifError::MalformedJpeg(format!(
-                    "stuffed byte 0xFF00 at byte {pos} outside the image data"
-                )))
-            }
-            0xD8 => {
-                return Err(ExifError::MalformedJpeg(format!(
-                    "second start-of-image marker at byte {pos}"
-                )))
-            }
-            // Standalone markers (RSTn, TEM) carry no length.
-            0xD0..=0xD7 | 0x01 => pos = m + 1,
-            // Start of scan or end of image: no Exif segment before the image data.
-            0xDA | 0xD9 => {
-                return Ok(HeaderExtent::Complete {
-                    exif: None,
-                    header_end: pos,
-                })
-            }
-            code => {
-                if m + 3 > len {
-                    return Ok(HeaderExtent::NeedMore { at_least: m + 3 });
-                }
-                let seg_len = usize::from(u16::from_be_bytes([head[m + 1], head[m + 2]]));
-                if seg_len < 2 {
-                    return Err(ExifError::MalformedJpeg(format!(
-                        "segment 0xFF{code:02X} at byte {pos} has an invalid length {seg_len}"
-                    )));
-                }
-                let payload = m + 3;
-                let seg_end = m + 1 + seg_len;
-                if code == 0xE1 {
-                    // Need the whole APP1 segment to know whether it is Exif and to read it.
-                    if seg_end > len {
-                        return Ok(HeaderExtent::NeedMore { at_least: seg_end });
-                    }
-                    if head[payload..seg_end].starts_with(EXIF_ID) {
-                        return Ok(HeaderExtent::Complete {
-                            exif: Some(payload + EXIF_ID.len()..seg_end),
-                            header_end: seg_end,
-                        });
-                    }
-                }
-                pos = seg_end;
-            }
-        }
+    match jpeg::walk_markers(head, Fetch::WholeSegments) {
+        Ok(MarkerWalk::Exif(seg)) => Ok(HeaderExtent::Complete {
+            header_end: seg.segment.end,
+            exif: Some(seg.tiff),
+        }),
+        Ok(MarkerWalk::NoExif(stop)) => Ok(HeaderExtent::Complete {
+            exif: None,
+            header_end: stop.at,
+        }),
+        Ok(MarkerWalk::NeedMore { at_least }) => Ok(HeaderExtent::NeedMore { at_least }),
+        Err(WalkError::NoSoi) => Err(ExifError::NotJpeg(describe_signature(head))),
+        Err(WalkError::NotAMarker { at, found }) => Err(ExifError::MalformedJpeg(format!(
+            "expected a marker at byte {at}, found 0x{found:02X}"
+        ))),
+        Err(WalkError::InvalidMarker { at, code: 0x00, .. }) => Err(ExifError::MalformedJpeg(format!(
+            "stuffed byte 0xFF00 at byte {at} outside the image data"
+        ))),
+        Err(WalkError::InvalidMarker { at, .. }) => Err(ExifError::MalformedJpeg(format!(
+            "second start-of-image marker at byte {at}"
+        ))),
+        Err(WalkError::BadLength { at, code, len, .. }) => Err(ExifError::MalformedJpeg(format!(
+            "segment 0xFF{code:02X} at byte {at} has an invalid length {len}"
+        ))),
     }
 }
 
@@ -436,13 +403,61 @@ fn extract_lat_lon(exif: &Exif) -> Result<(f64, f64), ExifError> {
     Ok((lat, lon))
 }
 
+/// The earliest capture time a MAP* description can carry: mapillary_tools writes
+/// `MAPCaptureTime` with `strftime("%Y_…")`, which gives years before 1000 fewer than 4 digits,
+/// and its schema (`[0-9]{4}_…`) then rejects the image.
+pub const EARLIEST_CAPTURE_TIME: OffsetDateTime = time::macros::datetime!(1000-01-01 00:00:00 UTC);
+/// The latest capture time a MAP* description can carry (Python's `datetime.MAXYEAR` is 9999;
+/// mapillary_tools fails on anything later).
+pub const LATEST_CAPTURE_TIME: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999_999 UTC);
+
+/// Whether `at` lies in [`EARLIEST_CAPTURE_TIME`]..=[`LATEST_CAPTURE_TIME`].
+pub fn capture_time_in_range(at: OffsetDateTime) -> bool {
+    (EARLIEST_CAPTURE_TIME..=LATEST_CAPTURE_TIME).contains(&at)
+}
+
+/// The rejection for a capture time outside the MAP* range; `what` names the tags and values.
+fn time_out_of_range(what: &str) -> ExifError {
+    ExifError::CaptureTimeOutOfRange(format!(
+        "{what} is not between 1000-01-01 and 9999-12-31 in UTC; correct the camera clock or the image's EXIF date"
+    ))
+}
+
 /// `ExifReadFromEXIF.extract_capture_time`: GPS stamps (unless 1970-01-01), then the three
 /// EXIF date tags, each with its SubSec and Offset tags; the first that parses wins.
+///
+/// A value that parses but whose date arithmetic leaves Python's years 1–9999 (e.g. `24:00:00`
+/// on 9999-12-31, an offset that pushes 9999-12-31 past midnight UTC, a GPSTimeStamp of a
+/// million hours) fails the image, as mapillary_tools' OverflowError/ValueError does, with
+/// [`ExifError::CaptureTimeOutOfRange`]; so does a result outside the MAP* range (see
+/// [`EARLIEST_CAPTURE_TIME`]).
 fn extract_capture_time(exif: &Exif) -> Result<Option<(OffsetDateTime, TimeSource)>, ExifError> {
-    if let Some(dt) = gps_datetime(exif) {
-        if dt.date() != Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN) {
-            return Ok(Some((dt, TimeSource::Gps)));
+    let in_range = |dt: OffsetDateTime, source: TimeSource, what: &dyn Fn() -> String| {
+        if capture_time_in_range(dt) {
+            Ok(Some((dt, source)))
+        } else {
+            Err(time_out_of_range(&what()))
         }
+    };
+    let gps_what = || {
+        let date = ascii(exif, Tag::GPSDateStamp).unwrap_or_default();
+        let time = match field(exif, Tag::GPSTimeStamp) {
+            Some(v) => (0..3)
+                .map(|i| ratio_at(v, i).map_or_else(|| "?".to_string(), |x| x.to_string()))
+                .collect::<Vec<_>>()
+                .join(":"),
+            None => "?".into(),
+        };
+        format!("GPSDateStamp {date:?} with GPSTimeStamp {time}")
+    };
+    match gps_datetime(exif) {
+        Ok(Some(dt))
+            if dt.date() != Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN) =>
+        {
+            return in_range(dt, TimeSource::Gps, &gps_what);
+        }
+        Ok(_) => {}
+        Err(OutOfRange) => return Err(time_out_of_range(&gps_what())),
     }
     let candidates = [
         (
@@ -471,47 +486,100 @@ fn extract_capture_time(exif: &Exif) -> Result<Option<(OffsetDateTime, TimeSourc
         // GoPro pads sub-seconds with spaces (mapillary_tools issue 388).
         let subsec = ascii(exif, subsec_tag).map(|s| if s.is_empty() { s } else { s.replace(' ', "0") });
         let offset = ascii(exif, offset_tag);
+        let what = || match &offset {
+            Some(o) => format!("{dt_tag} {dtstr:?} with {offset_tag} {o:?}"),
+            None => format!("{dt_tag} {dtstr:?}"),
+        };
         match parse_exif_datetime(&dtstr, subsec.as_deref(), offset.as_deref()) {
-            Ok(Some(dt)) => return Ok(Some((dt, source))),
+            Ok(Some(dt)) => return in_range(dt, source, &what),
             Ok(None) => continue,
-            Err(reason) => {
+            Err(DateTimeError::SubSec(reason)) => {
                 return Err(ExifError::CorruptExif(format!("{dt_tag}: {reason}")));
             }
+            Err(DateTimeError::OutOfRange) => return Err(time_out_of_range(&what())),
         }
     }
     Ok(None)
 }
 
+/// Date/time arithmetic that leaves what Python's `datetime`/`timedelta` hold (years 1–9999,
+/// ±999,999,999 days; offsets strictly within ±24 h): mapillary_tools raises there and the image
+/// fails, so it is an error here too, never a wrapped or clamped value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OutOfRange;
+
+/// `Ok(None)`: not parseable (the next tag is tried); `Err`: parseable but out of range.
+type Parsed<T> = Result<Option<T>, OutOfRange>;
+
+/// Why [`parse_exif_datetime`] cannot give an instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DateTimeError {
+    /// The sub-second tag is not a number (mapillary_tools fails the image then too).
+    SubSec(String),
+    /// The date, time or offset is readable but the instant lies outside the years 1–9999 (in
+    /// local time or in UTC), or the offset is not within ±24 h.
+    OutOfRange,
+}
+
 /// `ExifReadFromEXIF.extract_gps_datetime`: GPSDateStamp (`%Y:%m:%d` or `%Y-%m-%d`) plus the
 /// GPSTimeStamp rationals (hours and minutes truncated to integers), UTC.
-fn gps_datetime(exif: &Exif) -> Option<OffsetDateTime> {
-    let datestr = ascii(exif, Tag::GPSDateStamp)?;
-    let date = parse_ymd(&datestr, ':').or_else(|| parse_ymd(&datestr, '-'))?;
-    let ts = field(exif, Tag::GPSTimeStamp)?;
+fn gps_datetime(exif: &Exif) -> Parsed<OffsetDateTime> {
+    let Some(datestr) = ascii(exif, Tag::GPSDateStamp) else {
+        return Ok(None);
+    };
+    let Some(date) = parse_ymd(&datestr, ':').or_else(|| parse_ymd(&datestr, '-')) else {
+        return Ok(None);
+    };
+    let Some(ts) = field(exif, Tag::GPSTimeStamp) else {
+        return Ok(None);
+    };
     if ratio_count(ts) < 3 {
-        return None;
+        return Ok(None);
     }
-    let h = ratio_at(ts, 0)?.trunc();
-    let m = ratio_at(ts, 1)?.trunc();
-    let s = ratio_at(ts, 2)?;
-    let delta = timedelta(h, m, s)?;
-    let dt = PrimitiveDateTime::new(date, Time::MIDNIGHT).checked_add(delta)?;
-    Some(dt.assume_utc())
+    let (Some(h), Some(m), Some(s)) = (ratio_at(ts, 0), ratio_at(ts, 1), ratio_at(ts, 2)) else {
+        return Ok(None);
+    };
+    // Ratios of 32-bit integers: finite, and their integer parts fit an i64.
+    let delta = timedelta(h.trunc() as i64, m.trunc() as i64, s)?;
+    Ok(Some(add_to_midnight(date, delta)?.assume_utc()))
 }
 
-/// Python `datetime.timedelta(hours=h, minutes=m, seconds=s)`: rounded to microseconds,
-/// half to even.
-fn timedelta(h: f64, m: f64, s: f64) -> Option<Duration> {
+/// `datetime(date) + delta`, which raises OverflowError outside the years 1–9999.
+fn add_to_midnight(date: Date, delta: Duration) -> Result<PrimitiveDateTime, OutOfRange> {
+    PrimitiveDateTime::new(date, Time::MIDNIGHT)
+        .checked_add(delta)
+        .filter(|dt| dt.year() >= 1)
+        .ok_or(OutOfRange)
+}
+
+/// Python's `timedelta.max.days`.
+const PY_TIMEDELTA_MAX_DAYS: i64 = 999_999_999;
+
+/// Python `datetime.timedelta(hours=h, minutes=m, seconds=s)`: the fraction of `s` rounded to
+/// microseconds, half to even. Beyond ±999,999,999 days, or for a non-finite `s`, Python raises.
+fn timedelta(h: i64, m: i64, s: f64) -> Result<Duration, OutOfRange> {
     let whole = s.trunc();
-    let frac_us = ((s - whole) * 1e6).round_ties_even();
-    let total_us = (h * 3600.0 + m * 60.0 + whole) * 1e6 + frac_us;
-    if !total_us.is_finite() || total_us.abs() > 1e17 {
-        return None;
+    if !whole.is_finite() || whole.abs() >= 1e15 {
+        return Err(OutOfRange);
     }
-    Some(Duration::microseconds(total_us as i64))
+    let frac_us = ((s - whole) * 1e6).round_ties_even();
+    // |whole| < 1e15, so the cast is exact.
+    let secs = h
+        .checked_mul(3600)
+        .and_then(|hs| hs.checked_add(m.checked_mul(60)?))
+        .and_then(|v| v.checked_add(whole as i64))
+        .ok_or(OutOfRange)?;
+    if secs.unsigned_abs() >= (PY_TIMEDELTA_MAX_DAYS as u64 + 1) * 86_400 {
+        return Err(OutOfRange);
+    }
+    // |frac_us| < 1e6.
+    Duration::seconds(secs)
+        .checked_add(Duration::microseconds(frac_us as i64))
+        .ok_or(OutOfRange)
 }
 
-/// `strptime(s, "%Y{sep}%m{sep}%d")`: a 4-digit year, 1–2 digit month and day, a valid date.
+/// `strptime(s, "%Y{sep}%m{sep}%d")`: a 4-digit year from 1 (Python's `MINYEAR`), 1–2 digit
+/// month and day, a valid date.
 fn parse_ymd(s: &str, sep: char) -> Option<Date> {
     let mut parts = s.split(sep);
     let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
@@ -521,18 +589,24 @@ fn parse_ymd(s: &str, sep: char) -> Option<Date> {
     if ![y, m, d].iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())) {
         return None;
     }
+    let year: i32 = y.parse().ok()?;
+    if year < 1 {
+        return None;
+    }
     let month = Month::try_from(m.parse::<u8>().ok()?).ok()?;
-    Date::from_calendar_date(y.parse().ok()?, month, d.parse().ok()?).ok()
+    Date::from_calendar_date(year, month, d.parse().ok()?).ok()
 }
 
 /// Python `int()` of a decimal string: optional sign, ASCII digits (surrounding blanks allowed).
-fn py_int(s: &str) -> Option<i64> {
+/// `None`: not an integer (Python's ValueError); `Some(Err)`: an integer beyond i64, which is
+/// far beyond what any `timedelta` it feeds can hold (Python's OverflowError later).
+fn py_int(s: &str) -> Option<Result<i64, OutOfRange>> {
     let t = s.trim();
     let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    t.parse().ok()
+    Some(t.parse().map_err(|_| OutOfRange))
 }
 
 /// Python `float()` of a plain decimal string (no exponent/inf/nan forms are expected here).
@@ -551,15 +625,19 @@ fn py_float(s: &str) -> Option<f64> {
 }
 
 /// `exif_read.parse_timestr_as_timedelta`: `H`, `H:M` or `H:M:S[.f]` (further parts ignored).
-fn parse_timestr(s: &str) -> Option<Duration> {
+fn parse_timestr(s: &str) -> Parsed<Duration> {
     let parts: Vec<&str> = s.trim().split(':').collect();
+    // Python parses all parts first (ValueError → None), then builds the timedelta (which can raise).
     let (h, m, sec) = match parts.as_slice() {
-        [h] => (py_int(h)?, 0, 0.0),
-        [h, m] => (py_int(h)?, py_int(m)?, 0.0),
-        [h, m, s, ..] => (py_int(h)?, py_int(m)?, py_float(s)?),
-        [] => return None,
+        [h] => (py_int(h), Some(Ok(0)), Some(0.0)),
+        [h, m] => (py_int(h), py_int(m), Some(0.0)),
+        [h, m, s, ..] => (py_int(h), py_int(m), py_float(s)),
+        [] => return Ok(None),
     };
-    timedelta(h as f64, m as f64, sec)
+    let (Some(h), Some(m), Some(sec)) = (h, m, sec) else {
+        return Ok(None);
+    };
+    timedelta(h?, m?, sec).map(Some)
 }
 
 /// A UTC offset from a duration, folded into (-24 h, 24 h) like `make_valid_timezone_offset`.
@@ -574,6 +652,19 @@ fn offset_from(delta: Duration) -> Option<UtcOffset> {
     UtcOffset::from_whole_seconds(i32::try_from(secs).ok()?).ok()
 }
 
+/// `datetime.timezone(delta)` without folding: Python raises ValueError unless the offset is
+/// strictly within ±24 h.
+fn strict_offset(delta: Duration) -> Result<UtcOffset, OutOfRange> {
+    let secs = delta.whole_seconds();
+    if secs.unsigned_abs() >= 86_400 {
+        return Err(OutOfRange);
+    }
+    i32::try_from(secs)
+        .ok()
+        .and_then(|s| UtcOffset::from_whole_seconds(s).ok())
+        .ok_or(OutOfRange)
+}
+
 /// `exif_read.parse_datetimestr_with_subsec_and_offset` → UTC instant.
 ///
 /// `dtstr` is `YYYY:MM:DD HH:MM:SS[.f][Z|±HH:MM]` (or with `-` date separators, or ISO
@@ -581,13 +672,18 @@ fn offset_from(delta: Duration) -> Option<UtcOffset> {
 /// to 6 digits); a parseable `offset` (`±HH:MM`) replaces any zone. No zone → UTC.
 ///
 /// `Ok(None)`: the date string does not parse (the next tag is tried, as in mapillary_tools).
-/// `Err`: the sub-second tag is not a number (mapillary_tools fails the image then too).
+/// `Err`: the sub-second tag is not a number, or the value parses but lies outside what
+/// Python's `datetime` holds (see [`DateTimeError`]); mapillary_tools fails the image then too.
+/// The result is always a valid UTC instant (never a panic on the UTC conversion), but may still
+/// be outside the MAP* range ([`capture_time_in_range`]).
 pub fn parse_exif_datetime(
     dtstr: &str,
     subsec: Option<&str>,
     offset: Option<&str>,
-) -> Result<Option<OffsetDateTime>, String> {
-    let Some((mut dt, mut zone)) = parse_datetime_str(dtstr.trim()) else {
+) -> Result<Option<OffsetDateTime>, DateTimeError> {
+    let Some((mut dt, mut zone)) =
+        parse_datetime_str(dtstr.trim()).map_err(|OutOfRange| DateTimeError::OutOfRange)?
+    else {
         return Ok(None);
     };
     if let Some(subsec) = subsec {
@@ -596,63 +692,78 @@ pub fn parse_exif_datetime(
             s.push_str("000000");
         }
         let first6: String = s.chars().take(6).collect();
+        // Six characters at most: always fits an i64.
         let us = py_int(&first6)
-            .ok_or_else(|| format!("sub-second value {subsec:?} is not a number"))?
+            .and_then(Result::ok)
+            .ok_or_else(|| DateTimeError::SubSec(format!("sub-second value {subsec:?} is not a number")))?
             .rem_euclid(1_000_000);
         dt = dt
             .replace_microsecond(us as u32)
-            .map_err(|e| format!("sub-second value {subsec:?}: {e}"))?;
+            .map_err(|e| DateTimeError::SubSec(format!("sub-second value {subsec:?}: {e}")))?;
     }
     if let Some(offset) = offset {
         let o = offset.trim();
         let delta = if let Some(rest) = o.strip_prefix('+') {
             parse_timestr(rest)
         } else if let Some(rest) = o.strip_prefix('-') {
-            parse_timestr(rest).map(|d| -d)
+            parse_timestr(rest).map(|d| d.map(|d| -d))
         } else {
             parse_timestr(o)
         };
+        let delta = delta.map_err(|OutOfRange| DateTimeError::OutOfRange)?;
         if let Some(off) = delta.and_then(offset_from) {
             zone = Some(off);
         }
     }
     let zone = zone.unwrap_or(UtcOffset::UTC);
-    Ok(Some(dt.assume_offset(zone).to_offset(UtcOffset::UTC)))
+    // 9999-12-31 23:59:59 at -01:00 is in year 10000 in UTC: out of range, not a panic.
+    dt.assume_offset(zone)
+        .checked_to_offset(UtcOffset::UTC)
+        .map(Some)
+        .ok_or(DateTimeError::OutOfRange)
 }
 
 /// `parse_gps_datetime(dtstr, default_tz=None)`: ISO first, then "date time" split on blanks.
-fn parse_datetime_str(s: &str) -> Option<(PrimitiveDateTime, Option<UtcOffset>)> {
+fn parse_datetime_str(s: &str) -> Parsed<(PrimitiveDateTime, Option<UtcOffset>)> {
     if let Some(v) = parse_iso(s) {
-        return Some(v);
+        return Ok(Some(v));
     }
     let mut it = s.split_whitespace();
-    let (datestr, timestr) = (it.next()?, it.next()?);
+    let (Some(datestr), Some(timestr)) = (it.next(), it.next()) else {
+        return Ok(None);
+    };
     parse_date_and_time(datestr, timestr)
 }
 
 /// `parse_gps_datetime_separately`.
-fn parse_date_and_time(datestr: &str, timestr: &str) -> Option<(PrimitiveDateTime, Option<UtcOffset>)> {
+fn parse_date_and_time(datestr: &str, timestr: &str) -> Parsed<(PrimitiveDateTime, Option<UtcOffset>)> {
     let datestr = datestr.trim();
-    let date = parse_ymd(datestr, ':').or_else(|| parse_ymd(datestr, '-'))?;
+    let Some(date) = parse_ymd(datestr, ':').or_else(|| parse_ymd(datestr, '-')) else {
+        return Ok(None);
+    };
     let timestr = timestr.trim();
     let (timepart, zone) = if let Some(t) = timestr.strip_suffix('Z') {
         (t, Some(UtcOffset::UTC))
     } else if let Some(idx) = timestr.find('+').or_else(|| timestr.find('-')) {
         let sign = if timestr.as_bytes()[idx] == b'-' { -1 } else { 1 };
-        let zone = parse_timestr(&timestr[idx + 1..])
-            .map(|d| d * sign)
-            .and_then(offset_from);
+        // `datetime.timezone(delta)` (no folding here): ±24 h or more raises.
+        let zone = match parse_timestr(&timestr[idx + 1..])? {
+            Some(d) => Some(strict_offset(d * sign)?),
+            None => None,
+        };
         (&timestr[..idx], zone)
     } else {
         (timestr, None)
     };
-    let delta = parse_timestr(timepart)?;
-    let dt = PrimitiveDateTime::new(date, Time::MIDNIGHT).checked_add(delta)?;
-    Some((dt, zone))
+    let Some(delta) = parse_timestr(timepart)? else {
+        return Ok(None);
+    };
+    Ok(Some((add_to_midnight(date, delta)?, zone)))
 }
 
 /// The common subset of Python 3.11 `datetime.fromisoformat`: `YYYY-MM-DD`, optionally
-/// followed by `T` or a space and `HH:MM[:SS[.ffffff]]` and `Z`/`±HH:MM[:SS]`.
+/// followed by `T` or a space and `HH:MM[:SS[.ffffff]]` and `Z`/`±HH:MM[:SS]` (strictly within
+/// ±24 h). Anything else is not ISO (`None`), as `fromisoformat` raises ValueError.
 fn parse_iso(s: &str) -> Option<(PrimitiveDateTime, Option<UtcOffset>)> {
     let b = s.as_bytes();
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
@@ -678,8 +789,8 @@ fn parse_iso(s: &str) -> Option<(PrimitiveDateTime, Option<UtcOffset>)> {
             if zb.len() < 5 || zb[2] != b':' {
                 return None;
             }
-            let delta = parse_timestr(z)? * sign;
-            (&rest[..i], Some(offset_from(delta)?))
+            let delta = parse_timestr(z).ok()?? * sign;
+            (&rest[..i], Some(strict_offset(delta).ok()?))
         }
         Some(_) => return None,
         None => (rest, None),
@@ -902,6 +1013,190 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_coordinates_are_invalid_gps() {
+        let at = |lat: f64, lon: f64| {
+            let mut s = spec();
+            s.lat = lat;
+            s.lon = lon;
+            read_metadata(&jpeg(&s))
+        };
+        assert_eq!(
+            at(90.5, 10.0),
+            Err(ExifError::InvalidGps("latitude 90.5 is outside -90..90".into()))
+        );
+        assert_eq!(
+            at(-91.0, 10.0),
+            Err(ExifError::InvalidGps("latitude -91 is outside -90..90".into()))
+        );
+        assert_eq!(
+            at(10.0, 180.25),
+            Err(ExifError::InvalidGps(
+                "longitude 180.25 is outside -180..180".into()
+            ))
+        );
+        assert_eq!(
+            at(10.0, -200.0),
+            Err(ExifError::InvalidGps(
+                "longitude -200 is outside -180..180".into()
+            ))
+        );
+        let edge = at(-90.0, 180.0).expect("the edges are valid");
+        assert_eq!((edge.lat, edge.lon), (-90.0, 180.0));
+    }
+
+    /// The fixture with DateTimeOriginal only (and `offset`), its wall time replaced by `wall`
+    /// (19 characters, like the `2024:05:01 HH:00:00` it replaces).
+    fn with_dto(wall: &str, offset: Option<&str>) -> Vec<u8> {
+        let mut s = spec();
+        s.time_tags = TimeTags::DateTimeOriginal {
+            offset: offset.map(str::to_string),
+        };
+        let mut bytes = jpeg(&s);
+        let pos = bytes
+            .windows(11)
+            .position(|w| w == b"2024:05:01 ")
+            .expect("DateTimeOriginal in the file");
+        assert_eq!(wall.len(), 19);
+        bytes[pos..pos + 19].copy_from_slice(wall.as_bytes());
+        bytes
+    }
+
+    /// Issue 15: this file panicked in the UTC conversion (`to_offset`), aborting the whole batch.
+    #[test]
+    fn year_9999_with_a_negative_offset_is_rejected_not_a_panic() {
+        let bytes = with_dto("9999:12:31 23:59:59", Some("-01:00"));
+        assert_eq!(
+            read_metadata(&bytes),
+            Err(ExifError::CaptureTimeOutOfRange(
+                "DateTimeOriginal \"9999:12:31 23:59:59\" with OffsetTimeOriginal \"-01:00\" is not between \
+                 1000-01-01 and 9999-12-31 in UTC; correct the camera clock or the image's EXIF date"
+                    .into()
+            ))
+        );
+        assert_eq!(
+            read_metadata(&bytes).map_err(|e| e.to_string()),
+            Err("capture time out of range: DateTimeOriginal \"9999:12:31 23:59:59\" with OffsetTimeOriginal \
+                 \"-01:00\" is not between 1000-01-01 and 9999-12-31 in UTC; correct the camera clock or the \
+                 image's EXIF date"
+                .to_string())
+        );
+        // The last instant of 9999 in UTC is still fine, at +01:00 too.
+        let m = read_metadata(&with_dto("9999:12:31 23:59:59", None)).expect("last second");
+        assert_eq!(m.captured_at, datetime!(9999-12-31 23:59:59.257 UTC));
+        let m = read_metadata(&with_dto("9999:12:31 23:59:59", Some("+01:00"))).expect("an hour earlier");
+        assert_eq!(m.captured_at, datetime!(9999-12-31 22:59:59.257 UTC));
+    }
+
+    #[test]
+    fn capture_times_outside_1000_to_9999_utc_are_rejected() {
+        let out_of_range = |r: Result<ImageMetadata, ExifError>| matches!(r, Err(ExifError::CaptureTimeOutOfRange(m)) if m.contains("not between 1000-01-01 and 9999-12-31"));
+        // mapillary_tools writes years before 1000 with fewer than 4 digits; its schema rejects them.
+        assert!(out_of_range(read_metadata(&with_dto(
+            "0999:12:31 23:59:59",
+            None
+        ))));
+        // 1000-01-01 00:30 at +01:00 is 0999-12-31 in UTC.
+        assert!(out_of_range(read_metadata(&with_dto(
+            "1000:01:01 00:30:00",
+            Some("+01:00")
+        ))));
+        let m = read_metadata(&with_dto("1000:01:01 00:30:00", None)).expect("first year");
+        assert_eq!(m.captured_at, datetime!(1000-01-01 00:30:00.257 UTC));
+        // 0001-01-01 at +01:00 is in year 0 in UTC: no instant Python can hold.
+        assert!(out_of_range(read_metadata(&with_dto(
+            "0001:01:01 00:00:00",
+            Some("+01:00")
+        ))));
+        // 24:00:00 on the last day rolls into year 10000 (Python: OverflowError, the image fails).
+        assert!(out_of_range(read_metadata(&with_dto(
+            "9999:12:31 24:00:00",
+            None
+        ))));
+        // 99,999,999 hours: a valid timedelta, but past year 9999 once added.
+        assert!(out_of_range(read_metadata(&with_dto(
+            "2024:05:01 99999999",
+            None
+        ))));
+        // Year 0 does not parse at all (Python's MINYEAR is 1): no capture time.
+        assert_eq!(
+            read_metadata(&with_dto("0000:01:01 00:00:00", None)),
+            Err(ExifError::NoCaptureTime)
+        );
+    }
+
+    #[test]
+    fn gps_stamps_past_9999_are_rejected_not_skipped() {
+        let mut s = spec();
+        s.time_tags = TimeTags::Gps;
+        let bytes = jpeg(&s);
+        let pos = bytes
+            .windows(10)
+            .position(|w| w == b"2024:05:01")
+            .expect("GPSDateStamp in the file");
+        let mut late = bytes.clone();
+        late[pos..pos + 10].copy_from_slice(b"9999:12:31");
+        // 9999-12-31 10:00:00.257 is fine…
+        let m = read_metadata(&late).expect("in range");
+        assert_eq!(m.captured_at, datetime!(9999-12-31 10:00:00.257 UTC));
+        assert_eq!(m.time_source, TimeSource::Gps);
+        // …a GPSTimeStamp hour of 14 more days is not (Python: OverflowError in `dt + delta`).
+        let tiff = &late[10..];
+        let hours = tiff
+            .windows(8)
+            .position(|w| w == [10, 0, 0, 0, 1, 0, 0, 0])
+            .expect("GPSTimeStamp hours 10/1");
+        let mut over = late.clone();
+        over[10 + hours] = 250;
+        assert!(matches!(
+            read_metadata(&over),
+            Err(ExifError::CaptureTimeOutOfRange(m))
+                if m.starts_with("GPSDateStamp \"9999:12:31\" with GPSTimeStamp 250:0:0.257 is not between")
+        ));
+        let mut early = bytes;
+        early[pos..pos + 10].copy_from_slice(b"0999:05:01");
+        assert!(matches!(
+            read_metadata(&early),
+            Err(ExifError::CaptureTimeOutOfRange(m)) if m.starts_with("GPSDateStamp \"0999:05:01\"")
+        ));
+    }
+
+    #[test]
+    fn offsets_and_hours_python_cannot_hold_fail_the_image() {
+        let p = |d: &str, o: Option<&str>| parse_exif_datetime(d, None, o);
+        // An inline zone must be strictly within ±24 h (`datetime.timezone`), ISO or not.
+        assert_eq!(
+            p("2021:07:15 15:37:30+25:00", None),
+            Err(DateTimeError::OutOfRange)
+        );
+        assert_eq!(p("2021-07-15T15:37:30+25:00", None), Ok(None));
+        // The OffsetTime tag is folded into ±24 h first (`make_valid_timezone_offset`).
+        assert_eq!(
+            p("2021:07:15 15:37:30", Some("+25:00")),
+            Ok(Some(datetime!(2021-07-15 14:37:30 UTC)))
+        );
+        // …but a timedelta beyond 999,999,999 days raises in Python before any folding.
+        assert_eq!(
+            p("2021:07:15 15:37:30", Some("+99999999999999999999:00")),
+            Err(DateTimeError::OutOfRange)
+        );
+        assert_eq!(
+            p("2021:07:15 15:37:30", Some("+24000000000:00")),
+            Err(DateTimeError::OutOfRange)
+        );
+        // A minute count too big for any date.
+        assert_eq!(
+            p("2021:07:15 00:99999999999999:00", None),
+            Err(DateTimeError::OutOfRange)
+        );
+        // Not numbers at all: not a time (the next tag is tried).
+        assert_eq!(p("2021:07:15 ab:00:00", None), Ok(None));
+        assert_eq!(
+            p("2021:07:15 15:37:30", Some("garbage")),
+            Ok(Some(datetime!(2021-07-15 15:37:30 UTC)))
+        );
+    }
+
+    #[test]
     fn datetime_parsing_rules() {
         let p = |d: &str, s: Option<&str>, o: Option<&str>| parse_exif_datetime(d, s, o);
         assert_eq!(
@@ -929,6 +1224,9 @@ mod tests {
         );
         assert_eq!(p("0000:00:00 00:00:00", None, None), Ok(None));
         assert_eq!(p("not a date", None, None), Ok(None));
-        assert!(p("2021:07:15 15:37:30", Some("ab"), None).is_err());
+        assert!(matches!(
+            p("2021:07:15 15:37:30", Some("ab"), None),
+            Err(DateTimeError::SubSec(_))
+        ));
     }
 }

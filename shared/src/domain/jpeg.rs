@@ -87,7 +87,8 @@ impl RewrittenHeader {
 /// Put `description` into the EXIF ImageDescription of the JPEG whose first bytes are `head`.
 ///
 /// `head` must hold the file at least through the end of its Exif APP1 segment, or — when there is
-/// none — through the first marker that is neither APPn nor COM. When it is too short,
+/// none — through its SOS (or EOI) marker: the Exif APP1 rewritten is the one the EXIF reader reads
+/// ([`walk_markers`]), wherever it sits before the image data. When `head` is too short,
 /// [`JpegError::Truncated`] says how many bytes are needed.
 ///
 /// Every other EXIF tag, the byte order, all other segments and the image data are preserved.
@@ -150,7 +151,7 @@ enum Scan {
         segment: Range<usize>,
         tiff: Range<usize>,
     },
-    /// No Exif APP1 before the first non-APPn/COM marker; a new one goes at `insert_at`.
+    /// No Exif APP1 before SOS/EOI; a new one goes at `insert_at`.
     NoExif { insert_at: usize },
 }
 
@@ -161,71 +162,229 @@ fn truncated(needed: usize, head: &[u8]) -> JpegError {
     }
 }
 
+/// The header rewrite's walk ([`Fetch::Minimal`]) with its own error wording.
 fn scan(head: &[u8]) -> Result<Scan, JpegError> {
-    match head {
-        [0xFF, 0xD8, ..] => {}
-        [0xFF] | [] => return Err(truncated(2, head)),
-        _ => return Err(JpegError::NotJpeg),
+    match walk_markers(head, Fetch::Minimal) {
+        Ok(MarkerWalk::Exif(ExifSegment { segment, tiff })) => Ok(Scan::Exif { segment, tiff }),
+        Ok(MarkerWalk::NoExif(stop)) => Ok(Scan::NoExif {
+            insert_at: stop.after_leading_app0,
+        }),
+        Ok(MarkerWalk::NeedMore { at_least }) => Err(truncated(at_least, head)),
+        Err(WalkError::NoSoi) => Err(JpegError::NotJpeg),
+        Err(WalkError::NotAMarker { at, .. }) => Err(JpegError::BadMarker {
+            offset: at,
+            reason: "expected a marker (FF xx)",
+        }),
+        Err(WalkError::InvalidMarker { marker_at, .. }) => Err(JpegError::BadMarker {
+            offset: marker_at,
+            reason: "invalid marker before the image data",
+        }),
+        Err(WalkError::BadLength { marker_at, .. }) => Err(JpegError::BadMarker {
+            offset: marker_at,
+            reason: "segment length below 2",
+        }),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The marker walker shared by the header rewrite and the EXIF reader
+
+/// How much more of the file a walk asks for when `head` ends too early: the one rule in which
+/// the two callers of [`walk_markers`] differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// The least that lets the walk go on: the next marker byte, then the length field, then
+    /// the 6 bytes that say whether an APP1 is `Exif\0\0`; only an Exif APP1 is needed whole.
+    /// The header rewrite's rule ([`rewrite_header`]: its callers grow a contiguous buffer they
+    /// already hold, and report the exact end of the Exif APP1 as the bytes consumed).
+    Minimal,
+    /// Whole units: a marker together with its length field, and every APP1 segment in full
+    /// before looking into it. The EXIF reader's rule ([`crate::domain::exif::header_extent`]:
+    /// its callers fetch by ranged reads, where each extra round trip costs more than a few bytes).
+    WholeSegments,
+}
+
+/// The first APP1 segment whose payload starts with `Exif\0\0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExifSegment {
+    /// The whole segment, from the `FF` directly before the `E1` to its last byte.
+    pub segment: Range<usize>,
+    /// The TIFF block: the payload after `Exif\0\0`.
+    pub tiff: Range<usize>,
+}
+
+/// Where a walk stopped (at SOS or EOI) without finding an Exif APP1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkStop {
+    /// The marker code that ended the walk: `0xDA` (SOS) or `0xD9` (EOI).
+    pub marker: u8,
+    /// Offset of the marker's first `FF` (fill bytes included): where the segments before it end.
+    pub at: usize,
+    /// Offset just past the APP0 segments that directly follow SOI (2 when there are none): where
+    /// a new APP1 belongs.
+    pub after_leading_app0: usize,
+}
+
+/// The outcome of [`walk_markers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkerWalk {
+    /// An Exif APP1 came before the stop marker; `head` holds it whole.
+    Exif(ExifSegment),
+    /// The stop marker came first.
+    NoExif(WalkStop),
+    /// `head` ends before the walk could decide: supply at least `at_least` bytes from the start
+    /// of the file (always more than `head` has). Each step asks for at most one more segment
+    /// (≤ 64 KiB); a file shorter than `at_least` is truncated.
+    NeedMore {
+        /// Minimum length of the next `head`.
+        at_least: usize,
+    },
+}
+
+/// A broken marker structure (callers word it for their own error type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkError {
+    /// The data does not start with SOI (`FF D8`).
+    NoSoi,
+    /// A segment ends where no `FF` follows.
+    NotAMarker {
+        /// Offset where a marker was expected.
+        at: usize,
+        /// The byte found there.
+        found: u8,
+    },
+    /// `FF00` (a stuffed byte, only valid inside scan data) or a second SOI before the image data.
+    InvalidMarker {
+        /// Offset of the marker's first `FF` (fill bytes included).
+        at: usize,
+        /// Offset of the `FF` directly before the code.
+        marker_at: usize,
+        /// `0x00` or `0xD8`.
+        code: u8,
+    },
+    /// A segment length field below 2 (it counts its own two bytes).
+    BadLength {
+        /// Offset of the marker's first `FF` (fill bytes included).
+        at: usize,
+        /// Offset of the `FF` directly before the code.
+        marker_at: usize,
+        /// The marker code.
+        code: u8,
+        /// The length field's value.
+        len: u16,
+    },
+}
+
+const SOI_CODE: u8 = 0xD8;
+const EOI_CODE: u8 = 0xD9;
+const SOS_CODE: u8 = 0xDA;
+const APP0_CODE: u8 = 0xE0;
+const APP1_CODE: u8 = 0xE1;
+
+/// RSTn and TEM carry no length field.
+fn is_standalone(code: u8) -> bool {
+    matches!(code, 0xD0..=0xD7 | 0x01)
+}
+
+/// Walks the marker segments of `head` (a prefix of a JPEG file) from SOI to the first APP1
+/// segment whose payload starts with `Exif\0\0`, or else to start-of-scan (`FFDA`) or
+/// end-of-image (`FFD9`). The single JPEG marker walker of the domain: the header rewrite
+/// ([`rewrite_header`]) and the EXIF reader ([`crate::domain::exif::header_extent`]) differ only
+/// in how much they ask for at a time ([`Fetch`]) and in what they take from the stop (the end of
+/// the segments, or where a new APP1 belongs).
+///
+/// Stop rule, shared on purpose: table and frame segments (DQT, SOF, DHT, DRI, …) are stepped
+/// over by their length and standalone markers (RSTn, TEM) by their two bytes, so an Exif APP1
+/// anywhere before the image data is found, as exifread (mapillary_tools' reader) and piexif (its
+/// writer) find it. The rewrite once stopped at the first marker that was neither APPn nor COM;
+/// for an Exif APP1 behind a DQT it then inserted a second, description-only Exif APP1 in front
+/// of it, and every reader lost the image's GPS position and time.
+///
+/// Also common: any number of `FF` fill bytes may precede a marker code; `FF00`, a second SOI and
+/// a length field below 2 are errors; APP1 segments shorter than the identifier are not Exif.
+/// Every offset is bounds-checked: any bytes give a result or an error, never a panic.
+pub fn walk_markers(head: &[u8], fetch: Fetch) -> Result<MarkerWalk, WalkError> {
+    match head {
+        [0xFF, SOI_CODE, ..] => {}
+        [] | [0xFF] => return Ok(MarkerWalk::NeedMore { at_least: 2 }),
+        _ => return Err(WalkError::NoSoi),
+    }
+    let need = |at_least: usize| Ok(MarkerWalk::NeedMore { at_least });
+    // For a marker whose code byte sits at `m`: the code alone, or the code and its length field.
+    let marker_need = |m: usize| match fetch {
+        Fetch::Minimal => m + 1,
+        Fetch::WholeSegments => m + 3,
+    };
     let mut pos = 2usize;
-    let mut insert_at = 2usize;
+    let mut after_leading_app0 = 2usize;
     let mut leading_app0 = true;
     loop {
         match head.get(pos) {
-            None => return Err(truncated(pos + 2, head)),
+            None => return need(marker_need(pos + 1)),
             Some(0xFF) => {}
-            Some(_) => {
-                return Err(JpegError::BadMarker {
-                    offset: pos,
-                    reason: "expected a marker (FF xx)",
-                })
-            }
+            Some(&found) => return Err(WalkError::NotAMarker { at: pos, found }),
         }
-        // Any number of FF fill bytes may precede the marker code.
         let mut m = pos + 1;
         while head.get(m) == Some(&0xFF) {
             m += 1;
         }
-        let marker = *head.get(m).ok_or_else(|| truncated(m + 1, head))?;
-        let marker_start = m - 1;
-        match marker {
-            0xE0..=0xEF | 0xFE => {}
-            0x00 | 0xD8 => {
-                return Err(JpegError::BadMarker {
-                    offset: marker_start,
-                    reason: "invalid marker before the image data",
-                })
-            }
-            // First marker that is neither APPn nor COM: no Exif before the image data.
-            _ => return Ok(Scan::NoExif { insert_at }),
-        }
-        let len_bytes = head.get(m + 1..m + 3).ok_or_else(|| truncated(m + 3, head))?;
-        let seg_len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
-        if seg_len < 2 {
-            return Err(JpegError::BadMarker {
-                offset: marker_start,
-                reason: "segment length below 2",
+        let Some(&code) = head.get(m) else {
+            return need(marker_need(m));
+        };
+        let marker_at = m - 1;
+        if code == 0x00 || code == SOI_CODE {
+            return Err(WalkError::InvalidMarker {
+                at: pos,
+                marker_at,
+                code,
             });
         }
-        let payload_start = m + 3;
-        let seg_end = m + 1 + seg_len;
-        if marker == 0xE1 {
-            let probe_end = (payload_start + EXIF_HEADER.len()).min(seg_end);
-            let probe = head
-                .get(payload_start..probe_end)
-                .ok_or_else(|| truncated(probe_end, head))?;
-            if probe == EXIF_HEADER {
+        if code == SOS_CODE || code == EOI_CODE {
+            return Ok(MarkerWalk::NoExif(WalkStop {
+                marker: code,
+                at: pos,
+                after_leading_app0,
+            }));
+        }
+        if is_standalone(code) {
+            pos = m + 1;
+            leading_app0 = false;
+            continue;
+        }
+        let Some(&[hi, lo]) = head.get(m + 1..m + 3).and_then(|b| <&[u8; 2]>::try_from(b).ok()) else {
+            return need(m + 3);
+        };
+        let len = u16::from_be_bytes([hi, lo]);
+        if len < 2 {
+            return Err(WalkError::BadLength {
+                at: pos,
+                marker_at,
+                code,
+                len,
+            });
+        }
+        let payload = m + 3;
+        let seg_end = m + 1 + usize::from(len);
+        if code == APP1_CODE {
+            let probe_end = match fetch {
+                Fetch::Minimal => (payload + EXIF_HEADER.len()).min(seg_end),
+                Fetch::WholeSegments => seg_end,
+            };
+            let Some(probe) = head.get(payload..probe_end) else {
+                return need(probe_end);
+            };
+            if probe.starts_with(EXIF_HEADER) {
                 if seg_end > head.len() {
-                    return Err(truncated(seg_end, head));
+                    return need(seg_end);
                 }
-                return Ok(Scan::Exif {
-                    segment: marker_start..seg_end,
-                    tiff: payload_start + EXIF_HEADER.len()..seg_end,
-                });
+                return Ok(MarkerWalk::Exif(ExifSegment {
+                    segment: marker_at..seg_end,
+                    tiff: payload + EXIF_HEADER.len()..seg_end,
+                }));
             }
         }
-        if marker == 0xE0 && leading_app0 {
-            insert_at = seg_end;
+        if code == APP0_CODE && leading_app0 {
+            after_leading_app0 = seg_end;
         } else {
             leading_app0 = false;
         }
@@ -347,6 +506,7 @@ fn rewrite_tiff(tiff: &[u8], desc: &[u8]) -> Result<Vec<u8>, JpegError> {
     let next_ifd = read4(tiff, entries_end).ok_or(JpegError::CorruptExif(
         "IFD0 next-IFD pointer runs past the EXIF block",
     ))?;
+    check_layout(tiff, order, ifd0)?;
 
     let mut kept: Vec<[u8; IFD_ENTRY_LEN]> = entries
         .chunks_exact(IFD_ENTRY_LEN)
@@ -378,6 +538,123 @@ fn rewrite_tiff(tiff: &[u8], desc: &[u8]) -> Result<Vec<u8>, JpegError> {
     out.extend_from_slice(&next_ifd);
     out[4..8].copy_from_slice(&order.u32_bytes(new_ifd0_32));
     Ok(out)
+}
+
+/// Tags whose LONG value is the offset of a sub-IFD, and the IFD they are read from.
+const EXIF_IFD_POINTER: u16 = 0x8769;
+const GPS_IFD_POINTER: u16 = 0x8825;
+const INTEROP_IFD_POINTER: u16 = 0xA005;
+/// More IFDs than this in one EXIF block is not a camera's (IFD0, IFD1, Exif, GPS, Interop).
+const MAX_IFDS: usize = 32;
+
+/// Byte size of one value of a TIFF field type (BYTE … DOUBLE, and IFD); `None` for types that
+/// readers skip without reading a value.
+fn type_size(field_type: u16) -> Option<u64> {
+    match field_type {
+        1 | 2 | 6 | 7 => Some(1),
+        3 | 8 => Some(2),
+        4 | 9 | 11 | 13 => Some(4),
+        5 | 10 | 12 => Some(8),
+        _ => None,
+    }
+}
+
+/// Which IFD a walk is in: the main chain (IFD0, IFD1, …) holds the Exif and GPS pointers, the
+/// Exif IFD the Interop pointer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IfdKind {
+    Chain,
+    Exif,
+    Other,
+}
+
+/// The TIFF header (byte order, 42, IFD0 offset): the rewrite changes its IFD0 offset.
+const TIFF_HEADER_LEN: usize = 8;
+
+/// Every IFD the readers reach (the IFD0/IFD1 chain, the Exif, GPS and Interop IFDs) and every
+/// field value they point to must lie inside `tiff`, behind its 8-byte header.
+///
+/// Why: the rewrite appends the description and the new IFD0 at the end of the block. A table or
+/// value that ran past the old end was cut off for every reader (kamadak-exif and exifread keep the
+/// rest); after the append it would read the appended bytes instead — as bogus entries that
+/// replace real ones (seen: GPSLongitudeRef lost, the longitude's sign flipped) — so the uploaded
+/// file would no longer say what the original said. The same holds for a table or value that
+/// overlaps the header, whose IFD0 offset the rewrite changes. Such a block is refused (the image is rejected
+/// with this reason) rather than rewritten into different metadata. ImageDescription in IFD0 is
+/// not checked: it is replaced. Thumbnail and strip byte ranges (IFD1) are not field values and
+/// are not checked either: a cut-off thumbnail changes no capture metadata.
+fn check_layout(tiff: &[u8], order: Order, ifd0: usize) -> Result<(), JpegError> {
+    let len = tiff.len() as u64;
+    let mut todo: Vec<(usize, IfdKind)> = vec![(ifd0, IfdKind::Chain)];
+    let mut seen: Vec<usize> = Vec::new();
+    while let Some((at, kind)) = todo.pop() {
+        // A loop (an IFD pointing back to one already read): readers stop there too.
+        if seen.contains(&at) {
+            continue;
+        }
+        if seen.len() >= MAX_IFDS {
+            return Err(JpegError::CorruptExif(
+                "the EXIF block links more IFDs than any camera writes",
+            ));
+        }
+        seen.push(at);
+        if at < TIFF_HEADER_LEN {
+            return Err(JpegError::CorruptExif("an IFD overlaps the TIFF header"));
+        }
+        let count = read2(tiff, at).ok_or(JpegError::CorruptExif(
+            "an IFD offset points past the end of the EXIF block",
+        ))?;
+        let entries_start = at.saturating_add(2);
+        let entries_end = entries_start.saturating_add(usize::from(order.u16(count)) * IFD_ENTRY_LEN);
+        let entries = tiff
+            .get(entries_start..entries_end)
+            .ok_or(JpegError::CorruptExif(
+                "an IFD's entries run past the end of the EXIF block",
+            ))?;
+        let next = read4(tiff, entries_end).ok_or(JpegError::CorruptExif(
+            "an IFD's next-IFD pointer runs past the end of the EXIF block",
+        ))?;
+        for e in entries.chunks_exact(IFD_ENTRY_LEN) {
+            let tag = order.u16([e[0], e[1]]);
+            let field_type = order.u16([e[2], e[3]]);
+            let count = u64::from(order.u32([e[4], e[5], e[6], e[7]]));
+            let value = order.u32([e[8], e[9], e[10], e[11]]);
+            if at == ifd0 && tag == IMAGE_DESCRIPTION_TAG {
+                continue;
+            }
+            if let Some(size) = type_size(field_type) {
+                // count < 2^32 and size ≤ 8: no overflow in u64.
+                let bytes = count * size;
+                if bytes > 4 && u64::from(value) + bytes > len {
+                    return Err(JpegError::CorruptExif(
+                        "a field value runs past the end of the EXIF block",
+                    ));
+                }
+                if bytes > 4 && u64::from(value) < TIFF_HEADER_LEN as u64 {
+                    return Err(JpegError::CorruptExif("a field value overlaps the TIFF header"));
+                }
+            }
+            let is_pointer = matches!(field_type, 4 | 13) && count >= 1;
+            let sub = match (kind, tag) {
+                (IfdKind::Chain, EXIF_IFD_POINTER) => Some(IfdKind::Exif),
+                (IfdKind::Chain, GPS_IFD_POINTER) | (IfdKind::Exif, INTEROP_IFD_POINTER) => {
+                    Some(IfdKind::Other)
+                }
+                _ => None,
+            };
+            if let (true, Some(sub)) = (is_pointer, sub) {
+                let to =
+                    usize::try_from(value).map_err(|_| JpegError::CorruptExif("IFD offset out of range"))?;
+                todo.push((to, sub));
+            }
+        }
+        let next = order.u32(next);
+        if kind == IfdKind::Chain && next != 0 {
+            let to = usize::try_from(next).map_err(|_| JpegError::CorruptExif("IFD offset out of range"))?;
+            todo.push((to, IfdKind::Chain));
+        }
+    }
+    Ok(())
 }
 
 /// A little-endian TIFF block whose IFD0 holds only ImageDescription.
@@ -414,6 +691,8 @@ mod tests {
         jpeg.extend(segment(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0"));
         let app0_end = jpeg.len();
         jpeg.extend(segment(0xDB, &[0u8; 65]));
+        // The walk goes on to the scan (an Exif APP1 may follow the tables).
+        jpeg.extend([0xFF, 0xDA, 0x00, 0x02]);
         let r = rewrite_header(&jpeg, "hi").expect("rewrite");
         assert_eq!(r.consumed, app0_end);
         assert_eq!(&r.header[..app0_end], &jpeg[..app0_end]);

@@ -264,9 +264,14 @@ pub fn match_candidates(
     by_time.sort_by_key(|c| c.captured_at_ms);
     let mut hit: HashSet<&str> = HashSet::new();
     for o in ours {
-        let lo = by_time.partition_point(|c| c.captured_at_ms < o.captured_at_ms - tol.captured_at_ms);
+        // Saturating: capture times and the tolerance are i64s from records and replies.
+        let (from, until) = (
+            o.captured_at_ms.saturating_sub(tol.captured_at_ms),
+            o.captured_at_ms.saturating_add(tol.captured_at_ms),
+        );
+        let lo = by_time.partition_point(|c| c.captured_at_ms < from);
         for c in &by_time[lo..] {
-            if c.captured_at_ms > o.captured_at_ms + tol.captured_at_ms {
+            if c.captured_at_ms > until {
                 break;
             }
             if deviation(o, c).within(tol) {

@@ -147,6 +147,11 @@ pub enum DropReason {
         /// The configured angle threshold.
         max_angle_deg: f64,
     },
+    /// Its metadata cannot be written as a valid MAP* description (position or capture time out
+    /// of range, a non-finite number; see [`description::DescriptionError`]). Such images are
+    /// left out before any rule runs, so they affect no other image.
+    #[error("{0}")]
+    InvalidMetadata(String),
     /// Its sequence moves faster than the speed limit on average.
     #[error("its sequence's average capture speed {speed_kmh:.3} km/h exceeds {max_kmh} km/h")]
     TooFast {
@@ -198,18 +203,27 @@ type Seq = Vec<Point>;
 /// Applies the sequence rules to one manifest's images.
 pub fn plan_sequences(inputs: Vec<SequenceInput>, cfg: &SequenceConfig) -> SequencePlan {
     let total = inputs.len();
-    let mut points: Vec<Point> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, inp)| Point {
+    let mut dropped: Vec<DroppedImage> = Vec::new();
+    // 0. Metadata no description can hold. The EXIF reader rejects these already; metadata from
+    // elsewhere (checkpoints, other readers) must not reach the arithmetic below either.
+    let mut points: Vec<Point> = Vec::with_capacity(total);
+    for (i, inp) in inputs.iter().enumerate() {
+        if let Err(e) = description::check_describable(&inp.meta) {
+            dropped.push(DroppedImage {
+                name: inp.name.clone(),
+                reason: DropReason::InvalidMetadata(e.to_string()),
+            });
+            continue;
+        }
+        points.push(Point {
             input: i,
             time: unix_time(inp.meta.captured_at),
             lat: inp.meta.lat,
             lon: inp.meta.lon,
             angle: inp.meta.heading,
             heading_source: HeadingSource::Exif,
-        })
-        .collect();
+        });
+    }
     // Sort once globally; grouping keeps the order, so every group is sorted too.
     points.sort_by(|a, b| {
         let (na, nb) = (&inputs[a.input].name, &inputs[b.input].name);
@@ -241,7 +255,6 @@ pub fn plan_sequences(inputs: Vec<SequenceInput>, cfg: &SequenceConfig) -> Seque
         .flat_map(|s| split_by_limits(s, &inputs, cfg))
         .collect();
 
-    let mut dropped: Vec<DroppedImage> = Vec::new();
     let drop = |dropped: &mut Vec<DroppedImage>, p: &Point, reason: DropReason| {
         dropped.push(DroppedImage {
             name: inputs[p.input].name.clone(),
@@ -333,31 +346,41 @@ pub fn plan_sequences(inputs: Vec<SequenceInput>, cfg: &SequenceConfig) -> Seque
         .flat_map(|s| split_by_distance(s, cfg.cutoff_distance_m))
         .collect();
 
-    let sequences: Vec<PlannedSequence> = sequences
-        .into_iter()
-        .map(|s| PlannedSequence {
-            images: s.into_iter().map(|p| planned_image(&inputs, p)).collect(),
-        })
-        .collect();
+    let mut planned_sequences: Vec<PlannedSequence> = Vec::with_capacity(sequences.len());
+    for s in sequences {
+        let mut images = Vec::with_capacity(s.len());
+        for p in s {
+            match planned_image(&inputs, &p) {
+                Ok(image) => images.push(image),
+                Err(reason) => drop(&mut dropped, &p, DropReason::InvalidMetadata(reason.to_string())),
+            }
+        }
+        if !images.is_empty() {
+            planned_sequences.push(PlannedSequence { images });
+        }
+    }
+    let sequences = planned_sequences;
 
     let planned: usize = sequences.iter().map(|s| s.images.len()).sum();
     debug_assert_eq!(planned + dropped.len(), total, "every image is accounted for");
     SequencePlan { sequences, dropped }
 }
 
-fn planned_image(inputs: &[SequenceInput], p: Point) -> PlannedImage {
+fn planned_image(inputs: &[SequenceInput], p: &Point) -> Result<PlannedImage, description::DescriptionError> {
     let inp = &inputs[p.input];
     let mut meta = inp.meta.clone();
+    // De-tied times stay below the next whole second of a checked time; only one rounded up onto
+    // 10000-01-01 has no instant, and it keeps its own (sub-microsecond earlier) time.
     meta.captured_at = from_unix_time(p.time).unwrap_or(meta.captured_at);
     // process_finalize's `_apply_offsets`: angle = (angle + 0) % 360.
     meta.heading = p.angle.map(description::normalize_heading);
-    let description = description::map_description(&meta, base_name(&inp.name));
-    PlannedImage {
+    let description = description::map_description(&meta, base_name(&inp.name))?;
+    Ok(PlannedImage {
         name: inp.name.clone(),
         meta,
         heading_source: p.heading_source,
         description,
-    }
+    })
 }
 
 /// The part of a key after its last `/`.
@@ -774,7 +797,7 @@ mod tests {
                 format!(
                     "{}:{}",
                     i.name,
-                    description::format_capture_time(i.meta.captured_at)
+                    description::format_capture_time(i.meta.captured_at).expect("in range")
                 )
             })
             .collect();
@@ -839,6 +862,41 @@ mod tests {
         assert!(plan.sequences[2].images[0]
             .description
             .contains("\"MAPFilename\":\"c.jpg\""));
+        accounted(&plan, 5);
+    }
+
+    #[test]
+    fn undescribable_inputs_are_dropped_with_a_reason_before_any_rule() {
+        let mut late = meta(north(10.0), 0.0, 2.0, Some(0.0));
+        late.captured_at = datetime!(9999-12-31 23:59:59 -01:00);
+        let v = vec![
+            inp("a.jpg", meta(north(0.0), 0.0, 0.0, Some(0.0))),
+            inp("late.jpg", late),
+            inp("lat.jpg", meta(95.0, 0.0, 1.0, Some(0.0))),
+            inp("nan.jpg", meta(f64::NAN, f64::NAN, 1.5, None)),
+            inp("b.jpg", meta(north(5.0), 0.0, 1.0, Some(0.0))),
+        ];
+        let plan = plan_sequences(v, &SequenceConfig::default());
+        assert_eq!(names(&plan), vec![vec!["a.jpg", "b.jpg"]]);
+        let dropped: Vec<(&str, String)> = plan
+            .dropped
+            .iter()
+            .map(|d| (d.name.as_str(), d.reason.to_string()))
+            .collect();
+        assert_eq!(
+            dropped,
+            vec![
+                (
+                    "late.jpg",
+                    "capture time 9999-12-31 23:59:59.0 -01:00:00 is not between 1000-01-01 and 9999-12-31 in \
+                     UTC; correct the camera clock or the image's EXIF date"
+                        .to_string()
+                ),
+                ("lat.jpg", "latitude 95 is not a number between -90 and 90".to_string()),
+                ("nan.jpg", "latitude NaN is not a number between -90 and 90".to_string()),
+            ]
+        );
+        assert!(matches!(plan.dropped[0].reason, DropReason::InvalidMetadata(_)));
         accounted(&plan, 5);
     }
 

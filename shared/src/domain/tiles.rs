@@ -301,9 +301,11 @@ fn add_bbox_tiles(bbox: &BBox, z: u8, limit: usize, out: &mut BTreeSet<TileId>) 
             limit,
         });
     }
-    let x_start = x0 as i64;
+    // Reduced into 0..n first: `x0` is only known to be finite (any longitude), and adding
+    // columns to a saturated cast would overflow.
+    let x_start = x0.rem_euclid(nf) as u64;
     for dx in 0..columns {
-        let x = (x_start + dx as i64).rem_euclid(n as i64) as u32;
+        let x = ((x_start + dx) % n) as u32;
         for y in y0..=y1 {
             out.insert(TileId { z, x, y: y as u32 });
         }
@@ -727,6 +729,23 @@ mod tests {
         let tiles = tiles_covering_bbox(&b, 4, 100).expect("tiles");
         let xs: BTreeSet<u32> = tiles.iter().map(|t| t.x).collect();
         assert_eq!(xs, BTreeSet::from([0, 15]));
+    }
+
+    #[test]
+    fn when_longitudes_are_huge_should_wrap_not_overflow() {
+        // Column 1.1e19 is past i64::MAX: the old `x0 as i64 + dx` overflowed for the 4096
+        // columns this box spans.
+        let b = BBox {
+            west: 1e18,
+            south: 0.0,
+            east: 1e18 + 1e5,
+            north: 0.0,
+        };
+        let tiles = tiles_covering_bbox(&b, 12, 10_000).expect("tiles");
+        assert_eq!(tiles.len(), 4096);
+        let xs: BTreeSet<u32> = tiles.iter().map(|t| t.x).collect();
+        assert_eq!(xs.len(), 4096);
+        assert!(tiles.iter().all(|t| TileId::new(t.z, t.x, t.y).is_ok()));
     }
 
     #[test]

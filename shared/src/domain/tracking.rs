@@ -144,7 +144,8 @@ impl Reconcile {
             .is_some_and(|c| (self.created_from_s..=self.created_until_s).contains(&c));
         let captured = node
             .captured_at_seconds
-            .is_some_and(|c| (c - self.first_captured_at_s).abs() <= 1);
+            // abs_diff: a reply's i64 can be anything; `c - first` could overflow.
+            .is_some_and(|c| c.abs_diff(self.first_captured_at_s) <= 1);
         let count = node
             .item_count
             .is_none_or(|n| n > 0 && n <= i64::from(self.image_count));
@@ -574,7 +575,7 @@ impl FeedWalk {
         if matches!(self.step, WalkStep::Done(_)) {
             return &self.step;
         }
-        self.pages += 1;
+        self.pages = self.pages.saturating_add(1);
         for n in &page.nodes {
             if self.pending.contains(&n.cluster_id) {
                 self.seen.insert(n.cluster_id.clone());
