@@ -1,5 +1,5 @@
 //! Emulated Lambda triggers for functions running under `cargo lambda watch` (moto cannot invoke
-//! Lambda, and never fires schedules — see the local-stack notes).
+//! Lambda, and never fires schedules — see docs/local-stack.md).
 //!
 //! * [`SqsEventSource`] — the SQS event-source mapping with `ReportBatchItemFailures`: receive a batch
 //!   from the queue, wrap it in a Lambda SQS event (the shape of `events/sqs/*.json`), invoke the

@@ -63,7 +63,7 @@ impl Venvs {
     pub fn schemathesis(&self) -> PathBuf {
         self.schemathesis.join("bin/schemathesis")
     }
-    /// `PATH` with `.venv/aws/bin` prepended (trap 9 in the local-stack notes).
+    /// `PATH` with `.venv/aws/bin` prepended (trap 9 in docs/local-stack.md).
     pub fn path_with_aws_bin(&self) -> std::ffi::OsString {
         let mut paths = vec![self.aws_bin()];
         if let Some(old) = std::env::var_os("PATH") {

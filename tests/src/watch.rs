@@ -3,7 +3,7 @@
 //!
 //! Watch is started in its own process group, with the function environment in an env file, on a
 //! free loopback port, after the function binaries were pre-built (so the first invoke does not
-//! compile; trap 9 in the local-stack notes). Dropping [`LambdaWatch`] stops the whole group.
+//! compile; trap 9 in docs/local-stack.md). Dropping [`LambdaWatch`] stops the whole group.
 
 use std::fs::File;
 use std::io::Write;
