@@ -16,7 +16,7 @@ use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use poller::clock::Clock;
 use poller::compose::{compose, ProductionPoller};
 use poller::config::{Config, Tunables};
-use poller::{run_once, RunReport};
+use poller::{run_once, Deps, RunReport};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
@@ -71,7 +71,7 @@ async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
     let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
     let mut poller = compose(&config, stack.sdk_config()).await?;
-    poller.api = poller.api.with_retry_policy(RetryPolicy::fast());
+    poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
     poller.tunables = tunables;
     poller.clock = Clock::manual(sim_now(&sim));
     let clusters = SqsClusterQueue::new(stack.sqs(), &stack.clusters_queue_url);
@@ -379,7 +379,7 @@ async fn failure_is_recorded_with_its_error_code() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feed_broken_falls_back_to_tiles_and_links_the_same_images() -> Result<()> {
-    let w = world("poll-plana", Tunables::default()).await?;
+    let w = world("poll-tiles", Tunables::default()).await?;
     let u = w.user("carol", "carol_m", true).await?;
     let (id, _) = w
         .upload(&u, "s1", 8, 40.4168, -3.7038, start_time(), true)
@@ -394,7 +394,7 @@ async fn feed_broken_falls_back_to_tiles_and_links_the_same_images() -> Result<(
     .await?;
     let r = w.run().await;
     assert_eq!(
-        (r.plan_a_users, r.linked_tiles, r.linked_feed),
+        (r.feed_unusable_users, r.linked_tiles, r.linked_feed),
         (1, 1, 0),
         "{r:?}"
     );
@@ -416,11 +416,13 @@ async fn feed_broken_falls_back_to_tiles_and_links_the_same_images() -> Result<(
         })
         .collect();
 
-    // What Plan B links for the same upload, once the feed works again.
+    // What linking by the feed links for the same upload, once the feed works again.
     w.admin(reqwest::Method::DELETE, "/faults", Value::Null).await?;
     let mut tok = TokenSession::load_fresh(w.poller.token_context(), "carol").await?;
     let image_id = rec.image_id.clone().context("image id")?;
-    let (_, report) = poller::planb::link_by_feed(&w.poller, &mut tok, &rec, &image_id).await?;
+    let report = poller::linking::by_feed::link_upload(&w.poller, &mut tok, &rec, &image_id)
+        .await?
+        .report;
     let via_feed: Vec<(String, ImageOutcome)> =
         report.images.into_iter().map(|i| (i.key, i.outcome)).collect();
     assert_eq!(via_tiles, via_feed);
@@ -473,7 +475,7 @@ async fn unauthorized_feed_refreshes_the_token_and_continues() -> Result<()> {
     .await?;
     w.advance(61);
     let r = w.run().await;
-    assert_eq!(r.plan_a_users, 0, "{r:?}");
+    assert_eq!(r.feed_unusable_users, 0, "{r:?}");
     let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
     assert_eq!(
         rec.tracked.stages.ingestion.as_ref().map(|s| s.as_str()),
@@ -514,7 +516,7 @@ async fn malformed_unknown_and_looping_feed_replies_are_handled() -> Result<()> 
     .await?;
     w.clear_requests().await?;
     let r = w.run().await;
-    assert_eq!(r.plan_a_users, 1, "{r:?}");
+    assert_eq!(r.feed_unusable_users, 1, "{r:?}");
     assert_eq!(w.requests("/graph/graphql").await?, 2);
     assert!(!health(&w).await?.context("health")?.healthy);
 
@@ -532,7 +534,7 @@ async fn malformed_unknown_and_looping_feed_replies_are_handled() -> Result<()> 
         )
         .await?;
         let r = w.run().await;
-        assert_eq!(r.plan_a_users, 1, "{r:?}");
+        assert_eq!(r.feed_unusable_users, 1, "{r:?}");
     }
 
     // 3. Unknown enum value in a stage: stored verbatim, shown in the history; the feed is healthy.
@@ -544,7 +546,7 @@ async fn malformed_unknown_and_looping_feed_replies_are_handled() -> Result<()> 
     )
     .await?;
     let r = w.run().await;
-    assert_eq!(r.plan_a_users, 0, "{r:?}");
+    assert_eq!(r.feed_unusable_users, 0, "{r:?}");
     let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
     assert_eq!(
         rec.tracked.stages.map_update.as_ref().map(|s| s.as_str()),

@@ -68,7 +68,7 @@ async fn world(tag: &str) -> Result<World> {
     let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
     let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
     let mut poller = compose(&config, stack.sdk_config()).await?;
-    poller.api = poller.api.with_retry_policy(RetryPolicy::fast());
+    poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
     poller.tunables = tunables;
     poller.clock = Clock::manual(sim_now(&sim));
     let clusters = SqsClusterQueue::new(stack.sqs(), &stack.clusters_queue_url);
@@ -447,7 +447,7 @@ async fn plan_a_never_links_a_sequence_already_linked_to_another_upload() -> Res
     )
     .await?;
     let r = w.run().await;
-    assert_eq!((r.plan_a_users, r.linked_tiles), (1, 0), "{r:?}");
+    assert_eq!((r.feed_unusable_users, r.linked_tiles), (1, 0), "{r:?}");
     let second = w
         .poller
         .tracking

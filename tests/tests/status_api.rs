@@ -397,7 +397,7 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
     // The poller, with the same token store, follows the simulator's clock through the stages.
     let config = poller::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
     let mut poller = poller::compose::compose(&config, w.stack.sdk_config()).await?;
-    poller.api = poller.api.with_retry_policy(RetryPolicy::fast());
+    poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
     poller.tunables = poller::config::Tunables::default();
     poller.clock = poller::clock::Clock::manual(sim_now(&w.sim));
     let run = poller::run_once(&poller, Instant::now() + Duration::from_secs(120)).await;

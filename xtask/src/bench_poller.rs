@@ -15,7 +15,7 @@
 //!
 //! **Measured.** (i) a status run: every upload mid-processing (stage 1); (ii) the run after every
 //! stage finished, which links everything (Plan B); (iii) Plan A for the same linking, run with the
-//! poller's own `find_by_tiles` per upload (a tile cache per user, as in a run), its links checked
+//! poller's own `linking::by_tiles::find_upload` per upload (a tile cache per user, as in a run), its links checked
 //! against Plan B's; (iv) the *documented* Plan A's request count, computed from the simulator's
 //! world (every candidate sequence of the upload's z14 tiles → `image_ids` → entities, per upload).
 //! Request counts come from the simulator's request log. The poller runs with its defaults.
@@ -32,8 +32,9 @@ use mapillary_sim::content::{ImageMeta, MetaSource};
 use mapillary_sim::state::{Cluster, ClusterContent, ImageSource, PendingImage, User};
 use mapillary_sim::{defaults, ProcessingPlan, SimConfig, SimHandle, Simulator};
 use poller::clock::Clock;
-use poller::plana::{find_by_tiles, TileCache};
-use poller::run_once;
+use poller::linking::by_tiles::{find_upload, TileCache};
+use poller::linking::common::Linked;
+use poller::{run_once, Deps};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::linking::LinkPath;
@@ -482,7 +483,7 @@ pub async fn run(root: &Path) -> Result<()> {
         r2.timings
     );
 
-    // (iii) Plan A (the poller's find_by_tiles) for the same linking, users in parallel as a run.
+    // (iii) Plan A (the poller's linking::by_tiles::find_upload) for the same linking, users in parallel as a run.
     let t = Instant::now();
     let results: Vec<Result<(usize, usize)>> = futures::stream::iter(&users)
         .map(|u| {
@@ -502,7 +503,9 @@ pub async fn run(root: &Path) -> Result<()> {
                     linked.len(),
                     ids.len()
                 );
-                let mine = poller::planb::our_images_many(p, linked.iter()).await;
+                let mine =
+                    poller::ours::our_images_many(&p.uploads, linked.iter(), p.tunables.upload_concurrency)
+                        .await;
                 let mut tok = TokenSession::load_fresh(p.token_context(), &u.ours).await?;
                 let mut cache = TileCache::default();
                 let mut taken: HashSet<String> = HashSet::new();
@@ -513,8 +516,8 @@ pub async fn run(root: &Path) -> Result<()> {
                         "{} not linked by Plan B",
                         rec.upload_id
                     );
-                    if let Some((_, report)) =
-                        find_by_tiles(p, &mut tok, rec, &mut cache, &taken, Some(mine?)).await?
+                    if let Some(Linked { report, .. }) =
+                        find_upload(p, &mut tok, rec, &mut cache, &taken, Some(mine?)).await?
                     {
                         found += 1;
                         if report.sequence_ids == rec.sequence_ids

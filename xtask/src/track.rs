@@ -14,7 +14,7 @@ use integration_tests::stack::sdk_config;
 use poller::clock::Clock;
 use poller::compose::{compose, ProductionPoller};
 use poller::config::Config;
-use poller::handler::path_label;
+use poller::linking::path_label;
 use poller::run_once;
 use serde_json::Value;
 use shared::config::ClientSecretSource;

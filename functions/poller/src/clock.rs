@@ -1,8 +1,9 @@
 //! "Now" for the tracking rules (stale, hard stop, token expiry), injectable so tests can follow the
-//! simulator's frozen clock.
+//! simulator's frozen clock; and the wall-time measure of a run's timings.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use time::OffsetDateTime;
 
@@ -43,6 +44,11 @@ impl shared::mapillary::session::Now for Clock {
     fn now(&self) -> OffsetDateTime {
         Clock::now(self)
     }
+}
+
+/// Milliseconds since `t` (for the run's timings; saturates instead of wrapping).
+pub fn elapsed_ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn to_ms(t: OffsetDateTime) -> i64 {

@@ -1,5 +1,5 @@
 //! Composition root: the typed [`Config`] and the AWS SDK configuration become the production
-//! [`Poller`] (DynamoDB, KMS and SQS adapters, the Mapillary app, the system clock). `main.rs`,
+//! [`PollerDeps`] (DynamoDB, KMS and SQS adapters, the Mapillary app, the system clock). `main.rs`,
 //! `cargo xtask push --track` and the integration tests all compose through [`compose`]; tests then
 //! swap single fields (the clock that follows the simulator, a faster retry policy, tunables).
 
@@ -12,10 +12,10 @@ use shared::compose::{mapillary_app, token_store, ComposeError};
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::handler::Poller;
+use crate::deps::PollerDeps;
 
 /// The poller over the AWS adapters.
-pub type ProductionPoller = Poller<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+pub type ProductionPoller = PollerDeps<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
 
 /// Connection set-up limit of Mapillary requests.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,15 +23,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The production poller of `config`, with AWS clients from `sdk` (which also reads the client
 /// secret from Secrets Manager when the config names an ARN) and the system clock.
 pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<ProductionPoller, ComposeError> {
-    let api = mapillary_app(&config.mapillary, sdk, CONNECT_TIMEOUT).await?;
+    let mapillary = mapillary_app(&config.mapillary, sdk, CONNECT_TIMEOUT).await?;
     let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
     let tables = &config.tables;
-    Ok(Poller {
+    Ok(PollerDeps {
         tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
         uploads: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table),
         tokens: token_store(dynamodb, sdk, tables),
         inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
-        api,
+        mapillary,
         client_token: config.client_token.clone(),
         tunables: config.tunables.clone(),
         clock: Clock::System,

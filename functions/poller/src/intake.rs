@@ -9,7 +9,7 @@ use shared::model::{ClusterMessage, TrackingRecord};
 use shared::ports::{ClusterInbox, TrackingStore, UploadReader};
 use tracing::{info, warn};
 
-use crate::handler::Poller;
+use crate::deps::Deps;
 
 /// What the intake did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,15 +27,10 @@ pub struct IntakeReport {
 }
 
 /// Drain the queue (up to `intake_max_messages`, until it looks empty or the deadline passes).
-pub async fn intake<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> IntakeReport
-where
-    R: TrackingStore,
-    U: UploadReader,
-    Q: ClusterInbox,
-{
+pub async fn intake<D: Deps>(d: &D, deadline: Instant) -> IntakeReport {
     let mut rep = IntakeReport::default();
-    while rep.received < p.tunables.intake_max_messages && Instant::now() < deadline {
-        let batch = match p.inbox.receive().await {
+    while rep.received < d.tunables().intake_max_messages && Instant::now() < deadline {
+        let batch = match d.inbox().receive().await {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "receiving cluster messages failed");
@@ -56,7 +51,7 @@ where
                     continue;
                 }
             };
-            match create(p, &msg).await {
+            match create(d, &msg).await {
                 Ok(true) => {
                     rep.created += 1;
                     done.push(m.receipt_handle.clone());
@@ -71,7 +66,7 @@ where
                 }
             }
         }
-        match p.inbox.delete(&done).await {
+        match d.inbox().delete(&done).await {
             Ok(failed) => {
                 rep.deleted += done.len() - failed.len();
                 rep.left += failed.len();
@@ -88,20 +83,13 @@ where
     rep
 }
 
-async fn create<R, U, T, Q>(
-    p: &Poller<R, U, T, Q>,
-    msg: &ClusterMessage,
-) -> Result<bool, shared::ports::RepoError>
-where
-    R: TrackingStore,
-    U: UploadReader,
-{
+async fn create<D: Deps>(d: &D, msg: &ClusterMessage) -> Result<bool, shared::ports::RepoError> {
     // When did `finish_upload` return? zip-and-push's upload record knows; else "now".
-    let uploads = p.uploads.list_uploads(&msg.user_id, &msg.sequence_id).await?;
+    let uploads = d.uploads().list_uploads(&msg.user_id, &msg.sequence_id).await?;
     let upload = uploads.iter().find(|u| u.upload_id == msg.upload_id);
     let finished_at = upload
         .and_then(|u| u.finished_at.or(u.started_at))
-        .unwrap_or_else(|| p.clock.now());
+        .unwrap_or_else(|| d.clock().now());
     let record = TrackingRecord::new(
         msg.user_id.clone(),
         msg.sequence_id.clone(),
@@ -109,5 +97,5 @@ where
         TrackedUpload::new(msg.cluster_id.clone(), finished_at),
         upload.map(|u| u.image_count),
     );
-    p.tracking.create_tracking(&record).await
+    d.tracking().create_tracking(&record).await
 }

@@ -3,11 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use shared::ports::{
-    ClusterInbox, ImageEntryReader, ReconcileStore, RunLease, TokenStore, TrackingStore, UploadReader,
-};
-
-use crate::handler::{run_once, Poller};
+use crate::deps::Deps;
+use crate::run::run_once;
 
 /// Stop starting new work this long before the Lambda deadline.
 pub const DEADLINE_MARGIN: Duration = Duration::from_secs(20);
@@ -24,15 +21,11 @@ pub fn deadline_of(deadline_ms: u64) -> Instant {
     Instant::now() + left.saturating_sub(DEADLINE_MARGIN)
 }
 
-/// One run for an invocation with deadline `deadline_ms`; the response document sums it up.
-pub async fn invoke<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline_ms: u64) -> serde_json::Value
-where
-    R: TrackingStore + RunLease + ReconcileStore,
-    U: UploadReader + ImageEntryReader,
-    T: TokenStore,
-    Q: ClusterInbox,
-{
-    let report = run_once(p, deadline_of(deadline_ms)).await;
+/// One run for an invocation with deadline `deadline_ms`; the response document sums it up (its
+/// keys are documented in README.md; `plan_a_users` keeps its name there: users whose feed was
+/// unusable, linked by coverage tiles).
+pub async fn invoke<D: Deps>(d: &D, deadline_ms: u64) -> serde_json::Value {
+    let report = run_once(d, deadline_of(deadline_ms)).await;
     serde_json::json!({
         "received": report.intake.received,
         "created": report.intake.created,
@@ -41,7 +34,7 @@ where
         "written": report.written,
         "linked_feed": report.linked_feed,
         "linked_tiles": report.linked_tiles,
-        "plan_a_users": report.plan_a_users,
+        "plan_a_users": report.feed_unusable_users,
         "cut_off": report.cut_off,
         "lease_held": report.lease_held,
         "errors": report.errors.len(),

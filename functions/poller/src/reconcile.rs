@@ -4,17 +4,17 @@
 //! partition `UNCERTAIN` that holds them, at most every `RELAY_RECONCILE_SCAN_EVERY_S`), creates a tracking record without a
 //! cluster id but with what identifies the cluster ([`Reconcile`]: the time window of the
 //! `finish_upload` call, our first capture second, our image count), and the user's feed walk then
-//! looks for a node that matches (see `handler`): found → the cluster id is adopted and tracking
+//! looks for a node that matches (see `user::status`): found → the cluster id is adopted and tracking
 //! continues as for any upload; not found within `RELAY_RECONCILE_WINDOW_H` → FAILED with a reason.
 
 use std::time::Instant;
 
 use shared::domain::tracking::{OverallState, Reconcile, TrackedUpload};
 use shared::model::{TrackingRecord, UploadRecord};
-use shared::ports::{ImageEntryReader, ReconcileStore, RepoError, TrackingStore};
+use shared::ports::{ImageEntryReader, ReconcileStore, RepoError, TrackingReader, TrackingStore};
 use tracing::{info, warn};
 
-use crate::handler::Poller;
+use crate::deps::Deps;
 
 /// Slack around the `finish_upload` window (clock skew between Mapillary and us), seconds.
 pub const CREATED_SLACK_S: i64 = 120;
@@ -33,15 +33,11 @@ pub struct DiscoveryReport {
 }
 
 /// Take FINISH_UNCERTAIN uploads into tracking (when a scan is due).
-pub async fn discover_uncertain<R, U, T, Q>(p: &Poller<R, U, T, Q>, deadline: Instant) -> DiscoveryReport
-where
-    R: TrackingStore + ReconcileStore,
-    U: ImageEntryReader,
-{
+pub async fn discover_uncertain<D: Deps>(d: &D, deadline: Instant) -> DiscoveryReport {
     let mut rep = DiscoveryReport::default();
-    let now = p.clock.now();
-    let every = time::Duration::try_from(p.tunables.reconcile_scan_every).unwrap_or(time::Duration::HOUR);
-    match p.tracking.reconcile_scan_mark().await {
+    let now = d.clock().now();
+    let every = time::Duration::try_from(d.tunables().reconcile_scan_every).unwrap_or(time::Duration::HOUR);
+    match d.tracking().reconcile_scan_mark().await {
         Ok(Some(last)) if now - last < every && now >= last => return rep,
         Ok(_) => {}
         Err(e) => {
@@ -50,7 +46,7 @@ where
             return rep;
         }
     }
-    let uploads = match p.tracking.finish_uncertain_uploads().await {
+    let uploads = match d.tracking().finish_uncertain_uploads().await {
         Ok(u) => u,
         Err(e) => {
             warn!(error = %e, "scanning for FINISH_UNCERTAIN uploads failed");
@@ -66,7 +62,7 @@ where
             complete = false;
             break;
         }
-        match p.tracking.get_tracking(&up.upload_id).await {
+        match d.tracking().get_tracking(&up.upload_id).await {
             Ok(Some(_)) => continue,
             Ok(None) => {}
             Err(e) => {
@@ -75,7 +71,7 @@ where
                 continue;
             }
         }
-        let record = match reconcile_record(p, up).await {
+        let record = match reconcile_record(d, up).await {
             Ok(r) => r,
             Err(e) => {
                 rep.errors.push(format!("upload {}: {e}", up.upload_id));
@@ -83,7 +79,7 @@ where
                 continue;
             }
         };
-        match p.tracking.create_tracking(&record).await {
+        match d.tracking().create_tracking(&record).await {
             Ok(true) => {
                 info!(upload_id = %up.upload_id, state = record.tracked.state.as_str(),
                     "FINISH_UNCERTAIN upload taken into tracking: looking for its cluster in the feed");
@@ -97,7 +93,7 @@ where
         }
     }
     if complete {
-        if let Err(e) = p.tracking.set_reconcile_scan_mark(now).await {
+        if let Err(e) = d.tracking().set_reconcile_scan_mark(now).await {
             rep.errors.push(format!("reconcile scan mark: {e}"));
         }
     }
@@ -106,19 +102,17 @@ where
 
 /// The tracking record of a FINISH_UNCERTAIN upload: no cluster id, the [`Reconcile`] facts.
 /// Without image entries nothing identifies the cluster: the record is FAILED at once.
-pub async fn reconcile_record<R, U: ImageEntryReader, T, Q>(
-    p: &Poller<R, U, T, Q>,
-    up: &UploadRecord,
-) -> Result<TrackingRecord, RepoError> {
-    let now = p.clock.now();
-    let images = p.uploads.list_images(&up.upload_id).await?;
+pub async fn reconcile_record<D: Deps>(d: &D, up: &UploadRecord) -> Result<TrackingRecord, RepoError> {
+    let now = d.clock().now();
+    let images = d.uploads().list_images(&up.upload_id).await?;
     let ended = up.finished_at.unwrap_or(now);
     let began = up.started_at.unwrap_or(up.created_at).min(ended);
     let mut tracked = TrackedUpload::new(String::new(), ended);
     let first = images.iter().map(|i| i.captured_at).min();
     match first {
         Some(first) => {
-            let window = time::Duration::try_from(p.tunables.reconcile_window).unwrap_or(time::Duration::DAY);
+            let window =
+                time::Duration::try_from(d.tunables().reconcile_window).unwrap_or(time::Duration::DAY);
             tracked.reconcile = Some(Reconcile {
                 created_from_s: began.unix_timestamp() - CREATED_SLACK_S,
                 created_until_s: ended.unix_timestamp() + CREATED_SLACK_S,

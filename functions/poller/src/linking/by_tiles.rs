@@ -1,22 +1,23 @@
-//! Plan A, the documented way (protocol doc §7): the z14 coverage tiles around the upload's
-//! images → tile image points near ours (time and distance) → their sequences → `image_ids` →
-//! image entities → [`match_candidates`]. Uploads appear in tiles only once `tiler_status` is
-//! FINISHED, so a match also says "all four stages finished".
+//! Linking by coverage tiles: the documented fallback ("Plan A" in the seed write-up), used for a
+//! user whose activity feed is unusable. The z14 coverage tiles around the upload's images → tile
+//! image points near ours (time and distance) → their sequences → `image_ids` → image entities →
+//! [`match_candidates`]. Uploads appear in tiles only once `tiler_status` is FINISHED, so a match
+//! also says "all four stages finished".
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use shared::domain::linking::{match_candidates, LinkReport, MapillaryImage, OurImage, Tolerances};
+use shared::domain::linking::{match_candidates, MapillaryImage, Tolerances};
 use shared::domain::tiles::{
-    decode_coverage_tile, distance_m, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
+    decode_coverage_tile, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
 };
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::session::TokenSession;
-use shared::model::{ImagePosition, TrackingRecord};
-use shared::ports::{ImageEntryReader, TokenStore};
+use shared::model::TrackingRecord;
 use tracing::{info, warn};
 
-use crate::handler::{our_images, Poller};
-use crate::planb::{sequence_images, LinkFail};
+use crate::deps::Deps;
+use crate::linking::common::{near, sequence_images, Linked, LinkingError};
+use crate::ours::{our_images, OurImages};
 
 /// Tiles asked for one upload at most.
 const MAX_TILES_PER_UPLOAD: usize = 64;
@@ -27,46 +28,44 @@ pub struct TileCache {
     tiles: HashMap<TileId, CoverageTile>,
 }
 
-/// Whether a Mapillary image is within the tolerances of one of ours (time and distance).
-pub fn near(o: &OurImage, m: &MapillaryImage, tol: &Tolerances) -> bool {
-    (m.captured_at_ms - o.captured_at_ms).unsigned_abs() <= tol.captured_at_ms.unsigned_abs()
-        && distance_m(LonLat::new(o.lon, o.lat), LonLat::new(m.lon, m.lat)) <= tol.distance_m
-}
-
 /// Find an upload through coverage tiles. `Ok(None)`: not (yet) in the tiles. Sequences in
 /// `taken` (linked to other uploads already) are never candidates, so two uploads at the same
-/// place are not linked to the same sequence.
-pub async fn find_by_tiles<R, U: ImageEntryReader, T: TokenStore, Q>(
-    p: &Poller<R, U, T, Q>,
-    tok: &mut TokenSession<'_, T, MapillaryApp>,
+/// place are not linked to the same sequence. `known`: our images when already read (else they
+/// are read here).
+pub async fn find_upload<D: Deps>(
+    d: &D,
+    tok: &mut TokenSession<'_, D::Tokens, MapillaryApp>,
     record: &TrackingRecord,
     cache: &mut TileCache,
     taken: &HashSet<String>,
-    known: Option<crate::planb::OursOf>,
-) -> Result<Option<(Vec<ImagePosition>, LinkReport)>, LinkFail> {
-    let (entries, ours) = match known {
+    known: Option<OurImages>,
+) -> Result<Option<Linked>, LinkingError> {
+    let OurImages {
+        entries,
+        inputs: ours,
+    } = match known {
         Some(k) => k,
-        None => our_images(&p.uploads, &record.upload_id).await?,
+        None => our_images(d.uploads(), &record.upload_id).await?,
     };
     if ours.is_empty() {
-        return Err(LinkFail::Nothing(format!(
+        return Err(LinkingError::Nothing(format!(
             "upload {} has no image entries",
             record.upload_id
         )));
     }
-    let tol = p.tunables.tolerances;
+    let tol = d.tunables().tolerances;
     let points: Vec<LonLat> = ours.iter().map(|o| LonLat::new(o.lon, o.lat)).collect();
     let tiles = tiles_covering_points(
         &points,
         COVERAGE_ZOOM,
-        p.tunables.tile_margin_m,
+        d.tunables().tile_margin_m,
         MAX_TILES_PER_UPLOAD,
     )
-    .map_err(|e| LinkFail::Nothing(format!("tile maths: {e}")))?;
+    .map_err(|e| LinkingError::Nothing(format!("tile maths: {e}")))?;
     let mut sequences: BTreeSet<String> = BTreeSet::new();
     for tile in tiles {
         if let std::collections::hash_map::Entry::Vacant(slot) = cache.tiles.entry(tile) {
-            let api = &p.api;
+            let api = d.mapillary();
             let bytes = tok
                 .call(|t| async move { api.coverage_tile(&t, tile).await })
                 .await?;
@@ -110,7 +109,7 @@ pub async fn find_by_tiles<R, U: ImageEntryReader, T: TokenStore, Q>(
     }
     let mut candidates = Vec::new();
     for s in &sequences {
-        candidates.extend(sequence_images(p, tok, s).await?.images);
+        candidates.extend(sequence_images(d, tok, s).await?.images);
     }
     let report = match_candidates(&ours, &candidates, &tol)?;
     if report.linked_count() == 0 {
@@ -123,5 +122,5 @@ pub async fn find_by_tiles<R, U: ImageEntryReader, T: TokenStore, Q>(
         dropped = report.dropped_count(),
         "linked through coverage tiles"
     );
-    Ok(Some((entries, report)))
+    Ok(Some(Linked { entries, report }))
 }

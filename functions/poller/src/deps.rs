@@ -1,0 +1,120 @@
+//! What a run needs, written once: the [`Deps`] trait (one associated type per port, so the bounds
+//! are stated here and nowhere else) and [`PollerDeps`], the usual implementation holding one value
+//! per port. `compose` builds the production one; the unit tests build one over `shared::fakes`.
+
+use secrecy::SecretString;
+use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::session::SessionContext;
+use shared::ports::{
+    ClusterInbox, ImageEntryReader, ReconcileStore, RunLease, TokenStore, TrackingStore, UploadReader,
+};
+
+use crate::clock::Clock;
+use crate::config::{GraphqlToken, Tunables};
+
+/// The ports and settings of a run.
+pub trait Deps: Send + Sync {
+    /// Tracking records, links, feed health, the run lease, the FINISH_UNCERTAIN scan.
+    type Tracking: TrackingStore + RunLease + ReconcileStore;
+    /// zip-and-push's records (upload records and image entries), read only.
+    type Uploads: UploadReader + ImageEntryReader;
+    /// Users' tokens.
+    type Tokens: TokenStore;
+    /// The clusters queue.
+    type Inbox: ClusterInbox;
+    /// Tracking records, links, feed health, the run lease.
+    fn tracking(&self) -> &Self::Tracking;
+    /// zip-and-push's records.
+    fn uploads(&self) -> &Self::Uploads;
+    /// Users' tokens.
+    fn tokens(&self) -> &Self::Tokens;
+    /// The clusters queue.
+    fn inbox(&self) -> &Self::Inbox;
+    /// Mapillary (every call of the run goes through it).
+    fn mapillary(&self) -> &MapillaryApp;
+    /// `MAPILLARY_CLIENT_TOKEN`, for `RELAY_GRAPHQL_TOKEN=client`.
+    fn client_token(&self) -> Option<&SecretString>;
+    /// Tunables.
+    fn tunables(&self) -> &Tunables;
+    /// "Now" of the tracking rules and of token expiry.
+    fn clock(&self) -> &Clock;
+
+    /// What the run's token sessions share: the token store, Mapillary, the refresh margin and the
+    /// run's clock.
+    fn token_context(&self) -> SessionContext<'_, Self::Tokens, MapillaryApp> {
+        SessionContext::new(
+            self.tokens(),
+            self.mapillary(),
+            self.tunables().token_refresh_margin,
+        )
+        .with_clock(self.clock())
+    }
+
+    /// The token the activity feed is called with instead of the user's, if any
+    /// (`RELAY_GRAPHQL_TOKEN=client`).
+    fn feed_token(&self) -> Option<&SecretString> {
+        match self.tunables().graphql_token {
+            GraphqlToken::User => None,
+            GraphqlToken::Client => self.client_token(),
+        }
+    }
+}
+
+/// The usual [`Deps`]: one value per port (the production one is `compose::ProductionPoller`;
+/// tests swap single fields, e.g. the clock that follows the simulator).
+#[derive(Debug, Clone)]
+pub struct PollerDeps<R, U, T, Q> {
+    /// Tracking records, links, feed health, the run lease.
+    pub tracking: R,
+    /// zip-and-push's records (upload records and image entries).
+    pub uploads: U,
+    /// Users' tokens.
+    pub tokens: T,
+    /// The clusters queue.
+    pub inbox: Q,
+    /// Mapillary.
+    pub mapillary: MapillaryApp,
+    /// `MAPILLARY_CLIENT_TOKEN`, for `RELAY_GRAPHQL_TOKEN=client`.
+    pub client_token: Option<SecretString>,
+    /// Tunables.
+    pub tunables: Tunables,
+    /// "Now".
+    pub clock: Clock,
+}
+
+impl<R, U, T, Q> Deps for PollerDeps<R, U, T, Q>
+where
+    R: TrackingStore + RunLease + ReconcileStore,
+    U: UploadReader + ImageEntryReader,
+    T: TokenStore,
+    Q: ClusterInbox,
+{
+    type Tracking = R;
+    type Uploads = U;
+    type Tokens = T;
+    type Inbox = Q;
+    fn tracking(&self) -> &R {
+        &self.tracking
+    }
+    fn uploads(&self) -> &U {
+        &self.uploads
+    }
+    fn tokens(&self) -> &T {
+        &self.tokens
+    }
+    fn inbox(&self) -> &Q {
+        &self.inbox
+    }
+    fn mapillary(&self) -> &MapillaryApp {
+        &self.mapillary
+    }
+    fn client_token(&self) -> Option<&SecretString> {
+        self.client_token.as_ref()
+    }
+    fn tunables(&self) -> &Tunables {
+        &self.tunables
+    }
+    fn clock(&self) -> &Clock {
+        &self.clock
+    }
+}

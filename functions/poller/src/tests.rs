@@ -1,0 +1,388 @@
+//! The run on in-memory fakes (`shared::fakes`: the poller's store, zip-and-push's records, the
+//! token store, the clusters queue) and the real in-process Mapillary simulator (frozen clock,
+//! loopback): each upload is a real zip uploaded to the simulator and finished, so its cluster goes
+//! through the simulator's stages. No AWS, no moto: the same paths as `tests/tests/poller.rs`,
+//! in seconds.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN};
+use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use relay_fixtures::{jpeg, track, TrackSpec};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use shared::domain::linking::{ImageOutcome, LinkPath};
+use shared::domain::tracking::OverallState;
+use shared::fakes::{MemInbox, MemRepo, MemTokens, MemTracking};
+use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::client::{FileType, MapillaryClient};
+use shared::mapillary::retry::RetryPolicy;
+use shared::mapillary::Endpoints;
+use shared::model::{
+    upload_id, ClusterMessage, StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState,
+};
+use shared::ports::{ImageEntryStore, RunLease, TrackingReader, UploadStore};
+use time::OffsetDateTime;
+
+use crate::clock::Clock;
+use crate::config::Tunables;
+use crate::deps::PollerDeps;
+use crate::report::RunReport;
+use crate::run::run_once;
+
+const USER: &str = "user-1";
+
+type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox>;
+
+struct World {
+    sim: SimHandle,
+    deps: TestDeps,
+    client: MapillaryClient,
+    http: reqwest::Client,
+}
+
+fn sim_now(sim: &SimHandle) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(sim.sim().now_ms()) * 1_000_000).expect("sim time")
+}
+
+async fn world() -> World {
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+        .await
+        .expect("simulator starts");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client");
+    let client = MapillaryClient::new(
+        Endpoints::under(sim.base_url()),
+        http.clone(),
+        RetryPolicy::fast(),
+    );
+    let tokens = MemTokens::new();
+    tokens.insert(
+        USER,
+        StoredToken {
+            access_token: SecretString::from(DEMO_USER_TOKEN),
+            refresh_token: None,
+            expires_at: None,
+            mapillary_user_id: Some(DEMO_USER_ID.into()),
+            username: None,
+            updated_at: OffsetDateTime::now_utc(),
+        },
+    );
+    let uploads = MemRepo::new();
+    let deps = PollerDeps {
+        tracking: MemTracking::over(&uploads),
+        uploads,
+        tokens,
+        inbox: MemInbox::default(),
+        mapillary: MapillaryApp::new(client.clone(), APP_ID, SecretString::from(CLIENT_SECRET)),
+        client_token: None,
+        tunables: Tunables::default(),
+        clock: Clock::manual(sim_now(&sim)),
+    };
+    World {
+        sim,
+        deps,
+        client,
+        http,
+    }
+}
+
+impl World {
+    /// Upload `n` images (a straight track, 2 s and 8 m apart) as one zip to the simulator, finish
+    /// it, write what zip-and-push would have written and put its cluster message on the inbox.
+    /// Returns the upload id.
+    async fn upload(&self, seq: &str, n: usize, lat: f64, lon: f64) -> String {
+        let mut t = TrackSpec::new(lat, lon, time::macros::datetime!(2024-04-20 08:00:00 UTC));
+        t.interval_ms = 2000;
+        t.step_m = 8.0;
+        t.altitude = Some(120.0);
+        let specs = track(n, &t);
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut zw = zip::ZipWriter::new(&mut buf);
+            for (i, s) in specs.iter().enumerate() {
+                zw.start_file(
+                    format!("{i}.jpg"),
+                    zip::write::SimpleFileOptions::default()
+                        .compression_method(zip::CompressionMethod::Stored),
+                )
+                .expect("zip entry");
+                zw.write_all(&jpeg(s)).expect("zip write");
+            }
+            zw.finish().expect("zip");
+        }
+        let bytes = bytes::Bytes::from(buf.into_inner());
+        let total = bytes.len() as u64;
+        let token = SecretString::from(DEMO_USER_TOKEN);
+        let key = format!("mly_relay_{USER}_{seq}.zip");
+        let report = self
+            .client
+            .upload_resumable(&token, &key, total, |off| {
+                let b = bytes.slice(usize::try_from(off).expect("offset")..);
+                futures::stream::iter([Ok::<_, std::io::Error>(b)])
+            })
+            .await
+            .expect("upload");
+        let cluster = self
+            .client
+            .finish_upload(&token, &report.handle, FileType::Zip, None)
+            .await
+            .expect("finish");
+        let id = upload_id(USER, seq, 0);
+        let now = sim_now(&self.sim);
+        let repo = &self.deps.uploads;
+        repo.put_upload(&UploadRecord {
+            user_id: USER.into(),
+            sequence_id: seq.into(),
+            upload_id: id.clone(),
+            index: 0,
+            state: UploadState::HandedOff,
+            session_key: key,
+            total_len: total,
+            image_count: u32::try_from(n).expect("count"),
+            cluster_id: Some(cluster.clone()),
+            handle: Some(report.handle.clone()),
+            organization_id: None,
+            bytes_sent: total,
+            created_at: now,
+            started_at: Some(now),
+            finished_at: Some(now),
+            error: None,
+            attempts: 1,
+        })
+        .await
+        .expect("upload record");
+        let images: Vec<UploadImage> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| UploadImage {
+                upload_id: id.clone(),
+                index: u32::try_from(i).expect("index"),
+                key: format!("sequences/{USER}/{seq}/img_{i:04}.jpg"),
+                etag: "e".into(),
+                size: 1,
+                entry_size: 1,
+                header_consumed: 0,
+                description: String::new(),
+                lat: s.lat,
+                lon: s.lon,
+                altitude: s.altitude,
+                captured_at: s.captured_at,
+                heading: None,
+                checkpoint: None,
+            })
+            .collect();
+        repo.put_images(&images).await.expect("image entries");
+        let msg = ClusterMessage {
+            upload_id: id.clone(),
+            user_id: USER.into(),
+            sequence_id: seq.into(),
+            cluster_id: cluster,
+        };
+        self.deps
+            .inbox
+            .send(serde_json::to_string(&msg).expect("message"));
+        id
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.sim.admin_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        assert!(resp.status().is_success(), "admin {path}: {}", resp.status());
+    }
+
+    /// Advance the simulator and the poller's clock together.
+    fn advance(&self, seconds: i64) {
+        self.sim.advance_clock(seconds);
+        self.deps.clock.set_ms(self.sim.sim().now_ms());
+    }
+
+    async fn run(&self) -> RunReport {
+        run_once(&self.deps, Instant::now() + Duration::from_secs(60)).await
+    }
+
+    async fn record(&self, id: &str) -> TrackingRecord {
+        self.deps
+            .tracking
+            .get_tracking(id)
+            .await
+            .expect("store")
+            .expect("tracked")
+    }
+}
+
+/// Past every stage of the simulator's default plan (60 s, 600 s, 1800 s, 3600 s).
+const ALL_STAGES_S: i64 = 7000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_goes_from_the_inbox_to_a_finished_record_with_links() {
+    let w = world().await;
+    let id = w.upload("s1", 5, 48.2, 16.37).await;
+
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        (r.intake.received, r.intake.created, r.intake.deleted),
+        (1, 1, 1),
+        "{r:?}"
+    );
+    assert!(w.deps.inbox.is_empty(), "the message is deleted after the write");
+    assert_eq!((r.users, r.checked, r.written), (1, 1, 1), "{r:?}");
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::InProgress);
+    assert_eq!(rec.mapillary_user_id.as_deref(), Some(DEMO_USER_ID));
+    assert!(rec.linked_via.is_none());
+
+    w.advance(ALL_STAGES_S);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        (r.linked_feed, r.linked_tiles, r.feed_unusable_users, r.written),
+        (1, 0, 0, 1),
+        "{r:?}"
+    );
+    assert!(
+        r.transitions.iter().any(|(u, t)| u == &id && t.field == "state"),
+        "{r:?}"
+    );
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert!(rec.tracked.stages.all_finished());
+    assert_eq!(rec.linked_via, Some(LinkPath::ActivityFeed));
+    assert_eq!((rec.linked_count, rec.dropped_count), (5, 0));
+    assert_eq!(rec.sequence_ids.len(), 1);
+    assert_eq!(rec.next_check_at, None, "final records are not polled again");
+    let links = w.deps.tracking.list_links(&id).await.expect("links");
+    assert_eq!(links.len(), 5);
+    for (k, l) in links.iter().enumerate() {
+        assert_eq!(l.index as usize, k);
+        assert_eq!(l.via, LinkPath::ActivityFeed);
+        match &l.outcome {
+            ImageOutcome::Linked { sequence_id, .. } => assert_eq!(sequence_id, &rec.sequence_ids[0]),
+            other => panic!("not linked: {other:?}"),
+        }
+    }
+    let st = w.deps.tracking.snapshot();
+    assert!(st.pending.values().all(|s| s.is_empty()), "{:?}", st.pending);
+    assert_eq!(st.health.map(|h| h.healthy), Some(true));
+    assert_eq!(st.lease, None, "the run gave its lease back");
+
+    // Final: a further run finds nothing to do and writes nothing.
+    let r = w.run().await;
+    assert_eq!((r.users, r.written), (0, 0), "{r:?}");
+    assert_eq!(w.record(&id).await, rec);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_feed_falls_back_to_coverage_tiles_and_marks_the_feed_degraded() {
+    let w = world().await;
+    let id = w.upload("s1", 6, 40.4168, -3.7038).await;
+    w.run().await;
+    w.advance(ALL_STAGES_S);
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "action": {"kind": "graphql_error", "message": "Unknown document"}}),
+    )
+    .await;
+
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        (r.feed_unusable_users, r.linked_tiles, r.linked_feed),
+        (1, 1, 0),
+        "{r:?}"
+    );
+    let rec = w.record(&id).await;
+    assert_eq!(
+        rec.tracked.state,
+        OverallState::Finished,
+        "in the tiles: all stages finished"
+    );
+    assert_eq!(rec.linked_via, Some(LinkPath::CoverageTiles));
+    assert_eq!((rec.linked_count, rec.dropped_count), (6, 0));
+    let links = w.deps.tracking.list_links(&id).await.expect("links");
+    assert_eq!(links.len(), 6);
+    assert!(links
+        .iter()
+        .all(|l| l.via == LinkPath::CoverageTiles && matches!(l.outcome, ImageOutcome::Linked { .. })));
+    let health = w.deps.tracking.snapshot().health.expect("feed health written");
+    assert!(!health.healthy && health.degraded_since.is_some(), "{health:?}");
+    assert!(
+        health
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("Unknown document"),
+        "{health:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_by_another_run_keeps_this_run_out() {
+    let w = world().await;
+    let id = w.upload("s1", 2, 48.3, 16.4).await;
+    let now = OffsetDateTime::now_utc();
+    let t = &w.deps.tracking;
+    assert!(t
+        .acquire_run_lease("other-run", now, now + time::Duration::minutes(1))
+        .await
+        .expect("lease"));
+
+    let r = w.run().await;
+    assert!(r.lease_held, "{r:?}");
+    assert_eq!((r.intake.received, r.users, r.written), (0, 0, 0), "{r:?}");
+    assert_eq!(w.deps.inbox.len(), 1, "the message stays queued");
+    assert!(t.get_tracking(&id).await.expect("store").is_none());
+    assert_eq!(t.snapshot().lease.map(|l| l.owner).as_deref(), Some("other-run"));
+
+    t.release_run_lease("other-run").await.expect("release");
+    let r = w.run().await;
+    assert!(!r.lease_held && r.intake.created == 1 && r.written == 1, "{r:?}");
+    assert!(t.get_tracking(&id).await.expect("store").is_some());
+    assert_eq!(t.snapshot().lease, None, "the run gave its lease back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_its_deadline_starts_no_work_and_the_next_run_continues() {
+    let w = world().await;
+    let id = w.upload("s1", 3, 48.21, 16.38).await;
+    w.run().await;
+    let before = w.record(&id).await;
+    assert_eq!(before.tracked.state, OverallState::InProgress);
+    w.advance(ALL_STAGES_S);
+    let second = w.upload("s2", 2, 48.25, 16.40).await;
+
+    // Deadline already passed: no intake, the user's turn is cut off before any request.
+    let r = run_once(&w.deps, Instant::now()).await;
+    assert!(r.cut_off, "{r:?}");
+    assert_eq!(
+        (r.intake.received, r.checked, r.written, r.linked_feed),
+        (0, 0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(w.deps.inbox.len(), 1, "the second message stays queued");
+    assert_eq!(w.record(&id).await, before, "nothing written");
+    assert_eq!(
+        w.deps.tracking.snapshot().lease,
+        None,
+        "the lease is released all the same"
+    );
+
+    // The next run picks everything up.
+    let r = w.run().await;
+    assert!(!r.cut_off && r.errors.is_empty(), "{r:?}");
+    assert_eq!((r.intake.created, r.linked_feed), (1, 1), "{r:?}");
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert_eq!(rec.linked_via, Some(LinkPath::ActivityFeed));
+    assert_eq!(w.record(&second).await.tracked.state, OverallState::InProgress);
+}
