@@ -3,9 +3,13 @@
 //! `.venv/checkov` (checkov pins an older boto3 than moto's) and `.venv/schemathesis` (property-based API
 //! tests of the status API's OpenAPI document; its own hypothesis/jsonschema pins).
 //!
-//! [`ensure`] creates them with `python3 -m venv` + pip from the pinned `requirements/*.txt` when they are
-//! missing or when the requirements changed since the last install (a stamp file records them). When
-//! everything is up to date it only reads two small files.
+//! Each is installed when first needed, not all up front (a newcomer's `cargo xtask demo` needs only
+//! `.venv/aws`): [`ensure`] makes `.venv/aws` ready, and [`Venvs::mapillary_tools`], [`Venvs::checkov`] and
+//! [`Venvs::schemathesis`] install their own venv on first use. An install is `python3 -m venv` + pip from the
+//! pinned `requirements/<name>.txt`, when the venv is missing or the requirements changed since the last
+//! install (a stamp file records them). When a venv is current this only reads two small files.
+//! `cargo xtask` (xtask/launcher) installs the same venvs, with the same stamps and per-venv lock files,
+//! in parallel with its build.
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
@@ -17,7 +21,7 @@ use anyhow::{bail, Context, Result};
 /// Name of the stamp file written inside each venv after a successful install.
 const STAMP: &str = ".relay-requirements";
 
-/// Paths of the two virtualenvs and the tools inside them.
+/// Paths of the virtualenvs and the tools inside them.
 #[derive(Debug, Clone)]
 pub struct Venvs {
     /// `.venv/aws`
@@ -51,17 +55,17 @@ impl Venvs {
     pub fn python(&self) -> PathBuf {
         self.aws.join("bin/python")
     }
-    /// The `mapillary_tools` executable.
+    /// The `mapillary_tools` executable (`.venv/mapillary-tools` installed on first use).
     pub fn mapillary_tools(&self) -> PathBuf {
-        self.mapillary_tools.join("bin/mapillary_tools")
+        tool(&self.mapillary_tools, "mapillary-tools", "mapillary_tools")
     }
-    /// The `checkov` executable.
+    /// The `checkov` executable (`.venv/checkov` installed on first use).
     pub fn checkov(&self) -> PathBuf {
-        self.checkov.join("bin/checkov")
+        tool(&self.checkov, "checkov", "checkov")
     }
-    /// The `schemathesis` executable.
+    /// The `schemathesis` executable (`.venv/schemathesis` installed on first use).
     pub fn schemathesis(&self) -> PathBuf {
-        self.schemathesis.join("bin/schemathesis")
+        tool(&self.schemathesis, "schemathesis", "schemathesis")
     }
     /// `PATH` with `.venv/aws/bin` prepended (trap 9 in docs/local-stack.md).
     pub fn path_with_aws_bin(&self) -> std::ffi::OsString {
@@ -73,55 +77,71 @@ impl Venvs {
     }
 }
 
-/// Makes sure every venv exists and matches `requirements/{aws,mapillary-tools,checkov,schemathesis}.txt`;
-/// returns their paths.
+/// Makes sure `.venv/aws` exists and matches `requirements/aws.txt`; returns the paths of every venv (the
+/// others are installed by their accessors on first use, or all at once by [`ensure_all`]).
 ///
-/// Safe to call concurrently from several processes (an exclusive `flock` on `.venv/.lock` serializes
-/// installs). Progress goes to stderr. The base interpreter is `$RELAY_PYTHON` or `python3`.
+/// Safe to call concurrently from several processes (an exclusive `flock` on `.venv/<name>.lock` serializes
+/// the installs of one venv). Progress goes to stderr. The base interpreter is `$RELAY_PYTHON` or `python3`.
 pub fn ensure(repo_root: &Path) -> Result<Venvs> {
+    let venvs = paths(repo_root);
+    ensure_one(repo_root, "aws", "moto_server")?;
+    Ok(venvs)
+}
+
+/// Every venv, now (`cargo xtask setup`).
+pub fn ensure_all(repo_root: &Path) -> Result<Venvs> {
+    let venvs = paths(repo_root);
+    for (name, bin) in VENVS {
+        ensure_one(repo_root, name, bin)?;
+    }
+    Ok(venvs)
+}
+
+/// Each venv's name (directory under `.venv/`, requirements file under `requirements/`) and main binary.
+const VENVS: [(&str, &str); 4] = [
+    ("aws", "moto_server"),
+    ("mapillary-tools", "mapillary_tools"),
+    ("checkov", "checkov"),
+    ("schemathesis", "schemathesis"),
+];
+
+fn paths(repo_root: &Path) -> Venvs {
     let venv_root = repo_root.join(".venv");
-    let venvs = Venvs {
+    Venvs {
         aws: venv_root.join("aws"),
         mapillary_tools: venv_root.join("mapillary-tools"),
         checkov: venv_root.join("checkov"),
         schemathesis: venv_root.join("schemathesis"),
-    };
-    let wanted = [
-        (&venvs.aws, repo_root.join("requirements/aws.txt"), "moto_server"),
-        (
-            &venvs.mapillary_tools,
-            repo_root.join("requirements/mapillary-tools.txt"),
-            "mapillary_tools",
-        ),
-        (
-            &venvs.checkov,
-            repo_root.join("requirements/checkov.txt"),
-            "checkov",
-        ),
-        (
-            &venvs.schemathesis,
-            repo_root.join("requirements/schemathesis.txt"),
-            "schemathesis",
-        ),
-    ];
-    // Fast path, no lock: every stamp matches its requirements file and the main binary exists.
-    let mut all_fresh = true;
-    for (dir, req, bin) in &wanted {
-        all_fresh &= is_fresh(dir, req, bin)?;
     }
-    if all_fresh {
-        return Ok(venvs);
-    }
+}
 
-    fs::create_dir_all(&venv_root).with_context(|| format!("creating {}", venv_root.display()))?;
-    let _lock = FileLock::exclusive(&venv_root.join(".lock"))?;
-    for (dir, req, bin) in &wanted {
-        // Re-check under the lock: another process may just have finished.
-        if !is_fresh(dir, req, bin)? {
-            install(dir, req)?;
-        }
+/// `.venv/<name>` current with `requirements/<name>.txt`, installing it under its lock if not.
+fn ensure_one(repo_root: &Path, name: &str, main_bin: &str) -> Result<()> {
+    let venv_root = repo_root.join(".venv");
+    let dir = venv_root.join(name);
+    let req = repo_root.join("requirements").join(format!("{name}.txt"));
+    // Fast path, no lock.
+    if is_fresh(&dir, &req, main_bin)? {
+        return Ok(());
     }
-    Ok(venvs)
+    fs::create_dir_all(&venv_root).with_context(|| format!("creating {}", venv_root.display()))?;
+    let _lock = FileLock::exclusive(&venv_root.join(format!("{name}.lock")))?;
+    // Re-check under the lock: another process may just have finished.
+    if !is_fresh(&dir, &req, main_bin)? {
+        install(&dir, &req)?;
+    }
+    Ok(())
+}
+
+/// The venv a tool lives in, installed on first use; an install failure is reported on stderr here and
+/// the missing executable's path returned, so the caller's spawn fails naming it (the accessors return a
+/// path, as they did when every venv was installed up front).
+fn tool(venv: &Path, name: &str, bin: &str) -> PathBuf {
+    let root = venv.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    if let Err(e) = ensure_one(root, name, bin) {
+        eprintln!("venv: installing .venv/{name} failed: {e:#}");
+    }
+    venv.join("bin").join(bin)
 }
 
 fn is_fresh(dir: &Path, requirements: &Path, main_bin: &str) -> Result<bool> {

@@ -1,9 +1,12 @@
-//! `cargo xtask …`: the project's commands (see README.md).
+//! `cargo xtask …`: the project's commands (see README.md). `cargo xtask` runs `xtask/launcher` first, which
+//! builds this binary and every binary the commands start in one cargo invocation, with progress lines, and
+//! installs the venvs the command needs meanwhile; then it runs this binary.
 //!
-//! * `setup` — create the pinned Python venvs (`.venv/aws`, `.venv/mapillary-tools`).
+//! * `setup` — create every pinned Python venv now (`.venv/{aws,mapillary-tools,checkov,schemathesis}`);
+//!   otherwise each is installed when first needed.
 //! * `stack up | down | status` — moto + the Mapillary simulator + the stack from `infra/template.yaml`.
-//! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests, fuzzing,
-//!   and `demo --ci` last (`--no-demo` skips it).
+//! * `test` — every check CI runs: fmt, the workspace-hack check, clippy -D warnings within the test build,
+//!   each test tier, fuzzing, and `demo --ci` last (`--no-demo` skips it); a per-phase timing table at the end.
 //! * `demo` — the main job, end to end on the local stack.
 
 mod bench;
@@ -30,14 +33,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create or refresh the pinned Python venvs (idempotent).
+    /// Create or refresh every pinned Python venv now (idempotent; otherwise each installs on first use).
     Setup,
     /// Local stack: moto_server + Mapillary simulator + resources from infra/template.yaml.
     Stack {
         #[command(subcommand)]
         action: StackCmd,
     },
-    /// Run every check: fmt, clippy -D warnings, unit + integration tests (starts and stops its own moto).
+    /// Run every check: fmt, clippy -D warnings, unit + integration tests (starts and stops its own moto),
+    /// fuzzing, the demo; prints a per-phase timing table at the end.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
@@ -111,7 +115,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command {
         Cmd::Setup => {
-            venv::ensure(&root)?;
+            integration_tests::venv::ensure_all(&root)?;
             eprintln!("setup: venvs ready in {}", root.join(".venv").display());
             Ok(())
         }
@@ -138,18 +142,7 @@ fn main() -> Result<()> {
             fuzz_seconds,
             no_demo,
             cargo_test_args,
-        } => {
-            test(&root, no_lint, &cargo_test_args)?;
-            if fuzz_seconds > 0 {
-                fuzz(&root, fuzz_seconds)?;
-            }
-            if !no_demo {
-                // Last step: the demo end to end, non-interactively (fails unless all is FINISHED and linked).
-                eprintln!("xtask: cargo xtask demo --ci");
-                rt.block_on(demo::run(&root, true, demo::DEFAULT_IMAGES))?;
-            }
-            Ok(())
-        }
+        } => test_all(&root, &rt, no_lint, fuzz_seconds, no_demo, &cargo_test_args),
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
         Cmd::Push {
@@ -200,30 +193,257 @@ fn rerun_optimized(root: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The README's test command.
-fn test(root: &Path, no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
-    let venvs = venv::ensure(root)?;
+/// Set by the launcher (xtask/launcher): how long its venv installs and its build took (`venvs=…,build=…`).
+const LAUNCH_TIMES_ENV: &str = "RELAY_XTASK_LAUNCH_TIMES";
+
+/// One row of the phase table `cargo xtask test` prints at the end.
+struct Phase {
+    name: String,
+    secs: f64,
+    ok: bool,
+}
+
+/// The phases of `cargo xtask test`, timed; a failed phase does not stop the later ones (like
+/// `--no-fail-fast`), the table and the list of failures are printed at the end.
+#[derive(Default)]
+struct Phases {
+    rows: Vec<Phase>,
+}
+
+impl Phases {
+    /// The launcher's phases (they ran before this process, in parallel with each other).
+    fn from_launcher() -> Self {
+        let mut phases = Self::default();
+        let times = std::env::var(LAUNCH_TIMES_ENV).unwrap_or_default();
+        for (key, name) in [
+            ("venvs", "venvs (pip, in parallel with the build)"),
+            ("build", "build: xtask + function and simulator binaries"),
+        ] {
+            let secs = times
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.parse::<f64>().ok());
+            if let Some(secs) = secs {
+                phases.rows.push(Phase {
+                    name: name.into(),
+                    secs,
+                    ok: true,
+                });
+            }
+        }
+        phases
+    }
+
+    fn time(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> bool {
+        let start = std::time::Instant::now();
+        let result = f();
+        if let Err(e) = &result {
+            eprintln!("xtask: {name} FAILED: {e:#}");
+        }
+        self.rows.push(Phase {
+            name: name.to_string(),
+            secs: start.elapsed().as_secs_f64(),
+            ok: result.is_ok(),
+        });
+        result.is_ok()
+    }
+
+    fn print(&self) {
+        let total: f64 = self.rows.iter().map(|r| r.secs).sum();
+        let width = self.rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
+        eprintln!("\nxtask test: phases");
+        eprintln!("| {:<width$} | {:>8} | result |", "phase", "seconds");
+        eprintln!("|-{:-<width$}-|-{:->8}-|--------|", "", "");
+        for r in &self.rows {
+            let result = if r.ok { "ok" } else { "FAILED" };
+            eprintln!("| {:<width$} | {:>8.1} | {result:<6} |", r.name, r.secs);
+        }
+        eprintln!("| {:<width$} | {:>8.1} |        |", "total", total);
+    }
+
+    fn failed(&self) -> Vec<&str> {
+        self.rows
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| r.name.as_str())
+            .collect()
+    }
+}
+
+/// The README's test command: every phase timed, the table printed at the end (also on failure).
+fn test_all(
+    root: &Path,
+    rt: &tokio::runtime::Runtime,
+    no_lint: bool,
+    fuzz_seconds: u64,
+    no_demo: bool,
+    cargo_test_args: &[String],
+) -> Result<()> {
+    let mut phases = Phases::from_launcher();
+    test(root, &mut phases, no_lint, cargo_test_args);
+    if fuzz_seconds > 0 {
+        fuzz_phases(root, fuzz_seconds, &mut phases);
+    }
+    if !no_demo {
+        // Last step: the demo end to end, non-interactively (fails unless all is FINISHED and linked).
+        // Its binaries are the launcher's build: nothing compiles here.
+        phases.time("demo --ci", || {
+            eprintln!("xtask: cargo xtask demo --ci");
+            rt.block_on(demo::run(root, true, demo::DEFAULT_IMAGES))
+        });
+    }
+    phases.print();
+    let failed = phases.failed();
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// fmt, the workspace-hack check, clippy + the test build (one compilation), then each test tier.
+fn test(root: &Path, phases: &mut Phases, no_lint: bool, cargo_test_args: &[String]) {
+    // clippy as the compiler of the workspace's own crates in the test build: `cargo clippy` would check every
+    // dependency again in check mode (metadata only, unusable by `cargo test`) and each workspace crate once
+    // more. With clippy-driver as RUSTC_WORKSPACE_WRAPPER the one `cargo test --no-run` build both lints
+    // (-D warnings, as `cargo clippy` passes it: CLIPPY_ARGS) and produces the test binaries, on the
+    // dependency artifacts the launcher's build already made. Every later cargo test invocation keeps the same
+    // environment, or cargo would rebuild the workspace crates without the wrapper.
+    let lint_env: Vec<(&str, String)> = if no_lint {
+        Vec::new()
+    } else {
+        vec![
+            ("RUSTC_WORKSPACE_WRAPPER", clippy_driver()),
+            (
+                "CLIPPY_ARGS",
+                "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__".into(),
+            ),
+        ]
+    };
+    let cargo_test = |args: &[&str]| {
+        let mut cmd = cargo(root);
+        cmd.arg("test").args(args);
+        for (k, v) in &lint_env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
     if !no_lint {
+        phases.time("cargo fmt --check", || {
+            run(
+                cargo(root).args(["fmt", "--all", "--", "--check"]),
+                "cargo fmt --check",
+            )
+        });
+        phases.time("workspace-hack check", || {
+            run(
+                Command::new("python3")
+                    .current_dir(root)
+                    .args([".ci/workspace-hack.py", "--check"]),
+                "python3 .ci/workspace-hack.py --check",
+            )
+        });
+    }
+    let build_name = if no_lint {
+        "test build"
+    } else {
+        "clippy -D warnings + test build"
+    };
+    let built = phases.time(build_name, || {
         run(
-            cargo(root).args(["fmt", "--all", "--", "--check"]),
-            "cargo fmt --check",
-        )?;
-        run(
-            cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
-            "cargo clippy",
-        )?;
+            &mut cargo_test(&["--workspace", "--all-targets", "--no-run"]),
+            build_name,
+        )
+    });
+    if !built {
+        return;
     }
     // One moto for the whole run; each test isolates itself with its own stack name.
-    let moto = integration_tests::moto::MotoServer::start(&venvs)?;
+    let venvs = match venv::ensure(root) {
+        Ok(v) => v,
+        Err(e) => {
+            phases.time("venvs", || Err(e));
+            return;
+        }
+    };
+    let moto = match integration_tests::moto::MotoServer::start(&venvs) {
+        Ok(m) => m,
+        Err(e) => {
+            phases.time("moto", || Err(e));
+            return;
+        }
+    };
     eprintln!("test: moto at {}", moto.endpoint());
-    let mut cmd = cargo(root);
-    cmd.args(["test", "--workspace", "--no-fail-fast"])
-        .args(cargo_test_args)
-        .env(integration_tests::moto::MOTO_URL_ENV, moto.endpoint())
-        .env("PATH", venvs.path_with_aws_bin());
-    let result = run(&mut cmd, "cargo test");
+    let tiers = match test_tiers(root) {
+        Ok(t) => t,
+        Err(e) => {
+            phases.time("list test targets", || Err(e));
+            return;
+        }
+    };
+    for (name, args) in tiers {
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--no-fail-fast");
+        if !cargo_test_args.is_empty() {
+            args.push("--");
+            args.extend(cargo_test_args.iter().map(String::as_str));
+        }
+        let mut cmd = cargo_test(&args);
+        cmd.env(integration_tests::moto::MOTO_URL_ENV, moto.endpoint())
+            .env("PATH", venvs.path_with_aws_bin());
+        phases.time(&name, || run(&mut cmd, &format!("cargo test {}", args.join(" "))));
+    }
     drop(moto);
-    result
+}
+
+/// `clippy-driver` next to this toolchain's cargo (as `cargo clippy` finds it), else from `PATH`.
+fn clippy_driver() -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_default();
+    let beside = Path::new(&cargo).with_file_name("clippy-driver");
+    if beside.is_file() {
+        return beside.display().to_string();
+    }
+    "clippy-driver".into()
+}
+
+/// The test tiers, each a `cargo test` argument list: every crate's unit tests (lib + bins) together,
+/// then each integration-test target on its own (so the table shows where the time goes), then doc tests.
+fn test_tiers(root: &Path) -> Result<Vec<(String, Vec<String>)>> {
+    let out = cargo(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let s = |v: &str| v.to_string();
+    let mut tiers = vec![(
+        s("unit tests (every crate's lib + bins)"),
+        vec![s("--workspace"), s("--lib"), s("--bins")],
+    )];
+    let mut targets = Vec::new();
+    for package in meta["packages"].as_array().into_iter().flatten() {
+        let pkg = package["name"].as_str().unwrap_or_default();
+        for target in package["targets"].as_array().into_iter().flatten() {
+            let is_test = target["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+            if let (true, Some(name)) = (is_test, target["name"].as_str()) {
+                targets.push((pkg.to_string(), name.to_string()));
+            }
+        }
+    }
+    targets.sort();
+    for (pkg, name) in targets {
+        tiers.push((
+            format!("tests: {pkg} --test {name}"),
+            vec![s("-p"), pkg, s("--test"), name],
+        ));
+    }
+    tiers.push((s("doc tests"), vec![s("--workspace"), s("--doc")]));
+    Ok(tiers)
 }
 
 /// The libFuzzer targets of `fuzz/` (fuzz/Cargo.toml's `[[bin]]`s), run by `fuzz` and `test`.
@@ -231,6 +451,29 @@ const FUZZ_TARGETS: [&str; 4] = ["feed_parser", "coverage_tile", "planning_path"
 
 /// The fuzz targets of `fuzz/` (their own workspace), each for `seconds`.
 fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let cargo_fuzz = install_cargo_fuzz(root)?;
+    for target in FUZZ_TARGETS {
+        fuzz_one(root, &cargo_fuzz, target, seconds)?;
+    }
+    Ok(())
+}
+
+/// [`fuzz`] as phases of `cargo xtask test` (the first one includes building the fuzz crate).
+fn fuzz_phases(root: &Path, seconds: u64, phases: &mut Phases) {
+    let mut cargo_fuzz = None;
+    phases.time("install cargo-fuzz", || {
+        cargo_fuzz = Some(install_cargo_fuzz(root)?);
+        Ok(())
+    });
+    let Some(cargo_fuzz) = cargo_fuzz else { return };
+    for target in FUZZ_TARGETS {
+        phases.time(&format!("fuzz {target} (build + {seconds} s)"), || {
+            fuzz_one(root, &cargo_fuzz, target, seconds)
+        });
+    }
+}
+
+fn install_cargo_fuzz(root: &Path) -> Result<PathBuf> {
     const CARGO_FUZZ_VERSION: &str = "0.13.2";
     let tools = root.join(".tools");
     let cargo_fuzz = tools.join("bin/cargo-fuzz");
@@ -249,25 +492,26 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
             "cargo install cargo-fuzz",
         )?;
     }
+    Ok(cargo_fuzz)
+}
+
+fn fuzz_one(root: &Path, cargo_fuzz: &Path, target: &str, seconds: u64) -> Result<()> {
     let dir = root.join("fuzz");
-    for target in FUZZ_TARGETS {
-        let corpus = dir.join("corpus").join(target);
-        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
-        let mut cmd = Command::new(&cargo_fuzz);
-        cmd.current_dir(&dir)
-            // cargo-fuzz needs nightly-only sanitizer flags; only stable Rust exists here.
-            .env("RUSTC_BOOTSTRAP", "1")
-            // -a: overflow checks and debug assertions stay on in the optimised build (-O alone
-            // turns them off, and an integer overflow is one of the things fuzzing looks for).
-            .args(["fuzz", "run", "-O", "-a", target])
-            .arg(&corpus)
-            .arg(dir.join("seeds").join(target))
-            .arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .arg("-rss_limit_mb=2048");
-        run(&mut cmd, &format!("fuzz {target} for {seconds} s"))?;
-    }
-    Ok(())
+    let corpus = dir.join("corpus").join(target);
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    let mut cmd = Command::new(cargo_fuzz);
+    cmd.current_dir(&dir)
+        // cargo-fuzz needs nightly-only sanitizer flags; only stable Rust exists here.
+        .env("RUSTC_BOOTSTRAP", "1")
+        // -a: overflow checks and debug assertions stay on in the optimised build (-O alone
+        // turns them off, and an integer overflow is one of the things fuzzing looks for).
+        .args(["fuzz", "run", "-O", "-a", target])
+        .arg(&corpus)
+        .arg(dir.join("seeds").join(target))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-rss_limit_mb=2048");
+    run(&mut cmd, &format!("fuzz {target} for {seconds} s"))
 }
 
 fn cargo(root: &Path) -> Command {
