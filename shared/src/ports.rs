@@ -474,15 +474,9 @@ pub trait ClusterInbox: Send + Sync {
 
 // ------------------------------------------------------------------ Mapillary
 
-/// The Mapillary calls of zip-and-push (implemented by `MapillaryApp` of `mapillary::app`).
+/// The Mapillary upload calls of zip-and-push (implemented by `MapillaryApp` of `mapillary::app`).
+/// Token refresh is not here: it goes through [`MapillaryAuth`], called by the token session.
 pub trait MapillaryUploads: Send + Sync {
-    /// OAuth refresh grant (client id/secret held by the implementation); `refresh_token` is the
-    /// stored refresh token or, when there is none, the current access token.
-    fn refresh(
-        &self,
-        refresh_token: &SecretString,
-    ) -> impl Future<Output = Result<TokenGrant, MapillaryError>> + Send;
-
     /// Upload `total_len` bytes under `key`, resuming from the server's offset; `make_body(offset)`
     /// yields the file from `offset` to the end. See
     /// [`crate::mapillary::client::MapillaryClient::upload_resumable`].

@@ -13,7 +13,7 @@ use shared::compose::{mapillary_app, token_store, ComposeError};
 use shared::mapillary::app::MapillaryApp;
 
 use crate::config::Config;
-use crate::handler::HandlerDeps;
+use crate::deps::HandlerDeps;
 
 /// The handler's dependencies in production.
 pub type ProductionDeps = HandlerDeps<

@@ -1,127 +1,33 @@
 //! The SQS batch handler: one S3 notification per record, each processed under a claim of its
-//! manifest (idempotency), failures reported per record (`ReportBatchItemFailures`).
+//! manifest (idempotency), failures reported per record (`ReportBatchItemFailures`). For each
+//! claimed manifest, one attempt at its sequence ([`run_sequence`]): plan ([`crate::plan`]), then
+//! upload ([`crate::upload`]); how the attempt ended decides the record's result (acknowledge,
+//! continuation, retry, or give up after `max_receives` deliveries).
 
 use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures::StreamExt;
 use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
-use shared::model::{IngestError, SequenceStatus};
+use shared::mapillary::session::{SessionContext, TokenSession};
+use shared::model::{IngestError, SequenceState, SequenceStatus, UploadState};
 use shared::ports::{
-    ClusterQueue, IdempotencyStore, ImageEntryStore, IngestErrorLog, IngestRequeue, MapillaryAuth,
-    MapillaryUploads, ObjectStore, RepoError, SequenceReader, SequenceStore, TokenStore, UploadReader,
-    UploadStore,
+    IdempotencyStore, IngestErrorLog, IngestRequeue, ObjectStore, RepoError, SequenceReader, SequenceStore,
+    UploadReader, UploadStore,
 };
 use shared::s3event::{self, Notification, ObjectCreated};
 use time::OffsetDateTime;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::config::Tunables;
+use crate::deps::Deps;
 use crate::manifest::parse_manifest_key;
-use crate::pipeline::{fail_sequence, run_sequence, Job, Outcome};
+use crate::plan::{base_record, plan_or_resume, ManifestJob, Planned, SequenceError};
+use crate::upload::{upload_sequence, UploadStop};
 
 /// Records processed at the same time.
 const RECORD_CONCURRENCY: usize = 4;
 /// Claims are kept (TTL) this long after their last write.
 const CLAIM_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// The ports and settings the handler needs.
-pub trait Deps: Send + Sync {
-    /// S3.
-    type Store: ObjectStore;
-    /// DynamoDB records: sequences, uploads, image entries, ingest errors.
-    type Repo: SequenceStore + UploadStore + ImageEntryStore + IngestErrorLog;
-    /// Manifest claims (idempotency).
-    type Claims: IdempotencyStore;
-    /// Tokens.
-    type Tokens: TokenStore;
-    /// Clusters queue.
-    type Clusters: ClusterQueue;
-    /// Ingest queue (continuations).
-    type Requeue: IngestRequeue;
-    /// Mapillary: uploads, and refresh for the token session.
-    type Mapillary: MapillaryUploads + MapillaryAuth;
-    /// S3.
-    fn store(&self) -> &Self::Store;
-    /// DynamoDB records.
-    fn repo(&self) -> &Self::Repo;
-    /// Manifest claims.
-    fn claims(&self) -> &Self::Claims;
-    /// Tokens.
-    fn tokens(&self) -> &Self::Tokens;
-    /// Clusters queue.
-    fn clusters(&self) -> &Self::Clusters;
-    /// Ingest queue.
-    fn requeue(&self) -> &Self::Requeue;
-    /// Mapillary.
-    fn mapillary(&self) -> &Self::Mapillary;
-    /// Tunables.
-    fn tunables(&self) -> &Tunables;
-}
-
-/// The usual [`Deps`]: one value per port.
-#[derive(Debug, Clone)]
-pub struct HandlerDeps<S, R, I, T, C, Q, M> {
-    /// S3.
-    pub store: S,
-    /// DynamoDB records.
-    pub repo: R,
-    /// Manifest claims.
-    pub claims: I,
-    /// Tokens.
-    pub tokens: T,
-    /// Clusters queue.
-    pub clusters: C,
-    /// Ingest queue.
-    pub requeue: Q,
-    /// Mapillary.
-    pub mapillary: M,
-    /// Tunables.
-    pub tunables: Tunables,
-}
-
-impl<S, R, I, T, C, Q, M> Deps for HandlerDeps<S, R, I, T, C, Q, M>
-where
-    S: ObjectStore,
-    R: SequenceStore + UploadStore + ImageEntryStore + IngestErrorLog,
-    I: IdempotencyStore,
-    T: TokenStore,
-    C: ClusterQueue,
-    Q: IngestRequeue,
-    M: MapillaryUploads + MapillaryAuth,
-{
-    type Store = S;
-    type Repo = R;
-    type Claims = I;
-    type Tokens = T;
-    type Clusters = C;
-    type Requeue = Q;
-    type Mapillary = M;
-    fn store(&self) -> &S {
-        &self.store
-    }
-    fn repo(&self) -> &R {
-        &self.repo
-    }
-    fn claims(&self) -> &I {
-        &self.claims
-    }
-    fn tokens(&self) -> &T {
-        &self.tokens
-    }
-    fn clusters(&self) -> &C {
-        &self.clusters
-    }
-    fn requeue(&self) -> &Q {
-        &self.requeue
-    }
-    fn mapillary(&self) -> &M {
-        &self.mapillary
-    }
-    fn tunables(&self) -> &Tunables {
-        &self.tunables
-    }
-}
 
 /// Handle an SQS batch; `deadline` is the Lambda deadline. Records run concurrently (bounded);
 /// every record that should be retried is listed in the response. (Unlike Powertools, an
@@ -281,7 +187,7 @@ async fn handle_object<D: Deps>(
                 return false;
             }
         }
-        let job = Job {
+        let job = ManifestJob {
             bucket: o.bucket.clone(),
             manifest_key: o.key.clone(),
             manifest_etag: etag,
@@ -289,13 +195,13 @@ async fn handle_object<D: Deps>(
             deadline,
         };
         match run_sequence(d, &job).await {
-            Outcome::Done => {
+            AttemptEnd::Final => {
                 if let Err(e) = d.claims().complete_claim(&id, &owner).await {
                     warn!(error = %e, "completing the claim failed (a duplicate will find the sequence final)");
                 }
                 true
             }
-            Outcome::Continue => {
+            AttemptEnd::OutOfTime => {
                 release(d, &id, &owner).await;
                 match d.requeue().requeue(body, 0).await {
                     Ok(()) => {
@@ -308,7 +214,7 @@ async fn handle_object<D: Deps>(
                     }
                 }
             }
-            Outcome::Retry(reason) if receives >= d.tunables().max_receives => {
+            AttemptEnd::Retry(reason) if receives >= d.tunables().max_receives => {
                 let reason = format!("gave up after {receives} deliveries: {reason}");
                 error!(%reason, "sequence failed");
                 match fail_sequence(d, &job, &reason).await {
@@ -325,7 +231,7 @@ async fn handle_object<D: Deps>(
                     }
                 }
             }
-            Outcome::Retry(reason) => {
+            AttemptEnd::Retry(reason) => {
                 warn!(%reason, receives, "transient failure: the message will be retried");
                 release(d, &id, &owner).await;
                 false
@@ -340,4 +246,82 @@ async fn release<D: Deps>(d: &D, id: &str, owner: &str) {
     if let Err(e) = d.claims().renew_claim(id, owner, now_ms() - 1).await {
         warn!(error = %e, "releasing the claim failed (it expires with its lease)");
     }
+}
+
+// ------------------------------------------------------------------ one sequence
+
+/// How an attempt at a sequence ended, i.e. what the handler does with its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// Final (uploaded or failed, recorded): acknowledge and complete the claim.
+    Final,
+    /// Out of time: release the claim and continue in a follow-up invocation.
+    OutOfTime,
+    /// Transient failure: retry the message later.
+    Retry(String),
+}
+
+/// Process `job` as far as the deadline allows: plan (or resume the plan), then upload
+/// ([`crate::plan`], [`crate::upload`]).
+pub async fn run_sequence<D: Deps>(d: &D, job: &ManifestJob) -> AttemptEnd {
+    match attempt(d, job).await {
+        Ok(end) => end,
+        Err(SequenceError::Transient(r)) => AttemptEnd::Retry(r),
+        Err(SequenceError::Permanent(reason)) => {
+            warn!(%reason, "sequence failed");
+            match fail_sequence(d, job, &reason).await {
+                Ok(()) => AttemptEnd::Final,
+                Err(e) => AttemptEnd::Retry(format!("recording the failure ({reason}) failed: {e}")),
+            }
+        }
+    }
+}
+
+/// Record the sequence as FAILED with `reason` (keeping what is known), and every upload that is
+/// not final as FAILED too.
+pub async fn fail_sequence<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> Result<(), RepoError> {
+    let repo = d.repo();
+    let mut seq = repo
+        .get_sequence(&job.seq.user_id, &job.seq.sequence_id)
+        .await?
+        .unwrap_or_else(|| base_record(job));
+    for mut up in repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await? {
+        if !up.state.is_final() && up.state != UploadState::Uploaded {
+            up.state = UploadState::Failed;
+            up.error = Some(reason.to_string());
+            up.finished_at = Some(OffsetDateTime::now_utc());
+            repo.put_upload(&up).await?;
+        }
+    }
+    seq.state = SequenceState::Failed;
+    seq.reason = Some(reason.to_string());
+    seq.updated_at = OffsetDateTime::now_utc();
+    repo.put_sequence(&seq).await
+}
+
+/// One attempt: nothing to do for a final sequence; else the user's token session (a user
+/// without a usable token fails before the manifest is read), the plan, the uploads.
+async fn attempt<D: Deps>(d: &D, job: &ManifestJob) -> Result<AttemptEnd, SequenceError> {
+    let existing = d
+        .repo()
+        .get_sequence(&job.seq.user_id, &job.seq.sequence_id)
+        .await?;
+    if let Some(s) = &existing {
+        if matches!(s.state, SequenceState::Uploaded | SequenceState::Failed) {
+            info!(state = s.state.as_str(), "sequence already final");
+            return Ok(AttemptEnd::Final);
+        }
+    }
+    let ctx = SessionContext::new(d.tokens(), d.mapillary(), d.tunables().token_refresh_margin);
+    let mut token = TokenSession::load(ctx, &job.seq.user_id)
+        .await
+        .map_err(|e| SequenceError::from_session(&job.seq.user_id, e))?;
+    let seq = match plan_or_resume(d, job, existing).await? {
+        Planned::Uploading(seq) => *seq,
+        Planned::Failed => return Ok(AttemptEnd::Final),
+    };
+    Ok(match upload_sequence(d, job, seq, &mut token).await? {
+        UploadStop::Final => AttemptEnd::Final,
+        UploadStop::OutOfTime => AttemptEnd::OutOfTime,
+    })
 }

@@ -1,9 +1,11 @@
 //! zip-and-push: an S3 sequence drop (via SQS) becomes Mapillary clusters.
 //!
-//! * [`handler`] — the SQS batch handler ([`handler::handle_batch`]), generic over the ports
-//!   ([`handler::Deps`]), and [`handler::sequence_status`].
-//! * [`pipeline`] — one sequence: manifest → EXIF pass → sequence rules → records → uploads →
-//!   `finish_upload` → cluster messages, resuming whatever a previous attempt left.
+//! * [`handler`] — the SQS batch handler ([`handler::handle_batch`]): claims, one attempt per
+//!   sequence, per-record results; and [`handler::sequence_status`].
+//! * [`deps`] — [`deps::Deps`], the ports the handler is generic over, and [`deps::HandlerDeps`].
+//! * [`plan`] — manifest → EXIF pass → sequence rules → records, or the resume of the records a
+//!   previous attempt wrote.
+//! * [`upload`] — each upload: stream → `finish_upload` → cluster message, from its checkpoints.
 //! * [`zipstream`] — the mapillary_tools-format zip streamed from S3 from any offset.
 //! * [`exifpass`] — metadata from ranged reads of the images' heads.
 //! * [`manifest`] — the trigger contract (key layout, manifest JSON).
@@ -14,16 +16,17 @@
 
 pub mod compose;
 pub mod config;
+pub mod deps;
 pub mod exifpass;
 pub mod handler;
 pub mod malloc;
 pub mod manifest;
-pub mod pipeline;
-#[cfg(test)]
-mod testing;
+pub mod plan;
+pub mod upload;
 pub mod zipstream;
 
-pub use handler::{handle_batch, sequence_status, Deps, HandlerDeps};
+pub use deps::{Deps, HandlerDeps};
+pub use handler::{handle_batch, sequence_status};
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::description::parse_capture_time;
 use shared::domain::exif::read_metadata;
-use shared::fakes::{MemClaims, MemQueues, MemRepo, MemStore, MemTokens};
+use shared::fakes::{MemClaims, MemQueues, MemRepo, MemStore, MemTokens, RecordingMapillary};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{MapillaryClient, UploadReport};
 use shared::mapillary::retry::RetryPolicy;
@@ -22,8 +22,8 @@ use time::macros::datetime;
 use time::OffsetDateTime;
 
 use crate::config::Tunables;
-use crate::handler::{handle_batch, sequence_status, HandlerDeps};
-use crate::testing::RecordingMapillary;
+use crate::deps::HandlerDeps;
+use crate::handler::{handle_batch, sequence_status};
 
 const BUCKET: &str = "relay-test";
 const USER: &str = "user-1";

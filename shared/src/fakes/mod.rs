@@ -15,10 +15,14 @@
 //! | [`MemStates`] | [`OAuthStateStore`](crate::ports::OAuthStateStore) | `DynamoStateStore` |
 //! | [`MemQueues`] | [`ClusterQueue`](crate::ports::ClusterQueue), [`IngestRequeue`](crate::ports::IngestRequeue) | SQS sends |
 //! | [`MemInbox`] | [`ClusterInbox`](crate::ports::ClusterInbox) (and `ClusterQueue`) | the clusters queue |
+//!
+//! Mapillary itself is not faked (tests run the offline simulator); [`RecordingMapillary`] wraps
+//! the real client and records its upload reports and `finish_upload` calls.
 
 use std::sync::{Mutex, MutexGuard};
 
 pub mod idempotency;
+pub mod mapillary;
 pub mod oauth_state;
 pub mod queues;
 pub mod records;
@@ -27,6 +31,7 @@ pub mod tokens;
 pub mod tracking;
 
 pub use idempotency::MemClaims;
+pub use mapillary::RecordingMapillary;
 pub use oauth_state::MemStates;
 pub use queues::{MemInbox, MemQueues};
 pub use records::{MemRepo, RepoState};

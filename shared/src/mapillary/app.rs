@@ -223,10 +223,6 @@ impl MapillaryApp {
 }
 
 impl MapillaryUploads for MapillaryApp {
-    async fn refresh(&self, refresh_token: &SecretString) -> Result<TokenGrant, MapillaryError> {
-        MapillaryApp::refresh(self, refresh_token).await
-    }
-
     async fn upload_resumable<F, S, E>(
         &self,
         token: &SecretString,

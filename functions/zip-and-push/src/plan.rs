@@ -1,0 +1,365 @@
+//! Planning one sequence, or resuming the plan a previous attempt wrote: manifest → EXIF pass
+//! (ranged reads of the images' heads) → sequence rules → records (image entries, uploads, then
+//! the sequence as UPLOADING). Nothing goes to Mapillary before those records exist; a later
+//! attempt that finds the sequence UPLOADING resumes from them instead of planning again.
+//!
+//! Also the vocabulary of one attempt at a sequence that `upload` and `handler` build on:
+//! [`ManifestJob`] (what to process) and [`SequenceError`] (why an attempt stops early).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use md5::{Digest, Md5};
+use shared::domain::jpeg;
+use shared::domain::sequence::{plan_sequences, SequenceInput};
+use shared::domain::zipfmt::ZipPlan;
+use shared::mapillary::session::SessionError;
+use shared::model::{
+    upload_id, RejectedImage, SequenceRecord, SequenceState, UploadImage, UploadRecord, UploadState,
+};
+use shared::ports::{ImageEntryStore, ObjectStore, RepoError, SequenceStore, StoreError, UploadStore};
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use crate::deps::Deps;
+use crate::exifpass::{read_heads, Candidate, HeadOutcome, HeadRead};
+use crate::manifest::{check_relative_key, is_default_image, parse_manifest, SequenceKey, MANIFEST_NAME};
+use crate::zipstream::comment_len;
+
+/// One manifest to process: where it is, which version, whose sequence, and until when.
+#[derive(Debug, Clone)]
+pub struct ManifestJob {
+    /// Bucket.
+    pub bucket: String,
+    /// Manifest key (decoded).
+    pub manifest_key: String,
+    /// Manifest etag (no quotes).
+    pub manifest_etag: String,
+    /// Ids from the key.
+    pub seq: SequenceKey,
+    /// Lambda deadline.
+    pub deadline: Instant,
+}
+
+/// Why an attempt at a sequence stopped before the sequence was final.
+#[derive(Debug)]
+pub enum SequenceError {
+    /// Retrying later may help: the message is retried.
+    Transient(String),
+    /// The sequence fails with this reason.
+    Permanent(String),
+}
+
+impl From<RepoError> for SequenceError {
+    fn from(e: RepoError) -> Self {
+        if e.is_transient() {
+            SequenceError::Transient(e.to_string())
+        } else {
+            SequenceError::Permanent(format!("internal error: {e}"))
+        }
+    }
+}
+
+impl SequenceError {
+    /// Why the token of `user_id` cannot be used, as this function reports it.
+    pub fn from_session(user_id: &str, e: SessionError) -> Self {
+        match e {
+            SessionError::Missing => SequenceError::Permanent(format!(
+                "no Mapillary token for user {user_id}: connect the account"
+            )),
+            SessionError::Store(e) if e.is_transient() => SequenceError::Transient(e.to_string()),
+            SessionError::Store(e) => {
+                SequenceError::Permanent(format!("the Mapillary token of user {user_id} is unusable: {e}"))
+            }
+            SessionError::Mapillary(e) if e.is_retriable() => {
+                SequenceError::Transient(format!("token refresh: {e}"))
+            }
+            SessionError::Mapillary(e) => {
+                SequenceError::Permanent(format!("Mapillary rejected the token: {e}"))
+            }
+        }
+    }
+}
+
+/// What planning left for this attempt.
+#[derive(Debug)]
+pub enum Planned {
+    /// The sequence (UPLOADING, this attempt counted) and its upload records are written: upload.
+    Uploading(Box<SequenceRecord>),
+    /// The sequence cannot be uploaded; it is recorded FAILED with its reason.
+    Failed,
+}
+
+/// The wall clock of records' timestamps.
+pub(crate) fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// The record of a sequence not seen before: RECEIVED, nothing planned yet.
+pub fn base_record(job: &ManifestJob) -> SequenceRecord {
+    let t = now();
+    SequenceRecord {
+        user_id: job.seq.user_id.clone(),
+        sequence_id: job.seq.sequence_id.clone(),
+        state: SequenceState::Received,
+        reason: None,
+        bucket: job.bucket.clone(),
+        manifest_key: job.manifest_key.clone(),
+        manifest_etag: job.manifest_etag.clone(),
+        organization_id: None,
+        image_count: 0,
+        accepted_count: 0,
+        upload_ids: Vec::new(),
+        rejected: Vec::new(),
+        created_at: t,
+        updated_at: t,
+        attempts: 0,
+    }
+}
+
+/// The plan of this attempt: the one a previous attempt wrote when `existing` is UPLOADING
+/// (resume), else a new one from the manifest. Either way the attempt is counted on the sequence
+/// record before any upload starts.
+pub async fn plan_or_resume<D: Deps>(
+    d: &D,
+    job: &ManifestJob,
+    existing: Option<SequenceRecord>,
+) -> Result<Planned, SequenceError> {
+    let repo = d.repo();
+    let mut seq = match existing {
+        Some(s) if s.state == SequenceState::Uploading => s,
+        _ => {
+            let s = plan_sequence(d, job).await?;
+            if s.state == SequenceState::Failed {
+                repo.put_sequence(&s).await?;
+                warn!(
+                    reason = s.reason.as_deref().unwrap_or_default(),
+                    "sequence failed"
+                );
+                return Ok(Planned::Failed);
+            }
+            s
+        }
+    };
+    seq.attempts += 1;
+    seq.updated_at = now();
+    repo.put_sequence(&seq).await?;
+    Ok(Planned::Uploading(Box::new(seq)))
+}
+
+/// Read the manifest, read the images' heads, apply the sequence rules and write the records
+/// (image entries, uploads, then the sequence as UPLOADING). A sequence that cannot be uploaded
+/// comes back FAILED with its reason, not yet written.
+async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceRecord, SequenceError> {
+    let store = d.store();
+    let tun = d.tunables();
+    let mut seq = base_record(job);
+    let prefix = job.seq.prefix();
+    let fail = |mut seq: SequenceRecord, reason: String| {
+        seq.state = SequenceState::Failed;
+        seq.reason = Some(reason);
+        Ok(seq)
+    };
+    let manifest_bytes = match store.get_object(&job.bucket, &job.manifest_key, None).await {
+        Ok(o) => o.bytes,
+        Err(StoreError::NotFound(_)) => {
+            return fail(seq, "manifest.json was deleted before it could be read".into())
+        }
+        Err(e) if e.is_transient() => return Err(SequenceError::Transient(e.to_string())),
+        Err(e) => return fail(seq, format!("manifest.json is unreadable: {e}")),
+    };
+    let manifest = match parse_manifest(&manifest_bytes) {
+        Ok(m) => m,
+        Err(e) => return fail(seq, e.to_string()),
+    };
+    seq.organization_id = manifest.organization_id.clone();
+
+    let mut candidates = Vec::new();
+    match &manifest.images {
+        Some(list) => {
+            let mut seen = HashSet::new();
+            for rel in list {
+                if let Err(reason) = check_relative_key(rel) {
+                    seq.rejected.push(RejectedImage {
+                        key: rel.clone(),
+                        reason,
+                    });
+                } else if rel == MANIFEST_NAME {
+                    seq.rejected.push(RejectedImage {
+                        key: rel.clone(),
+                        reason: "invalid key: the manifest itself is not an image".into(),
+                    });
+                } else if !seen.insert(rel.clone()) {
+                    seq.rejected.push(RejectedImage {
+                        key: rel.clone(),
+                        reason: "listed more than once in the manifest".into(),
+                    });
+                } else {
+                    candidates.push(Candidate {
+                        rel: rel.clone(),
+                        key: format!("{prefix}{rel}"),
+                    });
+                }
+            }
+            seq.image_count = list.len() as u32;
+        }
+        None => {
+            let listed = match store.list(&job.bucket, &prefix).await {
+                Ok(l) => l,
+                Err(e) if e.is_transient() => return Err(SequenceError::Transient(e.to_string())),
+                Err(e) => return fail(seq, format!("listing the sequence failed: {e}")),
+            };
+            for o in listed {
+                let rel = o.key.strip_prefix(&prefix).unwrap_or(&o.key).to_string();
+                if rel != MANIFEST_NAME && is_default_image(&rel) {
+                    candidates.push(Candidate { rel, key: o.key });
+                }
+            }
+            seq.image_count = candidates.len() as u32;
+            if candidates.is_empty() {
+                return fail(seq, format!("no images: no .jpg/.jpeg object under {prefix}"));
+            }
+        }
+    }
+
+    let heads = read_heads(store, &job.bucket, candidates, tun.exif_concurrency)
+        .await
+        .map_err(|e| SequenceError::Transient(e.to_string()))?;
+    let mut reads: HashMap<String, HeadRead> = HashMap::new();
+    let mut inputs = Vec::new();
+    for h in heads {
+        match h {
+            HeadOutcome::Read(r) => {
+                inputs.push(SequenceInput {
+                    name: r.rel.clone(),
+                    meta: r.meta.clone(),
+                    file_size: Some(r.size),
+                });
+                reads.insert(r.rel.clone(), *r);
+            }
+            HeadOutcome::Rejected(key, reason) => seq.rejected.push(RejectedImage { key, reason }),
+        }
+    }
+    let max = manifest
+        .max_images_per_upload
+        .unwrap_or(tun.max_images_per_upload);
+    let plan = plan_sequences(inputs, &tun.sequence_config(max));
+    for dropped in plan.dropped {
+        seq.rejected.push(RejectedImage {
+            key: dropped.name,
+            reason: dropped.reason.to_string(),
+        });
+    }
+
+    let created = now();
+    let mut uploads = Vec::new();
+    let mut all_images = Vec::new();
+    for planned in plan.sequences {
+        let index = uploads.len() as u32;
+        let up_id = upload_id(&job.seq.user_id, &job.seq.sequence_id, index);
+        let mut images: Vec<UploadImage> = Vec::new();
+        for pi in planned.images {
+            let Some(r) = reads.get(&pi.name) else {
+                seq.rejected.push(RejectedImage {
+                    key: pi.name,
+                    reason: "internal error: planned image without metadata".into(),
+                });
+                continue;
+            };
+            let rh = match jpeg::rewrite_header(&r.head, &pi.description) {
+                Ok(h) => h,
+                Err(e) => {
+                    seq.rejected.push(RejectedImage {
+                        key: pi.name,
+                        reason: format!("cannot write the MAP* description into the EXIF: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let Some(entry_size) = rh.transformed_len(r.size) else {
+                seq.rejected.push(RejectedImage {
+                    key: pi.name,
+                    reason: "corrupt EXIF: header longer than the file".into(),
+                });
+                continue;
+            };
+            images.push(UploadImage {
+                upload_id: up_id.clone(),
+                index: images.len() as u32,
+                key: r.key.clone(),
+                etag: r.etag.clone(),
+                size: r.size,
+                entry_size,
+                header_consumed: rh.consumed as u64,
+                description: pi.description,
+                lat: pi.meta.lat,
+                lon: pi.meta.lon,
+                altitude: pi.meta.altitude,
+                captured_at: pi.meta.captured_at,
+                heading: pi.meta.heading,
+                checkpoint: None,
+            });
+        }
+        if images.is_empty() {
+            continue;
+        }
+        let sizes: Vec<u64> = images.iter().map(|i| i.entry_size).collect();
+        let zplan = match ZipPlan::from_sizes(&sizes, comment_len()) {
+            Ok(p) => p,
+            Err(e) => return fail(seq, format!("upload {up_id} cannot be zipped: {e}")),
+        };
+        uploads.push(UploadRecord {
+            user_id: job.seq.user_id.clone(),
+            sequence_id: job.seq.sequence_id.clone(),
+            upload_id: up_id,
+            index,
+            state: UploadState::Pending,
+            session_key: session_key(&images),
+            total_len: zplan.total_len(),
+            image_count: images.len() as u32,
+            cluster_id: None,
+            handle: None,
+            organization_id: manifest.organization_id.clone(),
+            bytes_sent: 0,
+            created_at: created,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            attempts: 0,
+        });
+        all_images.extend(images);
+    }
+    seq.accepted_count = all_images.len() as u32;
+    seq.upload_ids = uploads.iter().map(|u| u.upload_id.clone()).collect();
+    if uploads.is_empty() {
+        let n = seq.rejected.len();
+        return fail(seq, format!("no usable images: all {n} images were rejected"));
+    }
+    // Records before any byte goes to Mapillary: images, then uploads, then the sequence (whose
+    // UPLOADING state is what a later attempt resumes from).
+    let repo = d.repo();
+    repo.put_images(&all_images).await?;
+    for up in &uploads {
+        repo.put_upload(up).await?;
+    }
+    seq.state = SequenceState::Uploading;
+    info!(
+        uploads = uploads.len(),
+        accepted = seq.accepted_count,
+        rejected = seq.rejected.len(),
+        "sequence planned"
+    );
+    Ok(seq)
+}
+
+/// `mly_relay_<md5 of (key, etag, description) of every image, in order>.zip`.
+pub fn session_key(images: &[UploadImage]) -> String {
+    let mut h = Md5::new();
+    for i in images {
+        for part in [i.key.as_bytes(), i.etag.as_bytes(), i.description.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    format!("mly_relay_{}.zip", hex::encode(h.finalize()))
+}

@@ -1,0 +1,303 @@
+//! Uploading a planned sequence: each upload that is not final is driven through its states —
+//! stream the zip (resumable, checkpointed per image entry by `zipstream`) → `finish_upload`
+//! (exactly once per handle; a lost reply becomes FINISH_UNCERTAIN) → cluster message — then the
+//! sequence is concluded UPLOADED or FAILED. Stops short of the Lambda deadline so that a
+//! continuation resumes where this attempt stopped.
+
+use std::time::Instant;
+
+use shared::mapillary::error::MapillaryError;
+use shared::mapillary::session::{CallError, TokenSession};
+use shared::model::{ClusterMessage, SequenceRecord, SequenceState, UploadRecord, UploadState};
+use shared::ports::{
+    ClusterQueue, ImageEntryReader, MapillaryUploads, SequenceStore, UploadReader, UploadStore,
+};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::deps::Deps;
+use crate::plan::{now, ManifestJob, SequenceError};
+use crate::zipstream::{upload_zip, UploadFailure, ZipSource};
+
+/// The user's token session of this invocation (see `shared::mapillary::session`).
+pub type Session<'a, D> = TokenSession<'a, <D as Deps>::Tokens, <D as Deps>::Mapillary>;
+
+/// Where driving stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadStop {
+    /// Final: the upload (or, from [`upload_sequence`], the sequence) is recorded in a final state.
+    Final,
+    /// The deadline is near: a continuation resumes from the records.
+    OutOfTime,
+}
+
+/// Drive every upload of `seq` that is not final, then record the sequence UPLOADED (at least one
+/// upload delivered, possibly FINISH_UNCERTAIN) or FAILED (none).
+pub async fn upload_sequence<D: Deps>(
+    d: &D,
+    job: &ManifestJob,
+    mut seq: SequenceRecord,
+    token: &mut Session<'_, D>,
+) -> Result<UploadStop, SequenceError> {
+    let repo = d.repo();
+    let uploads = repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await?;
+    for up in uploads {
+        if up.state.is_final() {
+            continue;
+        }
+        let span = info_span!("upload", upload_id = %up.upload_id);
+        match drive_upload(d, job, &seq, up, token).instrument(span).await? {
+            UploadStop::Final => {}
+            UploadStop::OutOfTime => return Ok(UploadStop::OutOfTime),
+        }
+    }
+
+    let uploads = repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await?;
+    let delivered = uploads
+        .iter()
+        .filter(|u| matches!(u.state, UploadState::HandedOff | UploadState::FinishUncertain))
+        .count();
+    if delivered > 0 {
+        seq.state = SequenceState::Uploaded;
+        let failed = uploads.len() - delivered;
+        seq.reason = (failed > 0).then(|| format!("{failed} of {} uploads failed", uploads.len()));
+    } else {
+        seq.state = SequenceState::Failed;
+        let first = uploads.iter().find_map(|u| u.error.clone()).unwrap_or_default();
+        seq.reason = Some(format!("every upload failed: {first}"));
+    }
+    seq.updated_at = now();
+    repo.put_sequence(&seq).await?;
+    info!(
+        state = seq.state.as_str(),
+        uploads = uploads.len(),
+        "sequence done"
+    );
+    Ok(UploadStop::Final)
+}
+
+/// Drive one upload from its recorded state until it is final or the deadline is near.
+async fn drive_upload<D: Deps>(
+    d: &D,
+    job: &ManifestJob,
+    seq: &SequenceRecord,
+    mut up: UploadRecord,
+    token: &mut Session<'_, D>,
+) -> Result<UploadStop, SequenceError> {
+    let repo = d.repo();
+    let mut finish_now = false;
+    loop {
+        match up.state {
+            UploadState::Pending | UploadState::Uploading => {
+                let images = repo.list_images(&up.upload_id).await?;
+                if images.len() != up.image_count as usize {
+                    let msg = format!(
+                        "internal error: {} image entries recorded, {} expected",
+                        images.len(),
+                        up.image_count
+                    );
+                    fail_upload(d, &mut up, msg).await?;
+                    continue;
+                }
+                let source = match ZipSource::new(
+                    d.store(),
+                    repo,
+                    &job.bucket,
+                    &up.upload_id,
+                    &images,
+                    d.tunables().prefetch_bytes,
+                ) {
+                    Ok(s) if s.total_len() == up.total_len => s,
+                    Ok(s) => {
+                        let msg = format!(
+                            "internal error: zip of {} bytes planned, {} recorded",
+                            s.total_len(),
+                            up.total_len
+                        );
+                        fail_upload(d, &mut up, msg).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        fail_upload(d, &mut up, e.to_string()).await?;
+                        continue;
+                    }
+                };
+                if up.state == UploadState::Pending {
+                    up.state = UploadState::Uploading;
+                    up.started_at = Some(now());
+                }
+                up.attempts += 1;
+                repo.put_upload(&up).await?;
+                token
+                    .ensure_fresh()
+                    .await
+                    .map_err(|e| SequenceError::from_session(&seq.user_id, e))?;
+                let report = loop {
+                    let Some(budget) = job
+                        .deadline
+                        .saturating_duration_since(Instant::now())
+                        .checked_sub(d.tunables().deadline_margin)
+                        .filter(|b| !b.is_zero())
+                    else {
+                        return Ok(UploadStop::OutOfTime);
+                    };
+                    let attempt = upload_zip(d.mapillary(), &source, token.access(), &up.session_key);
+                    match tokio::time::timeout(budget, attempt).await {
+                        Err(_) => {
+                            info!("deadline near: stopping the upload to continue in a follow-up invocation");
+                            return Ok(UploadStop::OutOfTime);
+                        }
+                        Ok(Ok(report)) => break report,
+                        Ok(Err(UploadFailure::Mapillary(e))) if e.is_unauthorized() => {
+                            // Refreshed at most once per invocation (the session's rule).
+                            match token.on_unauthorized().await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    return Err(SequenceError::Permanent(format!(
+                                        "Mapillary rejected the token: {e}"
+                                    )))
+                                }
+                                Err(r) => return Err(SequenceError::from_session(&seq.user_id, r)),
+                            }
+                        }
+                        Ok(Err(UploadFailure::Mapillary(e))) if retry_later(&e) => {
+                            return Err(SequenceError::Transient(format!("upload {}: {e}", up.upload_id)));
+                        }
+                        Ok(Err(UploadFailure::Source(e))) if e.is_transient() => {
+                            return Err(SequenceError::Transient(format!("upload {}: {e}", up.upload_id)));
+                        }
+                        Ok(Err(e)) => {
+                            // Not retriable: this upload fails, the others go on.
+                            fail_upload(d, &mut up, e.to_string()).await?;
+                            return Ok(UploadStop::Final);
+                        }
+                    }
+                };
+                info!(
+                    bytes_sent = report.bytes_sent(),
+                    total_len = report.total_len,
+                    posts = report.posts.len(),
+                    retries = report.retries,
+                    "upload bytes complete"
+                );
+                up.bytes_sent += report.bytes_sent();
+                up.handle = Some(report.handle);
+                up.state = UploadState::Finishing;
+                repo.transition_upload(&up, UploadState::Uploading).await?;
+                finish_now = true;
+            }
+            UploadState::Finishing if finish_now => {
+                finish(d, seq, &mut up, token).await?;
+                finish_now = false;
+            }
+            UploadState::Finishing => {
+                up.state = UploadState::FinishUncertain;
+                up.error = Some(
+                    "a previous attempt stopped while calling finish_upload: whether a cluster was created \
+                     is unknown (the poller reconciles through the activity feed)"
+                        .into(),
+                );
+                up.finished_at = Some(now());
+                repo.put_upload(&up).await?;
+                warn!("upload left in FINISHING: marked FINISH_UNCERTAIN");
+            }
+            UploadState::Uploaded => {
+                let Some(cluster_id) = up.cluster_id.clone() else {
+                    up.state = UploadState::FinishUncertain;
+                    up.error = Some("internal error: UPLOADED without cluster_id".into());
+                    repo.put_upload(&up).await?;
+                    continue;
+                };
+                let msg = ClusterMessage {
+                    upload_id: up.upload_id.clone(),
+                    user_id: up.user_id.clone(),
+                    sequence_id: up.sequence_id.clone(),
+                    cluster_id,
+                };
+                d.clusters()
+                    .send_cluster(&msg)
+                    .await
+                    .map_err(|e| SequenceError::Transient(format!("sending the cluster message: {e}")))?;
+                up.state = UploadState::HandedOff;
+                repo.put_upload(&up).await?;
+                info!(cluster_id = %msg.cluster_id, "cluster handed off");
+            }
+            UploadState::HandedOff | UploadState::FinishUncertain | UploadState::Failed => {
+                return Ok(UploadStop::Final)
+            }
+        }
+    }
+}
+
+/// Errors worth another delivery (the client already retried within its budget).
+fn retry_later(e: &MapillaryError) -> bool {
+    e.is_retriable() || matches!(e, MapillaryError::Exhausted { last, .. } if last.is_retriable())
+}
+
+async fn fail_upload<D: Deps>(d: &D, up: &mut UploadRecord, error: String) -> Result<(), SequenceError> {
+    warn!(%error, "upload failed");
+    up.state = UploadState::Failed;
+    up.error = Some(error);
+    up.finished_at = Some(now());
+    d.repo().put_upload(up).await?;
+    Ok(())
+}
+
+/// `finish_upload` exactly once per handle. On success the cluster id is logged first, then
+/// recorded (UPLOADED), and only then handed off — so no crash leaves it recorded nowhere.
+async fn finish<D: Deps>(
+    d: &D,
+    seq: &SequenceRecord,
+    up: &mut UploadRecord,
+    token: &mut Session<'_, D>,
+) -> Result<(), SequenceError> {
+    let repo = d.repo();
+    let Some(handle) = up.handle.clone() else {
+        // No handle recorded: upload again (the server holds every byte; an empty POST returns it).
+        up.state = UploadState::Uploading;
+        return repo
+            .transition_upload(up, UploadState::Finishing)
+            .await
+            .map_err(Into::into);
+    };
+    let (mly, org) = (d.mapillary(), up.organization_id.clone());
+    // A 401 created nothing: the session refreshes the token (once per invocation) and calls again.
+    let res = token
+        .call(|t| {
+            let (handle, org) = (&handle, org.as_deref());
+            async move { mly.finish_upload(&t, handle, org).await }
+        })
+        .await;
+    let e = match res {
+        Ok(cluster_id) => {
+            info!(upload_id = %up.upload_id, cluster_id = %cluster_id, "finish_upload returned a cluster");
+            up.cluster_id = Some(cluster_id);
+            up.state = UploadState::Uploaded;
+            up.finished_at = Some(now());
+            up.error = None;
+            repo.put_upload(up).await?;
+            return Ok(());
+        }
+        Err(CallError::Refresh(r)) => return Err(SequenceError::from_session(&seq.user_id, r)),
+        Err(CallError::Call(e)) => e,
+    };
+    if e.is_ambiguous() {
+        warn!(error = %e, "finish_upload outcome unknown");
+        up.state = UploadState::FinishUncertain;
+        up.error = Some(format!("finish_upload outcome unknown: {e}"));
+        up.finished_at = Some(now());
+        repo.put_upload(up).await?;
+        Ok(())
+    } else if e.is_retriable() {
+        // Definitely not created (e.g. rate limited before sending): go back to UPLOADING so the next
+        // attempt gets the handle again and finishes.
+        up.state = UploadState::Uploading;
+        repo.transition_upload(up, UploadState::Finishing).await?;
+        Err(SequenceError::Transient(format!("finish_upload: {e}")))
+    } else if e.is_unauthorized() {
+        Err(SequenceError::Permanent(format!(
+            "Mapillary rejected the token: {e}"
+        )))
+    } else {
+        fail_upload(d, up, format!("finish_upload failed: {e}")).await
+    }
+}
