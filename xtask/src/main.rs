@@ -5,12 +5,15 @@
 //! * `test` — every check CI runs: fmt, clippy -D warnings, all unit and integration tests, fuzzing,
 //!   and `demo --ci` last (`--no-demo` skips it).
 //! * `demo` — the main job, end to end on the local stack.
+//! * `package` — the functions built as Lambda runs them, sized, and started behind a Runtime API.
 
 mod bench;
 mod bench_api;
 mod bench_poller;
 mod demo;
+mod package;
 mod push;
+mod runtime_api;
 mod stack;
 mod track;
 mod venv;
@@ -84,6 +87,14 @@ enum Cmd {
         #[arg(long)]
         track: bool,
     },
+    /// Build the functions as Lambda runs them (cargo lambda build --release, zips with `bootstrap`),
+    /// print their sizes, and start each behind a local Runtime API with a sample event (cold init
+    /// and first response times; docs/deploy.md).
+    Package {
+        /// Instruction set (default: this machine's; the template's Architecture defaults to arm64).
+        #[arg(long, value_enum)]
+        arch: Option<package::Arch>,
+    },
     /// Benchmarks (results go to docs/benchmarks.md by hand).
     Bench {
         /// What to benchmark: `zip-and-push`, `poller` or `status-api`.
@@ -112,6 +123,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => {
             venv::ensure(&root)?;
+            venv::ensure_sam(&root)?;
             eprintln!("setup: venvs ready in {}", root.join(".venv").display());
             Ok(())
         }
@@ -158,6 +170,7 @@ fn main() -> Result<()> {
             sequence,
             track,
         } => rt.block_on(push::run(&root, &dir, user, sequence, track)),
+        Cmd::Package { arch } => rt.block_on(package::run(&root, arch)),
         Cmd::Bench { what } if cfg!(debug_assertions) && std::env::var_os(BENCH_DEBUG_ENV).is_none() => {
             rerun_optimized(&root, &what)
         }
@@ -203,6 +216,8 @@ fn rerun_optimized(root: &Path, what: &str) -> Result<()> {
 /// The README's test command.
 fn test(root: &Path, no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     let venvs = venv::ensure(root)?;
+    // `sam validate --lint` in tests/tests/infra_checks.rs.
+    venv::ensure_sam(root)?;
     if !no_lint {
         run(
             cargo(root).args(["fmt", "--all", "--", "--check"]),
