@@ -322,6 +322,22 @@ fn build(
 ) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `cargo run` (the `cargo xtask` alias) gives this process xtask's CARGO_PKG_*/CARGO_MANIFEST_*
+    // variables. Build scripts that watch such variables (ring's watches CARGO_PKG_NAME) would see
+    // them change between this build and the same `cargo lambda build` typed in a shell, and both
+    // would rebuild the release dependencies (~10-30 min here) each time the other ran.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*k,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd.current_dir(root)
         // cargo-lambda is a cargo subcommand found on PATH (.venv/aws/bin).
         .env("PATH", venvs.path_with_aws_bin())
