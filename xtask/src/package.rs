@@ -9,7 +9,8 @@
 //!    the binary and zip sizes are printed.
 //! 2. **Start.** Each zip's `bootstrap` is unpacked into a temporary task root and started with a
 //!    clean environment like Lambda's (`AWS_LAMBDA_RUNTIME_API`, function name / memory / version /
-//!    log variables, the template's `RELAY_*`/`MAPILLARY_*` configuration) behind a minimal Runtime
+//!    log variables, the template's `RELAY_*`/`MAPILLARY_*` configuration, the client secret by ARN
+//!    from moto's Secrets Manager as when deployed) behind a minimal Runtime
 //!    API ([`crate::runtime_api`]), against a private moto holding a stack of the template and an
 //!    in-process Mapillary simulator. One sample event from `events/` per function; zip-and-push's
 //!    manifest notification is pointed at this stack's bucket, where a small generated sequence and
@@ -422,6 +423,7 @@ async fn start_all(
     eprintln!("package: simulator at {}", sim.base_url());
     let endpoints = SimEndpoints::from_base(sim.base_url(), defaults::APP_ID, defaults::CLIENT_SECRET);
     let stack_env = stack.lambda_env(&endpoints);
+    let function_stack_env = with_secret_by_arn(&stack, &stack_env).await?;
 
     let mut reports = Vec::new();
     for p in packages {
@@ -438,7 +440,7 @@ async fn start_all(
         if f.binary == "zip-and-push" {
             event = seed_manifest_event(event, &stack, &stack_env, &work.join("images")).await?;
         }
-        let env = function_env(f, &stack_env, &work.join(&f.binary))?;
+        let env = function_env(f, &function_stack_env, &work.join(&f.binary))?;
         eprintln!(
             "package: starting {} with {} ({} MB, timeout {} s)",
             f.binary,
@@ -471,6 +473,43 @@ async fn start_all(
     drop(sim);
     drop(moto);
     Ok(reports)
+}
+
+/// `stack_env` as deployed functions see it: the client secret only by ARN, from a secret created in
+/// moto's Secrets Manager, so the cold start fetches it as it does on Lambda (the local stacks pass
+/// it plain, `MAPILLARY_CLIENT_SECRET`).
+async fn with_secret_by_arn(
+    stack: &LocalStack,
+    stack_env: &[(String, String)],
+) -> Result<Vec<(String, String)>> {
+    let secret = stack_env
+        .iter()
+        .find(|(k, _)| k == "MAPILLARY_CLIENT_SECRET")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| anyhow!("the local stack's environment has no MAPILLARY_CLIENT_SECRET"))?;
+    let created = aws_sdk_secretsmanager::Client::new(stack.sdk_config())
+        .create_secret()
+        .name(format!("{STACK_NAME}/mapillary-client-secret"))
+        .secret_string(secret)
+        .send()
+        .await
+        .context("CreateSecret in moto")?;
+    let arn = created
+        .arn()
+        .ok_or_else(|| anyhow!("CreateSecret returned no ARN"))?
+        .to_string();
+    Ok(stack_env
+        .iter()
+        .filter(|(k, _)| k != "MAPILLARY_CLIENT_SECRET")
+        .map(|(k, v)| {
+            let v = if k == "MAPILLARY_CLIENT_SECRET_ARN" {
+                arn.clone()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect())
 }
 
 fn ms(d: Option<Duration>) -> String {
