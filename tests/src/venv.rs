@@ -1,7 +1,8 @@
 //! The project's Python virtualenvs: `.venv/aws` (moto, cargo-lambda, cfn-lint, aws-sam-translator),
 //! `.venv/mapillary-tools` (Mapillary's own client; its pins conflict with aws-sam-translator) and
 //! `.venv/checkov` (checkov pins an older boto3 than moto's) and `.venv/schemathesis` (property-based API
-//! tests of the status API's OpenAPI document; its own hypothesis/jsonschema pins).
+//! tests of the status API's OpenAPI document; its own hypothesis/jsonschema pins). `.venv/sam` (the AWS
+//! SAM CLI, for `sam validate --lint`) is made on request by [`ensure_sam`].
 //!
 //! Each is installed when first needed, not all up front (a newcomer's `cargo xtask demo` needs only
 //! `.venv/aws`): [`ensure`] makes `.venv/aws` ready, and [`Venvs::mapillary_tools`], [`Venvs::checkov`] and
@@ -142,6 +143,24 @@ fn tool(venv: &Path, name: &str, bin: &str) -> PathBuf {
         eprintln!("venv: installing .venv/{name} failed: {e:#}");
     }
     venv.join("bin").join(bin)
+}
+
+/// Makes sure `.venv/sam` (the AWS SAM CLI, `requirements/sam.txt`) exists and is current; returns
+/// the `sam` executable. Its own venv because aws-sam-cli pins boto3 and click below what moto
+/// installs, and not part of [`ensure`]: the template checks need it (`cargo xtask setup`/`test`),
+/// the demo does not.
+pub fn ensure_sam(repo_root: &Path) -> Result<PathBuf> {
+    let venv_root = repo_root.join(".venv");
+    let dir = venv_root.join("sam");
+    let requirements = repo_root.join("requirements/sam.txt");
+    if !is_fresh(&dir, &requirements, "sam")? {
+        fs::create_dir_all(&venv_root).with_context(|| format!("creating {}", venv_root.display()))?;
+        let _lock = FileLock::exclusive(&venv_root.join(".lock"))?;
+        if !is_fresh(&dir, &requirements, "sam")? {
+            install(&dir, &requirements)?;
+        }
+    }
+    Ok(dir.join("bin/sam"))
 }
 
 fn is_fresh(dir: &Path, requirements: &Path, main_bin: &str) -> Result<bool> {

@@ -1,5 +1,5 @@
-//! Static checks of `infra/template.yaml`: cfn-lint and checkov find nothing, on the SAM source and on
-//! the CloudFormation that aws-sam-translator makes of it (cfn-lint 1.58 misses errors inside
+//! Static checks of `infra/template.yaml`: `sam validate --lint` passes; cfn-lint and checkov find
+//! nothing, on the SAM source and on the CloudFormation that aws-sam-translator makes of it (cfn-lint 1.58 misses errors inside
 //! `AWS::Serverless::*` resources that it catches after translation), every checkov skip carries its
 //! reason, every dead-letter queue has a depth alarm, and the IAM roles are scoped to single resources.
 //!
@@ -143,6 +143,32 @@ fn assert_checkov_clean(venvs: &Venvs, template: &Path) -> BTreeSet<(String, Str
         skipped.insert((id, resource));
     }
     skipped
+}
+
+/// `sam validate --lint` (AWS SAM CLI from `.venv/sam`): SAM's own validation of the source template
+/// and its cfn-lint run on the transformed one, offline (dummy credentials and region, no telemetry,
+/// a throwaway HOME for SAM's metadata file).
+#[test]
+fn sam_validate_lint_is_clean() {
+    let root = integration_tests::repo_root();
+    // `.venv/sam` is installed on first use, like the other test-only venvs.
+    let sam =
+        integration_tests::venv::ensure_sam(&root).expect("installing .venv/sam (requirements/sam.txt)");
+    let home = tempfile::tempdir().expect("tempdir");
+    let (code, stdout, stderr) = run(Command::new(&sam)
+        .current_dir(root.join("infra"))
+        .args(["validate", "--lint", "--template"])
+        .arg(stack::template_path())
+        .env("AWS_DEFAULT_REGION", stack::REGION)
+        .env("AWS_REGION", stack::REGION)
+        .env("AWS_ACCESS_KEY_ID", stack::ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", stack::SECRET_ACCESS_KEY)
+        .env("SAM_CLI_TELEMETRY", "0")
+        .env("HOME", home.path()));
+    assert!(
+        code == Some(0) && stdout.contains("is a valid SAM Template"),
+        "sam validate --lint failed (exit {code:?}):\n{stdout}\n{stderr}"
+    );
 }
 
 #[test]

@@ -8,12 +8,15 @@
 //! * `test` — every check CI runs: fmt, the workspace-hack check, clippy -D warnings within the test build,
 //!   each test tier, fuzzing, and `demo --ci` last (`--no-demo` skips it); a per-phase timing table at the end.
 //! * `demo` — the main job, end to end on the local stack.
+//! * `package` — the functions built as Lambda runs them, sized, and started behind a Runtime API.
 
 mod bench;
 mod bench_api;
 mod bench_poller;
 mod demo;
+mod package;
 mod push;
+mod runtime_api;
 mod stack;
 mod track;
 mod venv;
@@ -88,6 +91,14 @@ enum Cmd {
         #[arg(long)]
         track: bool,
     },
+    /// Build the functions as Lambda runs them (cargo lambda build --release, zips with `bootstrap`),
+    /// print their sizes, and start each behind a local Runtime API with a sample event (cold init
+    /// and first response times; docs/deploy.md).
+    Package {
+        /// Instruction set (default: this machine's; the template's Architecture defaults to arm64).
+        #[arg(long, value_enum)]
+        arch: Option<package::Arch>,
+    },
     /// Benchmarks (results go to docs/benchmarks.md by hand).
     Bench {
         /// What to benchmark: `zip-and-push`, `poller` or `status-api`.
@@ -116,6 +127,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => {
             integration_tests::venv::ensure_all(&root)?;
+            venv::ensure_sam(&root)?;
             eprintln!("setup: venvs ready in {}", root.join(".venv").display());
             Ok(())
         }
@@ -151,6 +163,7 @@ fn main() -> Result<()> {
             sequence,
             track,
         } => rt.block_on(push::run(&root, &dir, user, sequence, track)),
+        Cmd::Package { arch } => rt.block_on(package::run(&root, arch)),
         Cmd::Bench { what } if cfg!(debug_assertions) && std::env::var_os(BENCH_DEBUG_ENV).is_none() => {
             rerun_optimized(&root, &what)
         }

@@ -10,3 +10,8 @@ pub use integration_tests::venv::Venvs;
 pub fn ensure(repo_root: &Path) -> Result<Venvs> {
     integration_tests::venv::ensure(repo_root)
 }
+
+/// Creates or refreshes `.venv/sam` (AWS SAM CLI, for the template checks); returns `sam`'s path.
+pub fn ensure_sam(repo_root: &Path) -> Result<std::path::PathBuf> {
+    integration_tests::venv::ensure_sam(repo_root)
+}
