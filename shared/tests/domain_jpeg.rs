@@ -175,19 +175,9 @@ fn thumbnail_bytes(e: &Exif) -> Vec<u8> {
     e.buf()[off..off + len].to_vec()
 }
 
-/// Deterministic xorshift for mutation loops.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // kamadak-exif read-back

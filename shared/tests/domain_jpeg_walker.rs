@@ -381,19 +381,9 @@ fn without_exif_the_rewrite_needs_the_head_through_sos() {
     assert_eq!(rewrite_header(&file, "x").expect("rewrite").consumed, app0_end);
 }
 
-/// Deterministic xorshift for the mutation loop.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 #[test]
 fn on_any_head_the_reader_and_the_rewrite_agree_on_the_exif_segment() {

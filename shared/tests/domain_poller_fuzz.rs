@@ -20,26 +20,9 @@ use shared::domain::tracking::{apply_node, FeedWalk, TrackedUpload, TrackingPoli
 use shared::mapillary::feed::parse_page;
 use time::macros::datetime;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn budget() -> Duration {
     let secs = std::env::var("POLLER_FUZZ_SECS")

@@ -140,24 +140,16 @@ mod tests {
     use super::*;
 
     fn base() -> HashMap<&'static str, String> {
-        [
-            ("RELAY_BUCKET", "b"),
-            ("RELAY_INGEST_QUEUE_URL", "http://q/ingest"),
-            ("RELAY_CLUSTERS_QUEUE_URL", "http://q/clusters"),
-            ("RELAY_UPLOADS_TABLE", "uploads"),
-            ("RELAY_USERS_TABLE", "users"),
-            ("RELAY_IDEMPOTENCY_TABLE", "idem"),
-            ("RELAY_TOKEN_KEY_ID", "alias/relay"),
-            ("MAPILLARY_GRAPH_URL", "http://127.0.0.1:1/graph/"),
-            ("MAPILLARY_UPLOAD_URL", "http://127.0.0.1:1/rupload"),
-            ("MAPILLARY_TILES_URL", "http://127.0.0.1:1/tiles"),
-            ("MAPILLARY_WWW_URL", "http://127.0.0.1:1/www"),
-            ("MAPILLARY_CLIENT_ID", "123"),
-            ("MAPILLARY_CLIENT_SECRET", "s3cret"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k, v.to_string()))
-        .collect()
+        let mut env = shared::fakes::common_env();
+        env.extend(
+            [
+                ("RELAY_BUCKET", "b"),
+                ("RELAY_INGEST_QUEUE_URL", "http://q/ingest"),
+                ("RELAY_CLUSTERS_QUEUE_URL", "http://q/clusters"),
+            ]
+            .map(|(k, v)| (k, v.to_string())),
+        );
+        env
     }
 
     #[test]

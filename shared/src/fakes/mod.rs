@@ -21,6 +21,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+pub mod env;
 pub mod idempotency;
 pub mod mapillary;
 pub mod oauth_state;
@@ -30,6 +31,7 @@ pub mod store;
 pub mod tokens;
 pub mod tracking;
 
+pub use env::common_env;
 pub use idempotency::MemClaims;
 pub use mapillary::RecordingMapillary;
 pub use oauth_state::MemStates;
