@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -51,7 +51,7 @@ impl LambdaWatch {
         // binary the same way (one package at a time, so the same feature set) means that run finds
         // nothing to compile. A `-p a -p b -p c` build unifies features across the three and would not.
         for f in FUNCTIONS {
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            let status = crate::process::nested_cargo()
                 .current_dir(root)
                 .args(["build", "--quiet", "--manifest-path", "Cargo.toml", "--bin", f])
                 .status()
@@ -71,7 +71,7 @@ impl LambdaWatch {
         }
         let log = dir.join("watch.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let mut child = crate::process::nested_cargo()
             .current_dir(root)
             .env("PATH", venvs.path_with_aws_bin())
             .args([

@@ -77,7 +77,7 @@ async fn put_sequence(
 
 /// `cargo lambda invoke <function> --data-file <file>` against watch; the function's JSON answer.
 async fn invoke(venvs: &venv::Venvs, port: u16, function: &str, file: &Path) -> Result<Value> {
-    let out = tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = tokio::process::Command::from(integration_tests::process::nested_cargo())
         .current_dir(repo_root())
         .env("PATH", venvs.path_with_aws_bin())
         .args(["lambda", "invoke", function, "--data-file"])
