@@ -23,7 +23,7 @@ use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use serde_json::{json, Value};
 use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
-use shared::domain::tracking::{OverallState, TrackedUpload};
+use shared::domain::tracking::{FeedErrorClass, OverallState, TrackedUpload};
 use shared::mapillary::feed::StageStatus;
 use shared::mapillary::image_link;
 use shared::model::{
@@ -182,6 +182,10 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             healthy: false,
             degraded_since: Some(datetime!(2026-03-01 11:00 UTC)),
             last_error: Some("GraphQL drift".into()),
+            last_error_class: Some(FeedErrorClass::Unusable),
+            users_web_app_token: 0,
+            users_user_token: 0,
+            users_coverage_tiles: 2,
             updated_at: datetime!(2026-03-01 12:00 UTC),
         })
         .await?;
