@@ -36,13 +36,13 @@ impl ConfigError {
     }
 }
 
-/// Where the OAuth client secret comes from.
+/// Where a secret comes from: the OAuth client secret, or the poller's activity-feed token.
 #[derive(Debug, Clone)]
 pub enum ClientSecretSource {
-    /// `MAPILLARY_CLIENT_SECRET` (local stacks).
+    /// The value itself, e.g. `MAPILLARY_CLIENT_SECRET` (local stacks).
     Plain(SecretString),
-    /// `MAPILLARY_CLIENT_SECRET_ARN` (Secrets Manager, resolved at init by
-    /// `adapters::secrets::resolve_client_secret`).
+    /// A Secrets Manager ARN, e.g. `MAPILLARY_CLIENT_SECRET_ARN` (resolved at init by
+    /// `adapters::secrets::resolve_secret`).
     SecretArn(String),
 }
 
@@ -151,6 +151,16 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             users_table: self.required("RELAY_USERS_TABLE")?,
             token_key_id: self.required("RELAY_TOKEN_KEY_ID")?,
         })
+    }
+
+    /// An optional secret: `plain` (the value, local stacks) or else `arn` (a Secrets Manager ARN);
+    /// `None` when neither is set (or both are empty).
+    pub fn optional_secret(&self, plain: &str, arn: &str) -> Option<ClientSecretSource> {
+        match ((self.get)(plain).filter(|v| !v.is_empty()), self.optional(arn)) {
+            (Some(s), _) => Some(ClientSecretSource::Plain(SecretString::from(s))),
+            (None, Some(a)) => Some(ClientSecretSource::SecretArn(a)),
+            (None, None) => None,
+        }
     }
 
     /// `MAPILLARY_CLIENT_SECRET` (plain, local stacks) or else `MAPILLARY_CLIENT_SECRET_ARN`.

@@ -521,16 +521,31 @@ pub struct ImageLink {
     pub via: crate::domain::linking::LinkPath,
 }
 
-/// Health of the activity-feed path (Plan B).
+/// Health of the activity-feed path (Plan B), a summary over users: each user's own state is on
+/// their tracking records (`TrackedUpload::feed`). One user's refusal never makes the summary
+/// unhealthy while the feed works for others.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedHealth {
-    /// False while the feed is unusable and the tiles fallback is in use.
+    /// False when the last run that read any user's feed could read it for nobody (every user
+    /// whose feed was tried is on coverage tiles, e.g. the feed is gone).
     pub healthy: bool,
     /// Since when it is degraded.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub degraded_since: Option<OffsetDateTime>,
-    /// The last feed error seen.
+    /// The last feed error seen (internal detail: not shown by the status API).
     pub last_error: Option<String>,
+    /// The class of the last feed error seen.
+    #[serde(default)]
+    pub last_error_class: Option<crate::domain::tracking::FeedErrorClass>,
+    /// Users whose feed the last run read with the web-app token.
+    #[serde(default)]
+    pub users_web_app_token: u32,
+    /// Users whose feed the last run read with their own token.
+    #[serde(default)]
+    pub users_user_token: u32,
+    /// Users the last run tracked through coverage tiles (Plan A).
+    #[serde(default)]
+    pub users_coverage_tiles: u32,
     /// Last update.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,

@@ -326,6 +326,8 @@ impl LocalStack {
             ("MAPILLARY_CLIENT_ID", &sim.client_id),
             ("MAPILLARY_CLIENT_SECRET_ARN", &self.client_secret_arn),
             ("MAPILLARY_CLIENT_SECRET", &sim.client_secret),
+            // No web-app feed token locally by default (the plain `MAPILLARY_FEED_TOKEN` sets one).
+            ("MAPILLARY_FEED_TOKEN_SECRET_ARN", ""),
             ("AWS_ENDPOINT_URL", &self.endpoint),
             ("AWS_REGION", REGION),
             ("AWS_DEFAULT_REGION", REGION),

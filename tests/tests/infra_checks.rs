@@ -448,6 +448,51 @@ fn iam_roles_are_scoped_to_single_resources() {
 }
 
 #[test]
+fn the_feed_token_secret_is_optional_and_read_by_the_poller_only() {
+    let venvs = venvs();
+    let template = translated(&venvs);
+    let param = &template["Parameters"]["MapillaryFeedTokenSecretArn"];
+    assert_eq!(param["Default"], "", "optional: no web-app token by default");
+    // Every function sees the variable (one set of names); it holds an ARN, never the token.
+    for (name, f) in resources(&template)
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::Lambda::Function")
+    {
+        assert_eq!(
+            f["Properties"]["Environment"]["Variables"]["MAPILLARY_FEED_TOKEN_SECRET_ARN"],
+            serde_json::json!({"Ref": "MapillaryFeedTokenSecretArn"}),
+            "{name}"
+        );
+    }
+    // Only the poller may read it, scoped to that one secret when set (the client secret otherwise).
+    let conditional = serde_json::json!({"Fn::If": [
+        "HasFeedTokenSecret",
+        {"Ref": "MapillaryFeedTokenSecretArn"},
+        {"Ref": "MapillaryClientSecretArn"}
+    ]})
+    .to_string();
+    let poller = statements(&template, "PollerFunctionRole");
+    assert!(
+        poller.iter().any(
+            |(actions, resource)| actions == &["secretsmanager:GetSecretValue"] && resource == &conditional
+        ),
+        "{poller:?}"
+    );
+    for role in ["ZipAndPushFunctionRole", "StatusApiFunctionRole"] {
+        assert!(
+            !grants(
+                &template,
+                role,
+                "secretsmanager:GetSecretValue",
+                "MapillaryFeedTokenSecretArn",
+                ""
+            ),
+            "{role} must not read the feed token"
+        );
+    }
+}
+
+#[test]
 fn functions_encrypt_their_environment_and_reserve_concurrency() {
     let venvs = venvs();
     let template = translated(&venvs);

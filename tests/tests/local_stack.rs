@@ -359,6 +359,7 @@ async fn lambda_env_matches_the_template_variables() -> Result<()> {
         [
             "MAPILLARY_CLIENT_ID",
             "MAPILLARY_CLIENT_SECRET_ARN",
+            "MAPILLARY_FEED_TOKEN_SECRET_ARN",
             "MAPILLARY_GRAPH_URL",
             "MAPILLARY_TILES_URL",
             "MAPILLARY_UPLOAD_URL",

@@ -22,7 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use shared::adapters::sqs::SqsClusterQueue;
 use shared::domain::linking::{ImageOutcome, LinkPath};
-use shared::domain::tracking::OverallState;
+use shared::domain::tracking::{FeedErrorClass, FeedSource, OverallState};
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::session::TokenSession;
@@ -463,7 +463,7 @@ async fn stale_then_failed_at_the_hard_stop() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unauthorized_feed_refreshes_the_token_and_continues() -> Result<()> {
+async fn a_feed_refusal_never_refreshes_the_token_and_the_next_run_reads_the_feed_again() -> Result<()> {
     let w = world("poll-401", Tunables::default()).await?;
     let u = w.user("erin", "erin_m", true).await?;
     let (id, _) = w.upload(&u, "s1", 2, 48.2, 16.37, start_time(), true).await?;
@@ -474,20 +474,35 @@ async fn unauthorized_feed_refreshes_the_token_and_continues() -> Result<()> {
     )
     .await?;
     w.advance(61);
+    w.clear_requests().await?;
+    // The feed refuses the user's token: a refusal (the feed may take only the web app's token), not
+    // an expired token. This run tracks the user through coverage tiles, and refreshes nothing.
     let r = w.run().await;
-    assert_eq!(r.feed_unusable_users, 0, "{r:?}");
+    assert_eq!(r.feed_unusable_users, 1, "{r:?}");
+    assert_eq!(w.requests("/graph/token").await?, 0, "no refresh");
+    let tok = w.poller.tokens.load("erin").await?.context("token")?;
+    assert_eq!(
+        tok.access_token.expose_secret(),
+        u.token,
+        "the token is unchanged"
+    );
+    let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
+    assert_eq!(
+        rec.tracked.feed.as_ref().map(|f| (f.source, f.error_class)),
+        Some((FeedSource::CoverageTiles, Some(FeedErrorClass::Refused)))
+    );
+    // Next run: the feed takes the token again.
+    let r = w.run().await;
+    assert_eq!((r.feed_unusable_users, r.feed_user_token_users), (0, 1), "{r:?}");
     let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
     assert_eq!(
         rec.tracked.stages.ingestion.as_ref().map(|s| s.as_str()),
         Some("FINISHED")
     );
-    let tok = w.poller.tokens.load("erin").await?.context("token")?;
-    assert_ne!(
-        tok.access_token.expose_secret(),
-        u.token,
-        "the refreshed token was saved"
+    assert_eq!(
+        rec.tracked.feed.as_ref().map(|f| (f.source, f.error_class)),
+        Some((FeedSource::UserToken, None))
     );
-    assert!(tok.expires_at.is_some());
     Ok(())
 }
 

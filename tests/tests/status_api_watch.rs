@@ -23,7 +23,7 @@ use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use serde_json::{json, Value};
 use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
-use shared::domain::tracking::{OverallState, TrackedUpload};
+use shared::domain::tracking::{FeedErrorClass, FeedSource, FeedState, OverallState, TrackedUpload};
 use shared::mapillary::feed::StageStatus;
 use shared::mapillary::image_link;
 use shared::model::{
@@ -135,6 +135,12 @@ async fn seed(stack: &LocalStack) -> Result<()> {
         reason: "Mapillary reports Map data processing FAILED".into(),
     };
     tracked.last_checked_at = Some(datetime!(2026-03-01 12:00 UTC));
+    // The owner's feed state, so the schema check sees `mapillary.feed` as an object too.
+    tracked.feed = Some(FeedState {
+        source: FeedSource::CoverageTiles,
+        error_class: Some(FeedErrorClass::Refused),
+        since: datetime!(2026-03-01 11:00 UTC),
+    });
     tracking
         .create_tracking(&TrackingRecord {
             user_id: USER.into(),
@@ -182,6 +188,10 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             healthy: false,
             degraded_since: Some(datetime!(2026-03-01 11:00 UTC)),
             last_error: Some("GraphQL drift".into()),
+            last_error_class: Some(FeedErrorClass::Unusable),
+            users_web_app_token: 0,
+            users_user_token: 0,
+            users_coverage_tiles: 2,
             updated_at: datetime!(2026-03-01 12:00 UTC),
         })
         .await?;
@@ -301,7 +311,19 @@ async fn the_binary_under_watch_answers_http_calls() -> Result<()> {
     assert_eq!(mly["stages"][2]["status"], "FAILED");
     assert_eq!(mly["error_code"], "ANONYMIZATION_FAILED");
     assert_eq!(mly["status_source"], "COVERAGE_TILES");
+    // The owner's feed state, through DynamoDB and the binary.
+    assert_eq!(
+        (
+            &mly["feed"]["source"],
+            &mly["feed"]["available"],
+            &mly["feed"]["error_class"]
+        ),
+        (&json!("COVERAGE_TILES"), &json!(false), &json!("REFUSED")),
+        "{}",
+        r.raw
+    );
     assert_eq!(r.body["feed"]["healthy"], false);
+    assert_eq!(r.body["feed"]["users_coverage_tiles"], 2);
 
     let r = send(get("/v1/sequences/seq-a/images", Some(USER))).await?;
     let statuses: Vec<&str> = r.body["images"]

@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
+use shared::adapters::secrets::resolve_secret;
 use shared::adapters::sqs::SqsInbox;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, FEED_TOKEN_ARN_VAR};
 use crate::deps::PollerDeps;
 
 /// The poller over the AWS adapters.
@@ -21,9 +22,14 @@ pub type ProductionPoller = PollerDeps<DynamoTracking, DynamoRepository, KmsToke
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The production poller of `config`, with AWS clients from `sdk` (which also reads the client
-/// secret from Secrets Manager when the config names an ARN) and the system clock.
+/// secret and the web-app feed token from Secrets Manager when the config names ARNs) and the system
+/// clock.
 pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<ProductionPoller, ComposeError> {
     let mapillary = mapillary_app(&config.mapillary, sdk, CONNECT_TIMEOUT).await?;
+    let feed_token = match &config.feed_token {
+        Some(source) => Some(resolve_secret(source.clone(), FEED_TOKEN_ARN_VAR, sdk).await?),
+        None => None,
+    };
     let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
     let tables = &config.tables;
     Ok(PollerDeps {
@@ -32,7 +38,7 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
         tokens: token_store(dynamodb, sdk, tables),
         inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
         mapillary,
-        client_token: config.client_token.clone(),
+        feed_token,
         tunables: config.tunables.clone(),
         clock: Clock::System,
     })

@@ -1,23 +1,18 @@
 //! Typed configuration, read once from the environment at cold start (same names as the template's
 //! `RELAY_*` / `MAPILLARY_*` globals plus the poller's tunables). A missing or malformed variable
 //! fails the start. Built on [`shared::config`] (the Mapillary app and the tables every function
-//! reads), plus the clusters queue, the client token and the tunables with their ranges.
+//! reads), plus the clusters queue, the activity-feed token and the tunables with their ranges.
 
 use std::time::Duration;
 
-use secrecy::SecretString;
-use shared::config::{ConfigError, Env, MapillaryConfig, Tables};
+use shared::config::{ClientSecretSource, ConfigError, Env, MapillaryConfig, Tables};
 use shared::domain::linking::Tolerances;
 use shared::domain::tracking::{TrackingPolicy, WalkLimits};
 
-/// Which token the GraphQL activity feed is called with (`RELAY_GRAPHQL_TOKEN`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GraphqlToken {
-    /// The user's own token (default).
-    User,
-    /// `MAPILLARY_CLIENT_TOKEN` (e.g. a web-app client token).
-    Client,
-}
+/// The variable holding the web-app client token itself (local runs).
+pub const FEED_TOKEN_VAR: &str = "MAPILLARY_FEED_TOKEN";
+/// The variable holding the Secrets Manager ARN of the web-app client token (deployed).
+pub const FEED_TOKEN_ARN_VAR: &str = "MAPILLARY_FEED_TOKEN_SECRET_ARN";
 
 /// Tunables of a run (all have defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -37,8 +32,6 @@ pub struct Tunables {
     /// `RELAY_STALE_AFTER_H` (72), `RELAY_HARD_STOP_DAYS` (14), `RELAY_STALE_POLL_H` (6),
     /// `RELAY_POLL_EVERY_S` (0).
     pub policy: TrackingPolicy,
-    /// `RELAY_GRAPHQL_TOKEN` (`user` | `client`).
-    pub graphql_token: GraphqlToken,
     /// `RELAY_TOKEN_REFRESH_MARGIN_S` (3600): refresh a user token expiring within this.
     pub token_refresh_margin: Duration,
     /// `RELAY_LINK_TIME_TOLERANCE_MS` (1000), `RELAY_LINK_DISTANCE_M` (5).
@@ -67,7 +60,6 @@ impl Default for Tunables {
             user_concurrency: 8,
             intake_max_messages: 1000,
             policy: TrackingPolicy::default(),
-            graphql_token: GraphqlToken::User,
             token_refresh_margin: Duration::from_secs(3600),
             tolerances: Tolerances::default(),
             tile_margin_m: 30.0,
@@ -88,8 +80,10 @@ pub struct Config {
     pub tables: Tables,
     /// The Mapillary app (endpoints, client id, client secret).
     pub mapillary: MapillaryConfig,
-    /// `MAPILLARY_CLIENT_TOKEN`: required when `RELAY_GRAPHQL_TOKEN=client`.
-    pub client_token: Option<SecretString>,
+    /// The web-app client token the activity feed is called with first: `MAPILLARY_FEED_TOKEN`
+    /// (plain, local runs) or `MAPILLARY_FEED_TOKEN_SECRET_ARN` (Secrets Manager, resolved by
+    /// `compose`). Unset: the feed is called with each user's own token only.
+    pub feed_token: Option<ClientSecretSource>,
     /// Tunables.
     pub tunables: Tunables,
 }
@@ -104,20 +98,20 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env::new(get);
         let mapillary = env.mapillary()?;
-        let graphql_token = match env.optional("RELAY_GRAPHQL_TOKEN").as_deref() {
-            None | Some("user") => GraphqlToken::User,
-            Some("client") => GraphqlToken::Client,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    "RELAY_GRAPHQL_TOKEN",
-                    format!("{other:?}: expected `user` or `client`"),
-                ))
-            }
-        };
-        let client_token = env.optional("MAPILLARY_CLIENT_TOKEN").map(SecretString::from);
-        if graphql_token == GraphqlToken::Client && client_token.is_none() {
-            return Err(ConfigError::Missing("MAPILLARY_CLIENT_TOKEN"));
+        // The feed's token order is fixed now (web-app token, then the user's): a leftover setting of
+        // the old switch would silently mean something else, so it stops the start instead. (Its
+        // companion `MAPILLARY_CLIENT_TOKEN` is simply not read: it is also mapillary_tools' own
+        // variable and may well be set in a developer's shell.)
+        if env.optional("RELAY_GRAPHQL_TOKEN").is_some() {
+            return Err(ConfigError::invalid(
+                "RELAY_GRAPHQL_TOKEN",
+                format!(
+                    "no longer read: the activity feed is called with the web-app token ({FEED_TOKEN_VAR} \
+                     or {FEED_TOKEN_ARN_VAR}), then with the user's own token"
+                ),
+            ));
         }
+        let feed_token = env.optional_secret(FEED_TOKEN_VAR, FEED_TOKEN_ARN_VAR);
         let d = Tunables::default();
         let hours = |h: u64| time::Duration::seconds(h.saturating_mul(3600).min(i64::MAX as u64) as i64);
         let policy = TrackingPolicy {
@@ -140,7 +134,6 @@ impl Config {
             user_concurrency: env.parse_or("RELAY_USER_CONCURRENCY", d.user_concurrency)?,
             intake_max_messages: env.parse_or("RELAY_INTAKE_MAX_MESSAGES", d.intake_max_messages)?,
             policy,
-            graphql_token,
             token_refresh_margin: Duration::from_secs(env.parse_or("RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
             tolerances: Tolerances {
                 captured_at_ms: env.parse_or("RELAY_LINK_TIME_TOLERANCE_MS", d.tolerances.captured_at_ms)?,
@@ -174,7 +167,7 @@ impl Config {
             clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
             tables: env.tables()?,
             mapillary,
-            client_token,
+            feed_token,
             tunables,
         })
     }
@@ -215,16 +208,53 @@ mod tests {
     }
 
     #[test]
-    fn when_client_graphql_token_without_token_should_fail() {
+    fn when_feed_token_is_plain_or_an_arn_should_read_it_and_prefer_the_plain_value() {
+        use secrecy::ExposeSecret;
+        let mut env = base();
+        assert!(Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap()
+            .feed_token
+            .is_none());
+        env.insert(
+            FEED_TOKEN_ARN_VAR,
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:feed".into(),
+        );
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert!(
+            matches!(c.feed_token, Some(ClientSecretSource::SecretArn(a)) if a.ends_with(":secret:feed"))
+        );
+        env.insert(FEED_TOKEN_VAR, "MLY|27|web".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert!(
+            matches!(c.feed_token, Some(ClientSecretSource::Plain(t)) if t.expose_secret() == "MLY|27|web")
+        );
+        // The template passes an empty ARN when no feed token is configured.
+        let mut env = base();
+        env.insert(FEED_TOKEN_ARN_VAR, String::new());
+        assert!(Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap()
+            .feed_token
+            .is_none());
+    }
+
+    #[test]
+    fn when_the_retired_graphql_switch_is_set_should_fail_naming_the_replacement() {
         let mut env = base();
         env.insert("RELAY_GRAPHQL_TOKEN", "client".into());
-        let e = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
-        assert_eq!(e, ConfigError::Missing("MAPILLARY_CLIENT_TOKEN"));
+        match Config::from_lookup(|x| env.get(x).cloned()).unwrap_err() {
+            ConfigError::Invalid { name, reason } => {
+                assert_eq!(name, "RELAY_GRAPHQL_TOKEN");
+                assert!(reason.contains(FEED_TOKEN_VAR), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // mapillary_tools' own variable is not the feed token (nor an error).
+        let mut env = base();
         env.insert("MAPILLARY_CLIENT_TOKEN", "MLY|1|x".into());
-        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
-        assert_eq!(c.tunables.graphql_token, GraphqlToken::Client);
-        env.insert("RELAY_GRAPHQL_TOKEN", "robot".into());
-        assert!(Config::from_lookup(|k| env.get(k).cloned()).is_err());
+        assert!(Config::from_lookup(|x| env.get(x).cloned())
+            .unwrap()
+            .feed_token
+            .is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use shared::ports::{
 };
 
 use crate::clock::Clock;
-use crate::config::{GraphqlToken, Tunables};
+use crate::config::Tunables;
 
 /// The ports and settings of a run.
 pub trait Deps: Send + Sync {
@@ -32,8 +32,9 @@ pub trait Deps: Send + Sync {
     fn inbox(&self) -> &Self::Inbox;
     /// Mapillary (every call of the run goes through it).
     fn mapillary(&self) -> &MapillaryApp;
-    /// `MAPILLARY_CLIENT_TOKEN`, for `RELAY_GRAPHQL_TOKEN=client`.
-    fn client_token(&self) -> Option<&SecretString>;
+    /// The web-app client token the activity feed is tried with first (see `crate::feed`), if
+    /// configured.
+    fn feed_token(&self) -> Option<&SecretString>;
     /// Tunables.
     fn tunables(&self) -> &Tunables;
     /// "Now" of the tracking rules and of token expiry.
@@ -48,15 +49,6 @@ pub trait Deps: Send + Sync {
             self.tunables().token_refresh_margin,
         )
         .with_clock(self.clock())
-    }
-
-    /// The token the activity feed is called with instead of the user's, if any
-    /// (`RELAY_GRAPHQL_TOKEN=client`).
-    fn feed_token(&self) -> Option<&SecretString> {
-        match self.tunables().graphql_token {
-            GraphqlToken::User => None,
-            GraphqlToken::Client => self.client_token(),
-        }
     }
 }
 
@@ -74,8 +66,8 @@ pub struct PollerDeps<R, U, T, Q> {
     pub inbox: Q,
     /// Mapillary.
     pub mapillary: MapillaryApp,
-    /// `MAPILLARY_CLIENT_TOKEN`, for `RELAY_GRAPHQL_TOKEN=client`.
-    pub client_token: Option<SecretString>,
+    /// The web-app client token (`MAPILLARY_FEED_TOKEN[_SECRET_ARN]`, resolved), if configured.
+    pub feed_token: Option<SecretString>,
     /// Tunables.
     pub tunables: Tunables,
     /// "Now".
@@ -108,8 +100,8 @@ where
     fn mapillary(&self) -> &MapillaryApp {
         &self.mapillary
     }
-    fn client_token(&self) -> Option<&SecretString> {
-        self.client_token.as_ref()
+    fn feed_token(&self) -> Option<&SecretString> {
+        self.feed_token.as_ref()
     }
     fn tunables(&self) -> &Tunables {
         &self.tunables

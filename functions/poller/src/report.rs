@@ -1,7 +1,7 @@
 //! What a run did ([`RunReport`], [`RunTimings`]) and what one user's turn did (`UserReport`,
 //! summed into the run's). A leaf of the run: the steps fill it, the run sums it up.
 
-use shared::domain::tracking::Transition;
+use shared::domain::tracking::{FeedErrorClass, FeedSource, Transition};
 
 use crate::intake::IntakeReport;
 use crate::reconcile::DiscoveryReport;
@@ -17,6 +17,14 @@ pub struct RunReport {
     pub users: usize,
     /// Users whose activity feed was unusable (their uploads were linked by coverage tiles).
     pub feed_unusable_users: usize,
+    /// Users whose activity feed was read with the web-app token.
+    pub feed_web_app_users: usize,
+    /// Users whose activity feed was read with their own token.
+    pub feed_user_token_users: usize,
+    /// Feed nodes that could not be read and were skipped (the rest of their pages was used).
+    pub feed_skipped_nodes: u32,
+    /// GraphQL errors that came beside usable feed data.
+    pub feed_graphql_errors: u32,
     /// Uploads looked at.
     pub checked: usize,
     /// Tracking records written.
@@ -67,8 +75,17 @@ pub(crate) struct UserReport {
     pub cut_off: bool,
     /// The feed was walked.
     pub feed_ok: bool,
+    /// Where the user's status came from (`None`: nothing learned about the feed this run).
+    pub feed_source: Option<FeedSource>,
     /// Why the feed was unusable, if it was.
     pub feed_unusable: Option<String>,
+    /// The feed error of this turn with its class: why the feed is unusable, or that the web-app
+    /// token was refused before the user's token worked.
+    pub feed_error: Option<(FeedErrorClass, String)>,
+    /// Feed nodes skipped as unreadable.
+    pub feed_skipped_nodes: u32,
+    /// GraphQL errors beside usable feed data.
+    pub feed_graphql_errors: u32,
     pub transitions: Vec<(String, Transition)>,
     pub errors: Vec<String>,
     /// Only the per-user phases (token, feed, link, write) are set.
@@ -92,5 +109,12 @@ impl RunReport {
         if o.feed_unusable.is_some() {
             self.feed_unusable_users += 1;
         }
+        match o.feed_source {
+            Some(FeedSource::WebAppToken) => self.feed_web_app_users += 1,
+            Some(FeedSource::UserToken) => self.feed_user_token_users += 1,
+            Some(FeedSource::CoverageTiles) | None => {}
+        }
+        self.feed_skipped_nodes = self.feed_skipped_nodes.saturating_add(o.feed_skipped_nodes);
+        self.feed_graphql_errors = self.feed_graphql_errors.saturating_add(o.feed_graphql_errors);
     }
 }

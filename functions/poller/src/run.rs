@@ -1,6 +1,12 @@
 //! One scheduled run: the run lease, intake, FINISH_UNCERTAIN discovery, then every user with due
-//! uploads (bounded concurrency, see `user`), then the feed health record. The run starts no new
+//! uploads (bounded concurrency, see `user`), then the feed health summary. The run starts no new
 //! work after its budget.
+//!
+//! Feed health is per user (each user's [`FeedState`](shared::domain::tracking::FeedState) on their
+//! tracking records, set in `user::status`); the [`FeedHealth`] item only sums the run up: how many
+//! users were read with the web-app token, with their own token, or through coverage tiles, and the
+//! last error with its class. It is unhealthy only when the feed could be read for nobody — one
+//! user's refusal never makes it so while the feed works for others.
 //!
 //! Overlapping runs (a run can outlive the schedule's interval, and reserved concurrency is not
 //! guaranteed) are kept apart by one conditional write per run, the lease, instead of a condition
@@ -13,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use shared::domain::tracking::is_due;
+use shared::domain::tracking::{is_due, FeedErrorClass, FeedSource};
 use shared::model::{FeedHealth, TrackingRecord};
 use shared::ports::{RepoError, RunLease, TokenStore, TrackingReader, TrackingStore};
 use tracing::{info, info_span, warn, Instrument};
@@ -65,6 +71,10 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
         linked_feed = report.linked_feed,
         linked_tiles = report.linked_tiles,
         feed_unusable_users = report.feed_unusable_users,
+        feed_web_app_users = report.feed_web_app_users,
+        feed_user_token_users = report.feed_user_token_users,
+        feed_skipped_nodes = report.feed_skipped_nodes,
+        feed_graphql_errors = report.feed_graphql_errors,
         cut_off = report.cut_off,
         elapsed_ms = elapsed_ms(started),
         "poller run done"
@@ -114,18 +124,38 @@ async fn run_leased<D: Deps>(d: &D, deadline: Instant, report: &mut RunReport) {
         .collect()
         .await;
     report.timings.users_ms = elapsed_ms(t);
-    let mut unusable: Option<String> = None;
-    let mut any_ok = false;
+    let mut summary = FeedSummary::default();
     for o in outcomes {
-        any_ok |= o.feed_ok;
-        if let Some(e) = &o.feed_unusable {
-            unusable.get_or_insert_with(|| e.clone());
+        match o.feed_source {
+            Some(FeedSource::WebAppToken) => summary.web_app += 1,
+            Some(FeedSource::UserToken) => summary.user_token += 1,
+            Some(FeedSource::CoverageTiles) => summary.tiles += 1,
+            None => {}
+        }
+        if let Some(e) = &o.feed_error {
+            // A failure that put a user on tiles says more than a web-app refusal the user's token
+            // made up for.
+            let unusable = o.feed_unusable.is_some();
+            if summary.last_error.is_none() || (unusable && !summary.last_error_made_tiles) {
+                summary.last_error = Some(e.clone());
+                summary.last_error_made_tiles = unusable;
+            }
         }
         report.merge(o);
     }
-    if let Err(e) = update_health(d, unusable, any_ok).await {
+    if let Err(e) = update_health(d, &summary).await {
         report.errors.push(format!("feed health: {e}"));
     }
+}
+
+/// The run's feed outcomes over users.
+#[derive(Debug, Default)]
+struct FeedSummary {
+    web_app: u32,
+    user_token: u32,
+    tiles: u32,
+    last_error: Option<(FeedErrorClass, String)>,
+    last_error_made_tiles: bool,
 }
 
 /// user → (its due records, how many of its uploads are pending in all); users with nothing due
@@ -147,41 +177,56 @@ fn due_by_user<D: Deps>(
     by_user
 }
 
-/// Feed health: degraded as soon as one user's feed was unusable; healthy again once a run used
-/// the feed without any such failure. Written only when something changed.
-async fn update_health<D: Deps>(d: &D, unusable: Option<String>, any_ok: bool) -> Result<(), RepoError> {
+/// The feed health summary of a run: unhealthy when the feed was read for nobody and someone is on
+/// coverage tiles, healthy when it was read for someone. Not written when no user's feed was tried
+/// (nothing learned), nor when nothing changed but the time.
+async fn update_health<D: Deps>(d: &D, run: &FeedSummary) -> Result<(), RepoError> {
+    if run.web_app + run.user_token + run.tiles == 0 {
+        return Ok(());
+    }
     let old = d.tracking().get_feed_health().await?;
     let now = d.clock().now();
-    let new = match (&unusable, any_ok, &old) {
-        (Some(err), _, _) => FeedHealth {
-            healthy: false,
-            degraded_since: old
-                .as_ref()
+    let healthy = run.web_app + run.user_token > 0;
+    let (last_error_class, last_error) = match &run.last_error {
+        Some((class, e)) => (Some(*class), Some(e.clone())),
+        None => (
+            old.as_ref().and_then(|h| h.last_error_class),
+            old.as_ref().and_then(|h| h.last_error.clone()),
+        ),
+    };
+    let new = FeedHealth {
+        healthy,
+        degraded_since: if healthy {
+            None
+        } else {
+            old.as_ref()
                 .filter(|h| !h.healthy)
                 .and_then(|h| h.degraded_since)
-                .or(Some(now)),
-            last_error: Some(err.clone()),
-            updated_at: now,
+                .or(Some(now))
         },
-        (None, true, _) => FeedHealth {
-            healthy: true,
-            degraded_since: None,
-            last_error: old.as_ref().and_then(|h| h.last_error.clone()),
-            updated_at: now,
-        },
-        (None, false, _) => return Ok(()),
+        last_error,
+        last_error_class,
+        users_web_app_token: run.web_app,
+        users_user_token: run.user_token,
+        users_coverage_tiles: run.tiles,
+        updated_at: now,
     };
-    let same = old
-        .as_ref()
-        .is_some_and(|o| o.healthy == new.healthy && o.last_error == new.last_error);
+    let same = old.as_ref().is_some_and(|o| {
+        FeedHealth {
+            updated_at: now,
+            ..o.clone()
+        } == new
+    });
     if !same {
-        if !new.healthy {
-            warn!(
+        match (&new.healthy, old.as_ref().map(|o| o.healthy)) {
+            (false, Some(true) | None) => warn!(
                 error = new.last_error.as_deref().unwrap_or(""),
-                "activity feed degraded: using coverage tiles"
-            );
-        } else {
-            info!("activity feed healthy");
+                class = new.last_error_class.map(FeedErrorClass::as_str).unwrap_or(""),
+                users_coverage_tiles = new.users_coverage_tiles,
+                "activity feed unavailable for every user: using coverage tiles"
+            ),
+            (true, Some(false)) => info!("activity feed readable again"),
+            _ => {}
         }
         d.tracking().put_feed_health(&new).await?;
     }

@@ -7,13 +7,13 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN};
-use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN, WEB_APP_CLIENT_TOKEN};
+use mapillary_sim::{SimConfig, SimHandle, Simulator, World as SimWorld};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::linking::{ImageOutcome, LinkPath};
-use shared::domain::tracking::OverallState;
+use shared::domain::tracking::{FeedErrorClass, FeedSource, OverallState};
 use shared::fakes::{MemInbox, MemRepo, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{FileType, MapillaryClient};
@@ -42,11 +42,34 @@ struct World {
     http: reqwest::Client,
 }
 
+/// One of our users with a Mapillary token.
+struct Account {
+    ours: String,
+    token: String,
+}
+
+impl Account {
+    /// The seeded demo user as [`USER`].
+    fn demo() -> Self {
+        Self {
+            ours: USER.into(),
+            token: DEMO_USER_TOKEN.into(),
+        }
+    }
+}
+
 fn sim_now(sim: &SimHandle) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(sim.sim().now_ms()) * 1_000_000).expect("sim time")
 }
 
 async fn world() -> World {
+    world_with(None).await
+}
+
+/// A world whose poller calls the feed with `feed_token` first (the web-app token), if given. The
+/// simulator starts lenient so that the test uploads (plain zips, not zip-and-push's) are accepted;
+/// tests that need a stricter world switch to it before the poller runs ([`World::set_world`]).
+async fn world_with(feed_token: Option<&str>) -> World {
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
         .await
         .expect("simulator starts");
@@ -78,7 +101,7 @@ async fn world() -> World {
         tokens,
         inbox: MemInbox::default(),
         mapillary: MapillaryApp::new(client.clone(), APP_ID, SecretString::from(CLIENT_SECRET)),
-        client_token: None,
+        feed_token: feed_token.map(SecretString::from),
         tunables: Tunables::default(),
         clock: Clock::manual(sim_now(&sim)),
     };
@@ -95,6 +118,12 @@ impl World {
     /// it, write what zip-and-push would have written and put its cluster message on the inbox.
     /// Returns the upload id.
     async fn upload(&self, seq: &str, n: usize, lat: f64, lon: f64) -> String {
+        self.upload_as(&Account::demo(), seq, n, lat, lon).await
+    }
+
+    /// [`Self::upload`] as `account`.
+    async fn upload_as(&self, account: &Account, seq: &str, n: usize, lat: f64, lon: f64) -> String {
+        let user = account.ours.as_str();
         let mut t = TrackSpec::new(lat, lon, time::macros::datetime!(2024-04-20 08:00:00 UTC));
         t.interval_ms = 2000;
         t.step_m = 8.0;
@@ -116,8 +145,8 @@ impl World {
         }
         let bytes = bytes::Bytes::from(buf.into_inner());
         let total = bytes.len() as u64;
-        let token = SecretString::from(DEMO_USER_TOKEN);
-        let key = format!("mly_relay_{USER}_{seq}.zip");
+        let token = SecretString::from(account.token.clone());
+        let key = format!("mly_relay_{user}_{seq}.zip");
         let report = self
             .client
             .upload_resumable(&token, &key, total, |off| {
@@ -131,11 +160,11 @@ impl World {
             .finish_upload(&token, &report.handle, FileType::Zip, None)
             .await
             .expect("finish");
-        let id = upload_id(USER, seq, 0);
+        let id = upload_id(user, seq, 0);
         let now = sim_now(&self.sim);
         let repo = &self.deps.uploads;
         repo.put_upload(&UploadRecord {
-            user_id: USER.into(),
+            user_id: user.into(),
             sequence_id: seq.into(),
             upload_id: id.clone(),
             index: 0,
@@ -161,7 +190,7 @@ impl World {
             .map(|(i, s)| UploadImage {
                 upload_id: id.clone(),
                 index: u32::try_from(i).expect("index"),
-                key: format!("sequences/{USER}/{seq}/img_{i:04}.jpg"),
+                key: format!("sequences/{user}/{seq}/img_{i:04}.jpg"),
                 etag: "e".into(),
                 size: 1,
                 entry_size: 1,
@@ -178,7 +207,7 @@ impl World {
         repo.put_images(&images).await.expect("image entries");
         let msg = ClusterMessage {
             upload_id: id.clone(),
-            user_id: USER.into(),
+            user_id: user.into(),
             sequence_id: seq.into(),
             cluster_id: cluster,
         };
@@ -188,7 +217,7 @@ impl World {
         id
     }
 
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) {
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let resp = self
             .http
             .request(method, format!("{}{path}", self.sim.admin_url()))
@@ -197,6 +226,72 @@ impl World {
             .await
             .expect("admin request");
         assert!(resp.status().is_success(), "admin {path}: {}", resp.status());
+        resp.json().await.unwrap_or(Value::Null)
+    }
+
+    /// Switch the simulator to `world` (its switches only; state and clock stay).
+    async fn set_world(&self, world: SimWorld) {
+        let v = self
+            .admin(
+                reqwest::Method::POST,
+                "/world",
+                json!({"world": world.to_string()}),
+            )
+            .await;
+        assert_eq!(v["world"], world.to_string(), "{v}");
+    }
+
+    /// A new simulator user with a refreshable OAuth token, connected as our user `ours`.
+    async fn account(&self, ours: &str, username: &str) -> Account {
+        let u = self
+            .admin(
+                reqwest::Method::POST,
+                "/users",
+                json!({"username": username, "oauth": true}),
+            )
+            .await;
+        let token = u["access_token"].as_str().expect("token").to_string();
+        self.deps.tokens.insert(
+            ours,
+            StoredToken {
+                access_token: SecretString::from(token.clone()),
+                refresh_token: None,
+                expires_at: None,
+                mapillary_user_id: Some(u["id"].as_str().expect("id").to_string()),
+                username: Some(username.into()),
+                updated_at: OffsetDateTime::now_utc(),
+            },
+        );
+        Account {
+            ours: ours.into(),
+            token,
+        }
+    }
+
+    /// Requests the simulator logged for `path` since the last [`Self::clear_requests`].
+    async fn requests(&self, path: &str) -> Vec<Value> {
+        let v = self.admin(reqwest::Method::GET, "/requests", Value::Null).await;
+        let list = v
+            .as_array()
+            .or_else(|| v["requests"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        list.into_iter()
+            .filter(|r| r["path"].as_str() == Some(path))
+            .collect()
+    }
+
+    async fn clear_requests(&self) {
+        self.admin(reqwest::Method::DELETE, "/requests", Value::Null)
+            .await;
+    }
+
+    /// The stored token of our user `ours`, as text.
+    async fn stored_token(&self, ours: &str) -> String {
+        use secrecy::ExposeSecret;
+        use shared::ports::TokenStore;
+        let t = self.deps.tokens.load(ours).await.expect("store").expect("token");
+        t.access_token.expose_secret().to_string()
     }
 
     /// Advance the simulator and the poller's clock together.
@@ -385,4 +480,266 @@ async fn a_run_past_its_deadline_starts_no_work_and_the_next_run_continues() {
     assert_eq!(rec.tracked.state, OverallState::Finished);
     assert_eq!(rec.linked_via, Some(LinkPath::ActivityFeed));
     assert_eq!(w.record(&second).await.tracked.state, OverallState::InProgress);
+}
+
+// ------------------------------------------------------------------ the feed in every world
+
+/// `/graph/token` requests seen (any refresh).
+async fn refreshes(w: &World) -> usize {
+    w.requests("/graph/token").await.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_2022_with_the_web_app_token_reads_the_feed_with_it() {
+    let w = world_with(Some(WEB_APP_CLIENT_TOKEN)).await;
+    let id = w.upload("s1", 4, 48.2, 16.37).await;
+    w.set_world(SimWorld::Seed2022).await;
+    w.clear_requests().await;
+
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        (
+            r.feed_web_app_users,
+            r.feed_user_token_users,
+            r.feed_unusable_users
+        ),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    w.advance(ALL_STAGES_S);
+    let r = w.run().await;
+    assert_eq!((r.linked_feed, r.linked_tiles), (1, 0), "{r:?}");
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert_eq!(rec.linked_via, Some(LinkPath::ActivityFeed));
+    let feed = rec.tracked.feed.expect("feed state");
+    assert_eq!((feed.source, feed.error_class), (FeedSource::WebAppToken, None));
+    // Every feed call carried the web-app client token, never the user's.
+    let calls = w.requests("/graph/graphql").await;
+    assert!(!calls.is_empty());
+    assert!(
+        calls.iter().all(|c| c["status"] == 200 && c["user_id"].is_null()),
+        "{calls:?}"
+    );
+    let h = w.deps.tracking.snapshot().health.expect("summary");
+    assert!(h.healthy, "{h:?}");
+    assert_eq!(
+        (h.users_web_app_token, h.users_user_token, h.users_coverage_tiles),
+        (1, 0, 0)
+    );
+    assert_eq!(refreshes(&w).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_2022_without_a_web_app_token_uses_tiles_for_the_refused_user_and_never_refreshes() {
+    let w = world().await;
+    let id = w.upload("s1", 5, 40.4168, -3.7038).await;
+    let before = w.stored_token(USER).await;
+    w.set_world(SimWorld::Seed2022).await;
+    w.clear_requests().await;
+
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.feed_unusable_users, r.feed_user_token_users), (1, 0), "{r:?}");
+    // One feed call per run: the refusal is final for this run, no refresh, no second try.
+    assert_eq!(w.requests("/graph/graphql").await.len(), 1);
+    let rec = w.record(&id).await;
+    let feed = rec.tracked.feed.clone().expect("feed state");
+    assert_eq!(
+        (feed.source, feed.error_class),
+        (FeedSource::CoverageTiles, Some(FeedErrorClass::Refused))
+    );
+
+    w.advance(ALL_STAGES_S);
+    let r = w.run().await;
+    assert_eq!((r.linked_tiles, r.linked_feed), (1, 0), "{r:?}");
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert_eq!(rec.linked_via, Some(LinkPath::CoverageTiles));
+    assert_eq!((rec.linked_count, rec.dropped_count), (5, 0));
+    assert_eq!(
+        rec.tracked.feed.map(|f| f.since),
+        Some(feed.since),
+        "same state, same since"
+    );
+    assert_eq!(refreshes(&w).await, 0, "a feed refusal never refreshes the token");
+    assert_eq!(w.stored_token(USER).await, before);
+    let h = w.deps.tracking.snapshot().health.expect("summary");
+    assert!(!h.healthy, "nobody could read the feed: {h:?}");
+    assert_eq!(h.last_error_class, Some(FeedErrorClass::Refused));
+    assert_eq!(
+        (h.users_web_app_token, h.users_user_token, h.users_coverage_tiles),
+        (0, 0, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_for_one_user_keeps_the_others_on_the_feed_and_the_summary_healthy() {
+    let w = world().await;
+    let bob = w.account("user-2", "bob_m").await;
+    let mine = w.upload("s1", 3, 48.2, 16.37).await;
+    let bobs = w.upload_as(&bob, "s1", 3, 40.4168, -3.7038).await;
+    let bob_before = w.stored_token("user-2").await;
+    // Lenient world (any token reads the feed), but the feed refuses bob's token.
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "user": "bob_m", "action": {"kind": "unauthorized"}}),
+    )
+    .await;
+    w.clear_requests().await;
+
+    w.run().await;
+    w.advance(ALL_STAGES_S);
+    let r = w.run().await;
+    assert_eq!(
+        (
+            r.feed_user_token_users,
+            r.feed_unusable_users,
+            r.linked_feed,
+            r.linked_tiles
+        ),
+        (1, 1, 1, 1),
+        "{r:?}"
+    );
+    assert_eq!(w.record(&mine).await.linked_via, Some(LinkPath::ActivityFeed));
+    let b = w.record(&bobs).await;
+    assert_eq!(b.linked_via, Some(LinkPath::CoverageTiles));
+    assert_eq!(b.tracked.state, OverallState::Finished);
+    assert_eq!(
+        b.tracked.feed.map(|f| (f.source, f.error_class)),
+        Some((FeedSource::CoverageTiles, Some(FeedErrorClass::Refused)))
+    );
+    let h = w.deps.tracking.snapshot().health.expect("summary");
+    assert!(h.healthy && h.degraded_since.is_none(), "{h:?}");
+    assert_eq!((h.users_user_token, h.users_coverage_tiles), (1, 1));
+    assert_eq!(h.last_error_class, Some(FeedErrorClass::Refused));
+    assert_eq!(refreshes(&w).await, 0);
+    assert_eq!(w.stored_token("user-2").await, bob_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_web_app_token_falls_back_to_the_users_own_token() {
+    // A web-app token the feed does not take (unknown to the simulator: 401 code 190 in every
+    // world); the lenient world's feed takes the user's own token, which is tried next.
+    let w = world_with(Some("MLY|999|not-the-web-app")).await;
+    let id = w.upload("s1", 2, 48.2, 16.37).await;
+    w.clear_requests().await;
+
+    let r = w.run().await;
+    assert_eq!((r.feed_user_token_users, r.feed_unusable_users), (1, 0), "{r:?}");
+    let calls = w.requests("/graph/graphql").await;
+    assert_eq!(
+        calls.iter().map(|c| c["status"].as_i64()).collect::<Vec<_>>(),
+        [Some(401), Some(200)],
+        "web-app token, then the user's: {calls:?}"
+    );
+    let feed = w.record(&id).await.tracked.feed.expect("feed state");
+    assert_eq!(
+        (feed.source, feed.error_class),
+        (FeedSource::UserToken, Some(FeedErrorClass::Refused))
+    );
+    let h = w.deps.tracking.snapshot().health.expect("summary");
+    assert!(h.healthy, "{h:?}");
+    assert_eq!(refreshes(&w).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_drift_is_read_node_by_node() {
+    let w = world_with(Some(WEB_APP_CLIENT_TOKEN)).await;
+    let good = w.upload("s1", 3, 48.2, 16.37).await;
+    w.admin(
+        reqwest::Method::POST,
+        "/plans/next",
+        json!({"fail": {"stage": 2, "error_code": "SIM_PROCESSING_FAILED"}}),
+    )
+    .await;
+    let failing = w.upload("s2", 2, 48.3, 16.40).await;
+    w.set_world(SimWorld::FeedDrift).await;
+
+    // Stage 1 done: the next stage reads NOT_STARTED, the ones after null.
+    w.advance(61);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.feed_web_app_users, r.feed_unusable_users), (1, 0), "{r:?}");
+    assert!(r.feed_skipped_nodes >= 1, "the node without cluster_id: {r:?}");
+    assert!(r.feed_graphql_errors >= 1, "the errors beside the data: {r:?}");
+    let rec = w.record(&good).await;
+    assert_eq!(rec.tracked.state, OverallState::InProgress);
+    let stage = |r: &TrackingRecord, k: usize| {
+        let s = &r.tracked.stages;
+        [&s.ingestion, &s.image_processing, &s.map_data, &s.map_update][k]
+            .as_ref()
+            .map(|v| v.as_str().to_string())
+    };
+    assert_eq!(stage(&rec, 0).as_deref(), Some("FINISHED"));
+    assert_eq!(stage(&rec, 1).as_deref(), Some("IN_PROGRESS"));
+    assert_eq!(
+        stage(&rec, 2).as_deref(),
+        Some("NOT_STARTED"),
+        "unknown values verbatim"
+    );
+    assert_eq!(stage(&rec, 3), None, "null stays unknown");
+
+    // Past every stage: the good upload finishes and links through the drifted feed; the failing
+    // one shows FAILURE verbatim with its error code, which alone does not fail it.
+    w.advance(ALL_STAGES_S);
+    let r = w.run().await;
+    assert_eq!(
+        (r.linked_feed, r.linked_tiles, r.feed_unusable_users),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    let rec = w.record(&good).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert_eq!(rec.linked_via, Some(LinkPath::ActivityFeed));
+    assert_eq!((rec.linked_count, rec.dropped_count), (3, 0));
+    let bad = w.record(&failing).await;
+    assert_eq!(stage(&bad, 1).as_deref(), Some("FAILURE"));
+    assert_eq!(bad.tracked.error_code.as_deref(), Some("SIM_PROCESSING_FAILED"));
+    assert_eq!(
+        bad.tracked.state,
+        OverallState::InProgress,
+        "{:?}",
+        bad.tracked.state
+    );
+    assert!(w.deps.tracking.snapshot().health.expect("summary").healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_gone_links_through_tiles_and_says_the_feed_is_unavailable() {
+    let w = world_with(Some(WEB_APP_CLIENT_TOKEN)).await;
+    let id = w.upload("s1", 6, 40.4168, -3.7038).await;
+    w.set_world(SimWorld::FeedGone).await;
+    w.clear_requests().await;
+
+    let r = w.run().await;
+    assert_eq!(r.feed_unusable_users, 1, "{r:?}");
+    // Gone for the web-app token is gone for every token: the user's is not tried.
+    assert_eq!(w.requests("/graph/graphql").await.len(), 1);
+    w.advance(ALL_STAGES_S);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.linked_tiles, r.linked_feed), (1, 0), "{r:?}");
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert_eq!(rec.linked_via, Some(LinkPath::CoverageTiles));
+    assert_eq!((rec.linked_count, rec.dropped_count), (6, 0));
+    let feed = rec.tracked.feed.expect("feed state");
+    assert_eq!(
+        (feed.source, feed.error_class),
+        (FeedSource::CoverageTiles, Some(FeedErrorClass::Gone))
+    );
+    let h = w.deps.tracking.snapshot().health.expect("summary");
+    assert!(!h.healthy && h.degraded_since.is_some(), "{h:?}");
+    assert_eq!(h.last_error_class, Some(FeedErrorClass::Gone));
+    assert!(
+        h.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("PersistedQueryNotFound"),
+        "{h:?}"
+    );
+    assert_eq!(refreshes(&w).await, 0);
 }

@@ -9,7 +9,7 @@ use mapillary_sim::{defaults, SimConfig, SimHandle, Simulator};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
-use shared::domain::tracking::{OverallState, TrackedUpload};
+use shared::domain::tracking::{FeedErrorClass, FeedSource, FeedState, OverallState, TrackedUpload};
 use shared::fakes::{MemRepo, MemStates, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
@@ -225,6 +225,11 @@ async fn seed(d: &TestDeps) {
         reason: "Mapillary reports Map data processing FAILED".into(),
     };
     tracked.last_checked_at = Some(datetime!(2026-03-01 12:00 UTC));
+    tracked.feed = Some(FeedState {
+        source: FeedSource::CoverageTiles,
+        error_class: Some(FeedErrorClass::Gone),
+        since: datetime!(2026-03-01 11:00 UTC),
+    });
     d.tracking
         .create_tracking(&TrackingRecord {
             user_id: "user-1".into(),
@@ -274,6 +279,10 @@ async fn seed(d: &TestDeps) {
             healthy: false,
             degraded_since: Some(datetime!(2026-03-01 11:00 UTC)),
             last_error: Some("GraphQL drift".into()),
+            last_error_class: Some(FeedErrorClass::Unusable),
+            users_web_app_token: 0,
+            users_user_token: 0,
+            users_coverage_tiles: 2,
             updated_at: datetime!(2026-03-01 12:00 UTC),
         })
         .await
@@ -354,6 +363,19 @@ async fn sequence_status_merges_uploads_with_tracking() {
         b["feed"].get("last_error").is_none(),
         "internal feed errors are not exposed"
     );
+    assert_eq!(b["feed"]["last_error_class"], "UNUSABLE");
+    assert_eq!(
+        (
+            &b["feed"]["users_web_app_token"],
+            &b["feed"]["users_user_token"],
+            &b["feed"]["users_coverage_tiles"]
+        ),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(2)
+        )
+    );
     let u = &b["uploads"][0];
     assert_eq!(u["state"], "HANDED_OFF");
     assert_eq!(u["cluster_id"], "cluster-77");
@@ -384,6 +406,19 @@ async fn sequence_status_merges_uploads_with_tracking() {
     assert_eq!(m["accepted_count"], 1);
     assert_eq!(m["rejected_count"], 1);
     assert_eq!(m["status_source"], "COVERAGE_TILES");
+    // The owner's own feed state, on the upload.
+    let f = &m["feed"];
+    assert_eq!(f["source"], "COVERAGE_TILES");
+    assert_eq!(f["available"], false);
+    assert_eq!(f["error_class"], "GONE");
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("activity feed is unavailable"),
+        "{f}"
+    );
+    assert_eq!(f["since"], "2026-03-01T11:00:00Z");
     assert_eq!(m["sequences"][0]["id"], "mly-seq-A");
     assert_eq!(m["sequences"][0]["link"], image_link("5001"));
     assert_eq!(r.headers.get("cache-control").unwrap(), "no-store");

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use shared::domain::linking::{ImageOutcome, LinkPath};
-use shared::domain::tracking::{OverallState, NO_ERROR};
+use shared::domain::tracking::{FeedErrorClass, FeedSource, FeedState, OverallState, NO_ERROR};
 use shared::mapillary::feed::StageStatus;
 use shared::mapillary::image_link;
 use shared::model::{FeedHealth, ImageLink, SequenceRecord, TrackingRecord, UploadImage, UploadRecord};
@@ -80,7 +80,8 @@ pub struct SequenceDetail {
     pub created_at: String,
     pub updated_at: String,
     pub uploads: Vec<UploadView>,
-    /// Health of the activity feed (when unhealthy the poller uses the coverage-tiles fallback).
+    /// The activity feed over all users (each upload's `mapillary.feed` says how the owner's own
+    /// status is read).
     pub feed: Option<FeedView>,
 }
 
@@ -91,12 +92,70 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// The activity feed's health.
+/// The activity feed's health, summed up over the users of the poller's last run.
 #[derive(Debug, Serialize)]
 pub struct FeedView {
+    /// False when the last run could read the feed for nobody (everyone on coverage tiles).
     pub healthy: bool,
     pub degraded_since: Ts,
+    /// `REFUSED`, `GONE` or `UNUSABLE`: the class of the last feed error (its detail is internal).
+    pub last_error_class: Option<&'static str>,
+    /// Users read with the web-app token, with their own token, and through coverage tiles.
+    pub users_web_app_token: u32,
+    pub users_user_token: u32,
+    pub users_coverage_tiles: u32,
     pub updated_at: String,
+}
+
+/// How the poller reads an upload's status: the owner's own activity-feed state.
+#[derive(Debug, Serialize)]
+pub struct UploadFeedView {
+    /// `WEB_APP_TOKEN`, `USER_TOKEN` (the activity feed, with that token) or `COVERAGE_TILES`.
+    pub source: &'static str,
+    /// Whether Mapillary's activity feed is available for this user.
+    pub available: bool,
+    /// Why an earlier source was not used: `REFUSED`, `GONE`, `UNUSABLE`; `null` when none failed.
+    pub error_class: Option<&'static str>,
+    /// The same in words.
+    pub message: String,
+    /// Since when.
+    pub since: String,
+}
+
+/// The owner's feed state in words.
+fn feed_message(source: FeedSource, class: Option<FeedErrorClass>) -> String {
+    const TILES: &str = "status and links come from Mapillary's coverage tiles, which show an upload \
+                         only once all four stages finished";
+    match (source, class) {
+        (FeedSource::WebAppToken, _) => "Status is read from Mapillary's activity feed.".into(),
+        (FeedSource::UserToken, Some(FeedErrorClass::Refused)) => {
+            "The activity feed refused the relay's web-app token; status is read from it with your own \
+             token."
+                .into()
+        }
+        (FeedSource::UserToken, _) => {
+            "Status is read from Mapillary's activity feed with your own token.".into()
+        }
+        (FeedSource::CoverageTiles, Some(FeedErrorClass::Gone)) => {
+            format!("Mapillary's activity feed is unavailable (its query is no longer known): {TILES}.")
+        }
+        (FeedSource::CoverageTiles, Some(FeedErrorClass::Refused)) => {
+            format!("Mapillary's activity feed is unavailable: it refused every token the relay has for you; {TILES}.")
+        }
+        (FeedSource::CoverageTiles, _) => format!(
+            "Mapillary's activity feed is unavailable: it answered in a form the relay cannot read; {TILES}."
+        ),
+    }
+}
+
+fn upload_feed_view(f: &FeedState) -> UploadFeedView {
+    UploadFeedView {
+        source: f.source.as_str(),
+        available: f.source != FeedSource::CoverageTiles,
+        error_class: f.error_class.map(FeedErrorClass::as_str),
+        message: feed_message(f.source, f.error_class),
+        since: ts(f.since),
+    }
 }
 
 /// One upload (one zip, one Mapillary cluster).
@@ -141,6 +200,9 @@ pub struct MapillaryView {
     pub item_count: Option<i64>,
     /// Which path produced the links: `ACTIVITY_FEED` or `COVERAGE_TILES`; `null` until linked.
     pub status_source: Option<&'static str>,
+    /// How the poller reads this upload's status now (the owner's feed state); `null` until a run
+    /// read it.
+    pub feed: Option<UploadFeedView>,
 }
 
 /// One processing stage.
@@ -228,6 +290,7 @@ fn mapillary_view(t: &TrackingRecord, links: &[ImageLink]) -> MapillaryView {
         rejected_count: t.dropped_count,
         item_count: t.item_count,
         status_source: t.linked_via.map(path_name),
+        feed: t.tracked.feed.as_ref().map(upload_feed_view),
     }
 }
 
@@ -275,6 +338,10 @@ pub fn sequence_detail(
         feed: feed.map(|f| FeedView {
             healthy: f.healthy,
             degraded_since: ots(f.degraded_since),
+            last_error_class: f.last_error_class.map(FeedErrorClass::as_str),
+            users_web_app_token: f.users_web_app_token,
+            users_user_token: f.users_user_token,
+            users_coverage_tiles: f.users_coverage_tiles,
             updated_at: ts(f.updated_at),
         }),
     }

@@ -4,8 +4,10 @@
 //!
 //! Overall state, derived from the stages, `error_code` and age:
 //! * `FINISHED`: every stage `FINISHED`.
-//! * `FAILED`: a stage `FAILED`, or an `error_code` other than `UNSET` before everything finished,
-//!   or still not finished [`TrackingPolicy::hard_stop_after`] after `finish_upload`.
+//! * `FAILED`: a stage `FAILED` (with its `error_code`, if any), or still not finished
+//!   [`TrackingPolicy::hard_stop_after`] after `finish_upload`. An `error_code` other than `UNSET`
+//!   is recorded but fails an upload only together with a failed stage: Mapillary documents no
+//!   codes, and a drifted feed may send one beside stages still running.
 //! * `STALE`: not finished [`TrackingPolicy::stale_after`] after `finish_upload` (checked at
 //!   the slower [`TrackingPolicy::stale_poll_every`]).
 //! * `IN_PROGRESS`: anything else, including stage values never seen before (kept verbatim).
@@ -107,6 +109,81 @@ pub struct TrackedUpload {
     /// activity feed (then the reconciliation stays as a record of how it was found).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile: Option<Reconcile>,
+    /// How the last run read the owner's status (the user's feed state, kept on each of the user's
+    /// uploads the run looked at); `None` until a run read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed: Option<FeedState>,
+}
+
+/// Where a run got a user's upload status from, in the order the poller tries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FeedSource {
+    /// The activity feed, called with the configured web-app client token.
+    WebAppToken,
+    /// The activity feed, called with the user's own token.
+    UserToken,
+    /// Coverage tiles ("Plan A"): the feed could not be used for this user.
+    CoverageTiles,
+}
+
+impl FeedSource {
+    /// The wire name (`WEB_APP_TOKEN`, `USER_TOKEN`, `COVERAGE_TILES`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WebAppToken => "WEB_APP_TOKEN",
+            Self::UserToken => "USER_TOKEN",
+            Self::CoverageTiles => "COVERAGE_TILES",
+        }
+    }
+}
+
+/// Why the activity feed could not be used with a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FeedErrorClass {
+    /// The feed refused the token (an auth error). Never a reason to refresh the token: the feed
+    /// may accept only the web app's own token.
+    Refused,
+    /// The feed's GraphQL document is unknown to the server (a removed persisted query): the feed
+    /// is unavailable for every token.
+    Gone,
+    /// The feed answered something unusable: a GraphQL error without data, a reply in a shape that
+    /// cannot be read, a looping or unknown-user walk.
+    Unusable,
+}
+
+impl FeedErrorClass {
+    /// The wire name (`REFUSED`, `GONE`, `UNUSABLE`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "REFUSED",
+            Self::Gone => "GONE",
+            Self::Unusable => "UNUSABLE",
+        }
+    }
+}
+
+/// A user's activity-feed state as a run found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedState {
+    /// Where the status came from.
+    pub source: FeedSource,
+    /// Why an earlier source in the order was not used (e.g. the web-app token was refused and the
+    /// user's token worked, or why coverage tiles are used); `None` when the first source tried
+    /// worked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<FeedErrorClass>,
+    /// Since when the user is on this source with this error class.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+impl FeedState {
+    /// Same source and error class (`since` aside): nothing to write.
+    pub fn same_as(&self, other: &FeedState) -> bool {
+        self.source == other.source && self.error_class == other.error_class
+    }
 }
 
 /// What identifies the cluster of an upload whose `finish_upload` reply was lost (zip-and-push's
@@ -239,6 +316,7 @@ impl TrackedUpload {
             state: OverallState::InProgress,
             last_checked_at: None,
             reconcile: None,
+            feed: None,
         }
     }
 
@@ -411,13 +489,6 @@ fn derive_state(
                 STAGE_LABELS[k],
                 error.unwrap_or(NO_ERROR)
             ),
-        };
-    }
-    if let Some(code) = error {
-        return OverallState::Failed {
-            error_code: Some(code.to_string()),
-            stage: first_unfinished.map(|k| STAGE_FIELDS[k].to_string()),
-            reason: format!("Mapillary reports error_code {code}"),
         };
     }
     let age = now - upload.finished_upload_at;

@@ -284,6 +284,7 @@ mod tests {
 
     use super::*;
     use crate::domain::linking::{ImageOutcome, LinkPath};
+    use crate::domain::tracking::FeedErrorClass;
     use crate::domain::tracking::{OverallState, TrackedUpload};
     use crate::fakes::records::tests::upload_record;
     use crate::ports::UploadStore;
@@ -510,6 +511,10 @@ mod tests {
             healthy: false,
             degraded_since: Some(start()),
             last_error: Some("GraphQL error".into()),
+            last_error_class: Some(FeedErrorClass::Unusable),
+            users_web_app_token: 0,
+            users_user_token: 0,
+            users_coverage_tiles: 2,
             updated_at: start(),
         };
         t.put_feed_health(&h).await.unwrap();

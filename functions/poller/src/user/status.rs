@@ -6,7 +6,8 @@
 use std::collections::{HashMap, HashSet};
 
 use shared::domain::tracking::{
-    adopt_cluster, apply_node, check_deadlines, reconcile_failed, OverallState, Transition, Update,
+    adopt_cluster, apply_node, check_deadlines, reconcile_failed, FeedErrorClass, FeedSource, FeedState,
+    OverallState, Transition, Update,
 };
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::feed::ActivityNode;
@@ -28,6 +29,9 @@ pub(crate) struct FeedView {
     pub recent: Vec<ActivityNode>,
     /// The user's Mapillary id, when the feed was walked.
     pub mapillary_user_id: Option<String>,
+    /// Where this run got the user's status from, and why an earlier source was not used; `None`
+    /// when the run learned nothing about the feed (no token, a transient failure).
+    pub state: Option<(FeedSource, Option<FeedErrorClass>)>,
 }
 
 /// One upload during a user's turn: the record as loaded, as it will be written, and its links.
@@ -50,8 +54,8 @@ impl UploadTurn {
     }
 }
 
-/// Walk the user's feed (without a token session: not at all). Records `feed_ok` /
-/// `feed_unusable` on `out`.
+/// Read the user's feed (without a token session: not at all; see [`feed::read`] for the order of
+/// tokens). Records `feed_ok`, `feed_source`, `feed_unusable` and the counts on `out`.
 pub(crate) async fn read_feed<D: Deps>(
     d: &D,
     session: Option<&mut TokenSession<'_, D::Tokens, MapillaryApp>>,
@@ -73,28 +77,46 @@ pub(crate) async fn read_feed<D: Deps>(
                 .map(|r| r.tracked.cluster_id.clone())
                 .collect();
             let hint = records.iter().find_map(|r| r.mapillary_user_id.clone());
-            feed::walk(d, tok, d.feed_token(), hint, &clusters, horizon).await
+            feed::read(d, tok, hint, &clusters, horizon).await
         }
         None => FeedOutcome::Skipped("no token".into()),
     };
     match outcome {
         FeedOutcome::Walked {
+            source,
+            web_app_refused,
             mapillary_user_id,
             nodes,
             recent,
+            skipped_nodes,
+            graphql_errors,
             ..
         } => {
             out.feed_ok = true;
+            out.feed_source = Some(source);
+            out.feed_skipped_nodes = skipped_nodes;
+            out.feed_graphql_errors = graphql_errors;
+            let class = web_app_refused.map(|e| {
+                out.feed_error = Some((FeedErrorClass::Refused, format!("web-app token refused: {e}")));
+                FeedErrorClass::Refused
+            });
             FeedView {
                 nodes,
                 recent,
                 mapillary_user_id: Some(mapillary_user_id),
+                state: Some((source, class)),
             }
         }
-        FeedOutcome::Unusable(e) => {
-            warn!(error = %e, "activity feed unusable for this user: linking by coverage tiles");
-            out.feed_unusable = Some(e);
-            FeedView::default()
+        FeedOutcome::Unusable { class, error } => {
+            warn!(error = %error, class = class.as_str(),
+                "activity feed unusable for this user: linking by coverage tiles");
+            out.feed_source = Some(FeedSource::CoverageTiles);
+            out.feed_error = Some((class, error.clone()));
+            out.feed_unusable = Some(error);
+            FeedView {
+                state: Some((FeedSource::CoverageTiles, Some(class))),
+                ..FeedView::default()
+            }
         }
         FeedOutcome::Skipped(e) => {
             info!(reason = %e, "feed not read this run");
@@ -123,6 +145,16 @@ pub(crate) fn statuses<D: Deps>(
     for mut record in records {
         out.checked += 1;
         let old = record.clone();
+        if let Some((source, error_class)) = feed.state {
+            let state = FeedState {
+                source,
+                error_class,
+                since: now,
+            };
+            if !record.tracked.feed.as_ref().is_some_and(|f| f.same_as(&state)) {
+                record.tracked.feed = Some(state);
+            }
+        }
         let mut adopted: Option<Transition> = None;
         let mut forced: Option<Update> = None;
         if let (Some(rc), true) = (record.tracked.reconcile.clone(), record.tracked.is_reconciling()) {
