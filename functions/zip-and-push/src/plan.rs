@@ -198,6 +198,7 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
                     candidates.push(Candidate {
                         rel: rel.clone(),
                         key: format!("{prefix}{rel}"),
+                        listed_size: None,
                     });
                 }
             }
@@ -212,7 +213,11 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
             for o in listed {
                 let rel = o.key.strip_prefix(&prefix).unwrap_or(&o.key).to_string();
                 if rel != MANIFEST_NAME && is_default_image(&rel) {
-                    candidates.push(Candidate { rel, key: o.key });
+                    candidates.push(Candidate {
+                        rel,
+                        key: o.key,
+                        listed_size: Some(o.size),
+                    });
                 }
             }
             seq.image_count = candidates.len() as u32;
