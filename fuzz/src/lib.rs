@@ -22,9 +22,22 @@ pub mod sequence;
 #[path = "../../shared/src/domain/zipfmt.rs"]
 pub mod zipfmt;
 
-/// The planning path's modules under their `shared::domain` names, for [`planning`].
+/// The planning path's modules under their `shared::domain` names, for [`planning`]; `linking`
+/// (the image type of the entity parsers) and `tiles` for [`mapillary::replies`].
 pub mod domain {
-    pub use super::{description, exif, jpeg, sequence, zipfmt};
+    pub use super::{description, exif, jpeg, sequence, tiles, zipfmt};
+
+    #[path = "../../../shared/src/domain/linking.rs"]
+    pub mod linking;
+}
+
+/// `shared::mapillary`'s reply parsers under their `shared` names (the HTTP client around them is
+/// not compiled here).
+pub mod mapillary {
+    pub use super::feed;
+
+    #[path = "../../../shared/src/mapillary/replies.rs"]
+    pub mod replies;
 }
 
 pub mod planning;

@@ -18,10 +18,12 @@ use axum::{Json, Router};
 use base64::Engine;
 use lambda_http::request::RequestContext;
 use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::error::MapillaryError;
+use shared::mapillary::replies::token_expiry;
 use shared::model::StoredToken;
 use shared::ports::{
-    ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome, TokenError, TokenStore,
-    TrackingReader, UploadReader,
+    ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome,
+    TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
@@ -462,7 +464,8 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         .map_err(|e| {
             // MapillaryError messages never contain tokens, secrets or the code.
             warn!(user = %user, error = %e, "code exchange failed");
-            if e.is_retriable() {
+            // A reply we cannot use (e.g. an absurd `expires_in`) is Mapillary's fault, not the code's.
+            if e.is_retriable() || matches!(e, MapillaryError::BadReply { .. }) {
                 mapillary_unavailable()
             } else {
                 Problem::new(
@@ -478,13 +481,16 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         warn!(user = %user, error = %e, "/me with the new token failed");
         mapillary_unavailable()
     })?;
+    // The client refuses absurd lifetimes already; the checked helper keeps `now + expires_in` from
+    // ever panicking here (release builds abort on panic).
+    let expires_at = token_expiry(now, grant.expires_in).map_err(|e| {
+        warn!(user = %user, error = %e, "Mapillary granted a token with an unusable lifetime");
+        mapillary_unavailable()
+    })?;
     let token = StoredToken {
         access_token: grant.access_token,
         refresh_token: grant.refresh_token,
-        expires_at: grant
-            .expires_in
-            .and_then(|s| i64::try_from(s).ok())
-            .map(|s| now + time::Duration::seconds(s)),
+        expires_at,
         mapillary_user_id: Some(me.id),
         username: Some(me.username),
         updated_at: now,

@@ -649,6 +649,28 @@ async fn callback_redirects_to_the_success_url_when_configured() {
     sim.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_absurd_token_lifetime_is_a_502_and_nothing_is_stored() {
+    // Issue 15, item 1: `now + expires_in` overflowed (a panic, an aborted Lambda) for a reply
+    // with a huge `expires_in`; now the reply is refused and the callback says Mapillary failed.
+    let mut config = SimConfig::frozen();
+    config.settings.token_lifetime_seconds = i64::MAX;
+    let sim = Simulator::start(config, "127.0.0.1:0").await.unwrap();
+    let d = deps(
+        Endpoints::under(sim.base_url()),
+        Settings {
+            redirect_uri: Some(defaults::REDIRECT_URI.into()),
+            ..Settings::default()
+        },
+    );
+    let app = router(d.clone());
+    let (code, state) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code, &state))).await;
+    assert_problem(&r, 502, "mapillary-unavailable");
+    assert!(d.tokens.load("user-1").await.unwrap().is_none());
+    sim.shutdown().await;
+}
+
 // ------------------------------------------------------------------ OpenAPI
 
 fn openapi() -> serde_yaml::Value {
