@@ -785,6 +785,47 @@ async fn the_same_event_delivered_three_times_concurrently_uploads_once() -> Res
     Ok(())
 }
 
+#[tokio::test]
+async fn dotted_user_and_sequence_ids_never_share_uploads() -> Result<()> {
+    // Issue 15, item 3: user `h` with sequence `a.b` and user `h.a` with sequence `b` both got the
+    // upload id `h.a.b.000`; the second drop overwrote the first's image entries.
+    let w = world("zp-dots", Tunables::default()).await?;
+    for user in ["h", "h.a"] {
+        w.deps
+            .tokens
+            .save(user, &stored_token(DEMO_USER_TOKEN, None))
+            .await?;
+    }
+    let first = named(&specs(4, 500));
+    let second = named(&specs(5, 600));
+    w.drop_sequence("h", "a.b", &first, b"{}").await?;
+    w.drop_sequence("h.a", "b", &second, b"{}").await?;
+    let msgs = w.notifications(2).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    ensure!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let a = w.status("h", "a.b").await?;
+    let b = w.status("h.a", "b").await?;
+    assert_eq!(a.state, SequenceState::Uploaded, "{a:?}");
+    assert_eq!(b.state, SequenceState::Uploaded, "{b:?}");
+    assert_ne!(a.uploads[0].upload_id, b.uploads[0].upload_id);
+    // Each upload keeps its own image entries.
+    let keys = |v: Vec<shared::model::UploadImage>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    let a_keys = keys(w.deps.repo.list_images(&a.uploads[0].upload_id).await?);
+    let b_keys = keys(w.deps.repo.list_images(&b.uploads[0].upload_id).await?);
+    assert_eq!(a_keys.len(), 4);
+    assert_eq!(b_keys.len(), 5);
+    assert!(
+        a_keys.iter().all(|k| k.starts_with("sequences/h/a.b/")),
+        "{a_keys:?}"
+    );
+    assert!(
+        b_keys.iter().all(|k| k.starts_with("sequences/h.a/b/")),
+        "{b_keys:?}"
+    );
+    assert_eq!(w.sim.sim().world().clusters.len(), 2);
+    Ok(())
+}
+
 /// A clean run of `imgs` as sequence `seq`: the stored zip.
 async fn clean_run(w: &World, seq: &str, imgs: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     w.drop_sequence(USER, seq, imgs, b"{}").await?;
