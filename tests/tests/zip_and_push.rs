@@ -81,7 +81,12 @@ async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     let mut deps = compose(&config, stack.sdk_config()).await?;
     deps.store = S3ObjectStore::new(stack.s3());
     deps.mapillary = deps.mapillary.with_retry_policy(RetryPolicy::fast());
-    deps.tunables = tunables;
+    // The test's tunables, but the bucket check as composed from the environment (RELAY_BUCKET).
+    let own_bucket = deps.tunables.own_bucket.take();
+    deps.tunables = Tunables {
+        own_bucket: tunables.own_bucket.clone().or(own_bucket),
+        ..tunables
+    };
     deps.tokens
         .save(USER, &stored_token(DEMO_USER_TOKEN, None))
         .await?;

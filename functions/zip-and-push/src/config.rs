@@ -32,6 +32,10 @@ pub struct Tunables {
     pub token_refresh_margin: Duration,
     /// `RELAY_MAX_RECEIVES` (5): at this `ApproximateReceiveCount` a transient failure is final.
     pub max_receives: u32,
+    /// `RELAY_BUCKET`: the only bucket whose notifications are handled (any other is a recorded
+    /// ingest error). Always set from the environment; `None` (the default) only in tests that
+    /// build tunables by hand.
+    pub own_bucket: Option<String>,
 }
 
 impl Default for Tunables {
@@ -47,6 +51,7 @@ impl Default for Tunables {
             deadline_margin: Duration::from_secs(30),
             token_refresh_margin: Duration::from_secs(3600),
             max_receives: 5,
+            own_bucket: None,
         }
     }
 }
@@ -106,6 +111,7 @@ impl Config {
             deadline_margin: Duration::from_secs(env.parse_or("RELAY_DEADLINE_MARGIN_S", 30u64)?),
             token_refresh_margin: Duration::from_secs(env.parse_or("RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
             max_receives: env.parse_or("RELAY_MAX_RECEIVES", d.max_receives)?,
+            own_bucket: Some(env.required("RELAY_BUCKET")?),
         };
         if !(1..=500).contains(&tunables.max_images_per_upload) {
             return Err(ConfigError::invalid(
@@ -157,7 +163,13 @@ mod tests {
         let env = base();
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
         assert_eq!(c.mapillary.endpoints.graph, "http://127.0.0.1:1/graph");
-        assert_eq!(c.tunables, Tunables::default());
+        assert_eq!(
+            c.tunables,
+            Tunables {
+                own_bucket: Some("b".into()),
+                ..Tunables::default()
+            }
+        );
         assert!(matches!(c.mapillary.client_secret, ClientSecretSource::Plain(_)));
     }
 

@@ -137,6 +137,20 @@ async fn handle_object<D: Deps>(
     receives: u32,
     deadline: Instant,
 ) -> bool {
+    // Only our own bucket: a notification naming another one (a misrouted or forged message) would
+    // make the function read and upload objects it was never meant to handle.
+    if let Some(own) = &d.tunables().own_bucket {
+        if &o.bucket != own {
+            return ingest_error(
+                d,
+                message_id,
+                Some(&o.bucket),
+                &o.key,
+                "notification for a bucket other than RELAY_BUCKET: ignored",
+            )
+            .await;
+        }
+    }
     let seq = match parse_manifest_key(&o.key) {
         Ok(s) => s,
         Err(e) => return ingest_error(d, message_id, Some(&o.bucket), &o.key, &e.to_string()).await,

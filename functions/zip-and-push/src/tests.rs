@@ -79,6 +79,7 @@ async fn world() -> World {
         mapillary: RecordingMapillary::new(mly),
         tunables: Tunables {
             deadline_margin: Duration::from_millis(0),
+            own_bucket: Some(BUCKET.into()),
             ..Tunables::default()
         },
     };
@@ -752,6 +753,47 @@ async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
     let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
     assert!(resp.batch_item_failures.is_empty());
     assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::HandedOff);
+}
+
+#[tokio::test]
+async fn notifications_of_another_bucket_are_recorded_ingest_errors_and_do_no_work() {
+    // Issue 15, item 3: the sample event from `events/`, pointed at another bucket that holds a
+    // perfectly good sequence: nothing is read, planned or uploaded; the message is acknowledged.
+    let w = world().await;
+    let file = include_str!("../../../events/sqs/s3-manifest-created.json");
+    let sample_bucket = "relay-local-sequences-123456789012";
+    assert!(file.contains(sample_bucket));
+    let foreign = "someone-elses-bucket";
+    let seq = "seq-2026-11-24";
+    for bucket in [foreign, BUCKET] {
+        for (name, bytes) in named(&specs(3, 40)) {
+            w.deps
+                .store
+                .put(bucket, &format!("sequences/{USER}/{seq}/{name}"), bytes);
+        }
+        w.deps.store.put(
+            bucket,
+            &format!("sequences/{USER}/{seq}/manifest.json"),
+            b"{}".to_vec(),
+        );
+    }
+    let event: SqsEvent = serde_json::from_str(&file.replace(sample_bucket, foreign)).expect("event file");
+    let resp = handle_batch(&w.deps, event, deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "acknowledged");
+    let errs = w.deps.repo.snapshot().ingest_errors;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].bucket.as_deref(), Some(foreign));
+    assert_eq!(errs[0].key, format!("sequences/{USER}/{seq}/manifest.json"));
+    assert!(errs[0].reason.contains("RELAY_BUCKET"), "{errs:?}");
+    assert!(sequence_status(&w.deps.repo, USER, seq).await.unwrap().is_none());
+    assert!(w.sim.sim().world().clusters.is_empty());
+
+    // The same event for our bucket is handled (the check is what stopped it).
+    let event: SqsEvent = serde_json::from_str(&file.replace(sample_bucket, BUCKET)).expect("event file");
+    let resp = handle_batch(&w.deps, event, deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, seq).await.state, SequenceState::Uploaded);
+    assert_eq!(w.deps.repo.snapshot().ingest_errors.len(), 1);
 }
 
 #[test]
