@@ -333,6 +333,32 @@ pub struct StoredToken {
     pub updated_at: OffsetDateTime,
 }
 
+impl StoredToken {
+    /// What is stored in clear beside the encrypted secrets.
+    pub fn metadata(&self) -> ConnectionMetadata {
+        ConnectionMetadata {
+            expires_at: self.expires_at,
+            mapillary_user_id: self.mapillary_user_id.clone(),
+            username: self.username.clone(),
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A user's Mapillary connection without its secrets: the attributes the token item keeps in clear
+/// beside the ciphertext, readable without a KMS `Decrypt` (what the status API shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionMetadata {
+    /// Token expiry, when known.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Mapillary's user id.
+    pub mapillary_user_id: Option<String>,
+    /// Mapillary username.
+    pub username: Option<String>,
+    /// Last written.
+    pub updated_at: OffsetDateTime,
+}
+
 /// One upload in the status document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UploadStatus {

@@ -21,8 +21,8 @@ use crate::idempotency::{Claim, ClaimOutcome};
 use crate::mapillary::client::{Me, TokenGrant, UploadReport};
 use crate::mapillary::error::MapillaryError;
 use crate::model::{
-    ClusterMessage, EntryCheckpoint, FeedHealth, ImageLink, IngestError, SequenceRecord, StoredToken,
-    TrackingRecord, UploadImage, UploadRecord, UploadState,
+    ClusterMessage, ConnectionMetadata, EntryCheckpoint, FeedHealth, ImageLink, IngestError, SequenceRecord,
+    StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState,
 };
 
 /// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
@@ -409,6 +409,16 @@ pub trait TokenStore: Send + Sync {
 
     /// Forget the user's token; returns whether there was one.
     fn delete(&self, user_id: &str) -> impl Future<Output = Result<bool, TokenError>> + Send;
+}
+
+/// The clear part of users' token items (the status API): never decrypts, so its role needs no
+/// KMS `Decrypt` on the token key.
+pub trait ConnectionReader: Send + Sync {
+    /// The user's connection metadata, `None` when the user has no token item.
+    fn load_connection(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = Result<Option<ConnectionMetadata>, TokenError>> + Send;
 }
 
 // ------------------------------------------------------------------ queues (SQS)

@@ -65,8 +65,8 @@ pub trait Deps: Send + Sync + 'static {
     type Repo: SequenceReader + UploadReader + ImageEntryReader + 'static;
     /// The poller's tracking records, image links and feed health (read only).
     type Tracking: TrackingReader + 'static;
-    /// Users' Mapillary tokens.
-    type Tokens: TokenStore + 'static;
+    /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
+    type Tokens: TokenStore + ConnectionReader + 'static;
     /// OAuth `state` values.
     type States: OAuthStateStore + 'static;
     /// Sequences and uploads.
@@ -104,7 +104,7 @@ impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
 where
     R: SequenceReader + UploadReader + ImageEntryReader + 'static,
     T: TrackingReader + 'static,
-    K: TokenStore + 'static,
+    K: TokenStore + ConnectionReader + 'static,
     S: OAuthStateStore + 'static,
 {
     type Repo = R;
@@ -506,7 +506,10 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(resp)
         }
-        None => Ok(json_no_store(StatusCode::OK, &views::Connection::of(&token, now))),
+        None => Ok(json_no_store(
+            StatusCode::OK,
+            &views::Connection::of(&token.metadata(), now),
+        )),
     }
 }
 
@@ -525,9 +528,10 @@ fn mapillary_unavailable() -> Problem {
 async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     validate::query_pairs(parts.uri.query(), &[])?;
-    let view = match d.tokens().load(&user).await {
+    // The clear metadata beside the ciphertext: showing a connection never decrypts a token.
+    let view = match d.tokens().load_connection(&user).await {
         Ok(None) => views::Connection::none(),
-        Ok(Some(t)) => views::Connection::of(&t, OffsetDateTime::now_utc()),
+        Ok(Some(m)) => views::Connection::of(&m, OffsetDateTime::now_utc()),
         Err(TokenError::Corrupt(e)) => {
             warn!(user = %user, error = %e, "stored token unusable");
             views::Connection {

@@ -404,8 +404,8 @@ impl Connection {
         }
     }
 
-    /// From a stored token (never exposing the token).
-    pub fn of(t: &shared::model::StoredToken, now: OffsetDateTime) -> Self {
+    /// From a connection's clear metadata (no token involved).
+    pub fn of(t: &shared::model::ConnectionMetadata, now: OffsetDateTime) -> Self {
         Self {
             connected: true,
             mapillary_user_id: t.mapillary_user_id.clone(),
