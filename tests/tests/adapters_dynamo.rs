@@ -649,6 +649,12 @@ async fn ingest_errors_are_recorded_under_their_own_partition() -> Result<()> {
     let decoded: IngestError = serde_dynamo::aws_sdk_dynamodb_1::from_item(items[1].clone())?;
     assert_eq!(decoded, long);
     assert!(s_attr(&items[1], "sk").len() <= 1024);
+    // The table's TTL attribute (issue 15, item 7): deleted 30 days after it was seen.
+    assert_eq!(
+        n_attr(&items[0], "expires_at"),
+        at.unix_timestamp() + 30 * 24 * 3600
+    );
+    assert_eq!(n_attr(&items[1], "expires_at"), 1_800_000_000 + 30 * 24 * 3600);
     Ok(())
 }
 

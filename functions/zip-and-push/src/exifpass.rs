@@ -6,6 +6,8 @@ use futures::{StreamExt, TryStreamExt};
 use shared::domain::exif::{self, ExifError, HeaderExtent, ImageMetadata};
 use shared::ports::{ObjectStore, StoreError};
 
+use crate::reasons;
+
 /// First ranged read.
 pub const INITIAL_HEAD: u64 = 64 * 1024;
 /// Largest head read to find the end of the EXIF block.
@@ -71,7 +73,7 @@ async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Resu
                 return reject(format!("missing key: no object {:?} in the sequence", c.rel))
             }
             Err(e) if e.is_transient() => return Err(e),
-            Err(e) => return reject(format!("unreadable object: {e}")),
+            Err(e) => return reject(reasons::object("the image", &e)),
         };
         let have_all = r.bytes.len() as u64 >= r.total_size;
         let extent = match exif::header_extent(&r.bytes) {
@@ -139,7 +141,7 @@ async fn check_eoi<S: ObjectStore>(
         match store.get_range(bucket, key, size - 2, size).await {
             Ok(r) => r.bytes,
             Err(e) if e.is_transient() => return Err(e),
-            Err(e) => return Ok(Some(format!("unreadable object: {e}"))),
+            Err(e) => return Ok(Some(reasons::object("the image", &e))),
         }
     };
     Ok((tail.as_ref() != [0xFF, 0xD9]).then(|| REASON.to_string()))
