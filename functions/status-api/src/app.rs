@@ -238,6 +238,36 @@ fn encode_cursor(sk: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.as_bytes())
 }
 
+/// Largest position a page cursor may name (far past any sequence the caps allow).
+const MAX_PAGE_POSITION: usize = 100_000_000;
+
+/// A cursor of a sequence's image list (`kind` `I`) or rejected list (`R`): the position of the
+/// next entry, opaque to clients.
+fn encode_position_cursor(kind: char, position: usize) -> String {
+    encode_cursor(&format!("{kind}{position}"))
+}
+
+/// [`encode_position_cursor`]'s position, for a cursor of `kind`.
+fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as a next cursor");
+    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
+        return Err(bad());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let digits = text.strip_prefix(kind).ok_or_else(bad)?;
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    digits
+        .parse::<usize>()
+        .ok()
+        .filter(|p| *p <= MAX_PAGE_POSITION)
+        .ok_or_else(bad)
+}
+
 async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
@@ -262,7 +292,12 @@ async fn get_sequence<D: Deps>(
 ) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let q = validate::query_pairs(parts.uri.query(), &["rejected_limit", "rejected_cursor"])?;
+    let limit = validate::page_limit("rejected_limit", validate::get(&q, "rejected_limit"))? as usize;
+    let start = validate::get(&q, "rejected_cursor")
+        .map(|c| decode_position_cursor('R', c))
+        .transpose()?
+        .unwrap_or(0);
     let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
@@ -285,7 +320,12 @@ async fn get_sequence<D: Deps>(
         ));
     }
     let feed = d.tracking().get_feed_health().await?;
-    let body = views::sequence_detail(&seq, views_, feed.as_ref());
+    let page = views::Page {
+        start,
+        limit,
+        next: |p| encode_position_cursor('R', p),
+    };
+    let body = views::sequence_detail(&seq, views_, feed.as_ref(), page);
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
@@ -296,13 +336,32 @@ async fn get_images<D: Deps>(
 ) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
+    let limit = validate::page_limit("limit", validate::get(&q, "limit"))? as usize;
+    let start = validate::get(&q, "cursor")
+        .map(|c| decode_position_cursor('I', c))
+        .transpose()?
+        .unwrap_or(0);
     let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
+    // The list is every upload's images in upload order, then the rejected images. A page reads
+    // only the uploads it shows: whole uploads before it are skipped by their image count.
     let mut images = Vec::new();
+    let mut position = 0usize;
     for u in d.repo().list_uploads(&user, &id).await? {
+        let count = u.image_count as usize;
+        let end = position + count;
+        if end <= start {
+            position = end;
+            continue;
+        }
+        if images.len() >= limit {
+            position = end;
+            continue;
+        }
         let ours = d.repo().list_images(&u.upload_id).await?;
+        // Tracking items are keyed by upload id; the owner check is defence in depth.
         let owned = d
             .tracking()
             .get_tracking(&u.upload_id)
@@ -313,12 +372,27 @@ async fn get_images<D: Deps>(
         } else {
             Vec::new()
         };
-        images.extend(views::uploaded_images(&ours, &links));
+        let skip = start.saturating_sub(position);
+        let room = limit - images.len();
+        images.extend(
+            views::uploaded_images(&ours, &links)
+                .into_iter()
+                .take(count)
+                .skip(skip)
+                .take(room),
+        );
+        position = end;
     }
-    images.extend(views::rejected_images(&seq));
+    let rejected = views::rejected_images(&seq);
+    let skip = start.saturating_sub(position);
+    let room = limit - images.len();
+    let total = position + rejected.len();
+    images.extend(rejected.into_iter().skip(skip).take(room));
+    let next = start + limit;
     let body = views::ImageList {
         sequence_id: seq.sequence_id.clone(),
         images,
+        next_cursor: (next < total).then(|| encode_position_cursor('I', next)),
     };
     Ok(json_no_store(StatusCode::OK, &body))
 }

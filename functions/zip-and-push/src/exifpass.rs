@@ -55,15 +55,21 @@ pub async fn read_heads<S: ObjectStore>(
     bucket: &str,
     candidates: Vec<Candidate>,
     concurrency: usize,
+    max_image_bytes: u64,
 ) -> Result<Vec<HeadOutcome>, StoreError> {
     futures::stream::iter(candidates)
-        .map(|c| read_one(store, bucket, c))
+        .map(|c| read_one(store, bucket, c, max_image_bytes))
         .buffered(concurrency.max(1))
         .try_collect()
         .await
 }
 
-async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Result<HeadOutcome, StoreError> {
+async fn read_one<S: ObjectStore>(
+    store: &S,
+    bucket: &str,
+    c: Candidate,
+    max_image_bytes: u64,
+) -> Result<HeadOutcome, StoreError> {
     let reject = |reason: String| Ok(HeadOutcome::Rejected(c.rel.clone(), reason));
     let mut want = INITIAL_HEAD;
     loop {
@@ -75,6 +81,12 @@ async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Resu
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => return reject(reasons::object("the image", &e)),
         };
+        if r.total_size > max_image_bytes {
+            return reject(format!(
+                "the image is {} bytes, more than the {max_image_bytes} allowed (RELAY_MAX_IMAGE_BYTES)",
+                r.total_size
+            ));
+        }
         let have_all = r.bytes.len() as u64 >= r.total_size;
         let extent = match exif::header_extent(&r.bytes) {
             Ok(x) => x,

@@ -167,6 +167,26 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         seq.reason = Some(reasons::public(&reason));
         Ok(seq)
     };
+    // The size first: a huge manifest is refused before it is read into memory.
+    match store.head(&job.bucket, &job.manifest_key).await {
+        Ok(info) if info.size > tun.max_manifest_bytes => {
+            return fail(
+                seq,
+                format!(
+                    "manifest.json is {} bytes, more than the {} allowed (RELAY_MAX_MANIFEST_BYTES)",
+                    info.size, tun.max_manifest_bytes
+                ),
+            )
+        }
+        Ok(_) => {}
+        Err(StoreError::NotFound(_)) => {
+            return fail(seq, "manifest.json was deleted before it could be read".into())
+        }
+        Err(e) if e.is_transient() => {
+            return Err(SequenceError::Transient(reasons::object("manifest.json", &e)))
+        }
+        Err(e) => return fail(seq, reasons::object("manifest.json", &e)),
+    }
     let manifest_bytes = match store.get_object(&job.bucket, &job.manifest_key, None).await {
         Ok(o) => o.bytes,
         Err(StoreError::NotFound(_)) => {
@@ -236,9 +256,22 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         }
     }
 
-    let heads = read_heads(store, &job.bucket, candidates, tun.exif_concurrency)
-        .await
-        .map_err(|e| SequenceError::Transient(reasons::object("an image", &e)))?;
+    if seq.image_count as usize > tun.max_images_per_sequence {
+        let reason = format!(
+            "the sequence has {} images, more than the {} allowed (RELAY_MAX_IMAGES_PER_SEQUENCE)",
+            seq.image_count, tun.max_images_per_sequence
+        );
+        return fail(seq, reason);
+    }
+    let heads = read_heads(
+        store,
+        &job.bucket,
+        candidates,
+        tun.exif_concurrency,
+        tun.max_image_bytes,
+    )
+    .await
+    .map_err(|e| SequenceError::Transient(reasons::object("an image", &e)))?;
     let mut reads: HashMap<String, HeadRead> = HashMap::new();
     let mut inputs = Vec::new();
     for h in heads {

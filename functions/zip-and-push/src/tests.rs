@@ -756,6 +756,67 @@ async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
 }
 
 #[tokio::test]
+async fn caps_fail_the_sequence_or_reject_the_image_with_a_clear_reason() {
+    // Issue 15, item 5: manifest size, images per sequence, bytes per image.
+    let mut w = world().await;
+    let mut big = specs(3, 70);
+    big[2].width *= 4;
+    big[2].height *= 4;
+    let imgs = named(&big);
+    let small = imgs[..2].iter().map(|(_, b)| b.len()).max().expect("sizes") as u64;
+    assert!(imgs[2].1.len() as u64 > small, "the third image is the big one");
+    w.deps.tunables.max_manifest_bytes = 40;
+    w.deps.tunables.max_images_per_sequence = 3;
+    w.deps.tunables.max_image_bytes = small;
+
+    let padded = format!(r#"{{"organization_id": null, "note": "{}"}}"#, "x".repeat(40));
+    let e1 = drop_sequence(&w.deps.store, "bigmanifest", &imgs, padded.as_bytes());
+    let four = named(&specs(4, 80));
+    let e2 = drop_sequence(&w.deps.store, "toomany", &four, b"{}");
+    let e3 = drop_sequence(&w.deps.store, "bigimage", &imgs, b"{}");
+    let bodies = [
+        s3_body(USER, "bigmanifest", &e1),
+        s3_body(USER, "toomany", &e2),
+        s3_body(USER, "bigimage", &e3),
+    ];
+    let resp = handle_batch(&w.deps, event(&bodies), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "{:?}",
+        resp.batch_item_failures
+    );
+
+    let st = status(&w, "bigmanifest").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{} bytes", padded.len())) && reason.contains("RELAY_MAX_MANIFEST_BYTES"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty());
+
+    let st = status(&w, "toomany").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains("4 images") && reason.contains("RELAY_MAX_IMAGES_PER_SEQUENCE"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty());
+
+    let st = status(&w, "bigimage").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!((st.image_count, st.accepted_count), (3, 2));
+    assert_eq!(st.rejected.len(), 1, "{:?}", st.rejected);
+    assert_eq!(st.rejected[0].key, imgs[2].0);
+    assert!(
+        st.rejected[0].reason.contains("RELAY_MAX_IMAGE_BYTES"),
+        "{:?}",
+        st.rejected
+    );
+}
+
+#[tokio::test]
 async fn notifications_of_another_bucket_are_recorded_ingest_errors_and_do_no_work() {
     // Issue 15, item 3: the sample event from `events/`, pointed at another bucket that holds a
     // perfectly good sequence: nothing is read, planned or uploaded; the message is acknowledged.
