@@ -500,8 +500,11 @@ async fn dotted_ids_of_different_users_never_share_an_upload() -> Result<()> {
     repo.put_images(&[entry(&second, "sequences/h.a/b/second.jpg")])
         .await?;
     // Each upload keeps its own record and entries.
-    assert_eq!(repo.list_uploads("h", "a.b").await?, [first.clone()]);
-    assert_eq!(repo.list_uploads("h.a", "b").await?, [second.clone()]);
+    assert_eq!(repo.list_uploads("h", "a.b").await?, std::slice::from_ref(&first));
+    assert_eq!(
+        repo.list_uploads("h.a", "b").await?,
+        std::slice::from_ref(&second)
+    );
     let keys = |v: Vec<UploadImage>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
     assert_eq!(
         keys(repo.list_images(&first.upload_id).await?),

@@ -826,6 +826,6 @@ async fn one_users_poisoned_or_duplicated_record_does_not_stop_tracking_for_the_
         .and_then(|v| v.as_ss().ok())
         .cloned()
         .unwrap_or_default();
-    assert_eq!(x_ids, [xid.clone()]);
+    assert_eq!(x_ids, std::slice::from_ref(&xid));
     Ok(())
 }
