@@ -333,6 +333,32 @@ pub struct StoredToken {
     pub updated_at: OffsetDateTime,
 }
 
+impl StoredToken {
+    /// What is stored in clear beside the encrypted secrets.
+    pub fn metadata(&self) -> ConnectionMetadata {
+        ConnectionMetadata {
+            expires_at: self.expires_at,
+            mapillary_user_id: self.mapillary_user_id.clone(),
+            username: self.username.clone(),
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A user's Mapillary connection without its secrets: the attributes the token item keeps in clear
+/// beside the ciphertext, readable without a KMS `Decrypt` (what the status API shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionMetadata {
+    /// Token expiry, when known.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Mapillary's user id.
+    pub mapillary_user_id: Option<String>,
+    /// Mapillary username.
+    pub username: Option<String>,
+    /// Last written.
+    pub updated_at: OffsetDateTime,
+}
+
 /// One upload in the status document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UploadStatus {
@@ -407,14 +433,59 @@ impl SequenceStatus {
     }
 }
 
-/// Deterministic upload id: `<user_id>.<sequence_id>.<index:03>` (unique across users).
+/// Separator of the parts of an upload id: outside the id alphabet (`[A-Za-z0-9._-]`), unreserved
+/// in URLs, plain in DynamoDB keys and SQS messages.
+pub const UPLOAD_ID_SEPARATOR: char = '~';
+
+/// Deterministic upload id: `<user_id>~<sequence_id>~<index:03>`, e.g. `h~a.b~000`.
+///
+/// Distinct (user, sequence, index) triples never meet, whatever the strings: user and sequence
+/// ids cannot contain `~`, and should one ever do, `%` and `~` inside a part are percent-encoded
+/// (`%25`, `%7E`), so the separators still split the id unambiguously. Ids of earlier versions
+/// were `<user_id>.<sequence_id>.<index:03>`, and both ids may contain dots: user `h` with
+/// sequence `a.b` and user `h.a` with sequence `b` both got `h.a.b.000` (issue 15). Records
+/// written with such ids are not migrated; they keep working under their old id (nothing parses
+/// an upload id), only new plans get the new form.
 pub fn upload_id(user_id: &str, sequence_id: &str, index: u32) -> String {
-    format!("{user_id}.{sequence_id}.{index:03}")
+    fn part(s: &str) -> std::borrow::Cow<'_, str> {
+        if s.contains(['%', UPLOAD_ID_SEPARATOR]) {
+            s.replace('%', "%25").replace(UPLOAD_ID_SEPARATOR, "%7E").into()
+        } else {
+            s.into()
+        }
+    }
+    let sep = UPLOAD_ID_SEPARATOR;
+    format!("{}{sep}{}{sep}{index:03}", part(user_id), part(sequence_id))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_ids_of_different_users_and_sequences_never_meet() {
+        // Issue 15: with `.` as the separator both were `h.a.b.000`.
+        assert_eq!(upload_id("h", "a.b", 0), "h~a.b~000");
+        assert_eq!(upload_id("h.a", "b", 0), "h.a~b~000");
+        assert_ne!(upload_id("h", "a.b", 0), upload_id("h.a", "b", 0));
+        assert_eq!(upload_id("u", "s", 12), "u~s~012");
+        // Every triple of tricky parts gives its own id (also parts the key rules refuse).
+        let parts = [
+            "", "h", "a", "b", ".", "..", "h.a", "a.b", "a.b.000", "~", "h~a", "a~b", "%", "%7E", "%25",
+            "-_.",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for u in parts {
+            for s in parts {
+                for i in [0, 1, 999, 1000] {
+                    let id = upload_id(u, s, i);
+                    if let Some(prev) = seen.insert(id.clone(), (u, s, i)) {
+                        panic!("{id:?} from both {prev:?} and {:?}", (u, s, i));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn states_serialize_as_screaming_snake() {

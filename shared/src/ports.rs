@@ -21,8 +21,8 @@ use crate::idempotency::{Claim, ClaimOutcome};
 use crate::mapillary::client::{Me, TokenGrant, UploadReport};
 use crate::mapillary::error::MapillaryError;
 use crate::model::{
-    ClusterMessage, EntryCheckpoint, FeedHealth, ImageLink, IngestError, SequenceRecord, StoredToken,
-    TrackingRecord, UploadImage, UploadRecord, UploadState,
+    ClusterMessage, ConnectionMetadata, EntryCheckpoint, FeedHealth, ImageLink, IngestError, SequenceRecord,
+    StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState,
 };
 
 /// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
@@ -411,6 +411,16 @@ pub trait TokenStore: Send + Sync {
     fn delete(&self, user_id: &str) -> impl Future<Output = Result<bool, TokenError>> + Send;
 }
 
+/// The clear part of users' token items (the status API): never decrypts, so its role needs no
+/// KMS `Decrypt` on the token key.
+pub trait ConnectionReader: Send + Sync {
+    /// The user's connection metadata, `None` when the user has no token item.
+    fn load_connection(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = Result<Option<ConnectionMetadata>, TokenError>> + Send;
+}
+
 // ------------------------------------------------------------------ queues (SQS)
 
 /// Failure of a queue send.
@@ -522,6 +532,15 @@ pub trait MapillaryAuth: Send + Sync {
 // `finish_upload` reply was lost ([`ReconcileStore`]). One adapter implements them all
 // (`DynamoTracking`, the UploadsTable); see the layout in [`crate::model`].
 
+/// What [`TrackingStore::list_pending_tracking`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingTracking {
+    /// The pending records, ordered by user id then upload id.
+    pub records: Vec<TrackingRecord>,
+    /// Why a record (or a user's records) could not be listed, one line each (no secrets).
+    pub unreadable: Vec<String>,
+}
+
 /// Reading tracking state (status-api; the poller through [`TrackingStore`]).
 pub trait TrackingReader: Send + Sync {
     /// One tracking record.
@@ -558,9 +577,11 @@ pub trait TrackingStore: TrackingReader {
         expected_last_checked_at: Option<time::OffsetDateTime>,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
     /// Every tracking record in a pending set that is not final (all users), ordered by user id
-    /// then upload id, for a poller run. Ids of final or missing records are dropped from their
-    /// sets on the way (best effort).
-    fn list_pending_tracking(&self) -> impl Future<Output = Result<Vec<TrackingRecord>, RepoError>> + Send;
+    /// then upload id, for a poller run. Ids of final or missing records, and of records another
+    /// user owns, are dropped from their sets on the way (best effort). One bad record never
+    /// fails the listing: a record that cannot be read, or a user whose records cannot be read,
+    /// is named in [`PendingTracking::unreadable`] and the others are listed.
+    fn list_pending_tracking(&self) -> impl Future<Output = Result<PendingTracking, RepoError>> + Send;
     /// Store image links (batch): each upload named in `links` gets exactly the given links (the
     /// last one given for an index wins; its earlier links are replaced).
     fn put_links(&self, links: &[ImageLink]) -> impl Future<Output = Result<(), RepoError>> + Send;

@@ -9,7 +9,7 @@ use integration_tests::stack::{self, LocalStack};
 use secrecy::{ExposeSecret, SecretString};
 use shared::adapters::tokens::KmsTokenStore;
 use shared::model::StoredToken;
-use shared::ports::{TokenError, TokenStore};
+use shared::ports::{ConnectionReader, TokenError, TokenStore};
 use time::macros::datetime;
 
 const ACCESS: &str = "MLYARB-access-7f3c2a9e1d5b4c8a";
@@ -239,5 +239,33 @@ async fn many_tokens_load_in_batches_in_the_order_asked() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn connection_metadata_is_read_in_clear_without_decrypting() -> Result<()> {
+    // Issue 15, item 3: the status API shows a connection without being able to decrypt tokens.
+    let (stack, store) = new_stack("tokens-meta").await?;
+    assert!(store.load_connection("alice").await?.is_none());
+    store.save("alice", &token()).await?;
+    // A store whose KMS cannot be reached still reads the metadata (no KMS call is made), while
+    // loading the token itself fails.
+    let unreachable_kms = aws_sdk_kms::Client::from_conf(
+        aws_sdk_kms::config::Builder::from(stack.sdk_config())
+            .endpoint_url("http://127.0.0.1:1")
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .build(),
+    );
+    let no_key = KmsTokenStore::new(
+        stack.dynamodb(),
+        unreachable_kms,
+        &stack.users_table,
+        &stack.token_key_id,
+    );
+    assert!(no_key.load("alice").await.is_err());
+    let meta = no_key.load_connection("alice").await?.context("metadata")?;
+    assert_eq!(meta, token().metadata());
+    // And the same through the real store.
+    assert_eq!(store.load_connection("alice").await?, Some(token().metadata()));
     Ok(())
 }

@@ -81,7 +81,12 @@ async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     let mut deps = compose(&config, stack.sdk_config()).await?;
     deps.store = S3ObjectStore::new(stack.s3());
     deps.mapillary = deps.mapillary.with_retry_policy(RetryPolicy::fast());
-    deps.tunables = tunables;
+    // The test's tunables, but the bucket check as composed from the environment (RELAY_BUCKET).
+    let own_bucket = deps.tunables.own_bucket.take();
+    deps.tunables = Tunables {
+        own_bucket: tunables.own_bucket.clone().or(own_bucket),
+        ..tunables
+    };
     deps.tokens
         .save(USER, &stored_token(DEMO_USER_TOKEN, None))
         .await?;
@@ -782,6 +787,47 @@ async fn the_same_event_delivered_three_times_concurrently_uploads_once() -> Res
     assert_eq!(assert_no_resend(&entries, st.uploads[0].bytes), 1);
     let sessions: Vec<Value> = w.admin_get("/sessions").await?.json().await?;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dotted_user_and_sequence_ids_never_share_uploads() -> Result<()> {
+    // Issue 15, item 3: user `h` with sequence `a.b` and user `h.a` with sequence `b` both got the
+    // upload id `h.a.b.000`; the second drop overwrote the first's image entries.
+    let w = world("zp-dots", Tunables::default()).await?;
+    for user in ["h", "h.a"] {
+        w.deps
+            .tokens
+            .save(user, &stored_token(DEMO_USER_TOKEN, None))
+            .await?;
+    }
+    let first = named(&specs(4, 500));
+    let second = named(&specs(5, 600));
+    w.drop_sequence("h", "a.b", &first, b"{}").await?;
+    w.drop_sequence("h.a", "b", &second, b"{}").await?;
+    let msgs = w.notifications(2).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    ensure!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let a = w.status("h", "a.b").await?;
+    let b = w.status("h.a", "b").await?;
+    assert_eq!(a.state, SequenceState::Uploaded, "{a:?}");
+    assert_eq!(b.state, SequenceState::Uploaded, "{b:?}");
+    assert_ne!(a.uploads[0].upload_id, b.uploads[0].upload_id);
+    // Each upload keeps its own image entries.
+    let keys = |v: Vec<shared::model::UploadImage>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    let a_keys = keys(w.deps.repo.list_images(&a.uploads[0].upload_id).await?);
+    let b_keys = keys(w.deps.repo.list_images(&b.uploads[0].upload_id).await?);
+    assert_eq!(a_keys.len(), 4);
+    assert_eq!(b_keys.len(), 5);
+    assert!(
+        a_keys.iter().all(|k| k.starts_with("sequences/h/a.b/")),
+        "{a_keys:?}"
+    );
+    assert!(
+        b_keys.iter().all(|k| k.starts_with("sequences/h.a/b/")),
+        "{b_keys:?}"
+    );
+    assert_eq!(w.sim.sim().world().clusters.len(), 2);
     Ok(())
 }
 

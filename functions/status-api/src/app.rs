@@ -18,10 +18,12 @@ use axum::{Json, Router};
 use base64::Engine;
 use lambda_http::request::RequestContext;
 use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::error::MapillaryError;
+use shared::mapillary::replies::token_expiry;
 use shared::model::StoredToken;
 use shared::ports::{
-    ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome, TokenError, TokenStore,
-    TrackingReader, UploadReader,
+    ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome,
+    TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
@@ -63,8 +65,8 @@ pub trait Deps: Send + Sync + 'static {
     type Repo: SequenceReader + UploadReader + ImageEntryReader + 'static;
     /// The poller's tracking records, image links and feed health (read only).
     type Tracking: TrackingReader + 'static;
-    /// Users' Mapillary tokens.
-    type Tokens: TokenStore + 'static;
+    /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
+    type Tokens: TokenStore + ConnectionReader + 'static;
     /// OAuth `state` values.
     type States: OAuthStateStore + 'static;
     /// Sequences and uploads.
@@ -102,7 +104,7 @@ impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
 where
     R: SequenceReader + UploadReader + ImageEntryReader + 'static,
     T: TrackingReader + 'static,
-    K: TokenStore + 'static,
+    K: TokenStore + ConnectionReader + 'static,
     S: OAuthStateStore + 'static,
 {
     type Repo = R;
@@ -236,6 +238,36 @@ fn encode_cursor(sk: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.as_bytes())
 }
 
+/// Largest position a page cursor may name (far past any sequence the caps allow).
+const MAX_PAGE_POSITION: usize = 100_000_000;
+
+/// A cursor of a sequence's image list (`kind` `I`) or rejected list (`R`): the position of the
+/// next entry, opaque to clients.
+fn encode_position_cursor(kind: char, position: usize) -> String {
+    encode_cursor(&format!("{kind}{position}"))
+}
+
+/// [`encode_position_cursor`]'s position, for a cursor of `kind`.
+fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as a next cursor");
+    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
+        return Err(bad());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let digits = text.strip_prefix(kind).ok_or_else(bad)?;
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    digits
+        .parse::<usize>()
+        .ok()
+        .filter(|p| *p <= MAX_PAGE_POSITION)
+        .ok_or_else(bad)
+}
+
 async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
@@ -260,7 +292,12 @@ async fn get_sequence<D: Deps>(
 ) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let q = validate::query_pairs(parts.uri.query(), &["rejected_limit", "rejected_cursor"])?;
+    let limit = validate::page_limit("rejected_limit", validate::get(&q, "rejected_limit"))? as usize;
+    let start = validate::get(&q, "rejected_cursor")
+        .map(|c| decode_position_cursor('R', c))
+        .transpose()?
+        .unwrap_or(0);
     let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
@@ -283,7 +320,12 @@ async fn get_sequence<D: Deps>(
         ));
     }
     let feed = d.tracking().get_feed_health().await?;
-    let body = views::sequence_detail(&seq, views_, feed.as_ref());
+    let page = views::Page {
+        start,
+        limit,
+        next: |p| encode_position_cursor('R', p),
+    };
+    let body = views::sequence_detail(&seq, views_, feed.as_ref(), page);
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
@@ -294,13 +336,32 @@ async fn get_images<D: Deps>(
 ) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
+    let limit = validate::page_limit("limit", validate::get(&q, "limit"))? as usize;
+    let start = validate::get(&q, "cursor")
+        .map(|c| decode_position_cursor('I', c))
+        .transpose()?
+        .unwrap_or(0);
     let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
+    // The list is every upload's images in upload order, then the rejected images. A page reads
+    // only the uploads it shows: whole uploads before it are skipped by their image count.
     let mut images = Vec::new();
+    let mut position = 0usize;
     for u in d.repo().list_uploads(&user, &id).await? {
+        let count = u.image_count as usize;
+        let end = position + count;
+        if end <= start {
+            position = end;
+            continue;
+        }
+        if images.len() >= limit {
+            position = end;
+            continue;
+        }
         let ours = d.repo().list_images(&u.upload_id).await?;
+        // Tracking items are keyed by upload id; the owner check is defence in depth.
         let owned = d
             .tracking()
             .get_tracking(&u.upload_id)
@@ -311,12 +372,27 @@ async fn get_images<D: Deps>(
         } else {
             Vec::new()
         };
-        images.extend(views::uploaded_images(&ours, &links));
+        let skip = start.saturating_sub(position);
+        let room = limit - images.len();
+        images.extend(
+            views::uploaded_images(&ours, &links)
+                .into_iter()
+                .take(count)
+                .skip(skip)
+                .take(room),
+        );
+        position = end;
     }
-    images.extend(views::rejected_images(&seq));
+    let rejected = views::rejected_images(&seq);
+    let skip = start.saturating_sub(position);
+    let room = limit - images.len();
+    let total = position + rejected.len();
+    images.extend(rejected.into_iter().skip(skip).take(room));
+    let next = start + limit;
     let body = views::ImageList {
         sequence_id: seq.sequence_id.clone(),
         images,
+        next_cursor: (next < total).then(|| encode_position_cursor('I', next)),
     };
     Ok(json_no_store(StatusCode::OK, &body))
 }
@@ -462,7 +538,8 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         .map_err(|e| {
             // MapillaryError messages never contain tokens, secrets or the code.
             warn!(user = %user, error = %e, "code exchange failed");
-            if e.is_retriable() {
+            // A reply we cannot use (e.g. an absurd `expires_in`) is Mapillary's fault, not the code's.
+            if e.is_retriable() || matches!(e, MapillaryError::BadReply { .. }) {
                 mapillary_unavailable()
             } else {
                 Problem::new(
@@ -478,13 +555,16 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         warn!(user = %user, error = %e, "/me with the new token failed");
         mapillary_unavailable()
     })?;
+    // The client refuses absurd lifetimes already; the checked helper keeps `now + expires_in` from
+    // ever panicking here (release builds abort on panic).
+    let expires_at = token_expiry(now, grant.expires_in).map_err(|e| {
+        warn!(user = %user, error = %e, "Mapillary granted a token with an unusable lifetime");
+        mapillary_unavailable()
+    })?;
     let token = StoredToken {
         access_token: grant.access_token,
         refresh_token: grant.refresh_token,
-        expires_at: grant
-            .expires_in
-            .and_then(|s| i64::try_from(s).ok())
-            .map(|s| now + time::Duration::seconds(s)),
+        expires_at,
         mapillary_user_id: Some(me.id),
         username: Some(me.username),
         updated_at: now,
@@ -500,7 +580,10 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(resp)
         }
-        None => Ok(json_no_store(StatusCode::OK, &views::Connection::of(&token, now))),
+        None => Ok(json_no_store(
+            StatusCode::OK,
+            &views::Connection::of(&token.metadata(), now),
+        )),
     }
 }
 
@@ -519,9 +602,10 @@ fn mapillary_unavailable() -> Problem {
 async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     validate::query_pairs(parts.uri.query(), &[])?;
-    let view = match d.tokens().load(&user).await {
+    // The clear metadata beside the ciphertext: showing a connection never decrypts a token.
+    let view = match d.tokens().load_connection(&user).await {
         Ok(None) => views::Connection::none(),
-        Ok(Some(t)) => views::Connection::of(&t, OffsetDateTime::now_utc()),
+        Ok(Some(m)) => views::Connection::of(&m, OffsetDateTime::now_utc()),
         Err(TokenError::Corrupt(e)) => {
             warn!(user = %user, error = %e, "stored token unusable");
             views::Connection {

@@ -76,7 +76,10 @@ pub struct SequenceDetail {
     pub image_count: u32,
     pub accepted_count: u32,
     pub rejected_count: usize,
+    /// One page of the rejected images (`rejected_limit`, from `rejected_cursor`).
     pub rejected: Vec<Rejected>,
+    /// The `rejected_cursor` of the next page, `None` on the last.
+    pub rejected_next_cursor: Option<String>,
     pub created_at: String,
     pub updated_at: String,
     pub uploads: Vec<UploadView>,
@@ -311,12 +314,25 @@ pub fn upload_view(u: &UploadRecord, tracking: Option<(&TrackingRecord, &[ImageL
     }
 }
 
-/// The sequence document.
-pub fn sequence_detail(
+/// Which part of a list a response shows: `limit` entries from position `start`; `next` turns the
+/// position after the page into the next page's cursor.
+pub struct Page<F: Fn(usize) -> String> {
+    /// Position of the first entry shown.
+    pub start: usize,
+    /// Entries shown at most.
+    pub limit: usize,
+    /// The cursor of a position.
+    pub next: F,
+}
+
+/// The sequence document, with one page of its rejected images.
+pub fn sequence_detail<F: Fn(usize) -> String>(
     seq: &SequenceRecord,
     uploads: Vec<UploadView>,
     feed: Option<&FeedHealth>,
+    page: Page<F>,
 ) -> SequenceDetail {
+    let after = page.start.saturating_add(page.limit);
     SequenceDetail {
         sequence_id: seq.sequence_id.clone(),
         state: seq.state.as_str(),
@@ -327,11 +343,14 @@ pub fn sequence_detail(
         rejected: seq
             .rejected
             .iter()
+            .skip(page.start)
+            .take(page.limit)
             .map(|r| Rejected {
                 key: r.key.clone(),
                 reason: r.reason.clone(),
             })
             .collect(),
+        rejected_next_cursor: (after < seq.rejected.len()).then(|| (page.next)(after)),
         created_at: ts(seq.created_at),
         updated_at: ts(seq.updated_at),
         uploads,
@@ -351,7 +370,11 @@ pub fn sequence_detail(
 #[derive(Debug, Serialize)]
 pub struct ImageList {
     pub sequence_id: String,
+    /// One page (`limit`, from `cursor`): every upload's images in upload order, then the
+    /// rejected ones.
     pub images: Vec<ImageView>,
+    /// The `cursor` of the next page, `None` on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// One of our images and its Mapillary counterpart.
@@ -471,8 +494,8 @@ impl Connection {
         }
     }
 
-    /// From a stored token (never exposing the token).
-    pub fn of(t: &shared::model::StoredToken, now: OffsetDateTime) -> Self {
+    /// From a connection's clear metadata (no token involved).
+    pub fn of(t: &shared::model::ConnectionMetadata, now: OffsetDateTime) -> Self {
         Self {
             connected: true,
             mapillary_user_id: t.mapillary_user_id.clone(),

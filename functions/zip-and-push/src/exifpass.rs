@@ -6,6 +6,8 @@ use futures::{StreamExt, TryStreamExt};
 use shared::domain::exif::{self, ExifError, HeaderExtent, ImageMetadata};
 use shared::ports::{ObjectStore, StoreError};
 
+use crate::reasons;
+
 /// First ranged read.
 pub const INITIAL_HEAD: u64 = 64 * 1024;
 /// Largest head read to find the end of the EXIF block.
@@ -56,15 +58,21 @@ pub async fn read_heads<S: ObjectStore>(
     bucket: &str,
     candidates: Vec<Candidate>,
     concurrency: usize,
+    max_image_bytes: u64,
 ) -> Result<Vec<HeadOutcome>, StoreError> {
     futures::stream::iter(candidates)
-        .map(|c| read_one(store, bucket, c))
+        .map(|c| read_one(store, bucket, c, max_image_bytes))
         .buffered(concurrency.max(1))
         .try_collect()
         .await
 }
 
-async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Result<HeadOutcome, StoreError> {
+async fn read_one<S: ObjectStore>(
+    store: &S,
+    bucket: &str,
+    c: Candidate,
+    max_image_bytes: u64,
+) -> Result<HeadOutcome, StoreError> {
     let reject = |reason: String| Ok(HeadOutcome::Rejected(c.rel.clone(), reason));
     let mut want = INITIAL_HEAD;
     // With the size known from the listing, the 2-byte end-of-image read goes out together with
@@ -88,8 +96,14 @@ async fn read_one<S: ObjectStore>(store: &S, bucket: &str, c: Candidate) -> Resu
                 return reject(format!("missing key: no object {:?} in the sequence", c.rel))
             }
             Err(e) if e.is_transient() => return Err(e),
-            Err(e) => return reject(format!("unreadable object: {e}")),
+            Err(e) => return reject(reasons::object("the image", &e)),
         };
+        if r.total_size > max_image_bytes {
+            return reject(format!(
+                "the image is {} bytes, more than the {max_image_bytes} allowed (RELAY_MAX_IMAGE_BYTES)",
+                r.total_size
+            ));
+        }
         let have_all = r.bytes.len() as u64 >= r.total_size;
         let extent = match exif::header_extent(&r.bytes) {
             Ok(x) => x,
@@ -167,7 +181,7 @@ async fn check_eoi<S: ObjectStore>(
         match store.get_range(bucket, key, size - 2, size).await {
             Ok(r) => r.bytes,
             Err(e) if e.is_transient() => return Err(e),
-            Err(e) => return Ok(Some(format!("unreadable object: {e}"))),
+            Err(e) => return Ok(Some(reasons::object("the image", &e))),
         }
     };
     Ok((tail.as_ref() != [0xFF, 0xD9]).then(|| REASON.to_string()))
@@ -200,7 +214,7 @@ mod tests {
     }
 
     async fn read(store: &MemStore, c: Candidate) -> HeadOutcome {
-        read_heads(store, BUCKET, vec![c], 4)
+        read_heads(store, BUCKET, vec![c], 4, u64::MAX)
             .await
             .expect("no transient error")
             .remove(0)

@@ -22,6 +22,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::deps::Deps;
 use crate::manifest::parse_manifest_key;
 use crate::plan::{base_record, plan_or_resume, ManifestJob, Planned, SequenceError};
+use crate::reasons;
 use crate::upload::{upload_sequence, UploadStop};
 
 /// Records processed at the same time.
@@ -137,6 +138,20 @@ async fn handle_object<D: Deps>(
     receives: u32,
     deadline: Instant,
 ) -> bool {
+    // Only our own bucket: a notification naming another one (a misrouted or forged message) would
+    // make the function read and upload objects it was never meant to handle.
+    if let Some(own) = &d.tunables().own_bucket {
+        if &o.bucket != own {
+            return ingest_error(
+                d,
+                message_id,
+                Some(&o.bucket),
+                &o.key,
+                "notification for a bucket other than RELAY_BUCKET: ignored",
+            )
+            .await;
+        }
+    }
     let seq = match parse_manifest_key(&o.key) {
         Ok(s) => s,
         Err(e) => return ingest_error(d, message_id, Some(&o.bucket), &o.key, &e.to_string()).await,
@@ -215,8 +230,8 @@ async fn handle_object<D: Deps>(
                 }
             }
             AttemptEnd::Retry(reason) if receives >= d.tunables().max_receives => {
-                let reason = format!("gave up after {receives} deliveries: {reason}");
-                error!(%reason, "sequence failed");
+                error!(%reason, receives, "sequence failed: last delivery");
+                let reason = format!("gave up after {receives} deliveries: {}", reasons::public(&reason));
                 match fail_sequence(d, &job, &reason).await {
                     Ok(()) => {
                         if let Err(e) = d.claims().complete_claim(&id, &owner).await {
@@ -288,13 +303,13 @@ pub async fn fail_sequence<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> R
     for mut up in repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await? {
         if !up.state.is_final() && up.state != UploadState::Uploaded {
             up.state = UploadState::Failed;
-            up.error = Some(reason.to_string());
+            up.error = Some(reasons::public(reason));
             up.finished_at = Some(OffsetDateTime::now_utc());
             repo.put_upload(&up).await?;
         }
     }
     seq.state = SequenceState::Failed;
-    seq.reason = Some(reason.to_string());
+    seq.reason = Some(reasons::public(reason));
     seq.updated_at = OffsetDateTime::now_utc();
     repo.put_sequence(&seq).await
 }

@@ -79,6 +79,7 @@ async fn world() -> World {
         mapillary: RecordingMapillary::new(mly),
         tunables: Tunables {
             deadline_margin: Duration::from_millis(0),
+            own_bucket: Some(BUCKET.into()),
             ..Tunables::default()
         },
     };
@@ -752,6 +753,108 @@ async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
     let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
     assert!(resp.batch_item_failures.is_empty());
     assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::HandedOff);
+}
+
+#[tokio::test]
+async fn caps_fail_the_sequence_or_reject_the_image_with_a_clear_reason() {
+    // Issue 15, item 5: manifest size, images per sequence, bytes per image.
+    let mut w = world().await;
+    let mut big = specs(3, 70);
+    big[2].width *= 4;
+    big[2].height *= 4;
+    let imgs = named(&big);
+    let small = imgs[..2].iter().map(|(_, b)| b.len()).max().expect("sizes") as u64;
+    assert!(imgs[2].1.len() as u64 > small, "the third image is the big one");
+    w.deps.tunables.max_manifest_bytes = 40;
+    w.deps.tunables.max_images_per_sequence = 3;
+    w.deps.tunables.max_image_bytes = small;
+
+    let padded = format!(r#"{{"organization_id": null, "note": "{}"}}"#, "x".repeat(40));
+    let e1 = drop_sequence(&w.deps.store, "bigmanifest", &imgs, padded.as_bytes());
+    let four = named(&specs(4, 80));
+    let e2 = drop_sequence(&w.deps.store, "toomany", &four, b"{}");
+    let e3 = drop_sequence(&w.deps.store, "bigimage", &imgs, b"{}");
+    let bodies = [
+        s3_body(USER, "bigmanifest", &e1),
+        s3_body(USER, "toomany", &e2),
+        s3_body(USER, "bigimage", &e3),
+    ];
+    let resp = handle_batch(&w.deps, event(&bodies), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "{:?}",
+        resp.batch_item_failures
+    );
+
+    let st = status(&w, "bigmanifest").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{} bytes", padded.len())) && reason.contains("RELAY_MAX_MANIFEST_BYTES"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty());
+
+    let st = status(&w, "toomany").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains("4 images") && reason.contains("RELAY_MAX_IMAGES_PER_SEQUENCE"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty());
+
+    let st = status(&w, "bigimage").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!((st.image_count, st.accepted_count), (3, 2));
+    assert_eq!(st.rejected.len(), 1, "{:?}", st.rejected);
+    assert_eq!(st.rejected[0].key, imgs[2].0);
+    assert!(
+        st.rejected[0].reason.contains("RELAY_MAX_IMAGE_BYTES"),
+        "{:?}",
+        st.rejected
+    );
+}
+
+#[tokio::test]
+async fn notifications_of_another_bucket_are_recorded_ingest_errors_and_do_no_work() {
+    // Issue 15, item 3: the sample event from `events/`, pointed at another bucket that holds a
+    // perfectly good sequence: nothing is read, planned or uploaded; the message is acknowledged.
+    let w = world().await;
+    let file = include_str!("../../../events/sqs/s3-manifest-created.json");
+    let sample_bucket = "relay-local-sequences-123456789012";
+    assert!(file.contains(sample_bucket));
+    let foreign = "someone-elses-bucket";
+    let seq = "seq-2026-11-24";
+    for bucket in [foreign, BUCKET] {
+        for (name, bytes) in named(&specs(3, 40)) {
+            w.deps
+                .store
+                .put(bucket, &format!("sequences/{USER}/{seq}/{name}"), bytes);
+        }
+        w.deps.store.put(
+            bucket,
+            &format!("sequences/{USER}/{seq}/manifest.json"),
+            b"{}".to_vec(),
+        );
+    }
+    let event: SqsEvent = serde_json::from_str(&file.replace(sample_bucket, foreign)).expect("event file");
+    let resp = handle_batch(&w.deps, event, deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "acknowledged");
+    let errs = w.deps.repo.snapshot().ingest_errors;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].bucket.as_deref(), Some(foreign));
+    assert_eq!(errs[0].key, format!("sequences/{USER}/{seq}/manifest.json"));
+    assert!(errs[0].reason.contains("RELAY_BUCKET"), "{errs:?}");
+    assert!(sequence_status(&w.deps.repo, USER, seq).await.unwrap().is_none());
+    assert!(w.sim.sim().world().clusters.is_empty());
+
+    // The same event for our bucket is handled (the check is what stopped it).
+    let event: SqsEvent = serde_json::from_str(&file.replace(sample_bucket, BUCKET)).expect("event file");
+    let resp = handle_batch(&w.deps, event, deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, seq).await.state, SequenceState::Uploaded);
+    assert_eq!(w.deps.repo.snapshot().ingest_errors.len(), 1);
 }
 
 #[test]

@@ -16,6 +16,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::deps::Deps;
 use crate::plan::{now, ManifestJob, SequenceError};
+use crate::reasons;
 use crate::zipstream::{upload_zip, UploadFailure, ZipSource};
 
 /// The user's token session of this invocation (see `shared::mapillary::session`).
@@ -90,11 +91,12 @@ async fn drive_upload<D: Deps>(
             UploadState::Pending | UploadState::Uploading => {
                 let images = repo.list_images(&up.upload_id).await?;
                 if images.len() != up.image_count as usize {
-                    let msg = format!(
-                        "internal error: {} image entries recorded, {} expected",
+                    let msg = reasons::internal(&format!(
+                        "upload {}: {} image entries recorded, {} expected",
+                        up.upload_id,
                         images.len(),
                         up.image_count
-                    );
+                    ));
                     fail_upload(d, &mut up, msg).await?;
                     continue;
                 }
@@ -108,11 +110,12 @@ async fn drive_upload<D: Deps>(
                 ) {
                     Ok(s) if s.total_len() == up.total_len => s,
                     Ok(s) => {
-                        let msg = format!(
-                            "internal error: zip of {} bytes planned, {} recorded",
+                        let msg = reasons::internal(&format!(
+                            "upload {}: zip of {} bytes planned, {} recorded",
+                            up.upload_id,
                             s.total_len(),
                             up.total_len
-                        );
+                        ));
                         fail_upload(d, &mut up, msg).await?;
                         continue;
                     }
@@ -160,10 +163,16 @@ async fn drive_upload<D: Deps>(
                             }
                         }
                         Ok(Err(UploadFailure::Mapillary(e))) if retry_later(&e) => {
-                            return Err(SequenceError::Transient(format!("upload {}: {e}", up.upload_id)));
+                            return Err(SequenceError::Transient(reasons::public(&format!(
+                                "upload {}: {e}",
+                                up.upload_id
+                            ))));
                         }
                         Ok(Err(UploadFailure::Source(e))) if e.is_transient() => {
-                            return Err(SequenceError::Transient(format!("upload {}: {e}", up.upload_id)));
+                            return Err(SequenceError::Transient(reasons::public(&format!(
+                                "upload {}: {e}",
+                                up.upload_id
+                            ))));
                         }
                         Ok(Err(e)) => {
                             // Not retriable: this upload fails, the others go on.
@@ -203,7 +212,10 @@ async fn drive_upload<D: Deps>(
             UploadState::Uploaded => {
                 let Some(cluster_id) = up.cluster_id.clone() else {
                     up.state = UploadState::FinishUncertain;
-                    up.error = Some("internal error: UPLOADED without cluster_id".into());
+                    up.error = Some(reasons::internal(&format!(
+                        "upload {} is UPLOADED without cluster_id",
+                        up.upload_id
+                    )));
                     repo.put_upload(&up).await?;
                     continue;
                 };
@@ -213,10 +225,11 @@ async fn drive_upload<D: Deps>(
                     sequence_id: up.sequence_id.clone(),
                     cluster_id,
                 };
-                d.clusters()
-                    .send_cluster(&msg)
-                    .await
-                    .map_err(|e| SequenceError::Transient(format!("sending the cluster message: {e}")))?;
+                d.clusters().send_cluster(&msg).await.map_err(|e| {
+                    SequenceError::Transient(reasons::internal_transient(&format!(
+                        "sending the cluster message: {e}"
+                    )))
+                })?;
                 up.state = UploadState::HandedOff;
                 repo.put_upload(&up).await?;
                 info!(cluster_id = %msg.cluster_id, "cluster handed off");
@@ -236,7 +249,7 @@ fn retry_later(e: &MapillaryError) -> bool {
 async fn fail_upload<D: Deps>(d: &D, up: &mut UploadRecord, error: String) -> Result<(), SequenceError> {
     warn!(%error, "upload failed");
     up.state = UploadState::Failed;
-    up.error = Some(error);
+    up.error = Some(reasons::public(&error));
     up.finished_at = Some(now());
     d.repo().put_upload(up).await?;
     Ok(())

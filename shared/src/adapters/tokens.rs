@@ -6,6 +6,9 @@
 //!   not decrypt;
 //! * `token_expires_at` (S, RFC 3339), `mapillary_user_id`, `username`, `updated_at` (S) in clear.
 //!
+//! The clear attributes are what the status API shows ([`ConnectionReader`]): it reads them without
+//! a KMS `Decrypt`, so its role has no `kms:Decrypt` on the token key.
+//!
 //! The expiry is deliberately **not** stored as `expires_at`: that is the UsersTable's TTL attribute,
 //! and a numeric token expiry there would make DynamoDB delete the item (and with it the refresh
 //! token) once the access token expires.
@@ -26,8 +29,8 @@ use time::OffsetDateTime;
 use super::aws_error::{classify, AwsFailure};
 use super::dynamodb::batch::batch_get;
 use super::dynamodb::item::{key, s, string_of, Item};
-use crate::model::StoredToken;
-use crate::ports::{TokenError, TokenStore};
+use crate::model::{ConnectionMetadata, StoredToken};
+use crate::ports::{ConnectionReader, TokenError, TokenStore};
 
 /// Sort key of the Mapillary token item.
 pub const TOKEN_SK: &str = "MAPILLARY";
@@ -112,6 +115,20 @@ fn rfc3339(t: OffsetDateTime) -> Result<String, TokenError> {
         .map_err(|e| TokenError::Other(format!("formatting a timestamp: {e}")))
 }
 
+/// The clear attributes of a token item.
+fn metadata_of(user_id: &str, item: &Item) -> Result<ConnectionMetadata, TokenError> {
+    Ok(ConnectionMetadata {
+        expires_at: time_attr(item, "token_expires_at")?,
+        mapillary_user_id: string_attr(item, "mapillary_user_id")?,
+        username: string_attr(item, "username")?,
+        updated_at: time_attr(item, "updated_at")?
+            .ok_or_else(|| TokenError::Corrupt(format!("token item of user {user_id} has no updated_at")))?,
+    })
+}
+
+/// Attributes [`ConnectionReader::load_connection`] reads (never the ciphertext).
+const METADATA_ATTRIBUTES: [&str; 4] = ["token_expires_at", "mapillary_user_id", "username", "updated_at"];
+
 impl KmsTokenStore {
     /// Decrypt and decode one token item.
     async fn decrypt_item(&self, user_id: &str, item: Item) -> Result<StoredToken, TokenError> {
@@ -156,15 +173,14 @@ impl KmsTokenStore {
                 e.column()
             ))
         })?;
+        let meta = metadata_of(user_id, &item)?;
         Ok(StoredToken {
             access_token: SecretString::from(payload.access_token),
             refresh_token: payload.refresh_token.map(SecretString::from),
-            expires_at: time_attr(&item, "token_expires_at")?,
-            mapillary_user_id: string_attr(&item, "mapillary_user_id")?,
-            username: string_attr(&item, "username")?,
-            updated_at: time_attr(&item, "updated_at")?.ok_or_else(|| {
-                TokenError::Corrupt(format!("token item of user {user_id} has no updated_at"))
-            })?,
+            expires_at: meta.expires_at,
+            mapillary_user_id: meta.mapillary_user_id,
+            username: meta.username,
+            updated_at: meta.updated_at,
         })
     }
 }
@@ -288,5 +304,32 @@ impl TokenStore for KmsTokenStore {
             .map_err(|e| token_error(classify(&e), &format!("DeleteItem token of user {user_id}")))?;
         // Only the presence of the old item is looked at (it holds the ciphertext).
         Ok(out.attributes.is_some_and(|a| !a.is_empty()))
+    }
+}
+
+impl ConnectionReader for KmsTokenStore {
+    async fn load_connection(&self, user_id: &str) -> Result<Option<ConnectionMetadata>, TokenError> {
+        let mut req = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
+            .consistent_read(true)
+            .projection_expression(
+                METADATA_ATTRIBUTES
+                    .iter()
+                    .map(|a| format!("#{a}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        for a in METADATA_ATTRIBUTES {
+            req = req.expression_attribute_names(format!("#{a}"), a);
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("GetItem connection of user {user_id}")))?;
+        // A projection of an existing item always holds `updated_at`, which every save writes.
+        out.item.map(|item| metadata_of(user_id, &item)).transpose()
     }
 }

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::lock;
-use crate::model::StoredToken;
-use crate::ports::{TokenError, TokenStore};
+use crate::model::{ConnectionMetadata, StoredToken};
+use crate::ports::{ConnectionReader, TokenError, TokenStore};
 
 /// Token store in memory (no encryption: nothing leaves the process).
 #[derive(Debug, Default)]
@@ -42,5 +42,11 @@ impl TokenStore for MemTokens {
 
     async fn delete(&self, user_id: &str) -> Result<bool, TokenError> {
         Ok(lock(&self.tokens).remove(user_id).is_some())
+    }
+}
+
+impl ConnectionReader for MemTokens {
+    async fn load_connection(&self, user_id: &str) -> Result<Option<ConnectionMetadata>, TokenError> {
+        Ok(lock(&self.tokens).get(user_id).map(StoredToken::metadata))
     }
 }

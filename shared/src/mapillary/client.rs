@@ -24,6 +24,8 @@ pub use secrecy::{ExposeSecret, SecretString};
 
 use super::error::MapillaryError;
 use super::feed::{self, ActivityPage};
+use super::replies::{self as reply, data_images, id_of, number_f64, number_i64};
+pub use super::replies::{entity_to_image, TokenGrant, LINK_FIELDS};
 use super::retry::{classify_graph, classify_rupload, upload_retry_action, RetryAction, RetryPolicy};
 use super::Endpoints;
 use crate::domain::linking::MapillaryImage;
@@ -39,19 +41,6 @@ pub enum TokenTransport {
     Header,
     /// `access_token=<token>` in the query string.
     QueryParam,
-}
-
-/// Reply of `POST /token` (§1.3).
-#[derive(Debug, Clone)]
-pub struct TokenGrant {
-    /// The user access token.
-    pub access_token: SecretString,
-    /// Lifetime in seconds, when Mapillary sent one.
-    pub expires_in: Option<u64>,
-    /// Always `bearer` (other values are rejected).
-    pub token_type: String,
-    /// A separate refresh token, if Mapillary ever sends one; otherwise refresh with the access token.
-    pub refresh_token: Option<SecretString>,
 }
 
 /// The user behind a token (`/me`, §1.5).
@@ -176,72 +165,6 @@ impl Image {
 /// Most results of one image search (Mapillary's maximum and default `limit`).
 pub const SEARCH_LIMIT: usize = 2000;
 
-/// Entity fields the linking needs (see [`entity_to_image`]).
-pub const LINK_FIELDS: &str = "id,sequence,captured_at,geometry,altitude";
-
-/// An image entity (fields of [`LINK_FIELDS`]) as a linking input; the error names what is missing.
-pub fn entity_to_image(v: &Value) -> Result<MapillaryImage, String> {
-    let id = id_of(v.get("id")).ok_or("image entity has no `id`")?;
-    let sequence_id = id_of(v.get("sequence")).ok_or_else(|| format!("image {id} has no `sequence`"))?;
-    let captured_at_ms = v
-        .get("captured_at")
-        .and_then(|c| c.as_i64().or_else(|| c.as_str().and_then(|s| s.parse().ok())))
-        .ok_or_else(|| format!("image {id} has no `captured_at`"))?;
-    let coords = v
-        .get("geometry")
-        .and_then(|g| g.get("coordinates"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("image {id} has no `geometry`"))?;
-    let lon = coords.first().and_then(number_f64);
-    let lat = coords.get(1).and_then(number_f64);
-    let (Some(lon), Some(lat)) = (lon, lat) else {
-        return Err(format!("image {id} has unreadable coordinates"));
-    };
-    Ok(MapillaryImage {
-        id,
-        sequence_id,
-        captured_at_ms,
-        lon,
-        lat,
-        altitude: v.get("altitude").and_then(number_f64),
-    })
-}
-
-/// The `data` array of an image search or batch read, as linking inputs.
-fn data_images(v: &Value) -> Result<Vec<MapillaryImage>, MapillaryError> {
-    let data = v
-        .get("data")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad_reply(200, "images reply has no `data` array"))?;
-    data.iter()
-        .map(|e| entity_to_image(e).map_err(|m| bad_reply(200, m)))
-        .collect()
-}
-
-/// Ids are strings on the wire; numbers are accepted and printed (never parsed further).
-fn id_of(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn number_f64(v: &Value) -> Option<f64> {
-    v.as_f64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
-fn number_i64(v: &Value) -> Option<i64> {
-    v.as_i64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
-fn number_u64(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
 fn point_of(v: Option<&Value>) -> Option<GeoPoint> {
     let c = v?.get("coordinates")?.as_array()?;
     Some(GeoPoint {
@@ -251,10 +174,7 @@ fn point_of(v: Option<&Value>) -> Option<GeoPoint> {
 }
 
 fn bad_reply(status: u16, message: impl Into<String>) -> MapillaryError {
-    MapillaryError::BadReply {
-        status,
-        message: message.into(),
-    }
+    reply::bad_reply(status, message).into()
 }
 
 /// The `Authorization: OAuth <secret>` value, marked sensitive.
@@ -450,32 +370,7 @@ impl MapillaryClient {
             .form(form)
             .timeout(self.policy.min_request_timeout);
         let v = self.graph_json(req).await?;
-        let access_token = v
-            .get("access_token")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad_reply(200, "token reply has no `access_token`"))?;
-        let token_type = v
-            .get("token_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        if !token_type.eq_ignore_ascii_case("bearer") {
-            return Err(bad_reply(
-                200,
-                format!("token_type {token_type:?} is not \"bearer\""),
-            ));
-        }
-        Ok(TokenGrant {
-            access_token: SecretString::from(access_token),
-            expires_in: v.get("expires_in").and_then(number_u64),
-            token_type,
-            refresh_token: v
-                .get("refresh_token")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(SecretString::from),
-        })
+        Ok(reply::token_grant(&v)?)
     }
 
     /// The token's user (`GET {graph}/me?fields=id,username`).
@@ -521,11 +416,7 @@ impl MapillaryClient {
                 SystemTime::now(),
             ));
         }
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|_| bad_reply(status, "offset reply is not JSON"))?;
-        v.get("offset")
-            .and_then(number_u64)
-            .ok_or_else(|| bad_reply(status, "offset reply has no `offset`"))
+        Ok(reply::upload_offset(status, &body)?)
     }
 
     /// One streaming POST of `body` (the file from `offset` on) with `Offset` and `X-Entity-Name`
@@ -601,9 +492,7 @@ impl MapillaryClient {
                     SystemTime::now(),
                 ));
             }
-            let v: Value =
-                serde_json::from_slice(&body).map_err(|_| bad_reply(status, "upload reply is not JSON"))?;
-            id_of(v.get("h")).ok_or_else(|| bad_reply(status, "upload reply has no handle `h`"))
+            Ok(reply::upload_handle(status, &body)?)
         }
         .await;
         (sent.load(Ordering::Relaxed), res)
@@ -729,12 +618,7 @@ impl MapillaryClient {
             .json(&body)
             .timeout(self.policy.min_request_timeout);
         let v = self.graph_json(req).await?;
-        let cluster_id = id_of(v.get("cluster_id")).ok_or_else(|| {
-            bad_reply(
-                200,
-                "finish_upload reply has no `cluster_id` (a cluster may exist)",
-            )
-        })?;
+        let cluster_id = reply::finish_cluster_id(&v)?;
         info!(cluster_id, file_type = file_type.as_str(), "upload finished");
         Ok(cluster_id)
     }
@@ -798,16 +682,7 @@ impl MapillaryClient {
         let v = self
             .graph_get(token, &["image_ids"], &[("sequence_id", sequence_id)])
             .await?;
-        let data = v
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad_reply(200, "image_ids reply has no `data` array"))?;
-        data.iter()
-            .enumerate()
-            .map(|(i, item)| {
-                id_of(item.get("id")).ok_or_else(|| bad_reply(200, format!("image_ids item {i} has no `id`")))
-            })
-            .collect()
+        Ok(reply::image_ids(&v)?)
     }
 
     /// Image entities by id (`GET {graph}/images?image_ids=…&fields=`[`LINK_FIELDS`], one request
@@ -852,7 +727,7 @@ impl MapillaryClient {
             ("limit", &limit),
         ];
         let v = self.graph_get(token, &["images"], &query).await?;
-        data_images(&v)
+        Ok(data_images(&v)?)
     }
 
     /// Every image of `sequence_ids` (`GET {graph}/images?sequence_id=a,b,…&fields=…&limit=2000`, one
@@ -870,7 +745,7 @@ impl MapillaryClient {
             ("limit", &limit),
         ];
         let v = self.graph_get(token, &["images"], &query).await?;
-        data_images(&v)
+        Ok(data_images(&v)?)
     }
 
     /// One z/x/y coverage tile of `mly1_public` (`GET {tiles}/maps/vtp/mly1_public/2/z/x/y`, token

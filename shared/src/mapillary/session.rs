@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use super::error::MapillaryError;
+use super::replies::{bad_reply, token_expiry};
 use crate::model::StoredToken;
 use crate::ports::{MapillaryAuth, TokenError, TokenStore};
 
@@ -230,11 +231,15 @@ impl<'a, T: TokenStore, A: MapillaryAuth> TokenSession<'a, T, A> {
             .await
             .map_err(SessionError::Mapillary)?;
         let now = self.ctx.now.now();
+        // An absurd lifetime is an error of this refresh (the caller records it), not a token that
+        // is never refreshed for its age, nor a panic in the date arithmetic.
+        let expires_at = token_expiry(now, grant.expires_in)
+            .map_err(|e| SessionError::Mapillary(bad_reply(200, e.to_string()).into()))?;
         self.token.access_token = grant.access_token;
         if grant.refresh_token.is_some() {
             self.token.refresh_token = grant.refresh_token;
         }
-        self.token.expires_at = expiry(now, grant.expires_in);
+        self.token.expires_at = expires_at;
         self.token.updated_at = now;
         if let Err(e) = self.ctx.store.save(&self.user_id, &self.token).await {
             warn!(error = %e, "saving the refreshed token failed; using it anyway");
@@ -294,13 +299,6 @@ impl<'a, T: TokenStore, A: MapillaryAuth> TokenSession<'a, T, A> {
         }
         Ok(me.id)
     }
-}
-
-/// When a token granted at `now` for `expires_in` seconds expires; `None` when Mapillary sent no
-/// lifetime or one past what a date can hold (such a token is never refreshed for its age).
-fn expiry(now: OffsetDateTime, expires_in: Option<u64>) -> Option<OffsetDateTime> {
-    let secs = i64::try_from(expires_in?).ok()?;
-    now.checked_add(time::Duration::seconds(secs))
 }
 
 #[cfg(test)]
@@ -546,17 +544,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_huge_lifetime_does_not_overflow() {
+    async fn an_absurd_lifetime_is_a_refresh_error_not_an_overflow() {
+        // The client rejects such replies already; a grant that gets here anyway (another
+        // `MapillaryAuth`) must not become a token that never expires, nor panic.
+        for absurd in [u64::MAX, i64::MAX as u64] {
+            let store = store_with(token("a", None, Some(NOW)));
+            let mut auth = Auth::new("a");
+            auth.expires_in = Some(absurd);
+            match TokenSession::load_fresh(ctx(&store, &auth), "u1").await {
+                Err(SessionError::Mapillary(MapillaryError::BadReply { message, .. })) => {
+                    assert!(message.contains("out of range"), "{message}")
+                }
+                other => panic!(
+                    "expected a bad reply, got {:?}",
+                    other.map(|s| s.token().expires_at)
+                ),
+            }
+            let mut s = TokenSession::load(ctx(&store, &auth), "u1").await.unwrap();
+            assert!(s.refresh().await.is_err());
+            // Nothing of the rejected grant was kept or saved.
+            assert_eq!(s.token().access_token.expose_secret(), "a");
+            assert_eq!(store.saves.load(Ordering::SeqCst), 0);
+        }
         let store = store_with(token("a", None, Some(NOW)));
         let mut auth = Auth::new("a");
-        auth.expires_in = Some(u64::MAX);
+        auth.expires_in = Some(60);
         let s = TokenSession::load_fresh(ctx(&store, &auth), "u1").await.unwrap();
-        assert_eq!(s.token().expires_at, None);
-        auth.expires_in = Some(i64::MAX as u64);
-        let mut s = TokenSession::load(ctx(&store, &auth), "u1").await.unwrap();
-        s.refresh().await.unwrap();
-        assert_eq!(s.token().expires_at, None);
-        assert_eq!(expiry(NOW, Some(60)), Some(NOW + time::Duration::minutes(1)));
+        assert_eq!(s.token().expires_at, Some(NOW + time::Duration::minutes(1)));
     }
 
     #[tokio::test]
