@@ -25,6 +25,10 @@ pub enum SequenceState {
     Uploaded,
     /// Nothing was (or will be) uploaded; `reason` says why.
     Failed,
+    /// Mapillary refused uploads with the user's token; the uploads wait, unchanged, for the user to
+    /// hand over a Mapillary user upload token (`reason` says how). Not final: the next delivery of
+    /// the manifest resumes them.
+    AwaitingUploadToken,
 }
 
 impl SequenceState {
@@ -35,6 +39,7 @@ impl SequenceState {
             SequenceState::Uploading => "UPLOADING",
             SequenceState::Uploaded => "UPLOADED",
             SequenceState::Failed => "FAILED",
+            SequenceState::AwaitingUploadToken => "AWAITING_UPLOAD_TOKEN",
         }
     }
 }
@@ -333,14 +338,34 @@ pub struct StoredToken {
     pub updated_at: OffsetDateTime,
 }
 
-impl StoredToken {
-    /// What is stored in clear beside the encrypted secrets.
-    pub fn metadata(&self) -> ConnectionMetadata {
-        ConnectionMetadata {
-            expires_at: self.expires_at,
-            mapillary_user_id: self.mapillary_user_id.clone(),
-            username: self.username.clone(),
-            updated_at: self.updated_at,
+/// What kind of token a user's Mapillary connection holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// A user access token from the app's OAuth flow (`/connect` → `/token`); refreshed with the
+    /// app's client secret.
+    Oauth,
+    /// A Mapillary user upload token, handed over by the user (what `mapillary_tools authenticate`
+    /// stores as `user_upload_token`). Never refreshed: when Mapillary refuses it, the user hands
+    /// over a new one.
+    UploadToken,
+}
+
+impl TokenKind {
+    /// The wire name (`oauth`, `upload_token`), also written to the token item and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Oauth => "oauth",
+            TokenKind::UploadToken => "upload_token",
+        }
+    }
+
+    /// The kind of a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "oauth" => Some(TokenKind::Oauth),
+            "upload_token" => Some(TokenKind::UploadToken),
+            _ => None,
         }
     }
 }
@@ -357,6 +382,86 @@ pub struct ConnectionMetadata {
     pub username: Option<String>,
     /// Last written.
     pub updated_at: OffsetDateTime,
+    /// Which kind of token the connection holds.
+    pub kind: TokenKind,
+    /// Set when uploads with this OAuth token were refused: uploads wait for an upload token.
+    pub upload_refused: Option<UploadRefusal>,
+}
+
+impl ConnectionMetadata {
+    /// Uploads are known to need an upload token this connection does not hold.
+    pub fn upload_token_required(&self) -> bool {
+        self.kind == TokenKind::Oauth && self.upload_refused.is_some()
+    }
+}
+
+/// Mapillary refused an upload (rupload or `finish_upload`) as unauthorised with a token that is
+/// otherwise valid (`/me` accepts it): uploads need a user upload token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRefusal {
+    /// When the refusal was seen.
+    pub at: OffsetDateTime,
+    /// Mapillary's message (never token material).
+    pub message: String,
+}
+
+/// A user's Mapillary connection as stored: the token, its kind, what the relay learnt about it and
+/// the record's revision, which every write changes (refresh and the relay's own updates are a
+/// compare-and-set on it, so a refresh never overwrites a newer token and never brings back a
+/// deleted connection).
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    /// The token and its metadata.
+    pub token: StoredToken,
+    /// Which kind of token it is.
+    pub kind: TokenKind,
+    /// Set when uploads with this OAuth token were refused: uploads wait for an upload token.
+    pub upload_refused: Option<UploadRefusal>,
+    /// A session is refreshing the token until then (others wait for its result instead of
+    /// refreshing too).
+    pub refresh_lease_until: Option<OffsetDateTime>,
+    /// Opaque revision of the stored record (`None` for a record not written yet, or written before
+    /// revisions existed).
+    pub revision: Option<String>,
+}
+
+impl TokenRecord {
+    /// A new record of `kind` holding `token`.
+    pub fn new(token: StoredToken, kind: TokenKind) -> Self {
+        Self {
+            token,
+            kind,
+            upload_refused: None,
+            refresh_lease_until: None,
+            revision: None,
+        }
+    }
+
+    /// Uploads are known to need an upload token this connection does not hold.
+    pub fn upload_token_required(&self) -> bool {
+        self.kind == TokenKind::Oauth && self.upload_refused.is_some()
+    }
+
+    /// What is stored in clear beside the encrypted secrets.
+    pub fn metadata(&self) -> ConnectionMetadata {
+        ConnectionMetadata {
+            expires_at: self.token.expires_at,
+            mapillary_user_id: self.token.mapillary_user_id.clone(),
+            username: self.token.username.clone(),
+            updated_at: self.token.updated_at,
+            kind: self.kind,
+            upload_refused: self.upload_refused.clone(),
+        }
+    }
+}
+
+/// Result of a compare-and-set write of a [`TokenRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// Written; the record's new revision.
+    Written(String),
+    /// The stored record changed (or was deleted) since it was read: nothing was written.
+    Conflict,
 }
 
 /// One upload in the status document.
@@ -497,6 +602,15 @@ mod tests {
             serde_json::to_string(&SequenceState::Uploaded).unwrap(),
             "\"UPLOADED\""
         );
+        assert_eq!(
+            serde_json::to_string(&SequenceState::AwaitingUploadToken).unwrap(),
+            format!("\"{}\"", SequenceState::AwaitingUploadToken.as_str())
+        );
+        for k in [TokenKind::Oauth, TokenKind::UploadToken] {
+            assert_eq!(TokenKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), serde_json::json!(k.as_str()));
+        }
+        assert_eq!(TokenKind::parse("bearer"), None);
         assert!(UploadState::HandedOff.is_final());
         assert!(!UploadState::Uploaded.is_final());
     }

@@ -317,6 +317,14 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
                 assert_eq!(body["username"], DEMO_USERNAME, "{ctx}");
                 assert!(!v.to_string().contains(DEMO_USER_TOKEN), "never the token: {ctx}");
             }
+            // The sample's token is a placeholder the simulator does not know: /me refuses it.
+            "put-connection.json" => {
+                assert_eq!((status, code.as_str()), (400, "upload-token-rejected"), "{ctx}");
+                assert!(
+                    !v.to_string().contains("UPLOAD_TOKEN_PLACEHOLDER"),
+                    "never echoed: {ctx}"
+                );
+            }
             "delete-connection.json" => {
                 assert_eq!(status, 204, "{ctx}");
                 assert!(tokens.load(USER).await?.is_none(), "the token is gone");

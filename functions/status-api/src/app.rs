@@ -20,7 +20,7 @@ use lambda_http::request::RequestContext;
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::replies::token_expiry;
-use shared::model::StoredToken;
+use shared::model::{StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
     ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome,
     TokenError, TokenStore, TrackingReader, UploadReader,
@@ -45,17 +45,18 @@ pub const ROUTE_SEQUENCE_IMAGES: &str = "/v1/sequences/{sequence_id}/images";
 pub const ROUTE_CONNECT: &str = "/v1/mapillary/connect";
 /// `GET` — Mapillary's redirect back (no JWT).
 pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
-/// `GET`, `DELETE` — the caller's connection.
+/// `GET`, `PUT` (hand over an upload token), `DELETE` — the caller's connection.
 pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
 
 /// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
-pub const ROUTES: [(&str, &str); 7] = [
+pub const ROUTES: [(&str, &str); 8] = [
     ("GET", ROUTE_SEQUENCES),
     ("GET", ROUTE_SEQUENCE),
     ("GET", ROUTE_SEQUENCE_IMAGES),
     ("POST", ROUTE_CONNECT),
     ("GET", ROUTE_CALLBACK),
     ("GET", ROUTE_CONNECTION),
+    ("PUT", ROUTE_CONNECTION),
     ("DELETE", ROUTE_CONNECTION),
 ];
 
@@ -141,7 +142,9 @@ pub fn router<D: Deps>(deps: Arc<D>) -> Router {
         .route(ROUTE_CALLBACK, get(callback::<D>))
         .route(
             ROUTE_CONNECTION,
-            get(get_connection::<D>).delete(delete_connection::<D>),
+            get(get_connection::<D>)
+                .put(put_connection::<D>)
+                .delete(delete_connection::<D>),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -569,8 +572,9 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         username: Some(me.username),
         updated_at: now,
     };
-    d.tokens().save(&user, &token).await?;
-    info!(user = %user, mapillary_user = token.mapillary_user_id.as_deref().unwrap_or("-"), "Mapillary account connected");
+    let mut record = TokenRecord::new(token, TokenKind::Oauth);
+    record.revision = Some(d.tokens().put_record(&user, &record).await?);
+    info!(user = %user, token_kind = "oauth", mapillary_user = record.token.mapillary_user_id.as_deref().unwrap_or("-"), "Mapillary account connected");
     match &settings.success_url {
         Some(url) => {
             let mut resp = StatusCode::SEE_OTHER.into_response();
@@ -582,7 +586,7 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         }
         None => Ok(json_no_store(
             StatusCode::OK,
-            &views::Connection::of(&token.metadata(), now),
+            &views::Connection::of(&record.metadata(), now),
         )),
     }
 }
@@ -617,6 +621,101 @@ async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
         Err(e) => return Err(e.into()),
     };
     Ok(json_no_store(StatusCode::OK, &view))
+}
+
+/// Body of `PUT /v1/mapillary/connection`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadTokenBody {
+    /// The Mapillary user upload token (what `mapillary_tools authenticate` stores as
+    /// `user_upload_token`). Never logged nor echoed.
+    upload_token: String,
+}
+
+/// Hand over a Mapillary user upload token: checked with `/me`, then stored KMS-encrypted as the
+/// caller's connection (kind `upload_token`), replacing any OAuth connection. Uploads waiting for an
+/// upload token resume when their manifest is delivered again.
+async fn put_connection<D: Deps>(
+    State(d): State<Arc<D>>,
+    parts: Parts,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "JSON body required",
+            "Send Content-Type: application/json with a body {\"upload_token\": \"…\"}.",
+        ));
+    }
+    // serde_json messages may quote the input (the token): only the kind of error is reported.
+    let parsed: UploadTokenBody = serde_json::from_slice(&body).map_err(|e| {
+        Problem::invalid_parameter(format!(
+            "the body must be the JSON object {{\"upload_token\": \"…\"}} ({:?} error at column {})",
+            e.classify(),
+            e.column()
+        ))
+    })?;
+    let raw = validate::upload_token(&parsed.upload_token)?;
+    let token = secrecy::SecretString::from(raw.to_string());
+    drop(parsed);
+    let me = d.mapillary().me(&token).await.map_err(|e| {
+        warn!(user = %user, token_kind = "upload_token", error = %e, "/me with the handed-over upload token failed");
+        if e.is_unauthorized() {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "upload-token-rejected",
+                "Upload token rejected",
+                "Mapillary did not accept this token (GET /me refused it): check that it is a current user \
+                 upload token, e.g. the user_upload_token of `mapillary_tools authenticate`.",
+            )
+        } else {
+            Problem {
+                retry_after: Some(5),
+                ..Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "mapillary-unavailable",
+                    "Mapillary unavailable",
+                    "Mapillary did not answer as expected; try again in a moment.",
+                )
+            }
+        }
+    })?;
+    let now = OffsetDateTime::now_utc();
+    let mut record = TokenRecord::new(
+        StoredToken {
+            access_token: token,
+            refresh_token: None,
+            // Mapillary gives no lifetime for upload tokens; they are never refreshed.
+            expires_at: None,
+            mapillary_user_id: Some(me.id),
+            username: Some(me.username),
+            updated_at: now,
+        },
+        TokenKind::UploadToken,
+    );
+    record.revision = Some(d.tokens().put_record(&user, &record).await?);
+    info!(
+        user = %user,
+        token_kind = "upload_token",
+        mapillary_user = record.token.mapillary_user_id.as_deref().unwrap_or("-"),
+        "Mapillary upload token connected"
+    );
+    Ok(json_no_store(
+        StatusCode::OK,
+        &views::Connection::of(&record.metadata(), now),
+    ))
 }
 
 async fn delete_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {

@@ -17,8 +17,8 @@ use shared::mapillary::feed::StageStatus;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::{image_link, Endpoints};
 use shared::model::{
-    FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TrackingRecord, UploadImage,
-    UploadRecord, UploadState,
+    FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TokenKind, TokenRecord,
+    TrackingRecord, UploadImage, UploadRecord, UploadRefusal, UploadState,
 };
 use shared::ports::{ImageEntryStore, OAuthState, SequenceStore, TokenStore, TrackingStore, UploadStore};
 use time::macros::datetime;
@@ -747,6 +747,87 @@ async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
     assert_eq!(r.status, 204);
     let r = call(&app, request(&event("get-connection.json"))).await;
     assert_eq!(r.body["connected"], false);
+    sim.shutdown().await;
+}
+
+const UPLOAD_TOKEN_PLACEHOLDER: &str = "UPLOAD_TOKEN_PLACEHOLDER_0000000000000000";
+
+/// `PUT /v1/mapillary/connection` with `body` (the sample event's body replaced).
+fn put_connection_event(body: &str) -> String {
+    let mut v: Value = serde_json::from_str(&event("put-connection.json")).unwrap();
+    assert!(v["body"].as_str().unwrap().contains(UPLOAD_TOKEN_PLACEHOLDER));
+    v["body"] = body.into();
+    v["headers"]["content-length"] = body.len().to_string().into();
+    v.to_string()
+}
+
+#[tokio::test]
+async fn an_upload_token_is_checked_with_me_stored_with_its_kind_and_never_shown() {
+    let (sim, d, app) = oauth_setup().await;
+    let put = |token: &str| put_connection_event(&serde_json::json!({ "upload_token": token }).to_string());
+
+    // Refused by /me: nothing stored.
+    let r = call(&app, request(&put("MLYARnot0a0token0the0simulator0knows"))).await;
+    assert_problem(&r, 400, "upload-token-rejected");
+    assert!(!r.body.to_string().contains("MLYARnot0a0token"));
+    assert!(d.tokens.record("user-1").is_none());
+    // Malformed bodies and tokens, never echoed.
+    for body in [
+        r#"{"token": "MLYARsomething0long0enough"}"#,
+        r#"{"upload_token": "short"}"#,
+        "not json",
+    ] {
+        let r = call(&app, request(&put_connection_event(body))).await;
+        assert_problem(&r, 400, "invalid-parameter");
+        assert!(!r.body.to_string().contains("something0long"), "{:#}", r.body);
+    }
+    let mut no_json: Value = serde_json::from_str(&put(defaults::DEMO_USER_TOKEN)).unwrap();
+    no_json["headers"]["content-type"] = "text/plain".into();
+    assert_problem(
+        &call(&app, request(&no_json.to_string())).await,
+        415,
+        "unsupported-media-type",
+    );
+    assert!(d.tokens.record("user-1").is_none());
+
+    // The demo user's upload token: checked with /me, stored as kind upload_token.
+    let r = call(&app, request(&put(defaults::DEMO_USER_TOKEN))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["connected"], true);
+    assert_eq!(r.body["kind"], "upload_token");
+    assert_eq!(r.body["mapillary_user_id"], defaults::DEMO_USER_ID);
+    assert_eq!(r.body["username"], defaults::DEMO_USERNAME);
+    assert_eq!(r.body["upload_token_required"], false);
+    assert!(r.body["expires_at"].is_null());
+    assert!(!r.body.to_string().contains(defaults::DEMO_USER_TOKEN));
+    let rec = d.tokens.record("user-1").expect("stored");
+    assert_eq!(rec.kind, TokenKind::UploadToken);
+    assert_eq!(rec.token.access_token.expose_secret(), defaults::DEMO_USER_TOKEN);
+    assert!(rec.token.refresh_token.is_none());
+    let r = call(&app, request(&event("get-connection.json"))).await;
+    assert_eq!(r.body["kind"], "upload_token");
+    assert!(!r.body.to_string().contains(defaults::DEMO_USER_TOKEN));
+
+    // An OAuth connection whose uploads were refused says so; handing over a token clears it.
+    let mut oauth = TokenRecord::new(rec.token.clone(), TokenKind::Oauth);
+    oauth.upload_refused = Some(UploadRefusal {
+        at: OffsetDateTime::now_utc(),
+        message: "This token is not authorized to upload".into(),
+    });
+    d.tokens.insert_record("user-1", oauth);
+    let r = call(&app, request(&event("get-connection.json"))).await;
+    assert_eq!(r.body["kind"], "oauth");
+    assert_eq!(r.body["upload_token_required"], true);
+    assert_eq!(
+        r.body["upload_refusal"]["message"],
+        "This token is not authorized to upload"
+    );
+    assert!(r.body["upload_refusal"]["at"].is_string());
+    let r = call(&app, request(&put(defaults::DEMO_USER_TOKEN))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["upload_token_required"], false);
+    assert!(r.body["upload_refusal"].is_null());
+    assert!(!d.tokens.record("user-1").unwrap().upload_token_required());
     sim.shutdown().await;
 }
 

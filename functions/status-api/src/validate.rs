@@ -19,6 +19,22 @@ pub const MAX_CODE_LEN: usize = 2048;
 /// Length of a `state` we issue (32 random bytes, base64url without padding).
 pub const STATE_LEN: usize = 43;
 
+/// Longest Mapillary upload token accepted.
+pub const MAX_UPLOAD_TOKEN_LEN: usize = 4096;
+
+/// An upload token: 16–4096 visible ASCII characters without spaces (it travels in an HTTP
+/// header). The message never quotes it.
+pub fn upload_token(raw: &str) -> Result<&str, Problem> {
+    let t = raw.trim();
+    if (16..=MAX_UPLOAD_TOKEN_LEN).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(t)
+    } else {
+        Err(Problem::invalid_parameter(format!(
+            "upload_token must be 16-{MAX_UPLOAD_TOKEN_LEN} visible ASCII characters without spaces"
+        )))
+    }
+}
+
 /// Whether `id` is 1–128 characters of `[A-Za-z0-9._-]` and not `.` or `..` (the id rule of the
 /// S3 key layout).
 pub fn is_valid_id(id: &str) -> bool {

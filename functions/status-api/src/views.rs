@@ -70,7 +70,7 @@ impl From<&SequenceRecord> for SequenceSummary {
 #[derive(Debug, Serialize)]
 pub struct SequenceDetail {
     pub sequence_id: String,
-    /// Our pipeline's state (`RECEIVED`, `UPLOADING`, `UPLOADED`, `FAILED`).
+    /// Our pipeline's state (`RECEIVED`, `UPLOADING`, `UPLOADED`, `FAILED`, `AWAITING_UPLOAD_TOKEN`).
     pub state: &'static str,
     pub reason: Option<String>,
     pub image_count: u32,
@@ -465,10 +465,13 @@ pub struct ConnectStart {
     pub expires_at: String,
 }
 
-/// `GET /v1/mapillary/connection` (and the callback's JSON answer).
+/// `GET` and `PUT /v1/mapillary/connection` (and the callback's JSON answer). Never the token.
 #[derive(Debug, Serialize)]
 pub struct Connection {
     pub connected: bool,
+    /// `oauth` (connected through `/v1/mapillary/connect`) or `upload_token` (handed over with
+    /// `PUT`); `null` when not connected.
+    pub kind: Option<&'static str>,
     pub mapillary_user_id: Option<String>,
     pub username: Option<String>,
     /// Token expiry, when Mapillary gave one.
@@ -477,7 +480,19 @@ pub struct Connection {
     pub expired: bool,
     /// The stored token cannot be used (e.g. the key changed): connect again.
     pub reconnect_required: bool,
+    /// Mapillary refused uploads with this OAuth token: hand over an upload token with `PUT`;
+    /// sequences wait in `AWAITING_UPLOAD_TOKEN` until then.
+    pub upload_token_required: bool,
+    /// Mapillary's message when it refused the uploads, and when.
+    pub upload_refusal: Option<UploadRefusalView>,
     pub updated_at: Ts,
+}
+
+/// Why uploads with the connection's OAuth token were refused.
+#[derive(Debug, Serialize)]
+pub struct UploadRefusalView {
+    pub at: String,
+    pub message: String,
 }
 
 impl Connection {
@@ -485,11 +500,14 @@ impl Connection {
     pub fn none() -> Self {
         Self {
             connected: false,
+            kind: None,
             mapillary_user_id: None,
             username: None,
             expires_at: None,
             expired: false,
             reconnect_required: false,
+            upload_token_required: false,
+            upload_refusal: None,
             updated_at: None,
         }
     }
@@ -498,11 +516,17 @@ impl Connection {
     pub fn of(t: &shared::model::ConnectionMetadata, now: OffsetDateTime) -> Self {
         Self {
             connected: true,
+            kind: Some(t.kind.as_str()),
             mapillary_user_id: t.mapillary_user_id.clone(),
             username: t.username.clone(),
             expires_at: ots(t.expires_at),
             expired: t.expires_at.is_some_and(|e| e <= now),
             reconnect_required: false,
+            upload_token_required: t.upload_token_required(),
+            upload_refusal: t.upload_refused.as_ref().map(|u| UploadRefusalView {
+                at: ts(u.at),
+                message: u.message.clone(),
+            }),
             updated_at: Some(ts(t.updated_at)),
         }
     }

@@ -26,8 +26,13 @@ pub struct Tunables {
     /// `RELAY_PREFETCH_BYTES` (32 MiB): object bytes held for the upload body (GETs ahead, the
     /// entry ready and the entry being sent; see `zipstream::fetch_concurrency`).
     pub prefetch_bytes: u64,
-    /// `RELAY_DEADLINE_MARGIN_S` (30): stop uploading this long before the Lambda deadline.
+    /// `RELAY_DEADLINE_MARGIN_S` (30): start no upload POST this close to the Lambda deadline; one
+    /// POST of `max_post_bytes` must fit in it.
     pub deadline_margin: Duration,
+    /// `RELAY_MAX_POST_BYTES` (64 MiB, at least 1 MiB): largest body of one upload POST. Each POST is
+    /// a complete request, so whatever the server does with interrupted bodies, every finished POST
+    /// is stored and a continuation never re-sends it.
+    pub max_post_bytes: u64,
     /// `RELAY_TOKEN_REFRESH_MARGIN_S` (3600): refresh a token expiring within this.
     pub token_refresh_margin: Duration,
     /// `RELAY_MAX_RECEIVES` (5): at this `ApproximateReceiveCount` a transient failure is final.
@@ -55,6 +60,7 @@ impl Default for Tunables {
             exif_concurrency: 16,
             prefetch_bytes: 32 * 1024 * 1024,
             deadline_margin: Duration::from_secs(30),
+            max_post_bytes: shared::mapillary::client::DEFAULT_MAX_POST_BYTES,
             token_refresh_margin: Duration::from_secs(3600),
             max_receives: 5,
             max_manifest_bytes: 4 * 1024 * 1024,
@@ -118,6 +124,7 @@ impl Config {
             exif_concurrency: env.parse_or("RELAY_EXIF_CONCURRENCY", d.exif_concurrency)?,
             prefetch_bytes: env.parse_or("RELAY_PREFETCH_BYTES", d.prefetch_bytes)?,
             deadline_margin: Duration::from_secs(env.parse_or("RELAY_DEADLINE_MARGIN_S", 30u64)?),
+            max_post_bytes: env.parse_or("RELAY_MAX_POST_BYTES", d.max_post_bytes)?,
             token_refresh_margin: Duration::from_secs(env.parse_or("RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
             max_receives: env.parse_or("RELAY_MAX_RECEIVES", d.max_receives)?,
             max_manifest_bytes: env.parse_or("RELAY_MAX_MANIFEST_BYTES", d.max_manifest_bytes)?,
@@ -142,6 +149,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "RELAY_MAX_IMAGES_PER_UPLOAD",
                 "must be between 1 and 500",
+            ));
+        }
+        if tunables.max_post_bytes < 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "RELAY_MAX_POST_BYTES",
+                "must be at least 1048576 (1 MiB)",
             ));
         }
         if tunables.exif_concurrency == 0 {
@@ -235,6 +248,22 @@ mod tests {
             env.insert(cap, "12".into());
             assert!(Config::from_lookup(|k| env.get(k).cloned()).is_ok(), "{cap}");
         }
+        let mut env = base();
+        env.insert("RELAY_MAX_POST_BYTES", "1000".into());
+        let e = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    name: "RELAY_MAX_POST_BYTES",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        env.insert("RELAY_MAX_POST_BYTES", "16777216".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.max_post_bytes, 16 << 20);
     }
 
     #[test]

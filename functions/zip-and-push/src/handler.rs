@@ -229,6 +229,13 @@ async fn handle_object<D: Deps>(
                     }
                 }
             }
+            AttemptEnd::AwaitingToken => {
+                // Not completed: the same manifest delivered again (after the user hands over an
+                // upload token) claims it again and resumes the recorded uploads.
+                release(d, &id, &owner).await;
+                info!("sequence waits for an upload token: acknowledged, claim released");
+                true
+            }
             AttemptEnd::Retry(reason) if receives >= d.tunables().max_receives => {
                 error!(%reason, receives, "sequence failed: last delivery");
                 let reason = format!("gave up after {receives} deliveries: {}", reasons::public(&reason));
@@ -272,6 +279,9 @@ pub enum AttemptEnd {
     Final,
     /// Out of time: release the claim and continue in a follow-up invocation.
     OutOfTime,
+    /// Recorded AWAITING_UPLOAD_TOKEN: acknowledge and release the claim (a new delivery of the
+    /// manifest resumes).
+    AwaitingToken,
     /// Transient failure: retry the message later.
     Retry(String),
 }
@@ -282,6 +292,10 @@ pub async fn run_sequence<D: Deps>(d: &D, job: &ManifestJob) -> AttemptEnd {
     match attempt(d, job).await {
         Ok(end) => end,
         Err(SequenceError::Transient(r)) => AttemptEnd::Retry(r),
+        Err(SequenceError::AwaitingToken(reason)) => match await_token(d, job, &reason).await {
+            Ok(()) => AttemptEnd::AwaitingToken,
+            Err(e) => AttemptEnd::Retry(format!("recording the wait for an upload token failed: {e}")),
+        },
         Err(SequenceError::Permanent(reason)) => {
             warn!(%reason, "sequence failed");
             match fail_sequence(d, job, &reason).await {
@@ -290,6 +304,21 @@ pub async fn run_sequence<D: Deps>(d: &D, job: &ManifestJob) -> AttemptEnd {
             }
         }
     }
+}
+
+/// Record the sequence as AWAITING_UPLOAD_TOKEN with `reason` (what the user does); its uploads
+/// stay as they are, to be resumed.
+async fn await_token<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> Result<(), RepoError> {
+    let repo = d.repo();
+    let mut seq = repo
+        .get_sequence(&job.seq.user_id, &job.seq.sequence_id)
+        .await?
+        .unwrap_or_else(|| base_record(job));
+    warn!(%reason, "sequence waits for an upload token");
+    seq.state = SequenceState::AwaitingUploadToken;
+    seq.reason = Some(reason.to_string());
+    seq.updated_at = OffsetDateTime::now_utc();
+    repo.put_sequence(&seq).await
 }
 
 /// Record the sequence as FAILED with `reason` (keeping what is known), and every upload that is

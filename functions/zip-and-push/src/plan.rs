@@ -49,6 +49,9 @@ pub enum SequenceError {
     Transient(String),
     /// The sequence fails with this reason.
     Permanent(String),
+    /// Mapillary refuses uploads with the user's token: the sequence waits for the user to hand over
+    /// an upload token (the reason says how); its uploads stay as they are.
+    AwaitingToken(String),
 }
 
 impl From<RepoError> for SequenceError {
@@ -59,6 +62,24 @@ impl From<RepoError> for SequenceError {
             SequenceError::Permanent(reasons::internal(&e))
         }
     }
+}
+
+/// What the user reads when uploads with the account's OAuth token are refused.
+pub fn oauth_upload_refused(mapillary_message: &str) -> String {
+    format!(
+        "waiting for an upload token: Mapillary refuses uploads with this account's OAuth token \
+         ({mapillary_message}). Hand over a Mapillary user upload token with PUT /v1/mapillary/connection, \
+         then deliver the manifest again (upload the same manifest.json again) to resume."
+    )
+}
+
+/// What the user reads when Mapillary refuses the handed-over upload token.
+pub fn upload_token_refused(mapillary_message: &str) -> String {
+    format!(
+        "waiting for an upload token: Mapillary refused the upload token ({mapillary_message}). Hand over \
+         a new one with PUT /v1/mapillary/connection, then deliver the manifest again (upload the same \
+         manifest.json again) to resume."
+    )
 }
 
 impl SequenceError {
@@ -84,6 +105,10 @@ impl SequenceError {
             SessionError::Mapillary(e) => {
                 SequenceError::Permanent(format!("Mapillary rejected the token: {e}"))
             }
+            SessionError::NotRefreshable => SequenceError::AwaitingToken(upload_token_refused(
+                "Mapillary refused it and upload tokens cannot be refreshed",
+            )),
+            SessionError::Busy(why) => SequenceError::Transient(format!("token record: {why}")),
         }
     }
 }
@@ -135,6 +160,13 @@ pub async fn plan_or_resume<D: Deps>(
     let repo = d.repo();
     let mut seq = match existing {
         Some(s) if s.state == SequenceState::Uploading => s,
+        // Planned, then held for an upload token: resume the recorded uploads.
+        Some(mut s) if s.state == SequenceState::AwaitingUploadToken && !s.upload_ids.is_empty() => {
+            info!("sequence was waiting for an upload token: resuming");
+            s.state = SequenceState::Uploading;
+            s.reason = None;
+            s
+        }
         _ => {
             let s = plan_sequence(d, job).await?;
             if s.state == SequenceState::Failed {

@@ -145,8 +145,14 @@ pub fn upload_offset(status: u16, body: &[u8]) -> Result<u64, BadReply> {
 
 /// The file handle of a rupload POST reply body (`{"h": "…"}`).
 pub fn upload_handle(status: u16, body: &[u8]) -> Result<String, BadReply> {
+    upload_handle_if_any(status, body)?.ok_or_else(|| bad_reply(status, "upload reply has no handle `h`"))
+}
+
+/// The file handle of a rupload POST reply body, if it has one: a POST that does not complete the
+/// file (bounded POSTs) may be answered without `h`; the reply must still be JSON.
+pub fn upload_handle_if_any(status: u16, body: &[u8]) -> Result<Option<String>, BadReply> {
     let v: Value = serde_json::from_slice(body).map_err(|_| bad_reply(status, "upload reply is not JSON"))?;
-    id_of(v.get("h")).ok_or_else(|| bad_reply(status, "upload reply has no handle `h`"))
+    Ok(id_of(v.get("h")))
 }
 
 /// The `cluster_id` of a `finish_upload` reply.
