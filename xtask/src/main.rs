@@ -10,6 +10,8 @@
 //! * `demo` — the main job, end to end on the local stack.
 //! * `package` — the functions built as Lambda runs them, sized, and started behind a Runtime API.
 
+// Only `cargo xtask bench zip-and-push` uses it, and it needs the s3s crates: see xtask/Cargo.toml.
+#[cfg(feature = "bench-s3")]
 mod bench;
 mod bench_api;
 mod bench_poller;
@@ -168,7 +170,15 @@ fn main() -> Result<()> {
             rerun_optimized(&root, &what)
         }
         Cmd::Bench { what } => match what.as_str() {
+            #[cfg(feature = "bench-s3")]
             "zip-and-push" => rt.block_on(bench::run(&root)),
+            #[cfg(not(feature = "bench-s3"))]
+            "zip-and-push" => bail!(
+                "this xtask was built without the `bench-s3` feature, which the zip-and-push benchmark \
+                 needs (its s3s-fs server): run `cargo xtask bench zip-and-push` without {BENCH_DEBUG_ENV} \
+                 (it re-runs itself optimized with the feature), or, to keep a debug build, \
+                 `{BENCH_DEBUG_ENV}=1 cargo run -p xtask --features {BENCH_FEATURE} -- bench zip-and-push`"
+            ),
             "poller" => rt.block_on(bench_poller::run(&root)),
             "status-api" => rt.block_on(bench_api::run(&root)),
             other => bail!("unknown benchmark {other:?} (known: zip-and-push, poller, status-api)"),
@@ -179,8 +189,13 @@ fn main() -> Result<()> {
 /// Set to run `cargo xtask bench` in the debug build it was started from (figures not comparable).
 const BENCH_DEBUG_ENV: &str = "RELAY_BENCH_DEBUG";
 
+/// The xtask feature with the zip-and-push benchmark's dependencies; on in every bench-harness build
+/// so that the one optimized xtask binary runs all the benchmarks.
+const BENCH_FEATURE: &str = "bench-s3";
+
 /// Benchmarks measure optimized code: the simulator and the poller run inside this process, so a debug
-/// `cargo xtask bench X` re-runs itself as `cargo run --profile bench-harness -p xtask -- bench X`.
+/// `cargo xtask bench X` re-runs itself as
+/// `cargo run --profile bench-harness -p xtask --features bench-s3 -- bench X`.
 fn rerun_optimized(root: &Path, what: &str) -> Result<()> {
     eprintln!("xtask: building xtask with --profile bench-harness for the benchmark");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -193,6 +208,8 @@ fn rerun_optimized(root: &Path, what: &str) -> Result<()> {
             "bench-harness",
             "--package",
             "xtask",
+            "--features",
+            BENCH_FEATURE,
             "--",
             "bench",
             what,
