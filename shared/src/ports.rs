@@ -694,6 +694,10 @@ pub struct OAuthState {
     pub created_at: time::OffsetDateTime,
     /// Unusable from then on.
     pub expires_at: time::OffsetDateTime,
+    /// Lowercase hex SHA-256 of the browser-binding verifier set as a cookie on the browser that
+    /// started the connection; the callback must present a verifier with this hash. Only the hash
+    /// is stored, so a read of the table cannot forge the cookie.
+    pub verifier_sha256: String,
 }
 
 /// What [`OAuthStateStore::consume`] found.
@@ -703,6 +707,9 @@ pub enum StateOutcome {
     Consumed {
         /// Who started the connection.
         user_id: String,
+        /// [`OAuthState::verifier_sha256`]; `None` for an item written before states were bound
+        /// to a browser (the callback refuses those).
+        verifier_sha256: Option<String>,
     },
     /// The state exists but expired (it stays unusable).
     Expired,

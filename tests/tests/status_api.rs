@@ -162,19 +162,37 @@ fn assert_problem(r: &Reply, status: u16, code: &str) {
     assert_eq!(r.body["code"], code, "{}", r.raw);
 }
 
-fn callback(code: &str, state: &str) -> Value {
-    at(
+/// The callback event carrying `cookie` (the `name=value` pair the connect reply set; empty: none).
+fn callback(code: &str, state: &str, cookie: &str) -> Value {
+    let mut v = at(
         event("get-callback.json"),
         "/v1/mapillary/callback",
         &format!("code={code}&state={state}"),
-    )
+    );
+    let obj = v.as_object_mut().expect("an event object");
+    obj.remove("cookies");
+    if !cookie.is_empty() {
+        v["cookies"] = json!([cookie]);
+    }
+    v
 }
 
 impl World {
-    /// `POST /v1/mapillary/connect` as `user`, then the simulator's consent page: (code, state).
-    async fn consent(&self, app: &axum::Router, user: &str) -> Result<(String, String)> {
+    /// `POST /v1/mapillary/connect` as `user`, then the simulator's consent page: (code, state,
+    /// the browser-binding cookie pair the connect reply set).
+    async fn consent(&self, app: &axum::Router, user: &str) -> Result<(String, String, String)> {
         let r = call(app, &as_user(event("post-connect.json"), user)).await;
         ensure!(r.status == 200, "connect: {}", r.raw);
+        let cookie = r
+            .headers
+            .get(http::header::SET_COOKIE)
+            .context("connect sets the verifier cookie")?
+            .to_str()?
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        ensure!(cookie.starts_with("relay_oauth_verifier="), "{cookie}");
         let url = url::Url::parse(r.body["authorize_url"].as_str().context("authorize_url")?)?;
         ensure!(
             url.as_str()
@@ -200,7 +218,7 @@ impl World {
         );
         let back: HashMap<String, String> = location.query_pairs().into_owned().collect();
         ensure!(back.get("state") == q.get("state"), "the state comes back");
-        Ok((back["code"].clone(), back["state"].clone()))
+        Ok((back["code"].clone(), back["state"].clone(), cookie))
     }
 
     /// The raw UsersTable items of `user` (token item) — what an operator with table access sees.
@@ -300,8 +318,8 @@ async fn oauth_token_feeds_zip_and_push_and_the_poller_and_the_status_reflects_b
     assert_eq!(r.body["connected"], false);
 
     // Connect: authorize URL → simulator consent → callback (no JWT on the callback).
-    let (code, state) = w.consent(&w.app, USER).await?;
-    let r = call(&w.app, &callback(&code, &state)).await;
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    let r = call(&w.app, &callback(&code, &state, &cookie)).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(r.body["connected"], true);
     assert_eq!(r.body["username"], DEMO_USERNAME);
@@ -682,22 +700,22 @@ async fn oauth_rejects_bad_codes_replayed_expired_and_foreign_states_and_delete_
     let w = world("api-oauth").await?;
 
     // Bad code with a live state: Mapillary rejects it, nothing is stored, the state is used up.
-    let (good_code, state) = w.consent(&w.app, USER).await?;
+    let (good_code, state, cookie) = w.consent(&w.app, USER).await?;
     let r = call(
         &w.app,
-        &callback("AQbogus0code0that0mapillary0never0issued", &state),
+        &callback("AQbogus0code0that0mapillary0never0issued", &state, &cookie),
     )
     .await;
     assert_problem(&r, 400, "code-rejected");
     assert!(w.api.tokens.load(USER).await?.is_none());
-    let r = call(&w.app, &callback(&good_code, &state)).await;
+    let r = call(&w.app, &callback(&good_code, &state, &cookie)).await;
     assert_problem(&r, 400, "state-invalid");
 
     // A state works once: the replay of a successful callback is rejected.
-    let (code, state) = w.consent(&w.app, USER).await?;
-    assert_eq!(call(&w.app, &callback(&code, &state)).await.status, 200);
-    let (fresh_code, _unused) = w.consent(&w.app, USER).await?;
-    let r = call(&w.app, &callback(&fresh_code, &state)).await;
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    assert_eq!(call(&w.app, &callback(&code, &state, &cookie)).await.status, 200);
+    let (fresh_code, _unused, _) = w.consent(&w.app, USER).await?;
+    let r = call(&w.app, &callback(&fresh_code, &state, &cookie)).await;
     assert_problem(&r, 400, "state-invalid");
 
     // Expired: an API whose states live 1 s (the TTL is a setting), used 2.5 s later.
@@ -711,24 +729,73 @@ async fn oauth_rejects_bad_codes_replayed_expired_and_foreign_states_and_delete_
     )
     .await?;
     let short_app = router(short);
-    let (code, state) = w.consent(&short_app, USER).await?;
+    let (code, state, cookie) = w.consent(&short_app, USER).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let r = call(&short_app, &callback(&code, &state)).await;
+    let r = call(&short_app, &callback(&code, &state, &cookie)).await;
     assert_problem(&r, 400, "state-expired");
     // The expired item is still there (TTL deletion is lazy) but can never be consumed.
-    let r = call(&w.app, &callback(&code, &state)).await;
+    let r = call(&w.app, &callback(&code, &state, &cookie)).await;
     assert_problem(&r, 400, "state-expired");
 
     // Foreign: the state of USER presented by a signed-in OTHER; it stays usable by USER.
-    let (code, state) = w.consent(&w.app, USER).await?;
-    let mut foreign = callback(&code, &state);
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    let mut foreign = callback(&code, &state, &cookie);
     foreign["requestContext"]["authorizer"] = json!({"jwt": {"claims": {"sub": OTHER}, "scopes": null}});
     assert_problem(&call(&w.app, &foreign).await, 403, "state-foreign");
     assert!(w.api.tokens.load(OTHER).await?.is_none());
-    assert_eq!(call(&w.app, &callback(&code, &state)).await.status, 200);
+    assert_eq!(call(&w.app, &callback(&code, &state, &cookie)).await.status, 200);
+
+    // Bound to the browser that started it (issue 15, item 3): through DynamoDB, only the
+    // verifier's hash is stored with the state; a callback without the cookie, or with another
+    // attempt's, is refused, stores nothing and uses the state up.
+    assert!(w.api.tokens.delete(USER).await?);
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    let item = w
+        .stack
+        .dynamodb()
+        .get_item()
+        .table_name(&w.stack.users_table)
+        .key("pk", AttributeValue::S(format!("STATE#{state}")))
+        .key("sk", AttributeValue::S("STATE".into()))
+        .consistent_read(true)
+        .send()
+        .await?
+        .item
+        .context("state item")?;
+    let verifier = cookie
+        .strip_prefix("relay_oauth_verifier=")
+        .context("cookie pair")?;
+    assert_eq!(
+        item.get("verifier_sha256").and_then(|v| v.as_s().ok()),
+        Some(&status_api::oauth::verifier_sha256(verifier)),
+        "the hash, not the verifier, is stored"
+    );
+    assert!(item
+        .values()
+        .all(|v| v.as_s().map_or(true, |s| !s.contains(verifier))));
+    let r = call(&w.app, &callback(&code, &state, "")).await;
+    assert_problem(&r, 400, "verifier-missing");
+    assert!(w.api.tokens.load(USER).await?.is_none());
+    assert_problem(
+        &call(&w.app, &callback(&code, &state, &cookie)).await,
+        400,
+        "state-invalid",
+    );
+    let (code, state, own_cookie) = w.consent(&w.app, USER).await?;
+    let (_, _, other_cookie) = w.consent(&w.app, USER).await?;
+    let r = call(&w.app, &callback(&code, &state, &other_cookie)).await;
+    assert_problem(&r, 403, "verifier-mismatch");
+    assert!(w.api.tokens.load(USER).await?.is_none());
+    assert_problem(
+        &call(&w.app, &callback(&code, &state, &own_cookie)).await,
+        400,
+        "state-invalid",
+    );
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    assert_eq!(call(&w.app, &callback(&code, &state, &cookie)).await.status, 200);
 
     // Never issued, malformed.
-    let r = call(&w.app, &callback(&code, &status_api::oauth::new_state())).await;
+    let r = call(&w.app, &callback(&code, &status_api::oauth::new_state(), &cookie)).await;
     assert_problem(&r, 400, "state-invalid");
     let r = call(&w.app, &event("get-callback-bad-state.json")).await;
     assert_problem(&r, 400, "invalid-parameter");

@@ -226,6 +226,7 @@ async fn serve(tag: &str) -> Result<Served> {
 struct Reply {
     status: u16,
     content_type: String,
+    headers: reqwest::header::HeaderMap,
     body: Value,
     raw: String,
 }
@@ -233,6 +234,7 @@ struct Reply {
 async fn send(req: reqwest::RequestBuilder) -> Result<Reply> {
     let resp = req.send().await?;
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let content_type = resp
         .headers()
         .get("content-type")
@@ -243,6 +245,7 @@ async fn send(req: reqwest::RequestBuilder) -> Result<Reply> {
     Ok(Reply {
         status,
         content_type,
+        headers,
         body: serde_json::from_str(&raw).unwrap_or(Value::Null),
         raw,
     })
@@ -362,22 +365,38 @@ async fn the_binary_under_watch_answers_http_calls() -> Result<()> {
     )
     .await?;
     assert_eq!(r.status, 200, "{}", r.raw);
+    // The browser-binding cookie the callback requires; a browser keeps it, the test copies it.
+    let cookie = r
+        .headers
+        .get(reqwest::header::SET_COOKIE)
+        .context("connect sets the verifier cookie")?
+        .to_str()?
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let url = url::Url::parse(r.body["authorize_url"].as_str().context("authorize_url")?)?;
     let consent = http.get(url.clone()).send().await?;
     ensure!(consent.status().is_redirection(), "consent: {}", consent.status());
     let back = url::Url::parse(consent.headers()["location"].to_str()?)?;
     let q: HashMap<String, String> = back.query_pairs().into_owned().collect();
-    let r = send(get(
-        &format!("/v1/mapillary/callback?code={}&state={}", q["code"], q["state"]),
-        None,
-    ))
+    let r = send(
+        get(
+            &format!("/v1/mapillary/callback?code={}&state={}", q["code"], q["state"]),
+            None,
+        )
+        .header(reqwest::header::COOKIE, &cookie),
+    )
     .await?;
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(r.body["username"], DEMO_USERNAME);
-    let r = send(get(
-        &format!("/v1/mapillary/callback?code={}&state={}", q["code"], q["state"]),
-        None,
-    ))
+    let r = send(
+        get(
+            &format!("/v1/mapillary/callback?code={}&state={}", q["code"], q["state"]),
+            None,
+        )
+        .header(reqwest::header::COOKIE, &cookie),
+    )
     .await?;
     assert_eq!(r.body["code"], "state-invalid", "replayed: {}", r.raw);
     let r = send(get("/v1/mapillary/connection", Some(USER))).await?;

@@ -5,7 +5,8 @@
 //! 2. The three functions under `cargo lambda watch` ([`LambdaWatch`]) with the template's
 //!    environment, plus status-api's dev identity header and an OAuth callback URL on watch.
 //! 3. The demo user connects their Mapillary account over HTTP: `POST /v1/mapillary/connect` →
-//!    the simulator's consent page → its redirect to `GET /v1/mapillary/callback?code&state`.
+//!    the simulator's consent page → its redirect to `GET /v1/mapillary/callback?code&state`,
+//!    carrying the connect reply's browser-binding cookie.
 //! 4. A generated sequence (two walks five minutes apart → two uploads, plus one image without GPS)
 //!    goes to S3, `manifest.json` last; moto puts the notification on the ingest queue.
 //! 5. The SQS event-source mapping ([`SqsEventSource`]) feeds zip-and-push, a schedule invokes the
@@ -225,6 +226,15 @@ async fn connect(http: &reqwest::Client, api: &str, started: Instant) -> Result<
         .send()
         .await
         .context("POST /v1/mapillary/connect")?;
+    // The connect reply binds the attempt to this client with a cookie the callback requires; a
+    // browser keeps it by itself, the demo copies its `name=value` pair.
+    let cookie = start
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("connect answered {} without a Set-Cookie", start.status()))?;
     let start = json_of(start, "POST /v1/mapillary/connect").await?;
     let authorize = start["authorize_url"]
         .as_str()
@@ -256,6 +266,7 @@ async fn connect(http: &reqwest::Client, api: &str, started: Instant) -> Result<
     }
     let connected = http
         .get(&location)
+        .header(reqwest::header::COOKIE, cookie)
         .send()
         .await
         .context("GET /v1/mapillary/callback")?;

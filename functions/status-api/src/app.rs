@@ -30,7 +30,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::Settings;
 use crate::identity;
-use crate::oauth::new_state;
+use crate::oauth;
 use crate::problem::Problem;
 use crate::validate;
 use crate::views;
@@ -442,11 +442,15 @@ async fn connect<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Respo
     let redirect = redirect_uri(settings, &parts)?;
     let now = OffsetDateTime::now_utc();
     let ttl = time::Duration::try_from(settings.state_ttl).unwrap_or(time::Duration::minutes(10));
+    // The browser-binding secret: only its hash is stored; the browser gets it as a cookie the
+    // callback must present.
+    let verifier = oauth::new_verifier();
     let state = OAuthState {
-        state: new_state(),
+        state: oauth::new_state(),
         user_id: user.clone(),
         created_at: now,
         expires_at: now + ttl,
+        verifier_sha256: oauth::verifier_sha256(&verifier),
     };
     let url = d
         .mapillary()
@@ -464,7 +468,46 @@ async fn connect<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Respo
             .format(&time::format_description::well_known::Rfc3339)
             .map_err(|_| Problem::internal())?,
     };
-    Ok(json_no_store(StatusCode::OK, &body))
+    let mut resp = json_no_store(StatusCode::OK, &body);
+    let max_age = std::time::Duration::try_from(ttl).unwrap_or(settings.state_ttl);
+    let cookie =
+        HeaderValue::from_str(&oauth::set_cookie(&verifier, max_age)).map_err(|_| Problem::internal())?;
+    resp.headers_mut().insert(header::SET_COOKIE, cookie);
+    Ok(resp)
+}
+
+/// Refuses a callback whose browser does not hold the verifier cookie of the connection attempt
+/// (the state is already used up, so a forwarded link is dead after one try).
+fn check_verifier(parts: &Parts, user: &str, expected: Option<&str>) -> Result<()> {
+    let Some(presented) = oauth::verifier_of(&parts.headers) else {
+        info!(user = %user, "callback without the connection cookie refused");
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "verifier-missing",
+            "Connection attempt not started in this browser",
+            "This browser did not start this connection attempt (its connection cookie is missing);              start again with POST /v1/mapillary/connect in the browser that opens the consent page.",
+        ));
+    };
+    match expected {
+        Some(hash) if oauth::verifier_matches(presented, hash) => Ok(()),
+        _ => {
+            info!(user = %user, "callback with another attempt's connection cookie refused");
+            Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "verifier-mismatch",
+                "Connection attempt of another browser",
+                "This connection attempt was started in another browser or another attempt; start again                  with POST /v1/mapillary/connect in the browser that opens the consent page.",
+            ))
+        }
+    }
+}
+
+/// `resp` with the verifier cookie removed (the callback has used it, whatever the outcome).
+fn clearing_cookie(mut resp: Response) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&oauth::clear_cookie()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 /// Only a short token-free word of Mapillary's `error` parameter is echoed.
@@ -473,7 +516,15 @@ fn consent_error_word(raw: &str) -> Option<&str> {
         .filter(|e| (1..=64).contains(&e.len()) && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
 }
 
-async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
+async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Response {
+    let resp = match callback_inner(d, parts).await {
+        Ok(resp) => resp,
+        Err(problem) => problem.into_response(),
+    };
+    clearing_cookie(resp)
+}
+
+async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
     let settings = d.settings();
     let q = validate::query_pairs(
         parts.uri.query(),
@@ -496,8 +547,11 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
     // A JWT (or the dev header) is optional here; when present, the state must be the caller's.
     let presenter = identity::caller(&parts, settings.dev_auth_header.as_ref())?;
     let now = OffsetDateTime::now_utc();
-    let user = match d.states().consume(state, presenter.as_deref(), now).await? {
-        StateOutcome::Consumed { user_id } => user_id,
+    let (user, verifier_sha256) = match d.states().consume(state, presenter.as_deref(), now).await? {
+        StateOutcome::Consumed {
+            user_id,
+            verifier_sha256,
+        } => (user_id, verifier_sha256),
         StateOutcome::Expired => {
             return Err(Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -523,6 +577,8 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
             ))
         }
     };
+    // Before anything is exchanged or stored: the browser must be the one that started it.
+    check_verifier(&parts, &user, verifier_sha256.as_deref())?;
     let Some(code) = code else {
         let word = consent_error.and_then(consent_error_word).unwrap_or("unknown");
         info!(user = %user, error = word, "Mapillary consent not granted");

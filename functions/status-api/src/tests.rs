@@ -626,10 +626,22 @@ async fn oauth_setup() -> (SimHandle, Arc<TestDeps>, axum::Router) {
     (sim, d, app)
 }
 
-/// POST connect, then let the simulator consent: returns (code, state).
-async fn consent(app: &axum::Router) -> (String, String) {
+/// POST connect, then let the simulator consent: returns (code, state, the `Cookie` pair the
+/// connect reply set for the callback).
+async fn consent(app: &axum::Router) -> (String, String, String) {
     let r = call(app, request(&event("post-connect.json"))).await;
     assert_eq!(r.status, 200, "{:#}", r.body);
+    let set_cookie = r.headers[http::header::SET_COOKIE].to_str().unwrap().to_string();
+    for attr in [
+        "HttpOnly",
+        "Secure",
+        "SameSite=Lax",
+        "Path=/v1/mapillary/callback",
+    ] {
+        assert!(set_cookie.contains(attr), "{set_cookie} lacks {attr}");
+    }
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    assert!(cookie.starts_with("relay_oauth_verifier="), "{set_cookie}");
     let url = url::Url::parse(r.body["authorize_url"].as_str().unwrap()).unwrap();
     let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
     assert_eq!(q["client_id"], defaults::APP_ID);
@@ -645,12 +657,19 @@ async fn consent(app: &axum::Router) -> (String, String) {
     let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
     let back: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
     assert_eq!(back["state"], q["state"], "the simulator echoes our state");
-    (back["code"].clone(), back["state"].clone())
+    (back["code"].clone(), back["state"].clone(), cookie)
 }
 
-fn callback_event(code: &str, state: &str) -> String {
+/// The callback event; `cookie` (a `name=value` pair) goes in API Gateway v2's `cookies`.
+fn callback_event(code: &str, state: &str, cookie: Option<&str>) -> String {
     let raw = event("get-callback.json").replace(STATE_PLACEHOLDER, state);
     let mut v: Value = serde_json::from_str(&raw).unwrap();
+    match cookie {
+        Some(c) => v["cookies"] = serde_json::json!([c]),
+        None => {
+            v.as_object_mut().unwrap().remove("cookies");
+        }
+    }
     let query = format!("code={code}&state={state}");
     v["rawQueryString"] = Value::String(query);
     v.as_object_mut().unwrap().remove("queryStringParameters");
@@ -660,9 +679,9 @@ fn callback_event(code: &str, state: &str) -> String {
 #[tokio::test]
 async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
     let (sim, d, app) = oauth_setup().await;
-    let (code, state) = consent(&app).await;
+    let (code, state, cookie) = consent(&app).await;
 
-    let r = call(&app, request(&callback_event(&code, &state))).await;
+    let r = call(&app, request(&callback_event(&code, &state, Some(&cookie)))).await;
     assert_eq!(r.status, 200, "{:#}", r.body);
     assert_eq!(r.body["connected"], true);
     assert_eq!(r.body["username"], defaults::DEMO_USERNAME);
@@ -687,8 +706,8 @@ async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
     assert!(!r.body.to_string().contains(&token));
 
     // Replayed state (even with a fresh, valid code): rejected.
-    let (code2, _unused_state) = consent(&app).await;
-    let r = call(&app, request(&callback_event(&code2, &state))).await;
+    let (code2, _unused_state, cookie2) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code2, &state, Some(&cookie)))).await;
     assert_problem(&r, 400, "state-invalid");
 
     // Expired state.
@@ -698,9 +717,10 @@ async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
         user_id: "user-1".into(),
         created_at: OffsetDateTime::now_utc() - time::Duration::minutes(20),
         expires_at: OffsetDateTime::now_utc() - time::Duration::minutes(10),
+        verifier_sha256: crate::oauth::verifier_sha256("x"),
     });
     assert_problem(
-        &call(&app, request(&callback_event(&code2, &expired))).await,
+        &call(&app, request(&callback_event(&code2, &expired, Some(&cookie2)))).await,
         400,
         "state-expired",
     );
@@ -708,30 +728,36 @@ async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
     // Never-issued state.
     let unknown = crate::oauth::new_state();
     assert_problem(
-        &call(&app, request(&callback_event(&code2, &unknown))).await,
+        &call(&app, request(&callback_event(&code2, &unknown, Some(&cookie2)))).await,
         400,
         "state-invalid",
     );
 
     // Bad code with a live state: Mapillary rejects it; the state is used up.
-    let (_code3, state3) = consent(&app).await;
-    let r = call(&app, request(&callback_event("AQbogus0code", &state3))).await;
+    let (_code3, state3, cookie3) = consent(&app).await;
+    let r = call(
+        &app,
+        request(&callback_event("AQbogus0code", &state3, Some(&cookie3))),
+    )
+    .await;
     assert_problem(&r, 400, "code-rejected");
     assert_problem(
-        &call(&app, request(&callback_event(&code2, &state3))).await,
+        &call(&app, request(&callback_event(&code2, &state3, Some(&cookie3)))).await,
         400,
         "state-invalid",
     );
 
     // Foreign state: presented by a signed-in other user.
-    let (code4, state4) = consent(&app).await;
-    let mut v: Value = serde_json::from_str(&callback_event(&code4, &state4)).unwrap();
+    let (code4, state4, cookie4) = consent(&app).await;
+    let mut v: Value = serde_json::from_str(&callback_event(&code4, &state4, Some(&cookie4))).unwrap();
     v["requestContext"]["authorizer"] =
         serde_json::json!({"jwt": {"claims": {"sub": "user-2"}, "scopes": null}});
     assert_problem(&call(&app, request(&v.to_string())).await, 403, "state-foreign");
     // …which leaves it usable by its owner.
     assert_eq!(
-        call(&app, request(&callback_event(&code4, &state4))).await.status,
+        call(&app, request(&callback_event(&code4, &state4, Some(&cookie4))))
+            .await
+            .status,
         200
     );
 
@@ -832,6 +858,61 @@ async fn an_upload_token_is_checked_with_me_stored_with_its_kind_and_never_shown
 }
 
 #[tokio::test]
+async fn the_callback_needs_the_cookie_of_the_browser_that_started_the_connection() {
+    // Issue 15, item 3: a consent link forwarded to someone else must not link their Mapillary
+    // account to the sender.
+    let (sim, d, app) = oauth_setup().await;
+
+    // No cookie (the link opened in another browser): refused, nothing stored, state used up.
+    let (code, state, cookie) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code, &state, None))).await;
+    assert_problem(&r, 400, "verifier-missing");
+    assert!(d.tokens.load("user-1").await.unwrap().is_none());
+    assert_problem(
+        &call(&app, request(&callback_event(&code, &state, Some(&cookie)))).await,
+        400,
+        "state-invalid",
+    );
+
+    // Another connect's cookie (the recipient started their own attempt): refused the same way.
+    let (code_a, state_a, cookie_a) = consent(&app).await;
+    let (_code_b, _state_b, cookie_b) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code_a, &state_a, Some(&cookie_b)))).await;
+    assert_problem(&r, 403, "verifier-mismatch");
+    assert!(
+        r.headers.get_all(http::header::SET_COOKIE).iter().any(|v| v
+            .to_str()
+            .unwrap()
+            .starts_with("relay_oauth_verifier=; Max-Age=0")),
+        "the used cookie is cleared"
+    );
+    assert!(d.tokens.load("user-1").await.unwrap().is_none());
+    assert_problem(
+        &call(&app, request(&callback_event(&code_a, &state_a, Some(&cookie_a)))).await,
+        400,
+        "state-invalid",
+    );
+
+    // A cookie that looks right but was never issued.
+    let (code_c, state_c, _) = consent(&app).await;
+    let forged = format!("relay_oauth_verifier={}", crate::oauth::new_verifier());
+    assert_problem(
+        &call(&app, request(&callback_event(&code_c, &state_c, Some(&forged)))).await,
+        403,
+        "verifier-mismatch",
+    );
+    assert!(d.tokens.load("user-1").await.unwrap().is_none());
+
+    // The right cookie: connected.
+    let (code_d, state_d, cookie_d) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code_d, &state_d, Some(&cookie_d)))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["connected"], true);
+    assert!(d.tokens.load("user-1").await.unwrap().is_some());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn callback_redirects_to_the_success_url_when_configured() {
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
         .await
@@ -845,8 +926,8 @@ async fn callback_redirects_to_the_success_url_when_configured() {
         },
     );
     let app = router(d);
-    let (code, state) = consent(&app).await;
-    let r = call(&app, request(&callback_event(&code, &state))).await;
+    let (code, state, cookie) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code, &state, Some(&cookie)))).await;
     assert_eq!(r.status, 303);
     assert_eq!(r.headers["location"], "https://app.example/connected");
     sim.shutdown().await;
@@ -867,8 +948,8 @@ async fn an_absurd_token_lifetime_is_a_502_and_nothing_is_stored() {
         },
     );
     let app = router(d.clone());
-    let (code, state) = consent(&app).await;
-    let r = call(&app, request(&callback_event(&code, &state))).await;
+    let (code, state, cookie) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code, &state, Some(&cookie)))).await;
     assert_problem(&r, 502, "mapillary-unavailable");
     assert!(d.tokens.load("user-1").await.unwrap().is_none());
     sim.shutdown().await;

@@ -43,9 +43,10 @@ fn event(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap()
 }
 
-fn callback(code: &str, state: &str) -> lambda_http::Request {
+fn callback(code: &str, state: &str, cookie: &str) -> lambda_http::Request {
     let mut v: serde_json::Value = serde_json::from_str(&event("get-callback.json")).unwrap();
     v["rawQueryString"] = format!("code={code}&state={state}").into();
+    v["cookies"] = serde_json::json!([cookie]);
     v.as_object_mut().unwrap().remove("queryStringParameters");
     lambda_http::request::from_str(&v.to_string()).unwrap()
 }
@@ -57,12 +58,23 @@ async fn status_and_body(app: &axum::Router, req: lambda_http::Request) -> (u16,
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-async fn consent(app: &axum::Router) -> (String, String) {
-    let (status, body) = status_and_body(
-        app,
-        lambda_http::request::from_str(&event("post-connect.json")).unwrap(),
-    )
-    .await;
+/// Connect and consent: (code, state, the browser-binding cookie pair).
+async fn consent(app: &axum::Router) -> (String, String, String) {
+    let resp = app
+        .clone()
+        .oneshot(lambda_http::request::from_str(&event("post-connect.json")).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let cookie = resp.headers()[http::header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let http = reqwest::Client::builder()
@@ -76,7 +88,7 @@ async fn consent(app: &axum::Router) -> (String, String) {
         .unwrap();
     let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
     let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
-    (q["code"].clone(), q["state"].clone())
+    (q["code"].clone(), q["state"].clone(), cookie)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,13 +122,27 @@ async fn secrets_never_reach_the_logs() {
         },
     });
     let app = router(deps.clone());
-    let (code, state) = consent(&app).await;
-    let (status, body) = status_and_body(&app, callback(&code, &state)).await;
+    let (code, state, cookie) = consent(&app).await;
+    let (status, body) = status_and_body(&app, callback(&code, &state, &cookie)).await;
     assert_eq!(status, 200, "{body}");
     // Failure paths log too: a bad code, a replayed state.
-    let (_c, state2) = consent(&app).await;
-    assert_eq!(status_and_body(&app, callback("AQbogus", &state2)).await.0, 400);
-    assert_eq!(status_and_body(&app, callback(&code, &state)).await.0, 400);
+    let (_c, state2, cookie2) = consent(&app).await;
+    assert_eq!(
+        status_and_body(&app, callback("AQbogus", &state2, &cookie2))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        status_and_body(&app, callback(&code, &state, &cookie)).await.0,
+        400
+    );
+    // …and a callback refused for the browser-binding cookie of another attempt.
+    let (c3, state3, _) = consent(&app).await;
+    assert_eq!(
+        status_and_body(&app, callback(&c3, &state3, &cookie2)).await.0,
+        403
+    );
     let conn = lambda_http::request::from_str(&event("get-connection.json")).unwrap();
     let (status, body) = status_and_body(&app, conn).await;
     assert_eq!(status, 200);
@@ -160,6 +186,8 @@ async fn secrets_never_reach_the_logs() {
         ("authorization code", code.as_str()),
         ("state", state.as_str()),
         ("state 2", state2.as_str()),
+        ("verifier cookie", cookie.as_str()),
+        ("verifier cookie 2", cookie2.as_str()),
     ] {
         assert!(!logs.contains(secret), "{what} found in the logs");
     }

@@ -49,7 +49,11 @@ impl OAuthStateStore for MemStates {
             return Ok(StateOutcome::Foreign);
         }
         let user_id = found.user_id.clone();
+        let verifier_sha256 = Some(found.verifier_sha256.clone());
         s.remove(state);
-        Ok(StateOutcome::Consumed { user_id })
+        Ok(StateOutcome::Consumed {
+            user_id,
+            verifier_sha256,
+        })
     }
 }

@@ -1,7 +1,8 @@
 //! [`OAuthStateStore`] over DynamoDB (UsersTable).
 //!
-//! Item pk `STATE#<state>`, sk `STATE`, `user_id`, `created_at` (S, RFC 3339) and `expires_at`
-//! (N, epoch seconds: the table's TTL attribute, so DynamoDB removes stale items by itself).
+//! Item pk `STATE#<state>`, sk `STATE`, `user_id`, `verifier_sha256` (S, hex SHA-256 of the
+//! browser-binding cookie), `created_at` (S, RFC 3339) and `expires_at` (N, epoch seconds: the
+//! table's TTL attribute, so DynamoDB removes stale items by itself).
 //! TTL deletion is lazy (up to days late), so expiry is also part of the consume condition.
 //! Consuming is one `DeleteItem` with a condition: only one caller can ever win a given state.
 
@@ -53,6 +54,7 @@ impl OAuthStateStore for DynamoStateStore {
             .item("pk", s(state_pk(&state.state)))
             .item("sk", s(STATE_SK))
             .item("user_id", s(&state.user_id))
+            .item("verifier_sha256", s(&state.verifier_sha256))
             .item("created_at", s(rfc3339(state.created_at)?))
             .item("expires_at", n(state.expires_at.unix_timestamp()))
             .condition_expression("attribute_not_exists(pk)")
@@ -87,13 +89,18 @@ impl OAuthStateStore for DynamoStateStore {
         };
         match req.send().await {
             Ok(out) => {
-                let user_id = out
-                    .attributes
-                    .as_ref()
+                let attributes = out.attributes.as_ref();
+                let user_id = attributes
                     .and_then(|a| string_of(a, "user_id"))
                     .map(str::to_string)
                     .ok_or_else(|| RepoError::Corrupt(format!("state {}… has no user_id", short(state))))?;
-                Ok(StateOutcome::Consumed { user_id })
+                let verifier_sha256 = attributes
+                    .and_then(|a| string_of(a, "verifier_sha256"))
+                    .map(str::to_string);
+                Ok(StateOutcome::Consumed {
+                    user_id,
+                    verifier_sha256,
+                })
             }
             Err(err) => {
                 let Some(old) = condition_failed(&err) else {
