@@ -22,9 +22,23 @@ pub mod sequence;
 #[path = "../../shared/src/domain/zipfmt.rs"]
 pub mod zipfmt;
 
-/// The planning path's modules under their `shared::domain` names, for [`planning`].
+// The reply parsers and the image type they produce. At the crate root like the others (a
+// `#[path]` inside an inline module is resolved through a directory that does not exist here).
+#[path = "../../shared/src/domain/linking.rs"]
+pub mod linking;
+#[path = "../../shared/src/mapillary/replies.rs"]
+pub mod replies;
+
+/// The planning path's modules under their `shared::domain` names, for [`planning`]; `linking`
+/// (the image type of the entity parsers) and `tiles` for [`mapillary::replies`].
 pub mod domain {
-    pub use super::{description, exif, jpeg, sequence, zipfmt};
+    pub use super::{description, exif, jpeg, linking, sequence, tiles, zipfmt};
+}
+
+/// `shared::mapillary`'s reply parsers under their `shared` names (the HTTP client around them is
+/// not compiled here).
+pub mod mapillary {
+    pub use super::{feed, replies};
 }
 
 pub mod planning;

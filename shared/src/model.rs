@@ -25,6 +25,10 @@ pub enum SequenceState {
     Uploaded,
     /// Nothing was (or will be) uploaded; `reason` says why.
     Failed,
+    /// Mapillary refused uploads with the user's token; the uploads wait, unchanged, for the user to
+    /// hand over a Mapillary user upload token (`reason` says how). Not final: the next delivery of
+    /// the manifest resumes them.
+    AwaitingUploadToken,
 }
 
 impl SequenceState {
@@ -35,6 +39,7 @@ impl SequenceState {
             SequenceState::Uploading => "UPLOADING",
             SequenceState::Uploaded => "UPLOADED",
             SequenceState::Failed => "FAILED",
+            SequenceState::AwaitingUploadToken => "AWAITING_UPLOAD_TOKEN",
         }
     }
 }
@@ -333,6 +338,132 @@ pub struct StoredToken {
     pub updated_at: OffsetDateTime,
 }
 
+/// What kind of token a user's Mapillary connection holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// A user access token from the app's OAuth flow (`/connect` → `/token`); refreshed with the
+    /// app's client secret.
+    Oauth,
+    /// A Mapillary user upload token, handed over by the user (what `mapillary_tools authenticate`
+    /// stores as `user_upload_token`). Never refreshed: when Mapillary refuses it, the user hands
+    /// over a new one.
+    UploadToken,
+}
+
+impl TokenKind {
+    /// The wire name (`oauth`, `upload_token`), also written to the token item and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Oauth => "oauth",
+            TokenKind::UploadToken => "upload_token",
+        }
+    }
+
+    /// The kind of a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "oauth" => Some(TokenKind::Oauth),
+            "upload_token" => Some(TokenKind::UploadToken),
+            _ => None,
+        }
+    }
+}
+
+/// A user's Mapillary connection without its secrets: the attributes the token item keeps in clear
+/// beside the ciphertext, readable without a KMS `Decrypt` (what the status API shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionMetadata {
+    /// Token expiry, when known.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Mapillary's user id.
+    pub mapillary_user_id: Option<String>,
+    /// Mapillary username.
+    pub username: Option<String>,
+    /// Last written.
+    pub updated_at: OffsetDateTime,
+    /// Which kind of token the connection holds.
+    pub kind: TokenKind,
+    /// Set when uploads with this OAuth token were refused: uploads wait for an upload token.
+    pub upload_refused: Option<UploadRefusal>,
+}
+
+impl ConnectionMetadata {
+    /// Uploads are known to need an upload token this connection does not hold.
+    pub fn upload_token_required(&self) -> bool {
+        self.kind == TokenKind::Oauth && self.upload_refused.is_some()
+    }
+}
+
+/// Mapillary refused an upload (rupload or `finish_upload`) as unauthorised with a token that is
+/// otherwise valid (`/me` accepts it): uploads need a user upload token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRefusal {
+    /// When the refusal was seen.
+    pub at: OffsetDateTime,
+    /// Mapillary's message (never token material).
+    pub message: String,
+}
+
+/// A user's Mapillary connection as stored: the token, its kind, what the relay learnt about it and
+/// the record's revision, which every write changes (refresh and the relay's own updates are a
+/// compare-and-set on it, so a refresh never overwrites a newer token and never brings back a
+/// deleted connection).
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    /// The token and its metadata.
+    pub token: StoredToken,
+    /// Which kind of token it is.
+    pub kind: TokenKind,
+    /// Set when uploads with this OAuth token were refused: uploads wait for an upload token.
+    pub upload_refused: Option<UploadRefusal>,
+    /// A session is refreshing the token until then (others wait for its result instead of
+    /// refreshing too).
+    pub refresh_lease_until: Option<OffsetDateTime>,
+    /// Opaque revision of the stored record (`None` for a record not written yet, or written before
+    /// revisions existed).
+    pub revision: Option<String>,
+}
+
+impl TokenRecord {
+    /// A new record of `kind` holding `token`.
+    pub fn new(token: StoredToken, kind: TokenKind) -> Self {
+        Self {
+            token,
+            kind,
+            upload_refused: None,
+            refresh_lease_until: None,
+            revision: None,
+        }
+    }
+
+    /// Uploads are known to need an upload token this connection does not hold.
+    pub fn upload_token_required(&self) -> bool {
+        self.kind == TokenKind::Oauth && self.upload_refused.is_some()
+    }
+
+    /// What is stored in clear beside the encrypted secrets.
+    pub fn metadata(&self) -> ConnectionMetadata {
+        ConnectionMetadata {
+            expires_at: self.token.expires_at,
+            mapillary_user_id: self.token.mapillary_user_id.clone(),
+            username: self.token.username.clone(),
+            updated_at: self.token.updated_at,
+            kind: self.kind,
+            upload_refused: self.upload_refused.clone(),
+        }
+    }
+}
+
+/// Result of a compare-and-set write of a [`TokenRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// Written; the record's new revision.
+    Written(String),
+    /// The stored record changed (or was deleted) since it was read: nothing was written.
+    Conflict,
+}
+
 /// One upload in the status document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UploadStatus {
@@ -407,14 +538,59 @@ impl SequenceStatus {
     }
 }
 
-/// Deterministic upload id: `<user_id>.<sequence_id>.<index:03>` (unique across users).
+/// Separator of the parts of an upload id: outside the id alphabet (`[A-Za-z0-9._-]`), unreserved
+/// in URLs, plain in DynamoDB keys and SQS messages.
+pub const UPLOAD_ID_SEPARATOR: char = '~';
+
+/// Deterministic upload id: `<user_id>~<sequence_id>~<index:03>`, e.g. `h~a.b~000`.
+///
+/// Distinct (user, sequence, index) triples never meet, whatever the strings: user and sequence
+/// ids cannot contain `~`, and should one ever do, `%` and `~` inside a part are percent-encoded
+/// (`%25`, `%7E`), so the separators still split the id unambiguously. Ids of earlier versions
+/// were `<user_id>.<sequence_id>.<index:03>`, and both ids may contain dots: user `h` with
+/// sequence `a.b` and user `h.a` with sequence `b` both got `h.a.b.000` (issue 15). Records
+/// written with such ids are not migrated; they keep working under their old id (nothing parses
+/// an upload id), only new plans get the new form.
 pub fn upload_id(user_id: &str, sequence_id: &str, index: u32) -> String {
-    format!("{user_id}.{sequence_id}.{index:03}")
+    fn part(s: &str) -> std::borrow::Cow<'_, str> {
+        if s.contains(['%', UPLOAD_ID_SEPARATOR]) {
+            s.replace('%', "%25").replace(UPLOAD_ID_SEPARATOR, "%7E").into()
+        } else {
+            s.into()
+        }
+    }
+    let sep = UPLOAD_ID_SEPARATOR;
+    format!("{}{sep}{}{sep}{index:03}", part(user_id), part(sequence_id))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_ids_of_different_users_and_sequences_never_meet() {
+        // Issue 15: with `.` as the separator both were `h.a.b.000`.
+        assert_eq!(upload_id("h", "a.b", 0), "h~a.b~000");
+        assert_eq!(upload_id("h.a", "b", 0), "h.a~b~000");
+        assert_ne!(upload_id("h", "a.b", 0), upload_id("h.a", "b", 0));
+        assert_eq!(upload_id("u", "s", 12), "u~s~012");
+        // Every triple of tricky parts gives its own id (also parts the key rules refuse).
+        let parts = [
+            "", "h", "a", "b", ".", "..", "h.a", "a.b", "a.b.000", "~", "h~a", "a~b", "%", "%7E", "%25",
+            "-_.",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for u in parts {
+            for s in parts {
+                for i in [0, 1, 999, 1000] {
+                    let id = upload_id(u, s, i);
+                    if let Some(prev) = seen.insert(id.clone(), (u, s, i)) {
+                        panic!("{id:?} from both {prev:?} and {:?}", (u, s, i));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn states_serialize_as_screaming_snake() {
@@ -426,6 +602,15 @@ mod tests {
             serde_json::to_string(&SequenceState::Uploaded).unwrap(),
             "\"UPLOADED\""
         );
+        assert_eq!(
+            serde_json::to_string(&SequenceState::AwaitingUploadToken).unwrap(),
+            format!("\"{}\"", SequenceState::AwaitingUploadToken.as_str())
+        );
+        for k in [TokenKind::Oauth, TokenKind::UploadToken] {
+            assert_eq!(TokenKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), serde_json::json!(k.as_str()));
+        }
+        assert_eq!(TokenKind::parse("bearer"), None);
         assert!(UploadState::HandedOff.is_final());
         assert!(!UploadState::Uploaded.is_final());
     }

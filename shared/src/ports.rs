@@ -18,11 +18,12 @@ use futures::Stream;
 use secrecy::SecretString;
 
 use crate::idempotency::{Claim, ClaimOutcome};
-use crate::mapillary::client::{Me, TokenGrant, UploadReport};
+use crate::mapillary::client::{Me, TokenGrant, UploadLimits, UploadOutcome};
 use crate::mapillary::error::MapillaryError;
 use crate::model::{
-    ClusterMessage, EntryCheckpoint, FeedHealth, ImageLink, IngestError, SequenceRecord, StoredToken,
-    TrackingRecord, UploadImage, UploadRecord, UploadState,
+    CasOutcome, ClusterMessage, ConnectionMetadata, EntryCheckpoint, FeedHealth, ImageLink, IngestError,
+    SequenceRecord, StoredToken, TokenKind, TokenRecord, TrackingRecord, UploadImage, UploadRecord,
+    UploadState,
 };
 
 /// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
@@ -383,11 +384,45 @@ impl TokenError {
     }
 }
 
-/// Users' Mapillary tokens (UsersTable item pk `USER#<user_id>`, sk `MAPILLARY`), the secrets
-/// encrypted with KMS under EncryptionContext `{"user_id": <user_id>}`.
+/// Users' Mapillary connections (UsersTable item pk `USER#<user_id>`, sk `MAPILLARY`): a
+/// [`TokenRecord`], the secrets encrypted with KMS under EncryptionContext `{"user_id": <user_id>}`.
+///
+/// Writes are either a user's own action ([`Self::put_record`]: connect, hand over an upload token),
+/// which replaces whatever is stored, or the relay's ([`Self::replace_if`]: refresh, the Mapillary
+/// user id, an upload refusal), a compare-and-set on the revision read before, which never
+/// overwrites a newer record and never recreates a deleted one.
 pub trait TokenStore: Send + Sync {
+    /// The user's connection record, `None` when the user has no token item.
+    fn load_record(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = Result<Option<TokenRecord>, TokenError>> + Send;
+
+    /// Create or replace the user's record unconditionally (encrypting the token); returns the new
+    /// revision. For a user's own action only.
+    fn put_record(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+    ) -> impl Future<Output = Result<String, TokenError>> + Send;
+
+    /// Replace the user's record only if it still exists with revision `expected` (`None`: a record
+    /// written before revisions existed). [`CasOutcome::Conflict`] when it changed or was deleted.
+    fn replace_if(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+        expected: Option<&str>,
+    ) -> impl Future<Output = Result<CasOutcome, TokenError>> + Send;
+
+    /// Forget the user's token; returns whether there was one.
+    fn delete(&self, user_id: &str) -> impl Future<Output = Result<bool, TokenError>> + Send;
+
     /// The user's token, `None` when the user has no token item.
-    fn load(&self, user_id: &str) -> impl Future<Output = Result<Option<StoredToken>, TokenError>> + Send;
+    fn load(&self, user_id: &str) -> impl Future<Output = Result<Option<StoredToken>, TokenError>> + Send {
+        async move { Ok(self.load_record(user_id).await?.map(|r| r.token)) }
+    }
+
     /// [`Self::load`] for several users, in the same order (the default loads one after the other;
     /// the DynamoDB store reads the records in batches).
     fn load_many(
@@ -403,12 +438,28 @@ pub trait TokenStore: Send + Sync {
         }
     }
 
-    /// Create or replace the user's token item (encrypting `access_token` and `refresh_token`).
-    fn save(&self, user_id: &str, token: &StoredToken)
-        -> impl Future<Output = Result<(), TokenError>> + Send;
+    /// Create or replace the user's connection with an OAuth token (a [`Self::put_record`] of a new
+    /// [`TokenKind::Oauth`] record).
+    fn save(
+        &self,
+        user_id: &str,
+        token: &StoredToken,
+    ) -> impl Future<Output = Result<(), TokenError>> + Send {
+        async move {
+            let record = TokenRecord::new(token.clone(), TokenKind::Oauth);
+            self.put_record(user_id, &record).await.map(|_| ())
+        }
+    }
+}
 
-    /// Forget the user's token; returns whether there was one.
-    fn delete(&self, user_id: &str) -> impl Future<Output = Result<bool, TokenError>> + Send;
+/// The clear part of users' token items (the status API): never decrypts, so its role needs no
+/// KMS `Decrypt` on the token key.
+pub trait ConnectionReader: Send + Sync {
+    /// The user's connection metadata, `None` when the user has no token item.
+    fn load_connection(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = Result<Option<ConnectionMetadata>, TokenError>> + Send;
 }
 
 // ------------------------------------------------------------------ queues (SQS)
@@ -477,16 +528,18 @@ pub trait ClusterInbox: Send + Sync {
 /// The Mapillary upload calls of zip-and-push (implemented by `MapillaryApp` of `mapillary::app`).
 /// Token refresh is not here: it goes through [`MapillaryAuth`], called by the token session.
 pub trait MapillaryUploads: Send + Sync {
-    /// Upload `total_len` bytes under `key`, resuming from the server's offset; `make_body(offset)`
+    /// Upload `total_len` bytes under `key` in bounded POSTs, resuming from the server's offset,
+    /// until complete or until `limits.stop_at` passes between two POSTs; `make_body(offset)`
     /// yields the file from `offset` to the end. See
-    /// [`crate::mapillary::client::MapillaryClient::upload_resumable`].
-    fn upload_resumable<F, S, E>(
+    /// [`crate::mapillary::client::MapillaryClient::upload_until`].
+    fn upload_until<F, S, E>(
         &self,
         token: &SecretString,
         key: &str,
         total_len: u64,
         make_body: F,
-    ) -> impl Future<Output = Result<UploadReport, MapillaryError>> + Send
+        limits: UploadLimits,
+    ) -> impl Future<Output = Result<UploadOutcome, MapillaryError>> + Send
     where
         F: FnMut(u64) -> S + Send,
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
@@ -521,6 +574,15 @@ pub trait MapillaryAuth: Send + Sync {
 // ([`TrackingStore`]), keeps overlapping runs apart ([`RunLease`]) and reconciles uploads whose
 // `finish_upload` reply was lost ([`ReconcileStore`]). One adapter implements them all
 // (`DynamoTracking`, the UploadsTable); see the layout in [`crate::model`].
+
+/// What [`TrackingStore::list_pending_tracking`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingTracking {
+    /// The pending records, ordered by user id then upload id.
+    pub records: Vec<TrackingRecord>,
+    /// Why a record (or a user's records) could not be listed, one line each (no secrets).
+    pub unreadable: Vec<String>,
+}
 
 /// Reading tracking state (status-api; the poller through [`TrackingStore`]).
 pub trait TrackingReader: Send + Sync {
@@ -558,9 +620,11 @@ pub trait TrackingStore: TrackingReader {
         expected_last_checked_at: Option<time::OffsetDateTime>,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
     /// Every tracking record in a pending set that is not final (all users), ordered by user id
-    /// then upload id, for a poller run. Ids of final or missing records are dropped from their
-    /// sets on the way (best effort).
-    fn list_pending_tracking(&self) -> impl Future<Output = Result<Vec<TrackingRecord>, RepoError>> + Send;
+    /// then upload id, for a poller run. Ids of final or missing records, and of records another
+    /// user owns, are dropped from their sets on the way (best effort). One bad record never
+    /// fails the listing: a record that cannot be read, or a user whose records cannot be read,
+    /// is named in [`PendingTracking::unreadable`] and the others are listed.
+    fn list_pending_tracking(&self) -> impl Future<Output = Result<PendingTracking, RepoError>> + Send;
     /// Store image links (batch): each upload named in `links` gets exactly the given links (the
     /// last one given for an index wins; its earlier links are replaced).
     fn put_links(&self, links: &[ImageLink]) -> impl Future<Output = Result<(), RepoError>> + Send;

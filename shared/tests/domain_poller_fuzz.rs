@@ -165,6 +165,66 @@ fn run(name: &str, mut make: impl FnMut(&mut Rng) -> Vec<u8>, check: impl Fn(&[u
     runs
 }
 
+/// The JSON seeds of the `mapillary_replies` libFuzzer target (token, offset, handle,
+/// `finish_upload`, entities, `image_ids`, rupload `backoff`).
+const REPLY_SEEDS: &[&str] = &[
+    include_str!("../../fuzz/seeds/mapillary_replies/token.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/token_string_lifetime.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/token_absurd_lifetime.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/offset.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/handle.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/finish.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/images.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/image_ids.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/backoff.json"),
+    include_str!("../../fuzz/seeds/mapillary_replies/backoff_huge.json"),
+];
+
+#[test]
+fn reply_parsers_never_panic_on_mutated_replies() {
+    use shared::mapillary::replies::{
+        creator_id, data_images, finish_cluster_id, image_ids, rupload_backoff, token_expiry, token_grant,
+        upload_handle, upload_offset, MAX_SERVER_BACKOFF, MAX_TOKEN_LIFETIME_S,
+    };
+    let trees: Vec<Value> = REPLY_SEEDS
+        .iter()
+        .map(|s| serde_json::from_str(s).expect("seed is JSON"))
+        .collect();
+    let donors: Vec<Vec<u8>> = REPLY_SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let now = datetime!(2026-03-01 10:00 UTC);
+    let runs = run(
+        "replies",
+        |rng| {
+            let mut tree = trees[rng.below(trees.len())].clone();
+            for _ in 0..=rng.below(3) {
+                mutate_json(&mut tree, rng, 0);
+            }
+            let mut bytes = tree.to_string().into_bytes();
+            if rng.chance(3) {
+                mutate_bytes(&mut bytes, rng, &donors);
+            }
+            bytes
+        },
+        |input| {
+            let _ = upload_offset(200, input);
+            let _ = upload_handle(200, input);
+            let Ok(v) = serde_json::from_slice::<Value>(input) else {
+                return;
+            };
+            if let Ok(g) = token_grant(&v) {
+                assert!(g.expires_in.is_none_or(|s| s <= MAX_TOKEN_LIFETIME_S));
+                assert!(token_expiry(now, g.expires_in).is_ok());
+            }
+            let _ = finish_cluster_id(&v);
+            let _ = data_images(&v);
+            let _ = image_ids(&v);
+            let _ = creator_id(&v);
+            assert!(rupload_backoff(&v).is_none_or(|d| d <= MAX_SERVER_BACKOFF));
+        },
+    );
+    assert!(runs > 100, "only {runs} runs");
+}
+
 #[test]
 fn feed_parser_never_panics_on_mutated_replies() {
     let seeds = feed_seeds();

@@ -12,7 +12,8 @@ use relay_fixtures::{jpeg, track, TrackSpec};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shared::mapillary::client::{
-    ExposeSecret, FileType, MapillaryClient, SecretString, TokenTransport, UploadReport, IMAGE_FIELDS,
+    ExposeSecret, FileType, MapillaryClient, SecretString, TokenTransport, UploadLimits, UploadOutcome,
+    UploadReport, IMAGE_FIELDS,
 };
 use shared::mapillary::error::{MapillaryError, TransportKind};
 use shared::mapillary::retry::RetryPolicy;
@@ -883,4 +884,93 @@ async fn a_broken_body_source_fails_the_upload_without_retry() {
         "{err:?}"
     );
     assert_eq!(requests_to(&h, "GET", "/rupload/mly_tools_fail.zip").await, 1);
+}
+
+#[tokio::test]
+async fn bounded_posts_are_complete_requests_read_on_from_one_body_stream() {
+    let h = Simulator::start(
+        SimConfig::world(mapillary_sim::World::PartialBytesDropped),
+        "127.0.0.1:0",
+    )
+    .await
+    .expect("simulator starts");
+    let c = client(&h, RetryPolicy::fast());
+    let file = data(100_000);
+    let key = "mly_tools_bounded.zip";
+    let mut made = Vec::new();
+    let mut make = bodies(file.clone(), 7_000);
+    let limits = UploadLimits {
+        max_post_bytes: 30_000,
+        stop_at: None,
+    };
+    let out = c
+        .upload_until(
+            &demo_token(),
+            key,
+            file.len() as u64,
+            |offset| {
+                made.push(offset);
+                make(offset)
+            },
+            limits,
+        )
+        .await
+        .expect("upload");
+    let UploadOutcome::Complete(r) = out else {
+        panic!("no stop time: {out:?}")
+    };
+    assert_eq!(made, [0], "the body is produced once and read on by every POST");
+    let sizes: Vec<u64> = r.posts.iter().map(|p| p.bytes_sent).collect();
+    assert_eq!(sizes, [30_000, 30_000, 30_000, 10_000]);
+    assert_eq!(r.offsets_fetched, [0, 30_000, 60_000, 90_000]);
+    assert!(!r.handle.is_empty());
+    assert_stored(&h, key, &file).await;
+    // Each POST ended normally and carried its range (the server says so, not only the client).
+    let log = admin_get(&h, "/requests").await;
+    let posts: Vec<&Value> = log
+        .as_array()
+        .expect("log")
+        .iter()
+        .filter(|e| e["method"] == "POST")
+        .collect();
+    assert_eq!(posts.len(), 4);
+    for (p, start) in posts.iter().zip([0u64, 30_000, 60_000, 90_000]) {
+        assert_eq!(p["detail"]["complete"], true, "{p}");
+        assert_eq!(p["detail"]["start"], start, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_stop_time_pauses_between_posts_and_a_later_call_resumes_from_the_server() {
+    let h = sim().await;
+    let c = client(&h, RetryPolicy::fast());
+    let file = data(90_000);
+    let key = "mly_tools_paused.zip";
+    // Every POST takes 300 ms; no POST may start 100 ms after the call began: one POST, then paused.
+    fault(
+        &h,
+        json!({"method": "POST", "path": "/rupload/*", "times": 1, "action": {"kind": "latency", "ms": 300}}),
+    )
+    .await;
+    let limits = UploadLimits {
+        max_post_bytes: 40_000,
+        stop_at: Some(Instant::now() + Duration::from_millis(100)),
+    };
+    let out = c
+        .upload_until(&demo_token(), key, 90_000, bodies(file.clone(), 5_000), limits)
+        .await
+        .expect("upload");
+    let UploadOutcome::Paused(r) = out else {
+        panic!("expected a pause: {out:?}")
+    };
+    assert_eq!(r.posts.len(), 1, "{r:?}");
+    assert_eq!(r.posts[0].bytes_sent, 40_000);
+    assert!(r.handle.is_empty());
+    let s = admin_get(&h, &format!("/sessions/{key}")).await;
+    assert_eq!(s["bytes_stored"], 40_000, "the finished POST is stored");
+    // A later call asks the server for its offset and sends only the rest.
+    let r = upload(&c, key, &file).await.expect("resume");
+    assert_eq!(r.offsets_fetched[0], 40_000);
+    assert_eq!(r.bytes_sent(), 50_000);
+    assert_stored(&h, key, &file).await;
 }

@@ -420,7 +420,7 @@ async fn uploads_transition_conditionally_and_leave_the_pending_index_when_final
     assert_eq!(listed[1], upload("u", "s", 1, UploadState::Pending));
     let mut pending = pending_index(&stack).await?;
     pending.sort();
-    assert_eq!(pending, ["u#u.other.000", "u#u.s.000", "u#u.s.001", "u#u.s.002"]);
+    assert_eq!(pending, ["u#u~other~000", "u#u~s~000", "u#u~s~001", "u#u~s~002"]);
 
     // PENDING → UPLOADING → FINISHING → UPLOADED → HANDED_OFF.
     let mut up = upload("u", "s", 0, UploadState::Uploading);
@@ -440,18 +440,18 @@ async fn uploads_transition_conditionally_and_leave_the_pending_index_when_final
     up.cluster_id = Some("cluster-1".into());
     up.handle = Some("handle-1".into());
     repo.transition_upload(&up, UploadState::Finishing).await?;
-    assert!(pending_index(&stack).await?.contains(&"u#u.s.000".to_string()));
+    assert!(pending_index(&stack).await?.contains(&"u#u~s~000".to_string()));
     up.state = UploadState::HandedOff;
     up.finished_at = Some(datetime!(2026-03-01 10:01:00 UTC));
     repo.transition_upload(&up, UploadState::Uploaded).await?;
-    assert!(!pending_index(&stack).await?.contains(&"u#u.s.000".to_string()));
+    assert!(!pending_index(&stack).await?.contains(&"u#u~s~000".to_string()));
     assert_eq!(repo.list_uploads("u", "s").await?[0], up);
 
     // put_upload of a final state also leaves the index; a missing record cannot transition.
     repo.put_upload(&upload("u", "s", 1, UploadState::Failed)).await?;
     let mut pending = pending_index(&stack).await?;
     pending.sort();
-    assert_eq!(pending, ["u#u.other.000", "u#u.s.002"]);
+    assert_eq!(pending, ["u#u~other~000", "u#u~s~002"]);
     match repo
         .transition_upload(&upload("u", "s", 7, UploadState::Uploading), UploadState::Pending)
         .await
@@ -479,6 +479,45 @@ fn image(upload: &str, index: u32) -> UploadImage {
         heading: Some(f64::from(index % 360)),
         checkpoint: None,
     }
+}
+
+#[tokio::test]
+async fn dotted_ids_of_different_users_never_share_an_upload() -> Result<()> {
+    // Issue 15: user `h` with sequence `a.b` and user `h.a` with sequence `b` both got upload id
+    // `h.a.b.000`, so the second drop overwrote the first's upload record and image entries.
+    let (stack, repo) = new_stack("ddb-dots").await?;
+    let first = upload("h", "a.b", 0, UploadState::Pending);
+    let second = upload("h.a", "b", 0, UploadState::Pending);
+    assert_ne!(first.upload_id, second.upload_id);
+    repo.put_upload(&first).await?;
+    repo.put_upload(&second).await?;
+    let entry = |up: &UploadRecord, key: &str| UploadImage {
+        key: key.into(),
+        ..image(&up.upload_id, 0)
+    };
+    repo.put_images(&[entry(&first, "sequences/h/a.b/first.jpg")])
+        .await?;
+    repo.put_images(&[entry(&second, "sequences/h.a/b/second.jpg")])
+        .await?;
+    // Each upload keeps its own record and entries.
+    assert_eq!(repo.list_uploads("h", "a.b").await?, std::slice::from_ref(&first));
+    assert_eq!(
+        repo.list_uploads("h.a", "b").await?,
+        std::slice::from_ref(&second)
+    );
+    let keys = |v: Vec<UploadImage>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(repo.list_images(&first.upload_id).await?),
+        ["sequences/h/a.b/first.jpg"]
+    );
+    assert_eq!(
+        keys(repo.list_images(&second.upload_id).await?),
+        ["sequences/h.a/b/second.jpg"]
+    );
+    let mut pending = pending_index(&stack).await?;
+    pending.sort();
+    assert_eq!(pending, ["h#h~a.b~000", "h.a#h.a~b~000"]);
+    Ok(())
 }
 
 #[tokio::test]
@@ -613,6 +652,12 @@ async fn ingest_errors_are_recorded_under_their_own_partition() -> Result<()> {
     let decoded: IngestError = serde_dynamo::aws_sdk_dynamodb_1::from_item(items[1].clone())?;
     assert_eq!(decoded, long);
     assert!(s_attr(&items[1], "sk").len() <= 1024);
+    // The table's TTL attribute (issue 15, item 7): deleted 30 days after it was seen.
+    assert_eq!(
+        n_attr(&items[0], "expires_at"),
+        at.unix_timestamp() + 30 * 24 * 3600
+    );
+    assert_eq!(n_attr(&items[1], "expires_at"), 1_800_000_000 + 30 * 24 * 3600);
     Ok(())
 }
 

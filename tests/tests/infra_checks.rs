@@ -343,6 +343,30 @@ fn statements(template: &Value, role: &str) -> Vec<(Vec<String>, String)> {
     out
 }
 
+/// `(actions, Condition)` of every inline statement of `role` that allows a `kms:` action.
+fn kms_statements(template: &Value, role: &str) -> Vec<(Vec<String>, Value)> {
+    let role = &resources(template)[role]["Properties"];
+    let mut out = Vec::new();
+    for policy in role["Policies"].as_array().into_iter().flatten() {
+        for s in policy["PolicyDocument"]["Statement"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let actions: Vec<String> = match &s["Action"] {
+                Value::String(a) => vec![a.clone()],
+                Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+                _ => Vec::new(),
+            };
+            if actions.iter().any(|a| a.starts_with("kms:")) {
+                out.push((actions, s["Condition"].clone()));
+            }
+        }
+    }
+    assert!(!out.is_empty(), "no KMS statement");
+    out
+}
+
 /// Whether `role` may call `action` on a resource whose ARN is built from `logical` (and, for
 /// `suffix`, ends with it, e.g. `/index/*`).
 fn grants(template: &Value, role: &str, action: &str, logical: &str, suffix: &str) -> bool {
@@ -398,10 +422,18 @@ fn iam_roles_are_scoped_to_single_resources() {
             grants(&template, role, "kms:Encrypt", "TokenKey", ""),
             "{role} kms:Encrypt"
         );
-        assert!(
-            grants(&template, role, "kms:Decrypt", "TokenKey", ""),
-            "{role} kms:Decrypt"
-        );
+        // Only under the token adapter's encryption context (issue 15, item 3).
+        for (actions, condition) in kms_statements(&template, role) {
+            assert_eq!(
+                condition["Null"]["kms:EncryptionContext:user_id"], "false",
+                "{role}: {actions:?} without the user_id context: {condition}"
+            );
+            assert_eq!(
+                condition["ForAllValues:StringEquals"]["kms:EncryptionContextKeys"],
+                serde_json::json!(["user_id"]),
+                "{role}: {actions:?} allows other context keys: {condition}"
+            );
+        }
         assert!(
             grants(
                 &template,
@@ -442,6 +474,11 @@ fn iam_roles_are_scoped_to_single_resources() {
     assert!(grants(&template, p, "sqs:ReceiveMessage", "ClustersQueue", ""));
     assert!(grants(&template, p, "sqs:SendMessage", "PollerDLQ", ""));
     assert!(grants(&template, p, "dynamodb:UpdateItem", "UploadsTable", ""));
+    // zip-and-push and the poller use tokens; the status API only stores new ones and shows the
+    // clear metadata: it cannot decrypt a token.
+    assert!(grants(&template, z, "kms:Decrypt", "TokenKey", ""));
+    assert!(grants(&template, p, "kms:Decrypt", "TokenKey", ""));
+    assert!(!grants(&template, s, "kms:Decrypt", "TokenKey", ""));
     // The status API only reads uploads.
     assert!(!grants(&template, s, "dynamodb:PutItem", "UploadsTable", ""));
     assert!(!grants(&template, s, "sqs:SendMessage", "IngestQueue", ""));

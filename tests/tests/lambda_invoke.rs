@@ -4,12 +4,13 @@
 //! each sample is sent with `cargo lambda invoke <function> --data-file <file> --invoke-address
 //! 127.0.0.1 --invoke-port <port>` (the command the README documents).
 //!
-//! What the samples need is seeded first: the demo user's token for `user-1`; the bucket the S3
-//! samples name (`relay-local-sequences-123456789012`) with the manifest and images of
-//! `user-1/seq-2026-11-24`; and `user-1/seq-1` (what the API Gateway samples ask for), dropped into
-//! the stack's bucket and handed to zip-and-push by the emulated SQS event-source mapping
-//! ([`SqsEventSource`]). Every sample must have an expectation here: a new file fails the test until
-//! one is added.
+//! What the samples need is seeded first: the demo user's token for `user-1`; the manifest and
+//! images of `user-1/seq-2026-11-24` (the S3 samples' sequence) and `user-1/seq-1` (what the API
+//! Gateway samples ask for), dropped into the stack's bucket and handed to zip-and-push by the
+//! emulated SQS event-source mapping ([`SqsEventSource`]). The S3 samples name the bucket of the
+//! `relay-local` stack (`relay-local-sequences-123456789012`); zip-and-push handles only its own
+//! bucket (`RELAY_BUCKET`), so each is sent with that name replaced by this stack's bucket. Every
+//! sample must have an expectation here: a new file fails the test until one is added.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -154,15 +155,9 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
         updated_at: OffsetDateTime::now_utc(),
     };
     tokens.save(USER, &token).await?;
-    // Seed: the S3 samples' bucket and sequence.
+    // Seed: the S3 samples' sequence, in the stack's bucket (see the module comment).
     let s3 = stack.s3();
-    if let Err(e) = s3.create_bucket().bucket(SAMPLE_BUCKET).send().await {
-        let exists = e
-            .as_service_error()
-            .is_some_and(|e| e.is_bucket_already_owned_by_you() || e.is_bucket_already_exists());
-        ensure!(exists, "CreateBucket {SAMPLE_BUCKET}: {e:?}");
-    }
-    put_sequence(&s3, SAMPLE_BUCKET, SAMPLE_SEQUENCE, 6, 0).await?;
+    put_sequence(&s3, &stack.bucket, SAMPLE_SEQUENCE, 6, 0).await?;
     // Seed: seq-1 in the stack's bucket; moto notifies the ingest queue.
     put_sequence(&s3, &stack.bucket, API_SEQUENCE, 5, 500).await?;
 
@@ -196,7 +191,11 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
     let sqs = samples("sqs")?;
     ensure!(!sqs.is_empty(), "no samples in events/sqs");
     for file in &sqs {
-        let v = invoke(&venvs, port, "zip-and-push", file).await?;
+        let sample = std::fs::read_to_string(file).with_context(|| name(file))?;
+        let ours = dir.join(name(file));
+        std::fs::write(&ours, sample.replace(SAMPLE_BUCKET, &stack.bucket))
+            .with_context(|| format!("writing {}", ours.display()))?;
+        let v = invoke(&venvs, port, "zip-and-push", &ours).await?;
         let failures = v["batchItemFailures"]
             .as_array()
             .ok_or_else(|| anyhow!("{}: no batchItemFailures: {v}", name(file)))?;
@@ -317,6 +316,14 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
                 assert_eq!(body["connected"], true, "{ctx}");
                 assert_eq!(body["username"], DEMO_USERNAME, "{ctx}");
                 assert!(!v.to_string().contains(DEMO_USER_TOKEN), "never the token: {ctx}");
+            }
+            // The sample's token is a placeholder the simulator does not know: /me refuses it.
+            "put-connection.json" => {
+                assert_eq!((status, code.as_str()), (400, "upload-token-rejected"), "{ctx}");
+                assert!(
+                    !v.to_string().contains("UPLOAD_TOKEN_PLACEHOLDER"),
+                    "never echoed: {ctx}"
+                );
             }
             "delete-connection.json" => {
                 assert_eq!(status, 204, "{ctx}");

@@ -338,7 +338,13 @@ async fn stages_progress_to_finished_and_link_through_the_feed_and_intake_is_ide
         }
     }
     // Final: no longer pending; a further run writes nothing; the re-delivered message changes nothing.
-    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    assert!(w
+        .poller
+        .tracking
+        .list_pending_tracking()
+        .await?
+        .records
+        .is_empty());
     w.send("alice", "s1", &id, &cluster).await?;
     let r = w.run().await;
     assert_eq!((r.intake.duplicates, r.written), (1, 0), "{r:?}");
@@ -373,7 +379,13 @@ async fn failure_is_recorded_with_its_error_code() -> Result<()> {
         s => panic!("expected FAILED, got {s:?}"),
     }
     assert!(rec.sequence_ids.is_empty());
-    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    assert!(w
+        .poller
+        .tracking
+        .list_pending_tracking()
+        .await?
+        .records
+        .is_empty());
     Ok(())
 }
 
@@ -458,7 +470,13 @@ async fn stale_then_failed_at_the_hard_stop() -> Result<()> {
         "{:?}",
         rec.tracked.state
     );
-    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    assert!(w
+        .poller
+        .tracking
+        .list_pending_tracking()
+        .await?
+        .records
+        .is_empty());
     Ok(())
 }
 
@@ -687,7 +705,10 @@ async fn pending_sets_follow_the_records_and_links_are_stored_per_upload() -> Re
     }
     assert!(!t.create_tracking(&record("pat", "p1")).await?);
     let ids = |v: Vec<shared::model::TrackingRecord>| v.into_iter().map(|r| r.upload_id).collect::<Vec<_>>();
-    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p2", "p3", "q1"]);
+    assert_eq!(
+        ids(t.list_pending_tracking().await?.records),
+        ["p1", "p2", "p3", "q1"]
+    );
     // The records are one JSON document each, and round-trip.
     assert_eq!(t.get_tracking("p2").await?, Some(record("pat", "p2")));
 
@@ -696,7 +717,7 @@ async fn pending_sets_follow_the_records_and_links_are_stored_per_upload() -> Re
     done.tracked.state = OverallState::Finished;
     t.put_tracking_batch(std::slice::from_ref(&done), &[], None)
         .await?;
-    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p3", "q1"]);
+    assert_eq!(ids(t.list_pending_tracking().await?.records), ["p1", "p3", "q1"]);
     assert_eq!(t.get_tracking("p2").await?, Some(done.clone()));
     // A final record back in its set (a re-delivered cluster message after it finished) is tidied
     // by the listing, and its record is not reset.
@@ -705,9 +726,9 @@ async fn pending_sets_follow_the_records_and_links_are_stored_per_upload() -> Re
     t.update_tracking(&q1, None).await?;
     assert!(!t.create_tracking(&record("quin", "q1")).await?);
     t.create_tracking(&record("quin", "q2")).await?;
-    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p3", "q2"]);
+    assert_eq!(ids(t.list_pending_tracking().await?.records), ["p1", "p3", "q2"]);
     assert_eq!(t.get_tracking("q1").await?, Some(q1));
-    assert_eq!(ids(t.list_pending_tracking().await?), ["p1", "p3", "q2"]);
+    assert_eq!(ids(t.list_pending_tracking().await?.records), ["p1", "p3", "q2"]);
     // Every remaining upload of pat final, the user's pending item deleted with them.
     let finals: Vec<_> = ["p1", "p3"]
         .iter()
@@ -718,7 +739,7 @@ async fn pending_sets_follow_the_records_and_links_are_stored_per_upload() -> Re
         })
         .collect();
     t.put_tracking_batch(&finals, &[], Some("pat")).await?;
-    assert_eq!(ids(t.list_pending_tracking().await?), ["q2"]);
+    assert_eq!(ids(t.list_pending_tracking().await?.records), ["q2"]);
     assert!(items_under(&w, "PENDING#pat", "PENDING").await?.is_empty());
 
     // Links: one item per 200 links of an upload, all read back in order; a shorter rewrite wins.
@@ -745,5 +766,81 @@ async fn pending_sets_follow_the_records_and_links_are_stored_per_upload() -> Re
     t.put_links(&(0..10).map(link).collect::<Vec<_>>()).await?;
     assert_eq!(t.list_links("p1").await?, (0..10).map(link).collect::<Vec<_>>());
     assert!(t.list_links("p3").await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_poisoned_or_duplicated_record_does_not_stop_tracking_for_the_others() -> Result<()> {
+    // Issue 15: an upload id in two users' pending sets (what the colliding `<user>.<seq>.<n>` ids
+    // produced) made every run fail "listing pending uploads" (BatchGetItem: duplicate keys), and
+    // one unreadable record failed the listing the same way: tracking stopped for every user.
+    use aws_sdk_dynamodb::types::AttributeValue::S;
+    let w = world("poll-poison", Tunables::default()).await?;
+    let y = w.user("yara", "yara_m", false).await?;
+    let (yid, _) = w.upload(&y, "s1", 4, 48.2, 16.37, start_time(), true).await?;
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let t = &w.poller.tracking;
+    // X: a tracking record whose document is not JSON…
+    let xid = upload_id("xavier", "s1", 0);
+    assert!(t.create_tracking(&record("xavier", &xid)).await?);
+    w._stack
+        .dynamodb()
+        .update_item()
+        .table_name(&w._stack.uploads_table)
+        .key("pk", S(format!("UPLOAD#{xid}")))
+        .key("sk", S("TRACK".into()))
+        .update_expression("SET #d = :d")
+        .expression_attribute_names("#d", "doc")
+        .expression_attribute_values(":d", S("{not json".into()))
+        .send()
+        .await?;
+    // …and Y's upload in X's pending set too (the record exists: only the set changes).
+    assert!(!t.create_tracking(&record("xavier", &yid)).await?);
+
+    w.advance(61);
+    let r = w.run().await;
+    // Y is still tracked (its first stage finished), X's record is a reported error.
+    let rec = t.get_tracking(&yid).await?.context("tracked")?;
+    assert_eq!(rec.user_id, "yara");
+    assert_eq!(
+        rec.tracked.stages.ingestion.as_ref().map(|s| s.as_str()),
+        Some("FINISHED"),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(
+        r.errors[0].contains(&xid) && r.errors[0].contains("unreadable"),
+        "{:?}",
+        r.errors
+    );
+    // Y's upload is listed once, for Y; it left X's set, X's unreadable record stayed in it.
+    let listing = t.list_pending_tracking().await?;
+    let listed: Vec<(&str, &str)> = listing
+        .records
+        .iter()
+        .map(|r| (r.user_id.as_str(), r.upload_id.as_str()))
+        .collect();
+    assert_eq!(listed, [("yara", yid.as_str())]);
+    assert_eq!(listing.unreadable.len(), 1, "{:?}", listing.unreadable);
+    let x_set = w
+        ._stack
+        .dynamodb()
+        .get_item()
+        .table_name(&w._stack.uploads_table)
+        .key("pk", S("PENDING#xavier".into()))
+        .key("sk", S("PENDING".into()))
+        .consistent_read(true)
+        .send()
+        .await?
+        .item
+        .context("X's pending item")?;
+    let x_ids = x_set
+        .get("uploads")
+        .and_then(|v| v.as_ss().ok())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(x_ids, std::slice::from_ref(&xid));
     Ok(())
 }

@@ -406,7 +406,13 @@ async fn finish_uncertain_uploads_are_adopted_from_the_feed_or_failed_after_the_
         }
         s => panic!("expected FAILED, got {s:?}"),
     }
-    assert!(w.poller.tracking.list_pending_tracking().await?.is_empty());
+    assert!(w
+        .poller
+        .tracking
+        .list_pending_tracking()
+        .await?
+        .records
+        .is_empty());
     Ok(())
 }
 

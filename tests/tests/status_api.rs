@@ -746,3 +746,54 @@ async fn oauth_rejects_bad_codes_replayed_expired_and_foreign_states_and_delete_
     w.sim.shutdown().await;
     Ok(())
 }
+
+/// `PUT /v1/mapillary/connection` on the composed API: the upload token is checked with `/me`,
+/// stored KMS-encrypted with its kind (no plaintext in the item), shown by kind and never returned.
+#[tokio::test]
+async fn an_upload_token_is_stored_encrypted_with_its_kind() -> Result<()> {
+    let w = world("api-upload-token").await?;
+    let mut put = event("put-connection.json");
+    let body = json!({ "upload_token": defaults::DEMO_USER_TOKEN }).to_string();
+    put["headers"]["content-length"] = body.len().to_string().into();
+    put["body"] = body.into();
+    let r = call(&w.app, &put).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body["kind"], "upload_token");
+    assert_eq!(r.body["mapillary_user_id"], defaults::DEMO_USER_ID);
+    assert!(!r.raw.contains(defaults::DEMO_USER_TOKEN));
+    let items = w.user_items(USER).await?;
+    assert_eq!(items.len(), 1);
+    let item = &items[0];
+    assert_eq!(
+        item.get("token_kind")
+            .and_then(|v| v.as_s().ok())
+            .map(String::as_str),
+        Some("upload_token")
+    );
+    for (name, value) in item {
+        assert!(
+            !format!("{value:?}").contains(defaults::DEMO_USER_TOKEN),
+            "plaintext in {name}"
+        );
+    }
+    let rec = w.api.tokens.load_record(USER).await?.context("record")?;
+    assert_eq!(rec.token.access_token.expose_secret(), defaults::DEMO_USER_TOKEN);
+    let r = call(&w.app, &event("get-connection.json")).await;
+    assert_eq!(r.body["kind"], "upload_token", "{}", r.raw);
+    assert_eq!(r.body["upload_token_required"], false);
+    // The sample's placeholder token: refused by /me, the stored connection is unchanged.
+    let r = call(&w.app, &event("put-connection.json")).await;
+    assert_problem(&r, 400, "upload-token-rejected");
+    assert_eq!(
+        w.api
+            .tokens
+            .load(USER)
+            .await?
+            .context("kept")?
+            .access_token
+            .expose_secret(),
+        defaults::DEMO_USER_TOKEN
+    );
+    w.sim.shutdown().await;
+    Ok(())
+}

@@ -21,14 +21,16 @@ use integration_tests::moto::shared_moto;
 use integration_tests::stack::{self, LocalStack, SimEndpoints};
 use integration_tests::{repo_root, venv};
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USERNAME, DEMO_USER_ID, DEMO_USER_TOKEN};
-use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use mapillary_sim::{SimConfig, SimHandle, Simulator, World as SimWorld};
 use md5::{Digest, Md5};
 use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::mapillary::retry::RetryPolicy;
-use shared::model::{ClusterMessage, SequenceState, SequenceStatus, StoredToken, UploadState};
+use shared::model::{
+    ClusterMessage, SequenceState, SequenceStatus, StoredToken, TokenKind, TokenRecord, UploadState,
+};
 use shared::ports::{ImageEntryReader, SequenceReader, TokenStore, UploadReader};
 use time::macros::datetime;
 use time::OffsetDateTime;
@@ -72,16 +74,30 @@ fn stored_token(access: &str, expires_at: Option<OffsetDateTime>) -> StoredToken
 /// the fast retry policy, `tunables` and a path-style S3 client for moto), and the demo user's token
 /// written through the KMS token store for [`USER`].
 async fn world(tag: &str, tunables: Tunables) -> Result<World> {
+    world_with(tag, tunables, SimConfig::frozen()).await
+}
+
+/// [`world`] with the simulator in the named world.
+async fn world_in(tag: &str, tunables: Tunables, sim_world: SimWorld) -> Result<World> {
+    world_with(tag, tunables, SimConfig::world(sim_world)).await
+}
+
+async fn world_with(tag: &str, tunables: Tunables, sim_config: SimConfig) -> Result<World> {
     let endpoint = shared_moto()?;
     let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
-    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
+    let sim = Simulator::start(sim_config, "127.0.0.1:0").await?;
     let http = http()?;
     let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
     let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
     let mut deps = compose(&config, stack.sdk_config()).await?;
     deps.store = S3ObjectStore::new(stack.s3());
     deps.mapillary = deps.mapillary.with_retry_policy(RetryPolicy::fast());
-    deps.tunables = tunables;
+    // The test's tunables, but the bucket check as composed from the environment (RELAY_BUCKET).
+    let own_bucket = deps.tunables.own_bucket.take();
+    deps.tunables = Tunables {
+        own_bucket: tunables.own_bucket.clone().or(own_bucket),
+        ..tunables
+    };
     deps.tokens
         .save(USER, &stored_token(DEMO_USER_TOKEN, None))
         .await?;
@@ -785,6 +801,47 @@ async fn the_same_event_delivered_three_times_concurrently_uploads_once() -> Res
     Ok(())
 }
 
+#[tokio::test]
+async fn dotted_user_and_sequence_ids_never_share_uploads() -> Result<()> {
+    // Issue 15, item 3: user `h` with sequence `a.b` and user `h.a` with sequence `b` both got the
+    // upload id `h.a.b.000`; the second drop overwrote the first's image entries.
+    let w = world("zp-dots", Tunables::default()).await?;
+    for user in ["h", "h.a"] {
+        w.deps
+            .tokens
+            .save(user, &stored_token(DEMO_USER_TOKEN, None))
+            .await?;
+    }
+    let first = named(&specs(4, 500));
+    let second = named(&specs(5, 600));
+    w.drop_sequence("h", "a.b", &first, b"{}").await?;
+    w.drop_sequence("h.a", "b", &second, b"{}").await?;
+    let msgs = w.notifications(2).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    ensure!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let a = w.status("h", "a.b").await?;
+    let b = w.status("h.a", "b").await?;
+    assert_eq!(a.state, SequenceState::Uploaded, "{a:?}");
+    assert_eq!(b.state, SequenceState::Uploaded, "{b:?}");
+    assert_ne!(a.uploads[0].upload_id, b.uploads[0].upload_id);
+    // Each upload keeps its own image entries.
+    let keys = |v: Vec<shared::model::UploadImage>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    let a_keys = keys(w.deps.repo.list_images(&a.uploads[0].upload_id).await?);
+    let b_keys = keys(w.deps.repo.list_images(&b.uploads[0].upload_id).await?);
+    assert_eq!(a_keys.len(), 4);
+    assert_eq!(b_keys.len(), 5);
+    assert!(
+        a_keys.iter().all(|k| k.starts_with("sequences/h/a.b/")),
+        "{a_keys:?}"
+    );
+    assert!(
+        b_keys.iter().all(|k| k.starts_with("sequences/h.a/b/")),
+        "{b_keys:?}"
+    );
+    assert_eq!(w.sim.sim().world().clusters.len(), 2);
+    Ok(())
+}
+
 /// A clean run of `imgs` as sequence `seq`: the stored zip.
 async fn clean_run(w: &World, seq: &str, imgs: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     w.drop_sequence(USER, seq, imgs, b"{}").await?;
@@ -1159,5 +1216,125 @@ async fn an_expiring_token_is_refreshed_and_saved_encrypted() -> Result<()> {
         .filter(|e| e["path"] == "/graph/token")
         .count();
     assert_eq!(refreshes, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_oauth_upload_refused_a_sequence_waits_for_an_upload_token_then_resumes_with_it() -> Result<()> {
+    let w = world_in("zp-refused", Tunables::default(), SimWorld::OauthUploadRefused).await?;
+    let t = w
+        .admin_post("/tokens", json!({"user": DEMO_USER_ID, "oauth": true}))
+        .await?;
+    let oauth = t["access_token"].as_str().context("token")?.to_string();
+    w.deps.tokens.save(USER, &stored_token(&oauth, None)).await?;
+    let imgs = named(&specs(5, 4200));
+    w.drop_sequence(USER, "refused", &imgs, b"{}").await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = w.status(USER, "refused").await?;
+    assert_eq!(st.state, SequenceState::AwaitingUploadToken, "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("PUT /v1/mapillary/connection"),
+        "{st:?}"
+    );
+    assert!(!st.uploads[0].state.is_final(), "{st:?}");
+    let rec = w.deps.tokens.load_record(USER).await?.context("record")?;
+    assert!(rec.upload_token_required(), "marked in the encrypted store");
+    assert_eq!(w.finish_upload_calls().await?, 0);
+
+    // The user hands over an upload token; the same manifest uploaded again resumes the upload.
+    let up = TokenRecord::new(stored_token(DEMO_USER_TOKEN, None), TokenKind::UploadToken);
+    w.deps.tokens.put_record(USER, &up).await?;
+    w.put(
+        &format!("{}manifest.json", prefix(USER, "refused")),
+        b"{}".to_vec(),
+    )
+    .await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = w.status(USER, "refused").await?;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(w.finish_upload_calls().await?, 1);
+    let uploads_ok: Vec<Value> = w
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|e| {
+            e["status"] == 200
+                && (e["path"] == "/graph/finish_upload"
+                    || e["method"] == "POST"
+                        && e["path"].as_str().is_some_and(|p| p.starts_with("/rupload/")))
+        })
+        .collect();
+    assert!(!uploads_ok.is_empty());
+    assert!(
+        uploads_ok.iter().all(|e| e["token_kind"] == "user"),
+        "only the upload token uploaded: {uploads_ok:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_partial_bytes_dropped_a_sequence_of_three_invocations_resends_nothing() -> Result<()> {
+    let imgs = named(&specs(24, 4300));
+    let clean = {
+        let w = world("zp-three-clean", Tunables::default()).await?;
+        clean_run(&w, "clean", &imgs).await?
+    };
+    let total = clean.len() as u64;
+    let tunables = Tunables {
+        max_post_bytes: total.div_ceil(3),
+        deadline_margin: Duration::from_millis(4000),
+        ..Tunables::default()
+    };
+    let w = world_in("zp-three", tunables, SimWorld::PartialBytesDropped).await?;
+    // Each invocation may start POSTs for 2 s (planning on moto included), and each POST takes
+    // 2.5 s: one POST per invocation, ending well before the 6 s deadline.
+    w.admin_post(
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 10,
+               "action": {"kind": "latency", "ms": 2500}}),
+    )
+    .await?;
+    w.drop_sequence(USER, "three", &imgs, b"{}").await?;
+    let mut invocations = 0;
+    loop {
+        let msgs = w.notifications(1).await?;
+        invocations += 1;
+        ensure!(invocations <= 5, "too many invocations");
+        let resp = w
+            .deliver(&msgs, Instant::now() + Duration::from_millis(6000))
+            .await?;
+        assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+        if w.status(USER, "three").await?.uploads[0].state == UploadState::HandedOff {
+            break;
+        }
+    }
+    assert_eq!(invocations, 3, "one bounded POST per invocation");
+    let posts: Vec<Value> = w
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|e| e["method"] == "POST" && e["path"].as_str().is_some_and(|p| p.starts_with("/rupload/")))
+        .collect();
+    let mut stored = 0u64;
+    for p in &posts {
+        assert_eq!(p["detail"]["complete"], true, "{p}");
+        assert_eq!(
+            p["detail"]["start"], stored,
+            "0 bytes re-sent below the server's offset: {posts:?}"
+        );
+        stored += p["detail"]["bytes_received"].as_u64().context("bytes")?;
+    }
+    assert_eq!(posts.len(), 3);
+    assert_eq!(stored, total);
+    let key = w.session_key(USER, "three", 0).await?;
+    assert_eq!(w.stored_zip(&key).await?, clean, "identical to a clean run");
     Ok(())
 }

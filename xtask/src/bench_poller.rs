@@ -473,7 +473,7 @@ pub async fn run(root: &Path) -> Result<()> {
         r2.errors.first()
     );
     ensure!(
-        p.tracking.list_pending_tracking().await?.is_empty(),
+        p.tracking.list_pending_tracking().await?.records.is_empty(),
         "uploads left pending"
     );
     eprintln!(

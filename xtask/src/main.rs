@@ -499,7 +499,13 @@ fn test_tiers(root: &Path) -> Result<Vec<(String, Vec<String>)>> {
 }
 
 /// The libFuzzer targets of `fuzz/` (fuzz/Cargo.toml's `[[bin]]`s), run by `fuzz` and `test`.
-const FUZZ_TARGETS: [&str; 4] = ["feed_parser", "coverage_tile", "planning_path", "planning_fields"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "feed_parser",
+    "coverage_tile",
+    "planning_path",
+    "planning_fields",
+    "mapillary_replies",
+];
 
 /// The fuzz targets of `fuzz/` (their own workspace), each for `seconds`.
 fn fuzz(root: &Path, seconds: u64) -> Result<()> {

@@ -90,7 +90,16 @@ async fn run_leased<D: Deps>(d: &D, deadline: Instant, report: &mut RunReport) {
     report.timings.intake_ms = elapsed_ms(t);
     let t = Instant::now();
     let pending = match d.tracking().list_pending_tracking().await {
-        Ok(v) => v,
+        Ok(listing) => {
+            // Records that could not be read are reported; every other user is tracked as usual.
+            report.errors.extend(
+                listing
+                    .unreadable
+                    .into_iter()
+                    .map(|why| format!("listing pending uploads: {why}")),
+            );
+            listing.records
+        }
         Err(e) => {
             warn!(error = %e, "listing pending uploads failed");
             report.errors.push(format!("listing pending uploads: {e}"));

@@ -422,6 +422,51 @@ async fn an_unusable_feed_falls_back_to_coverage_tiles_and_marks_the_feed_degrad
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coverage_tiles_only_match_sequences_the_user_created() {
+    // Issue 15, item 7: the tiles show everyone's images. Here the images at our upload's places
+    // and times were pushed by another Mapillary account: Plan A must not take them for ours.
+    let w = world().await;
+    let resp = w
+        .http
+        .post(format!("{}/users", w.sim.admin_url()))
+        .json(&json!({"username": "someone_else", "oauth": true}))
+        .send()
+        .await
+        .expect("admin users");
+    assert!(resp.status().is_success());
+    let other: Value = resp.json().await.expect("user JSON");
+    let other_token = other["access_token"].as_str().expect("token").to_string();
+    assert_ne!(other["id"].as_str(), Some(DEMO_USER_ID));
+    let id = w
+        .upload_as(
+            &Account {
+                ours: USER.into(),
+                token: other_token,
+            },
+            "s1",
+            6,
+            40.4168,
+            -3.7038,
+        )
+        .await;
+    w.run().await;
+    w.advance(ALL_STAGES_S);
+    w.admin(
+        reqwest::Method::POST,
+        "/faults",
+        json!({"path": "/graph/graphql", "action": {"kind": "graphql_error", "message": "Unknown document"}}),
+    )
+    .await;
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.feed_unusable_users, r.linked_tiles), (1, 0), "{r:?}");
+    let rec = w.record(&id).await;
+    assert_eq!(rec.linked_via, None);
+    assert_eq!(rec.linked_count, 0);
+    assert!(w.deps.tracking.list_links(&id).await.expect("links").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_held_by_another_run_keeps_this_run_out() {
     let w = world().await;
     let id = w.upload("s1", 2, 48.3, 16.4).await;

@@ -18,10 +18,12 @@ use axum::{Json, Router};
 use base64::Engine;
 use lambda_http::request::RequestContext;
 use shared::mapillary::app::MapillaryApp;
-use shared::model::StoredToken;
+use shared::mapillary::error::MapillaryError;
+use shared::mapillary::replies::token_expiry;
+use shared::model::{StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
-    ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome, TokenError, TokenStore,
-    TrackingReader, UploadReader,
+    ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome,
+    TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
@@ -43,17 +45,18 @@ pub const ROUTE_SEQUENCE_IMAGES: &str = "/v1/sequences/{sequence_id}/images";
 pub const ROUTE_CONNECT: &str = "/v1/mapillary/connect";
 /// `GET` — Mapillary's redirect back (no JWT).
 pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
-/// `GET`, `DELETE` — the caller's connection.
+/// `GET`, `PUT` (hand over an upload token), `DELETE` — the caller's connection.
 pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
 
 /// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
-pub const ROUTES: [(&str, &str); 7] = [
+pub const ROUTES: [(&str, &str); 8] = [
     ("GET", ROUTE_SEQUENCES),
     ("GET", ROUTE_SEQUENCE),
     ("GET", ROUTE_SEQUENCE_IMAGES),
     ("POST", ROUTE_CONNECT),
     ("GET", ROUTE_CALLBACK),
     ("GET", ROUTE_CONNECTION),
+    ("PUT", ROUTE_CONNECTION),
     ("DELETE", ROUTE_CONNECTION),
 ];
 
@@ -63,8 +66,8 @@ pub trait Deps: Send + Sync + 'static {
     type Repo: SequenceReader + UploadReader + ImageEntryReader + 'static;
     /// The poller's tracking records, image links and feed health (read only).
     type Tracking: TrackingReader + 'static;
-    /// Users' Mapillary tokens.
-    type Tokens: TokenStore + 'static;
+    /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
+    type Tokens: TokenStore + ConnectionReader + 'static;
     /// OAuth `state` values.
     type States: OAuthStateStore + 'static;
     /// Sequences and uploads.
@@ -102,7 +105,7 @@ impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
 where
     R: SequenceReader + UploadReader + ImageEntryReader + 'static,
     T: TrackingReader + 'static,
-    K: TokenStore + 'static,
+    K: TokenStore + ConnectionReader + 'static,
     S: OAuthStateStore + 'static,
 {
     type Repo = R;
@@ -139,7 +142,9 @@ pub fn router<D: Deps>(deps: Arc<D>) -> Router {
         .route(ROUTE_CALLBACK, get(callback::<D>))
         .route(
             ROUTE_CONNECTION,
-            get(get_connection::<D>).delete(delete_connection::<D>),
+            get(get_connection::<D>)
+                .put(put_connection::<D>)
+                .delete(delete_connection::<D>),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -236,6 +241,36 @@ fn encode_cursor(sk: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.as_bytes())
 }
 
+/// Largest position a page cursor may name (far past any sequence the caps allow).
+const MAX_PAGE_POSITION: usize = 100_000_000;
+
+/// A cursor of a sequence's image list (`kind` `I`) or rejected list (`R`): the position of the
+/// next entry, opaque to clients.
+fn encode_position_cursor(kind: char, position: usize) -> String {
+    encode_cursor(&format!("{kind}{position}"))
+}
+
+/// [`encode_position_cursor`]'s position, for a cursor of `kind`.
+fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as a next cursor");
+    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
+        return Err(bad());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let digits = text.strip_prefix(kind).ok_or_else(bad)?;
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    digits
+        .parse::<usize>()
+        .ok()
+        .filter(|p| *p <= MAX_PAGE_POSITION)
+        .ok_or_else(bad)
+}
+
 async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
@@ -260,7 +295,12 @@ async fn get_sequence<D: Deps>(
 ) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let q = validate::query_pairs(parts.uri.query(), &["rejected_limit", "rejected_cursor"])?;
+    let limit = validate::page_limit("rejected_limit", validate::get(&q, "rejected_limit"))? as usize;
+    let start = validate::get(&q, "rejected_cursor")
+        .map(|c| decode_position_cursor('R', c))
+        .transpose()?
+        .unwrap_or(0);
     let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
@@ -283,7 +323,12 @@ async fn get_sequence<D: Deps>(
         ));
     }
     let feed = d.tracking().get_feed_health().await?;
-    let body = views::sequence_detail(&seq, views_, feed.as_ref());
+    let page = views::Page {
+        start,
+        limit,
+        next: |p| encode_position_cursor('R', p),
+    };
+    let body = views::sequence_detail(&seq, views_, feed.as_ref(), page);
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
@@ -294,13 +339,32 @@ async fn get_images<D: Deps>(
 ) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
+    let limit = validate::page_limit("limit", validate::get(&q, "limit"))? as usize;
+    let start = validate::get(&q, "cursor")
+        .map(|c| decode_position_cursor('I', c))
+        .transpose()?
+        .unwrap_or(0);
     let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
+    // The list is every upload's images in upload order, then the rejected images. A page reads
+    // only the uploads it shows: whole uploads before it are skipped by their image count.
     let mut images = Vec::new();
+    let mut position = 0usize;
     for u in d.repo().list_uploads(&user, &id).await? {
+        let count = u.image_count as usize;
+        let end = position + count;
+        if end <= start {
+            position = end;
+            continue;
+        }
+        if images.len() >= limit {
+            position = end;
+            continue;
+        }
         let ours = d.repo().list_images(&u.upload_id).await?;
+        // Tracking items are keyed by upload id; the owner check is defence in depth.
         let owned = d
             .tracking()
             .get_tracking(&u.upload_id)
@@ -311,12 +375,27 @@ async fn get_images<D: Deps>(
         } else {
             Vec::new()
         };
-        images.extend(views::uploaded_images(&ours, &links));
+        let skip = start.saturating_sub(position);
+        let room = limit - images.len();
+        images.extend(
+            views::uploaded_images(&ours, &links)
+                .into_iter()
+                .take(count)
+                .skip(skip)
+                .take(room),
+        );
+        position = end;
     }
-    images.extend(views::rejected_images(&seq));
+    let rejected = views::rejected_images(&seq);
+    let skip = start.saturating_sub(position);
+    let room = limit - images.len();
+    let total = position + rejected.len();
+    images.extend(rejected.into_iter().skip(skip).take(room));
+    let next = start + limit;
     let body = views::ImageList {
         sequence_id: seq.sequence_id.clone(),
         images,
+        next_cursor: (next < total).then(|| encode_position_cursor('I', next)),
     };
     Ok(json_no_store(StatusCode::OK, &body))
 }
@@ -462,7 +541,8 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         .map_err(|e| {
             // MapillaryError messages never contain tokens, secrets or the code.
             warn!(user = %user, error = %e, "code exchange failed");
-            if e.is_retriable() {
+            // A reply we cannot use (e.g. an absurd `expires_in`) is Mapillary's fault, not the code's.
+            if e.is_retriable() || matches!(e, MapillaryError::BadReply { .. }) {
                 mapillary_unavailable()
             } else {
                 Problem::new(
@@ -478,19 +558,23 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
         warn!(user = %user, error = %e, "/me with the new token failed");
         mapillary_unavailable()
     })?;
+    // The client refuses absurd lifetimes already; the checked helper keeps `now + expires_in` from
+    // ever panicking here (release builds abort on panic).
+    let expires_at = token_expiry(now, grant.expires_in).map_err(|e| {
+        warn!(user = %user, error = %e, "Mapillary granted a token with an unusable lifetime");
+        mapillary_unavailable()
+    })?;
     let token = StoredToken {
         access_token: grant.access_token,
         refresh_token: grant.refresh_token,
-        expires_at: grant
-            .expires_in
-            .and_then(|s| i64::try_from(s).ok())
-            .map(|s| now + time::Duration::seconds(s)),
+        expires_at,
         mapillary_user_id: Some(me.id),
         username: Some(me.username),
         updated_at: now,
     };
-    d.tokens().save(&user, &token).await?;
-    info!(user = %user, mapillary_user = token.mapillary_user_id.as_deref().unwrap_or("-"), "Mapillary account connected");
+    let mut record = TokenRecord::new(token, TokenKind::Oauth);
+    record.revision = Some(d.tokens().put_record(&user, &record).await?);
+    info!(user = %user, token_kind = "oauth", mapillary_user = record.token.mapillary_user_id.as_deref().unwrap_or("-"), "Mapillary account connected");
     match &settings.success_url {
         Some(url) => {
             let mut resp = StatusCode::SEE_OTHER.into_response();
@@ -500,7 +584,10 @@ async fn callback<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Resp
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(resp)
         }
-        None => Ok(json_no_store(StatusCode::OK, &views::Connection::of(&token, now))),
+        None => Ok(json_no_store(
+            StatusCode::OK,
+            &views::Connection::of(&record.metadata(), now),
+        )),
     }
 }
 
@@ -519,9 +606,10 @@ fn mapillary_unavailable() -> Problem {
 async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
     let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
     validate::query_pairs(parts.uri.query(), &[])?;
-    let view = match d.tokens().load(&user).await {
+    // The clear metadata beside the ciphertext: showing a connection never decrypts a token.
+    let view = match d.tokens().load_connection(&user).await {
         Ok(None) => views::Connection::none(),
-        Ok(Some(t)) => views::Connection::of(&t, OffsetDateTime::now_utc()),
+        Ok(Some(m)) => views::Connection::of(&m, OffsetDateTime::now_utc()),
         Err(TokenError::Corrupt(e)) => {
             warn!(user = %user, error = %e, "stored token unusable");
             views::Connection {
@@ -533,6 +621,101 @@ async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
         Err(e) => return Err(e.into()),
     };
     Ok(json_no_store(StatusCode::OK, &view))
+}
+
+/// Body of `PUT /v1/mapillary/connection`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadTokenBody {
+    /// The Mapillary user upload token (what `mapillary_tools authenticate` stores as
+    /// `user_upload_token`). Never logged nor echoed.
+    upload_token: String,
+}
+
+/// Hand over a Mapillary user upload token: checked with `/me`, then stored KMS-encrypted as the
+/// caller's connection (kind `upload_token`), replacing any OAuth connection. Uploads waiting for an
+/// upload token resume when their manifest is delivered again.
+async fn put_connection<D: Deps>(
+    State(d): State<Arc<D>>,
+    parts: Parts,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "JSON body required",
+            "Send Content-Type: application/json with a body {\"upload_token\": \"…\"}.",
+        ));
+    }
+    // serde_json messages may quote the input (the token): only the kind of error is reported.
+    let parsed: UploadTokenBody = serde_json::from_slice(&body).map_err(|e| {
+        Problem::invalid_parameter(format!(
+            "the body must be the JSON object {{\"upload_token\": \"…\"}} ({:?} error at column {})",
+            e.classify(),
+            e.column()
+        ))
+    })?;
+    let raw = validate::upload_token(&parsed.upload_token)?;
+    let token = secrecy::SecretString::from(raw.to_string());
+    drop(parsed);
+    let me = d.mapillary().me(&token).await.map_err(|e| {
+        warn!(user = %user, token_kind = "upload_token", error = %e, "/me with the handed-over upload token failed");
+        if e.is_unauthorized() {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "upload-token-rejected",
+                "Upload token rejected",
+                "Mapillary did not accept this token (GET /me refused it): check that it is a current user \
+                 upload token, e.g. the user_upload_token of `mapillary_tools authenticate`.",
+            )
+        } else {
+            Problem {
+                retry_after: Some(5),
+                ..Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "mapillary-unavailable",
+                    "Mapillary unavailable",
+                    "Mapillary did not answer as expected; try again in a moment.",
+                )
+            }
+        }
+    })?;
+    let now = OffsetDateTime::now_utc();
+    let mut record = TokenRecord::new(
+        StoredToken {
+            access_token: token,
+            refresh_token: None,
+            // Mapillary gives no lifetime for upload tokens; they are never refreshed.
+            expires_at: None,
+            mapillary_user_id: Some(me.id),
+            username: Some(me.username),
+            updated_at: now,
+        },
+        TokenKind::UploadToken,
+    );
+    record.revision = Some(d.tokens().put_record(&user, &record).await?);
+    info!(
+        user = %user,
+        token_kind = "upload_token",
+        mapillary_user = record.token.mapillary_user_id.as_deref().unwrap_or("-"),
+        "Mapillary upload token connected"
+    );
+    Ok(json_no_store(
+        StatusCode::OK,
+        &views::Connection::of(&record.metadata(), now),
+    ))
 }
 
 async fn delete_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {

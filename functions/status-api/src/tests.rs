@@ -17,8 +17,8 @@ use shared::mapillary::feed::StageStatus;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::{image_link, Endpoints};
 use shared::model::{
-    FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TrackingRecord, UploadImage,
-    UploadRecord, UploadState,
+    FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TokenKind, TokenRecord,
+    TrackingRecord, UploadImage, UploadRecord, UploadRefusal, UploadState,
 };
 use shared::ports::{ImageEntryStore, OAuthState, SequenceStore, TokenStore, TrackingStore, UploadStore};
 use time::macros::datetime;
@@ -490,6 +490,93 @@ async fn images_map_our_keys_to_mapillary_or_a_reason() {
     assert_eq!(images[3]["reason"], "no GPS position in EXIF");
 }
 
+#[tokio::test]
+async fn images_and_rejected_images_come_in_pages() {
+    // Issue 15, item 5: a sequence of 10,000 images is not one response.
+    use base64::Engine;
+    let (d, app) = offline();
+    seed(&d).await;
+    let all = call(&app, request(&event("get-images.json"))).await;
+    assert_eq!(all.status, 200, "{:#}", all.body);
+    assert!(all.body["next_cursor"].is_null());
+    let every: Vec<Value> = all.body["images"].as_array().unwrap().clone();
+    assert_eq!(every.len(), 4);
+    // Page by page (sizes 1 and 3) gives the same list in the same order.
+    for size in [1usize, 3] {
+        let mut got = Vec::new();
+        let mut query = format!("limit={size}");
+        for _ in 0..10 {
+            let r = call(&app, request(&with_query("get-images.json", &query))).await;
+            assert_eq!(r.status, 200, "{:#}", r.body);
+            let page = r.body["images"].as_array().unwrap();
+            assert!(page.len() <= size);
+            got.extend(page.iter().cloned());
+            match r.body["next_cursor"].as_str() {
+                Some(c) => query = format!("limit={size}&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(got, every, "pages of {size}");
+    }
+    // A rejected-list cursor, a sequences-list cursor, garbage, or a limit out of range: 400.
+    let list_cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("R1");
+    for q in [
+        "limit=0",
+        "limit=1001",
+        "cursor=%%%",
+        &format!("cursor={list_cursor}"),
+        "cursor=U0VRI3g",
+        "page=2",
+    ] {
+        let r = call(&app, request(&with_query("get-images.json", q))).await;
+        assert_problem(&r, 400, "invalid-parameter");
+    }
+
+    // The rejected list of the sequence document.
+    let mut many = sequence("user-1", "seq-r", datetime!(2026-03-02 00:00 UTC), 0);
+    many.rejected = (0..5)
+        .map(|i| RejectedImage {
+            key: format!("img-{i}.jpg"),
+            reason: format!("reason {i}"),
+        })
+        .collect();
+    d.repo.put_sequence(&many).await.unwrap();
+    let seq_query = |q: &str| {
+        let mut v: Value = serde_json::from_str(&with_query("get-status.json", q)).unwrap();
+        let path = v["rawPath"].as_str().unwrap().replace("seq-1", "seq-r");
+        v["rawPath"] = path.into();
+        if let Some(p) = v.get_mut("pathParameters") {
+            p["sequence_id"] = "seq-r".into();
+        }
+        v.to_string()
+    };
+    let mut keys = Vec::new();
+    let mut query = "rejected_limit=2".to_string();
+    for _ in 0..5 {
+        let r = call(&app, request(&seq_query(&query))).await;
+        assert_eq!(r.status, 200, "{:#}", r.body);
+        assert_eq!(r.body["rejected_count"], 5);
+        let page = r.body["rejected"].as_array().unwrap();
+        assert!(page.len() <= 2);
+        keys.extend(page.iter().map(|x| x["key"].as_str().unwrap().to_string()));
+        match r.body["rejected_next_cursor"].as_str() {
+            Some(c) => query = format!("rejected_limit=2&rejected_cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        keys,
+        ["img-0.jpg", "img-1.jpg", "img-2.jpg", "img-3.jpg", "img-4.jpg"]
+    );
+    let images_cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("I1");
+    let r = call(
+        &app,
+        request(&seq_query(&format!("rejected_cursor={images_cursor}"))),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid-parameter");
+}
+
 // ------------------------------------------------------------------ dev identity mode
 
 #[tokio::test]
@@ -663,6 +750,87 @@ async fn oauth_flow_connects_and_rejects_replays_expired_and_bad_codes() {
     sim.shutdown().await;
 }
 
+const UPLOAD_TOKEN_PLACEHOLDER: &str = "UPLOAD_TOKEN_PLACEHOLDER_0000000000000000";
+
+/// `PUT /v1/mapillary/connection` with `body` (the sample event's body replaced).
+fn put_connection_event(body: &str) -> String {
+    let mut v: Value = serde_json::from_str(&event("put-connection.json")).unwrap();
+    assert!(v["body"].as_str().unwrap().contains(UPLOAD_TOKEN_PLACEHOLDER));
+    v["body"] = body.into();
+    v["headers"]["content-length"] = body.len().to_string().into();
+    v.to_string()
+}
+
+#[tokio::test]
+async fn an_upload_token_is_checked_with_me_stored_with_its_kind_and_never_shown() {
+    let (sim, d, app) = oauth_setup().await;
+    let put = |token: &str| put_connection_event(&serde_json::json!({ "upload_token": token }).to_string());
+
+    // Refused by /me: nothing stored.
+    let r = call(&app, request(&put("MLYARnot0a0token0the0simulator0knows"))).await;
+    assert_problem(&r, 400, "upload-token-rejected");
+    assert!(!r.body.to_string().contains("MLYARnot0a0token"));
+    assert!(d.tokens.record("user-1").is_none());
+    // Malformed bodies and tokens, never echoed.
+    for body in [
+        r#"{"token": "MLYARsomething0long0enough"}"#,
+        r#"{"upload_token": "short"}"#,
+        "not json",
+    ] {
+        let r = call(&app, request(&put_connection_event(body))).await;
+        assert_problem(&r, 400, "invalid-parameter");
+        assert!(!r.body.to_string().contains("something0long"), "{:#}", r.body);
+    }
+    let mut no_json: Value = serde_json::from_str(&put(defaults::DEMO_USER_TOKEN)).unwrap();
+    no_json["headers"]["content-type"] = "text/plain".into();
+    assert_problem(
+        &call(&app, request(&no_json.to_string())).await,
+        415,
+        "unsupported-media-type",
+    );
+    assert!(d.tokens.record("user-1").is_none());
+
+    // The demo user's upload token: checked with /me, stored as kind upload_token.
+    let r = call(&app, request(&put(defaults::DEMO_USER_TOKEN))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["connected"], true);
+    assert_eq!(r.body["kind"], "upload_token");
+    assert_eq!(r.body["mapillary_user_id"], defaults::DEMO_USER_ID);
+    assert_eq!(r.body["username"], defaults::DEMO_USERNAME);
+    assert_eq!(r.body["upload_token_required"], false);
+    assert!(r.body["expires_at"].is_null());
+    assert!(!r.body.to_string().contains(defaults::DEMO_USER_TOKEN));
+    let rec = d.tokens.record("user-1").expect("stored");
+    assert_eq!(rec.kind, TokenKind::UploadToken);
+    assert_eq!(rec.token.access_token.expose_secret(), defaults::DEMO_USER_TOKEN);
+    assert!(rec.token.refresh_token.is_none());
+    let r = call(&app, request(&event("get-connection.json"))).await;
+    assert_eq!(r.body["kind"], "upload_token");
+    assert!(!r.body.to_string().contains(defaults::DEMO_USER_TOKEN));
+
+    // An OAuth connection whose uploads were refused says so; handing over a token clears it.
+    let mut oauth = TokenRecord::new(rec.token.clone(), TokenKind::Oauth);
+    oauth.upload_refused = Some(UploadRefusal {
+        at: OffsetDateTime::now_utc(),
+        message: "This token is not authorized to upload".into(),
+    });
+    d.tokens.insert_record("user-1", oauth);
+    let r = call(&app, request(&event("get-connection.json"))).await;
+    assert_eq!(r.body["kind"], "oauth");
+    assert_eq!(r.body["upload_token_required"], true);
+    assert_eq!(
+        r.body["upload_refusal"]["message"],
+        "This token is not authorized to upload"
+    );
+    assert!(r.body["upload_refusal"]["at"].is_string());
+    let r = call(&app, request(&put(defaults::DEMO_USER_TOKEN))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["upload_token_required"], false);
+    assert!(r.body["upload_refusal"].is_null());
+    assert!(!d.tokens.record("user-1").unwrap().upload_token_required());
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn callback_redirects_to_the_success_url_when_configured() {
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
@@ -681,6 +849,28 @@ async fn callback_redirects_to_the_success_url_when_configured() {
     let r = call(&app, request(&callback_event(&code, &state))).await;
     assert_eq!(r.status, 303);
     assert_eq!(r.headers["location"], "https://app.example/connected");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_absurd_token_lifetime_is_a_502_and_nothing_is_stored() {
+    // Issue 15, item 1: `now + expires_in` overflowed (a panic, an aborted Lambda) for a reply
+    // with a huge `expires_in`; now the reply is refused and the callback says Mapillary failed.
+    let mut config = SimConfig::frozen();
+    config.settings.token_lifetime_seconds = i64::MAX;
+    let sim = Simulator::start(config, "127.0.0.1:0").await.unwrap();
+    let d = deps(
+        Endpoints::under(sim.base_url()),
+        Settings {
+            redirect_uri: Some(defaults::REDIRECT_URI.into()),
+            ..Settings::default()
+        },
+    );
+    let app = router(d.clone());
+    let (code, state) = consent(&app).await;
+    let r = call(&app, request(&callback_event(&code, &state))).await;
+    assert_problem(&r, 502, "mapillary-unavailable");
+    assert!(d.tokens.load("user-1").await.unwrap().is_none());
     sim.shutdown().await;
 }
 

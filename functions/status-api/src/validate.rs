@@ -8,12 +8,32 @@ pub const MAX_ID_LEN: usize = 128;
 pub const LIMIT_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
 /// `limit` when none is given.
 pub const DEFAULT_LIMIT: u32 = 20;
+/// `limit` bounds of a sequence's image pages and `rejected_limit` of its rejected list.
+pub const PAGE_LIMIT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Page size of images and rejected images when none is given.
+pub const DEFAULT_PAGE_LIMIT: u32 = 500;
 /// Longest `cursor` accepted.
 pub const MAX_CURSOR_LEN: usize = 512;
 /// Longest authorization `code` accepted.
 pub const MAX_CODE_LEN: usize = 2048;
 /// Length of a `state` we issue (32 random bytes, base64url without padding).
 pub const STATE_LEN: usize = 43;
+
+/// Longest Mapillary upload token accepted.
+pub const MAX_UPLOAD_TOKEN_LEN: usize = 4096;
+
+/// An upload token: 16–4096 visible ASCII characters without spaces (it travels in an HTTP
+/// header). The message never quotes it.
+pub fn upload_token(raw: &str) -> Result<&str, Problem> {
+    let t = raw.trim();
+    if (16..=MAX_UPLOAD_TOKEN_LEN).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(t)
+    } else {
+        Err(Problem::invalid_parameter(format!(
+            "upload_token must be 16-{MAX_UPLOAD_TOKEN_LEN} visible ASCII characters without spaces"
+        )))
+    }
+}
 
 /// Whether `id` is 1–128 characters of `[A-Za-z0-9._-]` and not `.` or `..` (the id rule of the
 /// S3 key layout).
@@ -88,6 +108,28 @@ pub fn limit(raw: Option<&str>) -> Result<u32, Problem> {
         .ok_or_else(bad)
 }
 
+/// A page-size query parameter `name`: an integer within [`PAGE_LIMIT_RANGE`] written without
+/// leading zeros, default [`DEFAULT_PAGE_LIMIT`].
+pub fn page_limit(name: &str, raw: Option<&str>) -> Result<u32, Problem> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_PAGE_LIMIT);
+    };
+    let bad = || {
+        Problem::invalid_parameter(format!(
+            "{name} must be an integer from {} to {}",
+            PAGE_LIMIT_RANGE.start(),
+            PAGE_LIMIT_RANGE.end()
+        ))
+    };
+    if raw.is_empty() || raw.len() > 4 || raw.starts_with('0') || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    raw.parse::<u32>()
+        .ok()
+        .filter(|n| PAGE_LIMIT_RANGE.contains(n))
+        .ok_or_else(bad)
+}
+
 /// The `state` of the callback: exactly what [`crate::oauth::new_state`] issues.
 pub fn state(raw: &str) -> Result<&str, Problem> {
     if raw.len() == STATE_LEN
@@ -133,6 +175,17 @@ mod tests {
         assert_eq!(limit(Some("100")).unwrap(), 100);
         for bad in ["0", "101", "-1", "", "1.5", "abc", "0001", "+5"] {
             assert_eq!(limit(Some(bad)).unwrap_err().status, 400, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn page_limit_bounds() {
+        assert_eq!(page_limit("limit", None).unwrap(), DEFAULT_PAGE_LIMIT);
+        assert_eq!(page_limit("limit", Some("1")).unwrap(), 1);
+        assert_eq!(page_limit("limit", Some("1000")).unwrap(), 1000);
+        for bad in ["0", "1001", "-1", "", "1.5", "abc", "0001", "+5", "10000"] {
+            let e = page_limit("rejected_limit", Some(bad)).unwrap_err();
+            assert_eq!(e.status, 400, "{bad:?}");
         }
     }
 

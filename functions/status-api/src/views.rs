@@ -70,13 +70,16 @@ impl From<&SequenceRecord> for SequenceSummary {
 #[derive(Debug, Serialize)]
 pub struct SequenceDetail {
     pub sequence_id: String,
-    /// Our pipeline's state (`RECEIVED`, `UPLOADING`, `UPLOADED`, `FAILED`).
+    /// Our pipeline's state (`RECEIVED`, `UPLOADING`, `UPLOADED`, `FAILED`, `AWAITING_UPLOAD_TOKEN`).
     pub state: &'static str,
     pub reason: Option<String>,
     pub image_count: u32,
     pub accepted_count: u32,
     pub rejected_count: usize,
+    /// One page of the rejected images (`rejected_limit`, from `rejected_cursor`).
     pub rejected: Vec<Rejected>,
+    /// The `rejected_cursor` of the next page, `None` on the last.
+    pub rejected_next_cursor: Option<String>,
     pub created_at: String,
     pub updated_at: String,
     pub uploads: Vec<UploadView>,
@@ -311,12 +314,25 @@ pub fn upload_view(u: &UploadRecord, tracking: Option<(&TrackingRecord, &[ImageL
     }
 }
 
-/// The sequence document.
-pub fn sequence_detail(
+/// Which part of a list a response shows: `limit` entries from position `start`; `next` turns the
+/// position after the page into the next page's cursor.
+pub struct Page<F: Fn(usize) -> String> {
+    /// Position of the first entry shown.
+    pub start: usize,
+    /// Entries shown at most.
+    pub limit: usize,
+    /// The cursor of a position.
+    pub next: F,
+}
+
+/// The sequence document, with one page of its rejected images.
+pub fn sequence_detail<F: Fn(usize) -> String>(
     seq: &SequenceRecord,
     uploads: Vec<UploadView>,
     feed: Option<&FeedHealth>,
+    page: Page<F>,
 ) -> SequenceDetail {
+    let after = page.start.saturating_add(page.limit);
     SequenceDetail {
         sequence_id: seq.sequence_id.clone(),
         state: seq.state.as_str(),
@@ -327,11 +343,14 @@ pub fn sequence_detail(
         rejected: seq
             .rejected
             .iter()
+            .skip(page.start)
+            .take(page.limit)
             .map(|r| Rejected {
                 key: r.key.clone(),
                 reason: r.reason.clone(),
             })
             .collect(),
+        rejected_next_cursor: (after < seq.rejected.len()).then(|| (page.next)(after)),
         created_at: ts(seq.created_at),
         updated_at: ts(seq.updated_at),
         uploads,
@@ -351,7 +370,11 @@ pub fn sequence_detail(
 #[derive(Debug, Serialize)]
 pub struct ImageList {
     pub sequence_id: String,
+    /// One page (`limit`, from `cursor`): every upload's images in upload order, then the
+    /// rejected ones.
     pub images: Vec<ImageView>,
+    /// The `cursor` of the next page, `None` on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// One of our images and its Mapillary counterpart.
@@ -442,10 +465,13 @@ pub struct ConnectStart {
     pub expires_at: String,
 }
 
-/// `GET /v1/mapillary/connection` (and the callback's JSON answer).
+/// `GET` and `PUT /v1/mapillary/connection` (and the callback's JSON answer). Never the token.
 #[derive(Debug, Serialize)]
 pub struct Connection {
     pub connected: bool,
+    /// `oauth` (connected through `/v1/mapillary/connect`) or `upload_token` (handed over with
+    /// `PUT`); `null` when not connected.
+    pub kind: Option<&'static str>,
     pub mapillary_user_id: Option<String>,
     pub username: Option<String>,
     /// Token expiry, when Mapillary gave one.
@@ -454,7 +480,19 @@ pub struct Connection {
     pub expired: bool,
     /// The stored token cannot be used (e.g. the key changed): connect again.
     pub reconnect_required: bool,
+    /// Mapillary refused uploads with this OAuth token: hand over an upload token with `PUT`;
+    /// sequences wait in `AWAITING_UPLOAD_TOKEN` until then.
+    pub upload_token_required: bool,
+    /// Mapillary's message when it refused the uploads, and when.
+    pub upload_refusal: Option<UploadRefusalView>,
     pub updated_at: Ts,
+}
+
+/// Why uploads with the connection's OAuth token were refused.
+#[derive(Debug, Serialize)]
+pub struct UploadRefusalView {
+    pub at: String,
+    pub message: String,
 }
 
 impl Connection {
@@ -462,24 +500,33 @@ impl Connection {
     pub fn none() -> Self {
         Self {
             connected: false,
+            kind: None,
             mapillary_user_id: None,
             username: None,
             expires_at: None,
             expired: false,
             reconnect_required: false,
+            upload_token_required: false,
+            upload_refusal: None,
             updated_at: None,
         }
     }
 
-    /// From a stored token (never exposing the token).
-    pub fn of(t: &shared::model::StoredToken, now: OffsetDateTime) -> Self {
+    /// From a connection's clear metadata (no token involved).
+    pub fn of(t: &shared::model::ConnectionMetadata, now: OffsetDateTime) -> Self {
         Self {
             connected: true,
+            kind: Some(t.kind.as_str()),
             mapillary_user_id: t.mapillary_user_id.clone(),
             username: t.username.clone(),
             expires_at: ots(t.expires_at),
             expired: t.expires_at.is_some_and(|e| e <= now),
             reconnect_required: false,
+            upload_token_required: t.upload_token_required(),
+            upload_refusal: t.upload_refused.as_ref().map(|u| UploadRefusalView {
+                at: ts(u.at),
+                message: u.message.clone(),
+            }),
             updated_at: Some(ts(t.updated_at)),
         }
     }

@@ -123,6 +123,16 @@ async fn secrets_never_reach_the_logs() {
     let token = deps.tokens.load("user-1").await.unwrap().unwrap();
     let token = token.access_token.expose_secret().to_string();
     assert!(!body.contains(&token));
+    // The upload-token path: a token Mapillary refuses, then the demo user's.
+    const REFUSED: &str = "MLYARrefused0upload0token0value00";
+    for (t, want) in [(REFUSED, 400), (defaults::DEMO_USER_TOKEN, 200)] {
+        let mut v: serde_json::Value = serde_json::from_str(&event("put-connection.json")).unwrap();
+        v["body"] = serde_json::json!({ "upload_token": t }).to_string().into();
+        let req = lambda_http::request::from_str(&v.to_string()).unwrap();
+        let (status, body) = status_and_body(&app, req).await;
+        assert_eq!(status, want, "{body}");
+        assert!(!body.contains(t));
+    }
     sim.shutdown().await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
@@ -134,6 +144,10 @@ async fn secrets_never_reach_the_logs() {
         logs.contains("code exchange failed"),
         "the failure was logged:\n{logs}"
     );
+    assert!(
+        logs.contains("Mapillary upload token connected") && logs.contains("upload_token"),
+        "the upload-token connection and its kind were logged:\n{logs}"
+    );
     for (what, secret) in [
         ("access token", token.as_str()),
         ("client secret", defaults::CLIENT_SECRET),
@@ -141,6 +155,8 @@ async fn secrets_never_reach_the_logs() {
             "client secret hash part",
             defaults::CLIENT_SECRET.rsplit('|').next().unwrap(),
         ),
+        ("refused upload token", REFUSED),
+        ("upload token", defaults::DEMO_USER_TOKEN),
         ("authorization code", code.as_str()),
         ("state", state.as_str()),
         ("state 2", state2.as_str()),

@@ -26,12 +26,27 @@ pub struct Tunables {
     /// `RELAY_PREFETCH_BYTES` (32 MiB): object bytes held for the upload body (GETs ahead, the
     /// entry ready and the entry being sent; see `zipstream::fetch_concurrency`).
     pub prefetch_bytes: u64,
-    /// `RELAY_DEADLINE_MARGIN_S` (30): stop uploading this long before the Lambda deadline.
+    /// `RELAY_DEADLINE_MARGIN_S` (30): start no upload POST this close to the Lambda deadline; one
+    /// POST of `max_post_bytes` must fit in it.
     pub deadline_margin: Duration,
+    /// `RELAY_MAX_POST_BYTES` (64 MiB, at least 1 MiB): largest body of one upload POST. Each POST is
+    /// a complete request, so whatever the server does with interrupted bodies, every finished POST
+    /// is stored and a continuation never re-sends it.
+    pub max_post_bytes: u64,
     /// `RELAY_TOKEN_REFRESH_MARGIN_S` (3600): refresh a token expiring within this.
     pub token_refresh_margin: Duration,
     /// `RELAY_MAX_RECEIVES` (5): at this `ApproximateReceiveCount` a transient failure is final.
     pub max_receives: u32,
+    /// `RELAY_MAX_MANIFEST_BYTES` (4 MiB): a larger `manifest.json` fails its sequence unread.
+    pub max_manifest_bytes: u64,
+    /// `RELAY_MAX_IMAGES_PER_SEQUENCE` (10,000): a sequence naming more images fails.
+    pub max_images_per_sequence: usize,
+    /// `RELAY_MAX_IMAGE_BYTES` (100 MiB): a larger image is rejected (the others go on).
+    pub max_image_bytes: u64,
+    /// `RELAY_BUCKET`: the only bucket whose notifications are handled (any other is a recorded
+    /// ingest error). Always set from the environment; `None` (the default) only in tests that
+    /// build tunables by hand.
+    pub own_bucket: Option<String>,
 }
 
 impl Default for Tunables {
@@ -45,8 +60,13 @@ impl Default for Tunables {
             exif_concurrency: 16,
             prefetch_bytes: 32 * 1024 * 1024,
             deadline_margin: Duration::from_secs(30),
+            max_post_bytes: shared::mapillary::client::DEFAULT_MAX_POST_BYTES,
             token_refresh_margin: Duration::from_secs(3600),
             max_receives: 5,
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_images_per_sequence: 10_000,
+            max_image_bytes: 100 * 1024 * 1024,
+            own_bucket: None,
         }
     }
 }
@@ -104,13 +124,37 @@ impl Config {
             exif_concurrency: env.parse_or("RELAY_EXIF_CONCURRENCY", d.exif_concurrency)?,
             prefetch_bytes: env.parse_or("RELAY_PREFETCH_BYTES", d.prefetch_bytes)?,
             deadline_margin: Duration::from_secs(env.parse_or("RELAY_DEADLINE_MARGIN_S", 30u64)?),
+            max_post_bytes: env.parse_or("RELAY_MAX_POST_BYTES", d.max_post_bytes)?,
             token_refresh_margin: Duration::from_secs(env.parse_or("RELAY_TOKEN_REFRESH_MARGIN_S", 3600u64)?),
             max_receives: env.parse_or("RELAY_MAX_RECEIVES", d.max_receives)?,
+            max_manifest_bytes: env.parse_or("RELAY_MAX_MANIFEST_BYTES", d.max_manifest_bytes)?,
+            max_images_per_sequence: env
+                .parse_or("RELAY_MAX_IMAGES_PER_SEQUENCE", d.max_images_per_sequence)?,
+            max_image_bytes: env.parse_or("RELAY_MAX_IMAGE_BYTES", d.max_image_bytes)?,
+            own_bucket: Some(env.required("RELAY_BUCKET")?),
         };
+        for (name, value) in [
+            ("RELAY_MAX_MANIFEST_BYTES", tunables.max_manifest_bytes),
+            (
+                "RELAY_MAX_IMAGES_PER_SEQUENCE",
+                tunables.max_images_per_sequence as u64,
+            ),
+            ("RELAY_MAX_IMAGE_BYTES", tunables.max_image_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(name, "must be at least 1"));
+            }
+        }
         if !(1..=500).contains(&tunables.max_images_per_upload) {
             return Err(ConfigError::invalid(
                 "RELAY_MAX_IMAGES_PER_UPLOAD",
                 "must be between 1 and 500",
+            ));
+        }
+        if tunables.max_post_bytes < 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "RELAY_MAX_POST_BYTES",
+                "must be at least 1048576 (1 MiB)",
             ));
         }
         if tunables.exif_concurrency == 0 {
@@ -157,7 +201,13 @@ mod tests {
         let env = base();
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
         assert_eq!(c.mapillary.endpoints.graph, "http://127.0.0.1:1/graph");
-        assert_eq!(c.tunables, Tunables::default());
+        assert_eq!(
+            c.tunables,
+            Tunables {
+                own_bucket: Some("b".into()),
+                ..Tunables::default()
+            }
+        );
         assert!(matches!(c.mapillary.client_secret, ClientSecretSource::Plain(_)));
     }
 
@@ -187,6 +237,33 @@ mod tests {
         let mut env = base();
         env.insert("RELAY_MAX_IMAGES_PER_UPLOAD", "501".into());
         assert!(Config::from_lookup(|k| env.get(k).cloned()).is_err());
+        for cap in [
+            "RELAY_MAX_MANIFEST_BYTES",
+            "RELAY_MAX_IMAGES_PER_SEQUENCE",
+            "RELAY_MAX_IMAGE_BYTES",
+        ] {
+            let mut env = base();
+            env.insert(cap, "0".into());
+            assert!(Config::from_lookup(|k| env.get(k).cloned()).is_err(), "{cap}");
+            env.insert(cap, "12".into());
+            assert!(Config::from_lookup(|k| env.get(k).cloned()).is_ok(), "{cap}");
+        }
+        let mut env = base();
+        env.insert("RELAY_MAX_POST_BYTES", "1000".into());
+        let e = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    name: "RELAY_MAX_POST_BYTES",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        env.insert("RELAY_MAX_POST_BYTES", "16777216".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.max_post_bytes, 16 << 20);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::deps::Deps;
 use crate::manifest::parse_manifest_key;
 use crate::plan::{base_record, plan_or_resume, ManifestJob, Planned, SequenceError};
+use crate::reasons;
 use crate::upload::{upload_sequence, UploadStop};
 
 /// Records processed at the same time.
@@ -137,6 +138,20 @@ async fn handle_object<D: Deps>(
     receives: u32,
     deadline: Instant,
 ) -> bool {
+    // Only our own bucket: a notification naming another one (a misrouted or forged message) would
+    // make the function read and upload objects it was never meant to handle.
+    if let Some(own) = &d.tunables().own_bucket {
+        if &o.bucket != own {
+            return ingest_error(
+                d,
+                message_id,
+                Some(&o.bucket),
+                &o.key,
+                "notification for a bucket other than RELAY_BUCKET: ignored",
+            )
+            .await;
+        }
+    }
     let seq = match parse_manifest_key(&o.key) {
         Ok(s) => s,
         Err(e) => return ingest_error(d, message_id, Some(&o.bucket), &o.key, &e.to_string()).await,
@@ -214,9 +229,16 @@ async fn handle_object<D: Deps>(
                     }
                 }
             }
+            AttemptEnd::AwaitingToken => {
+                // Not completed: the same manifest delivered again (after the user hands over an
+                // upload token) claims it again and resumes the recorded uploads.
+                release(d, &id, &owner).await;
+                info!("sequence waits for an upload token: acknowledged, claim released");
+                true
+            }
             AttemptEnd::Retry(reason) if receives >= d.tunables().max_receives => {
-                let reason = format!("gave up after {receives} deliveries: {reason}");
-                error!(%reason, "sequence failed");
+                error!(%reason, receives, "sequence failed: last delivery");
+                let reason = format!("gave up after {receives} deliveries: {}", reasons::public(&reason));
                 match fail_sequence(d, &job, &reason).await {
                     Ok(()) => {
                         if let Err(e) = d.claims().complete_claim(&id, &owner).await {
@@ -257,6 +279,9 @@ pub enum AttemptEnd {
     Final,
     /// Out of time: release the claim and continue in a follow-up invocation.
     OutOfTime,
+    /// Recorded AWAITING_UPLOAD_TOKEN: acknowledge and release the claim (a new delivery of the
+    /// manifest resumes).
+    AwaitingToken,
     /// Transient failure: retry the message later.
     Retry(String),
 }
@@ -267,6 +292,10 @@ pub async fn run_sequence<D: Deps>(d: &D, job: &ManifestJob) -> AttemptEnd {
     match attempt(d, job).await {
         Ok(end) => end,
         Err(SequenceError::Transient(r)) => AttemptEnd::Retry(r),
+        Err(SequenceError::AwaitingToken(reason)) => match await_token(d, job, &reason).await {
+            Ok(()) => AttemptEnd::AwaitingToken,
+            Err(e) => AttemptEnd::Retry(format!("recording the wait for an upload token failed: {e}")),
+        },
         Err(SequenceError::Permanent(reason)) => {
             warn!(%reason, "sequence failed");
             match fail_sequence(d, job, &reason).await {
@@ -275,6 +304,21 @@ pub async fn run_sequence<D: Deps>(d: &D, job: &ManifestJob) -> AttemptEnd {
             }
         }
     }
+}
+
+/// Record the sequence as AWAITING_UPLOAD_TOKEN with `reason` (what the user does); its uploads
+/// stay as they are, to be resumed.
+async fn await_token<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> Result<(), RepoError> {
+    let repo = d.repo();
+    let mut seq = repo
+        .get_sequence(&job.seq.user_id, &job.seq.sequence_id)
+        .await?
+        .unwrap_or_else(|| base_record(job));
+    warn!(%reason, "sequence waits for an upload token");
+    seq.state = SequenceState::AwaitingUploadToken;
+    seq.reason = Some(reason.to_string());
+    seq.updated_at = OffsetDateTime::now_utc();
+    repo.put_sequence(&seq).await
 }
 
 /// Record the sequence as FAILED with `reason` (keeping what is known), and every upload that is
@@ -288,13 +332,13 @@ pub async fn fail_sequence<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> R
     for mut up in repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await? {
         if !up.state.is_final() && up.state != UploadState::Uploaded {
             up.state = UploadState::Failed;
-            up.error = Some(reason.to_string());
+            up.error = Some(reasons::public(reason));
             up.finished_at = Some(OffsetDateTime::now_utc());
             repo.put_upload(&up).await?;
         }
     }
     seq.state = SequenceState::Failed;
-    seq.reason = Some(reason.to_string());
+    seq.reason = Some(reasons::public(reason));
     seq.updated_at = OffsetDateTime::now_utc();
     repo.put_sequence(&seq).await
 }

@@ -22,6 +22,7 @@ pub mod handler;
 pub mod malloc;
 pub mod manifest;
 pub mod plan;
+pub mod reasons;
 pub mod upload;
 pub mod zipstream;
 

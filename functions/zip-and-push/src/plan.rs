@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::deps::Deps;
 use crate::exifpass::{read_heads, Candidate, HeadOutcome, HeadRead};
 use crate::manifest::{check_relative_key, is_default_image, parse_manifest, SequenceKey, MANIFEST_NAME};
+use crate::reasons;
 use crate::zipstream::comment_len;
 
 /// One manifest to process: where it is, which version, whose sequence, and until when.
@@ -48,16 +49,37 @@ pub enum SequenceError {
     Transient(String),
     /// The sequence fails with this reason.
     Permanent(String),
+    /// Mapillary refuses uploads with the user's token: the sequence waits for the user to hand over
+    /// an upload token (the reason says how); its uploads stay as they are.
+    AwaitingToken(String),
 }
 
 impl From<RepoError> for SequenceError {
     fn from(e: RepoError) -> Self {
         if e.is_transient() {
-            SequenceError::Transient(e.to_string())
+            SequenceError::Transient(reasons::internal_transient(&e))
         } else {
-            SequenceError::Permanent(format!("internal error: {e}"))
+            SequenceError::Permanent(reasons::internal(&e))
         }
     }
+}
+
+/// What the user reads when uploads with the account's OAuth token are refused.
+pub fn oauth_upload_refused(mapillary_message: &str) -> String {
+    format!(
+        "waiting for an upload token: Mapillary refuses uploads with this account's OAuth token \
+         ({mapillary_message}). Hand over a Mapillary user upload token with PUT /v1/mapillary/connection, \
+         then deliver the manifest again (upload the same manifest.json again) to resume."
+    )
+}
+
+/// What the user reads when Mapillary refuses the handed-over upload token.
+pub fn upload_token_refused(mapillary_message: &str) -> String {
+    format!(
+        "waiting for an upload token: Mapillary refused the upload token ({mapillary_message}). Hand over \
+         a new one with PUT /v1/mapillary/connection, then deliver the manifest again (upload the same \
+         manifest.json again) to resume."
+    )
 }
 
 impl SequenceError {
@@ -67,9 +89,15 @@ impl SequenceError {
             SessionError::Missing => SequenceError::Permanent(format!(
                 "no Mapillary token for user {user_id}: connect the account"
             )),
-            SessionError::Store(e) if e.is_transient() => SequenceError::Transient(e.to_string()),
+            SessionError::Store(e) if e.is_transient() => {
+                SequenceError::Transient(reasons::internal_transient(&e))
+            }
             SessionError::Store(e) => {
-                SequenceError::Permanent(format!("the Mapillary token of user {user_id} is unusable: {e}"))
+                // The store's message names KMS and the table: logged, not shown.
+                warn!(error = %e, "stored token unusable");
+                SequenceError::Permanent(format!(
+                    "the stored Mapillary token of user {user_id} cannot be used: connect the account again"
+                ))
             }
             SessionError::Mapillary(e) if e.is_retriable() => {
                 SequenceError::Transient(format!("token refresh: {e}"))
@@ -77,6 +105,10 @@ impl SequenceError {
             SessionError::Mapillary(e) => {
                 SequenceError::Permanent(format!("Mapillary rejected the token: {e}"))
             }
+            SessionError::NotRefreshable => SequenceError::AwaitingToken(upload_token_refused(
+                "Mapillary refused it and upload tokens cannot be refreshed",
+            )),
+            SessionError::Busy(why) => SequenceError::Transient(format!("token record: {why}")),
         }
     }
 }
@@ -128,6 +160,13 @@ pub async fn plan_or_resume<D: Deps>(
     let repo = d.repo();
     let mut seq = match existing {
         Some(s) if s.state == SequenceState::Uploading => s,
+        // Planned, then held for an upload token: resume the recorded uploads.
+        Some(mut s) if s.state == SequenceState::AwaitingUploadToken && !s.upload_ids.is_empty() => {
+            info!("sequence was waiting for an upload token: resuming");
+            s.state = SequenceState::Uploading;
+            s.reason = None;
+            s
+        }
         _ => {
             let s = plan_sequence(d, job).await?;
             if s.state == SequenceState::Failed {
@@ -157,16 +196,38 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
     let prefix = job.seq.prefix();
     let fail = |mut seq: SequenceRecord, reason: String| {
         seq.state = SequenceState::Failed;
-        seq.reason = Some(reason);
+        seq.reason = Some(reasons::public(&reason));
         Ok(seq)
     };
+    // The size first: a huge manifest is refused before it is read into memory.
+    match store.head(&job.bucket, &job.manifest_key).await {
+        Ok(info) if info.size > tun.max_manifest_bytes => {
+            return fail(
+                seq,
+                format!(
+                    "manifest.json is {} bytes, more than the {} allowed (RELAY_MAX_MANIFEST_BYTES)",
+                    info.size, tun.max_manifest_bytes
+                ),
+            )
+        }
+        Ok(_) => {}
+        Err(StoreError::NotFound(_)) => {
+            return fail(seq, "manifest.json was deleted before it could be read".into())
+        }
+        Err(e) if e.is_transient() => {
+            return Err(SequenceError::Transient(reasons::object("manifest.json", &e)))
+        }
+        Err(e) => return fail(seq, reasons::object("manifest.json", &e)),
+    }
     let manifest_bytes = match store.get_object(&job.bucket, &job.manifest_key, None).await {
         Ok(o) => o.bytes,
         Err(StoreError::NotFound(_)) => {
             return fail(seq, "manifest.json was deleted before it could be read".into())
         }
-        Err(e) if e.is_transient() => return Err(SequenceError::Transient(e.to_string())),
-        Err(e) => return fail(seq, format!("manifest.json is unreadable: {e}")),
+        Err(e) if e.is_transient() => {
+            return Err(SequenceError::Transient(reasons::object("manifest.json", &e)))
+        }
+        Err(e) => return fail(seq, reasons::object("manifest.json", &e)),
     };
     let manifest = match parse_manifest(&manifest_bytes) {
         Ok(m) => m,
@@ -198,6 +259,7 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
                     candidates.push(Candidate {
                         rel: rel.clone(),
                         key: format!("{prefix}{rel}"),
+                        listed_size: None,
                     });
                 }
             }
@@ -206,13 +268,22 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         None => {
             let listed = match store.list(&job.bucket, &prefix).await {
                 Ok(l) => l,
-                Err(e) if e.is_transient() => return Err(SequenceError::Transient(e.to_string())),
-                Err(e) => return fail(seq, format!("listing the sequence failed: {e}")),
+                Err(e) if e.is_transient() => {
+                    return Err(SequenceError::Transient(reasons::object(
+                        "the sequence's folder",
+                        &e,
+                    )))
+                }
+                Err(e) => return fail(seq, reasons::object("the sequence's folder", &e)),
             };
             for o in listed {
                 let rel = o.key.strip_prefix(&prefix).unwrap_or(&o.key).to_string();
                 if rel != MANIFEST_NAME && is_default_image(&rel) {
-                    candidates.push(Candidate { rel, key: o.key });
+                    candidates.push(Candidate {
+                        rel,
+                        key: o.key,
+                        listed_size: Some(o.size),
+                    });
                 }
             }
             seq.image_count = candidates.len() as u32;
@@ -222,9 +293,22 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         }
     }
 
-    let heads = read_heads(store, &job.bucket, candidates, tun.exif_concurrency)
-        .await
-        .map_err(|e| SequenceError::Transient(e.to_string()))?;
+    if seq.image_count as usize > tun.max_images_per_sequence {
+        let reason = format!(
+            "the sequence has {} images, more than the {} allowed (RELAY_MAX_IMAGES_PER_SEQUENCE)",
+            seq.image_count, tun.max_images_per_sequence
+        );
+        return fail(seq, reason);
+    }
+    let heads = read_heads(
+        store,
+        &job.bucket,
+        candidates,
+        tun.exif_concurrency,
+        tun.max_image_bytes,
+    )
+    .await
+    .map_err(|e| SequenceError::Transient(reasons::object("an image", &e)))?;
     let mut reads: HashMap<String, HeadRead> = HashMap::new();
     let mut inputs = Vec::new();
     for h in heads {
@@ -260,10 +344,8 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         let mut images: Vec<UploadImage> = Vec::new();
         for pi in planned.images {
             let Some(r) = reads.get(&pi.name) else {
-                seq.rejected.push(RejectedImage {
-                    key: pi.name,
-                    reason: "internal error: planned image without metadata".into(),
-                });
+                let reason = reasons::internal(&format!("planned image {} without metadata", pi.name));
+                seq.rejected.push(RejectedImage { key: pi.name, reason });
                 continue;
             };
             let rh = match jpeg::rewrite_header(&r.head, &pi.description) {

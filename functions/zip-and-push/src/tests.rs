@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN};
-use mapillary_sim::{SimConfig, SimHandle, Simulator};
+use mapillary_sim::{SimConfig, SimHandle, Simulator, World as SimWorld};
 use relay_fixtures::{jpeg, track, ImageSpec, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -17,7 +17,8 @@ use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{MapillaryClient, UploadReport};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
-use shared::model::{SequenceState, SequenceStatus, StoredToken, UploadState};
+use shared::model::{SequenceState, SequenceStatus, StoredToken, TokenKind, TokenRecord, UploadState};
+use shared::ports::TokenStore;
 use time::macros::datetime;
 use time::OffsetDateTime;
 
@@ -62,7 +63,16 @@ fn token(t: &str, expires_at: Option<OffsetDateTime>) -> StoredToken {
 }
 
 async fn world() -> World {
-    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0")
+    world_with(SimConfig::frozen()).await
+}
+
+/// The handler against a simulator in the named world (strictness rules included).
+async fn world_in(w: SimWorld) -> World {
+    world_with(SimConfig::world(w)).await
+}
+
+async fn world_with(config: SimConfig) -> World {
+    let sim = Simulator::start(config, "127.0.0.1:0")
         .await
         .expect("simulator starts");
     let client = MapillaryClient::new(Endpoints::under(sim.base_url()), http(), RetryPolicy::fast());
@@ -79,6 +89,7 @@ async fn world() -> World {
         mapillary: RecordingMapillary::new(mly),
         tunables: Tunables {
             deadline_margin: Duration::from_millis(0),
+            own_bucket: Some(BUCKET.into()),
             ..Tunables::default()
         },
     };
@@ -640,15 +651,7 @@ async fn when_upload_gets_401_should_refresh_once_and_continue() {
     let st = status(&w, "auth").await;
     assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
     assert_eq!(w.deps.tokens.saves.load(std::sync::atomic::Ordering::Relaxed), 1);
-    let saved = w
-        .deps
-        .tokens
-        .tokens
-        .lock()
-        .expect("lock")
-        .get(USER)
-        .cloned()
-        .expect("token");
+    let saved = w.deps.tokens.get(USER).expect("token");
     use secrecy::ExposeSecret;
     assert_ne!(saved.access_token.expose_secret(), old);
 }
@@ -666,15 +669,7 @@ async fn when_token_expiring_soon_should_refresh_before_upload() {
     let etag = drop_sequence(&w.deps.store, "soon", &imgs, b"{}");
     handle_batch(&w.deps, event(&[s3_body(USER, "soon", &etag)]), deadline()).await;
     assert_eq!(status(&w, "soon").await.uploads[0].state, UploadState::HandedOff);
-    let saved = w
-        .deps
-        .tokens
-        .tokens
-        .lock()
-        .expect("lock")
-        .get(USER)
-        .cloned()
-        .expect("token");
+    let saved = w.deps.tokens.get(USER).expect("token");
     assert!(saved.expires_at.expect("expiry") > OffsetDateTime::now_utc() + time::Duration::days(1));
 }
 
@@ -752,6 +747,323 @@ async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
     let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
     assert!(resp.batch_item_failures.is_empty());
     assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::HandedOff);
+}
+
+#[tokio::test]
+async fn caps_fail_the_sequence_or_reject_the_image_with_a_clear_reason() {
+    // Issue 15, item 5: manifest size, images per sequence, bytes per image.
+    let mut w = world().await;
+    let mut big = specs(3, 70);
+    big[2].width *= 4;
+    big[2].height *= 4;
+    let imgs = named(&big);
+    let small = imgs[..2].iter().map(|(_, b)| b.len()).max().expect("sizes") as u64;
+    assert!(imgs[2].1.len() as u64 > small, "the third image is the big one");
+    w.deps.tunables.max_manifest_bytes = 40;
+    w.deps.tunables.max_images_per_sequence = 3;
+    w.deps.tunables.max_image_bytes = small;
+
+    let padded = format!(r#"{{"organization_id": null, "note": "{}"}}"#, "x".repeat(40));
+    let e1 = drop_sequence(&w.deps.store, "bigmanifest", &imgs, padded.as_bytes());
+    let four = named(&specs(4, 80));
+    let e2 = drop_sequence(&w.deps.store, "toomany", &four, b"{}");
+    let e3 = drop_sequence(&w.deps.store, "bigimage", &imgs, b"{}");
+    let bodies = [
+        s3_body(USER, "bigmanifest", &e1),
+        s3_body(USER, "toomany", &e2),
+        s3_body(USER, "bigimage", &e3),
+    ];
+    let resp = handle_batch(&w.deps, event(&bodies), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "{:?}",
+        resp.batch_item_failures
+    );
+
+    let st = status(&w, "bigmanifest").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{} bytes", padded.len())) && reason.contains("RELAY_MAX_MANIFEST_BYTES"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty());
+
+    let st = status(&w, "toomany").await;
+    assert_eq!(st.state, SequenceState::Failed);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains("4 images") && reason.contains("RELAY_MAX_IMAGES_PER_SEQUENCE"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty());
+
+    let st = status(&w, "bigimage").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!((st.image_count, st.accepted_count), (3, 2));
+    assert_eq!(st.rejected.len(), 1, "{:?}", st.rejected);
+    assert_eq!(st.rejected[0].key, imgs[2].0);
+    assert!(
+        st.rejected[0].reason.contains("RELAY_MAX_IMAGE_BYTES"),
+        "{:?}",
+        st.rejected
+    );
+}
+
+#[tokio::test]
+async fn notifications_of_another_bucket_are_recorded_ingest_errors_and_do_no_work() {
+    // Issue 15, item 3: the sample event from `events/`, pointed at another bucket that holds a
+    // perfectly good sequence: nothing is read, planned or uploaded; the message is acknowledged.
+    let w = world().await;
+    let file = include_str!("../../../events/sqs/s3-manifest-created.json");
+    let sample_bucket = "relay-local-sequences-123456789012";
+    assert!(file.contains(sample_bucket));
+    let foreign = "someone-elses-bucket";
+    let seq = "seq-2026-11-24";
+    for bucket in [foreign, BUCKET] {
+        for (name, bytes) in named(&specs(3, 40)) {
+            w.deps
+                .store
+                .put(bucket, &format!("sequences/{USER}/{seq}/{name}"), bytes);
+        }
+        w.deps.store.put(
+            bucket,
+            &format!("sequences/{USER}/{seq}/manifest.json"),
+            b"{}".to_vec(),
+        );
+    }
+    let event: SqsEvent = serde_json::from_str(&file.replace(sample_bucket, foreign)).expect("event file");
+    let resp = handle_batch(&w.deps, event, deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "acknowledged");
+    let errs = w.deps.repo.snapshot().ingest_errors;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].bucket.as_deref(), Some(foreign));
+    assert_eq!(errs[0].key, format!("sequences/{USER}/{seq}/manifest.json"));
+    assert!(errs[0].reason.contains("RELAY_BUCKET"), "{errs:?}");
+    assert!(sequence_status(&w.deps.repo, USER, seq).await.unwrap().is_none());
+    assert!(w.sim.sim().world().clusters.is_empty());
+
+    // The same event for our bucket is handled (the check is what stopped it).
+    let event: SqsEvent = serde_json::from_str(&file.replace(sample_bucket, BUCKET)).expect("event file");
+    let resp = handle_batch(&w.deps, event, deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, seq).await.state, SequenceState::Uploaded);
+    assert_eq!(w.deps.repo.snapshot().ingest_errors.len(), 1);
+}
+
+// ------------------------------------------------------------------ worlds (issue 13)
+
+/// An OAuth-issued token of the demo user (what the OAuth connection stores), valid for `days`.
+async fn oauth_token(w: &World, lifetime_s: i64) -> String {
+    let t = admin(
+        &w.sim,
+        "/tokens",
+        json!({"user": DEMO_USER_ID, "oauth": true, "lifetime_seconds": lifetime_s}),
+    )
+    .await;
+    t["access_token"].as_str().expect("token").to_string()
+}
+
+/// Requests the simulator logged for `path_prefix` (method, path, token kind, status, detail).
+fn logged(w: &World, method: &str, path_prefix: &str) -> Vec<mapillary_sim::state::RequestLogEntry> {
+    w.sim
+        .sim()
+        .world()
+        .request_log
+        .iter()
+        .filter(|e| e.method == method && e.path.starts_with(path_prefix))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn in_seed_2022_an_oauth_token_uploads_a_strict_zip() {
+    let w = world_in(SimWorld::Seed2022).await;
+    let t = oauth_token(&w, 30 * 24 * 3600).await;
+    w.deps.tokens.insert(USER, token(&t, None));
+    let imgs = named(&specs(8, 5000));
+    let etag = drop_sequence(&w.deps.store, "seed", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "seed", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "seed").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(check_zip(&stored_zip(&w, &st.uploads[0].upload_id).await), 8);
+    // Every upload call went with the OAuth token.
+    for e in logged(&w, "POST", "/rupload/")
+        .into_iter()
+        .chain(logged(&w, "POST", "/graph/finish_upload"))
+    {
+        assert_eq!(e.status, Some(200), "{e:?}");
+        assert_eq!(e.token_kind, "user_oauth", "{e:?}");
+    }
+}
+
+#[tokio::test]
+async fn in_oauth_upload_refused_the_sequence_waits_for_an_upload_token_then_resumes_with_it() {
+    let w = world_in(SimWorld::OauthUploadRefused).await;
+    let t = oauth_token(&w, 30 * 24 * 3600).await;
+    w.deps.tokens.insert(USER, token(&t, None));
+    let imgs = named(&specs(6, 5100));
+    let etag = drop_sequence(&w.deps.store, "refused", &imgs, b"{}");
+    let body = s3_body(USER, "refused", &etag);
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "acknowledged: it waits, not retried"
+    );
+
+    // The sequence waits, visibly, with what to do; its upload is neither failed nor final.
+    let st = status(&w, "refused").await;
+    assert_eq!(st.state, SequenceState::AwaitingUploadToken, "{st:?}");
+    let reason = st.reason.clone().unwrap_or_default();
+    assert!(reason.contains("PUT /v1/mapillary/connection"), "{reason}");
+    assert!(
+        reason.contains("not authorized to upload"),
+        "Mapillary's message: {reason}"
+    );
+    assert!(!st.uploads[0].state.is_final(), "{st:?}");
+    // The connection is marked, per user.
+    let rec = w.deps.tokens.record(USER).expect("record");
+    assert!(rec.upload_token_required(), "{:?}", rec.upload_refused);
+    assert!(w.sim.sim().world().clusters.is_empty());
+    // One refresh was tried (an expired token looks the same), then /me told a valid token apart.
+    assert_eq!(logged(&w, "POST", "/graph/token").len(), 1);
+    assert!(!logged(&w, "GET", "/graph/me").is_empty());
+
+    // A second drop while marked: no upload request at all, it waits at once.
+    let before = logged(&w, "GET", "/rupload/").len() + logged(&w, "POST", "/rupload/").len();
+    let etag2 = drop_sequence(&w.deps.store, "refused2", &imgs[..3], b"{}");
+    handle_batch(&w.deps, event(&[s3_body(USER, "refused2", &etag2)]), deadline()).await;
+    assert_eq!(
+        status(&w, "refused2").await.state,
+        SequenceState::AwaitingUploadToken
+    );
+    let after = logged(&w, "GET", "/rupload/").len() + logged(&w, "POST", "/rupload/").len();
+    assert_eq!(before, after, "no request Mapillary is known to refuse");
+
+    // The user hands over an upload token (status-api's PUT stores this record); the manifest is
+    // delivered again: the recorded upload resumes with the upload token.
+    let mut up = TokenRecord::new(token(DEMO_USER_TOKEN, None), TokenKind::UploadToken);
+    up.token.expires_at = None;
+    w.deps.tokens.put_record(USER, &up).await.expect("put");
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "refused").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.reason, None);
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(check_zip(&stored_zip(&w, &st.uploads[0].upload_id).await), 6);
+    let ok: Vec<_> = logged(&w, "POST", "/rupload/")
+        .into_iter()
+        .chain(logged(&w, "POST", "/graph/finish_upload"))
+        .filter(|e| e.status == Some(200))
+        .collect();
+    assert!(!ok.is_empty());
+    assert!(
+        ok.iter().all(|e| e.token_kind == "user"),
+        "only the upload token uploaded: {ok:?}"
+    );
+    assert_eq!(w.sim.sim().world().clusters.len(), 1);
+}
+
+#[tokio::test]
+async fn in_partial_bytes_dropped_three_invocations_of_bounded_posts_resend_nothing() {
+    let imgs = named(&specs(24, 5200));
+    let clean = clean_zip("three", &imgs).await;
+    let total = clean.len() as u64;
+
+    let mut w = world_in(SimWorld::PartialBytesDropped).await;
+    // Three POSTs make the zip; each takes 1 s (latency), and an invocation starts no POST after
+    // its first 0.5 s: one POST per invocation, each a complete request.
+    w.deps.tunables.max_post_bytes = total.div_ceil(3);
+    w.deps.tunables.deadline_margin = Duration::from_millis(2500);
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 10,
+        "action": {"kind": "latency", "ms": 1000}}),
+    )
+    .await;
+    let etag = drop_sequence(&w.deps.store, "three", &imgs, b"{}");
+    let body = s3_body(USER, "three", &etag);
+    let mut invocations = 0;
+    loop {
+        invocations += 1;
+        assert!(invocations <= 5, "too many invocations");
+        let resp = handle_batch(
+            &w.deps,
+            event(std::slice::from_ref(&body)),
+            Instant::now() + Duration::from_millis(3000),
+        )
+        .await;
+        assert!(resp.batch_item_failures.is_empty());
+        if w.deps.requeue.take_requeued().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(invocations, 3, "one bounded POST per invocation");
+    let st = status(&w, "three").await;
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+
+    // Server side: every POST completed and started where the previous one ended.
+    let posts = logged(&w, "POST", "/rupload/");
+    let mut stored = 0u64;
+    for p in &posts {
+        let d = p.detail.clone().expect("POST detail");
+        assert_eq!(d["complete"], true, "{p:?}");
+        assert_eq!(
+            d["start"], stored,
+            "0 bytes re-sent below the server's offset: {posts:?}"
+        );
+        stored += d["bytes_received"].as_u64().expect("bytes");
+    }
+    assert_eq!(posts.len(), 3, "{posts:?}");
+    assert_eq!(stored, total);
+    assert_eq!(stored_zip(&w, &st.uploads[0].upload_id).await, clean);
+    assert_eq!(w.deps.mapillary.paused_reports().len(), 2);
+}
+
+#[tokio::test]
+async fn in_refresh_revokes_two_invocations_refreshing_at_once_make_one_refresh_and_both_upload() {
+    let w = world_in(SimWorld::RefreshRevokes).await;
+    // Expires within the refresh margin: both invocations refresh before uploading.
+    let t = oauth_token(&w, 30 * 24 * 3600).await;
+    w.deps.tokens.insert(
+        USER,
+        token(&t, Some(OffsetDateTime::now_utc() + time::Duration::minutes(5))),
+    );
+    let (a, b) = (named(&specs(4, 5300)), named(&specs(4, 5400)));
+    let ea = drop_sequence(&w.deps.store, "ra", &a, b"{}");
+    let eb = drop_sequence(&w.deps.store, "rb", &b, b"{}");
+    let (ra, rb) = tokio::join!(
+        handle_batch(&w.deps, event(&[s3_body(USER, "ra", &ea)]), deadline()),
+        handle_batch(&w.deps, event(&[s3_body(USER, "rb", &eb)]), deadline()),
+    );
+    assert!(ra.batch_item_failures.is_empty() && rb.batch_item_failures.is_empty());
+    assert_eq!(
+        logged(&w, "POST", "/graph/token").len(),
+        1,
+        "one refresh reached Mapillary (a second would revoke the first one's token)"
+    );
+    for seq in ["ra", "rb"] {
+        let st = status(&w, seq).await;
+        assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{seq}: {st:?}");
+    }
+    // Nobody kept using the revoked token.
+    let refused: Vec<_> = w
+        .sim
+        .sim()
+        .world()
+        .request_log
+        .iter()
+        .filter(|e| e.status == Some(401))
+        .cloned()
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let stored = w.deps.tokens.get(USER).expect("token");
+    use secrecy::ExposeSecret;
+    assert_ne!(stored.access_token.expose_secret(), t);
 }
 
 #[test]

@@ -1,21 +1,25 @@
 //! Uploading a planned sequence: each upload that is not final is driven through its states —
 //! stream the zip (resumable, checkpointed per image entry by `zipstream`) → `finish_upload`
 //! (exactly once per handle; a lost reply becomes FINISH_UNCERTAIN) → cluster message — then the
-//! sequence is concluded UPLOADED or FAILED. Stops short of the Lambda deadline so that a
-//! continuation resumes where this attempt stopped.
+//! sequence is concluded UPLOADED or FAILED. Uploads go as bounded, complete POSTs and no POST
+//! starts within the deadline margin, so a continuation resumes from the server's offset without
+//! re-sending a byte. A 401 with a token that `/me` still accepts means Mapillary refuses uploads
+//! with it: the connection is marked and the sequence waits for an upload token instead of failing.
 
 use std::time::Instant;
 
+use shared::mapillary::client::{UploadLimits, UploadOutcome};
 use shared::mapillary::error::MapillaryError;
-use shared::mapillary::session::{CallError, TokenSession};
-use shared::model::{ClusterMessage, SequenceRecord, SequenceState, UploadRecord, UploadState};
+use shared::mapillary::session::{CallError, SessionError, TokenSession};
+use shared::model::{ClusterMessage, SequenceRecord, SequenceState, TokenKind, UploadRecord, UploadState};
 use shared::ports::{
-    ClusterQueue, ImageEntryReader, MapillaryUploads, SequenceStore, UploadReader, UploadStore,
+    ClusterQueue, ImageEntryReader, MapillaryAuth, MapillaryUploads, SequenceStore, UploadReader, UploadStore,
 };
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::deps::Deps;
-use crate::plan::{now, ManifestJob, SequenceError};
+use crate::plan::{now, oauth_upload_refused, upload_token_refused, ManifestJob, SequenceError};
+use crate::reasons;
 use crate::zipstream::{upload_zip, UploadFailure, ZipSource};
 
 /// The user's token session of this invocation (see `shared::mapillary::session`).
@@ -31,7 +35,9 @@ pub enum UploadStop {
 }
 
 /// Drive every upload of `seq` that is not final, then record the sequence UPLOADED (at least one
-/// upload delivered, possibly FINISH_UNCERTAIN) or FAILED (none).
+/// upload delivered, possibly FINISH_UNCERTAIN) or FAILED (none). A connection already known to need
+/// an upload token ([`shared::model::TokenRecord::upload_token_required`]) sends nothing: the
+/// sequence waits ([`SequenceError::AwaitingToken`]).
 pub async fn upload_sequence<D: Deps>(
     d: &D,
     job: &ManifestJob,
@@ -39,12 +45,27 @@ pub async fn upload_sequence<D: Deps>(
     token: &mut Session<'_, D>,
 ) -> Result<UploadStop, SequenceError> {
     let repo = d.repo();
+    if let Some(refusal) = token
+        .record()
+        .upload_refused
+        .as_ref()
+        .filter(|_| token.record().upload_token_required())
+    {
+        // Known from an earlier upload: no request that Mapillary is known to refuse.
+        info!(
+            token_kind = token.kind().as_str(),
+            "connection is marked upload_token_required"
+        );
+        return Err(SequenceError::AwaitingToken(oauth_upload_refused(
+            &refusal.message,
+        )));
+    }
     let uploads = repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await?;
     for up in uploads {
         if up.state.is_final() {
             continue;
         }
-        let span = info_span!("upload", upload_id = %up.upload_id);
+        let span = info_span!("upload", upload_id = %up.upload_id, token_kind = token.kind().as_str());
         match drive_upload(d, job, &seq, up, token).instrument(span).await? {
             UploadStop::Final => {}
             UploadStop::OutOfTime => return Ok(UploadStop::OutOfTime),
@@ -90,11 +111,12 @@ async fn drive_upload<D: Deps>(
             UploadState::Pending | UploadState::Uploading => {
                 let images = repo.list_images(&up.upload_id).await?;
                 if images.len() != up.image_count as usize {
-                    let msg = format!(
-                        "internal error: {} image entries recorded, {} expected",
+                    let msg = reasons::internal(&format!(
+                        "upload {}: {} image entries recorded, {} expected",
+                        up.upload_id,
                         images.len(),
                         up.image_count
-                    );
+                    ));
                     fail_upload(d, &mut up, msg).await?;
                     continue;
                 }
@@ -108,11 +130,12 @@ async fn drive_upload<D: Deps>(
                 ) {
                     Ok(s) if s.total_len() == up.total_len => s,
                     Ok(s) => {
-                        let msg = format!(
-                            "internal error: zip of {} bytes planned, {} recorded",
+                        let msg = reasons::internal(&format!(
+                            "upload {}: zip of {} bytes planned, {} recorded",
+                            up.upload_id,
                             s.total_len(),
                             up.total_len
-                        );
+                        ));
                         fail_upload(d, &mut up, msg).await?;
                         continue;
                     }
@@ -132,38 +155,57 @@ async fn drive_upload<D: Deps>(
                     .await
                     .map_err(|e| SequenceError::from_session(&seq.user_id, e))?;
                 let report = loop {
+                    let at = Instant::now();
                     let Some(budget) = job
                         .deadline
-                        .saturating_duration_since(Instant::now())
+                        .saturating_duration_since(at)
                         .checked_sub(d.tunables().deadline_margin)
                         .filter(|b| !b.is_zero())
                     else {
                         return Ok(UploadStop::OutOfTime);
                     };
-                    let attempt = upload_zip(d.mapillary(), &source, token.access(), &up.session_key);
-                    match tokio::time::timeout(budget, attempt).await {
+                    // No POST starts after `stop_at`; one already started runs to its end inside the
+                    // margin (the bound is sized for that). The timeout at the deadline itself is the
+                    // backstop for a POST slower than the margin allows.
+                    let limits = UploadLimits {
+                        max_post_bytes: d.tunables().max_post_bytes,
+                        stop_at: Some(at + budget),
+                    };
+                    info!(token_kind = token.kind().as_str(), "uploading");
+                    let attempt = upload_zip(d.mapillary(), &source, token.access(), &up.session_key, limits);
+                    match tokio::time::timeout(job.deadline.saturating_duration_since(at), attempt).await {
                         Err(_) => {
-                            info!("deadline near: stopping the upload to continue in a follow-up invocation");
+                            warn!(
+                                "deadline reached during a POST: it was cut (a POST must fit in \
+                                 RELAY_DEADLINE_MARGIN_S; lower RELAY_MAX_POST_BYTES)"
+                            );
                             return Ok(UploadStop::OutOfTime);
                         }
-                        Ok(Ok(report)) => break report,
+                        Ok(Ok(UploadOutcome::Complete(report))) => break report,
+                        Ok(Ok(UploadOutcome::Paused(report))) => {
+                            info!(
+                                posts = report.posts.len(),
+                                bytes_sent = report.bytes_sent(),
+                                "deadline near: upload paused between two POSTs; a follow-up invocation resumes"
+                            );
+                            up.bytes_sent += report.bytes_sent();
+                            repo.put_upload(&up).await?;
+                            return Ok(UploadStop::OutOfTime);
+                        }
                         Ok(Err(UploadFailure::Mapillary(e))) if e.is_unauthorized() => {
-                            // Refreshed at most once per invocation (the session's rule).
-                            match token.on_unauthorized().await {
-                                Ok(true) => {}
-                                Ok(false) => {
-                                    return Err(SequenceError::Permanent(format!(
-                                        "Mapillary rejected the token: {e}"
-                                    )))
-                                }
-                                Err(r) => return Err(SequenceError::from_session(&seq.user_id, r)),
-                            }
+                            unauthorized(d, token, &e).await?;
                         }
                         Ok(Err(UploadFailure::Mapillary(e))) if retry_later(&e) => {
-                            return Err(SequenceError::Transient(format!("upload {}: {e}", up.upload_id)));
+                            return Err(SequenceError::Transient(reasons::public(&format!(
+                                "upload {}: {e}",
+                                up.upload_id
+                            ))));
                         }
                         Ok(Err(UploadFailure::Source(e))) if e.is_transient() => {
-                            return Err(SequenceError::Transient(format!("upload {}: {e}", up.upload_id)));
+                            return Err(SequenceError::Transient(reasons::public(&format!(
+                                "upload {}: {e}",
+                                up.upload_id
+                            ))));
                         }
                         Ok(Err(e)) => {
                             // Not retriable: this upload fails, the others go on.
@@ -203,7 +245,10 @@ async fn drive_upload<D: Deps>(
             UploadState::Uploaded => {
                 let Some(cluster_id) = up.cluster_id.clone() else {
                     up.state = UploadState::FinishUncertain;
-                    up.error = Some("internal error: UPLOADED without cluster_id".into());
+                    up.error = Some(reasons::internal(&format!(
+                        "upload {} is UPLOADED without cluster_id",
+                        up.upload_id
+                    )));
                     repo.put_upload(&up).await?;
                     continue;
                 };
@@ -213,10 +258,11 @@ async fn drive_upload<D: Deps>(
                     sequence_id: up.sequence_id.clone(),
                     cluster_id,
                 };
-                d.clusters()
-                    .send_cluster(&msg)
-                    .await
-                    .map_err(|e| SequenceError::Transient(format!("sending the cluster message: {e}")))?;
+                d.clusters().send_cluster(&msg).await.map_err(|e| {
+                    SequenceError::Transient(reasons::internal_transient(&format!(
+                        "sending the cluster message: {e}"
+                    )))
+                })?;
                 up.state = UploadState::HandedOff;
                 repo.put_upload(&up).await?;
                 info!(cluster_id = %msg.cluster_id, "cluster handed off");
@@ -228,6 +274,58 @@ async fn drive_upload<D: Deps>(
     }
 }
 
+/// After a 401 on rupload or `finish_upload`: refresh once (an expired OAuth token); a token that
+/// is still refused but that `/me` accepts is valid and only refused for uploads — the connection is
+/// marked `upload_token_required` and the sequence waits for an upload token. `Ok(())` means: try
+/// again with the session's (refreshed or newly stored) token.
+async fn unauthorized<D: Deps>(
+    d: &D,
+    token: &mut Session<'_, D>,
+    e: &MapillaryError,
+) -> Result<(), SequenceError> {
+    let user = token.user_id().to_string();
+    match token.on_unauthorized().await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(SessionError::NotRefreshable) => {
+            warn!(token_kind = "upload_token", error = %e, "Mapillary refuses the upload token");
+            return Err(SequenceError::AwaitingToken(upload_token_refused(&e.to_string())));
+        }
+        Err(r) => return Err(SequenceError::from_session(&user, r)),
+    }
+    match d.mapillary().me(token.access()).await {
+        Ok(_) => {}
+        Err(me) if me.is_unauthorized() => {
+            return Err(SequenceError::Permanent(format!(
+                "Mapillary rejected the token: {e}"
+            )))
+        }
+        Err(me) => {
+            return Err(SequenceError::Transient(format!(
+                "checking the token with /me after an upload refusal: {me}"
+            )))
+        }
+    }
+    let message = e.to_string();
+    match token.kind() {
+        TokenKind::UploadToken => {
+            warn!(token_kind = "upload_token", error = %e, "Mapillary refuses uploads with the upload token");
+            Err(SequenceError::AwaitingToken(upload_token_refused(&message)))
+        }
+        TokenKind::Oauth => match token.mark_upload_refused(&message).await {
+            Ok(true) => Err(SequenceError::AwaitingToken(oauth_upload_refused(&message))),
+            Ok(false) => {
+                info!(
+                    token_kind = token.kind().as_str(),
+                    "another token was stored meanwhile: trying it"
+                );
+                Ok(())
+            }
+            Err(r) => Err(SequenceError::from_session(&user, r)),
+        },
+    }
+}
+
 /// Errors worth another delivery (the client already retried within its budget).
 fn retry_later(e: &MapillaryError) -> bool {
     e.is_retriable() || matches!(e, MapillaryError::Exhausted { last, .. } if last.is_retriable())
@@ -236,7 +334,7 @@ fn retry_later(e: &MapillaryError) -> bool {
 async fn fail_upload<D: Deps>(d: &D, up: &mut UploadRecord, error: String) -> Result<(), SequenceError> {
     warn!(%error, "upload failed");
     up.state = UploadState::Failed;
-    up.error = Some(error);
+    up.error = Some(reasons::public(&error));
     up.finished_at = Some(now());
     d.repo().put_upload(up).await?;
     Ok(())
@@ -260,6 +358,7 @@ async fn finish<D: Deps>(
             .map_err(Into::into);
     };
     let (mly, org) = (d.mapillary(), up.organization_id.clone());
+    info!(token_kind = token.kind().as_str(), "calling finish_upload");
     // A 401 created nothing: the session refreshes the token (once per invocation) and calls again.
     let res = token
         .call(|t| {
@@ -277,7 +376,14 @@ async fn finish<D: Deps>(
             repo.put_upload(up).await?;
             return Ok(());
         }
-        Err(CallError::Refresh(r)) => return Err(SequenceError::from_session(&seq.user_id, r)),
+        Err(CallError::Refresh(r)) => {
+            if matches!(r, SessionError::NotRefreshable) {
+                // The 401 created nothing: resume from the upload (an empty POST returns the handle).
+                up.state = UploadState::Uploading;
+                repo.transition_upload(up, UploadState::Finishing).await?;
+            }
+            return Err(SequenceError::from_session(&seq.user_id, r));
+        }
         Err(CallError::Call(e)) => e,
     };
     if e.is_ambiguous() {
@@ -294,9 +400,11 @@ async fn finish<D: Deps>(
         repo.transition_upload(up, UploadState::Finishing).await?;
         Err(SequenceError::Transient(format!("finish_upload: {e}")))
     } else if e.is_unauthorized() {
-        Err(SequenceError::Permanent(format!(
-            "Mapillary rejected the token: {e}"
-        )))
+        // A 401 created nothing: back to UPLOADING, so that the next step (with the session's token
+        // if it changed, or in a later invocation) gets the handle again and finishes.
+        up.state = UploadState::Uploading;
+        repo.transition_upload(up, UploadState::Finishing).await?;
+        unauthorized(d, token, &e).await
     } else {
         fail_upload(d, up, format!("finish_upload failed: {e}")).await
     }

@@ -8,7 +8,7 @@
 //! CRC/md5 of every entry: entries below X come from the checkpoints in the repository (or, when
 //! one is missing, from re-reading that object — never re-sending it).
 //!
-//! `MapillaryClient::upload_resumable` wants a `'static` body stream per POST while the sources
+//! `MapillaryClient::upload_until` wants a `'static` body stream while the sources
 //! here borrow the ports; [`upload_zip`] therefore runs the producer next to the upload in the same
 //! task and hands each POST a channel receiver.
 //!
@@ -31,7 +31,7 @@ use md5::{Digest, Md5};
 use secrecy::SecretString;
 use shared::domain::jpeg::{self, JpegError};
 use shared::domain::zipfmt::{self, ZipFormatError, ZipPlan, ZipPosition};
-use shared::mapillary::client::UploadReport;
+use shared::mapillary::client::{UploadLimits, UploadOutcome};
 use shared::mapillary::error::MapillaryError;
 use shared::model::{EntryCheckpoint, UploadImage};
 use shared::ports::{ImageEntryStore, MapillaryUploads, ObjectChunks, ObjectStore, StoreError};
@@ -562,13 +562,16 @@ pub enum UploadFailure {
     Source(ZipError),
 }
 
-/// Upload `source` under `key` with `token`, resuming from the server's offset.
+/// Upload `source` under `key` with `token`, resuming from the server's offset, in POSTs of at
+/// most `limits.max_post_bytes` until complete or until `limits.stop_at` passes between two POSTs.
+/// The zip is produced once and streamed: consecutive POSTs read on from the same body.
 pub async fn upload_zip<M, S, R>(
     mly: &M,
     source: &ZipSource<'_, S, R>,
     token: &SecretString,
     key: &str,
-) -> Result<UploadReport, UploadFailure>
+    limits: UploadLimits,
+) -> Result<UploadOutcome, UploadFailure>
 where
     M: MapillaryUploads,
     S: ObjectStore,
@@ -581,7 +584,7 @@ where
         let _ = req_tx.send((offset, tx));
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
     };
-    let upload = mly.upload_resumable(token, key, source.total_len(), make_body);
+    let upload = mly.upload_until(token, key, source.total_len(), make_body, limits);
     let (res, ()) = tokio::join!(upload, source.drive(req_rx));
     match res {
         Ok(report) => Ok(report),

@@ -4,7 +4,16 @@
 //! * `ciphertext` (B): KMS `Encrypt` of the JSON `{"access_token", "refresh_token"}` under the
 //!   EncryptionContext `{"user_id": <user_id>}`, so a ciphertext copied to another user's item does
 //!   not decrypt;
-//! * `token_expires_at` (S, RFC 3339), `mapillary_user_id`, `username`, `updated_at` (S) in clear.
+//! * `token_expires_at` (S, RFC 3339), `mapillary_user_id`, `username`, `updated_at` (S) in clear;
+//! * `token_kind` (S, `oauth` | `upload_token`; absent in items written before kinds existed, which
+//!   hold OAuth tokens), `upload_refused_at` / `upload_refused_message` (S) once uploads with the
+//!   OAuth token were refused, `refresh_lease_until` (S) while a session refreshes;
+//! * `revision` (S): a fresh UUID on every write. The relay's own writes (refresh, user id, upload
+//!   refusal) are conditional on the revision they read, so they never overwrite a newer record and a
+//!   `DeleteItem` always wins over a refresh in flight (the condition fails on a missing item).
+//!
+//! The clear attributes are what the status API shows ([`ConnectionReader`]): it reads them without
+//! a KMS `Decrypt`, so its role has no `kms:Decrypt` on the token key.
 //!
 //! The expiry is deliberately **not** stored as `expires_at`: that is the UsersTable's TTL attribute,
 //! and a numeric token expiry there would make DynamoDB delete the item (and with it the refresh
@@ -26,8 +35,8 @@ use time::OffsetDateTime;
 use super::aws_error::{classify, AwsFailure};
 use super::dynamodb::batch::batch_get;
 use super::dynamodb::item::{key, s, string_of, Item};
-use crate::model::StoredToken;
-use crate::ports::{TokenError, TokenStore};
+use crate::model::{CasOutcome, ConnectionMetadata, StoredToken, TokenKind, TokenRecord, UploadRefusal};
+use crate::ports::{ConnectionReader, TokenError, TokenStore};
 
 /// Sort key of the Mapillary token item.
 pub const TOKEN_SK: &str = "MAPILLARY";
@@ -112,9 +121,48 @@ fn rfc3339(t: OffsetDateTime) -> Result<String, TokenError> {
         .map_err(|e| TokenError::Other(format!("formatting a timestamp: {e}")))
 }
 
+/// The clear attributes of a token item.
+fn metadata_of(user_id: &str, item: &Item) -> Result<ConnectionMetadata, TokenError> {
+    let kind = match string_attr(item, "token_kind")? {
+        None => TokenKind::Oauth,
+        Some(k) => TokenKind::parse(&k).ok_or_else(|| {
+            TokenError::Corrupt(format!(
+                "token item of user {user_id} has an unknown token_kind {k:?}"
+            ))
+        })?,
+    };
+    let upload_refused = match time_attr(item, "upload_refused_at")? {
+        None => None,
+        Some(at) => Some(UploadRefusal {
+            at,
+            message: string_attr(item, "upload_refused_message")?.unwrap_or_default(),
+        }),
+    };
+    Ok(ConnectionMetadata {
+        expires_at: time_attr(item, "token_expires_at")?,
+        mapillary_user_id: string_attr(item, "mapillary_user_id")?,
+        username: string_attr(item, "username")?,
+        updated_at: time_attr(item, "updated_at")?
+            .ok_or_else(|| TokenError::Corrupt(format!("token item of user {user_id} has no updated_at")))?,
+        kind,
+        upload_refused,
+    })
+}
+
+/// Attributes [`ConnectionReader::load_connection`] reads (never the ciphertext).
+const METADATA_ATTRIBUTES: [&str; 7] = [
+    "token_expires_at",
+    "mapillary_user_id",
+    "username",
+    "updated_at",
+    "token_kind",
+    "upload_refused_at",
+    "upload_refused_message",
+];
+
 impl KmsTokenStore {
     /// Decrypt and decode one token item.
-    async fn decrypt_item(&self, user_id: &str, item: Item) -> Result<StoredToken, TokenError> {
+    async fn decrypt_item(&self, user_id: &str, item: Item) -> Result<TokenRecord, TokenError> {
         let ciphertext = match item.get("ciphertext") {
             Some(AttributeValue::B(blob)) => blob.clone(),
             _ => {
@@ -156,21 +204,98 @@ impl KmsTokenStore {
                 e.column()
             ))
         })?;
-        Ok(StoredToken {
+        let meta = metadata_of(user_id, &item)?;
+        let token = StoredToken {
             access_token: SecretString::from(payload.access_token),
             refresh_token: payload.refresh_token.map(SecretString::from),
-            expires_at: time_attr(&item, "token_expires_at")?,
-            mapillary_user_id: string_attr(&item, "mapillary_user_id")?,
-            username: string_attr(&item, "username")?,
-            updated_at: time_attr(&item, "updated_at")?.ok_or_else(|| {
-                TokenError::Corrupt(format!("token item of user {user_id} has no updated_at"))
-            })?,
+            expires_at: meta.expires_at,
+            mapillary_user_id: meta.mapillary_user_id,
+            username: meta.username,
+            updated_at: meta.updated_at,
+        };
+        Ok(TokenRecord {
+            token,
+            kind: meta.kind,
+            upload_refused: meta.upload_refused,
+            refresh_lease_until: time_attr(&item, "refresh_lease_until")?,
+            revision: string_attr(&item, "revision")?,
         })
+    }
+
+    /// Encrypt `record` and build its PutItem under a fresh revision (returned).
+    async fn put_request(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+    ) -> Result<
+        (
+            aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder,
+            String,
+        ),
+        TokenError,
+    > {
+        let token = &record.token;
+        // The buffer moves into the KMS request (the SDK owns it from there).
+        let plaintext = serde_json::to_vec(&PayloadRef {
+            access_token: token.access_token.expose_secret(),
+            refresh_token: token.refresh_token.as_ref().map(|t| t.expose_secret()),
+        })
+        .map_err(|e| {
+            TokenError::Other(format!(
+                "encoding the token of user {user_id}: {:?} error",
+                e.classify()
+            ))
+        })?;
+        let blob = Blob::new(plaintext);
+        let encrypted = self
+            .kms
+            .encrypt()
+            .key_id(&self.key_id)
+            .plaintext(blob)
+            .encryption_context(CONTEXT_KEY, user_id)
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("KMS Encrypt token of user {user_id}")))?;
+        let ciphertext = encrypted.ciphertext_blob.ok_or_else(|| {
+            TokenError::Other(format!("KMS Encrypt token of user {user_id}: no ciphertext"))
+        })?;
+        let revision = uuid::Uuid::new_v4().to_string();
+        let mut req = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(key(user_pk(user_id), TOKEN_SK)))
+            .item("user_id", s(user_id))
+            .item("ciphertext", AttributeValue::B(ciphertext))
+            .item("updated_at", s(rfc3339(token.updated_at)?))
+            .item("token_kind", s(record.kind.as_str()))
+            .item("revision", s(&revision));
+        if let Some(key_id) = encrypted.key_id {
+            req = req.item("kms_key_id", s(key_id));
+        }
+        if let Some(expires_at) = token.expires_at {
+            req = req.item("token_expires_at", s(rfc3339(expires_at)?));
+        }
+        if let Some(id) = &token.mapillary_user_id {
+            req = req.item("mapillary_user_id", s(id));
+        }
+        if let Some(name) = &token.username {
+            req = req.item("username", s(name));
+        }
+        if let Some(r) = &record.upload_refused {
+            req = req
+                .item("upload_refused_at", s(rfc3339(r.at)?))
+                .item("upload_refused_message", s(&r.message));
+        }
+        if let Some(until) = record.refresh_lease_until {
+            req = req.item("refresh_lease_until", s(rfc3339(until)?));
+        }
+        Ok((req, revision))
     }
 }
 
 impl TokenStore for KmsTokenStore {
-    async fn load(&self, user_id: &str) -> Result<Option<StoredToken>, TokenError> {
+    async fn load_record(&self, user_id: &str) -> Result<Option<TokenRecord>, TokenError> {
         let out = self
             .dynamodb
             .get_item()
@@ -213,7 +338,7 @@ impl TokenStore for KmsTokenStore {
         futures::stream::iter(work)
             .map(|(id, item)| async move {
                 match item {
-                    Some(item) => self.decrypt_item(&id, item).await.map(Some),
+                    Some(item) => self.decrypt_item(&id, item).await.map(|r| Some(r.token)),
                     // Not found by a batch read that worked: the user has no token. Else read it alone.
                     None if !failed => Ok(None),
                     None => self.load(&id).await,
@@ -224,56 +349,45 @@ impl TokenStore for KmsTokenStore {
             .await
     }
 
-    async fn save(&self, user_id: &str, token: &StoredToken) -> Result<(), TokenError> {
-        // The buffer moves into the KMS request (the SDK owns it from there).
-        let plaintext = serde_json::to_vec(&PayloadRef {
-            access_token: token.access_token.expose_secret(),
-            refresh_token: token.refresh_token.as_ref().map(|t| t.expose_secret()),
-        })
-        .map_err(|e| {
-            TokenError::Other(format!(
-                "encoding the token of user {user_id}: {:?} error",
-                e.classify()
-            ))
-        })?;
-        let blob = Blob::new(plaintext);
-        let encrypted = self
-            .kms
-            .encrypt()
-            .key_id(&self.key_id)
-            .plaintext(blob)
-            .encryption_context(CONTEXT_KEY, user_id)
-            .send()
-            .await
-            .map_err(|e| token_error(classify(&e), &format!("KMS Encrypt token of user {user_id}")))?;
-        let ciphertext = encrypted.ciphertext_blob.ok_or_else(|| {
-            TokenError::Other(format!("KMS Encrypt token of user {user_id}: no ciphertext"))
-        })?;
-
-        let mut req = self
-            .dynamodb
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(key(user_pk(user_id), TOKEN_SK)))
-            .item("user_id", s(user_id))
-            .item("ciphertext", AttributeValue::B(ciphertext))
-            .item("updated_at", s(rfc3339(token.updated_at)?));
-        if let Some(key_id) = encrypted.key_id {
-            req = req.item("kms_key_id", s(key_id));
-        }
-        if let Some(expires_at) = token.expires_at {
-            req = req.item("token_expires_at", s(rfc3339(expires_at)?));
-        }
-        if let Some(id) = &token.mapillary_user_id {
-            req = req.item("mapillary_user_id", s(id));
-        }
-        if let Some(name) = &token.username {
-            req = req.item("username", s(name));
-        }
+    async fn put_record(&self, user_id: &str, record: &TokenRecord) -> Result<String, TokenError> {
+        let (req, revision) = self.put_request(user_id, record).await?;
         req.send()
             .await
             .map_err(|e| token_error(classify(&e), &format!("PutItem token of user {user_id}")))?;
-        Ok(())
+        Ok(revision)
+    }
+
+    async fn replace_if(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+        expected: Option<&str>,
+    ) -> Result<CasOutcome, TokenError> {
+        let (req, revision) = self.put_request(user_id, record).await?;
+        // A missing item fails both conditions: a deleted connection is never written back.
+        let req = match expected {
+            Some(rev) => req
+                .condition_expression("#rev = :rev")
+                .expression_attribute_names("#rev", "revision")
+                .expression_attribute_values(":rev", s(rev)),
+            None => req
+                .condition_expression("attribute_exists(pk) AND attribute_not_exists(#rev)")
+                .expression_attribute_names("#rev", "revision"),
+        };
+        match req.send().await {
+            Ok(_) => Ok(CasOutcome::Written(revision)),
+            Err(e) => {
+                let f = classify(&e);
+                if f.has_code("ConditionalCheckFailedException") {
+                    Ok(CasOutcome::Conflict)
+                } else {
+                    Err(token_error(
+                        f,
+                        &format!("conditional PutItem token of user {user_id}"),
+                    ))
+                }
+            }
+        }
     }
 
     async fn delete(&self, user_id: &str) -> Result<bool, TokenError> {
@@ -288,5 +402,32 @@ impl TokenStore for KmsTokenStore {
             .map_err(|e| token_error(classify(&e), &format!("DeleteItem token of user {user_id}")))?;
         // Only the presence of the old item is looked at (it holds the ciphertext).
         Ok(out.attributes.is_some_and(|a| !a.is_empty()))
+    }
+}
+
+impl ConnectionReader for KmsTokenStore {
+    async fn load_connection(&self, user_id: &str) -> Result<Option<ConnectionMetadata>, TokenError> {
+        let mut req = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
+            .consistent_read(true)
+            .projection_expression(
+                METADATA_ATTRIBUTES
+                    .iter()
+                    .map(|a| format!("#{a}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        for a in METADATA_ATTRIBUTES {
+            req = req.expression_attribute_names(format!("#{a}"), a);
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("GetItem connection of user {user_id}")))?;
+        // A projection of an existing item always holds `updated_at`, which every save writes.
+        out.item.map(|item| metadata_of(user_id, &item)).transpose()
     }
 }

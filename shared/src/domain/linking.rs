@@ -17,7 +17,13 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::tiles::{distance_m, LonLat};
-use crate::mapillary::image_link;
+
+/// Web link of an image (the help centre's "shortcut URL"; sequences have no documented URL).
+/// Defined here rather than in `mapillary` so that this file needs nothing outside `domain` (the
+/// fuzz crate compiles it on its own); `shared::mapillary::image_link` re-exports it.
+pub fn image_link(image_id: &str) -> String {
+    format!("https://www.mapillary.com/app/?pKey={image_id}")
+}
 
 /// Largest alignment (our images × Mapillary images) computed; one byte per cell.
 pub const MAX_ALIGNMENT_CELLS: usize = 16 * 1024 * 1024;

@@ -12,18 +12,20 @@ use futures::Stream;
 use secrecy::SecretString;
 
 use super::lock;
-use crate::mapillary::client::{Me, TokenGrant, UploadReport};
+use crate::mapillary::client::{Me, TokenGrant, UploadLimits, UploadOutcome, UploadReport};
 use crate::mapillary::error::MapillaryError;
 use crate::ports::{BoxError, MapillaryAuth, MapillaryUploads};
 
-/// Wraps a [`MapillaryUploads`] and keeps every [`UploadReport`] it returned (to check resumes)
-/// and the number of `finish_upload` calls (each one creates a cluster).
+/// Wraps a [`MapillaryUploads`] and keeps every [`UploadReport`] it returned (to check resumes),
+/// complete and paused apart, and the number of `finish_upload` calls (each one creates a cluster).
 #[derive(Debug, Default)]
 pub struct RecordingMapillary<M> {
     /// The wrapped implementation.
     pub inner: M,
-    /// Reports of successful uploads, in order.
+    /// Reports of completed uploads, in order.
     pub reports: Mutex<Vec<UploadReport>>,
+    /// Reports of uploads paused at their stop time, in order.
+    pub paused: Mutex<Vec<UploadReport>>,
     /// `finish_upload` calls.
     pub finishes: AtomicU64,
 }
@@ -34,13 +36,19 @@ impl<M> RecordingMapillary<M> {
         Self {
             inner,
             reports: Mutex::new(Vec::new()),
+            paused: Mutex::new(Vec::new()),
             finishes: AtomicU64::new(0),
         }
     }
 
-    /// A copy of the reports.
+    /// A copy of the reports of completed uploads.
     pub fn reports(&self) -> Vec<UploadReport> {
         lock(&self.reports).clone()
+    }
+
+    /// A copy of the reports of paused uploads.
+    pub fn paused_reports(&self) -> Vec<UploadReport> {
+        lock(&self.paused).clone()
     }
 }
 
@@ -55,13 +63,14 @@ impl<M: MapillaryAuth> MapillaryAuth for RecordingMapillary<M> {
 }
 
 impl<M: MapillaryUploads> MapillaryUploads for RecordingMapillary<M> {
-    async fn upload_resumable<F, S, E>(
+    async fn upload_until<F, S, E>(
         &self,
         token: &SecretString,
         key: &str,
         total_len: u64,
         make_body: F,
-    ) -> Result<UploadReport, MapillaryError>
+        limits: UploadLimits,
+    ) -> Result<UploadOutcome, MapillaryError>
     where
         F: FnMut(u64) -> S + Send,
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
@@ -69,9 +78,12 @@ impl<M: MapillaryUploads> MapillaryUploads for RecordingMapillary<M> {
     {
         let r = self
             .inner
-            .upload_resumable(token, key, total_len, make_body)
+            .upload_until(token, key, total_len, make_body, limits)
             .await?;
-        lock(&self.reports).push(r.clone());
+        match &r {
+            UploadOutcome::Complete(report) => lock(&self.reports).push(report.clone()),
+            UploadOutcome::Paused(report) => lock(&self.paused).push(report.clone()),
+        }
         Ok(r)
     }
 
@@ -98,18 +110,29 @@ mod tests {
     struct Stub;
 
     impl MapillaryUploads for Stub {
-        async fn upload_resumable<F, S, E>(
+        async fn upload_until<F, S, E>(
             &self,
             _token: &SecretString,
             key: &str,
             total_len: u64,
             mut make_body: F,
-        ) -> Result<UploadReport, MapillaryError>
+            limits: UploadLimits,
+        ) -> Result<UploadOutcome, MapillaryError>
         where
             F: FnMut(u64) -> S + Send,
             S: Stream<Item = Result<Bytes, E>> + Send + 'static,
             E: Into<BoxError>,
         {
+            let mut report = UploadReport {
+                handle: String::new(),
+                total_len,
+                offsets_fetched: vec![0],
+                posts: Vec::new(),
+                retries: 0,
+            };
+            if limits.stop_at.is_some_and(|s| std::time::Instant::now() >= s) {
+                return Ok(UploadOutcome::Paused(report));
+            }
             let mut body = Box::pin(make_body(0));
             let mut sent = 0;
             while let Some(chunk) = body.next().await {
@@ -117,17 +140,13 @@ mod tests {
                     .map_err(|e| MapillaryError::BodySource(e.into().to_string()))?
                     .len() as u64;
             }
-            Ok(UploadReport {
-                handle: format!("h-{key}"),
-                total_len,
-                offsets_fetched: vec![0],
-                posts: vec![PostRecord {
-                    offset: 0,
-                    bytes_sent: sent,
-                    error: None,
-                }],
-                retries: 0,
-            })
+            report.handle = format!("h-{key}");
+            report.posts.push(PostRecord {
+                offset: 0,
+                bytes_sent: sent,
+                error: None,
+            });
+            Ok(UploadOutcome::Complete(report))
         }
 
         async fn finish_upload(
@@ -152,9 +171,24 @@ mod tests {
         let token = SecretString::from("t");
         let body =
             |_offset: u64| futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abc"))]);
-        let r = m.upload_resumable(&token, "k", 3, body).await.unwrap();
+        let r = m
+            .upload_until(&token, "k", 3, body, UploadLimits::default())
+            .await
+            .unwrap();
+        let UploadOutcome::Complete(r) = r else {
+            panic!("the stub completes without a stop time: {r:?}")
+        };
         assert_eq!(r.handle, "h-k");
         assert_eq!(m.reports(), vec![r], "the report is kept as returned");
+        assert!(m.paused_reports().is_empty());
+        // A paused upload is kept apart.
+        let limits = UploadLimits {
+            stop_at: Some(std::time::Instant::now()),
+            ..UploadLimits::default()
+        };
+        let p = m.upload_until(&token, "k", 3, body, limits).await.unwrap();
+        assert!(matches!(p, UploadOutcome::Paused(_)), "{p:?}");
+        assert_eq!((m.reports().len(), m.paused_reports().len()), (1, 1));
 
         // Every call counts, failed ones too (each may have created a cluster).
         assert_eq!(

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::lock;
 use super::records::{MemRepo, RepoState};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
-use crate::ports::{ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
+use crate::ports::{PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
 
 /// Who holds the run lease, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ impl TrackingStore for MemTracking {
         Ok(())
     }
 
-    async fn list_pending_tracking(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+    async fn list_pending_tracking(&self) -> Result<PendingTracking, RepoError> {
         let mut st = lock(&self.state);
         let TrackingState { records, pending, .. } = &mut *st;
         let mut out = Vec::new();
@@ -179,7 +179,10 @@ impl TrackingStore for MemTracking {
         }
         pending.retain(|_, ids| !ids.is_empty());
         out.sort_by(|a, b| (&a.user_id, &a.upload_id).cmp(&(&b.user_id, &b.upload_id)));
-        Ok(out)
+        Ok(PendingTracking {
+            records: out,
+            unreadable: Vec::new(),
+        })
     }
 
     async fn put_links(&self, links: &[ImageLink]) -> Result<(), RepoError> {
@@ -373,7 +376,7 @@ mod tests {
         }
         assert!(!t.create_tracking(&record("pat", "p1")).await.unwrap());
         assert_eq!(
-            ids(t.list_pending_tracking().await.unwrap()),
+            ids(t.list_pending_tracking().await.unwrap().records),
             ["p1", "p2", "p3", "q1"]
         );
         assert_eq!(t.get_tracking("p2").await.unwrap(), Some(record("pat", "p2")));
@@ -382,7 +385,10 @@ mod tests {
         t.put_tracking_batch(&[finished("pat", "p2"), record("pat", "p3")], &[], None)
             .await
             .unwrap();
-        assert_eq!(ids(t.list_pending_tracking().await.unwrap()), ["p1", "p3", "q1"]);
+        assert_eq!(
+            ids(t.list_pending_tracking().await.unwrap().records),
+            ["p1", "p3", "q1"]
+        );
         assert_eq!(t.get_tracking("p2").await.unwrap(), Some(finished("pat", "p2")));
 
         // A final record back in its set (a re-delivered cluster message) is tidied by the
@@ -391,7 +397,10 @@ mod tests {
         t.update_tracking(&q1, None).await.unwrap();
         assert!(!t.create_tracking(&record("quin", "q1")).await.unwrap());
         t.create_tracking(&record("quin", "q2")).await.unwrap();
-        assert_eq!(ids(t.list_pending_tracking().await.unwrap()), ["p1", "p3", "q2"]);
+        assert_eq!(
+            ids(t.list_pending_tracking().await.unwrap().records),
+            ["p1", "p3", "q2"]
+        );
         assert_eq!(t.get_tracking("q1").await.unwrap(), Some(q1));
         assert!(!t.snapshot().pending["quin"].contains("q1"));
 
@@ -399,7 +408,7 @@ mod tests {
         t.put_tracking_batch(&[finished("pat", "p1"), finished("pat", "p3")], &[], Some("pat"))
             .await
             .unwrap();
-        assert_eq!(ids(t.list_pending_tracking().await.unwrap()), ["q2"]);
+        assert_eq!(ids(t.list_pending_tracking().await.unwrap().records), ["q2"]);
         assert!(!t.snapshot().pending.contains_key("pat"));
         assert_eq!(t.snapshot().batches, 2);
 
@@ -434,7 +443,7 @@ mod tests {
         t.update_tracking(&finished("pat", "p1"), Some(start()))
             .await
             .unwrap();
-        assert!(t.list_pending_tracking().await.unwrap().is_empty());
+        assert!(t.list_pending_tracking().await.unwrap().records.is_empty());
     }
 
     #[tokio::test]

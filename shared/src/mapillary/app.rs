@@ -11,7 +11,9 @@ use bytes::Bytes;
 use futures::Stream;
 use secrecy::SecretString;
 
-use super::client::{FileType, Image, MapillaryClient, Me, TokenGrant, UploadReport};
+use super::client::{
+    FileType, Image, MapillaryClient, Me, TokenGrant, UploadLimits, UploadOutcome, UploadReport,
+};
 use super::error::MapillaryError;
 use super::feed::ActivityPage;
 use super::retry::RetryPolicy;
@@ -122,6 +124,26 @@ impl MapillaryApp {
             .await
     }
 
+    /// Resumable upload in bounded POSTs until complete or paused; see
+    /// [`MapillaryClient::upload_until`].
+    pub async fn upload_until<F, S, E>(
+        &self,
+        token: &SecretString,
+        key: &str,
+        total_len: u64,
+        make_body: F,
+        limits: UploadLimits,
+    ) -> Result<UploadOutcome, MapillaryError>
+    where
+        F: FnMut(u64) -> S,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.client
+            .upload_until(token, key, total_len, make_body, limits)
+            .await
+    }
+
     /// `finish_upload` of a zip handle → `cluster_id`. Never retried (each call creates a cluster).
     pub async fn finish_upload(
         &self,
@@ -223,19 +245,20 @@ impl MapillaryApp {
 }
 
 impl MapillaryUploads for MapillaryApp {
-    async fn upload_resumable<F, S, E>(
+    async fn upload_until<F, S, E>(
         &self,
         token: &SecretString,
         key: &str,
         total_len: u64,
         make_body: F,
-    ) -> Result<UploadReport, MapillaryError>
+        limits: UploadLimits,
+    ) -> Result<UploadOutcome, MapillaryError>
     where
         F: FnMut(u64) -> S + Send,
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        MapillaryApp::upload_resumable(self, token, key, total_len, make_body).await
+        MapillaryApp::upload_until(self, token, key, total_len, make_body, limits).await
     }
 
     async fn finish_upload(

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -24,6 +24,8 @@ pub use secrecy::{ExposeSecret, SecretString};
 
 use super::error::MapillaryError;
 use super::feed::{self, ActivityPage};
+use super::replies::{self as reply, data_images, id_of, number_f64, number_i64};
+pub use super::replies::{entity_to_image, TokenGrant, LINK_FIELDS};
 use super::retry::{classify_graph, classify_rupload, upload_retry_action, RetryAction, RetryPolicy};
 use super::Endpoints;
 use crate::domain::linking::MapillaryImage;
@@ -39,19 +41,6 @@ pub enum TokenTransport {
     Header,
     /// `access_token=<token>` in the query string.
     QueryParam,
-}
-
-/// Reply of `POST /token` (§1.3).
-#[derive(Debug, Clone)]
-pub struct TokenGrant {
-    /// The user access token.
-    pub access_token: SecretString,
-    /// Lifetime in seconds, when Mapillary sent one.
-    pub expires_in: Option<u64>,
-    /// Always `bearer` (other values are rejected).
-    pub token_type: String,
-    /// A separate refresh token, if Mapillary ever sends one; otherwise refresh with the access token.
-    pub refresh_token: Option<SecretString>,
 }
 
 /// The user behind a token (`/me`, §1.5).
@@ -122,6 +111,42 @@ impl UploadReport {
     }
 }
 
+/// Default bound of one upload POST (64 MiB): at the 51 200 B/s mapillary_tools assumes as the
+/// slowest acceptable link it would take 22 minutes, at a Lambda's usual 10–50 MB/s 1–7 s, well
+/// inside zip-and-push's default 30 s deadline margin.
+pub const DEFAULT_MAX_POST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How far one [`MapillaryClient::upload_until`] call may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Largest body of one POST. Every POST is a complete request of known length, so a server
+    /// commits it whatever it does with interrupted ones.
+    pub max_post_bytes: u64,
+    /// No new step (offset request, POST or retry wait) starts after this instant; the call then
+    /// returns [`UploadOutcome::Paused`]. A POST already started runs to its end.
+    pub stop_at: Option<Instant>,
+}
+
+impl Default for UploadLimits {
+    /// [`DEFAULT_MAX_POST_BYTES`], no stop time.
+    fn default() -> Self {
+        Self {
+            max_post_bytes: DEFAULT_MAX_POST_BYTES,
+            stop_at: None,
+        }
+    }
+}
+
+/// How [`MapillaryClient::upload_until`] ended (errors aside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// Every byte is stored; the report carries the handle.
+    Complete(UploadReport),
+    /// The stop time came between two POSTs; the report's handle is empty. Every POST that ended
+    /// normally is stored: a later call resumes from the server's offset.
+    Paused(UploadReport),
+}
+
 /// A GeoJSON point.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GeoPoint {
@@ -176,72 +201,6 @@ impl Image {
 /// Most results of one image search (Mapillary's maximum and default `limit`).
 pub const SEARCH_LIMIT: usize = 2000;
 
-/// Entity fields the linking needs (see [`entity_to_image`]).
-pub const LINK_FIELDS: &str = "id,sequence,captured_at,geometry,altitude";
-
-/// An image entity (fields of [`LINK_FIELDS`]) as a linking input; the error names what is missing.
-pub fn entity_to_image(v: &Value) -> Result<MapillaryImage, String> {
-    let id = id_of(v.get("id")).ok_or("image entity has no `id`")?;
-    let sequence_id = id_of(v.get("sequence")).ok_or_else(|| format!("image {id} has no `sequence`"))?;
-    let captured_at_ms = v
-        .get("captured_at")
-        .and_then(|c| c.as_i64().or_else(|| c.as_str().and_then(|s| s.parse().ok())))
-        .ok_or_else(|| format!("image {id} has no `captured_at`"))?;
-    let coords = v
-        .get("geometry")
-        .and_then(|g| g.get("coordinates"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("image {id} has no `geometry`"))?;
-    let lon = coords.first().and_then(number_f64);
-    let lat = coords.get(1).and_then(number_f64);
-    let (Some(lon), Some(lat)) = (lon, lat) else {
-        return Err(format!("image {id} has unreadable coordinates"));
-    };
-    Ok(MapillaryImage {
-        id,
-        sequence_id,
-        captured_at_ms,
-        lon,
-        lat,
-        altitude: v.get("altitude").and_then(number_f64),
-    })
-}
-
-/// The `data` array of an image search or batch read, as linking inputs.
-fn data_images(v: &Value) -> Result<Vec<MapillaryImage>, MapillaryError> {
-    let data = v
-        .get("data")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad_reply(200, "images reply has no `data` array"))?;
-    data.iter()
-        .map(|e| entity_to_image(e).map_err(|m| bad_reply(200, m)))
-        .collect()
-}
-
-/// Ids are strings on the wire; numbers are accepted and printed (never parsed further).
-fn id_of(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn number_f64(v: &Value) -> Option<f64> {
-    v.as_f64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
-fn number_i64(v: &Value) -> Option<i64> {
-    v.as_i64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
-fn number_u64(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
 fn point_of(v: Option<&Value>) -> Option<GeoPoint> {
     let c = v?.get("coordinates")?.as_array()?;
     Some(GeoPoint {
@@ -251,10 +210,7 @@ fn point_of(v: Option<&Value>) -> Option<GeoPoint> {
 }
 
 fn bad_reply(status: u16, message: impl Into<String>) -> MapillaryError {
-    MapillaryError::BadReply {
-        status,
-        message: message.into(),
-    }
+    reply::bad_reply(status, message).into()
 }
 
 /// The `Authorization: OAuth <secret>` value, marked sensitive.
@@ -320,6 +276,62 @@ impl Stream for CountingBody {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// The body stream of an upload, shared by the POSTs that read on from it (see [`Window`]).
+struct Pump {
+    inner: Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>,
+    /// The rest of a chunk the previous window split.
+    leftover: Option<Bytes>,
+}
+
+impl Pump {
+    fn new<S, E>(body: S) -> Arc<Mutex<Pump>>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        Arc::new(Mutex::new(Pump {
+            inner: Box::pin(body.map(|r| r.map_err(Into::into))),
+            leftover: None,
+        }))
+    }
+}
+
+/// The next `remaining` bytes of a [`Pump`]: the body of one bounded POST. A chunk that crosses
+/// the window's end is split and its rest kept for the next window.
+struct Window {
+    pump: Arc<Mutex<Pump>>,
+    remaining: u64,
+}
+
+impl Stream for Window {
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let pump = self.pump.clone();
+        let Ok(mut p) = pump.lock() else {
+            return Poll::Ready(Some(Err("upload body pump poisoned".into())));
+        };
+        let chunk = match p.leftover.take() {
+            Some(c) => c,
+            None => match p.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(c))) => c,
+                other => return other,
+            },
+        };
+        let mut chunk = chunk;
+        if chunk.len() as u64 > self.remaining {
+            // `remaining` < chunk length, so it fits a usize.
+            let rest = chunk.split_off(self.remaining as usize);
+            p.leftover = Some(rest);
+        }
+        self.remaining -= chunk.len() as u64;
+        Poll::Ready(Some(Ok(chunk)))
     }
 }
 
@@ -450,32 +462,7 @@ impl MapillaryClient {
             .form(form)
             .timeout(self.policy.min_request_timeout);
         let v = self.graph_json(req).await?;
-        let access_token = v
-            .get("access_token")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad_reply(200, "token reply has no `access_token`"))?;
-        let token_type = v
-            .get("token_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        if !token_type.eq_ignore_ascii_case("bearer") {
-            return Err(bad_reply(
-                200,
-                format!("token_type {token_type:?} is not \"bearer\""),
-            ));
-        }
-        Ok(TokenGrant {
-            access_token: SecretString::from(access_token),
-            expires_in: v.get("expires_in").and_then(number_u64),
-            token_type,
-            refresh_token: v
-                .get("refresh_token")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(SecretString::from),
-        })
+        Ok(reply::token_grant(&v)?)
     }
 
     /// The token's user (`GET {graph}/me?fields=id,username`).
@@ -521,11 +508,7 @@ impl MapillaryClient {
                 SystemTime::now(),
             ));
         }
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|_| bad_reply(status, "offset reply is not JSON"))?;
-        v.get("offset")
-            .and_then(number_u64)
-            .ok_or_else(|| bad_reply(status, "offset reply has no `offset`"))
+        Ok(reply::upload_offset(status, &body)?)
     }
 
     /// One streaming POST of `body` (the file from `offset` on) with `Offset` and `X-Entity-Name`
@@ -542,22 +525,26 @@ impl MapillaryClient {
         E: Into<BoxError>,
     {
         let (bytes_sent, res) = self.post_body(token, key, offset, body, None).await;
-        res.map(|handle| UploadedPart {
+        let handle = res?.ok_or_else(|| bad_reply(200, "upload reply has no handle `h`"))?;
+        Ok(UploadedPart {
             handle,
             offset,
             bytes_sent,
         })
     }
 
-    /// The `(bytes handed out, result)` of one POST; `remaining` is enforced when known.
+    /// The `(bytes handed out, result)` of one POST; `expected` (the body length) is enforced when
+    /// known. The result is the handle `h` when the reply carried one: only the POST that completes
+    /// the file is known to return it (older clients read `h` only from their last POST), so a reply
+    /// to an intermediate POST may lack it.
     async fn post_body<S, E>(
         &self,
         token: &SecretString,
         key: &str,
         offset: u64,
         body: S,
-        remaining: Option<u64>,
-    ) -> (u64, Result<String, MapillaryError>)
+        expected: Option<u64>,
+    ) -> (u64, Result<Option<String>, MapillaryError>)
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError>,
@@ -569,11 +556,11 @@ impl MapillaryClient {
             let counting = CountingBody {
                 inner: Box::pin(body.map(|r| r.map_err(Into::into))),
                 sent: sent.clone(),
-                expected: remaining,
+                expected,
                 failure: failure.clone(),
                 done: false,
             };
-            let timeout = self.policy.request_timeout(remaining.unwrap_or(0));
+            let timeout = self.policy.request_timeout(expected.unwrap_or(0));
             let req = self
                 .http
                 .post(url)
@@ -601,35 +588,74 @@ impl MapillaryClient {
                     SystemTime::now(),
                 ));
             }
-            let v: Value =
-                serde_json::from_slice(&body).map_err(|_| bad_reply(status, "upload reply is not JSON"))?;
-            id_of(v.get("h")).ok_or_else(|| bad_reply(status, "upload reply has no handle `h`"))
+            Ok(reply::upload_handle_if_any(status, &body)?)
         }
         .await;
         (sent.load(Ordering::Relaxed), res)
     }
 
-    /// Upload a file of `total_len` bytes under `key`, resuming from whatever the server holds.
-    ///
-    /// Each step GETs the offset, then POSTs `make_body(offset)` (the file from that offset to the
-    /// end; an empty body when the server already has everything). Failures are retried per §2.6
-    /// (see [`upload_retry_action`]): exponential backoff with jitter plus any server-requested
-    /// wait, 412 at once, at most [`RetryPolicy::max_retries`] failures in a row without progress.
-    /// [`MapillaryError::Unauthorized`] is returned at once: refresh the token and call again.
-    /// A body stream that fails or has the wrong length ends the upload with
-    /// [`MapillaryError::BodySource`].
+    /// Upload a file of `total_len` bytes under `key`, resuming from whatever the server holds, in
+    /// POSTs of at most [`DEFAULT_MAX_POST_BYTES`]; see [`Self::upload_until`]. Runs until the file
+    /// is complete or the retry budget is spent.
     pub async fn upload_resumable<F, S, E>(
         &self,
         token: &SecretString,
         key: &str,
         total_len: u64,
-        mut make_body: F,
+        make_body: F,
     ) -> Result<UploadReport, MapillaryError>
     where
         F: FnMut(u64) -> S,
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError>,
     {
+        match self
+            .upload_until(token, key, total_len, make_body, UploadLimits::default())
+            .await?
+        {
+            UploadOutcome::Complete(report) => Ok(report),
+            // Without `stop_at` the loop never pauses.
+            UploadOutcome::Paused(report) => Err(bad_reply(
+                200,
+                format!(
+                    "upload paused at {} of {total_len} bytes without a stop time",
+                    report.offsets_fetched.last().copied().unwrap_or(0)
+                ),
+            )),
+        }
+    }
+
+    /// Upload a file of `total_len` bytes under `key`, resuming from whatever the server holds.
+    ///
+    /// Each step GETs the offset, then POSTs the next at most [`UploadLimits::max_post_bytes`] bytes
+    /// from there, a **complete** request with a body of known length that ends normally: a server
+    /// that drops the bytes of an interrupted POST still commits every finished one, and a Lambda
+    /// never has to cut a body at its deadline. `make_body(offset)` yields the file from `offset` to
+    /// the end; consecutive POSTs read on from the same stream (it is only asked for again after a
+    /// failure or when the server reports another offset), so the body is produced once. When the
+    /// server already has everything, an empty POST returns the handle. Before each step, a
+    /// [`UploadLimits::stop_at`] that has passed ends the call with [`UploadOutcome::Paused`]: the
+    /// bytes sent so far are stored and a later call resumes from the server's offset.
+    ///
+    /// Failures are retried per §2.6 (see [`upload_retry_action`]): exponential backoff with jitter
+    /// plus any server-requested wait, 412 at once, at most [`RetryPolicy::max_retries`] failures in
+    /// a row without progress. [`MapillaryError::Unauthorized`] is returned at once: refresh the
+    /// token and call again. A body stream that fails or has the wrong length ends the upload with
+    /// [`MapillaryError::BodySource`].
+    pub async fn upload_until<F, S, E>(
+        &self,
+        token: &SecretString,
+        key: &str,
+        total_len: u64,
+        mut make_body: F,
+        limits: UploadLimits,
+    ) -> Result<UploadOutcome, MapillaryError>
+    where
+        F: FnMut(u64) -> S,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let max_post = limits.max_post_bytes.max(1);
         let mut report = UploadReport {
             handle: String::new(),
             total_len,
@@ -640,7 +666,17 @@ impl MapillaryClient {
         let mut backoff = self.policy.backoff();
         let mut since_progress = 0u32;
         let mut high_water: Option<u64> = None;
+        // The body stream and the file offset it is positioned at, kept between POSTs.
+        let mut pump: Option<(u64, Arc<Mutex<Pump>>)> = None;
         loop {
+            if limits.stop_at.is_some_and(|s| Instant::now() >= s) {
+                info!(
+                    key,
+                    posts = report.posts.len(),
+                    "stop time reached between POSTs: upload paused"
+                );
+                return Ok(UploadOutcome::Paused(report));
+            }
             let step = async {
                 let offset = self.fetch_offset(token, key).await?;
                 report.offsets_fetched.push(offset);
@@ -658,13 +694,26 @@ impl MapillaryClient {
                     since_progress = 0;
                 }
                 high_water = Some(high_water.map_or(offset, |h| h.max(offset)));
-                let remaining = total_len - offset;
-                let (sent, res) = if remaining == 0 {
+                let len = (total_len - offset).min(max_post);
+                let (sent, res) = if len == 0 {
                     let empty = futures::stream::empty::<Result<Bytes, BoxError>>();
                     self.post_body(token, key, offset, empty, Some(0)).await
                 } else {
-                    self.post_body(token, key, offset, make_body(offset), Some(remaining))
-                        .await
+                    let source = match pump.take() {
+                        Some((at, p)) if at == offset => p,
+                        _ => Pump::new(make_body(offset)),
+                    };
+                    let window = Window {
+                        pump: source.clone(),
+                        remaining: len,
+                    };
+                    let (sent, res) = self.post_body(token, key, offset, window, Some(len)).await;
+                    if res.is_ok() {
+                        // The window consumed exactly `len` bytes (enforced): the stream is at the
+                        // next POST's offset. After a failure its position is unknown: dropped.
+                        pump = Some((offset + len, source));
+                    }
+                    (sent, res)
                 };
                 debug!(key, offset, bytes_sent = sent, ok = res.is_ok(), "upload POST");
                 report.posts.push(PostRecord {
@@ -672,11 +721,17 @@ impl MapillaryClient {
                     bytes_sent: sent,
                     error: res.as_ref().err().map(ToString::to_string),
                 });
-                res
+                let handle = res?;
+                if offset + len < total_len {
+                    return Ok(None);
+                }
+                handle
+                    .map(Some)
+                    .ok_or_else(|| bad_reply(200, "upload reply has no handle `h`"))
             }
             .await;
             let err = match step {
-                Ok(handle) => {
+                Ok(Some(handle)) => {
                     info!(
                         key,
                         total_len,
@@ -685,8 +740,10 @@ impl MapillaryClient {
                         "upload complete"
                     );
                     report.handle = handle;
-                    return Ok(report);
+                    return Ok(UploadOutcome::Complete(report));
                 }
+                // A bounded POST ended normally: the next one follows on the same connection.
+                Ok(None) => continue,
                 Err(e) => e,
             };
             let wait = match upload_retry_action(&err, &self.policy) {
@@ -703,6 +760,10 @@ impl MapillaryClient {
             since_progress += 1;
             report.retries += 1;
             warn!(key, error = %err, wait_ms = wait.as_millis() as u64, retry = since_progress, "upload step failed; retrying");
+            if limits.stop_at.is_some_and(|s| Instant::now() + wait >= s) {
+                info!(key, error = %err, "stop time reached before the retry: upload paused");
+                return Ok(UploadOutcome::Paused(report));
+            }
             tokio::time::sleep(wait).await;
         }
     }
@@ -729,12 +790,7 @@ impl MapillaryClient {
             .json(&body)
             .timeout(self.policy.min_request_timeout);
         let v = self.graph_json(req).await?;
-        let cluster_id = id_of(v.get("cluster_id")).ok_or_else(|| {
-            bad_reply(
-                200,
-                "finish_upload reply has no `cluster_id` (a cluster may exist)",
-            )
-        })?;
+        let cluster_id = reply::finish_cluster_id(&v)?;
         info!(cluster_id, file_type = file_type.as_str(), "upload finished");
         Ok(cluster_id)
     }
@@ -798,16 +854,7 @@ impl MapillaryClient {
         let v = self
             .graph_get(token, &["image_ids"], &[("sequence_id", sequence_id)])
             .await?;
-        let data = v
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad_reply(200, "image_ids reply has no `data` array"))?;
-        data.iter()
-            .enumerate()
-            .map(|(i, item)| {
-                id_of(item.get("id")).ok_or_else(|| bad_reply(200, format!("image_ids item {i} has no `id`")))
-            })
-            .collect()
+        Ok(reply::image_ids(&v)?)
     }
 
     /// Image entities by id (`GET {graph}/images?image_ids=…&fields=`[`LINK_FIELDS`], one request
@@ -852,7 +899,7 @@ impl MapillaryClient {
             ("limit", &limit),
         ];
         let v = self.graph_get(token, &["images"], &query).await?;
-        data_images(&v)
+        Ok(data_images(&v)?)
     }
 
     /// Every image of `sequence_ids` (`GET {graph}/images?sequence_id=a,b,…&fields=…&limit=2000`, one
@@ -870,7 +917,7 @@ impl MapillaryClient {
             ("limit", &limit),
         ];
         let v = self.graph_get(token, &["images"], &query).await?;
-        data_images(&v)
+        Ok(data_images(&v)?)
     }
 
     /// One z/x/y coverage tile of `mly1_public` (`GET {tiles}/maps/vtp/mly1_public/2/z/x/y`, token

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::feed::FeedError;
+use super::replies::BadReply;
 
 /// How a transport failure happened (matters for `finish_upload`, which is not idempotent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +127,15 @@ impl MapillaryError {
         Self::Transport {
             kind,
             message: error_chain(&e.without_url()),
+        }
+    }
+}
+
+impl From<BadReply> for MapillaryError {
+    fn from(e: BadReply) -> Self {
+        Self::BadReply {
+            status: e.status,
+            message: e.message,
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   a 401, the Mapillary user id.
 //! * [`client`] — the HTTP client (OAuth, rupload, `finish_upload`, feed, entities, searches, tiles).
 //! * [`feed`] — the GraphQL activity feed's document and parser.
+//! * [`replies`] — the parsers of every other reply (token, offset, upload handle, `finish_upload`,
+//!   entities, `image_ids`, rupload `backoff`) and the token lifetime check.
 //! * [`error`] — every failure of a call; [`retry`] — the upload retry policy and reply classification.
 //!
 //! Parsing is pure and tolerant: unknown JSON fields are ignored, unknown enum values are kept
@@ -15,6 +17,7 @@ pub mod app;
 pub mod client;
 pub mod error;
 pub mod feed;
+pub mod replies;
 pub mod retry;
 pub mod session;
 
@@ -54,7 +57,4 @@ impl Endpoints {
     }
 }
 
-/// Web link of an image (the help centre's "shortcut URL"; sequences have no documented URL).
-pub fn image_link(image_id: &str) -> String {
-    format!("https://www.mapillary.com/app/?pKey={image_id}")
-}
+pub use crate::domain::linking::image_link;

@@ -11,6 +11,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::Value;
 
 use super::error::MapillaryError;
+use super::replies::rupload_backoff;
 
 /// Wait when a rate-limit reply says nothing about how long (mapillary_tools: 10 s).
 pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(10);
@@ -207,12 +208,9 @@ pub fn classify_rupload(
     let is_4xx = (400..500).contains(&status);
 
     if status == 429 || (is_4xx && kind.as_deref() == Some("RequestRateLimitedError")) {
-        let backoff = json
-            .as_ref()
-            .and_then(|v| v.get("backoff"))
-            .and_then(Value::as_f64)
-            .filter(|ms| ms.is_finite() && *ms >= 0.0)
-            .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+        // Clamped (a huge `backoff` made `Duration::from_secs_f64` panic): the wait then exceeds
+        // `max_server_wait`, and the upload stops with this error instead of sleeping.
+        let backoff = json.as_ref().and_then(rupload_backoff);
         return MapillaryError::RateLimited {
             retry_after: backoff.or(header_wait),
             message,
@@ -372,6 +370,28 @@ mod tests {
         let e = rupload(429, None, &body);
         assert_eq!(action(&e), RetryAction::Stop);
         assert!(e.is_retriable(), "the caller may still reschedule");
+    }
+
+    #[test]
+    fn a_huge_backoff_is_clamped_and_stops_the_upload_instead_of_panicking() {
+        // `Duration::from_secs_f64(1e300 / 1000.0)` panicked (issue 15, item 1).
+        for huge in ["1e300", "1.7976931348623157e308", "18446744073709551615000"] {
+            let body = RATE_LIMITED.replace("13000", huge);
+            let e = rupload(429, Some("5"), &body);
+            assert!(
+                matches!(&e, MapillaryError::RateLimited { retry_after: Some(d), .. } if *d == crate::mapillary::replies::MAX_SERVER_BACKOFF),
+                "{huge}: {e:?}"
+            );
+            assert_eq!(action(&e), RetryAction::Stop, "{huge}");
+        }
+        // A negative backoff is no wait the server asked for: Retry-After applies.
+        let e = rupload(429, Some("5"), &RATE_LIMITED.replace("13000", "-1e300"));
+        assert_eq!(
+            action(&e),
+            RetryAction::Backoff {
+                extra: Duration::from_secs(5)
+            }
+        );
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! image points near ours (time and distance) → their sequences → `image_ids` → image entities →
 //! [`match_candidates`]. Uploads appear in tiles only once `tiler_status` is FINISHED, so a match
 //! also says "all four stages finished".
+//!
+//! Tiles show every user's public images: only sequences whose creator is this user's Mapillary
+//! account are candidates (tile `creator_id` when the tile has it, and the sequence's first image
+//! entity's `creator` always), so another user's drive along the same road at the same time is
+//! never taken for ours (issue 15, item 7).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -11,9 +16,10 @@ use shared::domain::tiles::{
     decode_coverage_tile, tiles_covering_points, CoverageTile, LonLat, TileId, COVERAGE_ZOOM,
 };
 use shared::mapillary::app::MapillaryApp;
+use shared::mapillary::replies::creator_id;
 use shared::mapillary::session::TokenSession;
 use shared::model::TrackingRecord;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::deps::Deps;
 use crate::linking::common::{near, sequence_images, Linked, LinkingError};
@@ -53,6 +59,10 @@ pub async fn find_upload<D: Deps>(
             record.upload_id
         )));
     }
+    let mine = tok
+        .mapillary_user_id(record.mapillary_user_id.clone())
+        .await
+        .map_err(LinkingError::Token)?;
     let tol = d.tunables().tolerances;
     let points: Vec<LonLat> = ours.iter().map(|o| LonLat::new(o.lon, o.lat)).collect();
     let tiles = tiles_covering_points(
@@ -86,6 +96,9 @@ pub async fn find_upload<D: Deps>(
         };
         for pt in &content.images {
             let Some(at) = pt.captured_at_ms else { continue };
+            if pt.creator_id.as_ref().is_some_and(|c| c != &mine) {
+                continue;
+            }
             let cand = MapillaryImage {
                 id: pt.id.clone(),
                 sequence_id: pt.sequence_id.clone(),
@@ -109,7 +122,20 @@ pub async fn find_upload<D: Deps>(
     }
     let mut candidates = Vec::new();
     for s in &sequences {
-        candidates.extend(sequence_images(d, tok, s).await?.images);
+        let images = sequence_images(d, tok, s).await?.images;
+        let Some(first) = images.first() else { continue };
+        let api = d.mapillary();
+        let first_id = first.id.as_str();
+        let entity = tok
+            .call(|t| async move { api.image(&t, first_id, &["creator"]).await })
+            .await?;
+        match creator_id(&entity.raw) {
+            Some(c) if c == mine => candidates.extend(images),
+            other => {
+                debug!(sequence_id = %s, creator = other.as_deref().unwrap_or("-"),
+                    "coverage-tile sequence of another creator: not a candidate");
+            }
+        }
     }
     let report = match_candidates(&ours, &candidates, &tol)?;
     if report.linked_count() == 0 {

@@ -35,11 +35,11 @@ use time::OffsetDateTime;
 
 use super::batch::{batch_get, batch_write};
 use super::item::{
-    decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, Item,
+    decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, string_of, Item,
 };
 use super::uploads::UNCERTAIN_GSI2PK;
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
-use crate::ports::{ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
+use crate::ports::{PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
 
 /// Sort key of a tracking record.
 pub const TRACK_SK: &str = "TRACK";
@@ -202,9 +202,55 @@ impl DynamoTracking {
         Ok(())
     }
 
+    /// Tracking records by upload id (BatchGetItem, consistent, each id read once): the readable
+    /// ones by id, and (id, why) for each record that cannot be decoded.
+    async fn get_records_lenient(
+        &self,
+        ids: &[String],
+    ) -> Result<(HashMap<String, TrackingRecord>, Vec<(String, String)>), RepoError> {
+        let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+        let keys: Vec<Item> = unique
+            .into_iter()
+            .map(|id| key(upload_pk(id), TRACK_SK))
+            .collect();
+        let items = batch_get(&self.client, &self.table, keys, None)
+            .await
+            .map_err(|e| e.into_repo("BatchGetItem tracking"))?;
+        let mut records = HashMap::with_capacity(items.len());
+        let mut unreadable = Vec::new();
+        for item in items {
+            let id = string_of(&item, "pk")
+                .and_then(|pk| pk.strip_prefix("UPLOAD#"))
+                .unwrap_or("?")
+                .to_string();
+            match decode_record(item, "tracking record") {
+                Ok(r) if r.upload_id == id => {
+                    records.insert(id, r);
+                }
+                Ok(r) => {
+                    let why = format!("tracking record {id} names upload {} instead", r.upload_id);
+                    unreadable.push((id, why));
+                }
+                Err(e) => {
+                    let why = format!("tracking record {id} is unreadable: {e}");
+                    unreadable.push((id, why));
+                }
+            }
+        }
+        for (id, why) in &unreadable {
+            tracing::warn!(upload_id = %id, problem = %why, "pending tracking record skipped");
+        }
+        Ok((records, unreadable))
+    }
+
     /// Tracking records by upload id (BatchGetItem, consistent): found ones, in no particular order.
     pub async fn get_records(&self, ids: &[String]) -> Result<Vec<TrackingRecord>, RepoError> {
-        let keys: Vec<Item> = ids.iter().map(|id| key(upload_pk(id), TRACK_SK)).collect();
+        // Each key once: DynamoDB refuses a BatchGetItem with a repeated key.
+        let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+        let keys: Vec<Item> = unique
+            .into_iter()
+            .map(|id| key(upload_pk(id), TRACK_SK))
+            .collect();
         batch_get(&self.client, &self.table, keys, None)
             .await
             .map_err(|e| e.into_repo("BatchGetItem tracking"))?
@@ -377,7 +423,7 @@ impl TrackingStore for DynamoTracking {
             .await
     }
 
-    async fn list_pending_tracking(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+    async fn list_pending_tracking(&self) -> Result<PendingTracking, RepoError> {
         let mut pages = self
             .client
             .query()
@@ -388,13 +434,20 @@ impl TrackingStore for DynamoTracking {
             .expression_attribute_values(":pk", s(PENDING_USERS_GSI2PK))
             .into_paginator()
             .send();
+        let mut listing = PendingTracking::default();
+        // Ids whose record exists but cannot be read: reported, and kept in their sets.
+        let mut unreadable_ids: HashSet<String> = HashSet::new();
         // user → its pending upload ids
         let mut sets: Vec<(String, Vec<String>)> = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| repo_error(&e, "Query gsi2 PENDING_USERS"))?;
             for item in page.items.unwrap_or_default() {
                 let Some(AttributeValue::S(user)) = item.get("user_id") else {
-                    return Err(RepoError::Corrupt("pending-uploads item without user_id".into()));
+                    listing.unreadable.push(format!(
+                        "pending-uploads item {} has no user_id",
+                        string_of(&item, "pk").unwrap_or("?")
+                    ));
+                    continue;
                 };
                 let ids = match item.get("uploads") {
                     Some(AttributeValue::Ss(ids)) => ids.clone(),
@@ -403,13 +456,47 @@ impl TrackingStore for DynamoTracking {
                 sets.push((user.clone(), ids));
             }
         }
-        let ids: Vec<String> = sets.iter().flat_map(|(_, ids)| ids.iter().cloned()).collect();
-        let mut by_id: HashMap<String, TrackingRecord> = self
-            .get_records(&ids)
-            .await?
+        // One read per id even when two sets name it (DynamoDB refuses a BatchGetItem with a
+        // repeated key, which stopped every user's tracking: issue 15).
+        let ids: Vec<String> = sets
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
-            .map(|r| (r.upload_id.clone(), r))
             .collect();
+        let by_id: HashMap<String, TrackingRecord> = match self.get_records_lenient(&ids).await {
+            Ok((records, unreadable)) => {
+                for (id, why) in unreadable {
+                    unreadable_ids.insert(id);
+                    listing.unreadable.push(why);
+                }
+                records
+            }
+            // The batch as a whole failed: read user by user, so that one user's records cannot
+            // stop the others'.
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the pending records failed: reading them per user");
+                let mut all = HashMap::new();
+                for (user, ids) in &sets {
+                    match self.get_records_lenient(ids).await {
+                        Ok((records, unreadable)) => {
+                            for (id, why) in unreadable {
+                                unreadable_ids.insert(id);
+                                listing.unreadable.push(why);
+                            }
+                            all.extend(records);
+                        }
+                        Err(e) => {
+                            unreadable_ids.extend(ids.iter().cloned());
+                            listing
+                                .unreadable
+                                .push(format!("pending uploads of user {user}: {e}"));
+                        }
+                    }
+                }
+                all
+            }
+        };
         let mut out = Vec::with_capacity(ids.len());
         for (user, ids) in sets {
             if ids.is_empty() {
@@ -432,9 +519,13 @@ impl TrackingStore for DynamoTracking {
             }
             let mut done = Vec::new();
             for id in ids {
-                match by_id.remove(&id) {
-                    Some(r) if !r.tracked.state.is_final() && r.user_id == user => out.push(r),
-                    // Final (its removal from the set did not happen) or gone: tidy the set.
+                match by_id.get(&id) {
+                    // Every read checks the owner: a record of another user is never listed for
+                    // this one (and leaves this user's set).
+                    Some(r) if !r.tracked.state.is_final() && r.user_id == user => out.push(r.clone()),
+                    // Unreadable: reported above, kept in the set until someone repairs it.
+                    None if unreadable_ids.contains(&id) => {}
+                    // Final (its removal from the set did not happen), gone, or not this user's.
                     _ => done.push(id),
                 }
             }
@@ -444,7 +535,8 @@ impl TrackingStore for DynamoTracking {
             }
         }
         out.sort_by(|a, b| (&a.user_id, &a.upload_id).cmp(&(&b.user_id, &b.upload_id)));
-        Ok(out)
+        listing.records = out;
+        Ok(listing)
     }
 
     async fn put_links(&self, links: &[ImageLink]) -> Result<(), RepoError> {

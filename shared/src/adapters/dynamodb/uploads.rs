@@ -100,6 +100,10 @@ fn rejected_sk(position: usize) -> String {
     format!("REJECTED#{position:06}")
 }
 
+/// How long an ingest error is kept (30 days): the UploadsTable's TTL (`expires_at`) deletes it
+/// afterwards.
+pub const INGEST_ERROR_RETENTION_S: i64 = 30 * 24 * 3600;
+
 /// Partition key of the ingest errors.
 pub const INGEST_ERROR_PK: &str = "INGEST_ERROR";
 /// gsi2 partition key of uploads that are not final.
@@ -547,6 +551,9 @@ impl IngestErrorLog for DynamoRepository {
         }
         let mut item = encode(error, "ingest error")?;
         item.insert("pk".into(), s(INGEST_ERROR_PK));
+        // The table's TTL attribute: the log of bad notifications does not grow forever.
+        let expires = error.at.unix_timestamp().saturating_add(INGEST_ERROR_RETENTION_S);
+        item.insert("expires_at".into(), n(expires));
         item.insert(
             "sk".into(),
             s(format!("{}#{key_part}", sortable_timestamp(error.at)?)),
