@@ -56,6 +56,10 @@ pub struct SimEndpoints {
     pub client_id: String,
     /// `MAPILLARY_CLIENT_SECRET` (plain; local use only).
     pub client_secret: String,
+    /// `MAPILLARY_FEED_TOKEN` (plain; local use only): the web-app client token the poller calls the
+    /// activity feed with first. `None` (the default of [`SimEndpoints::from_base`]) leaves it unset, so
+    /// the poller falls back to each user's own token.
+    pub feed_token: Option<String>,
 }
 
 impl SimEndpoints {
@@ -69,7 +73,15 @@ impl SimEndpoints {
             www_url: format!("{base}/www"),
             client_id: client_id.to_string(),
             client_secret: client_secret.to_string(),
+            feed_token: None,
         }
+    }
+
+    /// The same endpoints with a web-app feed token (e.g. the simulator's
+    /// `mapillary_sim::defaults::WEB_APP_CLIENT_TOKEN`, the only token its strict worlds' feed takes).
+    pub fn with_feed_token(mut self, token: impl Into<String>) -> Self {
+        self.feed_token = Some(token.into());
+        self
     }
 }
 
@@ -308,9 +320,11 @@ impl LocalStack {
 
     /// The environment a function of this stack sees: the template's variables (`RELAY_*`,
     /// `MAPILLARY_*`) with this stack's values and `sim`'s endpoints, plus `MAPILLARY_CLIENT_SECRET`
-    /// (plain, local only) and what points the SDK at moto (`AWS_ENDPOINT_URL`, `AWS_REGION`,
-    /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    /// (plain, local only), `MAPILLARY_FEED_TOKEN` when `sim` has one (plain, local only), and what
+    /// points the SDK at moto (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_DEFAULT_REGION`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
     pub fn lambda_env(&self, sim: &SimEndpoints) -> Vec<(String, String)> {
+        let feed_token = sim.feed_token.as_deref().map(|t| ("MAPILLARY_FEED_TOKEN", t));
         [
             ("RELAY_BUCKET", self.bucket.as_str()),
             ("RELAY_INGEST_QUEUE_URL", &self.ingest_queue_url),
@@ -326,7 +340,7 @@ impl LocalStack {
             ("MAPILLARY_CLIENT_ID", &sim.client_id),
             ("MAPILLARY_CLIENT_SECRET_ARN", &self.client_secret_arn),
             ("MAPILLARY_CLIENT_SECRET", &sim.client_secret),
-            // No web-app feed token locally by default (the plain `MAPILLARY_FEED_TOKEN` sets one).
+            // The secret's ARN stays empty locally: `sim.feed_token` is passed plain (below), if any.
             ("MAPILLARY_FEED_TOKEN_SECRET_ARN", ""),
             ("AWS_ENDPOINT_URL", &self.endpoint),
             ("AWS_REGION", REGION),
@@ -335,6 +349,7 @@ impl LocalStack {
             ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
         ]
         .into_iter()
+        .chain(feed_token)
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
     }
@@ -1074,5 +1089,10 @@ mod tests {
         assert_eq!(s.upload_url, "http://127.0.0.1:9/rupload");
         assert_eq!(s.tiles_url, "http://127.0.0.1:9/tiles");
         assert_eq!(s.www_url, "http://127.0.0.1:9/www");
+        assert_eq!(s.feed_token, None);
+        assert_eq!(
+            s.with_feed_token("MLY|1|t").feed_token.as_deref(),
+            Some("MLY|1|t")
+        );
     }
 }

@@ -1,7 +1,9 @@
-//! `cargo xtask demo [--ci]`: the whole relay, offline, with the real Lambda binaries.
+//! `cargo xtask demo [--ci] [--world NAME]`: the whole relay, offline, with the real Lambda binaries.
 //!
-//! 1. The local stack (moto + the Mapillary simulator with real-time processing, [`STAGE_SECONDS`]
-//!    per stage; resources from `infra/template.yaml`) — [`stack::up`].
+//! 1. The local stack (moto + the Mapillary simulator in the chosen world — `--world`, default the
+//!    simulator's [`DEFAULT_WORLD`] — with real-time processing, [`STAGE_SECONDS`] per stage; resources
+//!    from `infra/template.yaml`; the poller gets the simulator's web-app token as its feed token) —
+//!    [`stack::up`].
 //! 2. The three functions under `cargo lambda watch` ([`LambdaWatch`]) with the template's
 //!    environment, plus status-api's dev identity header and an OAuth callback URL on watch.
 //! 3. The demo user connects their Mapillary account over HTTP: `POST /v1/mapillary/connect` →
@@ -11,11 +13,21 @@
 //!    goes to S3, `manifest.json` last; moto puts the notification on the ingest queue.
 //! 5. The SQS event-source mapping ([`SqsEventSource`]) feeds zip-and-push, a schedule invokes the
 //!    poller every [`SCHEDULE_EVERY`], and the status API (over HTTP) is read every second: each
-//!    change of an upload is printed as one line, until every upload is FINISHED (or failed).
-//! 6. The status document, the Mapillary links and the rejected image are printed; the run fails
-//!    unless every upload is FINISHED and linked, every accepted image is linked and the image
-//!    without GPS is reported. Without `--ci`, on a terminal, it then waits for Enter (the functions
-//!    stay up to be explored).
+//!    change of an upload is printed as one line, until every upload is FINISHED (or failed). When
+//!    the sequence waits in `AWAITING_UPLOAD_TOKEN` (Mapillary refused the OAuth token for uploads,
+//!    as in `oauth-upload-refused`), the demo does what the user would: it gets a user upload token
+//!    as `mapillary_tools authenticate` does (`POST /graph/login`), hands it over with
+//!    `PUT /v1/mapillary/connection`, and delivers the same manifest again to resume.
+//! 6. The status document, the Mapillary links, the rejected image and which token each Mapillary
+//!    call presented (the simulator's request log, per route) are printed; the run fails unless every
+//!    upload is FINISHED and linked, every accepted image is linked and the image without GPS is
+//!    reported — and, in `feed-gone`, unless the uploads were linked through coverage tiles and their
+//!    status says the feed is unavailable. Without `--ci`, on a terminal, it then waits for Enter (the
+//!    functions stay up to be explored).
+//!
+//! `--all-worlds` runs steps 4–6 once per world ([`ALL_WORLDS`], `oauth-upload-refused` last: once the
+//! user handed over an upload token it stays connected), on the same stack, simulator and functions,
+//! switching the simulator's world (`POST /_sim/world`) and clearing its request log between runs.
 //!
 //! Everything started is stopped at the end, on error, and on Ctrl-C / SIGTERM / SIGHUP.
 
@@ -30,7 +42,7 @@ use integration_tests::esm::{scheduled_event, SqsEventSource};
 use integration_tests::moto::free_port;
 use integration_tests::stack::{s3_client, sdk_config};
 use integration_tests::watch::LambdaWatch;
-use mapillary_sim::defaults;
+use mapillary_sim::{defaults, World};
 use relay_fixtures::{track, write_jpegs, ImageSpec, TrackSpec};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -40,6 +52,9 @@ use crate::{push, venv};
 
 /// Geotagged images the demo generates by default (plus one without GPS).
 pub const DEFAULT_IMAGES: usize = 60;
+/// Geotagged images per world in `cargo xtask test`'s run of every world (fewer than the demo's: the
+/// worlds differ in how calls are made, not in how many images there are).
+pub const WORLDS_IMAGES: usize = 12;
 /// Seconds each simulated processing stage takes in the demo.
 const STAGE_SECONDS: u64 = 2;
 /// How often the emulated schedule invokes the poller.
@@ -54,8 +69,24 @@ const DEV_AUTH_HEADER: &str = "x-relay-user";
 /// The image generated without GPS (zip-and-push must reject it).
 const NO_GPS_IMAGE: &str = "IMG_NOGPS.jpg";
 
-/// `cargo xtask demo [--ci] [--images N]`.
-pub async fn run(root: &Path, ci: bool, images: usize) -> Result<()> {
+/// The worlds of `--all-worlds`, in order: `oauth-upload-refused` last, because the upload token the
+/// user hands over there replaces their OAuth connection for every later run.
+pub const ALL_WORLDS: [World; 7] = [
+    World::Lenient,
+    World::Seed2022,
+    World::PartialBytesDropped,
+    World::RefreshRevokes,
+    World::FeedDrift,
+    World::FeedGone,
+    World::OauthUploadRefused,
+];
+
+/// `cargo xtask demo [--ci] [--images N] [--world NAME]`; with several `worlds`, one sequence per
+/// world on the same stack (see the module docs).
+pub async fn run(root: &Path, ci: bool, images: usize, worlds: &[World]) -> Result<()> {
+    let Some(&world) = worlds.first() else {
+        bail!("no world to run the demo in");
+    };
     if images < 4 {
         bail!("--images must be at least 4 (two walks of at least two images)");
     }
@@ -73,10 +104,13 @@ pub async fn run(root: &Path, ci: bool, images: usize) -> Result<()> {
             "--realtime".into(),
             "--stage-seconds".into(),
             format!("{s},{s},{s},{s}"),
+            "--world".into(),
+            world.name().into(),
         ];
         opts.print_exports = false;
+        println!("{} demo: simulator world {world}", stamp(started));
         let state = stack::up(root, &opts).await?;
-        demo(root, &state, ci, images, started).await
+        demo(root, &state, ci, images, worlds, started).await
     };
     // Dropping `work` (on a signal) drops the LambdaWatch, which stops watch's process group.
     let result = tokio::select! {
@@ -117,7 +151,14 @@ fn stamp(started: Instant) -> String {
     format!("[{:>5.1}s]", started.elapsed().as_secs_f64())
 }
 
-async fn demo(root: &Path, state: &StackState, ci: bool, images: usize, started: Instant) -> Result<()> {
+async fn demo(
+    root: &Path,
+    state: &StackState,
+    ci: bool,
+    images: usize,
+    worlds: &[World],
+    started: Instant,
+) -> Result<()> {
     let venvs = venv::ensure(root)?;
     let work = root.join(".scratch").join("demo");
     let _ = std::fs::remove_dir_all(&work);
@@ -151,12 +192,7 @@ async fn demo(root: &Path, state: &StackState, ci: bool, images: usize, started:
     // 3. Connect the demo user's Mapillary account through the status API's OAuth routes.
     connect(&http, &api, started).await?;
 
-    // 4. The sample sequence, into S3.
-    let sequence = format!("demo-{}", time::OffsetDateTime::now_utc().unix_timestamp());
-    let photos = work.join("images");
-    let count = generate(&photos, images)?;
     let sdk = sdk_config(&state.moto.url).await;
-    let s3 = s3_client(&sdk);
     let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
     let var = |k: &str| {
         env_map
@@ -164,48 +200,44 @@ async fn demo(root: &Path, state: &StackState, ci: bool, images: usize, started:
             .cloned()
             .ok_or_else(|| anyhow!("the stack exports no {k}"))
     };
-    let bucket = var("RELAY_BUCKET")?;
-    let prefix = format!("sequences/{USER}/{sequence}/");
-    let files = push::jpegs_under(&photos)?;
-    push::put_files(&s3, &bucket, &prefix, &files).await?;
-    s3.put_object()
-        .bucket(&bucket)
-        .key(format!("{prefix}manifest.json"))
-        .body(ByteStream::from_static(b"{}"))
-        .send()
-        .await
-        .context("PutObject manifest.json")?;
-    println!(
-        "{} demo: {count} images ({} with GPS, 1 without) in s3://{bucket}/{prefix}, manifest.json last",
-        stamp(started),
-        count - 1
-    );
-
-    // 5. The triggers and the live status, until every upload is final.
-    let esm = SqsEventSource::new(
-        aws_sdk_sqs::Client::new(&sdk),
-        &var("RELAY_INGEST_QUEUE_URL")?,
-        "zip-and-push",
-    );
-    let stack_name = var("RELAY_STACK_NAME")?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let tracked = async {
-        let r = follow(&http, &api, &sequence, started).await;
-        let _ = stop_tx.send(true);
-        r
+    let run = Run {
+        http: &http,
+        api: &api,
+        sim_url: &state.sim.url,
+        lambda: &lambda,
+        s3: s3_client(&sdk),
+        bucket: var("RELAY_BUCKET")?,
+        esm: SqsEventSource::new(
+            aws_sdk_sqs::Client::new(&sdk),
+            &var("RELAY_INGEST_QUEUE_URL")?,
+            "zip-and-push",
+        ),
+        stack_name: var("RELAY_STACK_NAME")?,
+        images,
+        started,
     };
-    let (ingest, schedule, finals) = tokio::join!(
-        run_ingest(&esm, &lambda, stop_rx.clone(), started),
-        run_schedule(&http, &lambda, &stack_name, stop_rx.clone(), started),
-        tracked,
-    );
-    let detail = finals?;
-    ingest?;
-    schedule?;
-
-    // 6. The answer of the status API, the links and the rejected image.
-    let images_doc = api_get(&http, &format!("{api}/v1/sequences/{sequence}/images")).await?;
-    report(&detail, &images_doc, &sequence, started)?;
+    let mut failed = Vec::new();
+    for (i, &world) in worlds.iter().enumerate() {
+        if i > 0 {
+            run.switch_world(world).await?;
+        }
+        let result = run.sequence(world, &work.join(world.name())).await;
+        if worlds.len() == 1 {
+            result?;
+        } else if let Err(e) = result {
+            println!("{} demo: world {world} FAILED: {e:#}", stamp(started));
+            failed.push(format!("{world}: {e:#}"));
+        } else {
+            println!("{} demo: world {world} passed", stamp(started));
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "the demo failed in {} world(s): {}",
+            failed.len(),
+            failed.join("; ")
+        );
+    }
 
     if !ci && std::io::stdin().is_terminal() {
         println!(
@@ -216,6 +248,102 @@ async fn demo(root: &Path, state: &StackState, ci: bool, images: usize, started:
     }
     drop(lambda);
     Ok(())
+}
+
+/// What one sequence's run needs (shared by the worlds of `--all-worlds`).
+struct Run<'a> {
+    http: &'a reqwest::Client,
+    api: &'a str,
+    sim_url: &'a str,
+    lambda: &'a LambdaWatch,
+    s3: aws_sdk_s3::Client,
+    bucket: String,
+    esm: SqsEventSource,
+    stack_name: String,
+    images: usize,
+    started: Instant,
+}
+
+impl Run<'_> {
+    /// `POST /_sim/world` and a cleared request log, so the next run's token summary is its own.
+    async fn switch_world(&self, world: World) -> Result<()> {
+        let admin = format!("{}/_sim", self.sim_url.trim_end_matches('/'));
+        let r = self
+            .http
+            .post(format!("{admin}/world"))
+            .json(&serde_json::json!({ "world": world.name() }))
+            .send()
+            .await
+            .context("POST /_sim/world")?;
+        json_of(r, "POST /_sim/world").await?;
+        let r = self
+            .http
+            .delete(format!("{admin}/requests"))
+            .send()
+            .await
+            .context("DELETE /_sim/requests")?;
+        if !r.status().is_success() {
+            bail!("DELETE /_sim/requests: HTTP {}", r.status());
+        }
+        println!("\n{} demo: simulator world {world}", stamp(self.started));
+        Ok(())
+    }
+
+    /// Steps 4–6 for one sequence in `world`.
+    async fn sequence(&self, world: World, work: &Path) -> Result<()> {
+        let (http, api, started) = (self.http, self.api, self.started);
+        let _ = std::fs::remove_dir_all(work);
+        // 4. The sample sequence, into S3.
+        let sequence = format!(
+            "demo-{}-{}",
+            world.name(),
+            time::OffsetDateTime::now_utc().unix_timestamp()
+        );
+        let photos = work.join("images");
+        let count = generate(&photos, self.images)?;
+        let (s3, bucket) = (&self.s3, &self.bucket);
+        let prefix = format!("sequences/{USER}/{sequence}/");
+        let files = push::jpegs_under(&photos)?;
+        push::put_files(s3, bucket, &prefix, &files).await?;
+        let manifest = Manifest {
+            s3,
+            bucket,
+            key: format!("{prefix}manifest.json"),
+        };
+        manifest.put().await?;
+        println!(
+            "{} demo: {count} images ({} with GPS, 1 without) in s3://{bucket}/{prefix}, manifest.json last",
+            stamp(started),
+            count - 1
+        );
+
+        // 5. The triggers and the live status, until every upload is final.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let user_side = UserSide {
+            http,
+            api,
+            sim_url: self.sim_url,
+            manifest: &manifest,
+        };
+        let tracked = async {
+            let r = follow(&user_side, &sequence, started).await;
+            let _ = stop_tx.send(true);
+            r
+        };
+        let (ingest, schedule, finals) = tokio::join!(
+            run_ingest(&self.esm, self.lambda, stop_rx.clone(), started),
+            run_schedule(http, self.lambda, &self.stack_name, stop_rx.clone(), started),
+            tracked,
+        );
+        let detail = finals?;
+        ingest?;
+        schedule?;
+
+        // 6. The answer of the status API, the links, the rejected image and the tokens used.
+        let images_doc = api_get(http, &format!("{api}/v1/sequences/{sequence}/images")).await?;
+        print_token_use(http, self.sim_url).await?;
+        report(&detail, &images_doc, &sequence, world, started)
+    }
 }
 
 /// `POST /v1/mapillary/connect` → the simulator's consent page → the redirect to our callback.
@@ -380,12 +508,46 @@ async fn run_schedule(
     Ok(())
 }
 
+/// The sequence's `manifest.json` in S3: writing it (again) delivers the sequence (again).
+struct Manifest<'a> {
+    s3: &'a aws_sdk_s3::Client,
+    bucket: &'a str,
+    key: String,
+}
+
+impl Manifest<'_> {
+    async fn put(&self) -> Result<()> {
+        self.s3
+            .put_object()
+            .bucket(self.bucket)
+            .key(&self.key)
+            .body(ByteStream::from_static(b"{}"))
+            .send()
+            .await
+            .context("PutObject manifest.json")?;
+        Ok(())
+    }
+}
+
+/// What the demo user can do while the sequence is followed: read the status API, and hand over an
+/// upload token when Mapillary wants one.
+struct UserSide<'a> {
+    http: &'a reqwest::Client,
+    api: &'a str,
+    /// The simulator's base URL (Mapillary, as the user's `mapillary_tools` would reach it).
+    sim_url: &'a str,
+    manifest: &'a Manifest<'a>,
+}
+
 /// Reads `GET /v1/sequences/{id}` every second, prints each change, and returns the document once
-/// the sequence failed or every upload is final at Mapillary.
-async fn follow(http: &reqwest::Client, api: &str, sequence: &str, started: Instant) -> Result<Value> {
+/// the sequence failed or every upload is final at Mapillary. A sequence in `AWAITING_UPLOAD_TOKEN`
+/// gets an upload token handed over once ([`hand_over_upload_token`]) and its manifest delivered again.
+async fn follow(user: &UserSide<'_>, sequence: &str, started: Instant) -> Result<Value> {
+    let (http, api) = (user.http, user.api);
     let url = format!("{api}/v1/sequences/{sequence}");
     let deadline = Instant::now() + TRACK_TIMEOUT;
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    let mut handed_over = false;
     loop {
         let reply = http
             .get(&url)
@@ -415,6 +577,16 @@ async fn follow(http: &reqwest::Client, api: &str, sequence: &str, started: Inst
                     shown.insert(key, line);
                 }
             }
+            // Once: until the manifest delivered again is processed, the sequence still shows the wait.
+            if doc["state"] == "AWAITING_UPLOAD_TOKEN" && !handed_over {
+                hand_over_upload_token(user, started).await?;
+                user.manifest.put().await?;
+                println!(
+                    "{} demo: manifest.json delivered again to resume the waiting uploads",
+                    stamp(started)
+                );
+                handed_over = true;
+            }
             let seq_failed = doc["state"] == "FAILED";
             let all_final = !uploads.is_empty()
                 && doc["state"] == "UPLOADED"
@@ -431,6 +603,141 @@ async fn follow(http: &reqwest::Client, api: &str, sequence: &str, started: Inst
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// What the user does when Mapillary refuses their OAuth token for uploads: check the connection says
+/// so, get a user upload token the way `mapillary_tools authenticate` does (`POST /graph/login` with
+/// the client token and the user's e-mail and password), and hand it over with
+/// `PUT /v1/mapillary/connection`.
+async fn hand_over_upload_token(user: &UserSide<'_>, started: Instant) -> Result<()> {
+    let connection_url = format!("{}/v1/mapillary/connection", user.api);
+    let connection = api_get(user.http, &connection_url).await?;
+    println!(
+        "{} demo: the sequence waits in AWAITING_UPLOAD_TOKEN; GET /v1/mapillary/connection → kind {}, upload_token_required {}, {}",
+        stamp(started),
+        connection["kind"],
+        connection["upload_token_required"],
+        connection["upload_refusal"]["message"]
+    );
+    if connection["upload_token_required"] != true {
+        bail!("the sequence waits for an upload token but the connection does not say one is required: {connection}");
+    }
+    let login = user
+        .http
+        .post(format!("{}/graph/login", user.sim_url.trim_end_matches('/')))
+        .header(
+            reqwest::header::AUTHORIZATION,
+            format!("OAuth {}", defaults::WEB_APP_CLIENT_TOKEN),
+        )
+        .json(&serde_json::json!({
+            "email": defaults::DEMO_EMAIL,
+            "password": defaults::DEMO_PASSWORD,
+            "locale": "en_US",
+        }))
+        .send()
+        .await
+        .context("POST /graph/login")?;
+    let login = json_of(login, "POST /graph/login").await?;
+    let token = login["access_token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("POST /graph/login answered no access_token"))?;
+    println!(
+        "{} demo: POST /graph/login (as `mapillary_tools authenticate`) → a user upload token for Mapillary user {}",
+        stamp(started),
+        login["user_id"].as_str().unwrap_or("?")
+    );
+    let put = user
+        .http
+        .put(&connection_url)
+        .header(DEV_AUTH_HEADER, USER)
+        .json(&serde_json::json!({ "upload_token": token }))
+        .send()
+        .await
+        .context("PUT /v1/mapillary/connection")?;
+    let put = json_of(put, "PUT /v1/mapillary/connection").await?;
+    if put["kind"] != "upload_token" || put["upload_token_required"] != false {
+        bail!("PUT /v1/mapillary/connection did not connect the upload token: {put}");
+    }
+    println!(
+        "{} demo: PUT /v1/mapillary/connection → connected with an upload token (kind {}, upload_token_required {})",
+        stamp(started),
+        put["kind"],
+        put["upload_token_required"]
+    );
+    Ok(())
+}
+
+/// Prints, per Mapillary route, which kind of token the relay (and the demo's user side) presented and
+/// how often, from the simulator's request log (`GET /_sim/requests`, which never holds token values).
+async fn print_token_use(http: &reqwest::Client, sim_url: &str) -> Result<()> {
+    let log = http
+        .get(format!("{}/_sim/requests", sim_url.trim_end_matches('/')))
+        .send()
+        .await
+        .context("GET /_sim/requests")?;
+    let log = json_of(log, "GET /_sim/requests").await?;
+    let mut counts: BTreeMap<(String, String), BTreeMap<String, u64>> = BTreeMap::new();
+    for e in log.as_array().into_iter().flatten() {
+        let route = format!(
+            "{} {}",
+            e["method"].as_str().unwrap_or("?"),
+            route_of(e["path"].as_str().unwrap_or("?"))
+        );
+        let status = e["status"]
+            .as_u64()
+            .map_or_else(|| "dropped".to_string(), |s| s.to_string());
+        let kind = token_kind(e);
+        *counts
+            .entry((route, kind))
+            .or_default()
+            .entry(status)
+            .or_default() += 1;
+    }
+    println!(
+        "
+Mapillary calls by route and token (simulator request log; reply statuses with counts):"
+    );
+    for ((route, kind), statuses) in &counts {
+        let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{s}×{n}")).collect();
+        println!("  {route:<40} {kind:<13} {}", statuses.join(" "));
+    }
+    Ok(())
+}
+
+/// The token kind of a request-log entry in the words of docs/worlds.md: `oauth` (an OAuth-app user
+/// token), `upload_token` (a user upload token), `web_app` (the web app's client token), `app_client`
+/// (another app's client token), `client_secret` (`/graph/token`), else the simulator's own label
+/// (`none`, `expired`, `revoked`, …).
+fn token_kind(entry: &Value) -> String {
+    if entry["path"] == "/graph/token" {
+        // The code exchange and refresh present the app's client secret, which is no token.
+        return "client_secret".into();
+    }
+    match entry["token_kind"].as_str().unwrap_or("?") {
+        "user_oauth" => "oauth".into(),
+        "user" => "upload_token".into(),
+        "client" if entry["client_app_id"] == defaults::WEB_APP_ID => "web_app".into(),
+        "client" => "app_client".into(),
+        other => other.into(),
+    }
+}
+
+/// A request path with its ids folded (`/rupload/{key}`, `/graph/{id}`, tile coordinates), so calls
+/// group by route.
+fn route_of(path: &str) -> String {
+    if path.starts_with("/rupload/") {
+        return "/rupload/{key}".into();
+    }
+    path.split('/')
+        .map(|seg| {
+            if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+                "{n}"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// `HANDED_OFF 30 img cluster 123 | Mapillary IN_PROGRESS: ingestion FINISHED, processing IN_PROGRESS, …`.
@@ -468,7 +775,7 @@ fn upload_line(u: &Value) -> String {
 /// Prints the final status document, links and rejections; fails unless every upload is FINISHED
 /// and linked, every accepted image is linked and the image without GPS is reported (with or
 /// without `--ci`: the flag only makes the run non-interactive).
-fn report(detail: &Value, images: &Value, sequence: &str, started: Instant) -> Result<()> {
+fn report(detail: &Value, images: &Value, sequence: &str, world: World, started: Instant) -> Result<()> {
     println!("\nGET /v1/sequences/{sequence} (status API over HTTP):");
     println!("{}", serde_json::to_string_pretty(detail)?);
 
@@ -507,11 +814,39 @@ fn report(detail: &Value, images: &Value, sequence: &str, started: Instant) -> R
         for (id, link) in &links {
             println!("    sequence {id}: {link}");
         }
+        let feed = &m["feed"];
+        println!(
+            "    feed: source {}, available {}, error {} — {}",
+            feed["source"].as_str().unwrap_or("-"),
+            feed["available"],
+            feed["error_class"].as_str().unwrap_or("-"),
+            feed["message"].as_str().unwrap_or("-")
+        );
+        if world == World::FeedGone {
+            // The feed's document is unknown: the uploads can only have been linked through tiles
+            // (Plan A), and the status must say that the feed is unavailable.
+            if m["status_source"] != "COVERAGE_TILES" {
+                problems.push(format!(
+                    "upload {} was linked via {}, not COVERAGE_TILES, in feed-gone",
+                    u["index"], m["status_source"]
+                ));
+            }
+            if feed["available"] != false || feed["error_class"] != "GONE" {
+                problems.push(format!(
+                    "upload {}'s status does not say the feed is gone (feed {feed})",
+                    u["index"]
+                ));
+            }
+        }
         if state != "FINISHED" {
             problems.push(format!("upload {} ended {state}", u["index"]));
         } else if links.is_empty() || links.iter().any(|(_, l)| l.is_empty()) {
             problems.push(format!("upload {} is FINISHED but not linked", u["index"]));
         }
+    }
+
+    if !detail["feed"].is_null() {
+        println!("  feed summary (last poller run): {}", detail["feed"]);
     }
 
     let list = images["images"].as_array().cloned().unwrap_or_default();

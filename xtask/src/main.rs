@@ -6,8 +6,9 @@
 //!   otherwise each is installed when first needed.
 //! * `stack up | down | status` — moto + the Mapillary simulator + the stack from `infra/template.yaml`.
 //! * `test` — every check CI runs: fmt, the workspace-hack check, clippy -D warnings within the test build,
-//!   each test tier, fuzzing, and `demo --ci` last (`--no-demo` skips it); a per-phase timing table at the end.
-//! * `demo` — the main job, end to end on the local stack.
+//!   each test tier, fuzzing, then `demo --ci` and the same in every other simulator world (`--no-demo` skips
+//!   both); a per-phase timing table at the end.
+//! * `demo` — the main job, end to end on the local stack (`--world NAME`, `--all-worlds`).
 //! * `package` — the functions built as Lambda runs them, sized, and started behind a Runtime API.
 
 // Only `cargo xtask bench zip-and-push` uses it, and it needs the s3s crates: see xtask/Cargo.toml.
@@ -54,7 +55,8 @@ enum Cmd {
         /// Seconds per fuzz target after the tests (0 skips fuzzing).
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u64,
-        /// Skip the last step, `cargo xtask demo --ci` (the demo end to end under `cargo lambda watch`).
+        /// Skip the last steps, `cargo xtask demo --ci` (the demo end to end under `cargo lambda watch`)
+        /// and the same in every other world.
         #[arg(long)]
         no_demo: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
@@ -77,6 +79,14 @@ enum Cmd {
         /// Number of geotagged images to generate (plus one without GPS).
         #[arg(long, default_value_t = demo::DEFAULT_IMAGES)]
         images: usize,
+        /// The simulator's world (docs/worlds.md): lenient, seed-2022, oauth-upload-refused,
+        /// partial-bytes-dropped, refresh-revokes, feed-drift or feed-gone; default the simulator's.
+        #[arg(long, default_value_t = mapillary_sim::DEFAULT_WORLD)]
+        world: mapillary_sim::World,
+        /// One sequence per world (lenient, seed-2022, partial-bytes-dropped, refresh-revokes, feed-drift,
+        /// feed-gone, oauth-upload-refused) on one stack, simulator and set of functions.
+        #[arg(long, conflicts_with = "world")]
+        all_worlds: bool,
     },
     /// Drop a local folder of JPEGs as a sequence into the local stack, run zip-and-push on it and
     /// print the sequence's status document (JSON) on stdout.
@@ -158,7 +168,19 @@ fn main() -> Result<()> {
             cargo_test_args,
         } => test_all(&root, &rt, no_lint, fuzz_seconds, no_demo, &cargo_test_args),
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
-        Cmd::Demo { ci, images } => rt.block_on(demo::run(&root, ci, images)),
+        Cmd::Demo {
+            ci,
+            images,
+            world,
+            all_worlds,
+        } => {
+            let worlds = if all_worlds {
+                demo::ALL_WORLDS.to_vec()
+            } else {
+                vec![world]
+            };
+            rt.block_on(demo::run(&root, ci, images, &worlds))
+        }
         Cmd::Push {
             dir,
             user,
@@ -320,7 +342,24 @@ fn test_all(
         // Its binaries are the launcher's build: nothing compiles here.
         phases.time("demo --ci", || {
             eprintln!("xtask: cargo xtask demo --ci");
-            rt.block_on(demo::run(root, true, demo::DEFAULT_IMAGES))
+            rt.block_on(demo::run(
+                root,
+                true,
+                demo::DEFAULT_IMAGES,
+                &[mapillary_sim::DEFAULT_WORLD],
+            ))
+        });
+    }
+    if !no_demo {
+        // Then the relay in every other world, one sequence each on one stack (the default world ran
+        // just above).
+        let others: Vec<mapillary_sim::World> = demo::ALL_WORLDS
+            .into_iter()
+            .filter(|w| *w != mapillary_sim::DEFAULT_WORLD)
+            .collect();
+        phases.time("demo --ci, every other world", || {
+            eprintln!("xtask: cargo xtask demo --ci in {} more worlds", others.len());
+            rt.block_on(demo::run(root, true, demo::WORLDS_IMAGES, &others))
         });
     }
     phases.print();

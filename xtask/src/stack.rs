@@ -36,6 +36,9 @@ pub struct UpOptions {
     pub client_id: String,
     /// `MAPILLARY_CLIENT_SECRET` given to the functions (the simulator's seeded app).
     pub client_secret: String,
+    /// `MAPILLARY_FEED_TOKEN` given to the poller (default: the simulator's web-app client token, the only
+    /// token the activity feed takes in every world but `lenient`; see docs/worlds.md).
+    pub feed_token: Option<String>,
     /// Print the `export` lines on stdout (default true; the demo turns it off).
     pub print_exports: bool,
 }
@@ -48,6 +51,7 @@ impl UpOptions {
             sim_args: Vec::new(),
             client_id: client_id.into(),
             client_secret: client_secret.into(),
+            feed_token: Some(mapillary_sim::defaults::WEB_APP_CLIENT_TOKEN.to_string()),
             print_exports: true,
         }
     }
@@ -148,7 +152,8 @@ pub async fn up(repo_root: &Path, opts: &UpOptions) -> Result<StackState> {
             opts.stack_name
         );
         let stack = LocalStack::create(&moto.endpoint, &opts.stack_name).await?;
-        let sim = SimEndpoints::from_base(&sim_url, &opts.client_id, &opts.client_secret);
+        let mut sim = SimEndpoints::from_base(&sim_url, &opts.client_id, &opts.client_secret);
+        sim.feed_token = opts.feed_token.clone();
         let state = StackState {
             stack_name: opts.stack_name.clone(),
             moto: Daemon {

@@ -50,8 +50,7 @@ pub enum GraphqlPolicy {
 /// token call the GraphQL documents (the seed letter: the app's own token "was denied").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum World {
-    /// Today's most lenient reading of every unknown (every switch off); what the relay's tests use until
-    /// the relay is adapted to the strict worlds.
+    /// The most lenient reading of every unknown (every switch off): the simulator before worlds existed.
     #[serde(rename = "lenient")]
     Lenient,
     /// The seed's world (TV-2022) with the protocol doc's strictest reading: the feed only with the web-app
@@ -78,9 +77,9 @@ pub enum World {
 
 /// The world of `Settings::default()`, `SimConfig::default()` and the binary without `--world`.
 ///
-/// Lenient for now, so that the relay's own tests and demo stay green while the relay has not been adapted
-/// to the strict worlds; it becomes [`World::Seed2022`] once the relay adapts (issue 13, a later step).
-pub const DEFAULT_WORLD: World = World::Lenient;
+/// The seed's world with the strictest reading of the protocol: the relay's tests and demo run in it unless
+/// they pick another world (the relay is adapted to every world, issue 13).
+pub const DEFAULT_WORLD: World = World::Seed2022;
 
 /// An unknown world name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -244,7 +243,7 @@ pub struct Settings {
 }
 
 impl Default for Settings {
-    /// The [`DEFAULT_WORLD`] (lenient for now).
+    /// The [`DEFAULT_WORLD`] (`seed-2022`).
     fn default() -> Self {
         Self::for_world(DEFAULT_WORLD)
     }

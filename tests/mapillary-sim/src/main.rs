@@ -18,7 +18,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
     /// World to run in: lenient, seed-2022, oauth-upload-refused, partial-bytes-dropped, refresh-revokes,
-    /// feed-drift or feed-gone (default: lenient, until the relay is adapted to the strict worlds).
+    /// feed-drift or feed-gone (default: seed-2022).
     #[arg(long)]
     world: Option<String>,
     /// Run the clock in real time (the demo); default is frozen (moved by the admin API).

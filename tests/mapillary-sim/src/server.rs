@@ -481,6 +481,10 @@ pub async fn edge(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Resu
             status: None,
             token_kind: class.label().to_string(),
             user_id,
+            client_app_id: match &class {
+                crate::state::TokenClass::Client { app_id } => Some(app_id.clone()),
+                _ => None,
+            },
             fault_rule: chosen.as_ref().map(|c| c.0),
             offset_header: req
                 .headers()

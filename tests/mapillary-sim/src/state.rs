@@ -312,6 +312,9 @@ pub struct RequestLogEntry {
     pub status: Option<u16>,
     pub token_kind: String,
     pub user_id: Option<String>,
+    /// The app whose client token was presented (`token_kind: "client"`), so a log reader can tell the
+    /// web app's token (`defaults::WEB_APP_ID`) from an OAuth app's.
+    pub client_app_id: Option<String>,
     pub fault_rule: Option<u64>,
     /// The `Offset` request header, when present (rupload POST).
     pub offset_header: Option<String>,

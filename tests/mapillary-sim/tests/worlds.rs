@@ -11,12 +11,12 @@ use mapillary_sim::{GraphqlPolicy, Settings, SimConfig, SimHandle, World, DEFAUL
 use serde_json::{json, Value};
 
 #[tokio::test]
-async fn default_world_is_lenient_and_worlds_switch_at_runtime() {
-    assert_eq!(DEFAULT_WORLD, World::Lenient);
-    assert_eq!(SimConfig::default().settings, Settings::for_world(World::Lenient));
+async fn default_world_is_seed_2022_and_worlds_switch_at_runtime() {
+    assert_eq!(DEFAULT_WORLD, World::Seed2022);
+    assert_eq!(SimConfig::default().settings, Settings::for_world(World::Seed2022));
     let h = start().await;
     let v = admin_get(&h, "/world").await;
-    assert_eq!(v["world"], "lenient");
+    assert_eq!(v["world"], "seed-2022");
     assert_eq!(
         v["worlds"],
         json!([
