@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn default_world_is_seed_2022_and_worlds_switch_at_runtime() {
     assert_eq!(DEFAULT_WORLD, World::Seed2022);
-    assert_eq!(SimConfig::default().settings, Settings::for_world(World::Seed2022));
+    assert_eq!(
+        SimConfig::default().settings,
+        Settings::for_world(World::Seed2022)
+    );
     let h = start().await;
     let v = admin_get(&h, "/world").await;
     assert_eq!(v["world"], "seed-2022");
