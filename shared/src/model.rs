@@ -464,6 +464,16 @@ pub enum CasOutcome {
     Conflict,
 }
 
+/// Result of [`crate::ports::AccountClaims::put_connection`]: storing a user's connection together
+/// with the claim of its Mapillary account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// Stored, and the Mapillary account is claimed for the user; the record's new revision.
+    Connected(String),
+    /// Another relay user holds the claim of this Mapillary account: nothing was written.
+    AccountTaken,
+}
+
 /// One upload in the status document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UploadStatus {

@@ -21,9 +21,9 @@ use crate::idempotency::{Claim, ClaimOutcome};
 use crate::mapillary::client::{Me, TokenGrant, UploadLimits, UploadOutcome};
 use crate::mapillary::error::MapillaryError;
 use crate::model::{
-    CasOutcome, ClusterMessage, ConnectionMetadata, EntryCheckpoint, FeedHealth, ImageLink, IngestError,
-    SequenceRecord, StoredToken, TokenKind, TokenRecord, TrackingRecord, UploadImage, UploadRecord,
-    UploadState,
+    CasOutcome, ClusterMessage, ConnectOutcome, ConnectionMetadata, EntryCheckpoint, FeedHealth, ImageLink,
+    IngestError, SequenceRecord, StoredToken, TokenKind, TokenRecord, TrackingRecord, UploadImage,
+    UploadRecord, UploadState,
 };
 
 /// Boxed error of an upload body stream (what `reqwest::Body::wrap_stream` accepts).
@@ -450,6 +450,33 @@ pub trait TokenStore: Send + Sync {
             self.put_record(user_id, &record).await.map(|_| ())
         }
     }
+}
+
+/// One Mapillary account per relay user: the UsersTable item pk `MLYUSER#<mapillary user id>`,
+/// sk `OWNER` names the relay user (`user_id`) whose connection uses that account. It is written in
+/// the same transaction as the connection's token item, and released in the same transaction as
+/// its deletion ([`TokenStore::delete`] releases the claim of the account the deleted record named,
+/// when the user holds it).
+pub trait AccountClaims: Send + Sync {
+    /// [`TokenStore::put_record`] of `record`, and in the same transaction, when `claim`, the claim
+    /// of its Mapillary account (`record.token.mapillary_user_id`; a record without one is stored
+    /// unclaimed) for `user_id`: [`ConnectOutcome::AccountTaken`] when another user holds it (nothing
+    /// is written); the same user claiming again is fine. `claim` is false when the operator allows
+    /// shared accounts: the record is stored without a claim. Either way the claim of the account
+    /// the user's previous record named, if another one and held by the user, is released in the
+    /// same transaction.
+    fn put_connection(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+        claim: bool,
+    ) -> impl Future<Output = Result<ConnectOutcome, TokenError>> + Send;
+
+    /// The relay user holding the claim of Mapillary account `mapillary_user_id`, if any.
+    fn claim_holder(
+        &self,
+        mapillary_user_id: &str,
+    ) -> impl Future<Output = Result<Option<String>, TokenError>> + Send;
 }
 
 /// The clear part of users' token items (the status API): never decrypts, so its role needs no

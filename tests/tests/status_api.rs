@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::mapillary::retry::RetryPolicy;
 use shared::model::{RejectedImage, SequenceRecord, SequenceState};
-use shared::ports::{SequenceStore, TokenStore};
+use shared::ports::{AccountClaims, SequenceStore, TokenStore};
 use status_api::compose::ProductionDeps;
 use status_api::config::Settings;
 use status_api::router;
@@ -181,6 +181,17 @@ impl World {
     /// `POST /v1/mapillary/connect` as `user`, then the simulator's consent page: (code, state,
     /// the browser-binding cookie pair the connect reply set).
     async fn consent(&self, app: &axum::Router, user: &str) -> Result<(String, String, String)> {
+        self.consent_as(app, user, None).await
+    }
+
+    /// [`Self::consent`], the simulator consenting as Mapillary user `sim_user` (default: the demo
+    /// user).
+    async fn consent_as(
+        &self,
+        app: &axum::Router,
+        user: &str,
+        sim_user: Option<&str>,
+    ) -> Result<(String, String, String)> {
         let r = call(app, &as_user(event("post-connect.json"), user)).await;
         ensure!(r.status == 200, "connect: {}", r.raw);
         let cookie = r
@@ -204,7 +215,11 @@ impl World {
             q["client_id"] == APP_ID && q["redirect_uri"] == defaults::REDIRECT_URI,
             "{q:?}"
         );
-        let resp = self.http.get(url.clone()).send().await?;
+        let mut consent_url = url.clone();
+        if let Some(who) = sim_user {
+            consent_url.query_pairs_mut().append_pair("sim_user", who);
+        }
+        let resp = self.http.get(consent_url).send().await?;
         ensure!(resp.status().is_redirection(), "consent: {}", resp.status());
         let location = url::Url::parse(
             resp.headers()
@@ -860,6 +875,158 @@ async fn an_upload_token_is_stored_encrypted_with_its_kind() -> Result<()> {
             .access_token
             .expose_secret(),
         defaults::DEMO_USER_TOKEN
+    );
+    w.sim.shutdown().await;
+    Ok(())
+}
+
+/// `PUT /v1/mapillary/connection` of `token` as `user`.
+fn put_upload_token(user: &str, token: &str) -> Value {
+    let mut put = as_user(event("put-connection.json"), user);
+    let body = json!({ "upload_token": token }).to_string();
+    put["headers"]["content-length"] = body.len().to_string().into();
+    put["body"] = body.into();
+    put
+}
+
+/// Issue 15, item 3: one Mapillary account is connected to at most one relay user. Through the
+/// composed API on DynamoDB (the claim item beside the token items) and the simulator's OAuth: a
+/// second user connecting the same account — by the OAuth callback or with its upload token — gets
+/// 409 and nothing is stored; the holder may reconnect; moving to another account or DELETE
+/// releases the claim (then the other user connects); with shared accounts allowed both connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mapillary_account_is_connected_to_one_relay_user_unless_allowed() -> Result<()> {
+    let w = world("api-one-account").await?;
+    let claim_item = |account: String| {
+        let db = w.stack.dynamodb();
+        let table = w.stack.users_table.clone();
+        async move {
+            let out = db
+                .get_item()
+                .table_name(table)
+                .key("pk", AttributeValue::S(format!("MLYUSER#{account}")))
+                .key("sk", AttributeValue::S("OWNER".into()))
+                .consistent_read(true)
+                .send()
+                .await?;
+            anyhow::Ok(out.item)
+        }
+    };
+
+    // USER connects the demo account: the claim item names USER.
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    let r = call(&w.app, &callback(&code, &state, &cookie)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let item = claim_item(DEMO_USER_ID.into()).await?.context("claim item")?;
+    assert_eq!(
+        item.get("user_id")
+            .and_then(|v| v.as_s().ok())
+            .map(String::as_str),
+        Some(USER)
+    );
+
+    // OTHER consents with the same Mapillary account: 409, no token, nothing about USER.
+    let (code, state, cookie) = w.consent(&w.app, OTHER).await?;
+    let r = call(&w.app, &callback(&code, &state, &cookie)).await;
+    assert_problem(&r, 409, "mapillary-account-taken");
+    assert!(!r.raw.contains(USER), "{}", r.raw);
+    assert!(w.user_items(OTHER).await?.is_empty(), "no token stored");
+    assert!(
+        r.headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("Max-Age=0"))),
+        "the callback clears the cookie on a refusal too"
+    );
+    // … nor with the account's upload token.
+    let r = call(&w.app, &put_upload_token(OTHER, defaults::DEMO_USER_TOKEN)).await;
+    assert_problem(&r, 409, "mapillary-account-taken");
+    assert!(w.user_items(OTHER).await?.is_empty(), "no token stored");
+    assert_eq!(
+        w.api.tokens.claim_holder(DEMO_USER_ID).await?.as_deref(),
+        Some(USER)
+    );
+
+    // The holder reconnecting is fine, by either route.
+    let (code, state, cookie) = w.consent(&w.app, USER).await?;
+    assert_eq!(call(&w.app, &callback(&code, &state, &cookie)).await.status, 200);
+    let r = call(&w.app, &put_upload_token(USER, defaults::DEMO_USER_TOKEN)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+
+    // A second Mapillary account: OTHER may connect it.
+    let added: Value = w
+        .http
+        .post(format!("{}/users", w.sim.admin_url()))
+        .json(&json!({ "username": "second_mapper" }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let second = added["id"].as_str().context("new user id")?.to_string();
+    let second_token = added["access_token"].as_str().context("token")?.to_string();
+    let (code, state, cookie) = w.consent_as(&w.app, OTHER, Some(&second)).await?;
+    let r = call(&w.app, &callback(&code, &state, &cookie)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body["mapillary_user_id"], second.as_str());
+    assert_eq!(w.api.tokens.claim_holder(&second).await?.as_deref(), Some(OTHER));
+
+    // USER moves to the second account: taken. USER disconnects: the demo account is free and
+    // OTHER moves to it — which releases the second account in the same transaction.
+    let r = call(&w.app, &put_upload_token(USER, &second_token)).await;
+    assert_problem(&r, 409, "mapillary-account-taken");
+    let r = call(&w.app, &as_user(event("delete-connection.json"), USER)).await;
+    assert_eq!(r.status, 204, "{}", r.raw);
+    assert!(w.user_items(USER).await?.is_empty(), "token item deleted");
+    assert!(
+        claim_item(DEMO_USER_ID.into()).await?.is_none(),
+        "claim released with it"
+    );
+    let (code, state, cookie) = w.consent(&w.app, OTHER).await?;
+    let r = call(&w.app, &callback(&code, &state, &cookie)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body["mapillary_user_id"], DEMO_USER_ID);
+    assert_eq!(
+        w.api.tokens.claim_holder(DEMO_USER_ID).await?.as_deref(),
+        Some(OTHER)
+    );
+    assert!(
+        claim_item(second.clone()).await?.is_none(),
+        "the previous account is released"
+    );
+    let r = call(&w.app, &put_upload_token(USER, &second_token)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(w.api.tokens.claim_holder(&second).await?.as_deref(), Some(USER));
+
+    // Shared accounts allowed (the operator's choice): USER connects the demo account OTHER holds.
+    let shared = router(
+        api_deps(
+            &w.stack,
+            &w.sim,
+            Settings {
+                allow_shared_accounts: true,
+                ..settings()
+            },
+        )
+        .await?,
+    );
+    let (code, state, cookie) = w.consent(&shared, USER).await?;
+    let r = call(&shared, &callback(&code, &state, &cookie)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    for user in [USER, OTHER] {
+        let token = w.api.tokens.load(user).await?.context("connected")?;
+        assert_eq!(token.mapillary_user_id.as_deref(), Some(DEMO_USER_ID), "{user}");
+    }
+    assert!(
+        claim_item(second.clone()).await?.is_none(),
+        "moving on releases USER's own claim of the second account, shared or not"
+    );
+    // USER's DELETE leaves OTHER's claim alone.
+    let r = call(&shared, &as_user(event("delete-connection.json"), USER)).await;
+    assert_eq!(r.status, 204, "{}", r.raw);
+    assert_eq!(
+        w.api.tokens.claim_holder(DEMO_USER_ID).await?.as_deref(),
+        Some(OTHER)
     );
     w.sim.shutdown().await;
     Ok(())

@@ -20,10 +20,10 @@ use lambda_http::request::RequestContext;
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::replies::token_expiry;
-use shared::model::{StoredToken, TokenKind, TokenRecord};
+use shared::model::{ConnectOutcome, StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
-    ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader, StateOutcome,
-    TokenError, TokenStore, TrackingReader, UploadReader,
+    AccountClaims, ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader,
+    StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
@@ -67,7 +67,7 @@ pub trait Deps: Send + Sync + 'static {
     /// The poller's tracking records, image links and feed health (read only).
     type Tracking: TrackingReader + 'static;
     /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
-    type Tokens: TokenStore + ConnectionReader + 'static;
+    type Tokens: TokenStore + ConnectionReader + AccountClaims + 'static;
     /// OAuth `state` values.
     type States: OAuthStateStore + 'static;
     /// Sequences and uploads.
@@ -105,7 +105,7 @@ impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
 where
     R: SequenceReader + UploadReader + ImageEntryReader + 'static,
     T: TrackingReader + 'static,
-    K: TokenStore + ConnectionReader + 'static,
+    K: TokenStore + ConnectionReader + AccountClaims + 'static,
     S: OAuthStateStore + 'static,
 {
     type Repo = R;
@@ -629,7 +629,7 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
         updated_at: now,
     };
     let mut record = TokenRecord::new(token, TokenKind::Oauth);
-    record.revision = Some(d.tokens().put_record(&user, &record).await?);
+    record.revision = Some(store_connection(&*d, &user, &record).await?);
     info!(user = %user, token_kind = "oauth", mapillary_user = record.token.mapillary_user_id.as_deref().unwrap_or("-"), "Mapillary account connected");
     match &settings.success_url {
         Some(url) => {
@@ -644,6 +644,28 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
             StatusCode::OK,
             &views::Connection::of(&record.metadata(), now),
         )),
+    }
+}
+
+/// Store `record` as `user`'s connection (returns its revision): together with the claim of its
+/// Mapillary account, so that one account is connected to at most one relay user, unless the
+/// operator allows shared accounts. Another user's claim → 409 `mapillary-account-taken`, nothing
+/// stored, nothing said about the other user.
+async fn store_connection<D: Deps>(d: &D, user: &str, record: &TokenRecord) -> Result<String> {
+    let claim = !d.settings().allow_shared_accounts;
+    match d.tokens().put_connection(user, record, claim).await? {
+        ConnectOutcome::Connected(revision) => Ok(revision),
+        ConnectOutcome::AccountTaken => {
+            info!(user = %user, "Mapillary account connected to another relay user: connection refused");
+            Err(Problem::new(
+                StatusCode::CONFLICT,
+                "mapillary-account-taken",
+                "Mapillary account already connected",
+                "This Mapillary account is connected to another user of this relay; a Mapillary account can \
+                 be connected to one user only. Disconnect it there first (DELETE /v1/mapillary/connection), \
+                 or connect another Mapillary account.",
+            ))
+        }
     }
 }
 
@@ -761,7 +783,7 @@ async fn put_connection<D: Deps>(
         },
         TokenKind::UploadToken,
     );
-    record.revision = Some(d.tokens().put_record(&user, &record).await?);
+    record.revision = Some(store_connection(&*d, &user, &record).await?);
     info!(
         user = %user,
         token_kind = "upload_token",

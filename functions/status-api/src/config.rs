@@ -22,6 +22,9 @@ pub struct Settings {
     /// `RELAY_DEV_AUTH_HEADER` (dev only, never set in the template): a request header whose value
     /// is taken as the caller's user id when the request has no JWT authorizer context.
     pub dev_auth_header: Option<http::HeaderName>,
+    /// `RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS` (default `false`): when `true`, several relay users
+    /// may connect the same Mapillary account (no account claim is checked or written).
+    pub allow_shared_accounts: bool,
 }
 
 impl Default for Settings {
@@ -32,6 +35,7 @@ impl Default for Settings {
             state_ttl: Duration::from_secs(600),
             success_url: None,
             dev_auth_header: None,
+            allow_shared_accounts: false,
         }
     }
 }
@@ -91,6 +95,16 @@ impl Config {
                 })
             })
             .transpose()?;
+        let allow_shared_accounts = match opt("RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS").as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => {
+                return Err(ConfigError::invalid(
+                    "RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS",
+                    format!("{v:?} is neither true nor false"),
+                ))
+            }
+        };
         Ok(Config {
             tables: env.tables()?,
             mapillary,
@@ -100,6 +114,7 @@ impl Config {
                 state_ttl: Duration::from_secs(state_ttl_s),
                 success_url,
                 dev_auth_header,
+                allow_shared_accounts,
             },
         })
     }
@@ -130,6 +145,7 @@ mod tests {
             ("RELAY_OAUTH_STATE_TTL_S", "5"),
             ("RELAY_CONNECT_SUCCESS_URL", "/relative"),
             ("RELAY_DEV_AUTH_HEADER", "bad header"),
+            ("RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS", "yes"),
         ] {
             let mut env = base();
             env.insert(k, v.into());
@@ -153,7 +169,9 @@ mod tests {
             "https://app.example/connected".into(),
         );
         env.insert("RELAY_OAUTH_STATE_TTL_S", "120".into());
+        env.insert("RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS", "true".into());
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert!(c.settings.allow_shared_accounts);
         assert_eq!(c.settings.dev_auth_header.unwrap().as_str(), "x-relay-user");
         assert_eq!(c.settings.state_ttl, Duration::from_secs(120));
         assert_eq!(

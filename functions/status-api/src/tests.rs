@@ -20,7 +20,9 @@ use shared::model::{
     FeedHealth, ImageLink, RejectedImage, SequenceRecord, SequenceState, TokenKind, TokenRecord,
     TrackingRecord, UploadImage, UploadRecord, UploadRefusal, UploadState,
 };
-use shared::ports::{ImageEntryStore, OAuthState, SequenceStore, TokenStore, TrackingStore, UploadStore};
+use shared::ports::{
+    AccountClaims, ImageEntryStore, OAuthState, SequenceStore, TokenStore, TrackingStore, UploadStore,
+};
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tower::ServiceExt;
@@ -1009,4 +1011,54 @@ async fn openapi_document_and_router_agree() {
             }
         }
     }
+}
+
+/// `event` (JSON) as signed in by `user` (the JWT authorizer's `sub`).
+fn as_user(event: &str, user: &str) -> String {
+    let mut v: Value = serde_json::from_str(event).unwrap();
+    v["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = user.into();
+    v.to_string()
+}
+
+#[tokio::test]
+async fn one_mapillary_account_connects_to_one_user_unless_shared_accounts_are_allowed() {
+    let (sim, d, app) = oauth_setup().await;
+    let put =
+        put_connection_event(&serde_json::json!({ "upload_token": defaults::DEMO_USER_TOKEN }).to_string());
+    let r = call(&app, request(&as_user(&put, "user-1"))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    // Another relay user with the same Mapillary account: 409, nothing stored, nothing revealed.
+    let r = call(&app, request(&as_user(&put, "user-2"))).await;
+    assert_problem(&r, 409, "mapillary-account-taken");
+    assert!(!r.body.to_string().contains("user-1"), "{:#}", r.body);
+    assert!(d.tokens.record("user-2").is_none());
+    // The holder again: fine.
+    assert_eq!(call(&app, request(&as_user(&put, "user-1"))).await.status, 200);
+    // Released by the holder's DELETE: the other user connects.
+    let del = as_user(&event("delete-connection.json"), "user-1");
+    assert_eq!(call(&app, request(&del)).await.status, 204);
+    let r = call(&app, request(&as_user(&put, "user-2"))).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(
+        d.tokens
+            .claim_holder(defaults::DEMO_USER_ID)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("user-2")
+    );
+    // Shared accounts allowed: both connect.
+    let shared = deps(
+        Endpoints::under(sim.base_url()),
+        Settings {
+            allow_shared_accounts: true,
+            ..Settings::default()
+        },
+    );
+    let shared_app = router(shared.clone());
+    for user in ["user-1", "user-2"] {
+        let r = call(&shared_app, request(&as_user(&put, user))).await;
+        assert_eq!(r.status, 200, "{user}: {:#}", r.body);
+    }
+    sim.shutdown().await;
 }

@@ -12,6 +12,13 @@
 //!   refusal) are conditional on the revision they read, so they never overwrite a newer record and a
 //!   `DeleteItem` always wins over a refresh in flight (the condition fails on a missing item).
 //!
+//! Item pk `MLYUSER#<mapillary user id>`, sk `OWNER` ([`AccountClaims`]): `user_id`, `claimed_at`
+//! (S) — the relay user whose connection uses that Mapillary account. Written in one
+//! `TransactWriteItems` with the token item (a `Put` conditional on the claim being free or the
+//! same user's), released in one with the token item's deletion (a `Delete` conditional on the
+//! user holding it); connecting another account releases the previous account's claim in the same
+//! transaction.
+//!
 //! The clear attributes are what the status API shows ([`ConnectionReader`]): it reads them without
 //! a KMS `Decrypt`, so its role has no `kms:Decrypt` on the token key.
 //!
@@ -24,7 +31,8 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
 use aws_sdk_kms::primitives::Blob;
 use secrecy::zeroize::Zeroize;
 use secrecy::{ExposeSecret, SecretString};
@@ -35,8 +43,10 @@ use time::OffsetDateTime;
 use super::aws_error::{classify, AwsFailure};
 use super::dynamodb::batch::batch_get;
 use super::dynamodb::item::{key, s, string_of, Item};
-use crate::model::{CasOutcome, ConnectionMetadata, StoredToken, TokenKind, TokenRecord, UploadRefusal};
-use crate::ports::{ConnectionReader, TokenError, TokenStore};
+use crate::model::{
+    CasOutcome, ConnectOutcome, ConnectionMetadata, StoredToken, TokenKind, TokenRecord, UploadRefusal,
+};
+use crate::ports::{AccountClaims, ConnectionReader, TokenError, TokenStore};
 
 /// Sort key of the Mapillary token item.
 pub const TOKEN_SK: &str = "MAPILLARY";
@@ -72,6 +82,14 @@ impl KmsTokenStore {
 /// Partition key of a user's items.
 pub fn user_pk(user_id: &str) -> String {
     format!("USER#{user_id}")
+}
+
+/// Sort key of a Mapillary account's claim.
+pub const CLAIM_SK: &str = "OWNER";
+
+/// Partition key of the claim of Mapillary account `mapillary_user_id` (see [`AccountClaims`]).
+pub fn claim_pk(mapillary_user_id: &str) -> String {
+    format!("MLYUSER#{mapillary_user_id}")
 }
 
 /// The encrypted part, borrowed for serialization (no copies of the secrets besides the buffer).
@@ -222,18 +240,12 @@ impl KmsTokenStore {
         })
     }
 
-    /// Encrypt `record` and build its PutItem under a fresh revision (returned).
-    async fn put_request(
+    /// Encrypt `record` and build its item under a fresh revision (returned).
+    async fn encrypted_item(
         &self,
         user_id: &str,
         record: &TokenRecord,
-    ) -> Result<
-        (
-            aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder,
-            String,
-        ),
-        TokenError,
-    > {
+    ) -> Result<(Item, String), TokenError> {
         let token = &record.token;
         // The buffer moves into the KMS request (the SDK owns it from there).
         let plaintext = serde_json::to_vec(&PayloadRef {
@@ -260,37 +272,150 @@ impl KmsTokenStore {
             TokenError::Other(format!("KMS Encrypt token of user {user_id}: no ciphertext"))
         })?;
         let revision = uuid::Uuid::new_v4().to_string();
-        let mut req = self
+        let mut item = key(user_pk(user_id), TOKEN_SK);
+        item.insert("user_id".into(), s(user_id));
+        item.insert("ciphertext".into(), AttributeValue::B(ciphertext));
+        item.insert("updated_at".into(), s(rfc3339(token.updated_at)?));
+        item.insert("token_kind".into(), s(record.kind.as_str()));
+        item.insert("revision".into(), s(&revision));
+        if let Some(key_id) = encrypted.key_id {
+            item.insert("kms_key_id".into(), s(key_id));
+        }
+        if let Some(expires_at) = token.expires_at {
+            item.insert("token_expires_at".into(), s(rfc3339(expires_at)?));
+        }
+        if let Some(id) = &token.mapillary_user_id {
+            item.insert("mapillary_user_id".into(), s(id));
+        }
+        if let Some(name) = &token.username {
+            item.insert("username".into(), s(name));
+        }
+        if let Some(r) = &record.upload_refused {
+            item.insert("upload_refused_at".into(), s(rfc3339(r.at)?));
+            item.insert("upload_refused_message".into(), s(&r.message));
+        }
+        if let Some(until) = record.refresh_lease_until {
+            item.insert("refresh_lease_until".into(), s(rfc3339(until)?));
+        }
+        Ok((item, revision))
+    }
+
+    /// Encrypt `record` and build its PutItem under a fresh revision (returned).
+    async fn put_request(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+    ) -> Result<
+        (
+            aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder,
+            String,
+        ),
+        TokenError,
+    > {
+        let (item, revision) = self.encrypted_item(user_id, record).await?;
+        let req = self
             .dynamodb
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(key(user_pk(user_id), TOKEN_SK)))
-            .item("user_id", s(user_id))
-            .item("ciphertext", AttributeValue::B(ciphertext))
-            .item("updated_at", s(rfc3339(token.updated_at)?))
-            .item("token_kind", s(record.kind.as_str()))
-            .item("revision", s(&revision));
-        if let Some(key_id) = encrypted.key_id {
-            req = req.item("kms_key_id", s(key_id));
-        }
-        if let Some(expires_at) = token.expires_at {
-            req = req.item("token_expires_at", s(rfc3339(expires_at)?));
-        }
-        if let Some(id) = &token.mapillary_user_id {
-            req = req.item("mapillary_user_id", s(id));
-        }
-        if let Some(name) = &token.username {
-            req = req.item("username", s(name));
-        }
-        if let Some(r) = &record.upload_refused {
-            req = req
-                .item("upload_refused_at", s(rfc3339(r.at)?))
-                .item("upload_refused_message", s(&r.message));
-        }
-        if let Some(until) = record.refresh_lease_until {
-            req = req.item("refresh_lease_until", s(rfc3339(until)?));
-        }
+            .set_item(Some(item));
         Ok((req, revision))
+    }
+
+    /// The `mapillary_user_id` of the user's token item (clear attribute), if any.
+    async fn connected_account(&self, user_id: &str) -> Result<Option<Option<String>>, TokenError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
+            .consistent_read(true)
+            .projection_expression("#pk, #m")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#m", "mapillary_user_id")
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), &format!("GetItem token of user {user_id}")))?;
+        out.item
+            .map(|item| string_attr(&item, "mapillary_user_id"))
+            .transpose()
+    }
+
+    /// The claim item of Mapillary account `mapillary_user_id` held by `user_id`.
+    fn claim_put(
+        &self,
+        user_id: &str,
+        mapillary_user_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<TransactWriteItem, TokenError> {
+        let mut item = key(claim_pk(mapillary_user_id), CLAIM_SK);
+        item.insert("user_id".into(), s(user_id));
+        item.insert("claimed_at".into(), s(rfc3339(at)?));
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            // Free, or already this user's.
+            .condition_expression("attribute_not_exists(pk) OR #user = :user")
+            .expression_attribute_names("#user", "user_id")
+            .expression_attribute_values(":user", s(user_id))
+            .build()
+            .map_err(|e| TokenError::Other(format!("building the claim put: {e}")))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// Release of the claim of `mapillary_user_id`, only if `user_id` holds it.
+    fn claim_release(&self, user_id: &str, mapillary_user_id: &str) -> Result<TransactWriteItem, TokenError> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(claim_pk(mapillary_user_id), CLAIM_SK)))
+            .condition_expression("#user = :user")
+            .expression_attribute_names("#user", "user_id")
+            .expression_attribute_values(":user", s(user_id))
+            .build()
+            .map_err(|e| TokenError::Other(format!("building the claim release: {e}")))?;
+        Ok(TransactWriteItem::builder().delete(delete).build())
+    }
+
+    /// `TransactWriteItems` of `items`: `Ok(None)` when written, `Ok(Some(codes))` when DynamoDB
+    /// cancelled it with these per-item reasons (`"None"` for items that were fine).
+    async fn transact(
+        &self,
+        items: Vec<TransactWriteItem>,
+        what: &str,
+    ) -> Result<Option<Vec<String>>, TokenError> {
+        match self
+            .dynamodb
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(e) => {
+                if let Some(TransactWriteItemsError::TransactionCanceledException(c)) = e.as_service_error() {
+                    let codes: Vec<String> = c
+                        .cancellation_reasons()
+                        .iter()
+                        .map(|r| r.code().unwrap_or("None").to_string())
+                        .collect();
+                    // A conflict with a concurrent write, or throttling: worth another try.
+                    if codes.iter().any(|c| {
+                        matches!(
+                            c.as_str(),
+                            "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
+                        )
+                    }) {
+                        return Err(TokenError::Transient(format!(
+                            "{what}: cancelled ({})",
+                            codes.join(", ")
+                        )));
+                    }
+                    if !codes.is_empty() {
+                        return Ok(Some(codes));
+                    }
+                }
+                Err(token_error(classify(&e), what))
+            }
+        }
     }
 }
 
@@ -391,6 +516,30 @@ impl TokenStore for KmsTokenStore {
     }
 
     async fn delete(&self, user_id: &str) -> Result<bool, TokenError> {
+        // The claim of the account the record names is released in the same transaction, when
+        // this user holds it (an unclaimed connection, e.g. of a shared account, just goes).
+        if let Some(Some(account)) = self.connected_account(user_id).await? {
+            let token = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
+                .condition_expression("attribute_exists(pk)")
+                .build()
+                .map_err(|e| TokenError::Other(format!("building the token delete: {e}")))?;
+            let items = vec![
+                TransactWriteItem::builder().delete(token).build(),
+                self.claim_release(user_id, &account)?,
+            ];
+            let what = format!("TransactWriteItems delete token of user {user_id}");
+            match self.transact(items, &what).await? {
+                None => return Ok(true),
+                // Deleted meanwhile (by a concurrent DELETE, which released the claim).
+                Some(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                    return Ok(false)
+                }
+                // The claim is not this user's: delete the token alone.
+                Some(_) => {}
+            }
+        }
         let out = self
             .dynamodb
             .delete_item()
@@ -402,6 +551,86 @@ impl TokenStore for KmsTokenStore {
             .map_err(|e| token_error(classify(&e), &format!("DeleteItem token of user {user_id}")))?;
         // Only the presence of the old item is looked at (it holds the ciphertext).
         Ok(out.attributes.is_some_and(|a| !a.is_empty()))
+    }
+}
+
+impl AccountClaims for KmsTokenStore {
+    async fn put_connection(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+        claim: bool,
+    ) -> Result<ConnectOutcome, TokenError> {
+        let account = record.token.mapillary_user_id.as_deref();
+        let previous = self
+            .connected_account(user_id)
+            .await?
+            .flatten()
+            .filter(|p| Some(p.as_str()) != account);
+        if previous.is_none() && !(claim && account.is_some()) {
+            return self
+                .put_record(user_id, record)
+                .await
+                .map(ConnectOutcome::Connected);
+        }
+        let (item, revision) = self.encrypted_item(user_id, record).await?;
+        let token = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| TokenError::Other(format!("building the token put: {e}")))?;
+        let mut items = vec![TransactWriteItem::builder().put(token).build()];
+        let mut claim_at = None;
+        if let Some(account) = account.filter(|_| claim) {
+            claim_at = Some(items.len());
+            items.push(self.claim_put(user_id, account, record.token.updated_at)?);
+        }
+        let mut release_at = None;
+        if let Some(previous) = &previous {
+            release_at = Some(items.len());
+            items.push(self.claim_release(user_id, previous)?);
+        }
+        let what = format!("TransactWriteItems token and account claim of user {user_id}");
+        loop {
+            let codes = match self.transact(items.clone(), &what).await? {
+                None => return Ok(ConnectOutcome::Connected(revision)),
+                Some(codes) => codes,
+            };
+            let failed = |i: Option<usize>| {
+                i.and_then(|i| codes.get(i))
+                    .is_some_and(|c| c == "ConditionalCheckFailed")
+            };
+            if failed(claim_at) {
+                return Ok(ConnectOutcome::AccountTaken);
+            }
+            if let Some(i) = release_at.filter(|_| failed(release_at)) {
+                // The previous account's claim is not this user's (e.g. connected while shared
+                // accounts were allowed): leave it, store the new connection.
+                items.remove(i);
+                release_at = None;
+                continue;
+            }
+            return Err(TokenError::Other(format!(
+                "{what}: cancelled ({})",
+                codes.join(", ")
+            )));
+        }
+    }
+
+    async fn claim_holder(&self, mapillary_user_id: &str) -> Result<Option<String>, TokenError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(claim_pk(mapillary_user_id), CLAIM_SK)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| token_error(classify(&e), "GetItem Mapillary account claim"))?;
+        out.item
+            .map(|item| string_attr(&item, "user_id"))
+            .transpose()
+            .map(Option::flatten)
     }
 }
 

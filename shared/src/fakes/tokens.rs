@@ -5,14 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::lock;
-use crate::model::{CasOutcome, ConnectionMetadata, StoredToken, TokenKind, TokenRecord};
-use crate::ports::{ConnectionReader, TokenError, TokenStore};
+use crate::model::{CasOutcome, ConnectOutcome, ConnectionMetadata, StoredToken, TokenKind, TokenRecord};
+use crate::ports::{AccountClaims, ConnectionReader, TokenError, TokenStore};
 
 /// Token store in memory (no encryption: nothing leaves the process).
 #[derive(Debug, Default)]
 pub struct MemTokens {
     /// Records by user id.
     pub records: Mutex<HashMap<String, TokenRecord>>,
+    /// Mapillary account claims: Mapillary user id → relay user id.
+    pub claims: Mutex<HashMap<String, String>>,
     /// Number of records written (`put_record`, successful `replace_if`), not counting the writes
     /// that only take a refresh lease.
     pub saves: AtomicU64,
@@ -92,7 +94,55 @@ impl TokenStore for MemTokens {
     }
 
     async fn delete(&self, user_id: &str) -> Result<bool, TokenError> {
-        Ok(lock(&self.records).remove(user_id).is_some())
+        let removed = lock(&self.records).remove(user_id);
+        // As the DynamoDB store: the claim of the account the record named goes with it, if held.
+        if let Some(account) = removed
+            .as_ref()
+            .and_then(|r| r.token.mapillary_user_id.as_deref())
+        {
+            let mut claims = lock(&self.claims);
+            if claims.get(account).is_some_and(|holder| holder == user_id) {
+                claims.remove(account);
+            }
+        }
+        Ok(removed.is_some())
+    }
+}
+
+impl AccountClaims for MemTokens {
+    async fn put_connection(
+        &self,
+        user_id: &str,
+        record: &TokenRecord,
+        claim: bool,
+    ) -> Result<ConnectOutcome, TokenError> {
+        let account = record.token.mapillary_user_id.clone();
+        {
+            let mut claims = lock(&self.claims);
+            if let Some(account) = account.as_ref().filter(|_| claim) {
+                if claims.get(account).is_some_and(|holder| holder != user_id) {
+                    return Ok(ConnectOutcome::AccountTaken);
+                }
+            }
+            let previous = lock(&self.records)
+                .get(user_id)
+                .and_then(|r| r.token.mapillary_user_id.clone());
+            if let Some(previous) = previous.filter(|p| Some(p) != account.as_ref()) {
+                if claims.get(&previous).is_some_and(|holder| holder == user_id) {
+                    claims.remove(&previous);
+                }
+            }
+            if let Some(account) = account.filter(|_| claim) {
+                claims.insert(account, user_id.to_string());
+            }
+        }
+        self.put_record(user_id, record)
+            .await
+            .map(ConnectOutcome::Connected)
+    }
+
+    async fn claim_holder(&self, mapillary_user_id: &str) -> Result<Option<String>, TokenError> {
+        Ok(lock(&self.claims).get(mapillary_user_id).cloned())
     }
 }
 
@@ -118,6 +168,73 @@ mod tests {
             username: None,
             updated_at: OffsetDateTime::UNIX_EPOCH,
         }
+    }
+
+    fn of_account(t: &str, account: &str) -> TokenRecord {
+        let mut tok = token(t);
+        tok.mapillary_user_id = Some(account.into());
+        TokenRecord::new(tok, TokenKind::Oauth)
+    }
+
+    #[tokio::test]
+    async fn a_mapillary_account_is_claimed_by_one_user_until_released() {
+        let s = MemTokens::new();
+        assert!(matches!(
+            s.put_connection("amy", &of_account("a", "mly-1"), true)
+                .await
+                .unwrap(),
+            ConnectOutcome::Connected(_)
+        ));
+        // The same user again: fine. Another user: refused, nothing written.
+        assert!(matches!(
+            s.put_connection("amy", &of_account("a2", "mly-1"), true)
+                .await
+                .unwrap(),
+            ConnectOutcome::Connected(_)
+        ));
+        assert_eq!(
+            s.put_connection("bob", &of_account("b", "mly-1"), true)
+                .await
+                .unwrap(),
+            ConnectOutcome::AccountTaken
+        );
+        assert!(s.record("bob").is_none());
+        assert_eq!(s.claim_holder("mly-1").await.unwrap().as_deref(), Some("amy"));
+        // Amy moves to another account: the first one is free for Bob.
+        assert!(matches!(
+            s.put_connection("amy", &of_account("a3", "mly-2"), true)
+                .await
+                .unwrap(),
+            ConnectOutcome::Connected(_)
+        ));
+        assert_eq!(s.claim_holder("mly-1").await.unwrap(), None);
+        assert!(matches!(
+            s.put_connection("bob", &of_account("b", "mly-1"), true)
+                .await
+                .unwrap(),
+            ConnectOutcome::Connected(_)
+        ));
+        // Deleting releases.
+        assert!(s.delete("amy").await.unwrap());
+        assert_eq!(s.claim_holder("mly-2").await.unwrap(), None);
+        assert_eq!(s.claim_holder("mly-1").await.unwrap().as_deref(), Some("bob"));
+        // Unclaimed (shared accounts allowed): stored beside Bob's claim, which stays his; moving
+        // on still releases the mover's own previous claim.
+        assert!(matches!(
+            s.put_connection("amy", &of_account("a4", "mly-1"), false)
+                .await
+                .unwrap(),
+            ConnectOutcome::Connected(_)
+        ));
+        assert_eq!(s.claim_holder("mly-1").await.unwrap().as_deref(), Some("bob"));
+        assert!(matches!(
+            s.put_connection("bob", &of_account("b2", "mly-3"), false)
+                .await
+                .unwrap(),
+            ConnectOutcome::Connected(_)
+        ));
+        assert_eq!(s.claim_holder("mly-1").await.unwrap(), None);
+        assert_eq!(s.claim_holder("mly-3").await.unwrap(), None);
     }
 
     #[tokio::test]
