@@ -696,6 +696,10 @@ pub trait RunLease: Send + Sync {
 pub trait ReconcileStore: Send + Sync {
     /// Every FINISH_UNCERTAIN upload record (zip-and-push's, all users).
     fn finish_uncertain_uploads(&self) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
+    /// Take `upload` out of the FINISH_UNCERTAIN index once its reconciliation is resolved (the
+    /// cluster was adopted, or the upload FAILED): later scans no longer read it. The upload record
+    /// itself is unchanged. Idempotent.
+    fn resolve_uncertain(&self, upload: &UploadRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
     /// When the last complete FINISH_UNCERTAIN scan ran.
     fn reconcile_scan_mark(
         &self,

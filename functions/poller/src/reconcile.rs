@@ -28,6 +28,9 @@ pub struct DiscoveryReport {
     pub found: usize,
     /// Tracking records created for them (the rest were tracked already).
     pub created: usize,
+    /// Uploads whose reconciliation was resolved (cluster adopted, or FAILED), taken out of the
+    /// FINISH_UNCERTAIN index so that later scans no longer read them.
+    pub resolved: usize,
     /// Problems (each also logged).
     pub errors: Vec<String>,
 }
@@ -63,6 +66,20 @@ pub async fn discover_uncertain<D: Deps>(d: &D, deadline: Instant) -> DiscoveryR
             break;
         }
         match d.tracking().get_tracking(&up.upload_id).await {
+            // Owner checked: a record of another user under this id is not this upload's outcome.
+            Ok(Some(t)) if t.user_id == up.user_id && is_resolved(&t) => {
+                match d.tracking().resolve_uncertain(up).await {
+                    Ok(()) => {
+                        info!(upload_id = %up.upload_id, "FINISH_UNCERTAIN upload resolved: taken out of the index");
+                        rep.resolved += 1;
+                    }
+                    Err(e) => {
+                        rep.errors.push(format!("upload {}: {e}", up.upload_id));
+                        complete = false;
+                    }
+                }
+                continue;
+            }
             Ok(Some(_)) => continue,
             Ok(None) => {}
             Err(e) => {
@@ -98,6 +115,12 @@ pub async fn discover_uncertain<D: Deps>(d: &D, deadline: Instant) -> DiscoveryR
         }
     }
     rep
+}
+
+/// Whether a FINISH_UNCERTAIN upload's reconciliation is over: its cluster was adopted (or it was
+/// tracked with a cluster id all along), or its tracking ended (FINISHED or FAILED).
+pub fn is_resolved(t: &TrackingRecord) -> bool {
+    !t.tracked.is_reconciling() || t.tracked.state.is_final()
 }
 
 /// The tracking record of a FINISH_UNCERTAIN upload: no cluster id, the [`Reconcile`] facts.

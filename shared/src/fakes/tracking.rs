@@ -37,6 +37,8 @@ pub struct TrackingState {
     pub lease: Option<LeaseState>,
     /// When the last complete FINISH_UNCERTAIN scan ran.
     pub scan_mark: Option<OffsetDateTime>,
+    /// FINISH_UNCERTAIN uploads taken out of the index ([`ReconcileStore::resolve_uncertain`]).
+    pub uncertain_resolved: BTreeSet<String>,
     /// `put_tracking_batch` calls (a run writes each user's records in one).
     pub batches: usize,
 }
@@ -265,9 +267,18 @@ impl ReconcileStore for MemTracking {
             .filter(|u| u.state == UploadState::FinishUncertain)
             .cloned()
             .collect();
+        let resolved = &lock(&self.state).uncertain_resolved;
+        out.retain(|u| !resolved.contains(&u.upload_id));
         // The adapter's order: the index's sort key `<user_id>#<upload_id>`.
         out.sort_by_key(|u| format!("{}#{}", u.user_id, u.upload_id));
         Ok(out)
+    }
+
+    async fn resolve_uncertain(&self, upload: &UploadRecord) -> Result<(), RepoError> {
+        lock(&self.state)
+            .uncertain_resolved
+            .insert(upload.upload_id.clone());
+        Ok(())
     }
 
     async fn reconcile_scan_mark(&self) -> Result<Option<OffsetDateTime>, RepoError> {

@@ -37,7 +37,7 @@ use super::batch::{batch_get, batch_write};
 use super::item::{
     decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, string_of, Item,
 };
-use super::uploads::UNCERTAIN_GSI2PK;
+use super::uploads::{sequence_pk, upload_sk, UNCERTAIN_GSI2PK};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
 use crate::ports::{PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
 
@@ -698,6 +698,34 @@ impl ReconcileStore for DynamoTracking {
             }
         }
         Ok(out)
+    }
+
+    /// Remove the upload item's gsi2 keys while they still say `UNCERTAIN` (a conditional
+    /// `UpdateItem`: an entry already gone, or an upload that moved on, is left as it is).
+    async fn resolve_uncertain(&self, upload: &UploadRecord) -> Result<(), RepoError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(sequence_pk(&upload.user_id, &upload.sequence_id)))
+            .key("sk", s(upload_sk(upload.index)))
+            .update_expression("REMOVE #gpk, #gsk")
+            .condition_expression("#gpk = :uncertain")
+            .expression_attribute_names("#gpk", "gsi2pk")
+            .expression_attribute_names("#gsk", "gsi2sk")
+            .expression_attribute_values(":uncertain", s(UNCERTAIN_GSI2PK))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => match repo_error(
+                &e,
+                &format!("UpdateItem upload {} UNCERTAIN index", upload.upload_id),
+            ) {
+                RepoError::ConditionFailed(_) => Ok(()),
+                other => Err(other),
+            },
+        }
     }
 
     /// When the last FINISH_UNCERTAIN scan completed.

@@ -10,7 +10,8 @@
 //!   items sk `REJECTED#<position:06>` (`key`, `reason`, `position`), with `rejected_count` on META;
 //! * upload: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not final also
 //!   gsi2pk `PENDING`, gsi2sk `<user_id>#<upload_id>` (sparse); FINISH_UNCERTAIN ones under
-//!   gsi2pk `UNCERTAIN` instead (the poller's reconciliation queries them);
+//!   gsi2pk `UNCERTAIN` instead (the poller's reconciliation queries them, and removes the entry
+//!   once the reconciliation is resolved: `ReconcileStore::resolve_uncertain`);
 //! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`;
 //! * entry checkpoints: pk `UPLOAD#<upload_id>`, sk `CKPT#<first:05>-<last:05>`, attribute
 //!   `checkpoints` (a list of up to [`CHECKPOINTS_PER_ITEM`]): one write per batch of entries, not one
