@@ -361,6 +361,38 @@ pub trait IdempotencyStore: Send + Sync {
     fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
+/// Read access to manifest claims (the poller's sweeper: is an invocation working on a sequence?).
+pub trait ClaimReader: Send + Sync {
+    /// The claim stored under `id` ([`crate::idempotency::claim_id`]), if any.
+    fn get_claim(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<crate::idempotency::Claim>, RepoError>> + Send;
+}
+
+/// The poller's sweep of uploads that stopped without reaching a final state (their invocations
+/// ended in the ingest DLQ): it reads every unfinished upload and settles the stuck ones.
+pub trait SweepStore: Send + Sync {
+    /// Every upload record that is not final, all users (the sparse gsi2 partition `PENDING`).
+    fn unfinished_uploads(&self) -> impl Future<Output = Result<Vec<UploadRecord>, RepoError>> + Send;
+
+    /// Write `upload` only if the stored record still has `expected`'s state and attempt count
+    /// (zip-and-push made no progress since it was read). `false`: it moved on, nothing written.
+    fn settle_upload(
+        &self,
+        upload: &UploadRecord,
+        expected: &UploadRecord,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+
+    /// Set the sequence's `state`, `reason` and `updated_at` only if it was not updated since
+    /// `expected_updated_at`. `false`: it changed, nothing written.
+    fn settle_sequence(
+        &self,
+        seq: &SequenceRecord,
+        expected_updated_at: time::OffsetDateTime,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+}
+
 // ------------------------------------------------------------------ tokens (DynamoDB + KMS)
 
 /// Failure of a [`TokenStore`] call. Messages never contain token material.

@@ -20,16 +20,21 @@ use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::adapters::dynamodb::uploads::{sequence_pk, upload_sk};
+use shared::adapters::dynamodb::DynamoIdempotency;
 use shared::adapters::sqs::SqsClusterQueue;
 use shared::domain::linking::LinkPath;
 use shared::domain::tracking::OverallState;
+use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
 use shared::mapillary::client::{FileType, MapillaryClient};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
-use shared::model::{upload_id, ClusterMessage, StoredToken, UploadImage, UploadRecord, UploadState};
+use shared::model::{
+    upload_id, ClusterMessage, SequenceRecord, SequenceState, StoredToken, UploadImage, UploadRecord,
+    UploadState,
+};
 use shared::ports::{
-    ClusterQueue, ImageEntryStore, ReconcileStore, TokenStore, TrackingReader, TrackingStore, UploadReader,
-    UploadStore,
+    ClusterQueue, IdempotencyStore, ImageEntryStore, ReconcileStore, SequenceReader, SequenceStore,
+    SweepStore, TokenStore, TrackingReader, TrackingStore, UploadReader, UploadStore,
 };
 use time::OffsetDateTime;
 
@@ -521,5 +526,273 @@ async fn plan_a_never_links_a_sequence_already_linked_to_another_upload() -> Res
     assert!(second.sequence_ids.is_empty());
     assert!(!second.tracked.state.is_final(), "{:?}", second.tracked.state);
     assert!(w.poller.tracking.list_links(&second_id).await?.is_empty());
+    Ok(())
+}
+
+// ------------------------------------------------------------------ stuck uploads
+
+const SWEEP_BUCKET: &str = "relay-bucket";
+
+fn stuck_sequence(
+    user: &str,
+    seq: &str,
+    state: SequenceState,
+    updated: OffsetDateTime,
+    uploads: u32,
+) -> SequenceRecord {
+    SequenceRecord {
+        user_id: user.into(),
+        sequence_id: seq.into(),
+        state,
+        reason: None,
+        bucket: SWEEP_BUCKET.into(),
+        manifest_key: format!("sequences/{user}/{seq}/manifest.json"),
+        manifest_etag: format!("\"etag-{seq}\""),
+        organization_id: None,
+        image_count: uploads,
+        accepted_count: uploads,
+        upload_ids: (0..uploads).map(|i| upload_id(user, seq, i)).collect(),
+        rejected: Vec::new(),
+        created_at: updated - time::Duration::hours(1),
+        updated_at: updated,
+        attempts: 3,
+    }
+}
+
+fn stuck_upload(
+    user: &str,
+    seq: &str,
+    index: u32,
+    state: UploadState,
+    cluster: Option<&str>,
+    at: OffsetDateTime,
+) -> UploadRecord {
+    UploadRecord {
+        user_id: user.into(),
+        sequence_id: seq.into(),
+        upload_id: upload_id(user, seq, index),
+        index,
+        state,
+        session_key: format!("mly_relay_{seq}_{index}.zip"),
+        total_len: 1000,
+        image_count: 2,
+        cluster_id: cluster.map(str::to_string),
+        handle: None,
+        organization_id: None,
+        bytes_sent: 10,
+        created_at: at,
+        started_at: Some(at),
+        finished_at: None,
+        error: Some("rupload answered 503".into()),
+        attempts: 2,
+    }
+}
+
+/// Issue 15, item 7: the poller's sweep settles uploads stuck before a final state (their
+/// invocations ended in the DLQ) on moto: untouched for longer than the limit and unclaimed →
+/// FAILED with a user-facing reason (and the sequence FAILED), FINISHING → FINISH_UNCERTAIN, a
+/// recorded cluster → tracked and HANDED_OFF; a live claim, a recent touch and a sequence waiting
+/// for an upload token are left alone; a write over a record that moved on is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_stuck_after_the_dlq_are_settled_and_work_in_progress_is_left_alone() -> Result<()> {
+    let mut w = world("poll-sweep").await?;
+    let now = time::macros::datetime!(2026-06-01 12:00:00 UTC);
+    w.poller.clock = Clock::manual(now);
+    w.poller.tunables.stuck_after = Duration::from_secs(2 * 3600);
+    let old = now - time::Duration::hours(3);
+    let repo = &w.poller.uploads;
+    // stuck: two uploads that never finished, the sequence untouched for 3 h.
+    repo.put_sequence(&stuck_sequence("ina", "stuck", SequenceState::Uploading, old, 2))
+        .await?;
+    repo.put_upload(&stuck_upload(
+        "ina",
+        "stuck",
+        0,
+        UploadState::Uploading,
+        None,
+        old,
+    ))
+    .await?;
+    repo.put_upload(&stuck_upload("ina", "stuck", 1, UploadState::Pending, None, old))
+        .await?;
+    // claimed: as old, but an invocation holds the manifest claim for 10 more minutes.
+    let claimed = stuck_sequence("ina", "claimed", SequenceState::Uploading, old, 1);
+    repo.put_sequence(&claimed).await?;
+    repo.put_upload(&stuck_upload(
+        "ina",
+        "claimed",
+        0,
+        UploadState::Uploading,
+        None,
+        old,
+    ))
+    .await?;
+    let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000)?;
+    let claims = DynamoIdempotency::new(w._stack.dynamodb(), &w._stack.idempotency_table);
+    let outcome = claims
+        .claim(
+            &Claim {
+                id: claim_id(&claimed.bucket, &claimed.manifest_key, &claimed.manifest_etag),
+                status: ClaimStatus::Inprogress,
+                lease_until_ms: now_ms + 600_000,
+                owner: "invocation-1".into(),
+                expiration: now.unix_timestamp() + 86_400,
+            },
+            now_ms,
+        )
+        .await?;
+    ensure!(matches!(outcome, ClaimOutcome::Acquired { .. }), "{outcome:?}");
+    // recent: an old upload whose sequence was touched 10 minutes ago.
+    repo.put_sequence(&stuck_sequence(
+        "ina",
+        "recent",
+        SequenceState::Uploading,
+        now - time::Duration::minutes(10),
+        1,
+    ))
+    .await?;
+    repo.put_upload(&stuck_upload("ina", "recent", 0, UploadState::Pending, None, old))
+        .await?;
+    // finishing: one upload lost in finish_upload, one whose cluster was never handed off.
+    repo.put_sequence(&stuck_sequence(
+        "ina",
+        "finishing",
+        SequenceState::Uploading,
+        old,
+        2,
+    ))
+    .await?;
+    repo.put_upload(&stuck_upload(
+        "ina",
+        "finishing",
+        0,
+        UploadState::Finishing,
+        None,
+        old,
+    ))
+    .await?;
+    repo.put_upload(&stuck_upload(
+        "ina",
+        "finishing",
+        1,
+        UploadState::Uploaded,
+        Some("4242"),
+        old,
+    ))
+    .await?;
+    // waiting: for the user's upload token, however long.
+    repo.put_sequence(&stuck_sequence(
+        "ina",
+        "waiting",
+        SequenceState::AwaitingUploadToken,
+        old,
+        1,
+    ))
+    .await?;
+    repo.put_upload(&stuck_upload(
+        "ina",
+        "waiting",
+        0,
+        UploadState::Pending,
+        None,
+        old,
+    ))
+    .await?;
+
+    let r = w.run().await;
+    let s = &r.sweep;
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(s.unfinished, 7, "{s:?}");
+    assert_eq!(
+        (
+            s.stuck,
+            s.failed,
+            s.uncertain,
+            s.handed_off,
+            s.raced,
+            s.sequences_settled
+        ),
+        (4, 2, 1, 1, 0, 2),
+        "{s:?}"
+    );
+    let uploads = repo.list_uploads("ina", "stuck").await?;
+    for u in &uploads {
+        assert_eq!(u.state, UploadState::Failed, "{u:?}");
+        let reason = u.error.as_deref().unwrap_or_default();
+        assert!(
+            reason.starts_with("processing stopped:") && reason.contains("drop the manifest again"),
+            "{reason}"
+        );
+        assert_eq!(u.finished_at, Some(now));
+    }
+    let seq = repo.get_sequence("ina", "stuck").await?.context("stuck")?;
+    assert_eq!(seq.state, SequenceState::Failed);
+    assert!(seq
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("drop the manifest again")));
+    for (name, state) in [
+        ("claimed", UploadState::Uploading),
+        ("recent", UploadState::Pending),
+        ("waiting", UploadState::Pending),
+    ] {
+        let u = repo.list_uploads("ina", name).await?;
+        assert_eq!(u[0].state, state, "{name} left alone");
+        let seq = repo.get_sequence("ina", name).await?.context("seq")?;
+        assert_ne!(seq.state, SequenceState::Failed, "{name}");
+    }
+    let fin = repo.list_uploads("ina", "finishing").await?;
+    assert_eq!(fin[0].state, UploadState::FinishUncertain);
+    assert_eq!(fin[1].state, UploadState::HandedOff);
+    let tracked = w
+        .poller
+        .tracking
+        .get_tracking(&upload_id("ina", "finishing", 1))
+        .await?
+        .context("the handed-off upload is tracked")?;
+    assert_eq!(tracked.tracked.cluster_id, "4242");
+    assert_eq!(
+        repo.get_sequence("ina", "finishing").await?.context("seq")?.state,
+        SequenceState::Uploaded
+    );
+    // The PENDING index now holds only what was left alone; FINISHING went to UNCERTAIN.
+    let mut left: Vec<String> = repo
+        .unfinished_uploads()
+        .await?
+        .into_iter()
+        .map(|u| u.sequence_id)
+        .collect();
+    left.sort();
+    assert_eq!(left, ["claimed", "recent", "waiting"]);
+    assert!(w
+        .poller
+        .tracking
+        .finish_uncertain_uploads()
+        .await?
+        .iter()
+        .any(|u| u.upload_id == upload_id("ina", "finishing", 0)));
+
+    // Once the claim's lease has ended (the invocation died), the claimed upload is stuck too.
+    w.poller.clock.set_ms(now_ms + 600_001);
+    let r = w.run().await;
+    assert_eq!((r.sweep.stuck, r.sweep.failed), (1, 1), "{:?}", r.sweep);
+    assert_eq!(
+        repo.list_uploads("ina", "claimed").await?[0].state,
+        UploadState::Failed
+    );
+
+    // A settle over a record that moved on (an invocation resumed it) writes nothing.
+    let stale = repo.list_uploads("ina", "recent").await?.remove(0);
+    let mut resumed = stale.clone();
+    resumed.state = UploadState::Uploading;
+    resumed.attempts += 1;
+    repo.put_upload(&resumed).await?;
+    let mut failed = stale.clone();
+    failed.state = UploadState::Failed;
+    assert!(!repo.settle_upload(&failed, &stale).await?);
+    assert_eq!(
+        repo.list_uploads("ina", "recent").await?[0].state,
+        UploadState::Uploading
+    );
     Ok(())
 }

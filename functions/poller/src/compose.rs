@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use shared::adapters::dynamodb::{DynamoRepository, DynamoTracking};
+use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository, DynamoTracking};
 use shared::adapters::secrets::resolve_secret;
 use shared::adapters::sqs::SqsInbox;
 use shared::adapters::tokens::KmsTokenStore;
@@ -16,7 +16,8 @@ use crate::config::{Config, FEED_TOKEN_ARN_VAR};
 use crate::deps::PollerDeps;
 
 /// The poller over the AWS adapters.
-pub type ProductionPoller = PollerDeps<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox>;
+pub type ProductionPoller =
+    PollerDeps<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox, DynamoIdempotency>;
 
 /// Connection set-up limit of Mapillary requests.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,8 +36,9 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
     Ok(PollerDeps {
         tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
         uploads: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table),
-        tokens: token_store(dynamodb, sdk, tables),
+        tokens: token_store(dynamodb.clone(), sdk, tables),
         inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
+        claims: DynamoIdempotency::new(dynamodb.clone(), &config.idempotency_table),
         mapillary,
         feed_token,
         tunables: config.tunables.clone(),

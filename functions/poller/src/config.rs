@@ -48,6 +48,10 @@ pub struct Tunables {
     /// `RELAY_RECONCILE_SCAN_EVERY_S` (900): how often the uploads table is scanned for new
     /// FINISH_UNCERTAIN uploads (0: every run).
     pub reconcile_scan_every: Duration,
+    /// `RELAY_STUCK_AFTER_SECONDS` (7200, at least 900): an unfinished upload whose sequence was
+    /// not touched for this long and whose manifest claim no invocation holds is settled by the
+    /// sweep (`crate::sweep`). Longer than zip-and-push's longest run with its retries.
+    pub stuck_after: Duration,
 }
 
 impl Default for Tunables {
@@ -67,6 +71,7 @@ impl Default for Tunables {
             upload_concurrency: 8,
             reconcile_window: Duration::from_secs(24 * 3600),
             reconcile_scan_every: Duration::from_secs(900),
+            stuck_after: Duration::from_secs(7200),
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct Config {
     pub clusters_queue_url: String,
     /// The tables and the token key.
     pub tables: Tables,
+    /// `RELAY_IDEMPOTENCY_TABLE`: zip-and-push's manifest claims (read by the sweep).
+    pub idempotency_table: String,
     /// The Mapillary app (endpoints, client id, client secret).
     pub mapillary: MapillaryConfig,
     /// The web-app client token the activity feed is called with first: `MAPILLARY_FEED_TOKEN`
@@ -148,6 +155,7 @@ impl Config {
                     .saturating_mul(3600),
             ),
             reconcile_scan_every: Duration::from_secs(env.parse_or("RELAY_RECONCILE_SCAN_EVERY_S", 900u64)?),
+            stuck_after: Duration::from_secs(env.parse_or("RELAY_STUCK_AFTER_SECONDS", 7200u64)?),
         };
         for (name, ok) in [
             (
@@ -158,6 +166,10 @@ impl Config {
             ("RELAY_USER_CONCURRENCY", tunables.user_concurrency >= 1),
             ("RELAY_UPLOAD_CONCURRENCY", tunables.upload_concurrency >= 1),
             ("RELAY_ENTITY_BATCH", (1..=2000).contains(&tunables.entity_batch)),
+            (
+                "RELAY_STUCK_AFTER_SECONDS",
+                (900..=30 * 24 * 3600).contains(&tunables.stuck_after.as_secs()),
+            ),
         ] {
             if !ok {
                 return Err(ConfigError::invalid(name, "out of range"));
@@ -166,6 +178,7 @@ impl Config {
         Ok(Config {
             clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
             tables: env.tables()?,
+            idempotency_table: env.required("RELAY_IDEMPOTENCY_TABLE")?,
             mapillary,
             feed_token,
             tunables,
@@ -201,7 +214,10 @@ mod tests {
         env.insert("RELAY_STALE_AFTER_H", "1".into());
         env.insert("RELAY_HARD_STOP_DAYS", "2".into());
         env.insert("RELAY_FEED_PAGE_SIZE", "200".into());
+        env.insert("RELAY_STUCK_AFTER_SECONDS", "3600".into());
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.stuck_after, Duration::from_secs(3600));
+        assert_eq!(c.idempotency_table, "idem");
         assert_eq!(c.tunables.policy.stale_after, time::Duration::hours(1));
         assert_eq!(c.tunables.policy.hard_stop_after, time::Duration::days(2));
         assert_eq!(c.tunables.feed_page_size, 200);
@@ -264,6 +280,7 @@ mod tests {
             ("RELAY_FEED_PAGE_SIZE", "fifty"),
             ("RELAY_USER_CONCURRENCY", "0"),
             ("RELAY_STALE_AFTER_H", "-3"),
+            ("RELAY_STUCK_AFTER_SECONDS", "60"),
         ] {
             let mut env = base();
             env.insert(k, v.into());

@@ -6,7 +6,8 @@ use secrecy::SecretString;
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::session::SessionContext;
 use shared::ports::{
-    ClusterInbox, ImageEntryReader, ReconcileStore, RunLease, TokenStore, TrackingStore, UploadReader,
+    ClaimReader, ClusterInbox, ImageEntryReader, ReconcileStore, RunLease, SequenceReader, SweepStore,
+    TokenStore, TrackingStore, UploadReader,
 };
 
 use crate::clock::Clock;
@@ -16,8 +17,11 @@ use crate::config::Tunables;
 pub trait Deps: Send + Sync {
     /// Tracking records, links, feed health, the run lease, the FINISH_UNCERTAIN scan.
     type Tracking: TrackingStore + RunLease + ReconcileStore;
-    /// zip-and-push's records (upload records and image entries), read only.
-    type Uploads: UploadReader + ImageEntryReader;
+    /// zip-and-push's records (sequences, upload records and image entries): read, and settled by
+    /// the sweep of stuck uploads.
+    type Uploads: UploadReader + ImageEntryReader + SequenceReader + SweepStore;
+    /// zip-and-push's manifest claims, read only (the sweep leaves claimed sequences alone).
+    type Claims: ClaimReader;
     /// Users' tokens.
     type Tokens: TokenStore;
     /// The clusters queue.
@@ -30,6 +34,8 @@ pub trait Deps: Send + Sync {
     fn tokens(&self) -> &Self::Tokens;
     /// The clusters queue.
     fn inbox(&self) -> &Self::Inbox;
+    /// Manifest claims.
+    fn claims(&self) -> &Self::Claims;
     /// Mapillary (every call of the run goes through it).
     fn mapillary(&self) -> &MapillaryApp;
     /// The web-app client token the activity feed is tried with first (see `crate::feed`), if
@@ -55,7 +61,7 @@ pub trait Deps: Send + Sync {
 /// The usual [`Deps`]: one value per port (the production one is `compose::ProductionPoller`;
 /// tests swap single fields, e.g. the clock that follows the simulator).
 #[derive(Debug, Clone)]
-pub struct PollerDeps<R, U, T, Q> {
+pub struct PollerDeps<R, U, T, Q, C> {
     /// Tracking records, links, feed health, the run lease.
     pub tracking: R,
     /// zip-and-push's records (upload records and image entries).
@@ -64,6 +70,8 @@ pub struct PollerDeps<R, U, T, Q> {
     pub tokens: T,
     /// The clusters queue.
     pub inbox: Q,
+    /// Manifest claims (the IdempotencyTable, read only).
+    pub claims: C,
     /// Mapillary.
     pub mapillary: MapillaryApp,
     /// The web-app client token (`MAPILLARY_FEED_TOKEN[_SECRET_ARN]`, resolved), if configured.
@@ -74,17 +82,19 @@ pub struct PollerDeps<R, U, T, Q> {
     pub clock: Clock,
 }
 
-impl<R, U, T, Q> Deps for PollerDeps<R, U, T, Q>
+impl<R, U, T, Q, C> Deps for PollerDeps<R, U, T, Q, C>
 where
     R: TrackingStore + RunLease + ReconcileStore,
-    U: UploadReader + ImageEntryReader,
+    U: UploadReader + ImageEntryReader + SequenceReader + SweepStore,
     T: TokenStore,
     Q: ClusterInbox,
+    C: ClaimReader,
 {
     type Tracking = R;
     type Uploads = U;
     type Tokens = T;
     type Inbox = Q;
+    type Claims = C;
     fn tracking(&self) -> &R {
         &self.tracking
     }
@@ -96,6 +106,9 @@ where
     }
     fn inbox(&self) -> &Q {
         &self.inbox
+    }
+    fn claims(&self) -> &C {
+        &self.claims
     }
     fn mapillary(&self) -> &MapillaryApp {
         &self.mapillary

@@ -83,7 +83,8 @@ pub async fn intake<D: Deps>(d: &D, deadline: Instant) -> IntakeReport {
     rep
 }
 
-async fn create<D: Deps>(d: &D, msg: &ClusterMessage) -> Result<bool, shared::ports::RepoError> {
+/// The tracking record of `msg`'s upload (idempotent: `false` when it exists already).
+pub(crate) async fn create<D: Deps>(d: &D, msg: &ClusterMessage) -> Result<bool, shared::ports::RepoError> {
     // When did `finish_upload` return? zip-and-push's upload record knows; else "now".
     let uploads = d.uploads().list_uploads(&msg.user_id, &msg.sequence_id).await?;
     let upload = uploads.iter().find(|u| u.upload_id == msg.upload_id);

@@ -40,6 +40,10 @@ pub async fn invoke<D: Deps>(d: &D, deadline_ms: u64) -> serde_json::Value {
         "feed_skipped_nodes": report.feed_skipped_nodes,
         "cut_off": report.cut_off,
         "lease_held": report.lease_held,
+        "stuck_failed": report.sweep.failed,
+        "stuck_uncertain": report.sweep.uncertain,
+        "stuck_handed_off": report.sweep.handed_off,
+        "uncertain_resolved": report.reconcile.resolved,
         "errors": report.errors.len(),
     })
 }

@@ -14,6 +14,8 @@
 //! * [`ours`] — our image entries as linking inputs (a leaf).
 //! * [`intake`] — clusters queue → `create_tracking` (idempotent) → delete after the write.
 //! * [`reconcile`] — FINISH_UNCERTAIN uploads: found by scan, their cluster looked for in the feed.
+//! * [`sweep`] — uploads stuck before a final state after zip-and-push gave up (DLQ): FAILED,
+//!   FINISH_UNCERTAIN or handed off, by what they had reached.
 //! * [`deps`] — the [`Deps`] trait (every port and setting of a run, bounds written once) and
 //!   [`PollerDeps`]; [`compose`] — config + SDK config → the production [`PollerDeps`];
 //!   [`config`] — environment configuration; [`clock`] — "now"; [`lambda`] — one invocation
@@ -34,6 +36,7 @@ pub mod ours;
 pub mod reconcile;
 pub mod report;
 pub mod run;
+pub mod sweep;
 mod user;
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use shared::domain::tracking::{FeedErrorClass, FeedSource, Transition};
 
 use crate::intake::IntakeReport;
 use crate::reconcile::DiscoveryReport;
+use crate::sweep::SweepReport;
 
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -13,6 +14,8 @@ pub struct RunReport {
     pub intake: IntakeReport,
     /// FINISH_UNCERTAIN uploads taken into tracking.
     pub reconcile: DiscoveryReport,
+    /// Uploads stuck before a final state, settled.
+    pub sweep: SweepReport,
     /// Users worked on.
     pub users: usize,
     /// Users whose activity feed was unusable (their uploads were linked by coverage tiles).

@@ -29,6 +29,7 @@ use crate::deps::Deps;
 use crate::intake::intake;
 use crate::reconcile::discover_uncertain;
 use crate::report::{RunReport, UserReport};
+use crate::sweep::sweep_stuck;
 use crate::user::track_user;
 
 /// How long the lease outlives the run's deadline (covers the function's stop margin).
@@ -70,6 +71,9 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
         written = report.written,
         linked_feed = report.linked_feed,
         linked_tiles = report.linked_tiles,
+        stuck_failed = report.sweep.failed,
+        stuck_uncertain = report.sweep.uncertain,
+        stuck_handed_off = report.sweep.handed_off,
         feed_unusable_users = report.feed_unusable_users,
         feed_web_app_users = report.feed_web_app_users,
         feed_user_token_users = report.feed_user_token_users,
@@ -87,6 +91,7 @@ async fn run_leased<D: Deps>(d: &D, deadline: Instant, report: &mut RunReport) {
     let t = Instant::now();
     report.intake = intake(d, deadline).await;
     report.reconcile = discover_uncertain(d, deadline).await;
+    report.sweep = sweep_stuck(d, deadline).await;
     report.timings.intake_ms = elapsed_ms(t);
     let t = Instant::now();
     let pending = match d.tracking().list_pending_tracking().await {

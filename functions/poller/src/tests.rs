@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::linking::{ImageOutcome, LinkPath};
 use shared::domain::tracking::{FeedErrorClass, FeedSource, OverallState};
-use shared::fakes::{MemInbox, MemRepo, MemTokens, MemTracking};
+use shared::fakes::{MemClaims, MemInbox, MemRepo, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{FileType, MapillaryClient};
 use shared::mapillary::retry::RetryPolicy;
@@ -33,7 +33,7 @@ use crate::run::run_once;
 
 const USER: &str = "user-1";
 
-type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox>;
+type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims>;
 
 struct World {
     sim: SimHandle,
@@ -100,6 +100,7 @@ async fn world_with(feed_token: Option<&str>) -> World {
         uploads,
         tokens,
         inbox: MemInbox::default(),
+        claims: MemClaims::new(),
         mapillary: MapillaryApp::new(client.clone(), APP_ID, SecretString::from(CLIENT_SECRET)),
         feed_token: feed_token.map(SecretString::from),
         tunables: Tunables::default(),

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use super::lock;
 use crate::idempotency::{may_complete, may_renew, outcome_over, Claim, ClaimOutcome, ClaimStatus};
-use crate::ports::{IdempotencyStore, RepoError};
+use crate::ports::{ClaimReader, IdempotencyStore, RepoError};
 
 /// Manifest claims in memory, with the rules of [`crate::idempotency`].
 #[derive(Debug, Default)]
@@ -19,6 +19,12 @@ impl MemClaims {
     /// No claims.
     pub fn new() -> Self {
         Self::default()
+    }
+}
+
+impl ClaimReader for MemClaims {
+    async fn get_claim(&self, id: &str) -> Result<Option<Claim>, RepoError> {
+        Ok(lock(&self.claims).get(id).cloned())
     }
 }
 

@@ -8,7 +8,7 @@ use super::lock;
 use crate::model::{EntryCheckpoint, IngestError, SequenceRecord, UploadImage, UploadRecord, UploadState};
 use crate::ports::{
     ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
-    SequenceStore, UploadReader, UploadStore,
+    SequenceStore, SweepStore, UploadReader, UploadStore,
 };
 
 /// Everything the repository holds.
@@ -142,6 +142,52 @@ impl UploadStore for MemRepo {
                 "upload {} missing",
                 upload.upload_id
             ))),
+        }
+    }
+}
+
+impl SweepStore for MemRepo {
+    async fn unfinished_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
+        let mut out: Vec<UploadRecord> = lock(&self.state)
+            .uploads
+            .values()
+            .filter(|u| !u.state.is_final())
+            .cloned()
+            .collect();
+        // The adapter's order: the index's sort key `<user_id>#<upload_id>`.
+        out.sort_by_key(|u| format!("{}#{}", u.user_id, u.upload_id));
+        Ok(out)
+    }
+
+    async fn settle_upload(&self, upload: &UploadRecord, expected: &UploadRecord) -> Result<bool, RepoError> {
+        let mut st = lock(&self.state);
+        let k = (upload.user_id.clone(), upload.sequence_id.clone(), upload.index);
+        match st.uploads.get(&k) {
+            Some(u) if u.state == expected.state && u.attempts == expected.attempts => {
+                st.uploads.insert(k, upload.clone());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn settle_sequence(
+        &self,
+        seq: &SequenceRecord,
+        expected_updated_at: time::OffsetDateTime,
+    ) -> Result<bool, RepoError> {
+        let mut st = lock(&self.state);
+        match st
+            .sequences
+            .get_mut(&(seq.user_id.clone(), seq.sequence_id.clone()))
+        {
+            Some(s) if s.updated_at == expected_updated_at => {
+                s.state = seq.state;
+                s.reason = seq.reason.clone();
+                s.updated_at = seq.updated_at;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 }

@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::{ReturnValue, ReturnValuesOnConditionCheckFailure};
 
 use super::item::{condition_failed, decode, encode, n, number_of, repo_error, s, string_of, Item};
 use crate::idempotency::{outcome_over, Claim, ClaimOutcome, ClaimStatus};
-use crate::ports::{IdempotencyStore, RepoError};
+use crate::ports::{ClaimReader, IdempotencyStore, RepoError};
 
 /// Manifest claims in the IdempotencyTable.
 #[derive(Debug, Clone)]
@@ -171,5 +171,22 @@ impl IdempotencyStore for DynamoIdempotency {
                 None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
             },
         }
+    }
+}
+
+impl ClaimReader for DynamoIdempotency {
+    async fn get_claim(&self, id: &str) -> Result<Option<Claim>, RepoError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("id", s(id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("GetItem claim {id}")))?;
+        out.item
+            .map(|item| decode(item, &format!("claim {id}")))
+            .transpose()
     }
 }

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 
 use super::batch::{batch_get, batch_write};
 use super::item::{
-    condition_failed, decode, delete_request, encode, key, n, number_of, put_request, repo_error, s,
+    condition_failed, decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s,
     string_of, Item,
 };
 use crate::model::{
@@ -38,7 +38,7 @@ use crate::model::{
 };
 use crate::ports::{
     ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
-    SequenceStore, UploadReader, UploadStore,
+    SequenceStore, SweepStore, UploadReader, UploadStore,
 };
 
 /// Rejected lists whose keys and reasons exceed this many bytes are stored as separate items
@@ -419,6 +419,95 @@ impl UploadStore for DynamoRepository {
                     )))
                 }
                 None => Err(repo_error(&err, &format!("PutItem upload {}", upload.upload_id))),
+            },
+        }
+    }
+}
+
+impl SweepStore for DynamoRepository {
+    async fn unfinished_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.uploads_table)
+            .index_name("gsi2")
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", "gsi2pk")
+            .expression_attribute_values(":pk", s(PENDING_GSI2PK))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, "Query gsi2 PENDING"))?;
+            for item in page.items.unwrap_or_default() {
+                // One unreadable record must not stop the sweep for everyone: it is skipped.
+                match decode::<UploadRecord>(item, "upload record") {
+                    // The index is eventually consistent: skip one that has become final since.
+                    Ok(record) if !record.state.is_final() => out.push(record),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unreadable upload record in the PENDING index skipped")
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn settle_upload(&self, upload: &UploadRecord, expected: &UploadRecord) -> Result<bool, RepoError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.uploads_table)
+            .set_item(Some(Self::upload_item(upload)?))
+            .condition_expression("#state = :state AND #attempts = :attempts")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_names("#attempts", "attempts")
+            .expression_attribute_values(":state", s(expected.state.as_str()))
+            .expression_attribute_values(":attempts", n(expected.attempts))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => match repo_error(&e, &format!("PutItem upload {}", upload.upload_id)) {
+                RepoError::ConditionFailed(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn settle_sequence(
+        &self,
+        seq: &SequenceRecord,
+        expected_updated_at: OffsetDateTime,
+    ) -> Result<bool, RepoError> {
+        let pk = sequence_pk(&seq.user_id, &seq.sequence_id);
+        let reason = match &seq.reason {
+            Some(r) => s(r),
+            None => AttributeValue::Null(true),
+        };
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.uploads_table)
+            .key("pk", s(&pk))
+            .key("sk", s(SEQUENCE_SK))
+            .update_expression("SET #state = :state, #reason = :reason, #updated = :updated")
+            .condition_expression("#updated = :expected")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_names("#reason", "reason")
+            .expression_attribute_names("#updated", "updated_at")
+            .expression_attribute_values(":state", s(seq.state.as_str()))
+            .expression_attribute_values(":reason", reason)
+            .expression_attribute_values(":updated", s(rfc3339(seq.updated_at)?))
+            .expression_attribute_values(":expected", s(rfc3339(expected_updated_at)?))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => match repo_error(&e, &format!("UpdateItem {pk}")) {
+                RepoError::ConditionFailed(_) => Ok(false),
+                other => Err(other),
             },
         }
     }
