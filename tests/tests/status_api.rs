@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::mapillary::retry::RetryPolicy;
 use shared::model::{RejectedImage, SequenceRecord, SequenceState};
-use shared::ports::{AccountClaims, SequenceStore, TokenStore};
+use shared::ports::{AccountClaims, SequenceStore, TokenStore, UploadStore};
 use status_api::compose::ProductionDeps;
 use status_api::config::Settings;
 use status_api::router;
@@ -147,12 +147,80 @@ async fn call(app: &axum::Router, v: &Value) -> Reply {
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     let raw = String::from_utf8_lossy(&bytes).into_owned();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    assert_user_facing(&body, &raw);
     Reply {
         status,
         content_type,
         headers,
         body,
         raw,
+    }
+}
+
+/// The JSON keys whose values are texts for users: reasons, errors and problem details.
+const REASON_KEYS: [&str; 7] = [
+    "reason",
+    "error",
+    "error_explanation",
+    "message",
+    "detail",
+    "title",
+    "note",
+];
+
+/// What Rust debug formatting and internal errors look like inside a text (issue 15, item 7: a
+/// reason shown to users never quotes them).
+const INTERNAL_MARKS: [&str; 16] = [
+    "Some(",
+    "None,",
+    "Ok(",
+    "Err(",
+    "Error {",
+    "Error(",
+    "::",
+    "{ ",
+    " }",
+    "\\\"",
+    "SdkError",
+    "DispatchFailure",
+    "ServiceError",
+    "RepoError",
+    "StoreError",
+    "TokenError",
+];
+
+/// The texts under [`REASON_KEYS`] anywhere in `v`.
+fn reasons_in(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match v {
+                    Value::String(s) if REASON_KEYS.contains(&k.as_str()) => out.push(s.clone()),
+                    _ => reasons_in(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| reasons_in(v, out)),
+        _ => {}
+    }
+}
+
+/// Every answer of the status API in these tests goes through this: no `s3://` URL anywhere in
+/// it, and no reason, error or problem detail with debug formatting or internal error names.
+fn assert_user_facing(body: &Value, raw: &str) {
+    assert!(
+        !raw.contains("s3://"),
+        "the status API served an s3:// URL: {raw}"
+    );
+    let mut texts = Vec::new();
+    reasons_in(body, &mut texts);
+    for text in texts {
+        for mark in INTERNAL_MARKS {
+            assert!(
+                !text.contains(mark),
+                "a user-facing text holds {mark:?} (debug formatting or an internal error): {text:?}"
+            );
+        }
     }
 }
 
@@ -1030,4 +1098,174 @@ async fn one_mapillary_account_is_connected_to_one_relay_user_unless_allowed() -
     );
     w.sim.shutdown().await;
     Ok(())
+}
+
+/// Issue 15, item 7: every reason the status API serves is written for users. Reasons of every
+/// kind are produced by the real producers on moto — zip-and-push's rejections (a listed image
+/// missing from S3, a file that is not a JPEG, an image without GPS), a sequence failed by its
+/// malformed manifest, the poller's sweep of a stuck upload — then read through every view and
+/// page (list, status with its rejected pages, images with theirs). `call` scans each answer
+/// ([`assert_user_facing`]); here we check that the reasons were there to be scanned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reason_the_api_serves_is_free_of_s3_urls_and_internal_text() -> Result<()> {
+    let w = world("api-reasons").await?;
+    let r = call(&w.app, &put_upload_token(USER, defaults::DEMO_USER_TOKEN)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let config = zip_and_push::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut zp = zip_and_push::compose::compose(&config, w.stack.sdk_config()).await?;
+    zp.store = S3ObjectStore::new(w.stack.s3());
+    zp.mapillary = zp.mapillary.with_retry_policy(RetryPolicy::fast());
+    zp.tunables = zip_and_push::config::Tunables::default();
+    let drop = |seq: &'static str, files: Vec<(String, Vec<u8>)>, manifest: Vec<u8>| {
+        let w = &w;
+        let zp = &zp;
+        async move {
+            for (name, bytes) in files {
+                w.put(&format!("sequences/{USER}/{seq}/{name}"), bytes).await?;
+            }
+            w.put(&format!("sequences/{USER}/{seq}/manifest.json"), manifest)
+                .await?;
+            let m = w.notification().await?;
+            let resp =
+                zip_and_push::handle_batch(zp, sqs_event(&m)?, Instant::now() + Duration::from_secs(600))
+                    .await;
+            anyhow::ensure!(resp.batch_item_failures.is_empty(), "{resp:?}");
+            anyhow::Ok(())
+        }
+    };
+
+    // Rejections: missing, not a JPEG, no GPS; three good images are uploaded.
+    let mut t = TrackSpec::new(48.2, 16.37, datetime!(2024-04-20 08:00:00 UTC));
+    t.interval_ms = 2000;
+    t.step_m = 8.0;
+    let specs = track(4, &t);
+    let mut files: Vec<(String, Vec<u8>)> = specs[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("img_{i:04}.jpg"), jpeg(s)))
+        .collect();
+    let mut no_gps = specs[3].clone();
+    no_gps.with_gps = false;
+    files.push(("nogps.jpg".into(), jpeg(&no_gps)));
+    files.push(("notes.jpg".into(), b"these are notes, not a picture".to_vec()));
+    let manifest = json!({ "images": [
+        "img_0000.jpg", "img_0001.jpg", "img_0002.jpg", "missing.jpg", "notes.jpg", "nogps.jpg"
+    ]});
+    drop("mixed", files, manifest.to_string().into_bytes()).await?;
+    // A manifest that is not JSON: the sequence fails with a reason.
+    drop("badjson", Vec::new(), b"{ images: [oops".to_vec()).await?;
+    // A stuck upload (its invocations ended in the DLQ), swept by the poller.
+    let repo = shared::adapters::dynamodb::DynamoRepository::new(w.stack.dynamodb(), &w.stack.uploads_table);
+    let old = OffsetDateTime::now_utc() - time::Duration::hours(3);
+    let stuck_id = shared::model::upload_id(USER, "stuck", 0);
+    repo.put_sequence(&SequenceRecord {
+        upload_ids: vec![stuck_id.clone()],
+        state: SequenceState::Uploading,
+        accepted_count: 1,
+        image_count: 1,
+        bucket: w.stack.bucket.clone(),
+        manifest_key: format!("sequences/{USER}/stuck/manifest.json"),
+        updated_at: old,
+        rejected: Vec::new(),
+        ..sequence(USER, "stuck", old)
+    })
+    .await?;
+    repo.put_upload(&shared::model::UploadRecord {
+        user_id: USER.into(),
+        sequence_id: "stuck".into(),
+        upload_id: stuck_id,
+        index: 0,
+        state: shared::model::UploadState::Uploading,
+        session_key: "mly_relay_stuck.zip".into(),
+        total_len: 100,
+        image_count: 1,
+        cluster_id: None,
+        handle: None,
+        organization_id: None,
+        bytes_sent: 10,
+        created_at: old,
+        started_at: Some(old),
+        finished_at: None,
+        error: Some("rupload answered 503".into()),
+        attempts: 5,
+    })
+    .await?;
+    let config = poller::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut poller = poller::compose::compose(&config, w.stack.sdk_config()).await?;
+    poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
+    poller.tunables = poller::config::Tunables::default();
+    let run = poller::run_once(&poller, Instant::now() + Duration::from_secs(120)).await;
+    assert_eq!(run.sweep.failed, 1, "{:?}", run.sweep);
+
+    // Every view and page; `call` scans each answer.
+    let mut reasons = Vec::new();
+    let r = call(&w.app, &at(event("list-sequences.json"), "/v1/sequences", "")).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    reasons_in(&r.body, &mut reasons);
+    let ids: Vec<String> = r.body["sequences"]
+        .as_array()
+        .context("sequences")?
+        .iter()
+        .filter_map(|s| s["sequence_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 3, "{}", r.raw);
+    for id in &ids {
+        let mut query = "rejected_limit=1".to_string();
+        loop {
+            let path = format!("/v1/sequences/{id}");
+            let r = call(&w.app, &at(event("get-status.json"), &path, &query)).await;
+            assert_eq!(r.status, 200, "{}", r.raw);
+            reasons_in(&r.body, &mut reasons);
+            match r.body["rejected_next_cursor"].as_str() {
+                Some(c) => query = format!("rejected_limit=1&rejected_cursor={c}"),
+                None => break,
+            }
+        }
+        let mut query = "limit=2".to_string();
+        loop {
+            let path = format!("/v1/sequences/{id}/images");
+            let r = call(&w.app, &at(event("get-images.json"), &path, &query)).await;
+            assert_eq!(r.status, 200, "{}", r.raw);
+            reasons_in(&r.body, &mut reasons);
+            match r.body["next_cursor"].as_str() {
+                Some(c) => query = format!("limit=2&cursor={c}"),
+                None => break,
+            }
+        }
+    }
+    let has = |what: &str| reasons.iter().any(|r| r.contains(what));
+    for what in ["missing.jpg", "not a JPEG", "no GPS position"] {
+        assert!(has(what), "the rejection {what:?}: {reasons:#?}");
+    }
+    assert!(has("drop the manifest again"), "the sweep's reason: {reasons:#?}");
+    assert!(
+        has("manifest.json"),
+        "the malformed manifest's reason: {reasons:#?}"
+    );
+    assert!(
+        reasons.len() >= 6,
+        "three rejections, twice (status and images), plus the failures: {reasons:#?}"
+    );
+    w.sim.shutdown().await;
+    Ok(())
+}
+
+/// The scan of [`assert_user_facing`] catches what it is there to catch.
+#[test]
+fn the_user_facing_scan_catches_s3_urls_and_debug_formatting() {
+    let caught = |body: Value| {
+        let raw = body.to_string();
+        std::panic::catch_unwind(|| assert_user_facing(&body, &raw)).is_err()
+    };
+    assert!(caught(json!({ "reason": "cannot read s3://bucket/key" })));
+    assert!(caught(
+        json!({ "uploads": [{ "error": "upload failed: Some(DispatchFailure(..))" }] })
+    ));
+    assert!(caught(
+        json!({ "detail": "storage: ServiceError { source: NoSuchKey }" })
+    ));
+    assert!(caught(json!({ "sequences": [], "link": "s3://bucket/key" })));
+    assert!(!caught(
+        json!({ "reason": "missing key: no object \"a.jpg\" in the sequence" })
+    ));
 }

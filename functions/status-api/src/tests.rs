@@ -58,6 +58,50 @@ struct Reply {
     body: Value,
 }
 
+/// Issue 15, item 7: every answer in these tests is scanned — no `s3://` URL anywhere, and no
+/// reason, error or problem text with Rust debug formatting or internal error names.
+fn assert_user_facing(body: &Value) {
+    const KEYS: [&str; 7] = [
+        "reason",
+        "error",
+        "error_explanation",
+        "message",
+        "detail",
+        "title",
+        "note",
+    ];
+    const MARKS: [&str; 12] = [
+        "Some(",
+        "Ok(",
+        "Err(",
+        "Error {",
+        "Error(",
+        "::",
+        "{ ",
+        " }",
+        "\\\"",
+        "SdkError",
+        "ServiceError",
+        "RepoError",
+    ];
+    fn walk(v: &Value, key: Option<&str>) {
+        match v {
+            Value::Object(m) => m.iter().for_each(|(k, v)| walk(v, Some(k))),
+            Value::Array(a) => a.iter().for_each(|v| walk(v, key)),
+            Value::String(s) => {
+                assert!(!s.contains("s3://"), "an s3:// URL served: {s:?}");
+                if key.is_some_and(|k| KEYS.contains(&k)) {
+                    for mark in MARKS {
+                        assert!(!s.contains(mark), "a user-facing text holds {mark:?}: {s:?}");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(body, None);
+}
+
 async fn call(app: &axum::Router, req: lambda_http::Request) -> Reply {
     let resp = app.clone().oneshot(req).await.expect("infallible");
     let status = resp.status().as_u16();
@@ -74,6 +118,7 @@ async fn call(app: &axum::Router, req: lambda_http::Request) -> Reply {
         serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
     };
+    assert_user_facing(&body);
     Reply {
         status,
         content_type,
