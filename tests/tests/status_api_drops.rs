@@ -442,7 +442,17 @@ async fn a_sequence_dropped_through_the_api_is_uploaded_tracked_and_deleted() ->
     let r = call(&w.app, &event("POST", &complete, None, OTHER)).await;
     assert_eq!(r.status, 404, "{}", r.raw);
 
-    let resp = put(&http, &uploads[n - 1], images[n - 1].1.clone()).await?;
+    // Resume: fresh URLs for what is left, i.e. the last file only; its new URL is the one used.
+    let r = call(
+        &w.app,
+        &event("POST", &format!("/v1/sequences/{id}/uploads"), None, USER),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let again = r.body["uploads"].as_array().context("uploads")?.clone();
+    assert_eq!(again.len(), 1, "{}", r.raw);
+    assert_eq!(again[0]["name"], last.as_str());
+    let resp = put(&http, &again[0], images[n - 1].1.clone()).await?;
     assert!(resp.status().is_success(), "{}", resp.text().await?);
     let r = call(&w.app, &event("POST", &complete, None, USER)).await;
     assert_eq!(r.status, 202, "{}", r.raw);

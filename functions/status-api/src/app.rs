@@ -42,6 +42,8 @@ pub const ROUTE_SEQUENCES: &str = "/v1/sequences";
 pub const ROUTE_SEQUENCE: &str = "/v1/sequences/{sequence_id}";
 /// `POST` — the announced files are uploaded: write the manifest.
 pub const ROUTE_SEQUENCE_COMPLETE: &str = "/v1/sequences/{sequence_id}/complete";
+/// `POST` — fresh upload URLs for the announced files not uploaded yet.
+pub const ROUTE_SEQUENCE_UPLOADS: &str = "/v1/sequences/{sequence_id}/uploads";
 /// `POST` — write the manifest again so that failed uploads run again.
 pub const ROUTE_SEQUENCE_RETRY: &str = "/v1/sequences/{sequence_id}/retry";
 /// `GET` — one sequence's images.
@@ -54,11 +56,12 @@ pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
 pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
 
 /// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
-pub const ROUTES: [(&str, &str); 12] = [
+pub const ROUTES: [(&str, &str); 13] = [
     ("GET", ROUTE_SEQUENCES),
     ("POST", ROUTE_SEQUENCES),
     ("GET", ROUTE_SEQUENCE),
     ("DELETE", ROUTE_SEQUENCE),
+    ("POST", ROUTE_SEQUENCE_UPLOADS),
     ("POST", ROUTE_SEQUENCE_COMPLETE),
     ("POST", ROUTE_SEQUENCE_RETRY),
     ("GET", ROUTE_SEQUENCE_IMAGES),
@@ -164,6 +167,7 @@ pub fn router<D: Deps>(deps: Arc<D>) -> Router {
             ROUTE_SEQUENCE,
             get(get_sequence::<D>).delete(drops::delete_sequence::<D>),
         )
+        .route(ROUTE_SEQUENCE_UPLOADS, post(drops::uploads_again::<D>))
         .route(ROUTE_SEQUENCE_COMPLETE, post(drops::complete::<D>))
         .route(ROUTE_SEQUENCE_RETRY, post(drops::retry::<D>))
         .route(ROUTE_SEQUENCE_IMAGES, get(get_images::<D>))

@@ -4,6 +4,7 @@
 //!   manifest options; the API issues a sequence id, records the sequence as `AWAITING_FILES` with the
 //!   announcement, and answers one presigned S3 `PUT` per file for exactly
 //!   `sequences/<sub>/<sequence>/<name>`, with the size (and md5) bound into the signature.
+//! * `POST /v1/sequences/{id}/uploads` — fresh URLs for the announced files not uploaded yet (resume).
 //! * `POST /v1/sequences/{id}/complete` — every announced file must be there with its size (else 409
 //!   naming each one); then the sequence is `RECEIVED` and the API writes `manifest.json` in
 //!   zip-and-push's format, the same trigger as an S3 drop.
@@ -201,7 +202,7 @@ pub async fn announce<D: Deps>(
         let msg: String = e.to_string().chars().take(200).collect();
         Problem::invalid_parameter(format!("the body is not an announcement: {msg}"))
     })?;
-    let caps = &d.settings().drops;
+    let caps = d.settings().drops.clone();
     let files = check_files(
         parsed
             .files
@@ -225,23 +226,7 @@ pub async fn announce<D: Deps>(
     let span = info_span!("drop", user = %user, sequence_id = %sequence_id, files = files.len());
     async {
         // Signing is local: every URL exists before anything is recorded.
-        let mut uploads = Vec::with_capacity(files.len());
-        for f in &files {
-            let key = format!("{prefix}{}", f.name);
-            let md5 = f.md5.as_deref().and_then(content_md5_header);
-            let p = d
-                .objects()
-                .presign_put(bucket, &key, f.size, md5.as_deref(), caps.presign_ttl)
-                .await
-                .map_err(store_problem)?;
-            uploads.push(UploadUrl {
-                name: f.name.clone(),
-                key,
-                method: "PUT",
-                url: p.url,
-                headers: p.headers.into_iter().collect(),
-            });
-        }
+        let uploads = presign_all(&*d, bucket, &prefix, files.iter()).await?;
         let announcement = Announcement {
             user_id: user.clone(),
             sequence_id: sequence_id.clone(),
@@ -286,6 +271,97 @@ pub async fn announce<D: Deps>(
             resp.headers_mut().insert(header::LOCATION, v);
         }
         Ok(resp)
+    }
+    .instrument(span)
+    .await
+}
+
+/// One presigned PUT per file of `files`, under `prefix`.
+async fn presign_all<'a, D: Deps>(
+    d: &D,
+    bucket: &str,
+    prefix: &str,
+    files: impl Iterator<Item = &'a AnnouncedFile>,
+) -> Result<Vec<UploadUrl>> {
+    let ttl = d.settings().drops.presign_ttl;
+    let mut uploads = Vec::new();
+    for f in files {
+        let key = format!("{prefix}{}", f.name);
+        let md5 = f.md5.as_deref().and_then(content_md5_header);
+        let p = d
+            .objects()
+            .presign_put(bucket, &key, f.size, md5.as_deref(), ttl)
+            .await
+            .map_err(store_problem)?;
+        uploads.push(UploadUrl {
+            name: f.name.clone(),
+            key,
+            method: "PUT",
+            url: p.url,
+            headers: p.headers.into_iter().collect(),
+        });
+    }
+    Ok(uploads)
+}
+
+/// The sequence, if it is the caller's and AWAITING_FILES, with its announcement (404 / 409 otherwise).
+async fn awaiting<D: Deps>(d: &D, user: &str, id: &str) -> Result<(SequenceRecord, Announcement)> {
+    let Some(seq) = d.repo().get_sequence(user, id).await? else {
+        return Err(sequence_not_found(id));
+    };
+    if seq.state != SequenceState::AwaitingFiles {
+        return Err(conflict(
+            "not-awaiting-files",
+            "Sequence not awaiting files",
+            format!(
+                "sequence {id:?} is {}: only a sequence announced with POST /v1/sequences and not \
+                 completed yet takes files",
+                seq.state.as_str()
+            ),
+        ));
+    }
+    let Some(announcement) = d.repo().get_announcement(user, id).await? else {
+        error!("an AWAITING_FILES sequence without its announcement");
+        return Err(Problem::internal());
+    };
+    Ok((seq, announcement))
+}
+
+// ------------------------------------------------------------------ uploads again (resume)
+
+/// `POST /v1/sequences/{id}/uploads`: fresh presigned URLs for the announced files that are not
+/// uploaded as announced yet (missing, or of another size) — how a client resumes after its URLs
+/// expired or it stopped part-way. Same reply as `POST /v1/sequences`; `uploads` is empty when every
+/// file is there (then complete).
+pub async fn uploads_again<D: Deps>(
+    State(d): State<Arc<D>>,
+    path: PathArg,
+    parts: Parts,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let bucket = bucket(&*d)?;
+    let span = info_span!("drop", user = %user, sequence_id = %id);
+    async {
+        let (_, announcement) = awaiting(&*d, &user, &id).await?;
+        let prefix = sequence_prefix(&user, &id);
+        let listed = d.objects().list(bucket, &prefix).await.map_err(store_problem)?;
+        let missing: Vec<String> = missing_files(&announcement.files, &prefix, &listed)
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        let todo = announcement.files.iter().filter(|f| missing.contains(&f.name));
+        let uploads = presign_all(&*d, bucket, &prefix, todo).await?;
+        info!(files = uploads.len(), "upload URLs issued again");
+        let body = Announced {
+            complete_path: format!("/v1/sequences/{id}/complete"),
+            sequence_id: id.clone(),
+            state: SequenceState::AwaitingFiles.as_str(),
+            expires_at: rfc3339(OffsetDateTime::now_utc() + d.settings().drops.presign_ttl)?,
+            uploads,
+        };
+        Ok(json_no_store(StatusCode::OK, &body))
     }
     .instrument(span)
     .await
@@ -396,24 +472,7 @@ pub async fn complete<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Pa
     let bucket = bucket(&*d)?;
     let span = info_span!("drop", user = %user, sequence_id = %id);
     async {
-        let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
-            return Err(sequence_not_found(&id));
-        };
-        if seq.state != SequenceState::AwaitingFiles {
-            return Err(conflict(
-                "not-awaiting-files",
-                "Sequence not awaiting files",
-                format!(
-                    "sequence {id:?} is {}: only a sequence announced with POST /v1/sequences and not \
-                     completed yet can be completed",
-                    seq.state.as_str()
-                ),
-            ));
-        }
-        let Some(announcement) = d.repo().get_announcement(&user, &id).await? else {
-            error!("an AWAITING_FILES sequence without its announcement");
-            return Err(Problem::internal());
-        };
+        let (seq, announcement) = awaiting(&*d, &user, &id).await?;
         let prefix = sequence_prefix(&user, &id);
         let listed = d.objects().list(bucket, &prefix).await.map_err(store_problem)?;
         let missing = missing_files(&announcement.files, &prefix, &listed);

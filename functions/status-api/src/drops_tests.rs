@@ -264,8 +264,25 @@ async fn complete_names_missing_files_then_writes_the_manifest_once() {
     let r = call(&app, req("POST", &complete, None, "user-2")).await;
     assert_eq!(r.status, 404, "{:#}", r.body);
 
+    // Resume: fresh URLs for exactly the files not uploaded as announced.
+    let again = format!("/v1/sequences/{id}/uploads");
+    let r = call(&app, req("POST", &again, None, USER)).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    let names: Vec<&str> = r.body["uploads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b.jpg", "c.jpg"]);
+    assert_eq!(r.body["uploads"][1]["headers"]["content-length"], "5");
+    let r = call(&app, req("POST", &again, None, "user-2")).await;
+    assert_eq!(r.status, 404, "{:#}", r.body);
+
     d.objects.put(BUCKET, &format!("{prefix}b.jpg"), vec![1u8; 4]);
     d.objects.put(BUCKET, &format!("{prefix}c.jpg"), vec![1u8; 5]);
+    let r = call(&app, req("POST", &again, None, USER)).await;
+    assert_eq!((r.status, &r.body["uploads"]), (200, &json!([])), "all there");
     let r = call(&app, req("POST", &complete, None, USER)).await;
     assert_eq!(r.status, 202, "{:#}", r.body);
     assert_eq!(r.body["state"], "RECEIVED");
@@ -284,6 +301,11 @@ async fn complete_names_missing_files_then_writes_the_manifest_once() {
 
     // Once: a second complete is refused (the manifest is not written again).
     let r = call(&app, req("POST", &complete, None, USER)).await;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (409, Some("not-awaiting-files"))
+    );
+    let r = call(&app, req("POST", &again, None, USER)).await;
     assert_eq!(
         (r.status, r.body["code"].as_str()),
         (409, Some("not-awaiting-files"))
