@@ -553,3 +553,94 @@ async fn a_sequence_dropped_through_the_api_is_uploaded_tracked_and_deleted() ->
     w.sim.shutdown().await;
     Ok(())
 }
+
+/// Retry is a new write of the manifest: a sequence that FAILED (here: its user had no Mapillary
+/// token) gets its manifest written again with another ETag, so S3 notifies again and zip-and-push's
+/// claim (per bucket, key and ETag) does not take it for a duplicate. What zip-and-push then re-runs
+/// (the uploads that failed) is its own behaviour, not asserted here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_writes_a_new_manifest_version_that_s3_notifies_again() -> Result<()> {
+    let w = world("api-retry").await?;
+    let http = reqwest::Client::new();
+    let t = TrackSpec::new(48.2, 16.37, datetime!(2024-04-20 08:00:00 UTC));
+    let images: Vec<(String, Vec<u8>)> = track(2, &t)
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| (format!("img_{i:04}.jpg"), jpeg(spec)))
+        .collect();
+    let announce = json!({
+        "files": images.iter().map(|(name, bytes)| json!({"name": name, "size": bytes.len()})).collect::<Vec<_>>(),
+    });
+    let r = call(&w.app, &event("POST", "/v1/sequences", Some(&announce), USER)).await;
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let id = r.body["sequence_id"].as_str().context("sequence_id")?.to_string();
+    let manifest_key = format!("sequences/{USER}/{id}/manifest.json");
+    for (u, (_, bytes)) in r.body["uploads"]
+        .as_array()
+        .context("uploads")?
+        .iter()
+        .zip(&images)
+    {
+        let resp = put(&http, u, bytes.clone()).await?;
+        assert!(resp.status().is_success(), "{}", resp.text().await?);
+    }
+    let r = call(
+        &w.app,
+        &event("POST", &format!("/v1/sequences/{id}/complete"), None, USER),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.raw);
+
+    // zip-and-push without a token for the user: the sequence FAILED.
+    let config = zip_and_push::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut zp = zip_and_push::compose::compose(&config, w.stack.sdk_config()).await?;
+    zp.store = S3ObjectStore::new(w.stack.s3());
+    zp.mapillary = zp.mapillary.with_retry_policy(RetryPolicy::fast());
+    let first = w.manifest_notification(&manifest_key).await?;
+    let resp =
+        zip_and_push::handle_batch(&zp, sqs_event(&first)?, Instant::now() + Duration::from_secs(600)).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let r = call(&w.app, &event("GET", &format!("/v1/sequences/{id}"), None, USER)).await;
+    assert_eq!(r.body["state"], "FAILED", "{}", r.raw);
+    assert!(
+        r.body["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no Mapillary token"),
+        "{}",
+        r.raw
+    );
+
+    let r = call(
+        &w.app,
+        &event("POST", &format!("/v1/sequences/{id}/retry"), None, USER),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.raw);
+    assert_eq!(r.body["state"], "FAILED");
+    let second = w.manifest_notification(&manifest_key).await?;
+    let etag_of = |m: &Message| -> Result<String> {
+        let body: Value = serde_json::from_str(m.body().unwrap_or_default())?;
+        Ok(body["Records"][0]["s3"]["object"]["eTag"]
+            .as_str()
+            .context("eTag")?
+            .to_string())
+    };
+    assert_ne!(etag_of(&second)?, etag_of(&first)?, "a new manifest version");
+    let m: Value = serde_json::from_slice(
+        &w.stack
+            .s3()
+            .get_object()
+            .bucket(&w.stack.bucket)
+            .key(&manifest_key)
+            .send()
+            .await?
+            .body
+            .collect()
+            .await?
+            .into_bytes(),
+    )?;
+    assert_eq!(m["images"], json!(["img_0000.jpg", "img_0001.jpg"]), "{m}");
+    w.sim.shutdown().await;
+    Ok(())
+}
