@@ -799,6 +799,16 @@ pub trait DropStore: SequenceStore + UploadReader {
         sequence_id: &str,
     ) -> impl Future<Output = Result<Option<crate::drops::Announcement>, RepoError>> + Send;
 
+    /// Replace the sequence record with `seq` only if the stored record is in state `expected`
+    /// (a record without external rejected items, as the drop routes write). Errors:
+    /// [`RepoError::ConditionFailed`] when it is in another state or missing — two concurrent
+    /// `complete` calls never both move a sequence on.
+    fn replace_sequence_if(
+        &self,
+        seq: &SequenceRecord,
+        expected: crate::model::SequenceState,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
     /// Delete every record of the sequence: the items of each of `upload_ids` (image entries,
     /// checkpoints, tracking record, image links), then the sequence's own items (uploads, rejected
     /// images, the announcement) and its record last, so a failure part-way leaves the sequence

@@ -14,7 +14,7 @@ use shared::adapters::dynamodb::DynamoRepository;
 use shared::adapters::s3::S3ObjectStore;
 use shared::drops::{AnnouncedFile, Announcement};
 use shared::model::{SequenceRecord, SequenceState};
-use shared::ports::{DropStore, ObjectStore, ObjectWriter, SequenceReader, SequenceStore};
+use shared::ports::{DropStore, ObjectStore, ObjectWriter, RepoError, SequenceReader, SequenceStore};
 use time::OffsetDateTime;
 
 async fn new_stack(tag: &str) -> Result<LocalStack> {
@@ -112,6 +112,36 @@ async fn announcements_round_trip_over_chunks_and_a_shorter_one_replaces_them() 
     assert_eq!(partition(&stack, "SEQ#u1#s1").await?, ["ANNOUNCED#0000"]);
     // Another user's sequence of the same id is another announcement.
     assert_eq!(repo.get_announcement("u2", "s1").await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sequence_moves_on_only_from_the_expected_state() -> Result<()> {
+    let stack = new_stack("drops-cas").await?;
+    let repo = DynamoRepository::new(stack.dynamodb(), &stack.uploads_table);
+    let mut seq = record("u1", "s1");
+    assert!(
+        matches!(
+            repo.replace_sequence_if(&seq, SequenceState::AwaitingFiles).await,
+            Err(RepoError::ConditionFailed(_))
+        ),
+        "missing"
+    );
+    repo.put_sequence(&seq).await?;
+    seq.state = SequenceState::Received;
+    repo.replace_sequence_if(&seq, SequenceState::AwaitingFiles)
+        .await?;
+    assert_eq!(repo.get_sequence("u1", "s1").await?, Some(seq.clone()));
+    assert!(
+        matches!(
+            repo.replace_sequence_if(&seq, SequenceState::AwaitingFiles).await,
+            Err(RepoError::ConditionFailed(_))
+        ),
+        "already moved on"
+    );
+    // Still listed under the user (gsi1 keys written).
+    let page = repo.list_sequences("u1", 10, None).await?;
+    assert_eq!(page.sequences.len(), 1);
     Ok(())
 }
 

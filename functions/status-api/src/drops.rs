@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use shared::drops::{check_files, check_options, manifest_json, AnnouncedFile, Announcement, MANIFEST_NAME};
 use shared::model::{SequenceRecord, SequenceState, UploadState};
 use shared::ports::{
-    DropStore, ObjectStore, ObjectWriter, SequenceReader, SequenceStore, StoreError, TrackingReader,
-    UploadReader,
+    DropStore, ObjectStore, ObjectWriter, RepoError, SequenceReader, SequenceStore, StoreError,
+    TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -486,7 +486,22 @@ pub async fn complete<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Pa
         received.state = SequenceState::Received;
         received.reason = None;
         received.updated_at = OffsetDateTime::now_utc();
-        d.repo().put_sequence(&received).await?;
+        // Only from AWAITING_FILES: of two concurrent calls one writes the manifest, the other is told.
+        match d
+            .repo()
+            .replace_sequence_if(&received, SequenceState::AwaitingFiles)
+            .await
+        {
+            Ok(()) => {}
+            Err(RepoError::ConditionFailed(_)) => {
+                return Err(conflict(
+                    "not-awaiting-files",
+                    "Sequence not awaiting files",
+                    format!("sequence {id:?} was completed meanwhile"),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
         let manifest_key = format!("{prefix}{MANIFEST_NAME}");
         let manifest = manifest_json(&announcement, &new_drop_id());
         if let Err(e) = d
@@ -495,7 +510,7 @@ pub async fn complete<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Pa
             .await
         {
             // No manifest, so nothing runs: back to AWAITING_FILES, so complete can be called again.
-            if let Err(re) = d.repo().put_sequence(&seq).await {
+            if let Err(re) = d.repo().replace_sequence_if(&seq, SequenceState::Received).await {
                 error!(error = %re, "restoring AWAITING_FILES after a failed manifest write failed");
             }
             return Err(store_problem(e));

@@ -65,6 +65,28 @@ impl DropStore for MemRepo {
             .cloned())
     }
 
+    async fn replace_sequence_if(
+        &self,
+        seq: &crate::model::SequenceRecord,
+        expected: crate::model::SequenceState,
+    ) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        let k = (seq.user_id.clone(), seq.sequence_id.clone());
+        match st.sequences.get(&k) {
+            Some(s) if s.state == expected => {
+                st.sequences.insert(k, seq.clone());
+                Ok(())
+            }
+            other => Err(RepoError::ConditionFailed(format!(
+                "sequence {}/{} is {:?}, not {}",
+                seq.user_id,
+                seq.sequence_id,
+                other.map(|s| s.state.as_str()),
+                expected.as_str()
+            ))),
+        }
+    }
+
     async fn delete_sequence_records(
         &self,
         user_id: &str,

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::item::{decode, delete_request, encode, key, put_request, repo_error, s, string_of, Item};
-use super::uploads::{image_pk, sequence_pk, DynamoRepository, SEQUENCE_SK};
+use super::uploads::{image_pk, sequence_gsi1sk, sequence_pk, user_gsi1pk, DynamoRepository, SEQUENCE_SK};
 use crate::drops::{AnnouncedFile, Announcement, ANNOUNCED_FILES_PER_ITEM};
+use crate::model::{SequenceRecord, SequenceState};
 use crate::ports::{DropStore, RepoError};
 
 /// Sort-key prefix of the announcement's items.
@@ -164,6 +165,38 @@ impl DropStore for DynamoRepository {
                 created_at,
             },
         ))
+    }
+
+    async fn replace_sequence_if(
+        &self,
+        seq: &SequenceRecord,
+        expected: SequenceState,
+    ) -> Result<(), RepoError> {
+        let pk = sequence_pk(&seq.user_id, &seq.sequence_id);
+        if !seq.rejected.is_empty() {
+            return Err(RepoError::Other(format!(
+                "{pk}: a conditional replace does not store rejected images"
+            )));
+        }
+        let mut item = encode(seq, &format!("sequence {pk}"))?;
+        item.insert("pk".into(), s(&pk));
+        item.insert("sk".into(), s(SEQUENCE_SK));
+        item.insert("gsi1pk".into(), s(user_gsi1pk(&seq.user_id)));
+        item.insert(
+            "gsi1sk".into(),
+            s(sequence_gsi1sk(seq.created_at, &seq.sequence_id)?),
+        );
+        self.client
+            .put_item()
+            .table_name(&self.uploads_table)
+            .set_item(Some(item))
+            .condition_expression("#state = :expected")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":expected", s(expected.as_str()))
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("PutItem {pk} if {}", expected.as_str())))?;
+        Ok(())
     }
 
     async fn delete_sequence_records(
