@@ -4,6 +4,7 @@
 //! * [`mapillary`] — Mapillary, client side: the app client every call goes through, users' token
 //!   sessions (refresh), the wire protocol (rupload, feed, entities, tiles).
 //! * [`s3event`] — lenient parsing of S3 notifications as delivered through SQS (real AWS and moto shapes).
+//! * [`drops`] — sequences dropped through the status API: the announcement and its rules.
 //! * [`model`] — the records kept about sequences, uploads and images.
 //! * [`idempotency`] — manifest claims: the lease rules that keep one invocation per manifest.
 //! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
@@ -17,6 +18,7 @@ pub mod compose;
 pub mod config;
 pub mod deadline;
 pub mod domain;
+pub mod drops;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
 pub mod idempotency;

@@ -29,6 +29,9 @@ pub enum SequenceState {
     /// hand over a Mapillary user upload token (`reason` says how). Not final: the next delivery of
     /// the manifest resumes them.
     AwaitingUploadToken,
+    /// Announced through the status API (`POST /v1/sequences`): the caller is uploading the files
+    /// with presigned URLs; `POST /v1/sequences/{id}/complete` writes the manifest. Nothing runs yet.
+    AwaitingFiles,
 }
 
 impl SequenceState {
@@ -40,6 +43,7 @@ impl SequenceState {
             SequenceState::Uploaded => "UPLOADED",
             SequenceState::Failed => "FAILED",
             SequenceState::AwaitingUploadToken => "AWAITING_UPLOAD_TOKEN",
+            SequenceState::AwaitingFiles => "AWAITING_FILES",
         }
     }
 }

@@ -797,3 +797,90 @@ pub trait OAuthStateStore: Send + Sync {
         now: time::OffsetDateTime,
     ) -> impl Future<Output = Result<StateOutcome, RepoError>> + Send;
 }
+
+// ------------------------------------------------------------------ drops through the API (status-api)
+
+/// A presigned S3 `PUT` of one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresignedPut {
+    /// The URL (signature in the query string).
+    pub url: String,
+    /// Headers the `PUT` must carry exactly as given (they are part of the signature), lowercase
+    /// names: `content-length`, and `content-md5` when one was bound.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Writing the sequences bucket on a caller's behalf (status-api): presigned uploads, the manifest,
+/// and deleting a sequence's objects.
+pub trait ObjectWriter: Send + Sync {
+    /// A `PUT` URL for exactly `bucket/key`, valid for `expires_in`, with `Content-Length:
+    /// content_length` (and `Content-MD5: content_md5`, base64 of the digest, when given) bound into
+    /// the signature: a request for another key, another length or other content fails the
+    /// signature check. Signing is local (no request is sent).
+    fn presign_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        content_length: u64,
+        content_md5: Option<&str>,
+        expires_in: std::time::Duration,
+    ) -> impl Future<Output = Result<PresignedPut, StoreError>> + Send;
+
+    /// Create or replace `bucket/key` with `body`; returns the new ETag (without quotes).
+    fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Delete every object under `prefix` — every version and delete marker in a versioned bucket —
+    /// page by page (list, then one batch delete of up to 1000 keys per page). Returns how many
+    /// object versions (and markers) were deleted. Nothing under the prefix is not an error.
+    fn delete_prefix(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// The records of sequences dropped through the API (status-api): the announcement beside the
+/// sequence record, and deleting a sequence's records.
+pub trait DropStore: SequenceStore + UploadReader {
+    /// Store the announcement (replacing any of the same sequence), in items of
+    /// [`crate::drops::ANNOUNCED_FILES_PER_ITEM`] files.
+    fn put_announcement(
+        &self,
+        announcement: &crate::drops::Announcement,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// The announcement of a sequence, `None` when it was not dropped through the API.
+    fn get_announcement(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+    ) -> impl Future<Output = Result<Option<crate::drops::Announcement>, RepoError>> + Send;
+
+    /// Replace the sequence record with `seq` only if the stored record is in state `expected`
+    /// (a record without external rejected items, as the drop routes write). Errors:
+    /// [`RepoError::ConditionFailed`] when it is in another state or missing — two concurrent
+    /// `complete` calls never both move a sequence on.
+    fn replace_sequence_if(
+        &self,
+        seq: &SequenceRecord,
+        expected: crate::model::SequenceState,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Delete every record of the sequence: the items of each of `upload_ids` (image entries,
+    /// checkpoints, tracking record, image links), then the sequence's own items (uploads, rejected
+    /// images, the announcement) and its record last, so a failure part-way leaves the sequence
+    /// visible and the call can be repeated. The poller drops the ids of deleted tracking records
+    /// from its pending sets by itself.
+    fn delete_sequence_records(
+        &self,
+        user_id: &str,
+        sequence_id: &str,
+        upload_ids: &[String],
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+}

@@ -479,9 +479,85 @@ fn iam_roles_are_scoped_to_single_resources() {
     assert!(grants(&template, z, "kms:Decrypt", "TokenKey", ""));
     assert!(grants(&template, p, "kms:Decrypt", "TokenKey", ""));
     assert!(!grants(&template, s, "kms:Decrypt", "TokenKey", ""));
-    // The status API only reads uploads.
-    assert!(!grants(&template, s, "dynamodb:PutItem", "UploadsTable", ""));
+    // The status API writes uploads only for sequences dropped through it (announcement, state,
+    // deletion), and only in sequence and upload partitions; it never sends to the ingest queue.
+    assert!(grants(&template, s, "dynamodb:PutItem", "UploadsTable", ""));
+    assert!(!grants(&template, s, "dynamodb:UpdateItem", "UploadsTable", ""));
     assert!(!grants(&template, s, "sqs:SendMessage", "IngestQueue", ""));
+    let role = &resources(&template)[s]["Properties"];
+    let mut leading_keys = Vec::new();
+    for policy in role["Policies"].as_array().into_iter().flatten() {
+        for st in policy["PolicyDocument"]["Statement"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if st["Resource"].to_string().contains("\"UploadsTable\"")
+                && st["Action"].to_string().contains("dynamodb:PutItem")
+            {
+                leading_keys.push(st["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"].clone());
+            }
+        }
+    }
+    assert_eq!(
+        leading_keys,
+        [serde_json::json!(["SEQ#*", "UPLOAD#*"])],
+        "the status API writes sequence and upload partitions only"
+    );
+    // The bucket: objects under sequences/ only, listing only that prefix.
+    for action in [
+        "s3:PutObject",
+        "s3:GetObject",
+        "s3:DeleteObject",
+        "s3:DeleteObjectVersion",
+    ] {
+        assert!(
+            grants(&template, s, action, "SequencesBucket", "/sequences/*"),
+            "status API {action}"
+        );
+        for (actions, resource) in statements(&template, s) {
+            if actions.iter().any(|a| a == action) && resource.contains("\"SequencesBucket\"") {
+                assert!(
+                    resource.contains("/sequences/*"),
+                    "{action} beyond sequences/: {resource}"
+                );
+            }
+        }
+    }
+    assert!(!grants(&template, z, "s3:PutObject", "SequencesBucket", ""));
+    assert!(!grants(&template, p, "s3:PutObject", "SequencesBucket", ""));
+}
+
+/// The bucket policy denies PutObject under sequences/ to every principal but the status API's role
+/// (whose presigned URLs carry its signature) and the optional operator principal.
+#[test]
+fn only_the_status_api_and_the_operator_write_sequences() {
+    let venvs = venvs();
+    let template = translated(&venvs);
+    let policy = &resources(&template)["SequencesBucketPolicy"]["Properties"]["PolicyDocument"];
+    let deny = policy["Statement"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|st| st["Sid"] == "DenyForeignSequenceWrites")
+        .expect("the DenyForeignSequenceWrites statement");
+    assert_eq!(deny["Effect"], "Deny");
+    assert_eq!(deny["Principal"], "*");
+    assert_eq!(deny["Action"], "s3:PutObject");
+    assert!(
+        deny["Resource"].to_string().contains("/sequences/*"),
+        "{}",
+        deny["Resource"]
+    );
+    let allowed = &deny["Condition"]["ArnNotLike"]["aws:PrincipalArn"]["Fn::If"];
+    assert_eq!(allowed[0], "HasSequenceWriter", "{allowed}");
+    let role = serde_json::json!({"Fn::GetAtt": ["StatusApiFunctionRole", "Arn"]});
+    assert_eq!(
+        allowed[1],
+        serde_json::json!([role.clone(), {"Ref": "SequenceWriterArn"}])
+    );
+    assert_eq!(allowed[2], serde_json::json!([role]));
+    assert_eq!(template["Parameters"]["SequenceWriterArn"]["Default"], "");
 }
 
 #[test]

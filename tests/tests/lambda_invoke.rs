@@ -306,6 +306,28 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
                     "the callback URL derives from the request's domain: {ctx}"
                 );
             }
+            // A sequence dropped through the API: recorded AWAITING_FILES, one presigned PUT per file
+            // under the caller's prefix (signing is local; nothing is uploaded here).
+            "post-sequences.json" => {
+                assert_eq!(status, 201, "{ctx}");
+                assert_eq!(body["state"], "AWAITING_FILES", "{ctx}");
+                let id = body["sequence_id"].as_str().unwrap_or_default();
+                let uploads = body["uploads"].as_array().cloned().unwrap_or_default();
+                assert_eq!(uploads.len(), 2, "{ctx}");
+                assert_eq!(
+                    uploads[0]["key"],
+                    format!("sequences/{USER}/{id}/img_0001.jpg"),
+                    "{ctx}"
+                );
+                assert_eq!(uploads[0]["headers"]["content-length"], "1048576", "{ctx}");
+                assert!(
+                    uploads[0]["url"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("X-Amz-Signature="),
+                    "{ctx}"
+                );
+            }
             // The sample's state was never issued (a real one is single-use and expires).
             "get-callback.json" => assert_eq!((status, code.as_str()), (400, "state-invalid"), "{ctx}"),
             "get-callback-bad-state.json" => {

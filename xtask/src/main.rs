@@ -22,6 +22,7 @@ mod push;
 mod runtime_api;
 mod stack;
 mod track;
+mod upload;
 mod venv;
 
 use std::path::{Path, PathBuf};
@@ -102,6 +103,22 @@ enum Cmd {
         /// Then run the poller until every upload is final, printing each stage transition.
         #[arg(long)]
         track: bool,
+    },
+    /// Upload a flat folder of JPEGs through the status API (presigned PUTs, resumable by running it
+    /// again), then follow it until every upload is final and print the Mapillary links. Without
+    /// --api: against the local stack (started if needed), the API and the functions in-process.
+    Upload {
+        /// Folder with the images (`.jpg`/`.jpeg`, no subfolders).
+        dir: PathBuf,
+        /// Base URL of a deployed status API (e.g. the stack output StatusApiUrl).
+        #[arg(long)]
+        api: Option<String>,
+        /// Bearer JWT for --api (default: $RELAY_API_TOKEN).
+        #[arg(long, requires = "api")]
+        token: Option<String>,
+        /// Local mode only: the user id the local API takes the call as (default local-user).
+        #[arg(long, conflicts_with = "api")]
+        user: Option<String>,
     },
     /// Build the functions as Lambda runs them (cargo lambda build --release, zips with `bootstrap`),
     /// print their sizes, and start each behind a local Runtime API with a sample event (cold init
@@ -187,6 +204,12 @@ fn main() -> Result<()> {
             sequence,
             track,
         } => rt.block_on(push::run(&root, &dir, user, sequence, track)),
+        Cmd::Upload {
+            dir,
+            api,
+            token,
+            user,
+        } => rt.block_on(upload::run(&root, &dir, api, token, user)),
         Cmd::Package { arch } => rt.block_on(package::run(&root, arch)),
         Cmd::Bench { what } if cfg!(debug_assertions) && std::env::var_os(BENCH_DEBUG_ENV).is_none() => {
             rerun_optimized(&root, &what)

@@ -22,23 +22,30 @@ use shared::mapillary::error::MapillaryError;
 use shared::mapillary::replies::token_expiry;
 use shared::model::{ConnectOutcome, StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
-    AccountClaims, ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader,
-    StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
+    AccountClaims, ConnectionReader, DropStore, ImageEntryReader, OAuthState, OAuthStateStore, ObjectStore,
+    ObjectWriter, SequenceReader, StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::Settings;
+use crate::drops;
 use crate::identity;
 use crate::oauth;
 use crate::problem::Problem;
 use crate::validate;
 use crate::views;
 
-/// `GET` — the caller's sequences.
+/// `GET` — the caller's sequences; `POST` — announce a sequence, get presigned upload URLs.
 pub const ROUTE_SEQUENCES: &str = "/v1/sequences";
-/// `GET` — one sequence.
+/// `GET` — one sequence; `DELETE` — remove its objects and records.
 pub const ROUTE_SEQUENCE: &str = "/v1/sequences/{sequence_id}";
+/// `POST` — the announced files are uploaded: write the manifest.
+pub const ROUTE_SEQUENCE_COMPLETE: &str = "/v1/sequences/{sequence_id}/complete";
+/// `POST` — fresh upload URLs for the announced files not uploaded yet.
+pub const ROUTE_SEQUENCE_UPLOADS: &str = "/v1/sequences/{sequence_id}/uploads";
+/// `POST` — write the manifest again so that failed uploads run again.
+pub const ROUTE_SEQUENCE_RETRY: &str = "/v1/sequences/{sequence_id}/retry";
 /// `GET` — one sequence's images.
 pub const ROUTE_SEQUENCE_IMAGES: &str = "/v1/sequences/{sequence_id}/images";
 /// `POST` — start a Mapillary connection.
@@ -49,9 +56,14 @@ pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
 pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
 
 /// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
-pub const ROUTES: [(&str, &str); 8] = [
+pub const ROUTES: [(&str, &str); 13] = [
     ("GET", ROUTE_SEQUENCES),
+    ("POST", ROUTE_SEQUENCES),
     ("GET", ROUTE_SEQUENCE),
+    ("DELETE", ROUTE_SEQUENCE),
+    ("POST", ROUTE_SEQUENCE_UPLOADS),
+    ("POST", ROUTE_SEQUENCE_COMPLETE),
+    ("POST", ROUTE_SEQUENCE_RETRY),
     ("GET", ROUTE_SEQUENCE_IMAGES),
     ("POST", ROUTE_CONNECT),
     ("GET", ROUTE_CALLBACK),
@@ -62,14 +74,17 @@ pub const ROUTES: [(&str, &str); 8] = [
 
 /// What the handlers use.
 pub trait Deps: Send + Sync + 'static {
-    /// Sequences, uploads and image entries (read only).
-    type Repo: SequenceReader + UploadReader + ImageEntryReader + 'static;
+    /// Sequences, uploads and image entries (read; written only for sequences dropped through the
+    /// API: announcement, state, deletion).
+    type Repo: SequenceReader + UploadReader + ImageEntryReader + DropStore + 'static;
     /// The poller's tracking records, image links and feed health (read only).
     type Tracking: TrackingReader + 'static;
     /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
     type Tokens: TokenStore + ConnectionReader + AccountClaims + 'static;
     /// OAuth `state` values.
     type States: OAuthStateStore + 'static;
+    /// The sequences bucket (presigned uploads, the manifest, deletion).
+    type Objects: ObjectStore + ObjectWriter + 'static;
     /// Sequences and uploads.
     fn repo(&self) -> &Self::Repo;
     /// Tracking records.
@@ -78,6 +93,8 @@ pub trait Deps: Send + Sync + 'static {
     fn tokens(&self) -> &Self::Tokens;
     /// OAuth states.
     fn states(&self) -> &Self::States;
+    /// The sequences bucket.
+    fn objects(&self) -> &Self::Objects;
     /// Mapillary OAuth.
     fn mapillary(&self) -> &MapillaryApp;
     /// Settings.
@@ -86,7 +103,7 @@ pub trait Deps: Send + Sync + 'static {
 
 /// The production composition (and the tests' with fakes).
 #[derive(Debug)]
-pub struct AppDeps<R, T, K, S> {
+pub struct AppDeps<R, T, K, S, O> {
     /// Sequences and uploads.
     pub repo: R,
     /// Tracking records.
@@ -95,23 +112,27 @@ pub struct AppDeps<R, T, K, S> {
     pub tokens: K,
     /// OAuth states.
     pub states: S,
+    /// The sequences bucket.
+    pub objects: O,
     /// Mapillary OAuth.
     pub mapillary: MapillaryApp,
     /// Settings.
     pub settings: Settings,
 }
 
-impl<R, T, K, S> Deps for AppDeps<R, T, K, S>
+impl<R, T, K, S, O> Deps for AppDeps<R, T, K, S, O>
 where
-    R: SequenceReader + UploadReader + ImageEntryReader + 'static,
+    R: SequenceReader + UploadReader + ImageEntryReader + DropStore + 'static,
     T: TrackingReader + 'static,
     K: TokenStore + ConnectionReader + AccountClaims + 'static,
     S: OAuthStateStore + 'static,
+    O: ObjectStore + ObjectWriter + 'static,
 {
     type Repo = R;
     type Tracking = T;
     type Tokens = K;
     type States = S;
+    type Objects = O;
     fn repo(&self) -> &R {
         &self.repo
     }
@@ -124,6 +145,9 @@ where
     fn states(&self) -> &S {
         &self.states
     }
+    fn objects(&self) -> &O {
+        &self.objects
+    }
     fn mapillary(&self) -> &MapillaryApp {
         &self.mapillary
     }
@@ -135,8 +159,17 @@ where
 /// The API. Serve it with `lambda_http::run(router(deps))`.
 pub fn router<D: Deps>(deps: Arc<D>) -> Router {
     Router::new()
-        .route(ROUTE_SEQUENCES, get(list_sequences::<D>))
-        .route(ROUTE_SEQUENCE, get(get_sequence::<D>))
+        .route(
+            ROUTE_SEQUENCES,
+            get(list_sequences::<D>).post(drops::announce::<D>),
+        )
+        .route(
+            ROUTE_SEQUENCE,
+            get(get_sequence::<D>).delete(drops::delete_sequence::<D>),
+        )
+        .route(ROUTE_SEQUENCE_UPLOADS, post(drops::uploads_again::<D>))
+        .route(ROUTE_SEQUENCE_COMPLETE, post(drops::complete::<D>))
+        .route(ROUTE_SEQUENCE_RETRY, post(drops::retry::<D>))
         .route(ROUTE_SEQUENCE_IMAGES, get(get_images::<D>))
         .route(ROUTE_CONNECT, post(connect::<D>))
         .route(ROUTE_CALLBACK, get(callback::<D>))
@@ -197,14 +230,14 @@ async fn method_not_allowed() -> Problem {
     )
 }
 
-fn json_no_store<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+pub(crate) fn json_no_store<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     let mut resp = (status, Json(body)).into_response();
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
-fn sequence_path(
+pub(crate) fn sequence_path(
     path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<String> {
     let Path(raw) = path.map_err(|_| Problem::invalid_parameter("sequence_id is not valid UTF-8"))?;
@@ -284,7 +317,7 @@ async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-fn sequence_not_found(id: &str) -> Problem {
+pub(crate) fn sequence_not_found(id: &str) -> Problem {
     Problem::not_found(format!("you have no sequence {id:?}"))
 }
 

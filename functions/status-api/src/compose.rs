@@ -1,11 +1,12 @@
 //! Composition root: the typed [`Config`] and the AWS SDK configuration become the router's
-//! production dependencies (DynamoDB and KMS adapters, the OAuth-state store, the Mapillary app).
+//! production dependencies (DynamoDB, KMS and S3 adapters, the OAuth-state store, the Mapillary app).
 //! `main.rs` and the integration tests compose through [`compose`]; tests then swap single fields
 //! (a faster retry policy, settings).
 
 use std::time::Duration;
 
 use shared::adapters::dynamodb::{DynamoRepository, DynamoStateStore, DynamoTracking};
+use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
@@ -13,7 +14,8 @@ use crate::app::AppDeps;
 use crate::config::Config;
 
 /// The router's dependencies in production.
-pub type ProductionDeps = AppDeps<DynamoRepository, DynamoTracking, KmsTokenStore, DynamoStateStore>;
+pub type ProductionDeps =
+    AppDeps<DynamoRepository, DynamoTracking, KmsTokenStore, DynamoStateStore, S3ObjectStore>;
 
 /// Connection set-up limit of Mapillary requests (an API caller is waiting).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,6 +34,7 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
         tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
         tokens: token_store(dynamodb.clone(), sdk, tables),
         states: DynamoStateStore::new(dynamodb, &tables.users_table),
+        objects: S3ObjectStore::new(aws_sdk_s3::Client::new(sdk)),
         mapillary,
         settings: config.settings.clone(),
     })

@@ -25,6 +25,39 @@ pub struct Settings {
     /// `RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS` (default `false`): when `true`, several relay users
     /// may connect the same Mapillary account (no account claim is checked or written).
     pub allow_shared_accounts: bool,
+    /// Sequences dropped through the API.
+    pub drops: DropSettings,
+}
+
+/// Most files one sequence dropped through the API may announce: the reply carries one presigned
+/// URL per file (about 1.5 KB each with a Lambda role's session token), and a Lambda reply is at
+/// most 6 MB.
+pub const MAX_API_FILES: usize = 2000;
+
+/// Settings of `POST /v1/sequences` and the routes under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropSettings {
+    /// `RELAY_BUCKET`: the sequences bucket. Unset: the drop routes answer 503 (the template always
+    /// sets it).
+    pub bucket: Option<String>,
+    /// `RELAY_PRESIGN_SECONDS` (default 900, 60–3600): lifetime of a presigned upload URL.
+    pub presign_ttl: Duration,
+    /// Files per sequence: `RELAY_MAX_IMAGES_PER_SEQUENCE` (default 10,000, zip-and-push's cap), at
+    /// most [`MAX_API_FILES`].
+    pub max_files: usize,
+    /// `RELAY_MAX_IMAGE_BYTES` (default 100 MiB, zip-and-push's cap): the largest file.
+    pub max_image_bytes: u64,
+}
+
+impl Default for DropSettings {
+    fn default() -> Self {
+        Self {
+            bucket: None,
+            presign_ttl: Duration::from_secs(900),
+            max_files: MAX_API_FILES,
+            max_image_bytes: 100 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -36,6 +69,7 @@ impl Default for Settings {
             success_url: None,
             dev_auth_header: None,
             allow_shared_accounts: false,
+            drops: DropSettings::default(),
         }
     }
 }
@@ -105,6 +139,29 @@ impl Config {
                 ))
             }
         };
+        let presign_s: u64 = env.parse_or("RELAY_PRESIGN_SECONDS", 900)?;
+        if !(60..=3600).contains(&presign_s) {
+            return Err(ConfigError::invalid(
+                "RELAY_PRESIGN_SECONDS",
+                format!("{presign_s} is not a number of seconds between 60 and 3600"),
+            ));
+        }
+        let max_images: usize = env.parse_or("RELAY_MAX_IMAGES_PER_SEQUENCE", 10_000)?;
+        let max_image_bytes: u64 = env.parse_or("RELAY_MAX_IMAGE_BYTES", 100 * 1024 * 1024)?;
+        for (name, v) in [
+            ("RELAY_MAX_IMAGES_PER_SEQUENCE", max_images as u64),
+            ("RELAY_MAX_IMAGE_BYTES", max_image_bytes),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(name, "must be at least 1"));
+            }
+        }
+        let drops = DropSettings {
+            bucket: opt("RELAY_BUCKET"),
+            presign_ttl: Duration::from_secs(presign_s),
+            max_files: max_images.min(MAX_API_FILES),
+            max_image_bytes,
+        };
         Ok(Config {
             tables: env.tables()?,
             mapillary,
@@ -115,6 +172,7 @@ impl Config {
                 success_url,
                 dev_auth_header,
                 allow_shared_accounts,
+                drops,
             },
         })
     }
@@ -146,6 +204,10 @@ mod tests {
             ("RELAY_CONNECT_SUCCESS_URL", "/relative"),
             ("RELAY_DEV_AUTH_HEADER", "bad header"),
             ("RELAY_ALLOW_SHARED_MAPILLARY_ACCOUNTS", "yes"),
+            ("RELAY_PRESIGN_SECONDS", "30"),
+            ("RELAY_PRESIGN_SECONDS", "soon"),
+            ("RELAY_MAX_IMAGES_PER_SEQUENCE", "0"),
+            ("RELAY_MAX_IMAGE_BYTES", "-1"),
         ] {
             let mut env = base();
             env.insert(k, v.into());
@@ -177,6 +239,31 @@ mod tests {
         assert_eq!(
             c.settings.success_url.as_deref(),
             Some("https://app.example/connected")
+        );
+    }
+
+    #[test]
+    fn drop_settings_are_read_and_capped() {
+        let mut env = base();
+        env.insert("RELAY_BUCKET", "seqs".into());
+        env.insert("RELAY_PRESIGN_SECONDS", "120".into());
+        env.insert("RELAY_MAX_IMAGES_PER_SEQUENCE", "50".into());
+        env.insert("RELAY_MAX_IMAGE_BYTES", "1000".into());
+        let d = Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap()
+            .settings
+            .drops;
+        assert_eq!(d.bucket.as_deref(), Some("seqs"));
+        assert_eq!(d.presign_ttl, Duration::from_secs(120));
+        assert_eq!((d.max_files, d.max_image_bytes), (50, 1000));
+        env.insert("RELAY_MAX_IMAGES_PER_SEQUENCE", "10000".into());
+        let d = Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap()
+            .settings
+            .drops;
+        assert_eq!(
+            d.max_files, MAX_API_FILES,
+            "the reply size caps the files of one drop"
         );
     }
 }

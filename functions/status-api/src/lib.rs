@@ -6,6 +6,8 @@
 //!   per route of `openapi.yaml`.
 //! * [`identity`] — the caller: the JWT `sub` claim, or (dev only, opt-in) a header.
 //! * [`views`] — the JSON documents the routes answer with.
+//! * [`drops`] — sequences dropped through the API: announce (presigned PUT URLs), complete (the
+//!   manifest), retry, delete.
 //! * [`validate`] — path and query input rules.
 //! * [`problem`] — `application/problem+json` errors (RFC 9457).
 //! * [`oauth`] — the connection's `state`; the Mapillary side (authorize URL, code exchange, `/me`)
@@ -17,6 +19,7 @@
 pub mod app;
 pub mod compose;
 pub mod config;
+pub mod drops;
 pub mod identity;
 pub mod oauth;
 pub mod problem;
@@ -25,5 +28,7 @@ pub mod views;
 
 pub use app::{router, AppDeps, Deps};
 
+#[cfg(test)]
+mod drops_tests;
 #[cfg(test)]
 mod tests;

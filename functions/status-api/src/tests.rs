@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use shared::domain::linking::{DropReason, ImageOutcome, LinkPath};
 use shared::domain::tracking::{FeedErrorClass, FeedSource, FeedState, OverallState, TrackedUpload};
-use shared::fakes::{MemRepo, MemStates, MemTokens, MemTracking};
+use shared::fakes::{MemRepo, MemStates, MemStore, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::feed::StageStatus;
@@ -30,7 +30,7 @@ use tower::ServiceExt;
 use crate::app::{router, AppDeps, ROUTES};
 use crate::config::Settings;
 
-type TestDeps = AppDeps<MemRepo, MemTracking, MemTokens, MemStates>;
+type TestDeps = AppDeps<MemRepo, MemTracking, MemTokens, MemStates, MemStore>;
 
 const STATE_PLACEHOLDER: &str = "STATE_PLACEHOLDER_0000000000000000000000000";
 
@@ -156,6 +156,7 @@ fn deps(endpoints: Endpoints, settings: Settings) -> Arc<TestDeps> {
         tracking: MemTracking::default(),
         tokens: MemTokens::new(),
         states: MemStates::default(),
+        objects: MemStore::new(),
         mapillary: connector(endpoints),
         settings,
     })

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use http_body_util::BodyExt;
 use mapillary_sim::{defaults, SimConfig, Simulator};
 use secrecy::{ExposeSecret, SecretString};
-use shared::fakes::{MemRepo, MemStates, MemTokens, MemTracking};
+use shared::fakes::{MemRepo, MemStates, MemStore, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
@@ -107,6 +107,7 @@ async fn secrets_never_reach_the_logs() {
         tracking: MemTracking::default(),
         tokens: MemTokens::new(),
         states: MemStates::default(),
+        objects: MemStore::new(),
         mapillary: MapillaryApp::new(
             MapillaryClient::new(
                 Endpoints::under(sim.base_url()),

@@ -1,4 +1,6 @@
-//! [`ObjectStore`] over S3: ranged and conditional GETs, HEAD, and paginated ListObjectsV2.
+//! [`ObjectStore`] over S3: ranged and conditional GETs, HEAD, and paginated ListObjectsV2; and
+//! [`ObjectWriter`] (the status API's drops): presigned PUTs, PutObject, and deleting a prefix's
+//! versions page by page.
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -7,7 +9,9 @@ use aws_sdk_s3::types::ServerSideEncryption;
 use bytes::Bytes;
 
 use super::aws_error::classify;
-use crate::ports::{ObjectBody, ObjectChunks, ObjectInfo, ObjectStore, RangeBody, StoreError};
+use crate::ports::{
+    ObjectBody, ObjectChunks, ObjectInfo, ObjectStore, ObjectWriter, PresignedPut, RangeBody, StoreError,
+};
 
 /// S3 implementation of [`ObjectStore`].
 #[derive(Debug, Clone)]
@@ -284,6 +288,140 @@ impl ObjectStore for S3ObjectStore {
             size: size_of(resp.content_length(), bucket, key)?,
             etag: required_etag(resp.e_tag(), bucket, key)?,
         })
+    }
+}
+
+/// Keys of one `DeleteObjects` call (S3's limit).
+const DELETE_BATCH: usize = 1000;
+
+impl ObjectWriter for S3ObjectStore {
+    async fn presign_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        content_length: u64,
+        content_md5: Option<&str>,
+        expires_in: std::time::Duration,
+    ) -> Result<PresignedPut, StoreError> {
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires_in)
+            .map_err(|e| StoreError::Other(format!("presigning s3://{bucket}/{key}: {e}")))?;
+        let length = i64::try_from(content_length).map_err(|_| {
+            StoreError::Other(format!("presigning s3://{bucket}/{key}: length {content_length}"))
+        })?;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_length(length);
+        if let Some(md5) = content_md5 {
+            req = req.content_md5(md5);
+        }
+        // No flexible checksum: its value would be the checksum of the empty body presigning sees.
+        let presigned = req
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::default().request_checksum_calculation(
+                    aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+                ),
+            )
+            .presigned(config)
+            .await
+            .map_err(|err| store_error(&err, "presign PutObject", bucket, key))?;
+        Ok(PresignedPut {
+            url: presigned.uri().to_string(),
+            headers: presigned
+                .headers()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<String, StoreError> {
+        let resp = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|err| store_error(&err, "PutObject", bucket, key))?;
+        required_etag(resp.e_tag(), bucket, key)
+    }
+
+    async fn delete_prefix(&self, bucket: &str, prefix: &str) -> Result<u64, StoreError> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let mut deleted = 0u64;
+        loop {
+            // Always the first page: what was deleted is gone, so each round lists what is left.
+            let mut req = self.client.list_object_versions().bucket(bucket).prefix(prefix);
+            if let Some(max_keys) = self.page_size {
+                req = req.max_keys(max_keys);
+            }
+            let page = req
+                .send()
+                .await
+                .map_err(|err| store_error(&err, "ListObjectVersions", bucket, prefix))?;
+            let mut ids = Vec::new();
+            let versions = page
+                .versions()
+                .iter()
+                .map(|v| (v.key(), v.version_id()))
+                .chain(page.delete_markers().iter().map(|m| (m.key(), m.version_id())));
+            for (key, version) in versions {
+                let Some(key) = key.filter(|k| k.starts_with(prefix)) else {
+                    continue;
+                };
+                let id = ObjectIdentifier::builder()
+                    .key(key)
+                    .set_version_id(version.map(str::to_string))
+                    .build()
+                    .map_err(|e| StoreError::Other(format!("DeleteObjects s3://{bucket}/{key}: {e}")))?;
+                ids.push(id);
+            }
+            if ids.is_empty() {
+                return Ok(deleted);
+            }
+            for batch in ids.chunks(DELETE_BATCH) {
+                let delete = Delete::builder()
+                    .set_objects(Some(batch.to_vec()))
+                    .quiet(true)
+                    .build()
+                    .map_err(|e| StoreError::Other(format!("DeleteObjects s3://{bucket}/{prefix}: {e}")))?;
+                let out = self
+                    .client
+                    .delete_objects()
+                    .bucket(bucket)
+                    .delete(delete)
+                    .send()
+                    .await
+                    .map_err(|err| store_error(&err, "DeleteObjects", bucket, prefix))?;
+                if let Some(e) = out.errors().first() {
+                    let what = format!(
+                        "DeleteObjects s3://{bucket}/{}: {} {}",
+                        e.key().unwrap_or_default(),
+                        e.code().unwrap_or_default(),
+                        e.message().unwrap_or_default()
+                    );
+                    return Err(match e.code() {
+                        Some("AccessDenied") => StoreError::AccessDenied(what),
+                        Some("SlowDown") | Some("InternalError") | Some("ServiceUnavailable") => {
+                            StoreError::Transient(what)
+                        }
+                        _ => StoreError::Other(what),
+                    });
+                }
+                deleted += batch.len() as u64;
+            }
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 //!
 //! | Fake | Ports | Stands for |
 //! |---|---|---|
-//! | [`MemStore`] | [`ObjectStore`](crate::ports::ObjectStore) | S3 |
-//! | [`MemRepo`] | sequences, uploads, image entries, ingest errors | `DynamoRepository` |
+//! | [`MemStore`] | [`ObjectStore`](crate::ports::ObjectStore), [`ObjectWriter`](crate::ports::ObjectWriter) | S3 |
+//! | [`MemRepo`] | sequences, uploads, image entries, ingest errors, [`DropStore`](crate::ports::DropStore) | `DynamoRepository` |
 //! | [`MemClaims`] | [`IdempotencyStore`](crate::ports::IdempotencyStore) | `DynamoIdempotency` |
 //! | [`MemTracking`] | tracking, run lease, reconciliation | `DynamoTracking` |
 //! | [`MemTokens`] | [`TokenStore`](crate::ports::TokenStore) | `KmsTokenStore` |
@@ -21,6 +21,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+pub mod drops;
 pub mod env;
 pub mod idempotency;
 pub mod mapillary;

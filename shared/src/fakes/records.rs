@@ -22,6 +22,9 @@ pub struct RepoState {
     pub images: BTreeMap<(String, u32), UploadImage>,
     /// Ingest errors.
     pub ingest_errors: Vec<IngestError>,
+    /// Announcements of sequences dropped through the API, by (user, sequence)
+    /// ([`crate::ports::DropStore`], in `super::drops`).
+    pub announcements: BTreeMap<(String, String), crate::drops::Announcement>,
 }
 
 /// zip-and-push's records in memory (the fake of

@@ -1,7 +1,8 @@
 //! The DynamoDB adapters, one per table or item family, over one set of item helpers:
 //!
 //! * [`uploads`] — [`DynamoRepository`]: zip-and-push's records in the UploadsTable (sequences,
-//!   uploads, image entries and their checkpoints, ingest errors);
+//!   uploads, image entries and their checkpoints, ingest errors); `drops` adds the status API's
+//!   announcements of sequences dropped through it, and deleting a sequence's records;
 //! * [`tracking`] — [`DynamoTracking`]: the poller's items in the UploadsTable (tracking records,
 //!   pending sets, links, feed health, the run lease, the reconcile scan mark);
 //! * [`idempotency`] — [`DynamoIdempotency`]: manifest claims in the IdempotencyTable;
@@ -13,6 +14,7 @@
 //! same helpers.
 
 pub(crate) mod batch;
+mod drops;
 pub mod idempotency;
 pub(crate) mod item;
 pub mod oauth_state;

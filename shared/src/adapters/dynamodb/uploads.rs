@@ -134,8 +134,8 @@ struct RejectedItem {
 /// zip-and-push's records in the UploadsTable (every records port of [`crate::ports`]).
 #[derive(Debug, Clone)]
 pub struct DynamoRepository {
-    client: aws_sdk_dynamodb::Client,
-    uploads_table: String,
+    pub(super) client: aws_sdk_dynamodb::Client,
+    pub(super) uploads_table: String,
     query_limit: Option<i32>,
 }
 
@@ -156,7 +156,7 @@ impl DynamoRepository {
     }
 
     /// Every item of partition `pk` whose sort key starts with `sk_prefix` (all pages, consistent).
-    async fn query_prefix(&self, pk: &str, sk_prefix: &str) -> Result<Vec<Item>, RepoError> {
+    pub(super) async fn query_prefix(&self, pk: &str, sk_prefix: &str) -> Result<Vec<Item>, RepoError> {
         let req = self
             .client
             .query()
@@ -204,7 +204,7 @@ impl DynamoRepository {
 
     /// `BatchWriteItem` of `requests` on the uploads table: chunks of 25, a few in parallel, each
     /// retrying its `UnprocessedItems` with jittered exponential backoff.
-    async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), RepoError> {
+    pub(super) async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), RepoError> {
         batch_write(&self.client, &self.uploads_table, requests, WRITE_CONCURRENCY)
             .await
             .map_err(|e| e.into_repo("BatchWriteItem"))
