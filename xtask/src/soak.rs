@@ -1677,3 +1677,120 @@ fn clip_long(s: &str) -> String {
         None => s.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::domain::exif::{read_metadata, ExifError};
+
+    fn options(sequences: usize, users: usize, short: bool) -> Options {
+        Options {
+            sequences,
+            users,
+            seed: 7,
+            short,
+        }
+    }
+
+    /// Every file of the catalogue is one the relay must reject, each for its own reason (so the
+    /// soak's hostile mix is what it claims to be).
+    #[test]
+    fn every_bad_file_is_rejected_by_the_exif_reader_for_its_reason() {
+        let at = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        let near = track(1, &TrackSpec::new(48.0, 2.0, at)).remove(0);
+        assert!(read_metadata(&jpeg(&near)).is_ok(), "the good image is accepted");
+        for bad in CATALOGUE {
+            let bytes = bad.bytes(&near).expect("catalogue file");
+            if bad == Bad::Truncated {
+                // Its header is whole (the EXIF reader reads it); the relay rejects it when it reads the
+                // image data (zip-and-push's own tests; the soak checks every bad file is rejected).
+                assert!(!bytes.ends_with(&[0xFF, 0xD9]), "no end-of-image marker");
+                continue;
+            }
+            let err = read_metadata(&bytes).expect_err(bad.name());
+            let expected = match bad {
+                Bad::NotJpeg | Bad::Empty => matches!(err, ExifError::NotJpeg(_)),
+                Bad::Truncated => true,
+                Bad::NoGps => matches!(err, ExifError::NoGps(_)),
+                Bad::LatOutOfRange | Bad::LonOutOfRange => matches!(err, ExifError::InvalidGps(_)),
+                Bad::Year10000 => matches!(err, ExifError::CaptureTimeOutOfRange(_)),
+            };
+            assert!(expected, "{}: {err:?}", bad.name());
+        }
+    }
+
+    #[test]
+    fn the_mix_has_the_dotted_pair_splits_all_bad_redrops_and_duplicates() {
+        let o = options(100, 10, false);
+        let users = users(o.users);
+        let plans = plans(&o, &users, &mut Rng(o.seed));
+        assert_eq!(plans.len(), 100);
+        assert_eq!((plans[0].user.as_str(), plans[0].id.as_str()), ("h", "a.b"));
+        assert_eq!((plans[1].user.as_str(), plans[1].id.as_str()), ("h.a", "b"));
+        assert_eq!(
+            plans.iter().map(|p| &p.user).collect::<BTreeSet<_>>().len(),
+            10,
+            "every user drops sequences"
+        );
+        assert!(plans.iter().filter(|p| p.split).count() >= 5);
+        assert!(plans.iter().filter(|p| p.good.is_empty()).count() >= 5);
+        assert!(plans.iter().any(|p| p.redrop == Redrop::Same));
+        assert!(plans.iter().any(|p| p.redrop == Redrop::Changed));
+        assert!(plans.iter().any(|p| p.dup_notification));
+        for bad in CATALOGUE {
+            assert!(plans.iter().any(|p| p.bad.contains(&bad)), "{}", bad.name());
+        }
+        // (user, sequence) pairs and file-name tags are unique.
+        let pairs: BTreeSet<(&str, &str)> = plans.iter().map(|p| (p.user.as_str(), p.id.as_str())).collect();
+        assert_eq!(pairs.len(), plans.len());
+        let tags: BTreeSet<&str> = plans.iter().map(|p| p.tag.as_str()).collect();
+        assert_eq!(tags.len(), plans.len());
+
+        let short = options(SHORT_SEQUENCES, SHORT_USERS, true);
+        let plans = plans_of(&short);
+        for bad in CATALOGUE {
+            assert!(
+                plans.iter().any(|p| p.bad.contains(&bad)),
+                "short: {}",
+                bad.name()
+            );
+        }
+        assert!(plans.iter().any(|p| p.split) && plans.iter().any(|p| p.dup_notification));
+    }
+
+    fn plans_of(o: &Options) -> Vec<Plan> {
+        plans(o, &users(o.users), &mut Rng(o.seed))
+    }
+
+    #[test]
+    fn a_sequence_is_final_only_when_failed_or_every_upload_is_final_at_mapillary() {
+        assert!(is_final(&json!({"state": "FAILED", "uploads": []})));
+        assert!(!is_final(&json!({"state": "UPLOADING", "uploads": []})));
+        let up = |state: &str, m: Value| json!({"state": state, "mapillary": m});
+        let doc = |uploads: Vec<Value>| json!({"state": "UPLOADED", "uploads": uploads});
+        assert!(is_final(&doc(vec![
+            up("HANDED_OFF", json!({"state": "FINISHED"})),
+            up("FAILED", Value::Null)
+        ])));
+        assert!(!is_final(&doc(vec![
+            up("HANDED_OFF", json!({"state": "FINISHED"})),
+            up("FINISH_UNCERTAIN", json!({"state": "IN_PROGRESS"}))
+        ])));
+        assert!(!is_final(&doc(vec![up("HANDED_OFF", Value::Null)])));
+    }
+
+    #[test]
+    fn kill_points_fall_inside_a_typical_invocation() {
+        let mut rng = Rng(3);
+        let typical = Mean(400.0);
+        assert_eq!(kill_point(&mut rng, 0.0, false, &typical), None);
+        for _ in 0..100 {
+            let d = kill_point(&mut rng, 1.0, false, &typical).expect("p = 1 always kills");
+            assert!(
+                d >= Duration::from_millis(20) && d < Duration::from_millis(400),
+                "{d:?}"
+            );
+        }
+        assert!(kill_point(&mut rng, 0.0, true, &typical).is_some(), "forced");
+    }
+}
