@@ -99,14 +99,8 @@ pub async fn run(root: &Path, ci: bool, images: usize, worlds: &[World]) -> Resu
     let started = Instant::now();
     let work = async {
         let mut opts = stack::UpOptions::new(defaults::APP_ID, defaults::CLIENT_SECRET);
-        let s = STAGE_SECONDS;
-        opts.sim_args = vec![
-            "--realtime".into(),
-            "--stage-seconds".into(),
-            format!("{s},{s},{s},{s}"),
-            "--world".into(),
-            world.name().into(),
-        ];
+        opts.sim_args = realtime_args(STAGE_SECONDS);
+        opts.sim_args.extend(["--world".into(), world.name().into()]);
         opts.print_exports = false;
         println!("{} demo: simulator world {world}", stamp(started));
         let state = stack::up(root, &opts).await?;
@@ -127,6 +121,15 @@ pub async fn run(root: &Path, ci: bool, images: usize, worlds: &[World]) -> Resu
         );
     }
     result
+}
+
+/// The simulator's arguments for real-time processing, `s` seconds per stage.
+pub(crate) fn realtime_args(s: u64) -> Vec<String> {
+    vec![
+        "--realtime".into(),
+        "--stage-seconds".into(),
+        format!("{s},{s},{s},{s}"),
+    ]
 }
 
 /// Resolves on SIGINT, SIGTERM or SIGHUP (never, if the handlers cannot be installed).

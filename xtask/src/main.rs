@@ -22,6 +22,7 @@ mod demo;
 mod lambda_proc;
 mod package;
 mod push;
+mod rng;
 mod runtime_api;
 mod soak;
 mod stack;
@@ -173,11 +174,7 @@ fn main() -> Result<()> {
                     mapillary_sim::defaults::CLIENT_SECRET,
                 );
                 if let Some(s) = stage_seconds {
-                    opts.sim_args = vec![
-                        "--realtime".into(),
-                        "--stage-seconds".into(),
-                        format!("{s},{s},{s},{s}"),
-                    ];
+                    opts.sim_args = demo::realtime_args(s);
                 }
                 rt.block_on(stack::up(&root, &opts)).map(|_| ())
             }

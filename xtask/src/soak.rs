@@ -43,6 +43,7 @@ use tokio::sync::watch;
 
 use crate::demo::{self, api_get_as, json_of, stamp};
 use crate::lambda_proc::{FunctionProcess, Outcome};
+use crate::rng::Rng;
 use crate::stack::{self, StackState};
 use crate::{package, push, venv};
 
@@ -86,8 +87,11 @@ struct Scale {
     schedule_every: Duration,
     /// zip-and-push execution environments (concurrent invocations).
     zip_envs: usize,
-    /// Probability that an invocation is SIGKILLed at a random point.
+    /// Probability that a zip-and-push invocation is SIGKILLed at a random point.
     kill_probability: f64,
+    /// The same for a poller invocation. A killed run holds the poller's run lease for its budget
+    /// plus the poller's fixed 60 s slack (not scaled): no tracking meanwhile.
+    poller_kill_probability: f64,
     /// Window over which the sequences are dropped.
     drop_window: Duration,
     /// How often some user's Mapillary token is expired.
@@ -110,10 +114,12 @@ impl Scale {
                 poller_budget_s: 6,
                 schedule_every: Duration::from_secs(2),
                 zip_envs: 2,
-                kill_probability: 0.08,
+                kill_probability: 0.1,
+                // One forced kill of the poller (its first run): each costs the run lease's 60 s.
+                poller_kill_probability: 0.0,
                 drop_window: Duration::from_secs(4),
                 expire_every: Duration::from_secs(8),
-                settle_timeout: Duration::from_secs(70),
+                settle_timeout: Duration::from_secs(100),
                 stall_after: Duration::from_secs(30),
             }
         } else {
@@ -126,36 +132,13 @@ impl Scale {
                 schedule_every: Duration::from_secs(2),
                 zip_envs: 3,
                 kill_probability: 0.08,
+                poller_kill_probability: 0.08,
                 drop_window: Duration::from_secs(30),
                 expire_every: Duration::from_secs(7),
                 settle_timeout: Duration::from_secs(600),
                 stall_after: Duration::from_secs(90),
             }
         }
-    }
-}
-
-/// A small deterministic generator (splitmix64).
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `lo..hi` (`lo` when the range is empty).
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        lo + self.next() % (hi - lo)
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
     }
 }
 
@@ -346,11 +329,36 @@ fn plans(o: &Options, users: &[String], rng: &mut Rng) -> Vec<Plan> {
 
 /// When to kill an invocation: at a uniformly random point of a typical invocation (the mean of
 /// the last ones), with probability `p` (or always when `force`); `None` = let it run.
+/// A forced kill comes in the first third of a typical invocation, so it lands before the answer.
 fn kill_point(rng: &mut Rng, p: f64, force: bool, typical: &Mean) -> Option<Duration> {
-    (rng.chance(p) || force).then(|| {
+    let random = rng.chance(p);
+    (random || force).then(|| {
         let ms = typical.ms().max(20);
-        Duration::from_millis(rng.range(ms / 20, ms))
+        let end = if random { ms } else { ms / 3 };
+        Duration::from_millis(rng.range(ms / 20, end.max(ms / 20 + 1)))
     })
+}
+
+/// One invocation, killed after `kill` if given; a response's duration goes into `typical`. The
+/// outcome and how it reads in the trace.
+async fn invoke_timed(
+    proc: &mut FunctionProcess,
+    payload: &Value,
+    timeout: Duration,
+    kill: Option<Duration>,
+    typical: &mut Mean,
+) -> Result<(Outcome, String)> {
+    let t0 = Instant::now();
+    let outcome = proc.invoke(payload, timeout, kill).await?;
+    if matches!(outcome, Outcome::Response(_)) {
+        typical.add(t0.elapsed());
+    }
+    let text = match &outcome {
+        Outcome::Response(v) => format!("response {v}"),
+        Outcome::Killed => format!("KILLED after {} ms", kill.map_or(0, |d| d.as_millis())),
+        other => format!("{other:?}"),
+    };
+    Ok((outcome, text))
 }
 
 /// A running mean of invocation durations (exponentially weighted), milliseconds.
@@ -429,14 +437,8 @@ pub async fn run(root: &Path, o: Options) -> Result<()> {
     let started = Instant::now();
     let work = async {
         let mut opts = stack::UpOptions::new(defaults::APP_ID, defaults::CLIENT_SECRET);
-        let s = STAGE_SECONDS;
-        opts.sim_args = vec![
-            "--realtime".into(),
-            "--stage-seconds".into(),
-            format!("{s},{s},{s},{s}"),
-            "--seed".into(),
-            o.seed.to_string(),
-        ];
+        opts.sim_args = demo::realtime_args(STAGE_SECONDS);
+        opts.sim_args.extend(["--seed".into(), o.seed.to_string()]);
         opts.print_exports = false;
         println!(
             "{} soak: {} sequences, {} users, seed {}{}",
@@ -934,6 +936,7 @@ async fn ingest(
     let force_kill = k == 0;
     let mut n = 0u64;
     let mut typical = Mean(1_000.0);
+    let mut killed_once = false;
     while !*stop.borrow() {
         let msgs = tokio::select! {
             _ = stop.changed() => break,
@@ -970,27 +973,25 @@ async fn ingest(
         let kill = kill_point(
             &mut rng,
             ctx.scale.kill_probability,
-            force_kill && n == 2,
+            // The first environment kills one invocation for sure (from its second on, until one lands).
+            force_kill && n >= 2 && !killed_once,
             &typical,
         );
-        let t0 = Instant::now();
-        let outcome = proc
-            .invoke(&esm.event(&msgs), ctx.scale.zip_timeout, kill)
-            .await?;
-        if matches!(outcome, Outcome::Response(_)) {
-            typical.add(t0.elapsed());
-        }
+        let (outcome, text) = invoke_timed(
+            &mut proc,
+            &esm.event(&msgs),
+            ctx.scale.zip_timeout,
+            kill,
+            &mut typical,
+        )
+        .await?;
+        killed_once |= outcome == Outcome::Killed;
         trace(
             &ctx,
             &format!(
-                "{:.1}s zip-and-push[{k}] #{n}: {} → {}",
+                "{:.1}s zip-and-push[{k}] #{n}: {} → {text}",
                 ctx.started.elapsed().as_secs_f64(),
                 msgs.iter().map(describe).collect::<Vec<_>>().join(", "),
-                match &outcome {
-                    Outcome::Response(v) => format!("response {v}"),
-                    Outcome::Killed => format!("KILLED after {} ms", kill.map_or(0, |d| d.as_millis())),
-                    other => format!("{other:?}"),
-                }
             ),
         );
         let answer = {
@@ -1033,27 +1034,23 @@ async fn schedule(
 ) -> Result<()> {
     let mut n = 0u64;
     let mut typical = Mean(200.0);
+    let mut killed_once = false;
     while !*stop.borrow() {
         n += 1;
-        let kill = kill_point(&mut rng, ctx.scale.kill_probability, n == 3, &typical);
-        let t0 = Instant::now();
-        let outcome = proc
-            .invoke(&scheduled_event(&rule), ctx.scale.poller_timeout, kill)
-            .await?;
-        if matches!(outcome, Outcome::Response(_)) {
-            typical.add(t0.elapsed());
-        }
+        // One run is killed for sure (from the first on, until one lands).
+        let kill = kill_point(
+            &mut rng,
+            ctx.scale.poller_kill_probability,
+            !killed_once,
+            &typical,
+        );
+        let event = scheduled_event(&rule);
+        let (outcome, text) =
+            invoke_timed(&mut proc, &event, ctx.scale.poller_timeout, kill, &mut typical).await?;
+        killed_once |= outcome == Outcome::Killed;
         trace(
             &ctx,
-            &format!(
-                "{:.1}s poller #{n}: {}",
-                ctx.started.elapsed().as_secs_f64(),
-                match &outcome {
-                    Outcome::Response(v) => format!("response {v}"),
-                    Outcome::Killed => format!("KILLED after {} ms", kill.map_or(0, |d| d.as_millis())),
-                    other => format!("{other:?}"),
-                }
-            ),
+            &format!("{:.1}s poller #{n}: {text}", ctx.started.elapsed().as_secs_f64()),
         );
         {
             let mut s = stats(&ctx.stats);
@@ -1791,6 +1788,7 @@ mod tests {
                 "{d:?}"
             );
         }
-        assert!(kill_point(&mut rng, 0.0, true, &typical).is_some(), "forced");
+        let forced = kill_point(&mut rng, 0.0, true, &typical).expect("forced");
+        assert!(forced < Duration::from_millis(134), "{forced:?}");
     }
 }
