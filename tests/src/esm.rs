@@ -161,10 +161,31 @@ impl SqsEventSource {
     /// Invokes the function with `msgs` and settles them: deletes the acknowledged ones, makes the
     /// failed ones visible again after [`SqsEventSource::retry_after_seconds`].
     pub async fn deliver(&self, watch: &LambdaWatch, msgs: &[Message]) -> Result<BatchOutcome> {
-        let event = sqs_event(msgs, &self.source_arn);
-        let (response, invoke_error) = match watch.invoke(&self.http, &self.function, &event).await {
+        let event = self.event(msgs);
+        let answer = watch
+            .invoke(&self.http, &self.function, &event)
+            .await
+            .map_err(|e| format!("{e:#}"));
+        self.settle(msgs, answer).await
+    }
+
+    /// The Lambda SQS event for `msgs` from this mapping's queue (what [`SqsEventSource::deliver`]
+    /// invokes the function with), for callers that invoke the function themselves.
+    pub fn event(&self, msgs: &[Message]) -> Value {
+        sqs_event(msgs, &self.source_arn)
+    }
+
+    /// Settles `msgs` after an invocation answered `answer` (the function's response, or why the
+    /// invocation failed): deletes the acknowledged messages, makes the failed ones (every one, when
+    /// the invocation failed) visible again after [`SqsEventSource::retry_after_seconds`].
+    pub async fn settle(
+        &self,
+        msgs: &[Message],
+        answer: std::result::Result<Value, String>,
+    ) -> Result<BatchOutcome> {
+        let (response, invoke_error) = match answer {
             Ok(v) => (v, None),
-            Err(e) => (Value::Null, Some(format!("{e:#}"))),
+            Err(e) => (Value::Null, Some(e)),
         };
         let failed: Vec<String> = match &invoke_error {
             Some(_) => msgs

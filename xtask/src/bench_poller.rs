@@ -45,6 +45,7 @@ use shared::model::{upload_id, StoredToken, TrackingRecord, UploadImage};
 use shared::ports::{ImageEntryStore, TokenStore, TrackingStore};
 use time::OffsetDateTime;
 
+use crate::rng::Rng;
 use crate::track::poller_from_env;
 use crate::venv;
 
@@ -58,25 +59,6 @@ const STREET_EVERY_M: f64 = 100.0;
 const CENTRE: (f64, f64) = (48.2082, 16.3738);
 const STEP_M: f64 = 8.0;
 const STEP_MS: i64 = 2_000;
-
-/// splitmix64: a deterministic scenario without a dependency (any decent generator would do).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// One planned image: position (lat, lon), altitude, capture time.
 #[derive(Clone, Copy)]

@@ -65,7 +65,7 @@ const TRACK_TIMEOUT: Duration = Duration::from_secs(180);
 const USER: &str = "demo-user";
 /// status-api's dev identity header (`RELAY_DEV_AUTH_HEADER`): watch's function URLs carry no JWT
 /// authorizer context.
-const DEV_AUTH_HEADER: &str = "x-relay-user";
+pub(crate) const DEV_AUTH_HEADER: &str = "x-relay-user";
 /// The image generated without GPS (zip-and-push must reject it).
 const NO_GPS_IMAGE: &str = "IMG_NOGPS.jpg";
 
@@ -99,14 +99,8 @@ pub async fn run(root: &Path, ci: bool, images: usize, worlds: &[World]) -> Resu
     let started = Instant::now();
     let work = async {
         let mut opts = stack::UpOptions::new(defaults::APP_ID, defaults::CLIENT_SECRET);
-        let s = STAGE_SECONDS;
-        opts.sim_args = vec![
-            "--realtime".into(),
-            "--stage-seconds".into(),
-            format!("{s},{s},{s},{s}"),
-            "--world".into(),
-            world.name().into(),
-        ];
+        opts.sim_args = realtime_args(STAGE_SECONDS);
+        opts.sim_args.extend(["--world".into(), world.name().into()]);
         opts.print_exports = false;
         println!("{} demo: simulator world {world}", stamp(started));
         let state = stack::up(root, &opts).await?;
@@ -129,8 +123,17 @@ pub async fn run(root: &Path, ci: bool, images: usize, worlds: &[World]) -> Resu
     result
 }
 
+/// The simulator's arguments for real-time processing, `s` seconds per stage.
+pub(crate) fn realtime_args(s: u64) -> Vec<String> {
+    vec![
+        "--realtime".into(),
+        "--stage-seconds".into(),
+        format!("{s},{s},{s},{s}"),
+    ]
+}
+
 /// Resolves on SIGINT, SIGTERM or SIGHUP (never, if the handlers cannot be installed).
-async fn shutdown_signal() -> &'static str {
+pub(crate) async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
@@ -147,7 +150,7 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// Seconds since the demo started, for the progress lines.
-fn stamp(started: Instant) -> String {
+pub(crate) fn stamp(started: Instant) -> String {
     format!("[{:>5.1}s]", started.elapsed().as_secs_f64())
 }
 
@@ -166,13 +169,7 @@ async fn demo(
     // 2. The functions under watch. The callback URL must be watch's own, so pick the port first.
     let port = free_port()?;
     let api = LambdaWatch::function_url_on(port, "status-api");
-    let mut env = state.exports.clone();
-    env.retain(|(k, _)| k != integration_tests::moto::MOTO_URL_ENV);
-    env.push(("RELAY_DEV_AUTH_HEADER".into(), DEV_AUTH_HEADER.into()));
-    env.push((
-        "RELAY_OAUTH_REDIRECT_URI".into(),
-        format!("{api}/v1/mapillary/callback"),
-    ));
+    let env = watch_env(state, &api);
     println!(
         "{} demo: building the three functions and starting `cargo lambda watch`",
         stamp(started)
@@ -190,7 +187,7 @@ async fn demo(
         .build()?;
 
     // 3. Connect the demo user's Mapillary account through the status API's OAuth routes.
-    connect(&http, &api, started).await?;
+    connect(&http, &api, USER, None, started).await?;
 
     let sdk = sdk_config(&state.moto.url).await;
     let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
@@ -248,6 +245,19 @@ async fn demo(
     }
     drop(lambda);
     Ok(())
+}
+
+/// The environment of the functions under watch: the stack's exports (without the test-only moto URL),
+/// status-api's dev identity header, and the OAuth callback on watch's status-api URL `api`.
+pub(crate) fn watch_env(state: &StackState, api: &str) -> Vec<(String, String)> {
+    let mut env = state.exports.clone();
+    env.retain(|(k, _)| k != integration_tests::moto::MOTO_URL_ENV);
+    env.push(("RELAY_DEV_AUTH_HEADER".into(), DEV_AUTH_HEADER.into()));
+    env.push((
+        "RELAY_OAUTH_REDIRECT_URI".into(),
+        format!("{api}/v1/mapillary/callback"),
+    ));
+    env
 }
 
 /// What one sequence's run needs (shared by the worlds of `--all-worlds`).
@@ -346,11 +356,18 @@ impl Run<'_> {
     }
 }
 
-/// `POST /v1/mapillary/connect` → the simulator's consent page → the redirect to our callback.
-async fn connect(http: &reqwest::Client, api: &str, started: Instant) -> Result<()> {
+/// `POST /v1/mapillary/connect` → the simulator's consent page → the redirect to our callback, as
+/// relay user `user`; the simulator consents as `sim_user` (its id or username; default its demo user).
+pub(crate) async fn connect(
+    http: &reqwest::Client,
+    api: &str,
+    user: &str,
+    sim_user: Option<&str>,
+    started: Instant,
+) -> Result<()> {
     let start = http
         .post(format!("{api}/v1/mapillary/connect"))
-        .header(DEV_AUTH_HEADER, USER)
+        .header(DEV_AUTH_HEADER, user)
         .send()
         .await
         .context("POST /v1/mapillary/connect")?;
@@ -372,9 +389,14 @@ async fn connect(http: &reqwest::Client, api: &str, started: Instant) -> Result<
         stamp(started),
         authorize.split('?').next().unwrap_or(authorize)
     );
-    // The user's browser would show Mapillary's consent page; the simulator consents as its demo user.
+    // The user's browser would show Mapillary's consent page; the simulator consents as its demo user
+    // (or as `sim_user`, its stand-in for whoever is logged in to Mapillary in that browser).
+    let authorize = match sim_user {
+        Some(u) => format!("{authorize}&sim_user={u}"),
+        None => authorize.to_string(),
+    };
     let consent = http
-        .get(authorize)
+        .get(&authorize)
         .send()
         .await
         .context("GET the authorize URL")?;
@@ -403,7 +425,7 @@ async fn connect(http: &reqwest::Client, api: &str, started: Instant) -> Result<
         bail!("the callback did not connect the account: {connected}");
     }
     println!(
-        "{} demo: consent → GET /v1/mapillary/callback?code&state → {USER} connected as Mapillary user {} ({}); token stored KMS-encrypted",
+        "{} demo: consent → GET /v1/mapillary/callback?code&state → {user} connected as Mapillary user {} ({}); token stored KMS-encrypted",
         stamp(started),
         connected["username"].as_str().unwrap_or("?"),
         connected["mapillary_user_id"].as_str().unwrap_or("?"),
@@ -906,16 +928,21 @@ fn report(detail: &Value, images: &Value, sequence: &str, world: World, started:
 
 /// GET with the demo user's identity; the JSON body of a 2xx answer.
 async fn api_get(http: &reqwest::Client, url: &str) -> Result<Value> {
+    api_get_as(http, url, USER).await
+}
+
+/// GET as relay user `user` (status-api's dev identity header); the JSON body of a 2xx answer.
+pub(crate) async fn api_get_as(http: &reqwest::Client, url: &str, user: &str) -> Result<Value> {
     let reply = http
         .get(url)
-        .header(DEV_AUTH_HEADER, USER)
+        .header(DEV_AUTH_HEADER, user)
         .send()
         .await
         .with_context(|| format!("GET {url}"))?;
     json_of(reply, url).await
 }
 
-async fn json_of(reply: reqwest::Response, what: &str) -> Result<Value> {
+pub(crate) async fn json_of(reply: reqwest::Response, what: &str) -> Result<Value> {
     let status = reply.status();
     let body = reply.text().await.unwrap_or_default();
     if !status.is_success() {

@@ -9,6 +9,8 @@
 //!   each test tier, fuzzing, then `demo --ci` and the same in every other simulator world (`--no-demo` skips
 //!   both); a per-phase timing table at the end.
 //! * `demo` — the main job, end to end on the local stack (`--world NAME`, `--all-worlds`).
+//! * `soak` — many users' sequences, some hostile, under faults and killed function processes; invariants checked
+//!   (docs/reliability.md).
 //! * `package` — the functions built as Lambda runs them, sized, and started behind a Runtime API.
 
 // Only `cargo xtask bench zip-and-push` uses it, and it needs the s3s crates: see xtask/Cargo.toml.
@@ -17,9 +19,12 @@ mod bench;
 mod bench_api;
 mod bench_poller;
 mod demo;
+mod lambda_proc;
 mod package;
 mod push;
+mod rng;
 mod runtime_api;
+mod soak;
 mod stack;
 mod track;
 mod upload;
@@ -88,6 +93,25 @@ enum Cmd {
         /// feed-gone, oauth-upload-refused) on one stack, simulator and set of functions.
         #[arg(long, conflicts_with = "world")]
         all_worlds: bool,
+    },
+    /// The soak (docs/reliability.md): many users' sequences, some hostile, through the whole relay with
+    /// the simulator injecting faults and function processes killed at random points; ends with a table
+    /// of invariants (lost, duplicate clusters, uploads not final, cross-tenant reads, panics) and
+    /// exits non-zero if one is broken.
+    Soak {
+        /// Sequences to drop (default 100; 20 with --short).
+        #[arg(long)]
+        sequences: Option<usize>,
+        /// Users, each connected over OAuth as their own simulator user (default 10; 4 with --short).
+        #[arg(long)]
+        users: Option<usize>,
+        /// Seeds the mix of sequences, kill points, token expiries and fault rules.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The short variant: about 20 sequences from 4 users, every fault rule firing on every k-th
+        /// match, a tighter time scale.
+        #[arg(long)]
+        short: bool,
     },
     /// Drop a local folder of JPEGs as a sequence into the local stack, run zip-and-push on it and
     /// print the sequence's status document (JSON) on stdout.
@@ -167,11 +191,7 @@ fn main() -> Result<()> {
                     mapillary_sim::defaults::CLIENT_SECRET,
                 );
                 if let Some(s) = stage_seconds {
-                    opts.sim_args = vec![
-                        "--realtime".into(),
-                        "--stage-seconds".into(),
-                        format!("{s},{s},{s},{s}"),
-                    ];
+                    opts.sim_args = demo::realtime_args(s);
                 }
                 rt.block_on(stack::up(&root, &opts)).map(|_| ())
             }
@@ -197,6 +217,27 @@ fn main() -> Result<()> {
                 vec![world]
             };
             rt.block_on(demo::run(&root, ci, images, &worlds))
+        }
+        Cmd::Soak {
+            sequences,
+            users,
+            seed,
+            short,
+        } => {
+            let (default_sequences, default_users) = if short {
+                (soak::SHORT_SEQUENCES, soak::SHORT_USERS)
+            } else {
+                (100, 10)
+            };
+            rt.block_on(soak::run(
+                &root,
+                soak::Options {
+                    sequences: sequences.unwrap_or(default_sequences),
+                    users: users.unwrap_or(default_users),
+                    seed,
+                    short,
+                },
+            ))
         }
         Cmd::Push {
             dir,

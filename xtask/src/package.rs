@@ -102,19 +102,19 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// A function of the template, as the translated template describes it.
 #[derive(Debug, Clone)]
-struct Function {
+pub(crate) struct Function {
     /// Logical id (`ZipAndPushFunction`).
-    logical_id: String,
+    pub(crate) logical_id: String,
     /// `Metadata.BuildProperties.Binary`, also its package name.
-    binary: String,
+    pub(crate) binary: String,
     /// `MemorySize` in MB.
-    memory_mb: u64,
+    pub(crate) memory_mb: u64,
     /// `Timeout` in seconds.
-    timeout_s: u64,
+    pub(crate) timeout_s: u64,
     /// `Environment.Variables` (Globals merged in by the translation): a literal or a parameter
     /// `Ref` resolved to the parameter's default, `None` for what only a stack can resolve (a
     /// resource's `Ref`, `GetAtt`): the local stack's [`LocalStack::lambda_env`] supplies those.
-    variables: BTreeMap<String, Option<String>>,
+    pub(crate) variables: BTreeMap<String, Option<String>>,
 }
 
 /// A built package.
@@ -228,7 +228,7 @@ fn rel(root: &Path, path: &Path) -> String {
 }
 
 /// The template's functions, in [`SAMPLE_EVENTS`] order; every function needs a sample event.
-fn functions(template: &Value) -> Result<Vec<Function>> {
+pub(crate) fn functions(template: &Value) -> Result<Vec<Function>> {
     let resources = template["Resources"]
         .as_object()
         .ok_or_else(|| anyhow!("the translated template has no Resources"))?;
@@ -520,7 +520,7 @@ fn ms(d: Option<Duration>) -> String {
 /// The environment Lambda would give `f` (clean: nothing from this process leaks in): the runtime's
 /// own variables, the stack's `RELAY_*`/`MAPILLARY_*`/AWS endpoint variables, and `f`'s own template
 /// variables resolved from the parameters' defaults. Every template variable must get a value.
-fn function_env(
+pub(crate) fn function_env(
     f: &Function,
     stack_env: &[(String, String)],
     task_root: &Path,

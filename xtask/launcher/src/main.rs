@@ -60,7 +60,7 @@ fn venvs_for(command: &str) -> Vec<Venv> {
     match command {
         "setup" | "test" => vec![AWS, MAPILLARY_TOOLS, CHECKOV, SCHEMATHESIS],
         "bench" => vec![AWS, MAPILLARY_TOOLS],
-        "demo" | "stack" | "push" | "upload" => vec![AWS],
+        "demo" | "soak" | "stack" | "push" | "upload" => vec![AWS],
         _ => Vec::new(),
     }
 }
