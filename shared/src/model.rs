@@ -133,6 +133,27 @@ pub struct SequenceRecord {
     pub updated_at: OffsetDateTime,
     /// Invocations that worked on this sequence.
     pub attempts: u32,
+    /// Progress across invocations and re-drops (issue 15, items 2 and 4); absent in records
+    /// written before it existed.
+    #[serde(default)]
+    pub progress: SequenceProgress,
+}
+
+/// How far a sequence got, across continuations, retries and re-drops: what decides that a
+/// sequence which keeps failing without progress is given up (`RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS`),
+/// whatever SQS's receive count says (a continuation is a new message, its count starts again).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceProgress {
+    /// The highest progress mark an invocation ended with (see zip-and-push's `progress` module:
+    /// bytes stored, uploads planned and moved on in their lifecycle).
+    #[serde(default)]
+    pub mark: u64,
+    /// Invocations in a row that ended before the sequence was final without raising `mark`.
+    #[serde(default)]
+    pub stalled: u32,
+    /// Why the last invocation ended early (as the user reads it), `None` after progress.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// The upload record: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not

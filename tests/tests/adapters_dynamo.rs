@@ -275,6 +275,7 @@ fn sequence(user: &str, seq: &str, rejected: Vec<RejectedImage>) -> SequenceReco
         created_at: datetime!(2026-03-01 10:00:00.25 UTC),
         updated_at: datetime!(2026-03-01 10:05:00 +01:00),
         attempts: 2,
+        progress: Default::default(),
     }
 }
 

@@ -22,6 +22,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::deps::Deps;
 use crate::manifest::parse_manifest_key;
 use crate::plan::{base_record, plan_or_resume, ManifestJob, Planned, SequenceError};
+use crate::progress::{count_invocation, progress_mark, Verdict};
 use crate::reasons;
 use crate::upload::{upload_sequence, UploadStop};
 
@@ -189,8 +190,19 @@ async fn handle_object<D: Deps>(
                 return true;
             }
             Ok(ClaimOutcome::Held { lease_until_ms }) => {
-                info!(lease_until_ms, "manifest is being processed by another invocation: retry later");
-                return false;
+                // Put back with a short delay instead of the visibility timeout: waiting for another
+                // invocation is no failure and must not count toward the DLQ.
+                let delay = d.tunables().held_retry_delay_s;
+                return match d.requeue().requeue(body, delay).await {
+                    Ok(()) => {
+                        info!(lease_until_ms, delay, "sequence is being processed by another invocation: put back");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "putting the delivery back failed: leaving the message to SQS");
+                        false
+                    }
+                };
             }
             Ok(ClaimOutcome::Acquired { previous }) => {
                 if previous.is_some() {
@@ -209,7 +221,11 @@ async fn handle_object<D: Deps>(
             seq,
             deadline,
         };
-        match run_sequence(d, &job).await {
+        let end = match run_sequence(d, &job).await {
+            end @ (AttemptEnd::OutOfTime | AttemptEnd::Retry(_)) => count_progress(d, &job, end).await,
+            end => end,
+        };
+        match end {
             AttemptEnd::Final => {
                 if let Err(e) = d.claims().complete_claim(&id, &owner).await {
                     warn!(error = %e, "completing the claim failed (a duplicate will find the sequence final)");
@@ -262,6 +278,57 @@ async fn handle_object<D: Deps>(
     }
     .instrument(span)
     .await
+}
+
+/// Count an invocation that ended before its sequence was final ([`crate::progress`]): at
+/// `RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS` in a row without progress the sequence is FAILED with
+/// the last error and the attempt is [`AttemptEnd::Final`]; otherwise `end` stands. A failure to
+/// count leaves `end` as it is (SQS's receive count still bounds plain retries).
+async fn count_progress<D: Deps>(d: &D, job: &ManifestJob, end: AttemptEnd) -> AttemptEnd {
+    let error = match &end {
+        AttemptEnd::Retry(r) => Some(reasons::public(r)),
+        _ => None,
+    };
+    let repo = d.repo();
+    let (user, sequence) = (&job.seq.user_id, &job.seq.sequence_id);
+    let counted = async {
+        let Some(mut seq) = repo.get_sequence(user, sequence).await? else {
+            return Ok(None);
+        };
+        if matches!(seq.state, SequenceState::Uploaded | SequenceState::Failed) {
+            return Ok(None);
+        }
+        let mark = progress_mark(&repo.list_uploads(user, sequence).await?);
+        let max = d.tunables().max_invocations_without_progress;
+        let verdict = count_invocation(&mut seq.progress, mark, error.as_deref(), max);
+        seq.updated_at = OffsetDateTime::now_utc();
+        repo.put_sequence(&seq).await?;
+        info!(
+            mark,
+            stalled = seq.progress.stalled,
+            max,
+            "invocation ended before the sequence was final"
+        );
+        Ok::<_, RepoError>(Some(verdict))
+    }
+    .await;
+    match counted {
+        Ok(Some(Verdict::GiveUp(reason))) => {
+            error!(%reason, "sequence makes no progress: giving up");
+            match fail_sequence(d, job, &reason).await {
+                Ok(()) => AttemptEnd::Final,
+                Err(e) => {
+                    warn!(error = %e, "recording the failure failed");
+                    end
+                }
+            }
+        }
+        Ok(_) => end,
+        Err(e) => {
+            warn!(error = %e, "counting the invocation failed");
+            end
+        }
+    }
 }
 
 async fn release<D: Deps>(d: &D, id: &str, owner: &str) {

@@ -146,6 +146,7 @@ pub fn base_record(job: &ManifestJob) -> SequenceRecord {
         created_at: t,
         updated_at: t,
         attempts: 0,
+        progress: Default::default(),
     }
 }
 
