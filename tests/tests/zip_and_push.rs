@@ -1291,6 +1291,9 @@ async fn in_partial_bytes_dropped_a_sequence_of_three_invocations_resends_nothin
     let tunables = Tunables {
         max_post_bytes: total.div_ceil(3),
         deadline_margin: Duration::from_millis(4000),
+        // finish_upload and saving its cluster_id must fit in what the last invocation has left.
+        finish_timeout: Duration::from_millis(1000),
+        cluster_save_budget: Duration::from_millis(500),
         ..Tunables::default()
     };
     let w = world_in("zp-three", tunables, SimWorld::PartialBytesDropped).await?;
@@ -1336,5 +1339,129 @@ async fn in_partial_bytes_dropped_a_sequence_of_three_invocations_resends_nothin
     assert_eq!(stored, total);
     let key = w.session_key(USER, "three", 0).await?;
     assert_eq!(w.stored_zip(&key).await?, clean, "identical to a clean run");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sequence_answered_5xx_forever_ends_failed_after_n_invocations_instead_of_looping() -> Result<()> {
+    // Issue 15, item 2. The receive limit is out of the way (as it is for continuations, which
+    // are new messages): only the sequence's own count of invocations without progress ends it.
+    let tunables = Tunables {
+        max_receives: 1000,
+        max_invocations_without_progress: 3,
+        ..Tunables::default()
+    };
+    let w = world("zp-stuck", tunables).await?;
+    w.admin_post(
+        "/faults",
+        json!({"path": "/rupload/*", "times": 100000,
+               "action": {"kind": "server_error", "status": 503}}),
+    )
+    .await?;
+    let imgs = named(&specs(3, 4400));
+    w.drop_sequence(USER, "stuck", &imgs, b"{}").await?;
+    let mut msg = w.notifications(1).await?.remove(0);
+    let mut invocations = 0;
+    loop {
+        invocations += 1;
+        ensure!(invocations <= 6, "the sequence loops");
+        let resp = w.deliver(std::slice::from_ref(&msg), far_deadline()).await?;
+        if resp.batch_item_failures.is_empty() {
+            break;
+        }
+        let seq = w
+            .deps
+            .repo
+            .get_sequence(USER, "stuck")
+            .await?
+            .context("sequence")?;
+        assert_eq!(seq.state, SequenceState::Uploading);
+        assert_eq!(seq.progress.stalled, invocations - 1, "{seq:?}");
+        msg = w.redeliver(&msg).await?;
+    }
+    // 1 planned (progress) + 3 without progress.
+    assert_eq!(invocations, 4);
+    let st = w.status(USER, "stuck").await?;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    let reason = st.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("gave up after 3 invocations without progress: "),
+        "{reason}"
+    );
+    assert!(reason.contains("503"), "{reason}");
+    assert!(!reason.contains("s3://"), "{reason}");
+    assert!(
+        st.uploads.iter().all(|u| u.state == UploadState::Failed),
+        "{st:?}"
+    );
+    assert_eq!(w.finish_upload_calls().await?, 0);
+    // Acknowledged and deleted: nothing is left on the ingest queue.
+    let left = w
+        .stack
+        .sqs()
+        .receive_message()
+        .queue_url(&w.stack.ingest_queue_url)
+        .wait_time_seconds(1)
+        .send()
+        .await?;
+    assert!(left.messages().is_empty(), "{left:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delivery_finding_its_sequence_held_is_put_back_with_a_short_delay() -> Result<()> {
+    use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
+    use shared::ports::IdempotencyStore;
+    let tunables = Tunables {
+        held_retry_delay_s: 3,
+        ..Tunables::default()
+    };
+    let w = world("zp-held", tunables).await?;
+    let imgs = named(&specs(2, 4500));
+    w.drop_sequence(USER, "held", &imgs, b"{}").await?;
+    let msg = w.notifications(1).await?;
+    let key = format!("{}manifest.json", prefix(USER, "held"));
+    let head = w
+        .stack
+        .s3()
+        .head_object()
+        .bucket(&w.stack.bucket)
+        .key(&key)
+        .send()
+        .await?;
+    let etag = head.e_tag().context("etag")?.trim_matches('"').to_string();
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let other = Claim {
+        id: claim_id(&w.stack.bucket, &key, &etag),
+        status: ClaimStatus::Inprogress,
+        lease_until_ms: now + 600_000,
+        owner: "another-invocation".into(),
+        expiration: now / 1000 + 3600,
+    };
+    ensure!(matches!(
+        w.deps.claims.claim(&other, now).await?,
+        ClaimOutcome::Acquired { .. }
+    ));
+    let resp = w.deliver(&msg, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "acknowledged: {resp:?}");
+    ensure!(
+        w.deps.repo.get_sequence(USER, "held").await?.is_none(),
+        "no work done"
+    );
+    // The same notification is back on the queue, as a new message (its own receive count).
+    let started = Instant::now();
+    let back = w.notifications(1).await?;
+    assert_eq!(back[0].body(), msg[0].body());
+    assert_ne!(back[0].message_id(), msg[0].message_id());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "delayed: {:?}",
+        started.elapsed()
+    );
+    let receives = back[0]
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .cloned();
+    assert_eq!(receives.as_deref(), Some("1"));
     Ok(())
 }
