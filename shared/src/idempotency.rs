@@ -1,6 +1,7 @@
 //! Idempotency of manifest processing, in the design of Powertools for AWS Lambda: one claim per
-//! manifest version (bucket, key, etag) in the IdempotencyTable, stored through the
-//! [`IdempotencyStore`](crate::ports::IdempotencyStore) port.
+//! sequence (bucket and manifest key, [`sequence_claim_id`]; issue 15, item 4: a second manifest
+//! version waits for the one in progress instead of running beside it) in the IdempotencyTable,
+//! stored through the [`IdempotencyStore`](crate::ports::IdempotencyStore) port.
 //!
 //! * An attempt starts by putting an INPROGRESS claim with a lease (until the invocation's
 //!   deadline plus a margin), conditionally: the put succeeds only while the claim is free
@@ -10,6 +11,10 @@
 //!   duplicate); INPROGRESS with a live lease → another invocation works on it (retry later).
 //! * The holder may extend or give back its lease ([`may_renew`]: "release" is a lease that ends
 //!   now), and marks the claim COMPLETED when the sequence is final ([`may_complete`]).
+//! * A COMPLETED claim can be taken again ([`may_reopen`]): a manifest delivered after its
+//!   sequence was final is a duplicate, a re-drop after FAILED (retry the failed uploads) or a
+//!   re-drop after UPLOADED (a recorded no-op) — the sequence record tells them apart, under the
+//!   claim.
 //!
 //! The rules are here once: the in-memory fake applies them directly, the DynamoDB adapter states
 //! the same ones as condition expressions (and reads the stored claim with them when its put was
@@ -48,6 +53,12 @@ pub struct Claim {
 pub fn claim_id(bucket: &str, key: &str, etag: &str) -> String {
     let etag = etag.trim_matches('"');
     hex::encode(Sha256::digest(format!("{bucket}/{key}#{etag}").as_bytes()))
+}
+
+/// The idempotency key of a sequence: [`claim_id`] of its manifest's bucket and key, without a
+/// version — every version of `manifest.json` of a sequence takes the same claim.
+pub fn sequence_claim_id(bucket: &str, manifest_key: &str) -> String {
+    claim_id(bucket, manifest_key, "")
 }
 
 /// What claiming a manifest found.
@@ -102,6 +113,12 @@ pub fn may_renew(c: &Claim, owner: &str) -> bool {
 /// completed by the one who lost it.
 pub fn may_complete(c: &Claim, owner: &str) -> bool {
     c.owner == owner
+}
+
+/// Whether a new claim may replace the stored claim `c` that [`outcome_over`] found COMPLETED (a
+/// delivery after the sequence was final): only while it is still COMPLETED.
+pub fn may_reopen(c: &Claim) -> bool {
+    c.status == ClaimStatus::Completed
 }
 
 #[cfg(test)]
@@ -177,9 +194,19 @@ mod tests {
         assert!(!may_complete(&c, "b"));
         let done = Claim {
             status: ClaimStatus::Completed,
-            ..c
+            ..c.clone()
         };
         assert!(!may_renew(&done, "a"), "a completed claim has no lease");
         assert!(may_complete(&done, "a"), "completing twice succeeds");
+        assert!(may_reopen(&done));
+        assert!(!may_reopen(&c), "an INPROGRESS claim is not reopened");
+    }
+
+    #[test]
+    fn every_version_of_a_manifest_takes_the_claim_of_its_sequence() {
+        let a = sequence_claim_id("b", "sequences/u/s/manifest.json");
+        assert_eq!(a, sequence_claim_id("b", "sequences/u/s/manifest.json"));
+        assert_ne!(a, sequence_claim_id("b", "sequences/u/t/manifest.json"));
+        assert_ne!(a, sequence_claim_id("c", "sequences/u/s/manifest.json"));
     }
 }

@@ -154,6 +154,22 @@ pub struct SequenceProgress {
     /// Why the last invocation ended early (as the user reads it), `None` after progress.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Which run of the sequence this is: 1 for the first manifest, one more for each re-drop
+    /// after FAILED that retries its failed uploads (0 in records from before: read as 1, see
+    /// [`SequenceProgress::attempt`]).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The manifest notification the current run is for (etag and S3 sequencer/version): a
+    /// delivery of another one after the sequence is final is a re-drop, of this one a duplicate.
+    #[serde(default)]
+    pub manifest_event: Option<String>,
+}
+
+impl SequenceProgress {
+    /// The run shown to users (`attempt` in the status documents), from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt.max(1)
+    }
 }
 
 /// The upload record: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not
@@ -527,6 +543,9 @@ pub struct SequenceStatus {
     pub uploads: Vec<UploadStatus>,
     /// Rejected images.
     pub rejected: Vec<RejectedImage>,
+    /// Which run of the sequence this is (1, then one more per re-drop after FAILED).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 impl SequenceStatus {
@@ -555,6 +574,7 @@ impl SequenceStatus {
                 })
                 .collect(),
             rejected: seq.rejected.clone(),
+            attempt: seq.progress.attempt(),
         }
     }
 }

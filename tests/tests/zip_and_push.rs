@@ -1410,7 +1410,7 @@ async fn a_sequence_answered_5xx_forever_ends_failed_after_n_invocations_instead
 
 #[tokio::test]
 async fn a_delivery_finding_its_sequence_held_is_put_back_with_a_short_delay() -> Result<()> {
-    use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
+    use shared::idempotency::{sequence_claim_id, Claim, ClaimOutcome, ClaimStatus};
     use shared::ports::IdempotencyStore;
     let tunables = Tunables {
         held_retry_delay_s: 3,
@@ -1421,18 +1421,9 @@ async fn a_delivery_finding_its_sequence_held_is_put_back_with_a_short_delay() -
     w.drop_sequence(USER, "held", &imgs, b"{}").await?;
     let msg = w.notifications(1).await?;
     let key = format!("{}manifest.json", prefix(USER, "held"));
-    let head = w
-        .stack
-        .s3()
-        .head_object()
-        .bucket(&w.stack.bucket)
-        .key(&key)
-        .send()
-        .await?;
-    let etag = head.e_tag().context("etag")?.trim_matches('"').to_string();
     let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
     let other = Claim {
-        id: claim_id(&w.stack.bucket, &key, &etag),
+        id: sequence_claim_id(&w.stack.bucket, &key),
         status: ClaimStatus::Inprogress,
         lease_until_ms: now + 600_000,
         owner: "another-invocation".into(),
@@ -1463,5 +1454,84 @@ async fn a_delivery_finding_its_sequence_held_is_put_back_with_a_short_delay() -
         .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
         .cloned();
     assert_eq!(receives.as_deref(), Some("1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_manifest_put_again_after_failed_retries_the_failed_upload_and_keeps_the_handed_off_one(
+) -> Result<()> {
+    // Issue 15, item 4: two uploads of three images; the second finish_upload is rate limited
+    // (nothing created) and the single delivery allowed gives the sequence up.
+    let tunables = Tunables {
+        max_images_per_upload: 3,
+        max_receives: 1,
+        ..Tunables::default()
+    };
+    let w = world("zp-redrop", tunables).await?;
+    w.admin_post(
+        "/faults",
+        json!({"path": "/graph/finish_upload", "every": 2, "times": 1,
+               "action": {"kind": "rate_limited"}}),
+    )
+    .await?;
+    let imgs = named(&specs(6, 4600));
+    w.drop_sequence(USER, "redrop", &imgs, b"{}").await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let failed = w.status(USER, "redrop").await?;
+    assert_eq!(failed.state, SequenceState::Failed, "{failed:?}");
+    assert_eq!(failed.attempt, 1);
+    assert_eq!(failed.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(failed.uploads[1].state, UploadState::Failed);
+    let kept = failed.uploads[0]
+        .cluster_id
+        .clone()
+        .context("cluster of upload 0")?;
+    let handle0 = {
+        let ups = w.deps.repo.list_uploads(USER, "redrop").await?;
+        ups[0].handle.clone().context("handle of upload 0")?
+    };
+
+    // The user puts the same manifest again: a new notification.
+    w.put(
+        &format!("{}manifest.json", prefix(USER, "redrop")),
+        b"{}".to_vec(),
+    )
+    .await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = w.status(USER, "redrop").await?;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.attempt, 2);
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(st.uploads[0].cluster_id.as_deref(), Some(kept.as_str()), "kept");
+    assert_eq!(st.uploads[1].state, UploadState::HandedOff, "{st:?}");
+    // The simulator: one finish_upload with upload 0's handle, two clusters, two cluster messages.
+    let finishes: Vec<Value> = w
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|e| e["path"] == "/graph/finish_upload")
+        .collect();
+    assert_eq!(finishes.len(), 3, "ok, rate limited, ok: {finishes:?}");
+    let clusters: Vec<(String, String)> = w
+        .sim
+        .sim()
+        .world()
+        .clusters
+        .iter()
+        .map(|c| (c.id.clone(), c.file_handle.clone()))
+        .collect();
+    assert_eq!(clusters.len(), 2, "{clusters:?}");
+    assert_eq!(
+        clusters.iter().filter(|(_, h)| *h == handle0).count(),
+        1,
+        "upload 0 finished once: {clusters:?}"
+    );
+    let msgs = w.cluster_messages().await?;
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert_eq!(msgs.iter().filter(|m| m.cluster_id == kept).count(), 1);
     Ok(())
 }

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures::StreamExt;
-use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
+use shared::idempotency::{sequence_claim_id, Claim, ClaimOutcome, ClaimStatus};
 use shared::mapillary::session::{SessionContext, TokenSession};
-use shared::model::{IngestError, SequenceState, SequenceStatus, UploadState};
+use shared::model::{
+    IngestError, SequenceProgress, SequenceRecord, SequenceState, SequenceStatus, UploadState,
+};
 use shared::ports::{
     IdempotencyStore, IngestErrorLog, IngestRequeue, ObjectStore, RepoError, SequenceReader, SequenceStore,
     UploadReader, UploadStore,
@@ -172,7 +174,8 @@ async fn handle_object<D: Deps>(
                 }
             },
         };
-        let id = claim_id(&o.bucket, &o.key, &etag);
+        // One claim per sequence: a second manifest version waits for the run in progress.
+        let id = sequence_claim_id(&o.bucket, &o.key);
         let owner = format!("{message_id}/{}", uuid::Uuid::new_v4());
         let now = now_ms();
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -184,9 +187,20 @@ async fn handle_object<D: Deps>(
             owner: owner.clone(),
             expiration: now / 1000 + CLAIM_TTL.as_secs() as i64,
         };
-        match d.claims().claim(&claim, now).await {
+        let mut outcome = d.claims().claim(&claim, now).await;
+        if let Ok(ClaimOutcome::Completed) = outcome {
+            // The sequence was final when the claim was completed. Take it again: under it, the
+            // sequence record tells a duplicate from a re-drop ([`attempt`]).
+            outcome = match d.claims().reopen_claim(&claim).await {
+                Ok(true) => Ok(ClaimOutcome::Acquired { previous: None }),
+                // Taken or gone meanwhile: what is it now?
+                Ok(false) => d.claims().claim(&claim, now).await,
+                Err(e) => Err(e),
+            };
+        }
+        match outcome {
             Ok(ClaimOutcome::Completed) => {
-                info!("manifest already processed: duplicate acknowledged");
+                info!("sequence already processed: duplicate acknowledged");
                 return true;
             }
             Ok(ClaimOutcome::Held { lease_until_ms }) => {
@@ -217,9 +231,11 @@ async fn handle_object<D: Deps>(
         let job = ManifestJob {
             bucket: o.bucket.clone(),
             manifest_key: o.key.clone(),
+            manifest_event: manifest_event(&etag, o),
             manifest_etag: etag,
             seq,
             deadline,
+            message_id: message_id.to_string(),
         };
         let end = match run_sequence(d, &job).await {
             end @ (AttemptEnd::OutOfTime | AttemptEnd::Retry(_)) => count_progress(d, &job, end).await,
@@ -331,6 +347,20 @@ async fn count_progress<D: Deps>(d: &D, job: &ManifestJob, end: AttemptEnd) -> A
     }
 }
 
+/// Which notification of the manifest this is: its etag, S3's `sequencer` (or the version id) and
+/// `eventTime` — the same in every delivery of one notification (SQS duplicates, continuations
+/// carry its body verbatim), different for a manifest put again (S3 orders the puts of a key by
+/// `sequencer`; the time also tells puts apart where the sequencer is constant, as in moto).
+fn manifest_event(etag: &str, o: &ObjectCreated) -> String {
+    let put = o
+        .sequencer
+        .as_deref()
+        .or(o.version_id.as_deref())
+        .unwrap_or_default();
+    let at = o.event_time.as_deref().unwrap_or_default();
+    format!("{etag}@{put}@{at}")
+}
+
 async fn release<D: Deps>(d: &D, id: &str, owner: &str) {
     if let Err(e) = d.claims().renew_claim(id, owner, now_ms() - 1).await {
         warn!(error = %e, "releasing the claim failed (it expires with its lease)");
@@ -413,15 +443,24 @@ pub async fn fail_sequence<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> R
 /// One attempt: nothing to do for a final sequence; else the user's token session (a user
 /// without a usable token fails before the manifest is read), the plan, the uploads.
 async fn attempt<D: Deps>(d: &D, job: &ManifestJob) -> Result<AttemptEnd, SequenceError> {
-    let existing = d
+    let mut existing = d
         .repo()
         .get_sequence(&job.seq.user_id, &job.seq.sequence_id)
         .await?;
-    if let Some(s) = &existing {
-        if matches!(s.state, SequenceState::Uploaded | SequenceState::Failed) {
-            info!(state = s.state.as_str(), "sequence already final");
+    if let Some(s) = existing.take_if(|s| matches!(s.state, SequenceState::Uploaded | SequenceState::Failed))
+    {
+        if s.progress.manifest_event.as_deref() == Some(job.manifest_event.as_str()) {
+            info!(
+                state = s.state.as_str(),
+                "sequence already final: duplicate delivery"
+            );
             return Ok(AttemptEnd::Final);
         }
+        if s.state == SequenceState::Uploaded {
+            redrop_after_uploaded(d, job).await?;
+            return Ok(AttemptEnd::Final);
+        }
+        existing = Some(retry_failed(d, job, s).await?);
     }
     let ctx = SessionContext::new(d.tokens(), d.mapillary(), d.tunables().token_refresh_margin);
     let mut token = TokenSession::load(ctx, &job.seq.user_id)
@@ -435,4 +474,68 @@ async fn attempt<D: Deps>(d: &D, job: &ManifestJob) -> Result<AttemptEnd, Sequen
         UploadStop::Final => AttemptEnd::Final,
         UploadStop::OutOfTime => AttemptEnd::OutOfTime,
     })
+}
+
+/// A manifest dropped again after the sequence was UPLOADED: a no-op, recorded as an ingest error
+/// (what the operator and the user can see of a notification that did nothing).
+async fn redrop_after_uploaded<D: Deps>(d: &D, job: &ManifestJob) -> Result<(), SequenceError> {
+    info!("manifest dropped again after the sequence was uploaded: nothing to do");
+    let e = IngestError {
+        at: OffsetDateTime::now_utc(),
+        message_id: job.message_id.clone(),
+        bucket: Some(job.bucket.clone()),
+        key: job.manifest_key.clone(),
+        reason: "the sequence is already uploaded: the manifest dropped again was ignored (upload under a \
+                 new sequence id to send it again)"
+            .to_string(),
+    };
+    d.repo().record_ingest_error(&e).await?;
+    Ok(())
+}
+
+/// A manifest dropped again after the sequence FAILED: the next run (`attempt` + 1) retries the
+/// uploads that failed — back to PENDING, resumed from the server's offset — and keeps those
+/// delivered (HANDED_OFF, UPLOADED, FINISH_UNCERTAIN: never sent again). A sequence that failed
+/// before anything was planned is planned again from the manifest. Returns the sequence to resume.
+async fn retry_failed<D: Deps>(
+    d: &D,
+    job: &ManifestJob,
+    mut seq: SequenceRecord,
+) -> Result<SequenceRecord, SequenceError> {
+    let repo = d.repo();
+    let mut uploads = repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await?;
+    let mut retried = 0;
+    for up in uploads.iter_mut().filter(|u| u.state == UploadState::Failed) {
+        up.state = UploadState::Pending;
+        up.error = None;
+        up.finished_at = None;
+        // The server returns the handle again when every byte is there (an empty POST).
+        up.handle = None;
+        repo.put_upload(up).await?;
+        retried += 1;
+    }
+    let attempt = seq.progress.attempt() + 1;
+    seq.state = if seq.upload_ids.is_empty() {
+        SequenceState::Received
+    } else {
+        SequenceState::Uploading
+    };
+    seq.reason = None;
+    seq.manifest_etag = job.manifest_etag.clone();
+    seq.progress = SequenceProgress {
+        mark: progress_mark(&uploads),
+        stalled: 0,
+        last_error: None,
+        attempt,
+        manifest_event: Some(job.manifest_event.clone()),
+    };
+    seq.updated_at = OffsetDateTime::now_utc();
+    repo.put_sequence(&seq).await?;
+    info!(
+        attempt,
+        retried,
+        kept = uploads.len() - retried,
+        "manifest dropped again after the sequence failed: retrying its failed uploads"
+    );
+    Ok(seq)
 }

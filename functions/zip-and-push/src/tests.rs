@@ -167,9 +167,16 @@ fn event(bodies: &[String]) -> SqsEvent {
     serde_json::from_value(json!({ "Records": records })).expect("SQS event")
 }
 
-/// The claim id a delivery of `seq`'s manifest with `etag` takes.
-fn held_claim_id(seq: &str, etag: &str) -> String {
-    shared::idempotency::claim_id(BUCKET, &format!("sequences/{USER}/{seq}/manifest.json"), etag)
+/// The claim id every delivery of `seq`'s manifest takes (one per sequence).
+fn held_claim_id(seq: &str) -> String {
+    shared::idempotency::sequence_claim_id(BUCKET, &format!("sequences/{USER}/{seq}/manifest.json"))
+}
+
+/// [`s3_body`] of a manifest put again: S3 gives each put its own `sequencer`.
+fn s3_body_put(user: &str, seq: &str, etag: &str, sequencer: &str) -> String {
+    let mut v: Value = serde_json::from_str(&s3_body(user, seq, etag)).expect("body");
+    v["Records"][0]["s3"]["object"]["sequencer"] = json!(sequencer);
+    v.to_string()
 }
 
 fn deadline() -> Instant {
@@ -874,7 +881,7 @@ async fn a_delivery_finding_the_sequence_held_is_put_back_with_a_short_delay_and
     // Another invocation holds the claim with a live lease.
     let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
     let other = Claim {
-        id: held_claim_id("held", &etag),
+        id: held_claim_id("held"),
         status: ClaimStatus::Inprogress,
         lease_until_ms: now + 600_000,
         owner: "someone-else".into(),
@@ -1007,6 +1014,165 @@ async fn finish_upload_is_deferred_when_its_timeout_and_the_save_do_not_fit_befo
     );
     assert_eq!(logged(&w, "POST", "/rupload/").len(), posts);
     assert_eq!(w.sim.sim().world().clusters.len(), 1);
+}
+
+/// Six images in two uploads of three: the first finish_upload succeeds, the second is rate
+/// limited (nothing created) and the single delivery allowed gives the sequence up: FAILED, upload 0
+/// handed off, upload 1 FAILED.
+async fn failed_after_one_upload(w: &mut World, seq: &str, seed: u64) -> String {
+    w.deps.tunables.max_images_per_upload = 3;
+    w.deps.tunables.max_receives = 1;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"path": "/graph/finish_upload", "every": 2, "times": 1,
+        "action": {"kind": "rate_limited"}}),
+    )
+    .await;
+    let imgs = named(&specs(6, seed));
+    let etag = drop_sequence(&w.deps.store, seq, &imgs, b"{}");
+    let body = s3_body_put(USER, seq, &etag, "0001");
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "given up, acknowledged: {resp:?}"
+    );
+    let st = status(w, seq).await;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    assert_eq!(st.attempt, 1);
+    assert_eq!(st.uploads.len(), 2, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(st.uploads[1].state, UploadState::Failed, "{st:?}");
+    etag
+}
+
+#[tokio::test]
+async fn a_manifest_dropped_again_after_failed_retries_the_failed_uploads_and_keeps_the_delivered() {
+    // Issue 15, item 4.
+    let mut w = world().await;
+    let etag = failed_after_one_upload(&mut w, "again", 1800).await;
+    let before = status(&w, "again").await;
+    let kept_cluster = before.uploads[0].cluster_id.clone().expect("cluster of upload 0");
+    // An SQS duplicate of the first notification changes nothing.
+    let dup = s3_body_put(USER, "again", &etag, "0001");
+    let resp = handle_batch(&w.deps, event(&[dup]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, "again").await, before, "a duplicate is no re-drop");
+    // The user puts the manifest again (same content, a new S3 event).
+    let redrop = s3_body_put(USER, "again", &etag, "0002");
+    let resp = handle_batch(&w.deps, event(&[redrop]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = status(&w, "again").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.attempt, 2, "the second run");
+    assert_eq!(st.reason, None, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(
+        st.uploads[0].cluster_id.as_deref(),
+        Some(kept_cluster.as_str()),
+        "kept, not re-sent"
+    );
+    assert_eq!(st.uploads[1].state, UploadState::HandedOff, "{st:?}");
+    {
+        let world = w.sim.sim().world();
+        assert_eq!(world.clusters.len(), 2, "one cluster per upload, none twice");
+        assert_eq!(world.clusters.iter().filter(|c| c.id == kept_cluster).count(), 1);
+    }
+    let cluster_msgs = w.deps.clusters.cluster_messages();
+    assert_eq!(cluster_msgs.len(), 2, "{cluster_msgs:?}");
+    assert_eq!(
+        cluster_msgs
+            .iter()
+            .filter(|m| m.cluster_id == kept_cluster)
+            .count(),
+        1
+    );
+    // The delivered upload's zip was sent once: one session per upload, upload 0's untouched by
+    // the second run (its bytes went in the first).
+    let up0_key = w
+        .deps
+        .repo
+        .snapshot()
+        .uploads
+        .values()
+        .next()
+        .expect("upload 0")
+        .session_key
+        .clone();
+    let posts_to_up0 = logged(&w, "POST", &format!("/rupload/{up0_key}")).len();
+    assert_eq!(posts_to_up0, 1, "upload 0 sent once");
+}
+
+#[tokio::test]
+async fn a_manifest_dropped_again_after_uploaded_is_a_recorded_no_op() {
+    let w = world().await;
+    let imgs = named(&specs(3, 1900));
+    let etag = drop_sequence(&w.deps.store, "done", &imgs, b"{}");
+    let body = s3_body_put(USER, "done", &etag, "0001");
+    handle_batch(&w.deps, event(&[body]), deadline()).await;
+    let before = status(&w, "done").await;
+    assert_eq!(before.state, SequenceState::Uploaded);
+    let redrop = s3_body_put(USER, "done", &etag, "0002");
+    let resp = handle_batch(&w.deps, event(&[redrop]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, "done").await, before);
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let errors = w.deps.repo.snapshot().ingest_errors;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].reason.contains("already uploaded"), "{errors:?}");
+    assert_eq!(errors[0].key, "sequences/user-1/done/manifest.json");
+    assert!(w.deps.requeue.take_requeued().is_empty());
+}
+
+#[tokio::test]
+async fn a_manifest_dropped_again_while_its_sequence_is_in_progress_waits() {
+    let w = world().await;
+    // The first run's POST takes 1.5 s.
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+        "action": {"kind": "latency", "ms": 1500}}),
+    )
+    .await;
+    let imgs = named(&specs(3, 2000));
+    let etag = drop_sequence(&w.deps.store, "busy", &imgs, b"{}");
+    let first = s3_body_put(USER, "busy", &etag, "0001");
+    let (a, (b, second)) = tokio::join!(
+        handle_batch(&w.deps, event(std::slice::from_ref(&first)), deadline()),
+        async {
+            // A second version of the manifest arrives while the first run uploads.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let etag2 = w
+                .deps
+                .store
+                .put(BUCKET, "sequences/user-1/busy/manifest.json", b"{ }".to_vec());
+            assert_ne!(etag, etag2);
+            let second = s3_body_put(USER, "busy", &etag2, "0002");
+            let resp = handle_batch(&w.deps, event(std::slice::from_ref(&second)), deadline()).await;
+            (resp, second)
+        }
+    );
+    assert!(a.batch_item_failures.is_empty() && b.batch_item_failures.is_empty());
+    assert_eq!(
+        w.deps.requeue.take_requeued(),
+        vec![(second, 30)],
+        "put back to wait"
+    );
+    let st = status(&w, "busy").await;
+    assert_eq!(st.state, SequenceState::Uploaded);
+    assert_eq!(st.attempt, 1);
+    assert_eq!(
+        w.sim.sim().world().clusters.len(),
+        1,
+        "never two runs side by side"
+    );
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::lock;
-use crate::idempotency::{may_complete, may_renew, outcome_over, Claim, ClaimOutcome, ClaimStatus};
+use crate::idempotency::{
+    may_complete, may_renew, may_reopen, outcome_over, Claim, ClaimOutcome, ClaimStatus,
+};
 use crate::ports::{IdempotencyStore, RepoError};
 
 /// Manifest claims in memory, with the rules of [`crate::idempotency`].
@@ -47,6 +49,23 @@ impl IdempotencyStore for MemClaims {
             _ => Err(RepoError::ConditionFailed(format!(
                 "claim {id} not held by {owner}"
             ))),
+        }
+    }
+
+    async fn reopen_claim(&self, claim: &Claim) -> Result<bool, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a reopened claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let mut claims = lock(&self.claims);
+        match claims.get_mut(&claim.id) {
+            Some(c) if may_reopen(c) => {
+                *c = claim.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -126,6 +145,21 @@ mod tests {
             ClaimOutcome::Completed
         );
         assert!(claims.renew_claim("m", "c", now).await.is_err());
+        // A completed claim is reopened once: the second reopen finds it INPROGRESS.
+        assert!(claims
+            .reopen_claim(&claim("m", "e", now + 990_000))
+            .await
+            .unwrap());
+        assert!(!claims
+            .reopen_claim(&claim("m", "f", now + 990_000))
+            .await
+            .unwrap());
+        assert!(!claims.reopen_claim(&claim("missing", "f", now)).await.unwrap());
+        claims.renew_claim("m", "e", now + 995_000).await.unwrap();
+        assert!(
+            claims.renew_claim("m", "c", now).await.is_err(),
+            "the old holder lost it"
+        );
         // Unknown claims, and a new claim that is not INPROGRESS.
         assert!(claims.renew_claim("nope", "x", now).await.is_err());
         assert!(claims.complete_claim("nope", "x").await.is_err());

@@ -145,6 +145,31 @@ impl IdempotencyStore for DynamoIdempotency {
         }
     }
 
+    async fn reopen_claim(&self, claim: &Claim) -> Result<bool, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a reopened claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let item = encode(claim, &format!("claim {}", claim.id))?;
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("#status = :completed")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":completed", s("COMPLETED"))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if condition_failed(&err).is_some() => Ok(false),
+            Err(err) => Err(repo_error(&err, &format!("PutItem reopen claim {}", claim.id))),
+        }
+    }
+
     async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
         // Completing twice by the same owner succeeds (a retried call must not fail).
         let result = self
