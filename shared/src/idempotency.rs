@@ -121,6 +121,51 @@ pub fn may_reopen(c: &Claim) -> bool {
     c.status == ClaimStatus::Completed
 }
 
+/// The fair-share item of a user in the IdempotencyTable (key `id` = [`user_slots_id`]): the
+/// invocations working on one of the user's sequences, each with the end of its lease. At most
+/// `RELAY_MAX_ACTIVE_SEQUENCES_PER_USER` live slots: one user's drops cannot take all of the
+/// function's concurrency. A slot ends with its holder's release, or with its lease (a crashed
+/// invocation never blocks the user for longer than its claim).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSlots {
+    /// [`user_slots_id`].
+    pub id: String,
+    /// Holder (the claim owner) → end of its lease, epoch ms.
+    pub slots: std::collections::BTreeMap<String, i64>,
+    /// Bumped by every write (optimistic concurrency of [`take_slot`]'s read-modify-write).
+    pub version: u64,
+    /// TTL, epoch seconds.
+    pub expiration: i64,
+}
+
+/// The id of `user_id`'s fair-share item: a prefix no claim id (lowercase hex) has, and the hash
+/// of the user id (any length, any characters).
+pub fn user_slots_id(user_id: &str) -> String {
+    format!("user-slots#{}", hex::encode(Sha256::digest(user_id.as_bytes())))
+}
+
+/// The slots after `holder` takes one until `lease_until_ms` at `now_ms`, with slots whose lease
+/// ended before `now_ms` dropped; `None` when `cap` live slots are held by others. Taking again a
+/// slot one holds renews it.
+pub fn take_slot(
+    slots: &std::collections::BTreeMap<String, i64>,
+    holder: &str,
+    lease_until_ms: i64,
+    now_ms: i64,
+    cap: u32,
+) -> Option<std::collections::BTreeMap<String, i64>> {
+    let mut live: std::collections::BTreeMap<String, i64> = slots
+        .iter()
+        .filter(|(h, until)| **until >= now_ms && h.as_str() != holder)
+        .map(|(h, until)| (h.clone(), *until))
+        .collect();
+    if live.len() >= cap as usize {
+        return None;
+    }
+    live.insert(holder.to_string(), lease_until_ms);
+    Some(live)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +245,27 @@ mod tests {
         assert!(may_complete(&done, "a"), "completing twice succeeds");
         assert!(may_reopen(&done));
         assert!(!may_reopen(&c), "an INPROGRESS claim is not reopened");
+    }
+
+    #[test]
+    fn a_user_holds_at_most_cap_live_slots_and_dead_ones_free_theirs() {
+        let now = 1_000_000;
+        let none = std::collections::BTreeMap::new();
+        let one = take_slot(&none, "a", now + 100, now, 2).expect("free");
+        let two = take_slot(&one, "b", now + 100, now, 2).expect("one left");
+        assert_eq!(two.len(), 2);
+        assert_eq!(take_slot(&two, "c", now + 100, now, 2), None, "full");
+        // A holder renews its own slot even when full.
+        assert_eq!(
+            take_slot(&two, "a", now + 500, now, 2).expect("own")["a"],
+            now + 500
+        );
+        // A lease is live to its last millisecond; past it the slot is free (a crashed holder).
+        assert_eq!(take_slot(&two, "c", now + 200, now + 100, 2), None);
+        let after = take_slot(&two, "c", now + 300, now + 101, 2).expect("expired slots dropped");
+        assert_eq!(after.keys().collect::<Vec<_>>(), ["c"]);
+        assert_ne!(user_slots_id("u"), user_slots_id("v"));
+        assert!(user_slots_id("u").starts_with("user-slots#"));
     }
 
     #[test]

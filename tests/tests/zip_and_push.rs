@@ -1535,3 +1535,105 @@ async fn a_manifest_put_again_after_failed_retries_the_failed_upload_and_keeps_t
     assert_eq!(msgs.iter().filter(|m| m.cluster_id == kept).count(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn one_user_gets_at_most_its_share_and_a_crashed_slot_ends_with_its_lease() -> Result<()> {
+    // Issue 15, item 2: user-1 drops three sequences, user-2 one, delivered in one batch with two
+    // sequences per user at most (the slots are items of the IdempotencyTable in moto).
+    use shared::ports::IdempotencyStore;
+    let tunables = Tunables {
+        max_active_sequences_per_user: 2,
+        held_retry_delay_s: 1,
+        ..Tunables::default()
+    };
+    let w = world("zp-share", tunables).await?;
+    w.deps
+        .tokens
+        .save("user-2", &stored_token(DEMO_USER_TOKEN, None))
+        .await?;
+    // Every POST takes 0.5 s: the four runs overlap.
+    w.admin_post(
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 10,
+               "action": {"kind": "latency", "ms": 500}}),
+    )
+    .await?;
+    let drops = [
+        ("user-1", "a1"),
+        ("user-1", "a2"),
+        ("user-1", "a3"),
+        ("user-2", "b1"),
+    ];
+    for (i, (user, seq)) in drops.iter().enumerate() {
+        w.drop_sequence(user, seq, &named(&specs(2, 4700 + 10 * i as u64)), b"{}")
+            .await?;
+    }
+    let msgs = w.notifications(4).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let uploaded = |st: Option<SequenceState>| st == Some(SequenceState::Uploaded);
+    let repo = &w.deps.repo;
+    let state = |user: &'static str, seq: &'static str| async move {
+        Ok::<_, anyhow::Error>(repo.get_sequence(user, seq).await?.map(|s| s.state))
+    };
+    assert!(uploaded(state("user-2", "b1").await?), "user-2 is not starved");
+    let mut waiting = Vec::new();
+    for seq in ["a1", "a2", "a3"] {
+        if !uploaded(state("user-1", seq).await?) {
+            waiting.push(seq);
+        }
+    }
+    assert_eq!(waiting.len(), 1, "two of user-1's went, one waits: {waiting:?}");
+    // The waiting one is back on the queue (a new message, after its delay) and goes now.
+    let back = w.notifications(1).await?;
+    assert!(
+        back[0]
+            .body()
+            .unwrap_or_default()
+            .contains(&format!("user-1%2F{}", waiting[0]))
+            || back[0]
+                .body()
+                .unwrap_or_default()
+                .contains(&format!("user-1/{}", waiting[0])),
+        "{back:?}"
+    );
+    let resp = w.deliver(&back, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert!(uploaded(state("user-1", waiting[0]).await?));
+
+    // Two invocations crash holding user-2's slots (leases of 2 s): user-2's next drop waits, then
+    // goes once the leases ended.
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    for holder in ["crashed-1", "crashed-2"] {
+        ensure!(
+            w.deps
+                .claims
+                .take_user_slot("user-2", holder, now + 2000, now, 2)
+                .await?
+        );
+    }
+    ensure!(
+        !w.deps
+            .claims
+            .take_user_slot("user-2", "third", now + 2000, now, 2)
+            .await?
+    );
+    w.drop_sequence("user-2", "b2", &named(&specs(2, 4800)), b"{}")
+        .await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    ensure!(
+        w.deps.repo.get_sequence("user-2", "b2").await?.is_none(),
+        "b2 waits"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let back = w.notifications(1).await?;
+    let resp = w.deliver(&back, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert!(
+        uploaded(state("user-2", "b2").await?),
+        "the crashed slots expired"
+    );
+    Ok(())
+}

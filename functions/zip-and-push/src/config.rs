@@ -51,6 +51,9 @@ pub struct Tunables {
     /// by another invocation is put back on the queue with this delay and acknowledged (it does not
     /// count toward the DLQ).
     pub held_retry_delay_s: u32,
+    /// `RELAY_MAX_ACTIVE_SEQUENCES_PER_USER` (2; 0 = no cap): a user's sequences processed at once
+    /// (fair share); a delivery over the cap is put back with `RELAY_HELD_RETRY_DELAY_SECONDS`.
+    pub max_active_sequences_per_user: u32,
     /// `RELAY_FINISH_TIMEOUT_S` (60): longest wait for a `finish_upload` reply (a reply not there by
     /// then is an unknown outcome, FINISH_UNCERTAIN).
     pub finish_timeout: Duration,
@@ -82,6 +85,7 @@ impl Default for Tunables {
             max_image_bytes: 100 * 1024 * 1024,
             max_invocations_without_progress: 5,
             held_retry_delay_s: 30,
+            max_active_sequences_per_user: 2,
             finish_timeout: Duration::from_secs(60),
             cluster_save_budget: Duration::from_secs(10),
             own_bucket: None,
@@ -154,6 +158,10 @@ impl Config {
                 d.max_invocations_without_progress,
             )?,
             held_retry_delay_s: env.parse_or("RELAY_HELD_RETRY_DELAY_SECONDS", d.held_retry_delay_s)?,
+            max_active_sequences_per_user: env.parse_or(
+                "RELAY_MAX_ACTIVE_SEQUENCES_PER_USER",
+                d.max_active_sequences_per_user,
+            )?,
             finish_timeout: Duration::from_secs(env.parse_or("RELAY_FINISH_TIMEOUT_S", 60u64)?),
             cluster_save_budget: Duration::from_secs(env.parse_or("RELAY_CLUSTER_SAVE_BUDGET_S", 10u64)?),
             own_bucket: Some(env.required("RELAY_BUCKET")?),
@@ -307,7 +315,9 @@ mod tests {
         let mut env = base();
         env.insert("RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS", "2".into());
         env.insert("RELAY_HELD_RETRY_DELAY_SECONDS", "900".into());
+        env.insert("RELAY_MAX_ACTIVE_SEQUENCES_PER_USER", "0".into());
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.max_active_sequences_per_user, 0, "no cap");
         assert_eq!(c.tunables.max_invocations_without_progress, 2);
         assert_eq!(c.tunables.held_retry_delay_s, 900);
         let mut env = base();

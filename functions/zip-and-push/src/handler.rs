@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::deps::Deps;
-use crate::manifest::parse_manifest_key;
+use crate::manifest::{parse_manifest_key, SequenceKey};
 use crate::plan::{base_record, plan_or_resume, ManifestJob, Planned, SequenceError};
 use crate::progress::{count_invocation, progress_mark, Verdict};
 use crate::reasons;
@@ -161,7 +161,12 @@ async fn handle_object<D: Deps>(
     };
     let span = info_span!("sequence", user_id = %seq.user_id, sequence_id = %seq.sequence_id);
     async {
-        let etag = match o.etag.as_deref().map(|e| e.trim_matches('"')).filter(|e| !e.is_empty()) {
+        let etag = match o
+            .etag
+            .as_deref()
+            .map(|e| e.trim_matches('"'))
+            .filter(|e| !e.is_empty())
+        {
             Some(e) => e.to_string(),
             None => match d.store().head(&o.bucket, &o.key).await {
                 Ok(info) => info.etag,
@@ -204,19 +209,11 @@ async fn handle_object<D: Deps>(
                 return true;
             }
             Ok(ClaimOutcome::Held { lease_until_ms }) => {
-                // Put back with a short delay instead of the visibility timeout: waiting for another
-                // invocation is no failure and must not count toward the DLQ.
-                let delay = d.tunables().held_retry_delay_s;
-                return match d.requeue().requeue(body, delay).await {
-                    Ok(()) => {
-                        info!(lease_until_ms, delay, "sequence is being processed by another invocation: put back");
-                        true
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "putting the delivery back failed: leaving the message to SQS");
-                        false
-                    }
-                };
+                info!(
+                    lease_until_ms,
+                    "sequence is being processed by another invocation"
+                );
+                return put_back(d, body).await;
             }
             Ok(ClaimOutcome::Acquired { previous }) => {
                 if previous.is_some() {
@@ -228,72 +225,140 @@ async fn handle_object<D: Deps>(
                 return false;
             }
         }
-        let job = ManifestJob {
-            bucket: o.bucket.clone(),
-            manifest_key: o.key.clone(),
-            manifest_event: manifest_event(&etag, o),
-            manifest_etag: etag,
-            seq,
-            deadline,
-            message_id: message_id.to_string(),
-        };
-        let end = match run_sequence(d, &job).await {
-            end @ (AttemptEnd::OutOfTime | AttemptEnd::Retry(_)) => count_progress(d, &job, end).await,
-            end => end,
-        };
-        match end {
-            AttemptEnd::Final => {
-                if let Err(e) = d.claims().complete_claim(&id, &owner).await {
-                    warn!(error = %e, "completing the claim failed (a duplicate will find the sequence final)");
+        // Fair share: at most RELAY_MAX_ACTIVE_SEQUENCES_PER_USER of a user's sequences at once.
+        let user_id = seq.user_id.clone();
+        let cap = d.tunables().max_active_sequences_per_user;
+        if cap > 0 {
+            match d
+                .claims()
+                .take_user_slot(&user_id, &owner, lease_until_ms, now, cap)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    release(d, &id, &owner).await;
+                    info!(cap, "the user has as many sequences in progress as allowed");
+                    return put_back(d, body).await;
                 }
-                true
-            }
-            AttemptEnd::OutOfTime => {
-                release(d, &id, &owner).await;
-                match d.requeue().requeue(body, 0).await {
-                    Ok(()) => {
-                        info!("out of time: continuation queued");
-                        true
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "queueing the continuation failed: leaving the message to SQS");
-                        false
-                    }
+                Err(e) => {
+                    warn!(error = %e, "taking a slot of the user failed");
+                    release(d, &id, &owner).await;
+                    return false;
                 }
-            }
-            AttemptEnd::AwaitingToken => {
-                // Not completed: the same manifest delivered again (after the user hands over an
-                // upload token) claims it again and resumes the recorded uploads.
-                release(d, &id, &owner).await;
-                info!("sequence waits for an upload token: acknowledged, claim released");
-                true
-            }
-            AttemptEnd::Retry(reason) if receives >= d.tunables().max_receives => {
-                error!(%reason, receives, "sequence failed: last delivery");
-                let reason = format!("gave up after {receives} deliveries: {}", reasons::public(&reason));
-                match fail_sequence(d, &job, &reason).await {
-                    Ok(()) => {
-                        if let Err(e) = d.claims().complete_claim(&id, &owner).await {
-                            warn!(error = %e, "completing the claim failed");
-                        }
-                        true
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "recording the failure failed");
-                        release(d, &id, &owner).await;
-                        false
-                    }
-                }
-            }
-            AttemptEnd::Retry(reason) => {
-                warn!(%reason, receives, "transient failure: the message will be retried");
-                release(d, &id, &owner).await;
-                false
             }
         }
+        let acked = run_claimed(
+            d, body, o, &etag, seq, deadline, message_id, &id, &owner, receives,
+        )
+        .await;
+        if cap > 0 {
+            if let Err(e) = d.claims().release_user_slot(&user_id, &owner).await {
+                warn!(error = %e, "giving the user's slot back failed (it ends with its lease)");
+            }
+        }
+        acked
     }
     .instrument(span)
     .await
+}
+
+/// Put the delivery `body` back on the queue with `RELAY_HELD_RETRY_DELAY_SECONDS` and acknowledge
+/// it: waiting (for another invocation, or for a slot of the user) is no failure and must not
+/// count toward the DLQ the way a visibility timeout would.
+async fn put_back<D: Deps>(d: &D, body: &str) -> bool {
+    let delay = d.tunables().held_retry_delay_s;
+    match d.requeue().requeue(body, delay).await {
+        Ok(()) => {
+            info!(delay, "delivery put back to wait");
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "putting the delivery back failed: leaving the message to SQS");
+            false
+        }
+    }
+}
+
+/// One attempt at a claimed sequence, and what its end means for the claim and the message.
+#[allow(clippy::too_many_arguments)]
+async fn run_claimed<D: Deps>(
+    d: &D,
+    body: &str,
+    o: &ObjectCreated,
+    etag: &str,
+    seq: SequenceKey,
+    deadline: Instant,
+    message_id: &str,
+    id: &str,
+    owner: &str,
+    receives: u32,
+) -> bool {
+    let job = ManifestJob {
+        bucket: o.bucket.clone(),
+        manifest_key: o.key.clone(),
+        manifest_event: manifest_event(etag, o),
+        manifest_etag: etag.to_string(),
+        seq,
+        deadline,
+        message_id: message_id.to_string(),
+    };
+    let end = match run_sequence(d, &job).await {
+        end @ (AttemptEnd::OutOfTime | AttemptEnd::Retry(_)) => count_progress(d, &job, end).await,
+        end => end,
+    };
+    match end {
+        AttemptEnd::Final => {
+            if let Err(e) = d.claims().complete_claim(id, owner).await {
+                warn!(error = %e, "completing the claim failed (a duplicate will find the sequence final)");
+            }
+            true
+        }
+        AttemptEnd::OutOfTime => {
+            release(d, id, owner).await;
+            match d.requeue().requeue(body, 0).await {
+                Ok(()) => {
+                    info!("out of time: continuation queued");
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "queueing the continuation failed: leaving the message to SQS");
+                    false
+                }
+            }
+        }
+        AttemptEnd::AwaitingToken => {
+            // Not completed: the same manifest delivered again (after the user hands over an
+            // upload token) claims it again and resumes the recorded uploads.
+            release(d, id, owner).await;
+            info!("sequence waits for an upload token: acknowledged, claim released");
+            true
+        }
+        AttemptEnd::Retry(reason) if receives >= d.tunables().max_receives => {
+            error!(%reason, receives, "sequence failed: last delivery");
+            let reason = format!(
+                "gave up after {receives} deliveries: {}",
+                reasons::public(&reason)
+            );
+            match fail_sequence(d, &job, &reason).await {
+                Ok(()) => {
+                    if let Err(e) = d.claims().complete_claim(id, owner).await {
+                        warn!(error = %e, "completing the claim failed");
+                    }
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "recording the failure failed");
+                    release(d, id, owner).await;
+                    false
+                }
+            }
+        }
+        AttemptEnd::Retry(reason) => {
+            warn!(%reason, receives, "transient failure: the message will be retried");
+            release(d, id, owner).await;
+            false
+        }
+    }
 }
 
 /// Count an invocation that ended before its sequence was final ([`crate::progress`]): at

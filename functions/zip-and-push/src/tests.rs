@@ -1176,6 +1176,106 @@ async fn a_manifest_dropped_again_while_its_sequence_is_in_progress_waits() {
 }
 
 #[tokio::test]
+async fn one_user_takes_at_most_its_share_of_sequences_at_once() {
+    // Issue 15, item 2: user-1 drops three sequences, user-2 one, in one batch; two per user.
+    let w = world().await;
+    w.deps.tokens.insert("user-2", token(DEMO_USER_TOKEN, None));
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 10,
+        "action": {"kind": "latency", "ms": 400}}),
+    )
+    .await;
+    let mut bodies = Vec::new();
+    for (i, (user, seq)) in [
+        ("user-1", "a1"),
+        ("user-1", "a2"),
+        ("user-1", "a3"),
+        ("user-2", "b1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (name, bytes) in named(&specs(2, 2100 + 10 * i as u64)) {
+            w.deps
+                .store
+                .put(BUCKET, &format!("sequences/{user}/{seq}/{name}"), bytes);
+        }
+        let etag = w.deps.store.put(
+            BUCKET,
+            &format!("sequences/{user}/{seq}/manifest.json"),
+            b"{}".to_vec(),
+        );
+        bodies.push(s3_body(user, seq, &etag));
+    }
+    let resp = handle_batch(&w.deps, event(&bodies), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    // user-2's sequence went; one of user-1's waits, put back with the short delay.
+    let requeued = w.deps.requeue.take_requeued();
+    assert_eq!(requeued.len(), 1, "{requeued:?}");
+    assert_eq!(requeued[0].1, 30);
+    assert!(!requeued[0].0.contains("user-2"), "{requeued:?}");
+    let uploaded = |user: &str, seq: &str| {
+        w.deps
+            .repo
+            .snapshot()
+            .sequences
+            .get(&(user.to_string(), seq.to_string()))
+            .is_some_and(|s| s.state == SequenceState::Uploaded)
+    };
+    assert!(uploaded("user-2", "b1"));
+    let done: Vec<&str> = ["a1", "a2", "a3"]
+        .into_iter()
+        .filter(|s| uploaded("user-1", s))
+        .collect();
+    assert_eq!(done.len(), 2, "{done:?}");
+    // Every slot was given back: the waiting one goes when it comes back.
+    assert!(w
+        .deps
+        .claims
+        .user_slots
+        .lock()
+        .unwrap()
+        .values()
+        .all(|s| s.is_empty()));
+    let resp = handle_batch(&w.deps, event(&[requeued[0].0.clone()]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert!(["a1", "a2", "a3"].into_iter().all(|s| uploaded("user-1", s)));
+}
+
+#[tokio::test]
+async fn a_slot_of_a_crashed_invocation_ends_with_its_lease() {
+    let w = world().await;
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    // Two invocations crashed while holding user-1's slots; their leases end in 1.5 s.
+    for holder in ["crashed-1", "crashed-2"] {
+        assert!(w
+            .deps
+            .claims
+            .take_user_slot(USER, holder, now + 1500, now, 2)
+            .await
+            .unwrap());
+    }
+    let imgs = named(&specs(2, 2200));
+    let etag = drop_sequence(&w.deps.store, "after-crash", &imgs, b"{}");
+    let body = s3_body(USER, "after-crash", &etag);
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(
+        w.deps.requeue.take_requeued(),
+        vec![(body.clone(), 30)],
+        "waits for a slot"
+    );
+    assert!(w.deps.repo.snapshot().sequences.is_empty());
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert!(w.deps.requeue.take_requeued().is_empty());
+    assert_eq!(status(&w, "after-crash").await.state, SequenceState::Uploaded);
+}
+
+#[tokio::test]
 async fn caps_fail_the_sequence_or_reject_the_image_with_a_clear_reason() {
     // Issue 15, item 5: manifest size, images per sequence, bytes per image.
     let mut w = world().await;
