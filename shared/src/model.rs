@@ -609,6 +609,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_run_number_shown_starts_at_one() {
+        let mut p = SequenceProgress::default();
+        assert_eq!(p.attempt(), 1, "records from before run numbers");
+        p.attempt = 3;
+        assert_eq!(p.attempt(), 3);
+        // Records without `progress` read with its defaults.
+        let p: SequenceProgress = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, SequenceProgress::default());
+    }
+
+    #[test]
     fn upload_ids_of_different_users_and_sequences_never_meet() {
         // Issue 15: with `.` as the separator both were `h.a.b.000`.
         assert_eq!(upload_id("h", "a.b", 0), "h~a.b~000");
