@@ -1637,3 +1637,67 @@ async fn one_user_gets_at_most_its_share_and_a_crashed_slot_ends_with_its_lease(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_manifest_put_again_while_its_sequence_runs_waits_then_is_a_recorded_no_op() -> Result<()> {
+    // Issue 15, item 4, through moto's notifications: the second put of manifest.json arrives while
+    // the first run uploads; it waits (put back, acknowledged) instead of running beside it, and
+    // once the sequence is UPLOADED it does nothing but leave a record.
+    let tunables = Tunables {
+        held_retry_delay_s: 1,
+        ..Tunables::default()
+    };
+    let w = world("zp-busy", tunables).await?;
+    w.admin_post(
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+               "action": {"kind": "latency", "ms": 3000}}),
+    )
+    .await?;
+    let imgs = named(&specs(3, 4900));
+    w.drop_sequence(USER, "busy", &imgs, b"{}").await?;
+    let first = w.notifications(1).await?;
+    let manifest = format!("{}manifest.json", prefix(USER, "busy"));
+    let (a, b) = tokio::join!(w.deliver(&first, far_deadline()), async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        w.put(&manifest, b"{ }".to_vec()).await?;
+        let second = w.notifications(1).await?;
+        w.deliver(&second, far_deadline()).await
+    });
+    let (a, b) = (a?, b?);
+    assert!(a.batch_item_failures.is_empty(), "{a:?}");
+    assert!(
+        b.batch_item_failures.is_empty(),
+        "acknowledged, not failed: {b:?}"
+    );
+    let st = w.status(USER, "busy").await?;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.attempt, 1);
+    // The second notification is back after its delay: a re-drop after UPLOADED, recorded.
+    let back = w.notifications(1).await?;
+    let resp = w.deliver(&back, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert_eq!(w.status(USER, "busy").await?, st, "nothing changed");
+    assert_eq!(w.finish_upload_calls().await?, 1, "never two runs");
+    assert_eq!(w.sim.sim().world().clusters.len(), 1);
+    let errors = w
+        .stack
+        .dynamodb()
+        .query()
+        .table_name(&w.stack.uploads_table)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S("INGEST_ERROR".into()))
+        .send()
+        .await?;
+    let reasons: Vec<String> = errors
+        .items()
+        .iter()
+        .filter_map(|i| i.get("reason")?.as_s().ok().cloned())
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("the sequence is already uploaded"),
+        "{reasons:?}"
+    );
+    Ok(())
+}
