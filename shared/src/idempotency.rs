@@ -1,6 +1,7 @@
 //! Idempotency of manifest processing, in the design of Powertools for AWS Lambda: one claim per
-//! manifest version (bucket, key, etag) in the IdempotencyTable, stored through the
-//! [`IdempotencyStore`](crate::ports::IdempotencyStore) port.
+//! sequence (bucket and manifest key, [`sequence_claim_id`]; issue 15, item 4: a second manifest
+//! version waits for the one in progress instead of running beside it) in the IdempotencyTable,
+//! stored through the [`IdempotencyStore`](crate::ports::IdempotencyStore) port.
 //!
 //! * An attempt starts by putting an INPROGRESS claim with a lease (until the invocation's
 //!   deadline plus a margin), conditionally: the put succeeds only while the claim is free
@@ -10,6 +11,10 @@
 //!   duplicate); INPROGRESS with a live lease → another invocation works on it (retry later).
 //! * The holder may extend or give back its lease ([`may_renew`]: "release" is a lease that ends
 //!   now), and marks the claim COMPLETED when the sequence is final ([`may_complete`]).
+//! * A COMPLETED claim can be taken again ([`may_reopen`]): a manifest delivered after its
+//!   sequence was final is a duplicate, a re-drop after FAILED (retry the failed uploads) or a
+//!   re-drop after UPLOADED (a recorded no-op) — the sequence record tells them apart, under the
+//!   claim.
 //!
 //! The rules are here once: the in-memory fake applies them directly, the DynamoDB adapter states
 //! the same ones as condition expressions (and reads the stored claim with them when its put was
@@ -48,6 +53,12 @@ pub struct Claim {
 pub fn claim_id(bucket: &str, key: &str, etag: &str) -> String {
     let etag = etag.trim_matches('"');
     hex::encode(Sha256::digest(format!("{bucket}/{key}#{etag}").as_bytes()))
+}
+
+/// The idempotency key of a sequence: [`claim_id`] of its manifest's bucket and key, without a
+/// version — every version of `manifest.json` of a sequence takes the same claim.
+pub fn sequence_claim_id(bucket: &str, manifest_key: &str) -> String {
+    claim_id(bucket, manifest_key, "")
 }
 
 /// What claiming a manifest found.
@@ -102,6 +113,57 @@ pub fn may_renew(c: &Claim, owner: &str) -> bool {
 /// completed by the one who lost it.
 pub fn may_complete(c: &Claim, owner: &str) -> bool {
     c.owner == owner
+}
+
+/// Whether a new claim may replace the stored claim `c` that [`outcome_over`] found COMPLETED (a
+/// delivery after the sequence was final): only while it is still COMPLETED.
+pub fn may_reopen(c: &Claim) -> bool {
+    c.status == ClaimStatus::Completed
+}
+
+/// The fair-share item of a user in the IdempotencyTable (key `id` = [`user_slots_id`]): the
+/// invocations working on one of the user's sequences, each with the end of its lease. At most
+/// `RELAY_MAX_ACTIVE_SEQUENCES_PER_USER` live slots: one user's drops cannot take all of the
+/// function's concurrency. A slot ends with its holder's release, or with its lease (a crashed
+/// invocation never blocks the user for longer than its claim).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSlots {
+    /// [`user_slots_id`].
+    pub id: String,
+    /// Holder (the claim owner) → end of its lease, epoch ms.
+    pub slots: std::collections::BTreeMap<String, i64>,
+    /// Bumped by every write (optimistic concurrency of [`take_slot`]'s read-modify-write).
+    pub version: u64,
+    /// TTL, epoch seconds.
+    pub expiration: i64,
+}
+
+/// The id of `user_id`'s fair-share item: a prefix no claim id (lowercase hex) has, and the hash
+/// of the user id (any length, any characters).
+pub fn user_slots_id(user_id: &str) -> String {
+    format!("user-slots#{}", hex::encode(Sha256::digest(user_id.as_bytes())))
+}
+
+/// The slots after `holder` takes one until `lease_until_ms` at `now_ms`, with slots whose lease
+/// ended before `now_ms` dropped; `None` when `cap` live slots are held by others. Taking again a
+/// slot one holds renews it.
+pub fn take_slot(
+    slots: &std::collections::BTreeMap<String, i64>,
+    holder: &str,
+    lease_until_ms: i64,
+    now_ms: i64,
+    cap: u32,
+) -> Option<std::collections::BTreeMap<String, i64>> {
+    let mut live: std::collections::BTreeMap<String, i64> = slots
+        .iter()
+        .filter(|(h, until)| **until >= now_ms && h.as_str() != holder)
+        .map(|(h, until)| (h.clone(), *until))
+        .collect();
+    if live.len() >= cap as usize {
+        return None;
+    }
+    live.insert(holder.to_string(), lease_until_ms);
+    Some(live)
 }
 
 #[cfg(test)]
@@ -177,9 +239,40 @@ mod tests {
         assert!(!may_complete(&c, "b"));
         let done = Claim {
             status: ClaimStatus::Completed,
-            ..c
+            ..c.clone()
         };
         assert!(!may_renew(&done, "a"), "a completed claim has no lease");
         assert!(may_complete(&done, "a"), "completing twice succeeds");
+        assert!(may_reopen(&done));
+        assert!(!may_reopen(&c), "an INPROGRESS claim is not reopened");
+    }
+
+    #[test]
+    fn a_user_holds_at_most_cap_live_slots_and_dead_ones_free_theirs() {
+        let now = 1_000_000;
+        let none = std::collections::BTreeMap::new();
+        let one = take_slot(&none, "a", now + 100, now, 2).expect("free");
+        let two = take_slot(&one, "b", now + 100, now, 2).expect("one left");
+        assert_eq!(two.len(), 2);
+        assert_eq!(take_slot(&two, "c", now + 100, now, 2), None, "full");
+        // A holder renews its own slot even when full.
+        assert_eq!(
+            take_slot(&two, "a", now + 500, now, 2).expect("own")["a"],
+            now + 500
+        );
+        // A lease is live to its last millisecond; past it the slot is free (a crashed holder).
+        assert_eq!(take_slot(&two, "c", now + 200, now + 100, 2), None);
+        let after = take_slot(&two, "c", now + 300, now + 101, 2).expect("expired slots dropped");
+        assert_eq!(after.keys().collect::<Vec<_>>(), ["c"]);
+        assert_ne!(user_slots_id("u"), user_slots_id("v"));
+        assert!(user_slots_id("u").starts_with("user-slots#"));
+    }
+
+    #[test]
+    fn every_version_of_a_manifest_takes_the_claim_of_its_sequence() {
+        let a = sequence_claim_id("b", "sequences/u/s/manifest.json");
+        assert_eq!(a, sequence_claim_id("b", "sequences/u/s/manifest.json"));
+        assert_ne!(a, sequence_claim_id("b", "sequences/u/t/manifest.json"));
+        assert_ne!(a, sequence_claim_id("c", "sequences/u/s/manifest.json"));
     }
 }

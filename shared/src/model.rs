@@ -137,6 +137,43 @@ pub struct SequenceRecord {
     pub updated_at: OffsetDateTime,
     /// Invocations that worked on this sequence.
     pub attempts: u32,
+    /// Progress across invocations and re-drops (issue 15, items 2 and 4); absent in records
+    /// written before it existed.
+    #[serde(default)]
+    pub progress: SequenceProgress,
+}
+
+/// How far a sequence got, across continuations, retries and re-drops: what decides that a
+/// sequence which keeps failing without progress is given up (`RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS`),
+/// whatever SQS's receive count says (a continuation is a new message, its count starts again).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceProgress {
+    /// The highest progress mark an invocation ended with (see zip-and-push's `progress` module:
+    /// bytes stored, uploads planned and moved on in their lifecycle).
+    #[serde(default)]
+    pub mark: u64,
+    /// Invocations in a row that ended before the sequence was final without raising `mark`.
+    #[serde(default)]
+    pub stalled: u32,
+    /// Why the last invocation ended early (as the user reads it), `None` after progress.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Which run of the sequence this is: 1 for the first manifest, one more for each re-drop
+    /// after FAILED that retries its failed uploads (0 in records from before: read as 1, see
+    /// [`SequenceProgress::attempt`]).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The manifest notification the current run is for (etag and S3 sequencer/version): a
+    /// delivery of another one after the sequence is final is a re-drop, of this one a duplicate.
+    #[serde(default)]
+    pub manifest_event: Option<String>,
+}
+
+impl SequenceProgress {
+    /// The run shown to users (`attempt` in the status documents), from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt.max(1)
+    }
 }
 
 /// The upload record: pk `SEQ#<user_id>#<sequence_id>`, sk `UPLOAD#<index:03>`; while not
@@ -520,6 +557,9 @@ pub struct SequenceStatus {
     pub uploads: Vec<UploadStatus>,
     /// Rejected images.
     pub rejected: Vec<RejectedImage>,
+    /// Which run of the sequence this is (1, then one more per re-drop after FAILED).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 impl SequenceStatus {
@@ -548,6 +588,7 @@ impl SequenceStatus {
                 })
                 .collect(),
             rejected: seq.rejected.clone(),
+            attempt: seq.progress.attempt(),
         }
     }
 }
@@ -580,6 +621,17 @@ pub fn upload_id(user_id: &str, sequence_id: &str, index: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_number_shown_starts_at_one() {
+        let mut p = SequenceProgress::default();
+        assert_eq!(p.attempt(), 1, "records from before run numbers");
+        p.attempt = 3;
+        assert_eq!(p.attempt(), 3);
+        // Records without `progress` read with its defaults.
+        let p: SequenceProgress = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, SequenceProgress::default());
+    }
 
     #[test]
     fn upload_ids_of_different_users_and_sequences_never_meet() {

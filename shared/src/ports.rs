@@ -356,6 +356,30 @@ pub trait IdempotencyStore: Send + Sync {
         lease_until_ms: i64,
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
 
+    /// Replace the stored claim under `claim.id` by `claim` (INPROGRESS) if it is COMPLETED
+    /// ([`crate::idempotency::may_reopen`]), atomically: `true` when the caller now holds it,
+    /// `false` when the stored claim is not COMPLETED (any more) or missing — claim it again to see.
+    fn reopen_claim(&self, claim: &Claim) -> impl Future<Output = Result<bool, RepoError>> + Send;
+
+    /// Take one of `user_id`'s fair-share slots ([`crate::idempotency::UserSlots`]) for `holder`
+    /// until `lease_until_ms`, atomically with the rule [`crate::idempotency::take_slot`] at
+    /// `now_ms`: `false` when `cap` live slots are held by others.
+    fn take_user_slot(
+        &self,
+        user_id: &str,
+        holder: &str,
+        lease_until_ms: i64,
+        now_ms: i64,
+        cap: u32,
+    ) -> impl Future<Output = Result<bool, RepoError>> + Send;
+
+    /// Give `holder`'s slot of `user_id` back (nothing when it holds none).
+    fn release_user_slot(
+        &self,
+        user_id: &str,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
     /// Mark claim `id` COMPLETED if `owner` may ([`crate::idempotency::may_complete`]); errors:
     /// [`RepoError::ConditionFailed`] when it is missing or held by another owner.
     fn complete_claim(&self, id: &str, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;

@@ -17,6 +17,8 @@ pub struct ObjectCreated {
     pub size: Option<u64>,
     pub version_id: Option<String>,
     pub sequencer: Option<String>,
+    /// `eventTime` as sent (the same in every delivery of one notification).
+    pub event_time: Option<String>,
 }
 
 /// What an SQS message body held.
@@ -54,6 +56,8 @@ struct Record {
     event_source: Option<String>,
     #[serde(rename = "eventName")]
     event_name: Option<String>,
+    #[serde(rename = "eventTime")]
+    event_time: Option<String>,
     s3: Option<S3Entity>,
 }
 
@@ -123,6 +127,7 @@ fn to_object_created(index: usize, r: Record) -> Result<ObjectCreated, S3EventEr
         size: object.size,
         version_id: object.version_id,
         sequencer: object.sequencer,
+        event_time: r.event_time,
     })
 }
 

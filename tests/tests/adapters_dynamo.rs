@@ -275,6 +275,7 @@ fn sequence(user: &str, seq: &str, rejected: Vec<RejectedImage>) -> SequenceReco
         created_at: datetime!(2026-03-01 10:00:00.25 UTC),
         updated_at: datetime!(2026-03-01 10:05:00 +01:00),
         attempts: 2,
+        progress: Default::default(),
     }
 }
 
@@ -809,5 +810,77 @@ async fn items_that_stay_unprocessed_end_in_a_transient_error() -> Result<()> {
     let requests = seen.lock().unwrap().clone();
     assert_eq!(requests.len(), 8);
     assert!(requests.iter().all(|r| written_sks(r).len() == 2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_completed_claim_is_reopened_once_and_an_inprogress_one_never() -> Result<()> {
+    let (stack, claims) = claims_stack("ddb-reopen").await?;
+    let now = 1_700_000_000_000i64;
+    let id = "reopen";
+    // Nothing stored, or INPROGRESS: no reopening.
+    assert!(!claims.reopen_claim(&claim(id, "x", now)).await?);
+    claims.claim(&claim(id, "a", now + 1_000), now).await?;
+    assert!(!claims.reopen_claim(&claim(id, "x", now)).await?);
+    claims.complete_claim(id, "a").await?;
+    // Two deliveries after the sequence was final: one reopens, the other finds it held.
+    let (cb, cc) = (claim(id, "b", now + 60_000), claim(id, "c", now + 60_000));
+    let (b, c) = tokio::join!(claims.reopen_claim(&cb), claims.reopen_claim(&cc));
+    assert_eq!(u8::from(b?) + u8::from(c?), 1, "exactly one reopens");
+    let raw = raw_claim(&stack, id).await?;
+    assert_eq!(raw["status"], AttributeValue::S("INPROGRESS".into()));
+    assert!(matches!(
+        claims.claim(&claim(id, "d", now + 90_000), now + 1_000).await?,
+        ClaimOutcome::Held { .. }
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_invocations_take_at_most_cap_slots_of_a_user_and_dead_ones_free_theirs() -> Result<()> {
+    let (_stack, claims) = claims_stack("ddb-slots").await?;
+    let now = 1_700_000_000_000i64;
+    // Six invocations at once, two slots: exactly two win (the version condition serialises them).
+    let holders: Vec<String> = (0..6).map(|i| format!("h{i}")).collect();
+    let takes = futures::future::join_all(
+        holders
+            .iter()
+            .map(|h| claims.take_user_slot("u", h, now + 1_000, now, 2)),
+    )
+    .await;
+    let won: Vec<usize> = takes
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.ok().filter(|ok| *ok).map(|_| i))
+        .collect();
+    assert_eq!(won.len(), 2, "{won:?}");
+    assert!(
+        claims
+            .take_user_slot("v", "other-user", now + 1_000, now, 2)
+            .await?,
+        "per user"
+    );
+    // A released slot is free; a holder renews its own; past their leases slots are free.
+    claims.release_user_slot("u", &format!("h{}", won[0])).await?;
+    claims.release_user_slot("u", "never-held").await?;
+    claims.release_user_slot("nobody", "h").await?;
+    assert!(claims.take_user_slot("u", "late", now + 1_000, now, 2).await?);
+    assert!(!claims.take_user_slot("u", "later", now + 1_000, now, 2).await?);
+    assert!(
+        claims.take_user_slot("u", "late", now + 5_000, now, 2).await?,
+        "own slot renewed"
+    );
+    assert!(
+        claims
+            .take_user_slot("u", "after", now + 9_000, now + 1_001, 2)
+            .await?,
+        "h's lease ended"
+    );
+    assert!(
+        !claims
+            .take_user_slot("u", "again", now + 9_000, now + 1_001, 2)
+            .await?,
+        "late + after"
+    );
     Ok(())
 }

@@ -608,6 +608,7 @@ fn sequence(user: &str, id: &str, created: OffsetDateTime) -> SequenceRecord {
         created_at: created,
         updated_at: created,
         attempts: 1,
+        progress: Default::default(),
     }
 }
 

@@ -68,6 +68,7 @@ fn sequence(user: &str, id: &str, created: OffsetDateTime, uploads: u32) -> Sequ
         created_at: created,
         updated_at: created,
         attempts: 1,
+        progress: Default::default(),
     }
 }
 

@@ -1291,6 +1291,9 @@ async fn in_partial_bytes_dropped_a_sequence_of_three_invocations_resends_nothin
     let tunables = Tunables {
         max_post_bytes: total.div_ceil(3),
         deadline_margin: Duration::from_millis(4000),
+        // finish_upload and saving its cluster_id must fit in what the last invocation has left.
+        finish_timeout: Duration::from_millis(1000),
+        cluster_save_budget: Duration::from_millis(500),
         ..Tunables::default()
     };
     let w = world_in("zp-three", tunables, SimWorld::PartialBytesDropped).await?;
@@ -1336,5 +1339,365 @@ async fn in_partial_bytes_dropped_a_sequence_of_three_invocations_resends_nothin
     assert_eq!(stored, total);
     let key = w.session_key(USER, "three", 0).await?;
     assert_eq!(w.stored_zip(&key).await?, clean, "identical to a clean run");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sequence_answered_5xx_forever_ends_failed_after_n_invocations_instead_of_looping() -> Result<()> {
+    // Issue 15, item 2. The receive limit is out of the way (as it is for continuations, which
+    // are new messages): only the sequence's own count of invocations without progress ends it.
+    let tunables = Tunables {
+        max_receives: 1000,
+        max_invocations_without_progress: 3,
+        ..Tunables::default()
+    };
+    let w = world("zp-stuck", tunables).await?;
+    w.admin_post(
+        "/faults",
+        json!({"path": "/rupload/*", "times": 100000,
+               "action": {"kind": "server_error", "status": 503}}),
+    )
+    .await?;
+    let imgs = named(&specs(3, 4400));
+    w.drop_sequence(USER, "stuck", &imgs, b"{}").await?;
+    let mut msg = w.notifications(1).await?.remove(0);
+    let mut invocations = 0;
+    loop {
+        invocations += 1;
+        ensure!(invocations <= 6, "the sequence loops");
+        let resp = w.deliver(std::slice::from_ref(&msg), far_deadline()).await?;
+        if resp.batch_item_failures.is_empty() {
+            break;
+        }
+        let seq = w
+            .deps
+            .repo
+            .get_sequence(USER, "stuck")
+            .await?
+            .context("sequence")?;
+        assert_eq!(seq.state, SequenceState::Uploading);
+        assert_eq!(seq.progress.stalled, invocations - 1, "{seq:?}");
+        msg = w.redeliver(&msg).await?;
+    }
+    // 1 planned (progress) + 3 without progress.
+    assert_eq!(invocations, 4);
+    let st = w.status(USER, "stuck").await?;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    let reason = st.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("gave up after 3 invocations without progress: "),
+        "{reason}"
+    );
+    assert!(reason.contains("503"), "{reason}");
+    assert!(!reason.contains("s3://"), "{reason}");
+    assert!(
+        st.uploads.iter().all(|u| u.state == UploadState::Failed),
+        "{st:?}"
+    );
+    assert_eq!(w.finish_upload_calls().await?, 0);
+    // Acknowledged and deleted: nothing is left on the ingest queue.
+    let left = w
+        .stack
+        .sqs()
+        .receive_message()
+        .queue_url(&w.stack.ingest_queue_url)
+        .wait_time_seconds(1)
+        .send()
+        .await?;
+    assert!(left.messages().is_empty(), "{left:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delivery_finding_its_sequence_held_is_put_back_with_a_short_delay() -> Result<()> {
+    use shared::idempotency::{sequence_claim_id, Claim, ClaimOutcome, ClaimStatus};
+    use shared::ports::IdempotencyStore;
+    let tunables = Tunables {
+        held_retry_delay_s: 3,
+        ..Tunables::default()
+    };
+    let w = world("zp-held", tunables).await?;
+    let imgs = named(&specs(2, 4500));
+    w.drop_sequence(USER, "held", &imgs, b"{}").await?;
+    let msg = w.notifications(1).await?;
+    let key = format!("{}manifest.json", prefix(USER, "held"));
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let other = Claim {
+        id: sequence_claim_id(&w.stack.bucket, &key),
+        status: ClaimStatus::Inprogress,
+        lease_until_ms: now + 600_000,
+        owner: "another-invocation".into(),
+        expiration: now / 1000 + 3600,
+    };
+    ensure!(matches!(
+        w.deps.claims.claim(&other, now).await?,
+        ClaimOutcome::Acquired { .. }
+    ));
+    let resp = w.deliver(&msg, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "acknowledged: {resp:?}");
+    ensure!(
+        w.deps.repo.get_sequence(USER, "held").await?.is_none(),
+        "no work done"
+    );
+    // The same notification is back on the queue, as a new message (its own receive count).
+    let started = Instant::now();
+    let back = w.notifications(1).await?;
+    assert_eq!(back[0].body(), msg[0].body());
+    assert_ne!(back[0].message_id(), msg[0].message_id());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "delayed: {:?}",
+        started.elapsed()
+    );
+    let receives = back[0]
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .cloned();
+    assert_eq!(receives.as_deref(), Some("1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_manifest_put_again_after_failed_retries_the_failed_upload_and_keeps_the_handed_off_one(
+) -> Result<()> {
+    // Issue 15, item 4: two uploads of three images; the second finish_upload is rate limited
+    // (nothing created) and the single delivery allowed gives the sequence up.
+    let tunables = Tunables {
+        max_images_per_upload: 3,
+        max_receives: 1,
+        ..Tunables::default()
+    };
+    let w = world("zp-redrop", tunables).await?;
+    w.admin_post(
+        "/faults",
+        json!({"path": "/graph/finish_upload", "every": 2, "times": 1,
+               "action": {"kind": "rate_limited"}}),
+    )
+    .await?;
+    let imgs = named(&specs(6, 4600));
+    w.drop_sequence(USER, "redrop", &imgs, b"{}").await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let failed = w.status(USER, "redrop").await?;
+    assert_eq!(failed.state, SequenceState::Failed, "{failed:?}");
+    assert_eq!(failed.attempt, 1);
+    assert_eq!(failed.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(failed.uploads[1].state, UploadState::Failed);
+    let kept = failed.uploads[0]
+        .cluster_id
+        .clone()
+        .context("cluster of upload 0")?;
+    let handle0 = {
+        let ups = w.deps.repo.list_uploads(USER, "redrop").await?;
+        ups[0].handle.clone().context("handle of upload 0")?
+    };
+
+    // The user puts the same manifest again: a new notification.
+    w.put(
+        &format!("{}manifest.json", prefix(USER, "redrop")),
+        b"{}".to_vec(),
+    )
+    .await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = w.status(USER, "redrop").await?;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.attempt, 2);
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(st.uploads[0].cluster_id.as_deref(), Some(kept.as_str()), "kept");
+    assert_eq!(st.uploads[1].state, UploadState::HandedOff, "{st:?}");
+    // The simulator: one finish_upload with upload 0's handle, two clusters, two cluster messages.
+    let finishes: Vec<Value> = w
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|e| e["path"] == "/graph/finish_upload")
+        .collect();
+    assert_eq!(finishes.len(), 3, "ok, rate limited, ok: {finishes:?}");
+    let clusters: Vec<(String, String)> = w
+        .sim
+        .sim()
+        .world()
+        .clusters
+        .iter()
+        .map(|c| (c.id.clone(), c.file_handle.clone()))
+        .collect();
+    assert_eq!(clusters.len(), 2, "{clusters:?}");
+    assert_eq!(
+        clusters.iter().filter(|(_, h)| *h == handle0).count(),
+        1,
+        "upload 0 finished once: {clusters:?}"
+    );
+    let msgs = w.cluster_messages().await?;
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert_eq!(msgs.iter().filter(|m| m.cluster_id == kept).count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_user_gets_at_most_its_share_and_a_crashed_slot_ends_with_its_lease() -> Result<()> {
+    // Issue 15, item 2: user-1 drops three sequences, user-2 one, delivered in one batch with two
+    // sequences per user at most (the slots are items of the IdempotencyTable in moto).
+    use shared::ports::IdempotencyStore;
+    let tunables = Tunables {
+        max_active_sequences_per_user: 2,
+        held_retry_delay_s: 1,
+        ..Tunables::default()
+    };
+    let w = world("zp-share", tunables).await?;
+    w.deps
+        .tokens
+        .save("user-2", &stored_token(DEMO_USER_TOKEN, None))
+        .await?;
+    // Every POST takes 0.5 s: the four runs overlap.
+    w.admin_post(
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 10,
+               "action": {"kind": "latency", "ms": 500}}),
+    )
+    .await?;
+    let drops = [
+        ("user-1", "a1"),
+        ("user-1", "a2"),
+        ("user-1", "a3"),
+        ("user-2", "b1"),
+    ];
+    for (i, (user, seq)) in drops.iter().enumerate() {
+        w.drop_sequence(user, seq, &named(&specs(2, 4700 + 10 * i as u64)), b"{}")
+            .await?;
+    }
+    let msgs = w.notifications(4).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let uploaded = |st: Option<SequenceState>| st == Some(SequenceState::Uploaded);
+    let repo = &w.deps.repo;
+    let state = |user: &'static str, seq: &'static str| async move {
+        Ok::<_, anyhow::Error>(repo.get_sequence(user, seq).await?.map(|s| s.state))
+    };
+    assert!(uploaded(state("user-2", "b1").await?), "user-2 is not starved");
+    let mut waiting = Vec::new();
+    for seq in ["a1", "a2", "a3"] {
+        if !uploaded(state("user-1", seq).await?) {
+            waiting.push(seq);
+        }
+    }
+    assert_eq!(waiting.len(), 1, "two of user-1's went, one waits: {waiting:?}");
+    // The waiting one is back on the queue (a new message, after its delay) and goes now.
+    let back = w.notifications(1).await?;
+    assert!(
+        back[0]
+            .body()
+            .unwrap_or_default()
+            .contains(&format!("user-1%2F{}", waiting[0]))
+            || back[0]
+                .body()
+                .unwrap_or_default()
+                .contains(&format!("user-1/{}", waiting[0])),
+        "{back:?}"
+    );
+    let resp = w.deliver(&back, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert!(uploaded(state("user-1", waiting[0]).await?));
+
+    // Two invocations crash holding user-2's slots (leases of 2 s): user-2's next drop waits, then
+    // goes once the leases ended.
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    for holder in ["crashed-1", "crashed-2"] {
+        ensure!(
+            w.deps
+                .claims
+                .take_user_slot("user-2", holder, now + 2000, now, 2)
+                .await?
+        );
+    }
+    ensure!(
+        !w.deps
+            .claims
+            .take_user_slot("user-2", "third", now + 2000, now, 2)
+            .await?
+    );
+    w.drop_sequence("user-2", "b2", &named(&specs(2, 4800)), b"{}")
+        .await?;
+    let msgs = w.notifications(1).await?;
+    let resp = w.deliver(&msgs, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    ensure!(
+        w.deps.repo.get_sequence("user-2", "b2").await?.is_none(),
+        "b2 waits"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let back = w.notifications(1).await?;
+    let resp = w.deliver(&back, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert!(
+        uploaded(state("user-2", "b2").await?),
+        "the crashed slots expired"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_manifest_put_again_while_its_sequence_runs_waits_then_is_a_recorded_no_op() -> Result<()> {
+    // Issue 15, item 4, through moto's notifications: the second put of manifest.json arrives while
+    // the first run uploads; it waits (put back, acknowledged) instead of running beside it, and
+    // once the sequence is UPLOADED it does nothing but leave a record.
+    let tunables = Tunables {
+        held_retry_delay_s: 1,
+        ..Tunables::default()
+    };
+    let w = world("zp-busy", tunables).await?;
+    w.admin_post(
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+               "action": {"kind": "latency", "ms": 3000}}),
+    )
+    .await?;
+    let imgs = named(&specs(3, 4900));
+    w.drop_sequence(USER, "busy", &imgs, b"{}").await?;
+    let first = w.notifications(1).await?;
+    let manifest = format!("{}manifest.json", prefix(USER, "busy"));
+    let (a, b) = tokio::join!(w.deliver(&first, far_deadline()), async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        w.put(&manifest, b"{ }".to_vec()).await?;
+        let second = w.notifications(1).await?;
+        w.deliver(&second, far_deadline()).await
+    });
+    let (a, b) = (a?, b?);
+    assert!(a.batch_item_failures.is_empty(), "{a:?}");
+    assert!(
+        b.batch_item_failures.is_empty(),
+        "acknowledged, not failed: {b:?}"
+    );
+    let st = w.status(USER, "busy").await?;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.attempt, 1);
+    // The second notification is back after its delay: a re-drop after UPLOADED, recorded.
+    let back = w.notifications(1).await?;
+    let resp = w.deliver(&back, far_deadline()).await?;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert_eq!(w.status(USER, "busy").await?, st, "nothing changed");
+    assert_eq!(w.finish_upload_calls().await?, 1, "never two runs");
+    assert_eq!(w.sim.sim().world().clusters.len(), 1);
+    let errors = w
+        .stack
+        .dynamodb()
+        .query()
+        .table_name(&w.stack.uploads_table)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S("INGEST_ERROR".into()))
+        .send()
+        .await?;
+    let reasons: Vec<String> = errors
+        .items()
+        .iter()
+        .filter_map(|i| i.get("reason")?.as_s().ok().cloned())
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("the sequence is already uploaded"),
+        "{reasons:?}"
+    );
     Ok(())
 }

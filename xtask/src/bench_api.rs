@@ -244,6 +244,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             created_at: base + time::Duration::hours(i as i64),
             updated_at: base + time::Duration::hours(i as i64),
             attempts: 1,
+            progress: Default::default(),
         })
         .await?;
     }

@@ -189,6 +189,7 @@ fn sequence(user: &str, id: &str, created: OffsetDateTime, uploads: u32) -> Sequ
         created_at: created,
         updated_at: created,
         attempts: 1,
+        progress: Default::default(),
     }
 }
 
@@ -354,6 +355,11 @@ async fn list_is_newest_first_and_paginates_with_an_opaque_cursor() {
         .collect();
     assert_eq!(ids, ["seq-2", "seq-1", "seq-0"], "only user-1's, newest first");
     assert!(r.body["next_cursor"].is_null());
+    assert!(r.body["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["attempt"] == 1));
 
     let r = call(&app, request(&event("list-sequences-page.json"))).await;
     assert_eq!(r.body["sequences"].as_array().unwrap().len(), 2);
@@ -405,6 +411,10 @@ async fn sequence_status_merges_uploads_with_tracking() {
     let b = &r.body;
     assert_eq!(b["sequence_id"], "seq-1");
     assert_eq!(b["state"], "UPLOADED");
+    assert_eq!(
+        b["attempt"], 1,
+        "a record from before run numbers is the first run"
+    );
     assert_eq!(b["rejected_count"], 1);
     assert_eq!(b["feed"]["healthy"], false);
     assert!(

@@ -49,6 +49,8 @@ pub struct SequenceSummary {
     pub upload_count: usize,
     pub created_at: String,
     pub updated_at: String,
+    /// Which run of the sequence this is: 1, then one more per re-drop after FAILED.
+    pub attempt: u32,
 }
 
 impl From<&SequenceRecord> for SequenceSummary {
@@ -62,6 +64,7 @@ impl From<&SequenceRecord> for SequenceSummary {
             upload_count: s.upload_ids.len(),
             created_at: ts(s.created_at),
             updated_at: ts(s.updated_at),
+            attempt: s.progress.attempt(),
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct SequenceDetail {
     pub rejected_next_cursor: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// Which run of the sequence this is: 1, then one more per re-drop after FAILED.
+    pub attempt: u32,
     pub uploads: Vec<UploadView>,
     /// The activity feed over all users (each upload's `mapillary.feed` says how the owner's own
     /// status is read).
@@ -353,6 +358,7 @@ pub fn sequence_detail<F: Fn(usize) -> String>(
         rejected_next_cursor: (after < seq.rejected.len()).then(|| (page.next)(after)),
         created_at: ts(seq.created_at),
         updated_at: ts(seq.updated_at),
+        attempt: seq.progress.attempt(),
         uploads,
         feed: feed.map(|f| FeedView {
             healthy: f.healthy,

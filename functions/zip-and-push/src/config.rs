@@ -43,6 +43,23 @@ pub struct Tunables {
     pub max_images_per_sequence: usize,
     /// `RELAY_MAX_IMAGE_BYTES` (100 MiB): a larger image is rejected (the others go on).
     pub max_image_bytes: u64,
+    /// `RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS` (5, at least 1): a sequence whose invocations end
+    /// this many times in a row before it is final without progress (continuations and retries
+    /// alike) is FAILED with the last error.
+    pub max_invocations_without_progress: u32,
+    /// `RELAY_HELD_RETRY_DELAY_SECONDS` (30, at most 900): a delivery that finds its sequence claimed
+    /// by another invocation is put back on the queue with this delay and acknowledged (it does not
+    /// count toward the DLQ).
+    pub held_retry_delay_s: u32,
+    /// `RELAY_MAX_ACTIVE_SEQUENCES_PER_USER` (2; 0 = no cap): a user's sequences processed at once
+    /// (fair share); a delivery over the cap is put back with `RELAY_HELD_RETRY_DELAY_SECONDS`.
+    pub max_active_sequences_per_user: u32,
+    /// `RELAY_FINISH_TIMEOUT_S` (60): longest wait for a `finish_upload` reply (a reply not there by
+    /// then is an unknown outcome, FINISH_UNCERTAIN).
+    pub finish_timeout: Duration,
+    /// `RELAY_CLUSTER_SAVE_BUDGET_S` (10): how long saving a returned `cluster_id` is retried.
+    /// `finish_upload` is only started while `finish_timeout` + this is left before the deadline.
+    pub cluster_save_budget: Duration,
     /// `RELAY_BUCKET`: the only bucket whose notifications are handled (any other is a recorded
     /// ingest error). Always set from the environment; `None` (the default) only in tests that
     /// build tunables by hand.
@@ -66,6 +83,11 @@ impl Default for Tunables {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_images_per_sequence: 10_000,
             max_image_bytes: 100 * 1024 * 1024,
+            max_invocations_without_progress: 5,
+            held_retry_delay_s: 30,
+            max_active_sequences_per_user: 2,
+            finish_timeout: Duration::from_secs(60),
+            cluster_save_budget: Duration::from_secs(10),
             own_bucket: None,
         }
     }
@@ -131,8 +153,37 @@ impl Config {
             max_images_per_sequence: env
                 .parse_or("RELAY_MAX_IMAGES_PER_SEQUENCE", d.max_images_per_sequence)?,
             max_image_bytes: env.parse_or("RELAY_MAX_IMAGE_BYTES", d.max_image_bytes)?,
+            max_invocations_without_progress: env.parse_or(
+                "RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS",
+                d.max_invocations_without_progress,
+            )?,
+            held_retry_delay_s: env.parse_or("RELAY_HELD_RETRY_DELAY_SECONDS", d.held_retry_delay_s)?,
+            max_active_sequences_per_user: env.parse_or(
+                "RELAY_MAX_ACTIVE_SEQUENCES_PER_USER",
+                d.max_active_sequences_per_user,
+            )?,
+            finish_timeout: Duration::from_secs(env.parse_or("RELAY_FINISH_TIMEOUT_S", 60u64)?),
+            cluster_save_budget: Duration::from_secs(env.parse_or("RELAY_CLUSTER_SAVE_BUDGET_S", 10u64)?),
             own_bucket: Some(env.required("RELAY_BUCKET")?),
         };
+        if tunables.max_invocations_without_progress == 0 {
+            return Err(ConfigError::invalid(
+                "RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS",
+                "must be at least 1",
+            ));
+        }
+        if tunables.held_retry_delay_s > 900 {
+            return Err(ConfigError::invalid(
+                "RELAY_HELD_RETRY_DELAY_SECONDS",
+                "must be at most 900 (the SQS delay limit)",
+            ));
+        }
+        if tunables.finish_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "RELAY_FINISH_TIMEOUT_S",
+                "must be at least 1",
+            ));
+        }
         for (name, value) in [
             ("RELAY_MAX_MANIFEST_BYTES", tunables.max_manifest_bytes),
             (
@@ -248,6 +299,27 @@ mod tests {
             env.insert(cap, "12".into());
             assert!(Config::from_lookup(|k| env.get(k).cloned()).is_ok(), "{cap}");
         }
+        for (name, bad) in [
+            ("RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS", "0"),
+            ("RELAY_HELD_RETRY_DELAY_SECONDS", "901"),
+            ("RELAY_FINISH_TIMEOUT_S", "0"),
+            ("RELAY_CLUSTER_SAVE_BUDGET_S", "-1"),
+        ] {
+            let mut env = base();
+            env.insert(name, bad.into());
+            assert!(
+                Config::from_lookup(|k| env.get(k).cloned()).is_err(),
+                "{name}={bad}"
+            );
+        }
+        let mut env = base();
+        env.insert("RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS", "2".into());
+        env.insert("RELAY_HELD_RETRY_DELAY_SECONDS", "900".into());
+        env.insert("RELAY_MAX_ACTIVE_SEQUENCES_PER_USER", "0".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.max_active_sequences_per_user, 0, "no cap");
+        assert_eq!(c.tunables.max_invocations_without_progress, 2);
+        assert_eq!(c.tunables.held_retry_delay_s, 900);
         let mut env = base();
         env.insert("RELAY_MAX_POST_BYTES", "1000".into());
         let e = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();

@@ -6,6 +6,7 @@
 //! * [`plan`] — manifest → EXIF pass → sequence rules → records, or the resume of the records a
 //!   previous attempt wrote.
 //! * [`upload`] — each upload: stream → `finish_upload` → cluster message, from its checkpoints.
+//! * [`progress`] — invocations without progress, counted across continuations and retries.
 //! * [`zipstream`] — the mapillary_tools-format zip streamed from S3 from any offset.
 //! * [`exifpass`] — metadata from ranged reads of the images' heads.
 //! * [`manifest`] — the trigger contract (key layout, manifest JSON).
@@ -22,6 +23,7 @@ pub mod handler;
 pub mod malloc;
 pub mod manifest;
 pub mod plan;
+pub mod progress;
 pub mod reasons;
 pub mod upload;
 pub mod zipstream;

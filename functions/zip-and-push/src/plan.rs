@@ -15,7 +15,8 @@ use shared::domain::sequence::{plan_sequences, SequenceInput};
 use shared::domain::zipfmt::ZipPlan;
 use shared::mapillary::session::SessionError;
 use shared::model::{
-    upload_id, RejectedImage, SequenceRecord, SequenceState, UploadImage, UploadRecord, UploadState,
+    upload_id, RejectedImage, SequenceProgress, SequenceRecord, SequenceState, UploadImage, UploadRecord,
+    UploadState,
 };
 use shared::ports::{ImageEntryStore, ObjectStore, RepoError, SequenceStore, StoreError, UploadStore};
 use time::OffsetDateTime;
@@ -36,6 +37,11 @@ pub struct ManifestJob {
     pub manifest_key: String,
     /// Manifest etag (no quotes).
     pub manifest_etag: String,
+    /// Which notification of the manifest this is (etag and S3 sequencer): see
+    /// [`shared::model::SequenceProgress::manifest_event`].
+    pub manifest_event: String,
+    /// The SQS message it came in (for records of ignored notifications).
+    pub message_id: String,
     /// Ids from the key.
     pub seq: SequenceKey,
     /// Lambda deadline.
@@ -146,6 +152,11 @@ pub fn base_record(job: &ManifestJob) -> SequenceRecord {
         created_at: t,
         updated_at: t,
         attempts: 0,
+        progress: SequenceProgress {
+            attempt: 1,
+            manifest_event: Some(job.manifest_event.clone()),
+            ..SequenceProgress::default()
+        },
     }
 }
 
@@ -158,6 +169,11 @@ pub async fn plan_or_resume<D: Deps>(
     existing: Option<SequenceRecord>,
 ) -> Result<Planned, SequenceError> {
     let repo = d.repo();
+    // A sequence planned again (a re-drop after it failed before anything was planned) keeps its
+    // first sighting and its run number.
+    let prior = existing
+        .as_ref()
+        .map(|e| (e.created_at, e.attempts, e.progress.clone()));
     let mut seq = match existing {
         Some(s) if s.state == SequenceState::Uploading => s,
         // Planned, then held for an upload token: resume the recorded uploads.
@@ -168,7 +184,12 @@ pub async fn plan_or_resume<D: Deps>(
             s
         }
         _ => {
-            let s = plan_sequence(d, job).await?;
+            let mut s = plan_sequence(d, job).await?;
+            if let Some((created_at, attempts, progress)) = prior {
+                s.created_at = created_at;
+                s.attempts = attempts;
+                s.progress.attempt = progress.attempt();
+            }
             if s.state == SequenceState::Failed {
                 repo.put_sequence(&s).await?;
                 warn!(
@@ -181,6 +202,7 @@ pub async fn plan_or_resume<D: Deps>(
         }
     };
     seq.attempts += 1;
+    seq.progress.manifest_event = Some(job.manifest_event.clone());
     seq.updated_at = now();
     repo.put_sequence(&seq).await?;
     Ok(Planned::Uploading(Box::new(seq)))

@@ -13,12 +13,13 @@ use serde_json::{json, Value};
 use shared::domain::description::parse_capture_time;
 use shared::domain::exif::read_metadata;
 use shared::fakes::{MemClaims, MemQueues, MemRepo, MemStore, MemTokens, RecordingMapillary};
+use shared::idempotency::{Claim, ClaimOutcome, ClaimStatus};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{MapillaryClient, UploadReport};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
 use shared::model::{SequenceState, SequenceStatus, StoredToken, TokenKind, TokenRecord, UploadState};
-use shared::ports::TokenStore;
+use shared::ports::{IdempotencyStore, TokenStore};
 use time::macros::datetime;
 use time::OffsetDateTime;
 
@@ -164,6 +165,18 @@ fn event(bodies: &[String]) -> SqsEvent {
         })
         .collect();
     serde_json::from_value(json!({ "Records": records })).expect("SQS event")
+}
+
+/// The claim id every delivery of `seq`'s manifest takes (one per sequence).
+fn held_claim_id(seq: &str) -> String {
+    shared::idempotency::sequence_claim_id(BUCKET, &format!("sequences/{USER}/{seq}/manifest.json"))
+}
+
+/// [`s3_body`] of a manifest put again: S3 gives each put its own `sequencer`.
+fn s3_body_put(user: &str, seq: &str, etag: &str, sequencer: &str) -> String {
+    let mut v: Value = serde_json::from_str(&s3_body(user, seq, etag)).expect("body");
+    v["Records"][0]["s3"]["object"]["sequencer"] = json!(sequencer);
+    v.to_string()
 }
 
 fn deadline() -> Instant {
@@ -750,6 +763,519 @@ async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
 }
 
 #[tokio::test]
+async fn a_sequence_failing_transiently_forever_is_failed_after_max_invocations_without_progress() {
+    // Issue 15, item 2: every upload request answers 503, SQS would redeliver for ever (the receive
+    // limit is out of the way here); the sequence is given up after 3 invocations without progress.
+    let mut w = world().await;
+    w.deps.tunables.max_receives = 100;
+    w.deps.tunables.max_invocations_without_progress = 3;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"path": "/rupload/*", "times": 100000,
+        "action": {"kind": "server_error", "status": 503}}),
+    )
+    .await;
+    let imgs = named(&specs(3, 1200));
+    let etag = drop_sequence(&w.deps.store, "stuck", &imgs, b"{}");
+    let body = s3_body(USER, "stuck", &etag);
+    // Invocation 1 plans (progress) and fails; 2 and 3 fail without progress: retried.
+    for i in 1..=3 {
+        let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+        assert_eq!(resp.batch_item_failures.len(), 1, "invocation {i} is retried");
+        let seq = w
+            .deps
+            .repo
+            .snapshot()
+            .sequences
+            .values()
+            .next()
+            .cloned()
+            .expect("sequence record");
+        assert_eq!(seq.state, SequenceState::Uploading, "invocation {i}");
+        assert_eq!(seq.progress.stalled, i - 1, "invocation {i}");
+        assert!(
+            seq.progress
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("503")),
+            "{seq:?}"
+        );
+    }
+    // Invocation 4 is the third without progress: FAILED with the last error, acknowledged.
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = status(&w, "stuck").await;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    let reason = st.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("gave up after 3 invocations without progress: "),
+        "{reason}"
+    );
+    assert!(reason.contains("503"), "{reason}");
+    assert!(
+        st.uploads.iter().all(|u| u.state == UploadState::Failed),
+        "{st:?}"
+    );
+    // A redelivery finds it final: no more work, acknowledged.
+    let before = logged(&w, "POST", "/rupload/").len() + logged(&w, "GET", "/rupload/").len();
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(
+        logged(&w, "POST", "/rupload/").len() + logged(&w, "GET", "/rupload/").len(),
+        before
+    );
+    assert!(w.deps.requeue.take_requeued().is_empty());
+}
+
+#[tokio::test]
+async fn continuations_without_progress_are_counted_too() {
+    // A continuation is a new message (receive count 1 again): only the sequence's own count stops
+    // a sequence whose every invocation runs out of time before anything is stored.
+    let mut w = world().await;
+    w.deps.tunables.max_invocations_without_progress = 2;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 100,
+        "action": {"kind": "latency", "ms": 1500}}),
+    )
+    .await;
+    let imgs = named(&specs(3, 1300));
+    let etag = drop_sequence(&w.deps.store, "slowpoke", &imgs, b"{}");
+    let body = s3_body(USER, "slowpoke", &etag);
+    let mut invocations = 0;
+    loop {
+        invocations += 1;
+        assert!(invocations <= 4, "it loops");
+        let resp = handle_batch(
+            &w.deps,
+            event(std::slice::from_ref(&body)),
+            Instant::now() + Duration::from_millis(500),
+        )
+        .await;
+        assert!(resp.batch_item_failures.is_empty());
+        if w.deps.requeue.take_requeued().is_empty() {
+            break;
+        }
+    }
+    // 1: planned (progress) and out of time; 2, 3: out of time without progress → FAILED.
+    assert_eq!(invocations, 3);
+    let st = status(&w, "slowpoke").await;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("2 invocations without progress")),
+        "{st:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_delivery_finding_the_sequence_held_is_put_back_with_a_short_delay_and_acknowledged() {
+    let mut w = world().await;
+    w.deps.tunables.held_retry_delay_s = 17;
+    let imgs = named(&specs(2, 1400));
+    let etag = drop_sequence(&w.deps.store, "held", &imgs, b"{}");
+    let body = s3_body(USER, "held", &etag);
+    // Another invocation holds the claim with a live lease.
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let other = Claim {
+        id: held_claim_id("held"),
+        status: ClaimStatus::Inprogress,
+        lease_until_ms: now + 600_000,
+        owner: "someone-else".into(),
+        expiration: now / 1000 + 3600,
+    };
+    assert!(matches!(
+        w.deps.claims.claim(&other, now).await,
+        Ok(ClaimOutcome::Acquired { .. })
+    ));
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "acknowledged: {resp:?}");
+    assert_eq!(w.deps.requeue.take_requeued(), vec![(body.clone(), 17)]);
+    assert!(w.deps.repo.snapshot().sequences.is_empty(), "no work done");
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_id_is_saved_through_failed_writes_without_a_second_finish_upload() {
+    // Issue 15, item 6: the first two writes of the UPLOADED record fail; the third saves it.
+    let w = world().await;
+    w.deps.repo.fail_upload_puts(UploadState::Uploaded, 2);
+    let imgs = named(&specs(3, 1500));
+    let etag = drop_sequence(&w.deps.store, "save", &imgs, b"{}");
+    let body = s3_body(USER, "save", &etag);
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = status(&w, "save").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    let cluster_id = st.uploads[0].cluster_id.clone().expect("cluster_id saved");
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let world = w.sim.sim().world();
+    assert_eq!(world.clusters.len(), 1);
+    assert_eq!(world.clusters[0].id, cluster_id, "the cluster Mapillary made");
+    assert_eq!(w.deps.clusters.cluster_messages().len(), 1);
+}
+
+#[tokio::test]
+async fn a_cluster_id_that_cannot_be_saved_in_its_budget_is_never_finished_twice() {
+    let mut w = world().await;
+    w.deps.tunables.cluster_save_budget = Duration::from_millis(300);
+    w.deps.repo.fail_upload_puts(UploadState::Uploaded, 1000);
+    let imgs = named(&specs(3, 1600));
+    let etag = drop_sequence(&w.deps.store, "lost", &imgs, b"{}");
+    let body = s3_body(USER, "lost", &etag);
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert_eq!(resp.batch_item_failures.len(), 1, "retried: {resp:?}");
+    assert_eq!(status(&w, "lost").await.uploads[0].state, UploadState::Finishing);
+    w.deps.repo.fail_upload_puts(UploadState::Uploaded, 0);
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    // Left to the poller's reconciliation (the activity feed), never a second cluster.
+    assert_eq!(
+        status(&w, "lost").await.uploads[0].state,
+        UploadState::FinishUncertain
+    );
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(w.sim.sim().world().clusters.len(), 1);
+}
+
+#[tokio::test]
+async fn finish_upload_is_deferred_when_its_timeout_and_the_save_do_not_fit_before_the_deadline() {
+    let mut w = world().await;
+    w.deps.tunables.finish_timeout = Duration::from_secs(20);
+    w.deps.tunables.cluster_save_budget = Duration::from_secs(5);
+    let imgs = named(&specs(3, 1700));
+    let etag = drop_sequence(&w.deps.store, "late", &imgs, b"{}");
+    let body = s3_body(USER, "late", &etag);
+    // 24 s left: every byte goes, finish_upload (20 s + 5 s) does not start.
+    let resp = handle_batch(
+        &w.deps,
+        event(std::slice::from_ref(&body)),
+        Instant::now() + Duration::from_secs(24),
+    )
+    .await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(
+        w.deps.requeue.take_requeued(),
+        vec![(body.clone(), 0)],
+        "continuation"
+    );
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let up = w
+        .deps
+        .repo
+        .snapshot()
+        .uploads
+        .values()
+        .next()
+        .cloned()
+        .expect("upload");
+    assert_eq!(up.state, UploadState::Uploading);
+    assert!(up.handle.is_some(), "the handle is kept: {up:?}");
+    let posts = logged(&w, "POST", "/rupload/").len();
+    // The continuation calls finish_upload with the kept handle: no upload request at all.
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let st = status(&w, "late").await;
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(logged(&w, "POST", "/rupload/").len(), posts);
+    assert_eq!(w.sim.sim().world().clusters.len(), 1);
+}
+
+/// Six images in two uploads of three: the first finish_upload succeeds, the second is rate
+/// limited (nothing created) and the single delivery allowed gives the sequence up: FAILED, upload 0
+/// handed off, upload 1 FAILED.
+async fn failed_after_one_upload(w: &mut World, seq: &str, seed: u64) -> String {
+    w.deps.tunables.max_images_per_upload = 3;
+    w.deps.tunables.max_receives = 1;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"path": "/graph/finish_upload", "every": 2, "times": 1,
+        "action": {"kind": "rate_limited"}}),
+    )
+    .await;
+    let imgs = named(&specs(6, seed));
+    let etag = drop_sequence(&w.deps.store, seq, &imgs, b"{}");
+    let body = s3_body_put(USER, seq, &etag, "0001");
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "given up, acknowledged: {resp:?}"
+    );
+    let st = status(w, seq).await;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    assert_eq!(st.attempt, 1);
+    assert_eq!(st.uploads.len(), 2, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+    assert_eq!(st.uploads[1].state, UploadState::Failed, "{st:?}");
+    etag
+}
+
+#[tokio::test]
+async fn a_manifest_dropped_again_after_failed_retries_the_failed_uploads_and_keeps_the_delivered() {
+    // Issue 15, item 4.
+    let mut w = world().await;
+    let etag = failed_after_one_upload(&mut w, "again", 1800).await;
+    let before = status(&w, "again").await;
+    let kept_cluster = before.uploads[0].cluster_id.clone().expect("cluster of upload 0");
+    // An SQS duplicate of the first notification changes nothing.
+    let dup = s3_body_put(USER, "again", &etag, "0001");
+    let resp = handle_batch(&w.deps, event(&[dup]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, "again").await, before, "a duplicate is no re-drop");
+    // The user puts the manifest again (same content, a new S3 event).
+    let redrop = s3_body_put(USER, "again", &etag, "0002");
+    let resp = handle_batch(&w.deps, event(&[redrop]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = status(&w, "again").await;
+    assert_eq!(st.state, SequenceState::Uploaded, "{st:?}");
+    assert_eq!(st.attempt, 2, "the second run");
+    assert_eq!(st.reason, None, "{st:?}");
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(
+        st.uploads[0].cluster_id.as_deref(),
+        Some(kept_cluster.as_str()),
+        "kept, not re-sent"
+    );
+    assert_eq!(st.uploads[1].state, UploadState::HandedOff, "{st:?}");
+    {
+        let world = w.sim.sim().world();
+        assert_eq!(world.clusters.len(), 2, "one cluster per upload, none twice");
+        assert_eq!(world.clusters.iter().filter(|c| c.id == kept_cluster).count(), 1);
+    }
+    let cluster_msgs = w.deps.clusters.cluster_messages();
+    assert_eq!(cluster_msgs.len(), 2, "{cluster_msgs:?}");
+    assert_eq!(
+        cluster_msgs
+            .iter()
+            .filter(|m| m.cluster_id == kept_cluster)
+            .count(),
+        1
+    );
+    // The delivered upload's zip was sent once: one session per upload, upload 0's untouched by
+    // the second run (its bytes went in the first).
+    let up0_key = w
+        .deps
+        .repo
+        .snapshot()
+        .uploads
+        .values()
+        .next()
+        .expect("upload 0")
+        .session_key
+        .clone();
+    let posts_to_up0 = logged(&w, "POST", &format!("/rupload/{up0_key}")).len();
+    assert_eq!(posts_to_up0, 1, "upload 0 sent once");
+}
+
+#[tokio::test]
+async fn a_manifest_dropped_again_after_uploaded_is_a_recorded_no_op() {
+    let w = world().await;
+    let imgs = named(&specs(3, 1900));
+    let etag = drop_sequence(&w.deps.store, "done", &imgs, b"{}");
+    let body = s3_body_put(USER, "done", &etag, "0001");
+    handle_batch(&w.deps, event(&[body]), deadline()).await;
+    let before = status(&w, "done").await;
+    assert_eq!(before.state, SequenceState::Uploaded);
+    let redrop = s3_body_put(USER, "done", &etag, "0002");
+    let resp = handle_batch(&w.deps, event(&[redrop]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, "done").await, before);
+    assert_eq!(
+        w.deps
+            .mapillary
+            .finishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let errors = w.deps.repo.snapshot().ingest_errors;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].reason.contains("already uploaded"), "{errors:?}");
+    assert_eq!(errors[0].key, "sequences/user-1/done/manifest.json");
+    assert!(w.deps.requeue.take_requeued().is_empty());
+}
+
+#[tokio::test]
+async fn a_manifest_dropped_again_while_its_sequence_is_in_progress_waits() {
+    let w = world().await;
+    // The first run's POST takes 1.5 s.
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 1,
+        "action": {"kind": "latency", "ms": 1500}}),
+    )
+    .await;
+    let imgs = named(&specs(3, 2000));
+    let etag = drop_sequence(&w.deps.store, "busy", &imgs, b"{}");
+    let first = s3_body_put(USER, "busy", &etag, "0001");
+    let (a, (b, second)) = tokio::join!(
+        handle_batch(&w.deps, event(std::slice::from_ref(&first)), deadline()),
+        async {
+            // A second version of the manifest arrives while the first run uploads.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let etag2 = w
+                .deps
+                .store
+                .put(BUCKET, "sequences/user-1/busy/manifest.json", b"{ }".to_vec());
+            assert_ne!(etag, etag2);
+            let second = s3_body_put(USER, "busy", &etag2, "0002");
+            let resp = handle_batch(&w.deps, event(std::slice::from_ref(&second)), deadline()).await;
+            (resp, second)
+        }
+    );
+    assert!(a.batch_item_failures.is_empty() && b.batch_item_failures.is_empty());
+    assert_eq!(
+        w.deps.requeue.take_requeued(),
+        vec![(second, 30)],
+        "put back to wait"
+    );
+    let st = status(&w, "busy").await;
+    assert_eq!(st.state, SequenceState::Uploaded);
+    assert_eq!(st.attempt, 1);
+    assert_eq!(
+        w.sim.sim().world().clusters.len(),
+        1,
+        "never two runs side by side"
+    );
+}
+
+#[tokio::test]
+async fn one_user_takes_at_most_its_share_of_sequences_at_once() {
+    // Issue 15, item 2: user-1 drops three sequences, user-2 one, in one batch; two per user.
+    let w = world().await;
+    w.deps.tokens.insert("user-2", token(DEMO_USER_TOKEN, None));
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 10,
+        "action": {"kind": "latency", "ms": 400}}),
+    )
+    .await;
+    let mut bodies = Vec::new();
+    for (i, (user, seq)) in [
+        ("user-1", "a1"),
+        ("user-1", "a2"),
+        ("user-1", "a3"),
+        ("user-2", "b1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (name, bytes) in named(&specs(2, 2100 + 10 * i as u64)) {
+            w.deps
+                .store
+                .put(BUCKET, &format!("sequences/{user}/{seq}/{name}"), bytes);
+        }
+        let etag = w.deps.store.put(
+            BUCKET,
+            &format!("sequences/{user}/{seq}/manifest.json"),
+            b"{}".to_vec(),
+        );
+        bodies.push(s3_body(user, seq, &etag));
+    }
+    let resp = handle_batch(&w.deps, event(&bodies), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    // user-2's sequence went; one of user-1's waits, put back with the short delay.
+    let requeued = w.deps.requeue.take_requeued();
+    assert_eq!(requeued.len(), 1, "{requeued:?}");
+    assert_eq!(requeued[0].1, 30);
+    assert!(!requeued[0].0.contains("user-2"), "{requeued:?}");
+    let uploaded = |user: &str, seq: &str| {
+        w.deps
+            .repo
+            .snapshot()
+            .sequences
+            .get(&(user.to_string(), seq.to_string()))
+            .is_some_and(|s| s.state == SequenceState::Uploaded)
+    };
+    assert!(uploaded("user-2", "b1"));
+    let done: Vec<&str> = ["a1", "a2", "a3"]
+        .into_iter()
+        .filter(|s| uploaded("user-1", s))
+        .collect();
+    assert_eq!(done.len(), 2, "{done:?}");
+    // Every slot was given back: the waiting one goes when it comes back.
+    assert!(w
+        .deps
+        .claims
+        .user_slots
+        .lock()
+        .unwrap()
+        .values()
+        .all(|s| s.is_empty()));
+    let resp = handle_batch(&w.deps, event(&[requeued[0].0.clone()]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert!(["a1", "a2", "a3"].into_iter().all(|s| uploaded("user-1", s)));
+}
+
+#[tokio::test]
+async fn a_slot_of_a_crashed_invocation_ends_with_its_lease() {
+    let w = world().await;
+    let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    // Two invocations crashed while holding user-1's slots; their leases end in 1.5 s.
+    for holder in ["crashed-1", "crashed-2"] {
+        assert!(w
+            .deps
+            .claims
+            .take_user_slot(USER, holder, now + 1500, now, 2)
+            .await
+            .unwrap());
+    }
+    let imgs = named(&specs(2, 2200));
+    let etag = drop_sequence(&w.deps.store, "after-crash", &imgs, b"{}");
+    let body = s3_body(USER, "after-crash", &etag);
+    let resp = handle_batch(&w.deps, event(std::slice::from_ref(&body)), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(
+        w.deps.requeue.take_requeued(),
+        vec![(body.clone(), 30)],
+        "waits for a slot"
+    );
+    assert!(w.deps.repo.snapshot().sequences.is_empty());
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert!(w.deps.requeue.take_requeued().is_empty());
+    assert_eq!(status(&w, "after-crash").await.state, SequenceState::Uploaded);
+}
+
+#[tokio::test]
 async fn caps_fail_the_sequence_or_reject_the_image_with_a_clear_reason() {
     // Issue 15, item 5: manifest size, images per sequence, bytes per image.
     let mut w = world().await;
@@ -978,6 +1504,9 @@ async fn in_partial_bytes_dropped_three_invocations_of_bounded_posts_resend_noth
     // its first 0.5 s: one POST per invocation, each a complete request.
     w.deps.tunables.max_post_bytes = total.div_ceil(3);
     w.deps.tunables.deadline_margin = Duration::from_millis(2500);
+    // finish_upload (and saving its cluster_id) must fit in what the last invocation has left.
+    w.deps.tunables.finish_timeout = Duration::from_millis(300);
+    w.deps.tunables.cluster_save_budget = Duration::from_millis(200);
     admin(
         &w.sim,
         "/faults",

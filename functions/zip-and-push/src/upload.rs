@@ -6,16 +6,19 @@
 //! re-sending a byte. A 401 with a token that `/me` still accepts means Mapillary refuses uploads
 //! with it: the connection is marked and the sequence waits for an upload token instead of failing.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
 
 use shared::mapillary::client::{UploadLimits, UploadOutcome};
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::session::{CallError, SessionError, TokenSession};
 use shared::model::{ClusterMessage, SequenceRecord, SequenceState, TokenKind, UploadRecord, UploadState};
 use shared::ports::{
-    ClusterQueue, ImageEntryReader, MapillaryAuth, MapillaryUploads, SequenceStore, UploadReader, UploadStore,
+    ClusterQueue, ImageEntryReader, MapillaryAuth, MapillaryUploads, RepoError, SequenceStore, UploadReader,
+    UploadStore,
 };
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::deps::Deps;
 use crate::plan::{now, oauth_upload_refused, upload_token_refused, ManifestJob, SequenceError};
@@ -108,6 +111,17 @@ async fn drive_upload<D: Deps>(
     let mut finish_now = false;
     loop {
         match up.state {
+            UploadState::Uploading if up.handle.is_some() => {
+                // Every byte was accepted and the handle recorded, but finish_upload was not called
+                // (deferred for lack of time) or created nothing (refused): finish with that handle.
+                if !finish_fits(d, job) {
+                    info!("too little time left for finish_upload and saving its cluster_id: deferred");
+                    return Ok(UploadStop::OutOfTime);
+                }
+                up.state = UploadState::Finishing;
+                repo.transition_upload(&up, UploadState::Uploading).await?;
+                finish_now = true;
+            }
             UploadState::Pending | UploadState::Uploading => {
                 let images = repo.list_images(&up.upload_id).await?;
                 if images.len() != up.image_count as usize {
@@ -223,6 +237,12 @@ async fn drive_upload<D: Deps>(
                 );
                 up.bytes_sent += report.bytes_sent();
                 up.handle = Some(report.handle);
+                if !finish_fits(d, job) {
+                    // The handle is kept (UPLOADING): the next invocation calls finish_upload with it.
+                    repo.put_upload(&up).await?;
+                    info!("too little time left for finish_upload and saving its cluster_id: deferred");
+                    return Ok(UploadStop::OutOfTime);
+                }
                 up.state = UploadState::Finishing;
                 repo.transition_upload(&up, UploadState::Uploading).await?;
                 finish_now = true;
@@ -326,6 +346,49 @@ async fn unauthorized<D: Deps>(
     }
 }
 
+/// Whether `finish_upload` may start now: its timeout (`RELAY_FINISH_TIMEOUT_S`) plus the budget of
+/// saving the cluster_id it returns (`RELAY_CLUSTER_SAVE_BUDGET_S`) fit before the deadline. Started
+/// later, an invocation cut at the deadline could lose the reply or the cluster_id (issue 15, item 6).
+fn finish_fits<D: Deps>(d: &D, job: &ManifestJob) -> bool {
+    let t = d.tunables();
+    job.deadline.saturating_duration_since(Instant::now()) >= t.finish_timeout + t.cluster_save_budget
+}
+
+/// Record `up` (UPLOADED with its cluster_id) with retries and backoff for up to
+/// `RELAY_CLUSTER_SAVE_BUDGET_S`: a cluster_id Mapillary returned must not be lost to one failed
+/// write. The last error when the budget is spent (the id is in the logs; the record stays
+/// FINISHING, which the next attempt turns into FINISH_UNCERTAIN for the poller to reconcile).
+async fn save_cluster<D: Deps>(d: &D, up: &UploadRecord) -> Result<(), RepoError> {
+    let until = Instant::now() + d.tunables().cluster_save_budget;
+    let mut waits = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let err = match d.repo().put_upload(up).await {
+            Ok(()) => {
+                if tries > 1 {
+                    info!(tries, "cluster_id saved after retries");
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        let wait = waits.next().unwrap_or(Duration::from_secs(2));
+        if Instant::now() + wait >= until {
+            error!(error = %err, tries, cluster_id = up.cluster_id.as_deref().unwrap_or_default(),
+                "saving the cluster_id failed within its budget");
+            return Err(err);
+        }
+        warn!(error = %err, tries, "saving the cluster_id failed: retrying");
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// Errors worth another delivery (the client already retried within its budget).
 fn retry_later(e: &MapillaryError) -> bool {
     e.is_retriable() || matches!(e, MapillaryError::Exhausted { last, .. } if last.is_retriable())
@@ -360,12 +423,19 @@ async fn finish<D: Deps>(
     let (mly, org) = (d.mapillary(), up.organization_id.clone());
     info!(token_kind = token.kind().as_str(), "calling finish_upload");
     // A 401 created nothing: the session refreshes the token (once per invocation) and calls again.
-    let res = token
-        .call(|t| {
-            let (handle, org) = (&handle, org.as_deref());
-            async move { mly.finish_upload(&t, handle, org).await }
-        })
-        .await;
+    let call = token.call(|t| {
+        let (handle, org) = (&handle, org.as_deref());
+        async move { mly.finish_upload(&t, handle, org).await }
+    });
+    let Ok(res) = tokio::time::timeout(d.tunables().finish_timeout, call).await else {
+        // The request may have reached Mapillary: the outcome is unknown, never called again.
+        warn!("finish_upload did not answer within RELAY_FINISH_TIMEOUT_S: outcome unknown");
+        up.state = UploadState::FinishUncertain;
+        up.error = Some("finish_upload outcome unknown: no reply in time".into());
+        up.finished_at = Some(now());
+        repo.put_upload(up).await?;
+        return Ok(());
+    };
     let e = match res {
         Ok(cluster_id) => {
             info!(upload_id = %up.upload_id, cluster_id = %cluster_id, "finish_upload returned a cluster");
@@ -373,7 +443,7 @@ async fn finish<D: Deps>(
             up.state = UploadState::Uploaded;
             up.finished_at = Some(now());
             up.error = None;
-            repo.put_upload(up).await?;
+            save_cluster(d, up).await?;
             return Ok(());
         }
         Err(CallError::Refresh(r)) => {

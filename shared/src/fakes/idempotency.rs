@@ -1,11 +1,13 @@
 //! [`IdempotencyStore`] in memory: the claims of [`crate::idempotency`], decided by the same rules
 //! the DynamoDB adapter states as condition expressions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use super::lock;
-use crate::idempotency::{may_complete, may_renew, outcome_over, Claim, ClaimOutcome, ClaimStatus};
+use crate::idempotency::{
+    may_complete, may_renew, may_reopen, outcome_over, take_slot, Claim, ClaimOutcome, ClaimStatus,
+};
 use crate::ports::{ClaimReader, IdempotencyStore, RepoError};
 
 /// Manifest claims in memory, with the rules of [`crate::idempotency`].
@@ -13,6 +15,8 @@ use crate::ports::{ClaimReader, IdempotencyStore, RepoError};
 pub struct MemClaims {
     /// Claims by id (tests may inspect and edit them, e.g. to end a lease).
     pub claims: Mutex<HashMap<String, Claim>>,
+    /// Fair-share slots: user → holder → end of lease (epoch ms).
+    pub user_slots: Mutex<HashMap<String, BTreeMap<String, i64>>>,
 }
 
 impl MemClaims {
@@ -54,6 +58,49 @@ impl IdempotencyStore for MemClaims {
                 "claim {id} not held by {owner}"
             ))),
         }
+    }
+
+    async fn reopen_claim(&self, claim: &Claim) -> Result<bool, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a reopened claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let mut claims = lock(&self.claims);
+        match claims.get_mut(&claim.id) {
+            Some(c) if may_reopen(c) => {
+                *c = claim.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn take_user_slot(
+        &self,
+        user_id: &str,
+        holder: &str,
+        lease_until_ms: i64,
+        now_ms: i64,
+        cap: u32,
+    ) -> Result<bool, RepoError> {
+        let mut all = lock(&self.user_slots);
+        let slots = all.entry(user_id.to_string()).or_default();
+        match take_slot(slots, holder, lease_until_ms, now_ms, cap) {
+            Some(next) => {
+                *slots = next;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn release_user_slot(&self, user_id: &str, holder: &str) -> Result<(), RepoError> {
+        if let Some(slots) = lock(&self.user_slots).get_mut(user_id) {
+            slots.remove(holder);
+        }
+        Ok(())
     }
 
     async fn complete_claim(&self, id: &str, owner: &str) -> Result<(), RepoError> {
@@ -132,6 +179,43 @@ mod tests {
             ClaimOutcome::Completed
         );
         assert!(claims.renew_claim("m", "c", now).await.is_err());
+        // A completed claim is reopened once: the second reopen finds it INPROGRESS.
+        assert!(claims
+            .reopen_claim(&claim("m", "e", now + 990_000))
+            .await
+            .unwrap());
+        assert!(!claims
+            .reopen_claim(&claim("m", "f", now + 990_000))
+            .await
+            .unwrap());
+        assert!(!claims.reopen_claim(&claim("missing", "f", now)).await.unwrap());
+        claims.renew_claim("m", "e", now + 995_000).await.unwrap();
+        assert!(
+            claims.renew_claim("m", "c", now).await.is_err(),
+            "the old holder lost it"
+        );
+        // Fair-share slots: two per user here; released or expired slots are free again.
+        assert!(claims.take_user_slot("u", "h1", now + 10, now, 2).await.unwrap());
+        assert!(claims.take_user_slot("u", "h2", now + 10, now, 2).await.unwrap());
+        assert!(!claims.take_user_slot("u", "h3", now + 10, now, 2).await.unwrap());
+        assert!(
+            claims.take_user_slot("v", "h3", now + 10, now, 2).await.unwrap(),
+            "per user"
+        );
+        claims.release_user_slot("u", "h1").await.unwrap();
+        assert!(claims.take_user_slot("u", "h3", now + 10, now, 2).await.unwrap());
+        assert!(!claims
+            .take_user_slot("u", "h4", now + 10, now + 10, 2)
+            .await
+            .unwrap());
+        assert!(
+            claims
+                .take_user_slot("u", "h4", now + 20, now + 11, 2)
+                .await
+                .unwrap(),
+            "leases ended"
+        );
+        claims.release_user_slot("nobody", "h").await.unwrap();
         // Unknown claims, and a new claim that is not INPROGRESS.
         assert!(claims.renew_claim("nope", "x", now).await.is_err());
         assert!(claims.complete_claim("nope", "x").await.is_err());

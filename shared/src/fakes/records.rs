@@ -34,12 +34,21 @@ pub struct MemRepo {
     /// The data (tests may inspect and edit it). Shared with a [`super::MemTracking`] made with
     /// [`super::MemTracking::over`], as both adapters share the UploadsTable.
     pub state: Arc<Mutex<RepoState>>,
+    /// Injected failures ([`MemRepo::fail_upload_puts`]): writes of uploads in this state fail
+    /// transiently this many more times.
+    put_upload_failures: Mutex<Option<(UploadState, u32)>>,
 }
 
 impl MemRepo {
     /// Empty repository.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The next `times` [`UploadStore::put_upload`] calls writing an upload in `state` fail with
+    /// [`RepoError::Transient`] (and write nothing): a DynamoDB outage around one write.
+    pub fn fail_upload_puts(&self, state: UploadState, times: u32) {
+        *lock(&self.put_upload_failures) = Some((state, times));
     }
 
     /// A copy of the data.
@@ -120,6 +129,15 @@ impl UploadReader for MemRepo {
 
 impl UploadStore for MemRepo {
     async fn put_upload(&self, upload: &UploadRecord) -> Result<(), RepoError> {
+        if let Some((state, times)) = lock(&self.put_upload_failures).as_mut() {
+            if *state == upload.state && *times > 0 {
+                *times -= 1;
+                return Err(RepoError::Transient(format!(
+                    "put upload {}: injected failure",
+                    upload.upload_id
+                )));
+            }
+        }
         lock(&self.state).uploads.insert(
             (upload.user_id.clone(), upload.sequence_id.clone(), upload.index),
             upload.clone(),
@@ -291,6 +309,7 @@ pub(crate) mod tests {
             created_at,
             updated_at: created_at,
             attempts: 1,
+            progress: Default::default(),
         }
     }
 
@@ -319,6 +338,34 @@ pub(crate) mod tests {
         // The record itself keeps its list.
         let one = repo.get_sequence("u", "s0").await.unwrap().unwrap();
         assert_eq!(one.rejected.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn injected_put_failures_hit_only_the_named_state_and_then_stop() {
+        let repo = MemRepo::new();
+        let mut up = upload_record("u", "s", "u~s~000");
+        repo.fail_upload_puts(UploadState::Uploaded, 2);
+        repo.put_upload(&up).await.unwrap();
+        up.state = UploadState::Uploaded;
+        up.cluster_id = Some("c".into());
+        for _ in 0..2 {
+            assert!(matches!(repo.put_upload(&up).await, Err(RepoError::Transient(_))));
+            assert_eq!(
+                repo.snapshot().uploads.values().next().unwrap().state,
+                UploadState::Pending
+            );
+        }
+        repo.put_upload(&up).await.unwrap();
+        assert_eq!(
+            repo.snapshot()
+                .uploads
+                .values()
+                .next()
+                .unwrap()
+                .cluster_id
+                .as_deref(),
+            Some("c")
+        );
     }
 
     #[tokio::test]

@@ -7,8 +7,13 @@
 use aws_sdk_dynamodb::types::{ReturnValue, ReturnValuesOnConditionCheckFailure};
 
 use super::item::{condition_failed, decode, encode, n, number_of, repo_error, s, string_of, Item};
-use crate::idempotency::{outcome_over, Claim, ClaimOutcome, ClaimStatus};
+use crate::idempotency::{
+    outcome_over, take_slot, user_slots_id, Claim, ClaimOutcome, ClaimStatus, UserSlots,
+};
 use crate::ports::{ClaimReader, IdempotencyStore, RepoError};
+
+/// A user's fair-share item is kept (TTL) this long after its last lease ends.
+const SLOTS_TTL_S: i64 = 24 * 3600;
 
 /// Manifest claims in the IdempotencyTable.
 #[derive(Debug, Clone)]
@@ -142,6 +147,116 @@ impl IdempotencyStore for DynamoIdempotency {
                 ))),
                 None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
             },
+        }
+    }
+
+    async fn reopen_claim(&self, claim: &Claim) -> Result<bool, RepoError> {
+        if claim.status != ClaimStatus::Inprogress {
+            return Err(RepoError::Other(format!(
+                "claim {}: a reopened claim must be INPROGRESS, got {:?}",
+                claim.id, claim.status
+            )));
+        }
+        let item = encode(claim, &format!("claim {}", claim.id))?;
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("#status = :completed")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":completed", s("COMPLETED"))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if condition_failed(&err).is_some() => Ok(false),
+            Err(err) => Err(repo_error(&err, &format!("PutItem reopen claim {}", claim.id))),
+        }
+    }
+
+    async fn take_user_slot(
+        &self,
+        user_id: &str,
+        holder: &str,
+        lease_until_ms: i64,
+        now_ms: i64,
+        cap: u32,
+    ) -> Result<bool, RepoError> {
+        let id = user_slots_id(user_id);
+        // Read, decide with the rule, write conditioned on the version read; a lost race reads again.
+        for _ in 0..5 {
+            let stored = self
+                .client
+                .get_item()
+                .table_name(&self.table)
+                .key("id", s(&id))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| repo_error(&e, &format!("GetItem user slots {id}")))?
+                .item;
+            let stored: Option<UserSlots> = match stored {
+                Some(item) => Some(decode(item, &format!("user slots {id}"))?),
+                None => None,
+            };
+            let current = stored.as_ref().map(|u| &u.slots).cloned().unwrap_or_default();
+            let Some(slots) = take_slot(&current, holder, lease_until_ms, now_ms, cap) else {
+                return Ok(false);
+            };
+            let latest = slots.values().copied().max().unwrap_or(lease_until_ms);
+            let next = UserSlots {
+                id: id.clone(),
+                slots,
+                version: stored.as_ref().map_or(0, |u| u.version) + 1,
+                expiration: latest.div_euclid(1000) + SLOTS_TTL_S,
+            };
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(encode(&next, &format!("user slots {id}"))?));
+            let put = match &stored {
+                Some(u) => put
+                    .condition_expression("#version = :version")
+                    .expression_attribute_names("#version", "version")
+                    .expression_attribute_values(":version", n(u.version)),
+                None => put
+                    .condition_expression("attribute_not_exists(#id)")
+                    .expression_attribute_names("#id", "id"),
+            };
+            match put.send().await {
+                Ok(_) => return Ok(true),
+                Err(err) if condition_failed(&err).is_some() => continue,
+                Err(err) => return Err(repo_error(&err, &format!("PutItem user slots {id}"))),
+            }
+        }
+        Err(RepoError::Transient(format!(
+            "user slots {id}: the item kept changing under concurrent invocations"
+        )))
+    }
+
+    async fn release_user_slot(&self, user_id: &str, holder: &str) -> Result<(), RepoError> {
+        let id = user_slots_id(user_id);
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("id", s(&id))
+            .update_expression("REMOVE #slots.#holder SET #version = #version + :one")
+            .condition_expression("attribute_exists(#id)")
+            .expression_attribute_names("#id", "id")
+            .expression_attribute_names("#slots", "slots")
+            .expression_attribute_names("#holder", holder)
+            .expression_attribute_names("#version", "version")
+            .expression_attribute_values(":one", n(1))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // No item: nothing held.
+            Err(err) if condition_failed(&err).is_some() => Ok(()),
+            Err(err) => Err(repo_error(&err, &format!("UpdateItem user slots {id}"))),
         }
     }
 
