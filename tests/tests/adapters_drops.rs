@@ -56,6 +56,7 @@ fn record(user: &str, seq: &str) -> SequenceRecord {
         created_at: now,
         updated_at: now,
         attempts: 0,
+        progress: Default::default(),
     }
 }
 

@@ -24,7 +24,7 @@ use shared::adapters::dynamodb::DynamoIdempotency;
 use shared::adapters::sqs::SqsClusterQueue;
 use shared::domain::linking::LinkPath;
 use shared::domain::tracking::OverallState;
-use shared::idempotency::{claim_id, Claim, ClaimOutcome, ClaimStatus};
+use shared::idempotency::{sequence_claim_id, Claim, ClaimOutcome, ClaimStatus};
 use shared::mapillary::client::{FileType, MapillaryClient};
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
@@ -556,6 +556,7 @@ fn stuck_sequence(
         created_at: updated - time::Duration::hours(1),
         updated_at: updated,
         attempts: 3,
+        progress: Default::default(),
     }
 }
 
@@ -632,7 +633,7 @@ async fn uploads_stuck_after_the_dlq_are_settled_and_work_in_progress_is_left_al
     let outcome = claims
         .claim(
             &Claim {
-                id: claim_id(&claimed.bucket, &claimed.manifest_key, &claimed.manifest_etag),
+                id: sequence_claim_id(&claimed.bucket, &claimed.manifest_key),
                 status: ClaimStatus::Inprogress,
                 lease_until_ms: now_ms + 600_000,
                 owner: "invocation-1".into(),

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use shared::idempotency::{claim_id, Claim, ClaimStatus};
+use shared::idempotency::{sequence_claim_id, Claim, ClaimStatus};
 use shared::model::{ClusterMessage, SequenceRecord, SequenceState, UploadRecord, UploadState};
 use shared::ports::{ClaimReader, RepoError, SequenceReader, SweepStore, UploadReader};
 use time::OffsetDateTime;
@@ -221,7 +221,7 @@ async fn sweep_sequence<D: Deps>(
     let claim = match &seq {
         Some(s) => {
             d.claims()
-                .get_claim(&claim_id(&s.bucket, &s.manifest_key, &s.manifest_etag))
+                .get_claim(&sequence_claim_id(&s.bucket, &s.manifest_key))
                 .await?
         }
         None => None,
@@ -344,6 +344,7 @@ mod tests {
             created_at: T0,
             updated_at: updated,
             attempts: 1,
+            progress: Default::default(),
         }
     }
 

@@ -254,6 +254,7 @@ pub async fn announce<D: Deps>(
             created_at: now,
             updated_at: now,
             attempts: 0,
+            progress: Default::default(),
         };
         // The announcement first: a visible AWAITING_FILES sequence always has one.
         d.repo().put_announcement(&announcement).await?;
