@@ -4,7 +4,6 @@
 //! through the simulator's stages. No AWS, no moto: the same paths as `tests/tests/poller.rs`,
 //! in seconds.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN, WEB_APP_CLIENT_TOKEN};
