@@ -1,11 +1,10 @@
 //! `MapillaryClient` against the real simulator (in-process, loopback, frozen clock).
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mapillary_sim::defaults::{
-    APP_ID, CLIENT_SECRET, DEMO_USERNAME, DEMO_USER_ID, DEMO_USER_TOKEN, REDIRECT_URI,
+    APP_ID, CLIENT_SECRET, DEMO_USERNAME, DEMO_USER_ID, DEMO_USER_TOKEN, REDIRECT_URI, WEB_APP_CLIENT_TOKEN,
 };
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use relay_fixtures::{jpeg, track, TrackSpec};
@@ -40,6 +39,12 @@ fn client(h: &SimHandle, policy: RetryPolicy) -> MapillaryClient {
 
 fn demo_token() -> SecretString {
     SecretString::from(DEMO_USER_TOKEN)
+}
+
+/// The token the relay reads the feed with (its configured web-app token): the default world,
+/// seed-2022, refuses users' tokens there.
+fn feed_token() -> SecretString {
+    SecretString::from(WEB_APP_CLIENT_TOKEN)
 }
 
 async fn admin(h: &SimHandle, path: &str, v: Value) -> Value {
@@ -561,16 +566,13 @@ async fn non_retriable_4xx_fails_with_mapillarys_message() {
 // ------------------------------------------------------------------------- finish_upload + graph
 
 /// A STORED zip of `n` geotagged JPEGs (1 s apart from 2024-05-01T09:00:00Z, heading 45°).
+/// The relay's zip of them ([`shared::domain::toolszip`]: MAP* descriptions, mapillary_tools' comment), which
+/// every world accepts.
 fn zip_of_images(n: usize) -> Bytes {
     let mut t = TrackSpec::new(50.8966, -0.5591, time::macros::datetime!(2024-05-01 09:00:00 UTC));
     t.altitude = Some(42.5);
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (i, spec) in track(n, &t).iter().enumerate() {
-        w.start_file(format!("{i}.jpg"), opts).expect("zip entry");
-        w.write_all(&jpeg(spec)).expect("zip write");
-    }
-    Bytes::from(w.finish().expect("zip finish").into_inner())
+    let originals: Vec<Vec<u8>> = track(n, &t).iter().map(jpeg).collect();
+    Bytes::from(shared::domain::toolszip::tools_zip(&originals).expect("tools zip"))
 }
 
 async fn clusters(h: &SimHandle) -> usize {
@@ -703,7 +705,7 @@ async fn feed_then_image_entities_after_processing() {
         .expect("finish");
 
     let page = c
-        .latest_activity(&token, DEMO_USER_ID, 50, None, 14)
+        .latest_activity(&feed_token(), DEMO_USER_ID, 50, None, 14)
         .await
         .expect("feed");
     assert!(page.user_found && !page.has_next_page);
@@ -718,7 +720,7 @@ async fn feed_then_image_entities_after_processing() {
     h.advance_clock(25);
     let via_query = client(&h, strict_policy()).with_graphql_token_transport(TokenTransport::QueryParam);
     let page = via_query
-        .latest_activity(&token, DEMO_USER_ID, 50, None, 14)
+        .latest_activity(&feed_token(), DEMO_USER_ID, 50, None, 14)
         .await
         .expect("feed, token as param");
     let node = page
@@ -772,7 +774,7 @@ async fn feed_then_image_entities_after_processing() {
     );
 
     let nobody = c
-        .latest_activity(&token, "1", 50, None, 14)
+        .latest_activity(&feed_token(), "1", 50, None, 14)
         .await
         .expect("unknown user");
     assert!(!nobody.user_found && nobody.nodes.is_empty());
@@ -793,7 +795,7 @@ async fn feed_drift_and_graph_rate_limits_are_classified() {
     )
     .await;
     let err = c
-        .latest_activity(&token, DEMO_USER_ID, 50, None, 14)
+        .latest_activity(&feed_token(), DEMO_USER_ID, 50, None, 14)
         .await
         .expect_err("rate limited");
     assert!(
@@ -807,7 +809,7 @@ async fn feed_drift_and_graph_rate_limits_are_classified() {
     )
     .await;
     let err = c
-        .latest_activity(&token, DEMO_USER_ID, 50, None, 14)
+        .latest_activity(&feed_token(), DEMO_USER_ID, 50, None, 14)
         .await
         .expect_err("reduce data");
     assert!(
@@ -827,7 +829,7 @@ async fn feed_drift_and_graph_rate_limits_are_classified() {
     )
     .await;
     let err = c
-        .latest_activity(&token, DEMO_USER_ID, 50, None, 14)
+        .latest_activity(&feed_token(), DEMO_USER_ID, 50, None, 14)
         .await
         .expect_err("drifted");
     assert!(

@@ -137,7 +137,11 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
     let moto = shared_moto()?;
     let stack = LocalStack::create(&moto, &stack::unique_stack_name("invoke")).await?;
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
-    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    // The web-app feed token, as the local stack gives it (seed-2022 lets only that token read the feed).
+    let env = stack.lambda_env(
+        &SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET)
+            .with_feed_token(mapillary_sim::defaults::WEB_APP_CLIENT_TOKEN),
+    );
 
     // Seed: user-1's Mapillary token (the simulator's demo user), KMS-encrypted.
     let tokens = KmsTokenStore::new(

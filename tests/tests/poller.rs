@@ -5,7 +5,6 @@
 //! put with `DynamoRepository`, and its cluster message is sent with `SqsClusterQueue`. The poller's
 //! "now" follows the simulator's clock.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -68,7 +67,12 @@ async fn world(tag: &str, tunables: Tunables) -> Result<World> {
     );
     // The poller composed by `poller::compose` from the function's environment, as `main.rs` does;
     // then fast retries, the test's tunables and a clock that follows the simulator's.
-    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    // With the web-app feed token, as the local stack and the template configure the poller (the
+    // default world, seed-2022, lets only that token read the feed).
+    let env = stack.lambda_env(
+        &SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET)
+            .with_feed_token(mapillary_sim::defaults::WEB_APP_CLIENT_TOKEN),
+    );
     let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
     let mut poller = compose(&config, stack.sdk_config()).await?;
     poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
@@ -149,20 +153,9 @@ impl World {
         t.step_m = 8.0;
         t.altitude = Some(120.0);
         let specs = track(n, &t);
-        let mut buf = std::io::Cursor::new(Vec::new());
-        {
-            let mut zw = zip::ZipWriter::new(&mut buf);
-            for (i, s) in specs.iter().enumerate() {
-                zw.start_file(
-                    format!("{i}.jpg"),
-                    zip::write::SimpleFileOptions::default()
-                        .compression_method(zip::CompressionMethod::Stored),
-                )?;
-                zw.write_all(&jpeg(s))?;
-            }
-            zw.finish()?;
-        }
-        let bytes = bytes::Bytes::from(buf.into_inner());
+        // The zip the relay makes (MAP* descriptions, mapillary_tools' comment): every world takes it.
+        let originals: Vec<Vec<u8>> = specs.iter().map(jpeg).collect();
+        let bytes = bytes::Bytes::from(shared::domain::toolszip::tools_zip(&originals)?);
         let total = bytes.len() as u64;
         let token = SecretString::from(u.token.clone());
         let key = format!("mly_relay_{}_{seq}.zip", u.ours);
@@ -493,10 +486,16 @@ async fn a_feed_refusal_never_refreshes_the_token_and_the_next_run_reads_the_fee
     .await?;
     w.advance(61);
     w.clear_requests().await?;
-    // The feed refuses the user's token: a refusal (the feed may take only the web app's token), not
-    // an expired token. This run tracks the user through coverage tiles, and refreshes nothing.
+    // The feed refuses the web-app token once (the fault) and then the user's token (seed-2022 lets
+    // only the web app's token read the feed): refusals, not an expired token. This run tracks the user
+    // through coverage tiles, and refreshes nothing.
     let r = w.run().await;
     assert_eq!(r.feed_unusable_users, 1, "{r:?}");
+    assert_eq!(
+        w.requests("/graph/graphql").await?,
+        2,
+        "web-app token, then the user's"
+    );
     assert_eq!(w.requests("/graph/token").await?, 0, "no refresh");
     let tok = w.poller.tokens.load("erin").await?.context("token")?;
     assert_eq!(
@@ -509,9 +508,9 @@ async fn a_feed_refusal_never_refreshes_the_token_and_the_next_run_reads_the_fee
         rec.tracked.feed.as_ref().map(|f| (f.source, f.error_class)),
         Some((FeedSource::CoverageTiles, Some(FeedErrorClass::Refused)))
     );
-    // Next run: the feed takes the token again.
+    // Next run: the feed takes the web-app token again.
     let r = w.run().await;
-    assert_eq!((r.feed_unusable_users, r.feed_user_token_users), (0, 1), "{r:?}");
+    assert_eq!((r.feed_unusable_users, r.feed_web_app_users), (0, 1), "{r:?}");
     let rec = w.poller.tracking.get_tracking(&id).await?.context("tracked")?;
     assert_eq!(
         rec.tracked.stages.ingestion.as_ref().map(|s| s.as_str()),
@@ -519,8 +518,9 @@ async fn a_feed_refusal_never_refreshes_the_token_and_the_next_run_reads_the_fee
     );
     assert_eq!(
         rec.tracked.feed.as_ref().map(|f| (f.source, f.error_class)),
-        Some((FeedSource::UserToken, None))
+        Some((FeedSource::WebAppToken, None))
     );
+    assert_eq!(w.requests("/graph/token").await?, 0, "still no refresh");
     Ok(())
 }
 

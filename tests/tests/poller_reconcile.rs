@@ -3,7 +3,6 @@
 //! its frozen clock. zip-and-push's records are written directly through the adapters, as in
 //! `poller.rs`; the lost `finish_upload` reply comes from the simulator's fault rules.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -11,7 +10,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use integration_tests::moto::shared_moto;
 use integration_tests::stack::{self, LocalStack, SimEndpoints};
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET};
-use mapillary_sim::{SimConfig, SimHandle, Simulator, World as SimWorld};
+use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use poller::clock::Clock;
 use poller::compose::{compose, ProductionPoller};
 use poller::config::{Config, Tunables};
@@ -60,9 +59,7 @@ fn start_time() -> OffsetDateTime {
 async fn world(tag: &str) -> Result<World> {
     let endpoint = shared_moto()?;
     let stack = LocalStack::create(&endpoint, &stack::unique_stack_name(tag)).await?;
-    // Lenient: the zips below are written by hand, not in mapillary_tools' shape (the default
-    // world, seed-2022, refuses those at finish_upload); what is tested here is the poller.
-    let sim = Simulator::start(SimConfig::world(SimWorld::Lenient), "127.0.0.1:0").await?;
+    let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
@@ -77,7 +74,12 @@ async fn world(tag: &str) -> Result<World> {
     };
     // The poller composed by `poller::compose` from the function's environment, as `main.rs` does;
     // then fast retries, the test's tunables and a clock that follows the simulator's.
-    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    // With the web-app feed token, as the local stack and the template configure the poller (the
+    // default world, seed-2022, lets only that token read the feed).
+    let env = stack.lambda_env(
+        &SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET)
+            .with_feed_token(mapillary_sim::defaults::WEB_APP_CLIENT_TOKEN),
+    );
     let config = Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))?;
     let mut poller = compose(&config, stack.sdk_config()).await?;
     poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
@@ -158,20 +160,9 @@ impl World {
         t.interval_ms = 2000;
         t.step_m = 8.0;
         let specs = track(n, &t);
-        let mut buf = std::io::Cursor::new(Vec::new());
-        {
-            let mut zw = zip::ZipWriter::new(&mut buf);
-            for (i, s) in specs.iter().enumerate() {
-                zw.start_file(
-                    format!("{i}.jpg"),
-                    zip::write::SimpleFileOptions::default()
-                        .compression_method(zip::CompressionMethod::Stored),
-                )?;
-                zw.write_all(&jpeg(s))?;
-            }
-            zw.finish()?;
-        }
-        let bytes = bytes::Bytes::from(buf.into_inner());
+        // The zip the relay makes (MAP* descriptions, mapillary_tools' comment): every world takes it.
+        let originals: Vec<Vec<u8>> = specs.iter().map(jpeg).collect();
+        let bytes = bytes::Bytes::from(shared::domain::toolszip::tools_zip(&originals)?);
         let total = bytes.len() as u64;
         let secret = SecretString::from(token.to_string());
         let key = format!("mly_relay_{ours}_{seq}.zip");

@@ -65,9 +65,13 @@ fn settings() -> Settings {
     }
 }
 
-/// A function's environment for `stack` and `sim` (what `cargo lambda watch` would pass), as a lookup.
+/// A function's environment for `stack` and `sim` (what `cargo lambda watch` would pass, the web-app feed
+/// token included, as the local stack gives it), as a lookup.
 fn lambda_env(stack: &LocalStack, sim: &SimHandle) -> impl Fn(&str) -> Option<String> {
-    let env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    let env = stack.lambda_env(
+        &SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET)
+            .with_feed_token(defaults::WEB_APP_CLIENT_TOKEN),
+    );
     move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
 }
 

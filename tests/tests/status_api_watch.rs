@@ -204,7 +204,11 @@ async fn serve(tag: &str) -> Result<Served> {
     let stack = LocalStack::create(&shared_moto()?, &stack::unique_stack_name(tag)).await?;
     seed(&stack).await?;
     let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
-    let mut env = stack.lambda_env(&SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET));
+    // The web-app feed token, as the local stack gives it (seed-2022 lets only that token read the feed).
+    let mut env = stack.lambda_env(
+        &SimEndpoints::from_base(sim.base_url(), APP_ID, CLIENT_SECRET)
+            .with_feed_token(mapillary_sim::defaults::WEB_APP_CLIENT_TOKEN),
+    );
     env.push(("RELAY_DEV_AUTH_HEADER".into(), DEV_HEADER.into()));
     env.push(("RELAY_OAUTH_REDIRECT_URI".into(), defaults::REDIRECT_URI.into()));
     env.push(("RUST_LOG".into(), "info".into()));

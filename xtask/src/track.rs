@@ -297,7 +297,10 @@ mod tests {
         let endpoint = shared_moto()?;
         let stack = LocalStack::create(&endpoint, &harness::unique_stack_name("track")).await?;
         let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
-        let ep = SimEndpoints::from_base(sim.base_url(), defaults::APP_ID, defaults::CLIENT_SECRET);
+        // The poller reads the feed with the web-app token, as the local stack configures it (the default
+        // world, seed-2022, refuses users' tokens there).
+        let ep = SimEndpoints::from_base(sim.base_url(), defaults::APP_ID, defaults::CLIENT_SECRET)
+            .with_feed_token(defaults::WEB_APP_CLIENT_TOKEN);
         let mut env: BTreeMap<String, String> = stack.lambda_env(&ep).into_iter().collect();
         env.insert("RELAY_RECONCILE_SCAN_EVERY_S".into(), "0".into());
         let now_ms = sim.sim().now_ms();

@@ -6,5 +6,6 @@ pub mod jpeg;
 pub mod linking;
 pub mod sequence;
 pub mod tiles;
+pub mod toolszip;
 pub mod tracking;
 pub mod zipfmt;

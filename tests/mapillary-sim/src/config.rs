@@ -397,12 +397,25 @@ impl SimConfig {
 mod tests {
     use super::*;
 
+    /// The default is the strict `seed-2022` world (issue 13), everywhere a default is taken.
+    #[test]
+    fn default_is_seed_2022() {
+        let d = Settings::default();
+        assert_eq!(DEFAULT_WORLD, World::Seed2022);
+        assert_eq!(d, Settings::for_world(World::Seed2022));
+        assert_eq!(d.world(), Some(World::Seed2022));
+        assert_eq!(SimConfig::default().settings, d);
+        assert_eq!(SimConfig::frozen().settings, d);
+        assert_eq!(
+            SimConfig::realtime([1, 2, 3, 4]).settings.world(),
+            Some(World::Seed2022)
+        );
+    }
+
     /// `lenient` is exactly the simulator's defaults from before worlds existed, switch by switch.
     #[test]
-    fn default_is_lenient_with_every_pre_world_value() {
-        let d = Settings::default();
-        assert_eq!(DEFAULT_WORLD, World::Lenient);
-        assert_eq!(d, Settings::for_world(World::Lenient));
+    fn lenient_keeps_every_pre_world_value() {
+        let d = Settings::for_world(World::Lenient);
         assert_eq!(d.world(), Some(World::Lenient));
         assert_eq!(d.default_plan, ProcessingPlan::default());
         assert_eq!(d.sequence_cap, 1000);
@@ -434,7 +447,7 @@ mod tests {
         assert!(!d.require_map_description);
         assert!(!d.feed_drift);
         assert!(!d.graphql_documents_gone);
-        assert_eq!(SimConfig::default().settings, d);
+        assert_eq!(SimConfig::world(World::Lenient).settings, d);
     }
 
     #[test]

@@ -273,7 +273,7 @@ async fn feed_drift_faults() {
     .await;
     let r = graphql(
         &h,
-        TOKEN,
+        FEED_TOKEN,
         FEED_DOC,
         json!({"id": mapillary_sim::defaults::DEMO_USER_ID}),
     )
@@ -287,7 +287,7 @@ async fn feed_drift_faults() {
     .await;
     let r = graphql(
         &h,
-        TOKEN,
+        FEED_TOKEN,
         FEED_DOC,
         json!({"id": mapillary_sim::defaults::DEMO_USER_ID}),
     )

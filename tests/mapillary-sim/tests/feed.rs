@@ -149,7 +149,7 @@ async fn hide_after_omits_old_failed_clusters() {
 #[tokio::test]
 async fn errors_unknown_documents_cursors_and_users() {
     let h = start().await;
-    let r = graphql(&h, TOKEN, "query somethingElse { x }", json!({})).await;
+    let r = graphql(&h, FEED_TOKEN, "query somethingElse { x }", json!({})).await;
     assert_eq!(r.status(), 400);
     assert!(body(r).await["error"]["message"]
         .as_str()
@@ -157,14 +157,14 @@ async fn errors_unknown_documents_cursors_and_users() {
         .contains("Unknown"));
     let r = graphql(
         &h,
-        TOKEN,
+        FEED_TOKEN,
         FEED_DOC,
         json!({"id": mapillary_sim::defaults::DEMO_USER_ID, "after": "garbage!"}),
     )
     .await;
     assert_eq!(r.status(), 400);
     assert!(body(r).await["error"].is_object());
-    let r = graphql(&h, TOKEN, FEED_DOC, json!({"id": "999"})).await;
+    let r = graphql(&h, FEED_TOKEN, FEED_DOC, json!({"id": "999"})).await;
     assert_eq!(body(r).await["data"]["fetch__User"], Value::Null);
     let r = client()
         .get(format!("{}/graphql", h.graph_url()))
@@ -199,14 +199,14 @@ async fn post_with_operation_name_and_web_app_policy() {
 async fn new_sequences_geojson_is_a_string_with_string_coordinates() {
     let h = start().await;
     short_stages(&h).await;
-    let empty = body(graphql(&h, TOKEN, NEW_SEQ_DOC, json!({"username": DEMO_USERNAME})).await).await;
+    let empty = body(graphql(&h, FEED_TOKEN, NEW_SEQ_DOC, json!({"username": DEMO_USERNAME})).await).await;
     let ns = &empty["data"]["user_by_username"]["new_sequences"];
     assert_eq!(ns["geojson"], r#"{"features":[],"type":"FeatureCollection"}"#);
     assert_eq!(ns["__typename"], "MLYNewSequencesData");
 
     let c = zip_cluster(&h, "ns.zip", &jpegs(3, 0)).await;
     advance(&h, 20).await;
-    let v = body(graphql(&h, TOKEN, NEW_SEQ_DOC, json!({"username": DEMO_USERNAME})).await).await;
+    let v = body(graphql(&h, FEED_TOKEN, NEW_SEQ_DOC, json!({"username": DEMO_USERNAME})).await).await;
     assert_eq!(v["extensions"]["is_final"], true);
     let u = &v["data"]["user_by_username"];
     assert_eq!(u["__typename"], "User");
@@ -224,8 +224,8 @@ async fn new_sequences_geojson_is_a_string_with_string_coordinates() {
     assert!(f["properties"]["compass_angle"].is_number());
 
     admin(&h, "/config", json!({"new_sequences_max": 0})).await;
-    let r = graphql(&h, TOKEN, NEW_SEQ_DOC, json!({"username": DEMO_USERNAME})).await;
+    let r = graphql(&h, FEED_TOKEN, NEW_SEQ_DOC, json!({"username": DEMO_USERNAME})).await;
     assert_eq!(body(r).await["error"]["code"], 1);
-    let nobody = body(graphql(&h, TOKEN, NEW_SEQ_DOC, json!({"username": "ghost"})).await).await;
+    let nobody = body(graphql(&h, FEED_TOKEN, NEW_SEQ_DOC, json!({"username": "ghost"})).await).await;
     assert_eq!(nobody["data"]["user_by_username"], Value::Null);
 }

@@ -152,7 +152,9 @@ async fn stuck_plan_never_finishes() {
 
 #[tokio::test]
 async fn bad_content_still_gets_a_cluster_that_fails() {
-    let h = start().await;
+    // About the lenient world: there a junk zip and an undated image get a cluster that fails; every strict world refuses such
+    // uploads at finish_upload instead (one test per rule in strict.rs).
+    let h = start_world(mapillary_sim::World::Lenient).await;
     short_stages(&h).await;
     let junk = upload(&h, "junk.zip", b"definitely not a zip".to_vec()).await;
     let c1 = body(finish(&h, &junk, "zip").await).await["cluster_id"]
@@ -194,7 +196,9 @@ async fn bad_content_still_gets_a_cluster_that_fails() {
 
 #[tokio::test]
 async fn rejected_images_are_dropped_and_not_counted() {
-    let h = start().await;
+    // About the lenient world: there an image without GPS is dropped at processing; every strict world refuses such
+    // uploads at finish_upload instead (one test per rule in strict.rs).
+    let h = start_world(mapillary_sim::World::Lenient).await;
     short_stages(&h).await;
     let mut files = jpegs(3, 0);
     let mut nogps = relay_fixtures::ImageSpec::new(50.0, 8.0, time::macros::datetime!(2024-05-01 09:00 UTC));

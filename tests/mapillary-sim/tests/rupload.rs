@@ -136,6 +136,7 @@ async fn fault_drop_after_bytes_then_resume_gives_identical_bytes() {
         .post(format!("{}/drop.zip", h.upload_url()))
         .header("Authorization", auth(TOKEN))
         .header("Offset", "0")
+        .header("X-Entity-Name", "drop.zip")
         .body(bytes.clone())
         .send()
         .await;
@@ -183,6 +184,7 @@ async fn post_bytes_result(
         .post(format!("{}/{key}", h.upload_url()))
         .header("Authorization", auth(TOKEN))
         .header("Offset", offset.to_string())
+        .header("X-Entity-Name", key)
         .body(b)
         .send()
         .await
@@ -218,6 +220,7 @@ async fn keep_alive_connection_serves_several_requests() {
             .post(format!("{}/ka.bin", h.upload_url()))
             .header("Authorization", auth(TOKEN))
             .header("Offset", (i * 10).to_string())
+            .header("X-Entity-Name", "ka.bin")
             .body(vec![1u8; 10])
             .send()
             .await

@@ -435,7 +435,7 @@ async fn zip_entries_must_be_dated_1980() {
 #[tokio::test]
 async fn images_without_a_map_description_are_refused() {
     // A tools-shaped zip of images with raw EXIF only: lenient reads the raw EXIF.
-    let raw = zip_shaped(&jpegs(2, 80), &ZipShape::tools());
+    let raw = zip_shaped(&raw_jpegs(2, 80), &ZipShape::tools());
     zip_refused_strict_accepted_lenient(raw, "has no MAP* description", 2).await;
     // A description that is present but invalid (no MAPLatitude): lenient drops that image only.
     let mut files = described_jpegs(2, 90);
@@ -450,7 +450,7 @@ async fn images_without_a_map_description_are_refused() {
     // Bundle manifests: an image without a description is refused as well.
     let (strict, lenient) = pair().await;
     for (h, is_strict) in [(&strict, true), (&lenient, false)] {
-        let img = upload_as(h, TOKEN, "mly_tools_raw.jpg", jpegs(1, 95).remove(0)).await;
+        let img = upload_as(h, TOKEN, "mly_tools_raw.jpg", raw_jpegs(1, 95).remove(0)).await;
         let manifest = json!({"image_handles": [img], "upload_type": "images", "version": "1"}).to_string();
         let m = upload_as(h, TOKEN, "uuid_m.json", manifest.into_bytes()).await;
         let (s, b) = reply(

@@ -361,7 +361,13 @@ async fn a_long_track_is_clipped_across_tiles_and_each_image_is_in_one_tile() {
     let mut spec = TrackSpec::new(50.8966, -0.5591, time::macros::datetime!(2024-05-01 09:00:00 UTC));
     spec.bearing_deg = 90.0;
     spec.step_m = 4000.0;
-    let files: Vec<Vec<u8>> = track(4, &spec).iter().map(jpeg).collect();
+    let files: Vec<Vec<u8>> = track(4, &spec)
+        .into_iter()
+        .map(|mut s| {
+            s.image_description = Some(map_description(&s));
+            jpeg(&s)
+        })
+        .collect();
     let cluster = zip_cluster(&h, "long.zip", &files).await;
     advance(&h, 40).await;
     let imgs = images_of(&h, &cluster);

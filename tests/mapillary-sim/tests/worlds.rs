@@ -121,8 +121,9 @@ fn every_world_is_seed_2022_plus_its_one_difference() {
     let seed = Settings::for_world(World::Seed2022);
     assert_eq!(seed.graphql_policy, GraphqlPolicy::WebAppOnly);
     assert!(seed.oauth_tokens_can_upload && seed.keep_prefix_on_drop && !seed.refresh_revokes_old);
+    assert_eq!(seed, Settings::default(), "seed-2022 is the default world");
     let lenient = Settings::for_world(World::Lenient);
-    assert_eq!(lenient, Settings::default());
+    assert_ne!(lenient, seed);
     for w in World::ALL {
         let s = Settings::for_world(w);
         assert_eq!(s.world(), Some(w), "{w}");

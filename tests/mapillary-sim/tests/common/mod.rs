@@ -3,13 +3,17 @@
 
 use std::io::Write;
 
-use mapillary_sim::defaults::DEMO_USER_TOKEN;
+use mapillary_sim::defaults::{DEMO_USER_TOKEN, WEB_APP_CLIENT_TOKEN};
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use reqwest::{Client, Response};
 use serde_json::{json, Value};
 
 pub const TOKEN: &str = DEMO_USER_TOKEN;
+
+/// The token the GraphQL documents accept in every world: the web app's client token (in `seed-2022` and
+/// every strict world a user's token is refused there, as the seed letter says).
+pub const FEED_TOKEN: &str = WEB_APP_CLIENT_TOKEN;
 
 pub async fn start() -> SimHandle {
     start_with(SimConfig::frozen()).await
@@ -38,22 +42,24 @@ pub async fn body(r: Response) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON reply ({status}): {e}: {text}"))
 }
 
-/// `n` geotagged JPEGs one second apart, starting 2024-05-01T09:00:00Z.
+/// `n` geotagged JPEGs one second apart, starting 2024-05-01T09:00:00Z, each carrying the MAP* description
+/// mapillary_tools would inject (accepted in every world; see [`raw_jpegs`] for images without it).
 pub fn jpegs(n: usize, seed_base: u64) -> Vec<Vec<u8>> {
+    described_jpegs(n, seed_base)
+}
+
+/// `n` geotagged JPEGs as [`jpegs`] but without a MAP* description (raw EXIF only): refused in every strict
+/// world, read from their EXIF in `lenient`.
+pub fn raw_jpegs(n: usize, seed_base: u64) -> Vec<Vec<u8>> {
     let mut t = TrackSpec::new(50.8966, -0.5591, time::macros::datetime!(2024-05-01 09:00:00 UTC));
     t.seed_base = seed_base;
     track(n, &t).iter().map(jpeg).collect()
 }
 
-/// A STORED zip of `files` named `0.jpg`, `1.jpg`, …
+/// A STORED zip of `files` in mapillary_tools' shape (entries `0.jpg`, `1.jpg`, … dated 1980-01-01 and the
+/// `{"sequence_md5sum":…}` archive comment): accepted in every world if the images carry MAP* descriptions.
 pub fn zip_of(files: &[Vec<u8>]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (i, f) in files.iter().enumerate() {
-        w.start_file(format!("{i}.jpg"), opts).expect("zip entry");
-        w.write_all(f).expect("zip write");
-    }
-    w.finish().expect("zip finish").into_inner()
+    zip_shaped(files, &ZipShape::tools())
 }
 
 pub async fn get_offset(h: &SimHandle, key: &str) -> u64 {
@@ -152,7 +158,7 @@ pub async fn feed(h: &SimHandle, vars: Value) -> Value {
     if let (Some(a), Some(b)) = (v.as_object_mut(), vars.as_object()) {
         a.extend(b.clone());
     }
-    let r = graphql(h, TOKEN, FEED_DOC, v).await;
+    let r = graphql(h, FEED_TOKEN, FEED_DOC, v).await;
     assert_eq!(r.status(), 200);
     body(r).await
 }
@@ -187,7 +193,7 @@ pub async fn start_world(world: mapillary_sim::World) -> SimHandle {
 }
 
 /// The MAP* description mapillary_tools would inject for `spec` (§4.4): 7-decimal position, UTC capture
-/// time with truncated milliseconds, compact JSON.
+/// time with truncated milliseconds, the compass heading when the image has one, compact JSON.
 pub fn map_description(spec: &relay_fixtures::ImageSpec) -> String {
     let t = spec.captured_at.to_offset(time::UtcOffset::UTC);
     let capture = format!(
@@ -201,13 +207,19 @@ pub fn map_description(spec: &relay_fixtures::ImageSpec) -> String {
         t.millisecond()
     );
     let round7 = |x: f64| (x * 1e7).round() / 1e7;
-    json!({
+    let mut d = json!({
         "MAPLatitude": round7(spec.lat),
         "MAPLongitude": round7(spec.lon),
         "MAPCaptureTime": capture,
         "MAPOrientation": 1,
-    })
-    .to_string()
+    });
+    if let (Some(h), Some(o)) = (spec.heading, d.as_object_mut()) {
+        o.insert(
+            "MAPCompassHeading".to_string(),
+            json!({"TrueHeading": h, "MagneticHeading": h}),
+        );
+    }
+    d.to_string()
 }
 
 /// `n` geotagged JPEGs one second apart (as [`jpegs`]), each carrying its MAP* description.
