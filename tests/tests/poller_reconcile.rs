@@ -487,9 +487,7 @@ async fn a_finish_upload_500_that_created_nothing_is_finished_again_and_tracked_
     let w = world("poll-refinish").await?;
     let token = w.user("jo", "jo_m").await?;
     let after = w.poller.tunables.refinish_after.as_secs() as i64;
-    let (ok_id, ok_cluster) = w
-        .upload("jo", &token, "s1", 4, start_time(), Finish::Ok)
-        .await?;
+    let (ok_id, ok_cluster) = w.upload("jo", &token, "s1", 4, start_time(), Finish::Ok).await?;
     w.advance(120);
     let (gone_id, _) = w
         .upload(
@@ -512,7 +510,11 @@ async fn a_finish_upload_500_that_created_nothing_is_finished_again_and_tracked_
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.refinished, 1, "{r:?}");
     let clusters = w.sim_clusters("jo_m").await?;
-    assert_eq!(clusters.len(), 2, "exactly one cluster for the upload: {clusters:?}");
+    assert_eq!(
+        clusters.len(),
+        2,
+        "exactly one cluster for the upload: {clusters:?}"
+    );
     let new_cluster = clusters
         .iter()
         .find(|c| Some(*c) != ok_cluster.as_ref())
