@@ -418,6 +418,7 @@ fn reconcile_match_with_extreme_capture_seconds_is_false_not_an_overflow() {
         image_count: 3,
         give_up_at: FINISHED_AT,
         adopted_at: None,
+        refinishes: 0,
     };
     let mut n = node("C1", [IP, IP, IP, IP], "UNSET");
     n.created_at_seconds = Some(1_683_759_912);

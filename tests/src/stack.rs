@@ -224,7 +224,8 @@ impl LocalStack {
     /// Steps: ensure the venvs; translate the template (cached); upload the placeholder code zip to
     /// [`ARTIFACTS_BUCKET`]; `CreateStack` (parameters `Env=local`, a local `MapillaryClientSecretArn`);
     /// wait for `CREATE_COMPLETE`; read the outputs; then apply, from the same translated resources, what
-    /// moto's CloudFormation ignores ([`apply_skipped_properties`]).
+    /// moto's CloudFormation ignores ([`apply_skipped_properties`]), and disable moto's own event-source
+    /// mappings ([`disable_moto_event_source_mappings`]).
     pub async fn create(endpoint: &str, stack_name: &str) -> Result<Self> {
         validate_stack_name(stack_name)?;
         let venvs = venv::ensure(&crate::repo_root())?;
@@ -253,6 +254,7 @@ impl LocalStack {
         let resources = stack_resources(&cfn, stack_name).await?;
         let resolver = Resolver::new(&template, stack_name, &params, resources)?;
         apply_skipped_properties(&sdk_config, &template, &resolver).await?;
+        disable_moto_event_source_mappings(endpoint).await?;
 
         let out = |key: &str| {
             outputs
@@ -377,6 +379,57 @@ fn stack_params(stack_name: &str) -> Vec<(&'static str, String)> {
         ("Env", "local".to_string()),
         ("MapillaryClientSecretArn", local_client_secret_arn(stack_name)),
     ]
+}
+
+/// Disable every event-source mapping moto created from the template. moto "runs" an SQS mapping on
+/// every SendMessage: it receives a batch, fails to invoke the function (it has none to run) and
+/// makes the batch visible again — raising `ApproximateReceiveCount` without any delivery, so under
+/// many notifications messages reach the redrive policy's `maxReceiveCount` and the DLQ unseen.
+/// Deliveries are the emulated mapping's job ([`crate::esm::SqsEventSource`]). Through moto's Lambda
+/// API (ListEventSourceMappings, UpdateEventSourceMapping `Enabled: false`); moto_server routes a
+/// request by the credential scope of its Authorization header and checks no signature.
+pub async fn disable_moto_event_source_mappings(endpoint: &str) -> Result<()> {
+    let http = reqwest::Client::new();
+    let base = format!(
+        "{}/2015-03-31/event-source-mappings/",
+        endpoint.trim_end_matches('/')
+    );
+    let auth = format!(
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/lambda/aws4_request, SignedHeaders=host, Signature=0"
+    );
+    let list = http
+        .get(&base)
+        .header(reqwest::header::AUTHORIZATION, &auth)
+        .send()
+        .await
+        .context("ListEventSourceMappings (moto)")?;
+    let status = list.status();
+    let list: Value = list
+        .json()
+        .await
+        .context("ListEventSourceMappings (moto): reply")?;
+    if !status.is_success() {
+        bail!("ListEventSourceMappings (moto): {status} {list}");
+    }
+    for m in list["EventSourceMappings"].as_array().into_iter().flatten() {
+        let Some(uuid) = m["UUID"].as_str() else { continue };
+        let r = http
+            .put(format!("{base}{uuid}"))
+            .header(reqwest::header::AUTHORIZATION, &auth)
+            .json(&serde_json::json!({ "Enabled": false }))
+            .send()
+            .await
+            .context("UpdateEventSourceMapping (moto)")?;
+        let status = r.status();
+        let r: Value = r.json().await.context("UpdateEventSourceMapping (moto): reply")?;
+        if !status.is_success() || r["State"] != "Disabled" {
+            bail!(
+                "moto's event-source mapping {uuid} is still {} ({status})",
+                r["State"]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The names of the function environment variables the template sets (Globals), in template order.

@@ -1055,3 +1055,84 @@ async fn local_stack_does_not_drift_from_the_template() -> Result<()> {
     assert_eq!(compared.get("AWS::SQS::QueuePolicy"), Some(&1), "{compared:?}");
     Ok(())
 }
+
+/// moto's own event-source mappings (trap 13 of docs/local-stack.md) are disabled by
+/// `LocalStack::create`: a message sent to the ingest queue is received once, by us, with a receive
+/// count of 1 — not already received (and made visible again) by moto's mapping on SendMessage.
+#[tokio::test]
+async fn moto_event_source_mappings_are_disabled_and_never_receive_messages() -> Result<()> {
+    let stack = new_stack("esm-off").await?;
+    let sqs = stack.sqs();
+    for _ in 0..3 {
+        sqs.send_message()
+            .queue_url(&stack.ingest_queue_url)
+            .message_body(r#"{"probe":true}"#)
+            .send()
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut counts = Vec::new();
+    let started = Instant::now();
+    while counts.len() < 3 && started.elapsed() < Duration::from_secs(10) {
+        let r = sqs
+            .receive_message()
+            .queue_url(&stack.ingest_queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+            )
+            .send()
+            .await?;
+        for m in r.messages() {
+            if m.body() == Some(r#"{"probe":true}"#) {
+                counts.push(
+                    m.attributes()
+                        .and_then(|a| {
+                            a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
+                        })
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+            }
+        }
+    }
+    assert_eq!(counts, vec!["1", "1", "1"], "received by moto's mapping first");
+    // And every mapping moto holds says so.
+    let auth = format!(
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/{}/lambda/aws4_request, SignedHeaders=host, Signature=0",
+        stack::REGION
+    );
+    let list: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/2015-03-31/event-source-mappings/",
+            stack.endpoint.trim_end_matches('/')
+        ))
+        .header(reqwest::header::AUTHORIZATION, auth)
+        .send()
+        .await?
+        .json()
+        .await?;
+    // This stack's (other tests' stacks share the moto): by the queues they read.
+    let queues: Vec<&str> = [&stack.ingest_queue_url, &stack.clusters_queue_url]
+        .iter()
+        .filter_map(|u| u.rsplit('/').next())
+        .collect();
+    let states: Vec<&str> = list["EventSourceMappings"]
+        .as_array()
+        .context("mappings")?
+        .iter()
+        .filter(|m| {
+            m["EventSourceArn"]
+                .as_str()
+                .is_some_and(|a| queues.iter().any(|q| a.ends_with(&format!(":{q}"))))
+        })
+        .filter_map(|m| m["State"].as_str())
+        .collect();
+    assert!(
+        !states.is_empty(),
+        "the template's mappings exist in moto: {list}"
+    );
+    assert!(states.iter().all(|s| *s == "Disabled"), "{states:?}");
+    Ok(())
+}

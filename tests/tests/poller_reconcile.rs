@@ -307,7 +307,11 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finish_uncertain_uploads_are_adopted_from_the_feed_or_failed_after_the_window() -> Result<()> {
-    let w = world("poll-reconcile").await?;
+    let mut w = world("poll-reconcile").await?;
+    // This test is about adopting from the feed and the window: the proof that a finish created
+    // nothing (and the second call it allows) is left out here, see
+    // `a_finish_upload_500_that_created_nothing_is_finished_again_and_tracked_to_the_end`.
+    w.poller.tunables.refinish_after = Duration::from_secs(365 * 86_400);
     let token = w.user("hana", "hana_m").await?;
     // A handed-off upload (a decoy with its own cluster), then a lost reply (the cluster exists),
     // then a finish that failed before creating anything. Two minutes apart.
@@ -466,6 +470,67 @@ async fn finish_uncertain_uploads_are_adopted_from_the_feed_or_failed_after_the_
     assert!(w.poller.tracking.finish_uncertain_uploads().await?.is_empty());
     let r = w.run().await;
     assert_eq!((r.reconcile.found, r.reconcile.resolved), (0, 0), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_upload_500_that_created_nothing_is_finished_again_and_tracked_to_the_end() -> Result<()> {
+    let w = world("poll-refinish").await?;
+    let token = w.user("jo", "jo_m").await?;
+    let after = w.poller.tunables.refinish_after.as_secs() as i64;
+    let (ok_id, ok_cluster) = w.upload("jo", &token, "s1", 4, start_time(), Finish::Ok).await?;
+    w.advance(120);
+    let (gone_id, _) = w
+        .upload(
+            "jo",
+            &token,
+            "s2",
+            5,
+            start_time() + time::Duration::hours(1),
+            Finish::NotCreated,
+        )
+        .await?;
+    assert_eq!(w.sim_clusters("jo_m").await?.len(), 1, "the 502 created nothing");
+
+    // Taken into tracking; the feed shows nothing, but not for long enough.
+    let r = w.run().await;
+    assert_eq!((r.reconcile.created, r.refinished), (1, 0), "{r:?}");
+    // RELAY_REFINISH_AFTER_S after the call: the feed, read back to it, proves it created nothing.
+    w.advance(after + 5);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.refinished, 1, "{r:?}");
+    let clusters = w.sim_clusters("jo_m").await?;
+    assert_eq!(
+        clusters.len(),
+        2,
+        "exactly one cluster for the upload: {clusters:?}"
+    );
+    let new_cluster = clusters
+        .iter()
+        .find(|c| Some(*c) != ok_cluster.as_ref())
+        .context("the second call's cluster")?
+        .clone();
+    let gone = w.poller.tracking.get_tracking(&gone_id).await?.context("gone")?;
+    assert_eq!(gone.tracked.cluster_id, new_cluster);
+    assert_eq!(gone.tracked.reconcile.as_ref().map(|r| r.refinishes), Some(1));
+
+    // Tracked to the end like any upload; never finished a third time; out of the index.
+    w.advance(7000);
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let gone = w.poller.tracking.get_tracking(&gone_id).await?.context("gone")?;
+    assert_eq!(gone.tracked.state, OverallState::Finished, "{gone:?}");
+    assert_eq!(gone.linked_via, Some(LinkPath::ActivityFeed));
+    assert_eq!(gone.linked_count, 5);
+    let ok = w.poller.tracking.get_tracking(&ok_id).await?.context("ok")?;
+    assert_eq!(ok.linked_count, 4);
+    assert_ne!(ok.sequence_ids, gone.sequence_ids);
+    w.advance(after * 3);
+    let r = w.run().await;
+    assert_eq!(r.refinished, 0, "{r:?}");
+    assert_eq!(w.sim_clusters("jo_m").await?.len(), 2);
+    assert!(w.poller.tracking.finish_uncertain_uploads().await?.is_empty());
     Ok(())
 }
 

@@ -90,7 +90,7 @@ struct Scale {
     /// Probability that a zip-and-push invocation is SIGKILLed at a random point.
     kill_probability: f64,
     /// The same for a poller invocation. A killed run holds the poller's run lease for its budget
-    /// plus the poller's fixed 60 s slack (not scaled): no tracking meanwhile.
+    /// plus `RELAY_RUN_LEASE_SLACK_S` (5 s here): no tracking meanwhile.
     poller_kill_probability: f64,
     /// Window over which the sequences are dropped.
     drop_window: Duration,
@@ -538,8 +538,6 @@ async fn soak(root: &Path, state: &StackState, o: &Options, started: Instant) ->
             .with_context(|| format!("SetQueueAttributes {url}"))?;
     }
 
-    disable_moto_event_source_mappings(&ctx, &state.moto.url).await?;
-
     // zip-and-push and the poller as plain binaries behind Runtime APIs, with the template's environment.
     let template =
         integration_tests::stack::translate_template(&venvs, &integration_tests::stack::template_path())?;
@@ -558,6 +556,12 @@ async fn soak(root: &Path, state: &StackState, o: &Options, started: Instant) ->
     for k in 0..scale.zip_envs {
         let mut env = function_env(&functions, "zip-and-push", &stack_env, &work)?;
         set(&mut env, "RELAY_DEADLINE_MARGIN_S", "3");
+        // finish_upload starts only when its timeout plus the cluster_id save fit before the deadline
+        // (60 s + 10 s by default: never, in a 10–20 s invocation); a held sequence's message comes
+        // back after 30 s by default. Scaled like the deadline.
+        set(&mut env, "RELAY_FINISH_TIMEOUT_S", "3");
+        set(&mut env, "RELAY_CLUSTER_SAVE_BUDGET_S", "2");
+        set(&mut env, "RELAY_HELD_RETRY_DELAY_SECONDS", "2");
         zips.push(
             start_function(
                 &bin_dir,
@@ -578,6 +582,15 @@ async fn soak(root: &Path, state: &StackState, o: &Options, started: Instant) ->
     );
     // FINISH_UNCERTAIN uploads are looked for every 900 s by default; scaled like everything else.
     set(&mut env, "RELAY_RECONCILE_SCAN_EVERY_S", "5");
+    // A finish_upload that created nothing (a 500 before the handler, a kill before the call) is
+    // finished again once the feed shows no cluster for it this long after the call (900 s by
+    // default; the simulator's feed node appears within a second here); the window and the second
+    // call's timeout are scaled with it, and so is the run lease's slack (a killed run holds the
+    // lease for its budget plus this).
+    set(&mut env, "RELAY_REFINISH_AFTER_S", "10");
+    set(&mut env, "RELAY_RECONCILE_WINDOW_S", "120");
+    set(&mut env, "RELAY_FINISH_TIMEOUT_S", "3");
+    set(&mut env, "RELAY_RUN_LEASE_SLACK_S", "5");
     let poller = start_function(
         &bin_dir,
         &stack_name,
@@ -683,44 +696,6 @@ async fn soak(root: &Path, state: &StackState, o: &Options, started: Instant) ->
             report.failures.join("; ")
         )
     }
-}
-
-/// Disables moto's own event-source mappings (created from the template). moto "runs" one on every
-/// SendMessage: it receives a batch with the queue's visibility timeout, fails to invoke the function
-/// (it has none to run) and makes the batch visible again — which raises each message's
-/// ApproximateReceiveCount without any delivery, so under many notifications messages reach
-/// `maxReceiveCount` and the DLQ unseen. The soak's [`SqsEventSource`] is the mapping.
-async fn disable_moto_event_source_mappings(ctx: &Ctx, moto: &str) -> Result<()> {
-    let base = format!("{}/2015-03-31/event-source-mappings/", moto.trim_end_matches('/'));
-    // moto_server routes a request to a service by the credential scope of its Authorization header
-    // (it checks no signature).
-    let auth = format!(
-        "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/lambda/aws4_request, SignedHeaders=host, Signature=0"
-    );
-    let list = ctx
-        .http
-        .get(&base)
-        .header(reqwest::header::AUTHORIZATION, &auth)
-        .send()
-        .await
-        .context("ListEventSourceMappings (moto)")?;
-    let list = json_of(list, "ListEventSourceMappings (moto)").await?;
-    for m in list["EventSourceMappings"].as_array().into_iter().flatten() {
-        let Some(uuid) = m["UUID"].as_str() else { continue };
-        let r = ctx
-            .http
-            .put(format!("{base}{uuid}"))
-            .header(reqwest::header::AUTHORIZATION, &auth)
-            .json(&json!({ "Enabled": false }))
-            .send()
-            .await
-            .context("UpdateEventSourceMapping (moto)")?;
-        let r = json_of(r, "UpdateEventSourceMapping (moto)").await?;
-        if r["State"] != "Disabled" {
-            bail!("moto's event-source mapping {uuid} is still {}", r["State"]);
-        }
-    }
-    Ok(())
 }
 
 /// `env` with `key` set to `value` (replaced if present).

@@ -42,9 +42,19 @@ pub struct Tunables {
     pub entity_batch: usize,
     /// `RELAY_UPLOAD_CONCURRENCY` (8): one user's uploads read and written in parallel.
     pub upload_concurrency: usize,
-    /// `RELAY_RECONCILE_WINDOW_H` (24): a FINISH_UNCERTAIN upload whose cluster has not shown up in
+    /// `RELAY_RECONCILE_WINDOW_H` (24; `RELAY_RECONCILE_WINDOW_S`, seconds, takes precedence): a FINISH_UNCERTAIN upload whose cluster has not shown up in
     /// the activity feed this long after zip-and-push gave up on `finish_upload`'s reply is FAILED.
     pub reconcile_window: Duration,
+    /// `RELAY_REFINISH_AFTER_S` (900): a FINISH_UNCERTAIN upload whose cluster the user's activity
+    /// feed — read successfully back to the `finish_upload` call — has not shown this long after the
+    /// call is finished again (the call provably created nothing; feed nodes appear at ingestion).
+    pub refinish_after: Duration,
+    /// `RELAY_FINISH_TIMEOUT_S` (60): longest wait for the reply of such a second `finish_upload`
+    /// (no reply in time: the outcome is unknown again, a fresh window).
+    pub finish_timeout: Duration,
+    /// `RELAY_RUN_LEASE_SLACK_S` (60): how long the run lease outlives the run's deadline (covers the
+    /// function's stop margin). A killed run blocks tracking for its budget plus this.
+    pub run_lease_slack: Duration,
     /// `RELAY_RECONCILE_SCAN_EVERY_S` (900): how often the uploads table is scanned for new
     /// FINISH_UNCERTAIN uploads (0: every run).
     pub reconcile_scan_every: Duration,
@@ -71,6 +81,9 @@ impl Default for Tunables {
             upload_concurrency: 8,
             reconcile_window: Duration::from_secs(24 * 3600),
             reconcile_scan_every: Duration::from_secs(900),
+            refinish_after: Duration::from_secs(900),
+            finish_timeout: Duration::from_secs(60),
+            run_lease_slack: Duration::from_secs(60),
             stuck_after: Duration::from_secs(7200),
         }
     }
@@ -150,11 +163,17 @@ impl Config {
             tile_margin_m: env.parse_or("RELAY_TILE_MARGIN_M", d.tile_margin_m)?,
             entity_batch: env.parse_or("RELAY_ENTITY_BATCH", d.entity_batch)?,
             upload_concurrency: env.parse_or("RELAY_UPLOAD_CONCURRENCY", d.upload_concurrency)?,
-            reconcile_window: Duration::from_secs(
-                env.parse_or("RELAY_RECONCILE_WINDOW_H", 24u64)?
-                    .saturating_mul(3600),
-            ),
+            reconcile_window: match env.optional("RELAY_RECONCILE_WINDOW_S") {
+                Some(_) => Duration::from_secs(env.parse_or("RELAY_RECONCILE_WINDOW_S", 86_400u64)?),
+                None => Duration::from_secs(
+                    env.parse_or("RELAY_RECONCILE_WINDOW_H", 24u64)?
+                        .saturating_mul(3600),
+                ),
+            },
             reconcile_scan_every: Duration::from_secs(env.parse_or("RELAY_RECONCILE_SCAN_EVERY_S", 900u64)?),
+            refinish_after: Duration::from_secs(env.parse_or("RELAY_REFINISH_AFTER_S", 900u64)?),
+            finish_timeout: Duration::from_secs(env.parse_or("RELAY_FINISH_TIMEOUT_S", 60u64)?),
+            run_lease_slack: Duration::from_secs(env.parse_or("RELAY_RUN_LEASE_SLACK_S", 60u64)?),
             stuck_after: Duration::from_secs(env.parse_or("RELAY_STUCK_AFTER_SECONDS", 7200u64)?),
         };
         for (name, ok) in [
@@ -166,6 +185,23 @@ impl Config {
             ("RELAY_USER_CONCURRENCY", tunables.user_concurrency >= 1),
             ("RELAY_UPLOAD_CONCURRENCY", tunables.upload_concurrency >= 1),
             ("RELAY_ENTITY_BATCH", (1..=2000).contains(&tunables.entity_batch)),
+            // Bounded so that `now + window` and `now + slack` never overflow a timestamp.
+            (
+                "RELAY_RECONCILE_WINDOW_S",
+                tunables.reconcile_window.as_secs() <= 3650 * 86_400,
+            ),
+            (
+                "RELAY_REFINISH_AFTER_S",
+                tunables.refinish_after.as_secs() <= 3650 * 86_400,
+            ),
+            (
+                "RELAY_FINISH_TIMEOUT_S",
+                (1..=900).contains(&tunables.finish_timeout.as_secs()),
+            ),
+            (
+                "RELAY_RUN_LEASE_SLACK_S",
+                tunables.run_lease_slack.as_secs() <= 3600,
+            ),
             (
                 "RELAY_STUCK_AFTER_SECONDS",
                 (900..=30 * 24 * 3600).contains(&tunables.stuck_after.as_secs()),
@@ -221,6 +257,34 @@ mod tests {
         assert_eq!(c.tunables.policy.stale_after, time::Duration::hours(1));
         assert_eq!(c.tunables.policy.hard_stop_after, time::Duration::days(2));
         assert_eq!(c.tunables.feed_page_size, 200);
+    }
+
+    #[test]
+    fn when_reconcile_and_lease_seconds_set_should_use_them_and_the_seconds_window_wins() {
+        let mut env = base();
+        env.insert("RELAY_RECONCILE_WINDOW_H", "2".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.reconcile_window, Duration::from_secs(7200));
+        assert_eq!(c.tunables.refinish_after, Duration::from_secs(900));
+        assert_eq!(c.tunables.run_lease_slack, Duration::from_secs(60));
+        env.insert("RELAY_RECONCILE_WINDOW_S", "45".into());
+        env.insert("RELAY_REFINISH_AFTER_S", "6".into());
+        env.insert("RELAY_RUN_LEASE_SLACK_S", "5".into());
+        env.insert("RELAY_FINISH_TIMEOUT_S", "10".into());
+        let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.tunables.reconcile_window, Duration::from_secs(45));
+        assert_eq!(c.tunables.refinish_after, Duration::from_secs(6));
+        assert_eq!(c.tunables.run_lease_slack, Duration::from_secs(5));
+        assert_eq!(c.tunables.finish_timeout, Duration::from_secs(10));
+        for (k, v) in [
+            ("RELAY_RUN_LEASE_SLACK_S", "3601"),
+            ("RELAY_FINISH_TIMEOUT_S", "0"),
+            ("RELAY_RECONCILE_WINDOW_S", "999999999999"),
+        ] {
+            let mut bad = env.clone();
+            bad.insert(k, v.into());
+            assert!(Config::from_lookup(|x| bad.get(x).cloned()).is_err(), "{k}={v}");
+        }
     }
 
     #[test]

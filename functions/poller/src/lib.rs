@@ -41,6 +41,8 @@ mod user;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_refinish;
 
 pub use deps::{Deps, PollerDeps};
 pub use report::{RunReport, RunTimings};

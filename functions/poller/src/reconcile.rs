@@ -145,6 +145,7 @@ pub async fn reconcile_record<D: Deps>(d: &D, up: &UploadRecord) -> Result<Track
                     .max(u32::try_from(images.len()).unwrap_or(u32::MAX)),
                 give_up_at: ended + window,
                 adopted_at: None,
+                refinishes: 0,
             });
         }
         None => {

@@ -36,6 +36,8 @@ pub struct RunReport {
     pub linked_feed: usize,
     /// Uploads linked through coverage tiles.
     pub linked_tiles: usize,
+    /// FINISH_UNCERTAIN uploads finished again (the feed proved the first call created nothing).
+    pub refinished: usize,
     /// The budget ran out before everything was looked at.
     pub cut_off: bool,
     /// Another run held the lease: this one did nothing.
@@ -75,6 +77,7 @@ pub(crate) struct UserReport {
     pub written: usize,
     pub linked_feed: usize,
     pub linked_tiles: usize,
+    pub refinished: usize,
     pub cut_off: bool,
     /// The feed was walked.
     pub feed_ok: bool,
@@ -106,6 +109,7 @@ impl RunReport {
         self.written += o.written;
         self.linked_feed += o.linked_feed;
         self.linked_tiles += o.linked_tiles;
+        self.refinished += o.refinished;
         self.cut_off |= o.cut_off;
         self.transitions.extend(o.transitions);
         self.errors.extend(o.errors);

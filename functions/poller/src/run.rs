@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use shared::domain::tracking::{is_due, FeedErrorClass, FeedSource};
@@ -32,9 +32,6 @@ use crate::report::{RunReport, UserReport};
 use crate::sweep::sweep_stuck;
 use crate::user::track_user;
 
-/// How long the lease outlives the run's deadline (covers the function's stop margin).
-const LEASE_SLACK: Duration = Duration::from_secs(60);
-
 /// One run. `deadline` is when the run must have stopped starting new work (the Lambda deadline
 /// minus a margin, or `now + budget`, whichever is earlier).
 pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
@@ -45,7 +42,7 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
     // lasts past the deadline by the function's stop margin, so it outlives every write of the run.
     let owner = uuid::Uuid::new_v4().to_string();
     let wall = time::OffsetDateTime::now_utc();
-    let until = wall + deadline.saturating_duration_since(Instant::now()) + LEASE_SLACK;
+    let until = wall + deadline.saturating_duration_since(Instant::now()) + d.tunables().run_lease_slack;
     match d.tracking().acquire_run_lease(&owner, wall, until).await {
         Ok(true) => {}
         Ok(false) => {
@@ -71,6 +68,7 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
         written = report.written,
         linked_feed = report.linked_feed,
         linked_tiles = report.linked_tiles,
+        refinished = report.refinished,
         stuck_failed = report.sweep.failed,
         stuck_uncertain = report.sweep.uncertain,
         stuck_handed_off = report.sweep.handed_off,

@@ -302,13 +302,25 @@ fn mapillary_view(t: &TrackingRecord, links: &[ImageLink]) -> MapillaryView {
     }
 }
 
+/// The upload's cluster id: zip-and-push's, or — for an upload whose `finish_upload` reply was lost
+/// (FINISH_UNCERTAIN) — the one the poller adopted from the activity feed or got from finishing
+/// again (its tracking record, the same owner's, no longer reconciling).
+fn cluster_id(u: &UploadRecord, tracking: Option<&TrackingRecord>) -> Option<String> {
+    u.cluster_id.clone().or_else(|| {
+        tracking
+            .filter(|t| t.user_id == u.user_id && t.upload_id == u.upload_id)
+            .filter(|t| !t.tracked.is_reconciling() && !t.tracked.cluster_id.is_empty())
+            .map(|t| t.tracked.cluster_id.clone())
+    })
+}
+
 /// One upload with what the poller knows about it.
 pub fn upload_view(u: &UploadRecord, tracking: Option<(&TrackingRecord, &[ImageLink])>) -> UploadView {
     UploadView {
         upload_id: u.upload_id.clone(),
         index: u.index,
         state: u.state.as_str(),
-        cluster_id: u.cluster_id.clone(),
+        cluster_id: cluster_id(u, tracking.map(|(t, _)| t)),
         image_count: u.image_count,
         bytes: u.total_len,
         error: u.error.clone(),
@@ -535,5 +547,80 @@ impl Connection {
             }),
             updated_at: Some(ts(t.updated_at)),
         }
+    }
+}
+
+#[cfg(test)]
+mod cluster_id_tests {
+    use shared::domain::tracking::{adopt_cluster, Reconcile, TrackedUpload};
+    use shared::model::{upload_id, UploadState};
+    use time::macros::datetime;
+
+    use super::*;
+
+    fn uncertain() -> UploadRecord {
+        UploadRecord {
+            user_id: "u1".into(),
+            sequence_id: "s1".into(),
+            upload_id: upload_id("u1", "s1", 0),
+            index: 0,
+            state: UploadState::FinishUncertain,
+            session_key: "mly_relay_0.zip".into(),
+            total_len: 1000,
+            image_count: 3,
+            cluster_id: None,
+            handle: Some("h".into()),
+            organization_id: None,
+            bytes_sent: 1000,
+            created_at: datetime!(2026-03-01 10:00 UTC),
+            started_at: Some(datetime!(2026-03-01 10:01 UTC)),
+            finished_at: Some(datetime!(2026-03-01 10:02 UTC)),
+            error: Some("finish_upload outcome unknown: 500".into()),
+            attempts: 1,
+        }
+    }
+
+    fn reconciling(u: &UploadRecord) -> TrackingRecord {
+        let mut tracked = TrackedUpload::new(String::new(), datetime!(2026-03-01 10:02 UTC));
+        tracked.reconcile = Some(Reconcile {
+            created_from_s: 0,
+            created_until_s: 1,
+            first_captured_at_s: 0,
+            image_count: 3,
+            give_up_at: datetime!(2026-03-02 10:02 UTC),
+            adopted_at: None,
+            refinishes: 0,
+        });
+        TrackingRecord::new(
+            u.user_id.clone(),
+            u.sequence_id.clone(),
+            u.upload_id.clone(),
+            tracked,
+            Some(3),
+        )
+    }
+
+    #[test]
+    fn an_adopted_cluster_is_shown_for_a_finish_uncertain_upload() {
+        let u = uncertain();
+        let mut t = reconciling(&u);
+        // Still looking for it: nothing to show.
+        assert_eq!(upload_view(&u, Some((&t, &[]))).cluster_id, None);
+        adopt_cluster(&mut t.tracked, "c-42", datetime!(2026-03-01 10:05 UTC));
+        assert_eq!(
+            upload_view(&u, Some((&t, &[]))).cluster_id.as_deref(),
+            Some("c-42")
+        );
+        // Another user's record under the same id is not this upload's outcome.
+        let mut other = t.clone();
+        other.user_id = "u2".into();
+        assert_eq!(upload_view(&u, Some((&other, &[]))).cluster_id, None);
+        // zip-and-push's own cluster id wins.
+        let mut handed = u.clone();
+        handed.cluster_id = Some("c-1".into());
+        assert_eq!(
+            upload_view(&handed, Some((&t, &[]))).cluster_id.as_deref(),
+            Some("c-1")
+        );
     }
 }

@@ -670,6 +670,45 @@ async fn when_upload_gets_401_should_refresh_once_and_continue() {
 }
 
 #[tokio::test]
+async fn a_token_refused_again_right_after_its_refresh_is_retried_in_a_later_invocation_not_failed() {
+    let w = world().await;
+    let t = admin(&w.sim, "/tokens", json!({"user": DEMO_USER_ID, "oauth": true})).await;
+    let old = t["access_token"].as_str().expect("token").to_string();
+    w.deps.tokens.insert(
+        USER,
+        token(&old, Some(OffsetDateTime::now_utc() + time::Duration::days(30))),
+    );
+    // The stored token is refused (the first 401: refreshed); the refreshed one is refused at once
+    // too — by rupload and by /me — as a token that expires again right after its refresh does.
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"method": "POST", "path": "/rupload/*", "times": 2,
+        "action": {"kind": "unauthorized"}}),
+    )
+    .await;
+    admin(
+        &w.sim,
+        "/faults",
+        json!({"path": "/graph/me", "times": 1, "action": {"kind": "unauthorized"}}),
+    )
+    .await;
+    let imgs = named(&specs(4, 750));
+    let etag = drop_sequence(&w.deps.store, "again", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "again", &etag)]), deadline()).await;
+    let st = status(&w, "again").await;
+    assert_ne!(st.state, SequenceState::Failed, "not failed for good: {st:?}");
+    assert!(!st.uploads[0].state.is_final(), "{st:?}");
+    assert_eq!(resp.batch_item_failures.len(), 1, "retried later: {resp:?}");
+    assert_eq!(w.deps.tokens.saves.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The next invocation (a new session) uploads with the refreshed token.
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "again", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let st = status(&w, "again").await;
+    assert_eq!(st.uploads[0].state, UploadState::HandedOff, "{st:?}");
+}
+
+#[tokio::test]
 async fn when_token_expiring_soon_should_refresh_before_upload() {
     let w = world().await;
     let t = admin(&w.sim, "/tokens", json!({"user": DEMO_USER_ID, "oauth": true})).await;

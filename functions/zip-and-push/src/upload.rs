@@ -294,8 +294,9 @@ async fn drive_upload<D: Deps>(
     }
 }
 
-/// After a 401 on rupload or `finish_upload`: refresh once (an expired OAuth token); a token that
-/// is still refused but that `/me` accepts is valid and only refused for uploads — the connection is
+/// After a 401 on rupload or `finish_upload`: refresh once (an expired OAuth token); a token
+/// refused again right after this invocation refreshed it, by `/me` too, is retried in a later
+/// invocation (transient); a token that is still refused but that `/me` accepts is valid and only refused for uploads — the connection is
 /// marked `upload_token_required` and the sequence waits for an upload token. `Ok(())` means: try
 /// again with the session's (refreshed or newly stored) token.
 async fn unauthorized<D: Deps>(
@@ -315,6 +316,17 @@ async fn unauthorized<D: Deps>(
     }
     match d.mapillary().me(token.access()).await {
         Ok(_) => {}
+        // Refreshed in this invocation (Mapillary accepted the refresh and issued this token) and
+        // refused again at once: the token expired again right after its refresh, which is not
+        // proof the connection is dead. A later invocation starts a new session (and refreshes
+        // again: a refused refresh is the connection-broken path); the attempts-without-progress
+        // limit bounds the retries.
+        Err(me) if me.is_unauthorized() && token.refreshed() => {
+            warn!(error = %me, "the token was refused again right after its refresh: retrying in a later invocation");
+            return Err(SequenceError::Transient(format!(
+                "Mapillary refused the token again right after refreshing it: {e}"
+            )));
+        }
         Err(me) if me.is_unauthorized() => {
             return Err(SequenceError::Permanent(format!(
                 "Mapillary rejected the token: {e}"

@@ -205,6 +205,11 @@ pub struct Reconcile {
     /// When the cluster was found and adopted.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub adopted_at: Option<OffsetDateTime>,
+    /// How often the poller called `finish_upload` again after the activity feed proved that the
+    /// previous call created nothing (each call moves `created_until_s` and `give_up_at`: a fresh
+    /// window).
+    #[serde(default)]
+    pub refinishes: u32,
 }
 
 impl Reconcile {
@@ -227,6 +232,18 @@ impl Reconcile {
             .item_count
             .is_none_or(|n| n > 0 && n <= i64::from(self.image_count));
         created && captured && count
+    }
+
+    /// Whether the activity feed, read at `now` back to `created_from_s` without a matching node,
+    /// proves that the last `finish_upload` call (it ended by `created_until_s - slack_s`) created
+    /// nothing: `after` has passed since it ended (feed nodes appear at ingestion).
+    pub fn refinish_due(&self, now: OffsetDateTime, slack_s: i64, after: Duration) -> bool {
+        self.is_open()
+            && now.unix_timestamp()
+                >= self
+                    .created_until_s
+                    .saturating_sub(slack_s)
+                    .saturating_add(after.whole_seconds())
     }
 
     /// The single node among `candidates` that matches, leaving out clusters in `taken`

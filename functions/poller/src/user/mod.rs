@@ -1,9 +1,11 @@
 //! One user's turn in a run, three steps in order: [`status`] (walk the user's activity feed once,
-//! then the status of every due upload), [`link`] (our images → Mapillary image ids, by feed or
+//! then the status of every due upload; [`refinish`]: finish again the FINISH_UNCERTAIN uploads the
+//! feed proved uncommitted), [`link`] (our images → Mapillary image ids, by feed or
 //! by coverage tiles), [`write`] (links, then records, in one batch). The user's token session is
 //! opened first; without one only the deadlines are checked.
 
 pub(crate) mod link;
+pub(crate) mod refinish;
 pub(crate) mod status;
 pub(crate) mod write;
 
@@ -53,6 +55,10 @@ pub(crate) async fn track_user<D: Deps>(
     out.timings.feed_ms = elapsed_ms(t);
     let now = d.clock().now();
     let mut turns = status::statuses(d, records, &mut feed, now, &mut out);
+
+    if let Some(tok) = session.as_mut() {
+        refinish::refinish(d, user_id, tok, &mut turns, deadline, &mut out).await;
+    }
 
     let t = Instant::now();
     if let Some(tok) = session.as_mut() {

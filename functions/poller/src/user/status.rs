@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::deps::Deps;
 use crate::feed::{self, FeedOutcome};
+use crate::reconcile::CREATED_SLACK_S;
 use crate::report::UserReport;
 
 /// What the user's feed walk tells the status step.
@@ -45,6 +46,9 @@ pub(crate) struct UploadTurn {
     pub update: Update,
     /// Links found in this run (stored before the record).
     pub links: Vec<ImageLink>,
+    /// A FINISH_UNCERTAIN upload whose `finish_upload` the feed proved to have created nothing:
+    /// finish it again (see `user::refinish`).
+    pub refinish: bool,
 }
 
 impl UploadTurn {
@@ -141,6 +145,8 @@ pub(crate) fn statuses<D: Deps>(
         .map(|r| r.tracked.cluster_id.clone())
         .collect();
     let window = time::Duration::try_from(d.tunables().reconcile_window).unwrap_or(time::Duration::DAY);
+    let refinish_after =
+        time::Duration::try_from(d.tunables().refinish_after).unwrap_or(time::Duration::MINUTE * 15);
     let mut turns: Vec<UploadTurn> = Vec::with_capacity(records.len());
     for mut record in records {
         out.checked += 1;
@@ -157,6 +163,7 @@ pub(crate) fn statuses<D: Deps>(
         }
         let mut adopted: Option<Transition> = None;
         let mut forced: Option<Update> = None;
+        let mut refinish = false;
         if let (Some(rc), true) = (record.tracked.reconcile.clone(), record.tracked.is_reconciling()) {
             if out.feed_ok {
                 match rc.pick(&feed.recent, &taken_clusters) {
@@ -166,6 +173,14 @@ pub(crate) fn statuses<D: Deps>(
                         adopted = Some(adopt_cluster(&mut record.tracked, &node.cluster_id, now));
                         taken_clusters.insert(node.cluster_id.clone());
                         feed.nodes.insert(node.cluster_id.clone(), node.clone());
+                    }
+                    // The feed, read back to the call, holds no cluster for it long after the
+                    // call ended: the call created nothing. Finish again (before giving up: this
+                    // is proof, not a guess).
+                    Ok(None) if rc.refinish_due(now, CREATED_SLACK_S, refinish_after) => {
+                        info!(upload_id = %record.upload_id, refinishes = rc.refinishes,
+                            "FINISH_UNCERTAIN: the feed shows no cluster for finish_upload: finishing again");
+                        refinish = true;
                     }
                     Ok(None) if now >= rc.give_up_at => {
                         warn!(upload_id = %record.upload_id, "FINISH_UNCERTAIN: no cluster in the feed within the window: FAILED");
@@ -209,6 +224,7 @@ pub(crate) fn statuses<D: Deps>(
             old,
             update,
             links: Vec::new(),
+            refinish,
         });
     }
     turns

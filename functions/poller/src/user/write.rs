@@ -44,6 +44,7 @@ pub(crate) async fn write<D: Deps>(
             old,
             update,
             links,
+            ..
         } = w;
         let needs_link = old.linked_via.is_none() && !matches!(update.state, OverallState::Failed { .. });
         if needs_link && record.linked_via.is_none() && update.state.is_final() {
