@@ -106,6 +106,20 @@ pub enum AnnounceError {
     Organization,
 }
 
+/// `now` as `YYYYMMDD<between>HHMMSS` in its own offset (callers pass UTC): the time part of
+/// generated sequence names and ids.
+pub fn compact_stamp(now: OffsetDateTime, between: char) -> String {
+    format!(
+        "{:04}{:02}{:02}{between}{:02}{:02}{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
 /// Whether `name` is a JPEG by its extension (`.jpg`/`.jpeg`, any case) — the images zip-and-push
 /// picks by default.
 pub fn is_jpeg_name(name: &str) -> bool {

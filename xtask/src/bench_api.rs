@@ -16,7 +16,7 @@
 //!
 //! Everything runs against moto (Python) on this machine: the latencies are mostly moto's.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,7 +60,7 @@ pub const COLD_RUNS: usize = 10;
 
 pub async fn run(root: &Path) -> Result<()> {
     let load_start = uptime();
-    let bin = build_release(root)?;
+    let bin = crate::binaries::release_binary(root, "status-api")?;
     let size = std::fs::metadata(&bin)
         .with_context(|| format!("{}", bin.display()))?
         .len();
@@ -350,37 +350,6 @@ async fn seed(stack: &LocalStack) -> Result<()> {
     )
     .await?;
     Ok(())
-}
-
-/// `cargo build --release -p status-api --bin status-api`; the executable's path.
-fn build_release(root: &Path) -> Result<PathBuf> {
-    eprintln!("bench: building the release status-api binary");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "status-api",
-            "--bin",
-            "status-api",
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build --release -p status-api")?;
-    ensure!(
-        output.status.success(),
-        "cargo build --release failed ({})",
-        output.status
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "status-api")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .ok_or_else(|| anyhow!("cargo did not report the status-api executable"))
 }
 
 // ------------------------------------------------------------------ cold start

@@ -18,6 +18,7 @@
 mod bench;
 mod bench_api;
 mod bench_poller;
+mod binaries;
 mod demo;
 mod lambda_proc;
 mod package;

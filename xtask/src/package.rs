@@ -40,6 +40,7 @@ use mapillary_sim::{defaults, SimConfig, Simulator};
 use relay_fixtures::{track, write_jpegs, TrackSpec};
 use serde_json::Value;
 
+use crate::binaries::vm_hwm_kib;
 use crate::runtime_api::{Observed, RuntimeApi};
 use crate::{push, venv};
 
@@ -781,15 +782,6 @@ fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Peak RSS (`VmHWM`, KiB) of a live process.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The figures as a Markdown table (docs/deploy.md records them).

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use aws_config::SdkConfig;
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
@@ -25,7 +26,7 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::tokens::KmsTokenStore;
-use shared::config::ClientSecretSource;
+use shared::config::{ClientSecretSource, MapillaryConfig};
 use shared::model::{SequenceState, StoredToken};
 use shared::ports::TokenStore;
 use zip_and_push::compose::{compose, ProductionDeps};
@@ -62,17 +63,23 @@ pub fn env_of(state: &StackState) -> BTreeMap<String, String> {
     state.exports.iter().cloned().collect()
 }
 
+/// The SDK config for the local stack's `AWS_ENDPOINT_URL` (from `stack up`'s exports), after
+/// checking that the function's Mapillary client secret is given in plain, as the stack exports it.
+pub async fn local_sdk(env: &BTreeMap<String, String>, mapillary: &MapillaryConfig) -> Result<SdkConfig> {
+    let endpoint = env
+        .get("AWS_ENDPOINT_URL")
+        .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
+    if !matches!(mapillary.client_secret, ClientSecretSource::Plain(_)) {
+        bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
+    }
+    Ok(sdk_config(endpoint).await)
+}
+
 /// Config, SDK clients and adapters, composed by the function's own [`compose`] (as its `main.rs`
 /// does), with S3 path-style for moto; the local stack's client secret is plain.
 pub async fn deps_from_env(env: &BTreeMap<String, String>) -> Result<(Config, RelayDeps)> {
     let config = Config::from_lookup(|k| env.get(k).cloned())?;
-    let endpoint = env
-        .get("AWS_ENDPOINT_URL")
-        .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
-    let sdk = sdk_config(endpoint).await;
-    if !matches!(config.mapillary.client_secret, ClientSecretSource::Plain(_)) {
-        bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
-    }
+    let sdk = local_sdk(env, &config.mapillary).await?;
     let mut deps = compose(&config, &sdk).await?;
     deps.store = S3ObjectStore::new(s3_client(&sdk));
     Ok((config, deps))
@@ -123,15 +130,7 @@ fn default_sequence(dir: &Path) -> String {
         .take(64)
         .collect();
     let now = time::OffsetDateTime::now_utc();
-    let stamp = format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    );
+    let stamp = shared::drops::compact_stamp(now, 'T');
     let name = name.trim_matches('-');
     if name.is_empty() {
         format!("seq-{stamp}")

@@ -9,15 +9,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use integration_tests::stack::sdk_config;
+use anyhow::{bail, Context, Result};
 use poller::clock::Clock;
 use poller::compose::{compose, ProductionPoller};
 use poller::config::Config;
 use poller::linking::path_label;
 use poller::run_once;
 use serde_json::Value;
-use shared::config::ClientSecretSource;
 use shared::model::{TrackingRecord, UploadRecord, UploadState};
 use shared::ports::{TrackingReader, UploadReader};
 
@@ -28,13 +26,7 @@ pub type RelayPoller = ProductionPoller;
 /// (`stack up`'s exports), with `clock` as "now".
 pub async fn poller_from_env(env: &BTreeMap<String, String>, clock: Clock) -> Result<RelayPoller> {
     let config = Config::from_lookup(|k| env.get(k).cloned())?;
-    let endpoint = env
-        .get("AWS_ENDPOINT_URL")
-        .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
-    let sdk = sdk_config(endpoint).await;
-    if !matches!(config.mapillary.client_secret, ClientSecretSource::Plain(_)) {
-        bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
-    }
+    let sdk = crate::push::local_sdk(env, &config.mapillary).await?;
     let mut poller = compose(&config, &sdk).await?;
     poller.clock = clock;
     Ok(poller)

@@ -8,153 +8,36 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use base64::Engine;
 use lambda_http::request::RequestContext;
-use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::replies::token_expiry;
-use shared::model::{ConnectOutcome, StoredToken, TokenKind, TokenRecord};
+use shared::model::{ConnectOutcome, SequenceRecord, StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
-    AccountClaims, ConnectionReader, DropStore, ImageEntryReader, OAuthState, OAuthStateStore, ObjectStore,
-    ObjectWriter, SequenceReader, StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
+    AccountClaims, ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader,
+    StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::Settings;
+pub use crate::deps::{AppDeps, Deps};
 use crate::drops;
 use crate::identity;
 use crate::oauth;
 use crate::problem::Problem;
+use crate::reply::json_no_store;
+use crate::request::{caller, owned_sequence, require_json, sequence_call, PathArg};
+pub use crate::routes::*;
 use crate::validate;
 use crate::views;
-
-/// `GET` — the caller's sequences; `POST` — announce a sequence, get presigned upload URLs.
-pub const ROUTE_SEQUENCES: &str = "/v1/sequences";
-/// `GET` — one sequence; `DELETE` — remove its objects and records.
-pub const ROUTE_SEQUENCE: &str = "/v1/sequences/{sequence_id}";
-/// `POST` — the announced files are uploaded: write the manifest.
-pub const ROUTE_SEQUENCE_COMPLETE: &str = "/v1/sequences/{sequence_id}/complete";
-/// `POST` — fresh upload URLs for the announced files not uploaded yet.
-pub const ROUTE_SEQUENCE_UPLOADS: &str = "/v1/sequences/{sequence_id}/uploads";
-/// `POST` — write the manifest again so that failed uploads run again.
-pub const ROUTE_SEQUENCE_RETRY: &str = "/v1/sequences/{sequence_id}/retry";
-/// `GET` — one sequence's images.
-pub const ROUTE_SEQUENCE_IMAGES: &str = "/v1/sequences/{sequence_id}/images";
-/// `POST` — start a Mapillary connection.
-pub const ROUTE_CONNECT: &str = "/v1/mapillary/connect";
-/// `GET` — Mapillary's redirect back (no JWT).
-pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
-/// `GET`, `PUT` (hand over an upload token), `DELETE` — the caller's connection.
-pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
-
-/// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
-pub const ROUTES: [(&str, &str); 13] = [
-    ("GET", ROUTE_SEQUENCES),
-    ("POST", ROUTE_SEQUENCES),
-    ("GET", ROUTE_SEQUENCE),
-    ("DELETE", ROUTE_SEQUENCE),
-    ("POST", ROUTE_SEQUENCE_UPLOADS),
-    ("POST", ROUTE_SEQUENCE_COMPLETE),
-    ("POST", ROUTE_SEQUENCE_RETRY),
-    ("GET", ROUTE_SEQUENCE_IMAGES),
-    ("POST", ROUTE_CONNECT),
-    ("GET", ROUTE_CALLBACK),
-    ("GET", ROUTE_CONNECTION),
-    ("PUT", ROUTE_CONNECTION),
-    ("DELETE", ROUTE_CONNECTION),
-];
-
-/// What the handlers use.
-pub trait Deps: Send + Sync + 'static {
-    /// Sequences, uploads and image entries (read; written only for sequences dropped through the
-    /// API: announcement, state, deletion).
-    type Repo: SequenceReader + UploadReader + ImageEntryReader + DropStore + 'static;
-    /// The poller's tracking records, image links and feed health (read only).
-    type Tracking: TrackingReader + 'static;
-    /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
-    type Tokens: TokenStore + ConnectionReader + AccountClaims + 'static;
-    /// OAuth `state` values.
-    type States: OAuthStateStore + 'static;
-    /// The sequences bucket (presigned uploads, the manifest, deletion).
-    type Objects: ObjectStore + ObjectWriter + 'static;
-    /// Sequences and uploads.
-    fn repo(&self) -> &Self::Repo;
-    /// Tracking records.
-    fn tracking(&self) -> &Self::Tracking;
-    /// Token store.
-    fn tokens(&self) -> &Self::Tokens;
-    /// OAuth states.
-    fn states(&self) -> &Self::States;
-    /// The sequences bucket.
-    fn objects(&self) -> &Self::Objects;
-    /// Mapillary OAuth.
-    fn mapillary(&self) -> &MapillaryApp;
-    /// Settings.
-    fn settings(&self) -> &Settings;
-}
-
-/// The production composition (and the tests' with fakes).
-#[derive(Debug)]
-pub struct AppDeps<R, T, K, S, O> {
-    /// Sequences and uploads.
-    pub repo: R,
-    /// Tracking records.
-    pub tracking: T,
-    /// Token store.
-    pub tokens: K,
-    /// OAuth states.
-    pub states: S,
-    /// The sequences bucket.
-    pub objects: O,
-    /// Mapillary OAuth.
-    pub mapillary: MapillaryApp,
-    /// Settings.
-    pub settings: Settings,
-}
-
-impl<R, T, K, S, O> Deps for AppDeps<R, T, K, S, O>
-where
-    R: SequenceReader + UploadReader + ImageEntryReader + DropStore + 'static,
-    T: TrackingReader + 'static,
-    K: TokenStore + ConnectionReader + AccountClaims + 'static,
-    S: OAuthStateStore + 'static,
-    O: ObjectStore + ObjectWriter + 'static,
-{
-    type Repo = R;
-    type Tracking = T;
-    type Tokens = K;
-    type States = S;
-    type Objects = O;
-    fn repo(&self) -> &R {
-        &self.repo
-    }
-    fn tracking(&self) -> &T {
-        &self.tracking
-    }
-    fn tokens(&self) -> &K {
-        &self.tokens
-    }
-    fn states(&self) -> &S {
-        &self.states
-    }
-    fn objects(&self) -> &O {
-        &self.objects
-    }
-    fn mapillary(&self) -> &MapillaryApp {
-        &self.mapillary
-    }
-    fn settings(&self) -> &Settings {
-        &self.settings
-    }
-}
 
 /// The API. Serve it with `lambda_http::run(router(deps))`.
 pub fn router<D: Deps>(deps: Arc<D>) -> Router {
@@ -230,33 +113,23 @@ async fn method_not_allowed() -> Problem {
     )
 }
 
-pub(crate) fn json_no_store<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
-    let mut resp = (status, Json(body)).into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-pub(crate) fn sequence_path(
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<String> {
-    let Path(raw) = path.map_err(|_| Problem::invalid_parameter("sequence_id is not valid UTF-8"))?;
-    validate::sequence_id(&raw)?;
-    Ok(raw)
-}
-
 // ------------------------------------------------------------------ sequences
 
-/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
-fn decode_cursor(raw: &str) -> Result<String> {
-    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
+/// The text inside a cursor this API issued (base64url of it), or `bad()`.
+fn cursor_text(raw: &str, bad: impl Fn() -> Problem) -> Result<String> {
     if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
         return Err(bad());
     }
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw)
         .map_err(|_| bad())?;
-    let sk = String::from_utf8(bytes).map_err(|_| bad())?;
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
+fn decode_cursor(raw: &str) -> Result<String> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
+    let sk = cursor_text(raw, bad)?;
     let rest = sk.strip_prefix("SEQ#").ok_or_else(bad)?;
     let (stamp, sequence_id) = rest.split_once('#').ok_or_else(bad)?;
     let stamp_ok = stamp.len() == 27
@@ -286,13 +159,7 @@ fn encode_position_cursor(kind: char, position: usize) -> String {
 /// [`encode_position_cursor`]'s position, for a cursor of `kind`.
 fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
     let bad = || Problem::invalid_parameter("cursor is not a value this API returned as a next cursor");
-    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
-        return Err(bad());
-    }
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(raw)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let text = cursor_text(raw, bad)?;
     let digits = text.strip_prefix(kind).ok_or_else(bad)?;
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -304,9 +171,27 @@ fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
         .ok_or_else(bad)
 }
 
+/// The caller, the caller's sequence of the path, and the page asked of one of its positional
+/// lists: (first position, page size) from the `[limit, cursor]` parameters, cursors of kind `kind`.
+async fn sequence_page<D: Deps>(
+    d: &D,
+    path: PathArg,
+    parts: &Parts,
+    [limit_key, cursor_key]: [&str; 2],
+    kind: char,
+) -> Result<(String, SequenceRecord, usize, usize)> {
+    let (user, id, q) = sequence_call(d, path, parts, &[limit_key, cursor_key])?;
+    let limit = validate::page_limit(limit_key, validate::get(&q, limit_key))? as usize;
+    let start = validate::get(&q, cursor_key)
+        .map(|c| decode_position_cursor(kind, c))
+        .transpose()?
+        .unwrap_or(0);
+    let seq = owned_sequence(d, &user, &id).await?;
+    Ok((user, seq, start, limit))
+}
+
 async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
+    let (user, q) = caller(&*d, &parts, &["limit", "cursor"])?;
     let limit = validate::limit(validate::get(&q, "limit"))?;
     let after = validate::get(&q, "cursor").map(decode_cursor).transpose()?;
     let page = d.repo().list_sequences(&user, limit, after.as_deref()).await?;
@@ -317,26 +202,10 @@ async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-pub(crate) fn sequence_not_found(id: &str) -> Problem {
-    Problem::not_found(format!("you have no sequence {id:?}"))
-}
-
-async fn get_sequence<D: Deps>(
-    State(d): State<Arc<D>>,
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-    parts: Parts,
-) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    let q = validate::query_pairs(parts.uri.query(), &["rejected_limit", "rejected_cursor"])?;
-    let limit = validate::page_limit("rejected_limit", validate::get(&q, "rejected_limit"))? as usize;
-    let start = validate::get(&q, "rejected_cursor")
-        .map(|c| decode_position_cursor('R', c))
-        .transpose()?
-        .unwrap_or(0);
-    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
-        return Err(sequence_not_found(&id));
-    };
+async fn get_sequence<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
+    let (user, seq, start, limit) =
+        sequence_page(&*d, path, &parts, ["rejected_limit", "rejected_cursor"], 'R').await?;
+    let id = seq.sequence_id.clone();
     let uploads = d.repo().list_uploads(&user, &id).await?;
     let mut views_ = Vec::with_capacity(uploads.len());
     for u in &uploads {
@@ -365,22 +234,9 @@ async fn get_sequence<D: Deps>(
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-async fn get_images<D: Deps>(
-    State(d): State<Arc<D>>,
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-    parts: Parts,
-) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
-    let limit = validate::page_limit("limit", validate::get(&q, "limit"))? as usize;
-    let start = validate::get(&q, "cursor")
-        .map(|c| decode_position_cursor('I', c))
-        .transpose()?
-        .unwrap_or(0);
-    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
-        return Err(sequence_not_found(&id));
-    };
+async fn get_images<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
+    let (user, seq, start, limit) = sequence_page(&*d, path, &parts, ["limit", "cursor"], 'I').await?;
+    let id = seq.sequence_id.clone();
     // The list is every upload's images in upload order, then the rejected images. A page reads
     // only the uploads it shows: whole uploads before it are skipped by their image count.
     let mut images = Vec::new();
@@ -632,7 +488,7 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
             warn!(user = %user, error = %e, "code exchange failed");
             // A reply we cannot use (e.g. an absurd `expires_in`) is Mapillary's fault, not the code's.
             if e.is_retriable() || matches!(e, MapillaryError::BadReply { .. }) {
-                mapillary_unavailable()
+                mapillary_unavailable("start again with POST /v1/mapillary/connect")
             } else {
                 Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -645,13 +501,13 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
         })?;
     let me = d.mapillary().me(&grant.access_token).await.map_err(|e| {
         warn!(user = %user, error = %e, "/me with the new token failed");
-        mapillary_unavailable()
+        mapillary_unavailable("start again with POST /v1/mapillary/connect")
     })?;
     // The client refuses absurd lifetimes already; the checked helper keeps `now + expires_in` from
     // ever panicking here (release builds abort on panic).
     let expires_at = token_expiry(now, grant.expires_in).map_err(|e| {
         warn!(user = %user, error = %e, "Mapillary granted a token with an unusable lifetime");
-        mapillary_unavailable()
+        mapillary_unavailable("start again with POST /v1/mapillary/connect")
     })?;
     let token = StoredToken {
         access_token: grant.access_token,
@@ -702,21 +558,21 @@ async fn store_connection<D: Deps>(d: &D, user: &str, record: &TokenRecord) -> R
     }
 }
 
-fn mapillary_unavailable() -> Problem {
+/// 502, retry in 5 s; `next` says what to do then.
+fn mapillary_unavailable(next: &str) -> Problem {
     Problem {
         retry_after: Some(5),
         ..Problem::new(
             StatusCode::BAD_GATEWAY,
             "mapillary-unavailable",
             "Mapillary unavailable",
-            "Mapillary did not answer as expected; start again with POST /v1/mapillary/connect in a moment.",
+            format!("Mapillary did not answer as expected; {next} in a moment."),
         )
     }
 }
 
 async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let (user, _) = caller(&*d, &parts, &[])?;
     // The clear metadata beside the ciphertext: showing a connection never decrypts a token.
     let view = match d.tokens().load_connection(&user).await {
         Ok(None) => views::Connection::none(),
@@ -751,25 +607,8 @@ async fn put_connection<D: Deps>(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    let json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "JSON body required",
-            "Send Content-Type: application/json with a body {\"upload_token\": \"…\"}.",
-        ));
-    }
+    let (user, _) = caller(&*d, &parts, &[])?;
+    require_json(&parts, "a body {\"upload_token\": \"…\"}")?;
     // serde_json messages may quote the input (the token): only the kind of error is reported.
     let parsed: UploadTokenBody = serde_json::from_slice(&body).map_err(|e| {
         Problem::invalid_parameter(format!(
@@ -792,15 +631,7 @@ async fn put_connection<D: Deps>(
                  upload token, e.g. the user_upload_token of `mapillary_tools authenticate`.",
             )
         } else {
-            Problem {
-                retry_after: Some(5),
-                ..Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "mapillary-unavailable",
-                    "Mapillary unavailable",
-                    "Mapillary did not answer as expected; try again in a moment.",
-                )
-            }
+            mapillary_unavailable("try again")
         }
     })?;
     let now = OffsetDateTime::now_utc();
@@ -830,8 +661,7 @@ async fn put_connection<D: Deps>(
 }
 
 async fn delete_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    validate::query_pairs(parts.uri.query(), &[])?;
+    let (user, _) = caller(&*d, &parts, &[])?;
     let existed = d.tokens().delete(&user).await?;
     info!(user = %user, existed, "Mapillary connection removed");
     Ok(StatusCode::NO_CONTENT.into_response())

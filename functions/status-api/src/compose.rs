@@ -10,8 +10,8 @@ use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
-use crate::app::AppDeps;
 use crate::config::Config;
+use crate::deps::AppDeps;
 
 /// The router's dependencies in production.
 pub type ProductionDeps =

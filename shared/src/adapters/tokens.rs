@@ -179,6 +179,32 @@ const METADATA_ATTRIBUTES: [&str; 7] = [
 ];
 
 impl KmsTokenStore {
+    /// A consistent `GetItem` of (`pk`, `sk`) reading only `attributes` (every attribute when empty);
+    /// `what` names it in errors.
+    async fn get_consistent(
+        &self,
+        pk: String,
+        sk: &str,
+        attributes: &[&str],
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<Item>, TokenError> {
+        let mut req = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, sk)))
+            .consistent_read(true);
+        if !attributes.is_empty() {
+            let projection: Vec<String> = attributes.iter().map(|a| format!("#{a}")).collect();
+            req = req.projection_expression(projection.join(", "));
+            for a in attributes {
+                req = req.expression_attribute_names(format!("#{a}"), *a);
+            }
+        }
+        let out = req.send().await.map_err(|e| token_error(classify(&e), &what()))?;
+        Ok(out.item)
+    }
+
     /// Decrypt and decode one token item.
     async fn decrypt_item(&self, user_id: &str, item: Item) -> Result<TokenRecord, TokenError> {
         let ciphertext = match item.get("ciphertext") {
@@ -323,20 +349,12 @@ impl KmsTokenStore {
 
     /// The `mapillary_user_id` of the user's token item (clear attribute), if any.
     async fn connected_account(&self, user_id: &str) -> Result<Option<Option<String>>, TokenError> {
-        let out = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
-            .consistent_read(true)
-            .projection_expression("#pk, #m")
-            .expression_attribute_names("#pk", "pk")
-            .expression_attribute_names("#m", "mapillary_user_id")
-            .send()
-            .await
-            .map_err(|e| token_error(classify(&e), &format!("GetItem token of user {user_id}")))?;
-        out.item
-            .map(|item| string_attr(&item, "mapillary_user_id"))
+        let item = self
+            .get_consistent(user_pk(user_id), TOKEN_SK, &["pk", "mapillary_user_id"], || {
+                format!("GetItem token of user {user_id}")
+            })
+            .await?;
+        item.map(|item| string_attr(&item, "mapillary_user_id"))
             .transpose()
     }
 
@@ -421,16 +439,12 @@ impl KmsTokenStore {
 
 impl TokenStore for KmsTokenStore {
     async fn load_record(&self, user_id: &str) -> Result<Option<TokenRecord>, TokenError> {
-        let out = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| token_error(classify(&e), &format!("GetItem token of user {user_id}")))?;
-        let Some(item) = out.item else {
+        let item = self
+            .get_consistent(user_pk(user_id), TOKEN_SK, &[], || {
+                format!("GetItem token of user {user_id}")
+            })
+            .await?;
+        let Some(item) = item else {
             return Ok(None);
         };
         self.decrypt_item(user_id, item).await.map(Some)
@@ -618,17 +632,12 @@ impl AccountClaims for KmsTokenStore {
     }
 
     async fn claim_holder(&self, mapillary_user_id: &str) -> Result<Option<String>, TokenError> {
-        let out = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(claim_pk(mapillary_user_id), CLAIM_SK)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| token_error(classify(&e), "GetItem Mapillary account claim"))?;
-        out.item
-            .map(|item| string_attr(&item, "user_id"))
+        let item = self
+            .get_consistent(claim_pk(mapillary_user_id), CLAIM_SK, &[], || {
+                "GetItem Mapillary account claim".to_owned()
+            })
+            .await?;
+        item.map(|item| string_attr(&item, "user_id"))
             .transpose()
             .map(Option::flatten)
     }
@@ -636,27 +645,12 @@ impl AccountClaims for KmsTokenStore {
 
 impl ConnectionReader for KmsTokenStore {
     async fn load_connection(&self, user_id: &str) -> Result<Option<ConnectionMetadata>, TokenError> {
-        let mut req = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_pk(user_id), TOKEN_SK)))
-            .consistent_read(true)
-            .projection_expression(
-                METADATA_ATTRIBUTES
-                    .iter()
-                    .map(|a| format!("#{a}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-        for a in METADATA_ATTRIBUTES {
-            req = req.expression_attribute_names(format!("#{a}"), a);
-        }
-        let out = req
-            .send()
-            .await
-            .map_err(|e| token_error(classify(&e), &format!("GetItem connection of user {user_id}")))?;
+        let item = self
+            .get_consistent(user_pk(user_id), TOKEN_SK, &METADATA_ATTRIBUTES, || {
+                format!("GetItem connection of user {user_id}")
+            })
+            .await?;
         // A projection of an existing item always holds `updated_at`, which every save writes.
-        out.item.map(|item| metadata_of(user_id, &item)).transpose()
+        item.map(|item| metadata_of(user_id, &item)).transpose()
     }
 }

@@ -69,6 +69,7 @@ use shared::adapters::s3::S3ObjectStore;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::binaries::vm_hwm_kib;
 use crate::push;
 use crate::runtime_api::{Observed, RuntimeApi};
 use crate::venv;
@@ -596,33 +597,7 @@ fn build_release(root: &Path) -> Result<PathBuf> {
         ensure!(bin.is_file(), "RELAY_BENCH_FN_BIN: no file {}", bin.display());
         return Ok(bin);
     }
-    eprintln!("bench: building the release zip-and-push binary");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "zip-and-push",
-            "--bin",
-            "zip-and-push",
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build --release -p zip-and-push")?;
-    ensure!(
-        output.status.success(),
-        "cargo build --release failed ({})",
-        output.status
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "zip-and-push")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .ok_or_else(|| anyhow!("cargo did not report the zip-and-push executable"))
+    crate::binaries::release_binary(root, "zip-and-push")
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -748,18 +723,6 @@ fn uuid_like() -> String {
             .map(|d| d.as_nanos())
             .unwrap_or_default()
     )
-}
-
-/// Peak RSS (`VmHWM`, KiB) of a live process, from `/proc/<pid>/status`.
-///
-/// Not `ru_maxrss` from `wait4`: Linux folds the parent's high-water mark at `exec` time into the
-/// child's (the pre-exec address space is the parent's), so a child of a big parent looks big.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Runs `cmd` to completion; (wall, peak RSS KiB, success). The peak is `VmHWM` sampled every

@@ -4,6 +4,9 @@
 //! conditional put (`ReturnValuesOnConditionCheckFailure=ALL_OLD`, so a refused put says who holds
 //! the claim without another read), renewing and completing are conditional updates.
 
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{ReturnValue, ReturnValuesOnConditionCheckFailure};
 
 use super::item::{condition_failed, decode, encode, n, number_of, repo_error, s, string_of, Item};
@@ -138,16 +141,7 @@ impl IdempotencyStore for DynamoIdempotency {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match condition_failed(&err) {
-                Some(old) => Err(RepoError::ConditionFailed(format!(
-                    "renew claim {id} for {owner}: {}",
-                    describe_claim(old.as_ref())
-                ))),
-                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
-            },
-        }
+        claim_updated(result, "renew", id, owner)
     }
 
     async fn reopen_claim(&self, claim: &Claim) -> Result<bool, RepoError> {
@@ -276,16 +270,7 @@ impl IdempotencyStore for DynamoIdempotency {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match condition_failed(&err) {
-                Some(old) => Err(RepoError::ConditionFailed(format!(
-                    "complete claim {id} for {owner}: {}",
-                    describe_claim(old.as_ref())
-                ))),
-                None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
-            },
-        }
+        claim_updated(result, "complete", id, owner)
     }
 }
 
@@ -303,5 +288,25 @@ impl ClaimReader for DynamoIdempotency {
         out.item
             .map(|item| decode(item, &format!("claim {id}")))
             .transpose()
+    }
+}
+
+/// The outcome of a conditional `UpdateItem` of claim `id` by `owner` (`verb`: what it did, for the
+/// error): a failed condition says whose claim it is now.
+fn claim_updated<T>(
+    result: Result<T, SdkError<UpdateItemError, HttpResponse>>,
+    verb: &str,
+    id: &str,
+    owner: &str,
+) -> Result<(), RepoError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(err) => match condition_failed(&err) {
+            Some(old) => Err(RepoError::ConditionFailed(format!(
+                "{verb} claim {id} for {owner}: {}",
+                describe_claim(old.as_ref())
+            ))),
+            None => Err(repo_error(&err, &format!("UpdateItem claim {id}"))),
+        },
     }
 }

@@ -12,6 +12,7 @@ use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::Client;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
@@ -20,6 +21,32 @@ use time::OffsetDateTime;
 
 use crate::adapters::aws_error::classify;
 use crate::ports::RepoError;
+
+/// Every item of one gsi2 partition (`gsi2pk = pk`) of `table`, all pages; `what` names the query
+/// in errors. The partitions read this way (pending, uncertain, tracked sets) are sparse indexes of
+/// small items, read whole by design.
+pub(crate) async fn gsi2_partition(
+    client: &Client,
+    table: &str,
+    pk: AttributeValue,
+    what: &str,
+) -> Result<Vec<Item>, RepoError> {
+    let mut pages = client
+        .query()
+        .table_name(table)
+        .index_name("gsi2")
+        .key_condition_expression("#pk = :pk")
+        .expression_attribute_names("#pk", "gsi2pk")
+        .expression_attribute_values(":pk", pk)
+        .into_paginator()
+        .send();
+    let mut items = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| repo_error(&e, what))?;
+        items.extend(page.items.unwrap_or_default());
+    }
+    Ok(items)
+}
 
 /// A DynamoDB item (or key).
 pub(crate) type Item = HashMap<String, AttributeValue>;

@@ -35,7 +35,8 @@ use time::OffsetDateTime;
 
 use super::batch::{batch_get, batch_write};
 use super::item::{
-    decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, string_of, Item,
+    decode, delete_request, encode, gsi2_partition, key, n, number_of, put_request, repo_error, rfc3339, s,
+    string_of, Item,
 };
 use super::uploads::{sequence_pk, upload_sk, UNCERTAIN_GSI2PK};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
@@ -304,22 +305,16 @@ impl DynamoTracking {
 
     /// The user's final tracking records (gsi2 `TRACKED#<user_id>`).
     async fn list_final_tracking(&self, user_id: &str) -> Result<Vec<TrackingRecord>, RepoError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("gsi2")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(tracked_gsi2pk(user_id)))
-            .into_paginator()
-            .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi2 TRACKED#"))?;
-            for item in page.items.unwrap_or_default() {
-                out.push(decode_record(item, "final tracking record")?);
-            }
+        for item in gsi2_partition(
+            &self.client,
+            &self.table,
+            s(tracked_gsi2pk(user_id)),
+            "Query gsi2 TRACKED#",
+        )
+        .await?
+        {
+            out.push(decode_record(item, "final tracking record")?);
         }
         Ok(out)
     }
@@ -424,37 +419,31 @@ impl TrackingStore for DynamoTracking {
     }
 
     async fn list_pending_tracking(&self) -> Result<PendingTracking, RepoError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("gsi2")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(PENDING_USERS_GSI2PK))
-            .into_paginator()
-            .send();
         let mut listing = PendingTracking::default();
         // Ids whose record exists but cannot be read: reported, and kept in their sets.
         let mut unreadable_ids: HashSet<String> = HashSet::new();
         // user → its pending upload ids
         let mut sets: Vec<(String, Vec<String>)> = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi2 PENDING_USERS"))?;
-            for item in page.items.unwrap_or_default() {
-                let Some(AttributeValue::S(user)) = item.get("user_id") else {
-                    listing.unreadable.push(format!(
-                        "pending-uploads item {} has no user_id",
-                        string_of(&item, "pk").unwrap_or("?")
-                    ));
-                    continue;
-                };
-                let ids = match item.get("uploads") {
-                    Some(AttributeValue::Ss(ids)) => ids.clone(),
-                    _ => Vec::new(),
-                };
-                sets.push((user.clone(), ids));
-            }
+        for item in gsi2_partition(
+            &self.client,
+            &self.table,
+            s(PENDING_USERS_GSI2PK),
+            "Query gsi2 PENDING_USERS",
+        )
+        .await?
+        {
+            let Some(AttributeValue::S(user)) = item.get("user_id") else {
+                listing.unreadable.push(format!(
+                    "pending-uploads item {} has no user_id",
+                    string_of(&item, "pk").unwrap_or("?")
+                ));
+                continue;
+            };
+            let ids = match item.get("uploads") {
+                Some(AttributeValue::Ss(ids)) => ids.clone(),
+                _ => Vec::new(),
+            };
+            sets.push((user.clone(), ids));
         }
         // One read per id even when two sets name it (DynamoDB refuses a BatchGetItem with a
         // repeated key, which stopped every user's tracking: issue 15).
@@ -676,25 +665,19 @@ impl ReconcileStore for DynamoTracking {
     /// `UNCERTAIN` that [`super::DynamoRepository`] keeps them in (one query, not a
     /// table scan).
     async fn finish_uncertain_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("gsi2")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(UNCERTAIN_GSI2PK))
-            .into_paginator()
-            .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi2 UNCERTAIN"))?;
-            for item in page.items.unwrap_or_default() {
-                let record: UploadRecord = decode(item, "upload record")?;
-                // The index is eventually consistent: skip one that has moved on since.
-                if record.state == UploadState::FinishUncertain {
-                    out.push(record);
-                }
+        for item in gsi2_partition(
+            &self.client,
+            &self.table,
+            s(UNCERTAIN_GSI2PK),
+            "Query gsi2 UNCERTAIN",
+        )
+        .await?
+        {
+            let record: UploadRecord = decode(item, "upload record")?;
+            // The index is eventually consistent: skip one that has moved on since.
+            if record.state == UploadState::FinishUncertain {
+                out.push(record);
             }
         }
         Ok(out)

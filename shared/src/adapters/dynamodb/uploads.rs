@@ -29,8 +29,8 @@ use time::OffsetDateTime;
 
 use super::batch::{batch_get, batch_write};
 use super::item::{
-    condition_failed, decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s,
-    string_of, Item,
+    condition_failed, decode, delete_request, encode, gsi2_partition, key, n, number_of, put_request,
+    repo_error, rfc3339, s, string_of, Item,
 };
 use crate::model::{
     EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadImage, UploadRecord,
@@ -426,28 +426,22 @@ impl UploadStore for DynamoRepository {
 
 impl SweepStore for DynamoRepository {
     async fn unfinished_uploads(&self) -> Result<Vec<UploadRecord>, RepoError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.uploads_table)
-            .index_name("gsi2")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi2pk")
-            .expression_attribute_values(":pk", s(PENDING_GSI2PK))
-            .into_paginator()
-            .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi2 PENDING"))?;
-            for item in page.items.unwrap_or_default() {
-                // One unreadable record must not stop the sweep for everyone: it is skipped.
-                match decode::<UploadRecord>(item, "upload record") {
-                    // The index is eventually consistent: skip one that has become final since.
-                    Ok(record) if !record.state.is_final() => out.push(record),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "unreadable upload record in the PENDING index skipped")
-                    }
+        for item in gsi2_partition(
+            &self.client,
+            &self.uploads_table,
+            s(PENDING_GSI2PK),
+            "Query gsi2 PENDING",
+        )
+        .await?
+        {
+            // One unreadable record must not stop the sweep for everyone: it is skipped.
+            match decode::<UploadRecord>(item, "upload record") {
+                // The index is eventually consistent: skip one that has become final since.
+                Ok(record) if !record.state.is_final() => out.push(record),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable upload record in the PENDING index skipped")
                 }
             }
         }
