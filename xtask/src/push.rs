@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aws_config::SdkConfig;
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
@@ -26,7 +25,6 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::tokens::KmsTokenStore;
-use shared::config::{ClientSecretSource, MapillaryConfig};
 use shared::model::{SequenceState, StoredToken};
 use shared::ports::TokenStore;
 use zip_and_push::compose::{compose, ProductionDeps};
@@ -63,23 +61,11 @@ pub fn env_of(state: &StackState) -> BTreeMap<String, String> {
     state.exports.iter().cloned().collect()
 }
 
-/// The SDK config for the local stack's `AWS_ENDPOINT_URL` (from `stack up`'s exports), after
-/// checking that the function's Mapillary client secret is given in plain, as the stack exports it.
-pub async fn local_sdk(env: &BTreeMap<String, String>, mapillary: &MapillaryConfig) -> Result<SdkConfig> {
-    let endpoint = env
-        .get("AWS_ENDPOINT_URL")
-        .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
-    if !matches!(mapillary.client_secret, ClientSecretSource::Plain(_)) {
-        bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
-    }
-    Ok(sdk_config(endpoint).await)
-}
-
 /// Config, SDK clients and adapters, composed by the function's own [`compose`] (as its `main.rs`
 /// does), with S3 path-style for moto; the local stack's client secret is plain.
 pub async fn deps_from_env(env: &BTreeMap<String, String>) -> Result<(Config, RelayDeps)> {
     let config = Config::from_lookup(|k| env.get(k).cloned())?;
-    let sdk = local_sdk(env, &config.mapillary).await?;
+    let sdk = stack::local_sdk(env, &config.mapillary).await?;
     let mut deps = compose(&config, &sdk).await?;
     deps.store = S3ObjectStore::new(s3_client(&sdk));
     Ok((config, deps))

@@ -15,10 +15,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use aws_config::SdkConfig;
 use integration_tests::moto;
 use integration_tests::process::{is_alive, stop_group};
-use integration_tests::stack::{LocalStack, SimEndpoints};
+use integration_tests::stack::{sdk_config, LocalStack, SimEndpoints};
 use serde::{Deserialize, Serialize};
+use shared::config::{ClientSecretSource, MapillaryConfig};
 
 use crate::venv;
 
@@ -368,6 +370,18 @@ fn start_simulator(bin: &Path, dir: &Path, extra_args: &[String]) -> Result<(u32
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The SDK config for the local stack's `AWS_ENDPOINT_URL` (from `stack up`'s exports), after
+/// checking that the function's Mapillary client secret is given in plain, as the stack exports it.
+pub async fn local_sdk(env: &BTreeMap<String, String>, mapillary: &MapillaryConfig) -> Result<SdkConfig> {
+    let endpoint = env
+        .get("AWS_ENDPOINT_URL")
+        .ok_or_else(|| anyhow!("the stack exports no AWS_ENDPOINT_URL"))?;
+    if !matches!(mapillary.client_secret, ClientSecretSource::Plain(_)) {
+        bail!("the local stack must export MAPILLARY_CLIENT_SECRET");
+    }
+    Ok(sdk_config(endpoint).await)
 }
 
 #[cfg(test)]

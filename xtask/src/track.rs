@@ -26,7 +26,7 @@ pub type RelayPoller = ProductionPoller;
 /// (`stack up`'s exports), with `clock` as "now".
 pub async fn poller_from_env(env: &BTreeMap<String, String>, clock: Clock) -> Result<RelayPoller> {
     let config = Config::from_lookup(|k| env.get(k).cloned())?;
-    let sdk = crate::push::local_sdk(env, &config.mapillary).await?;
+    let sdk = crate::stack::local_sdk(env, &config.mapillary).await?;
     let mut poller = compose(&config, &sdk).await?;
     poller.clock = clock;
     Ok(poller)
