@@ -6,8 +6,8 @@
 //!   otherwise each is installed when first needed.
 //! * `stack up | down | status` — moto + the Mapillary simulator + the stack from `infra/template.yaml`.
 //! * `test` — every check CI runs: fmt, the workspace-hack check, clippy -D warnings within the test build,
-//!   each test tier, fuzzing, then `demo --ci` and the same in every other simulator world (`--no-demo` skips
-//!   both); a per-phase timing table at the end.
+//!   each test tier, fuzzing, then `demo --ci`, the same in every other simulator world, and `soak --short`
+//!   (`--no-demo` skips these three); a per-phase timing table at the end.
 //! * `demo` — the main job, end to end on the local stack (`--world NAME`, `--all-worlds`).
 //! * `soak` — many users' sequences, some hostile, under faults and killed function processes; invariants checked
 //!   (docs/reliability.md).
@@ -62,8 +62,8 @@ enum Cmd {
         /// Seconds per fuzz target after the tests (0 skips fuzzing).
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u64,
-        /// Skip the last steps, `cargo xtask demo --ci` (the demo end to end under `cargo lambda watch`)
-        /// and the same in every other world.
+        /// Skip the last steps: `cargo xtask demo --ci` (the demo end to end under `cargo lambda watch`),
+        /// the same in every other world, and `cargo xtask soak --short`.
         #[arg(long)]
         no_demo: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
@@ -425,6 +425,23 @@ fn test_all(
         phases.time("demo --ci, every other world", || {
             eprintln!("xtask: cargo xtask demo --ci in {} more worlds", others.len());
             rt.block_on(demo::run(root, true, demo::WORLDS_IMAGES, &others))
+        });
+    }
+    if !no_demo {
+        // The short soak (issue 15): 20 sequences of 4 users, some hostile, under every fault rule and
+        // killed function processes, through the emulated SQS mapping and schedule; fails on any broken
+        // invariant (lost, duplicate clusters, not final, cross-tenant reads, panics).
+        phases.time("soak --short", || {
+            eprintln!("xtask: cargo xtask soak --short");
+            rt.block_on(soak::run(
+                root,
+                soak::Options {
+                    sequences: soak::SHORT_SEQUENCES,
+                    users: soak::SHORT_USERS,
+                    seed: 1,
+                    short: true,
+                },
+            ))
         });
     }
     phases.print();
