@@ -432,17 +432,35 @@ pub async fn disable_moto_event_source_mappings(endpoint: &str) -> Result<()> {
     Ok(())
 }
 
-/// The names of the function environment variables the template sets (Globals), in template order.
+/// The names of the function environment variables the template sets in its Globals (the names every
+/// function has), sorted.
 pub fn template_env_names(template: &Value) -> Vec<String> {
-    // After translation the Globals are merged into each function; the first function is representative.
-    template["Resources"]
+    // After translation the Globals are merged into each function, beside the function's own
+    // variables: the Globals are the names every function has.
+    let mut per_function = template["Resources"]
         .as_object()
         .into_iter()
         .flat_map(|r| r.values())
-        .find(|r| r["Type"] == "AWS::Lambda::Function")
-        .and_then(|f| f["Properties"]["Environment"]["Variables"].as_object())
-        .map(|vars| vars.keys().cloned().collect())
-        .unwrap_or_default()
+        .filter(|r| r["Type"] == "AWS::Lambda::Function")
+        .map(|f| {
+            f["Properties"]["Environment"]["Variables"]
+                .as_object()
+                .map(|vars| {
+                    vars.keys()
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<String>>()
+                })
+                .unwrap_or_default()
+        });
+    let Some(first) = per_function.next() else {
+        return Vec::new();
+    };
+    per_function
+        .fold(first, |common, vars| {
+            common.intersection(&vars).cloned().collect()
+        })
+        .into_iter()
+        .collect()
 }
 
 async fn upload_placeholder_code(s3: &aws_sdk_s3::Client) -> Result<()> {

@@ -459,14 +459,14 @@ fn generate(dir: &Path, images: usize) -> Result<usize> {
 async fn run_ingest(
     esm: &SqsEventSource,
     lambda: &LambdaWatch,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     started: Instant,
 ) -> Result<()> {
+    // `stop` is checked between polls, never by dropping a poll in flight: moto completes an
+    // abandoned long-poll receive anyway, and the message it hides (for the queue's visibility
+    // timeout) is the next demo's manifest when worlds run one after another on one stack.
     while !*stop.borrow() {
-        let outcome = tokio::select! {
-            _ = stop.changed() => break,
-            o = esm.poll_once(lambda) => o?,
-        };
+        let outcome = esm.poll_once(lambda).await?;
         let Some(o) = outcome else { continue };
         match &o.invoke_error {
             Some(e) => println!(

@@ -906,17 +906,16 @@ async fn ingest(
     dup_keys: Arc<Mutex<BTreeSet<String>>>,
     mut rng: Rng,
     k: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let force_kill = k == 0;
     let mut n = 0u64;
     let mut typical = Mean(1_000.0);
     let mut killed_once = false;
+    // `stop` is checked between receives, never by dropping one in flight (moto completes an abandoned
+    // long poll anyway and hides what it took: see demo::run_ingest).
     while !*stop.borrow() {
-        let msgs = tokio::select! {
-            _ = stop.changed() => break,
-            m = esm.receive() => m?,
-        };
+        let msgs = esm.receive().await?;
         if msgs.is_empty() {
             continue;
         }
