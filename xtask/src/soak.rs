@@ -1081,6 +1081,25 @@ async fn expire_tokens(
     Ok(())
 }
 
+/// A count that grows with every `finish_upload` call the simulator sees (the matches of its
+/// `finish_upload` fault rules: each call is matched against them in turn).
+async fn finish_upload_calls(ctx: &Ctx) -> Result<u64> {
+    let faults = ctx
+        .http
+        .get(format!("{}/_sim/faults", ctx.sim))
+        .send()
+        .await
+        .context("GET /_sim/faults")?;
+    let faults = json_of(faults, "GET /_sim/faults").await?;
+    Ok(faults
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["path"].as_str().is_some_and(|p| p.contains("finish_upload")))
+        .filter_map(|f| f["matches"].as_u64())
+        .sum())
+}
+
 /// Messages in `url` (visible, in flight and delayed).
 async fn queue_depth(ctx: &Ctx, url: &str) -> Result<u64> {
     let a = ctx
@@ -1120,6 +1139,7 @@ async fn settle(ctx: &Ctx, plans: &[Plan], _users: &[String]) -> Result<bool> {
     let deadline = Instant::now() + ctx.scale.settle_timeout;
     let mut last_line = String::new();
     let mut last_open = usize::MAX;
+    let mut last_finishes = 0u64;
     let mut since = Instant::now();
     loop {
         let mut open = 0usize;
@@ -1146,8 +1166,13 @@ async fn settle(ctx: &Ctx, plans: &[Plan], _users: &[String]) -> Result<bool> {
         if open == 0 && ingest == 0 && clusters == 0 {
             return Ok(true);
         }
-        if open != last_open || ingest + clusters > 0 {
+        // A `finish_upload` call is progress too: the poller finishing a FINISH_UNCERTAIN upload again
+        // (one call per proof, each `RELAY_REFINISH_AFTER_S` after the last) can take several rounds
+        // when the fault rules hit it again, with no sequence becoming final meanwhile.
+        let finishes = finish_upload_calls(ctx).await?;
+        if open != last_open || ingest + clusters > 0 || finishes != last_finishes {
             last_open = open;
+            last_finishes = finishes;
             since = Instant::now();
         } else if since.elapsed() > ctx.scale.stall_after {
             println!(
