@@ -727,6 +727,10 @@ pub struct TrackingRecord {
     /// When the next check is due (slower for STALE).
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub next_check_at: Option<OffsetDateTime>,
+    /// The outbox: status-change events written with the change that made them and not yet
+    /// published (see [`crate::events`]). While not empty, the record is in the outbox index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_events: Vec<crate::events::OutboxEvent>,
 }
 
 impl TrackingRecord {
@@ -753,6 +757,7 @@ impl TrackingRecord {
             linked_count: 0,
             dropped_count: 0,
             next_check_at: None,
+            pending_events: Vec::new(),
         }
     }
 }

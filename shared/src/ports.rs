@@ -747,6 +747,31 @@ pub trait RunLease: Send + Sync {
     fn release_run_lease(&self, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
+/// The outbox of status-change events: tracking records with [`TrackingRecord::pending_events`]
+/// (a sparse index holds exactly those, so a run reads only them).
+pub trait OutboxStore: Send + Sync {
+    /// Every tracking record whose outbox is not empty (all users).
+    fn list_outbox(&self) -> impl Future<Output = Result<Vec<TrackingRecord>, RepoError>> + Send;
+    /// Write `record` (read by [`Self::list_outbox`], its published events removed from
+    /// `pending_events`) only if the stored record was not checked since (its `last_checked_at`
+    /// is still `record`'s): a newer write keeps its own outbox (`RepoError::ConditionFailed`, and
+    /// the events are published again next time, with the same ids). The pending sets are not
+    /// touched.
+    fn ack_outbox(&self, record: &TrackingRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+/// Where status-change events go (EventBridge; webhooks later).
+pub trait EventPublisher: Send + Sync {
+    /// Whether events are published at all (a bus is configured): when not, none are written to
+    /// outboxes either.
+    fn enabled(&self) -> bool;
+    /// Publish `events`, in order (at most 10 per call for EventBridge; the adapter splits).
+    fn publish(
+        &self,
+        events: &[crate::events::RelayEvent],
+    ) -> impl Future<Output = Result<(), crate::events::EventError>> + Send;
+}
+
 /// FINISH_UNCERTAIN reconciliation: the uploads whose `finish_upload` reply was lost, and when the
 /// poller last looked for them.
 pub trait ReconcileStore: Send + Sync {

@@ -158,6 +158,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             linked_count: 1,
             dropped_count: 1,
             next_check_at: None,
+            pending_events: Vec::new(),
         })
         .await?;
     tracking

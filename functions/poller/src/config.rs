@@ -91,6 +91,9 @@ pub struct Config {
     /// (plain, local runs) or `MAPILLARY_FEED_TOKEN_SECRET_ARN` (Secrets Manager, resolved by
     /// `compose`). Unset: the feed is called with each user's own token only.
     pub feed_token: Option<ClientSecretSource>,
+    /// `RELAY_EVENT_BUS`: the EventBridge bus status-change events are published on (name or
+    /// ARN). Unset: no events are written or published.
+    pub event_bus: Option<String>,
     /// Tunables.
     pub tunables: Tunables,
 }
@@ -177,6 +180,7 @@ impl Config {
         }
         Ok(Config {
             clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
+            event_bus: env.optional("RELAY_EVENT_BUS").filter(|b| !b.is_empty()),
             tables: env.tables()?,
             idempotency_table: env.required("RELAY_IDEMPOTENCY_TABLE")?,
             mapillary,

@@ -295,6 +295,7 @@ async fn seed(d: &TestDeps) {
             linked_count: 1,
             dropped_count: 1,
             next_check_at: None,
+            pending_events: Vec::new(),
         })
         .await
         .unwrap();

@@ -11,7 +11,9 @@ use time::OffsetDateTime;
 use super::lock;
 use super::records::{MemRepo, RepoState};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
-use crate::ports::{PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
+use crate::ports::{
+    OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
+};
 
 /// Who holds the run lease, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +228,31 @@ impl TrackingStore for MemTracking {
             .filter(|r| r.user_id == user_id && r.tracked.state.is_final())
             .flat_map(|r| r.sequence_ids.iter().cloned())
             .collect())
+    }
+}
+
+impl OutboxStore for MemTracking {
+    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+        Ok(lock(&self.state)
+            .records
+            .values()
+            .filter(|r| !r.pending_events.is_empty())
+            .cloned()
+            .collect())
+    }
+
+    async fn ack_outbox(&self, record: &TrackingRecord) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        match st.records.get(&record.upload_id) {
+            Some(old) if old.tracked.last_checked_at == record.tracked.last_checked_at => {
+                st.records.insert(record.upload_id.clone(), record.clone());
+                Ok(())
+            }
+            _ => Err(RepoError::ConditionFailed(format!(
+                "tracking {} changed since its outbox was read",
+                record.upload_id
+            ))),
+        }
     }
 }
 
