@@ -210,6 +210,8 @@ pub struct LocalStack {
     pub idempotency_table: String,
     /// `RELAY_TOKEN_KEY_ID`
     pub token_key_id: String,
+    /// `RELAY_EVENT_BUS`: the bus status-change events are published on.
+    pub event_bus: String,
     /// The token key's ARN.
     pub token_key_arn: String,
     /// The value given to the `MapillaryClientSecretArn` parameter (no such secret exists locally;
@@ -272,6 +274,7 @@ impl LocalStack {
             users_table: out("UsersTableName")?,
             idempotency_table: out("IdempotencyTableName")?,
             token_key_id: out("TokenKeyId")?,
+            event_bus: out("EventBusName")?,
             token_key_arn: out("TokenKeyArn")?,
             client_secret_arn,
             outputs,
@@ -333,6 +336,7 @@ impl LocalStack {
             ("RELAY_USERS_TABLE", &self.users_table),
             ("RELAY_IDEMPOTENCY_TABLE", &self.idempotency_table),
             ("RELAY_TOKEN_KEY_ID", &self.token_key_id),
+            ("RELAY_EVENT_BUS", &self.event_bus),
             ("MAPILLARY_GRAPH_URL", &sim.graph_url),
             ("MAPILLARY_UPLOAD_URL", &sim.upload_url),
             ("MAPILLARY_TILES_URL", &sim.tiles_url),
