@@ -192,4 +192,45 @@ mod tests {
             evs[0].id
         );
     }
+
+    /// The sample a subscriber receives (`events/published/status-change.json`) deserializes as an
+    /// EventBridge event, and its `detail` has exactly the fields [`relay_event`] writes.
+    #[test]
+    fn the_sample_event_is_what_a_subscriber_receives() {
+        let sample: aws_lambda_events::eventbridge::EventBridgeEvent<Value> =
+            serde_json::from_str(include_str!("../../events/published/status-change.json"))
+                .expect("sample deserializes");
+        assert_eq!(sample.source, SOURCE);
+        assert_eq!(sample.detail_type, STAGE_CHANGED);
+        let d = &sample.detail;
+        let keys = |v: &Value| -> Vec<String> {
+            let mut k: Vec<String> = v
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            k.sort();
+            k
+        };
+        let mut tracked =
+            crate::domain::tracking::TrackedUpload::new("1234567890", datetime!(2026-12-01 10:00:00 UTC));
+        tracked.error_code = Some("UNSET".into());
+        let rec = TrackingRecord::new("alice".into(), "s1".into(), "alice~s1~000".into(), tracked, None);
+        let ev = &outbox_events(
+            &rec.upload_id,
+            3,
+            &[tr("anonymization_status", Some("IN_PROGRESS"), "FINISHED")],
+        )[0];
+        let ours = relay_event(&rec, ev);
+        assert_eq!(keys(d), keys(&ours.detail));
+        assert_eq!(keys(&d["change"]), keys(&ours.detail["change"]));
+        assert_eq!(keys(&d["mapillary"]), keys(&ours.detail["mapillary"]));
+        assert_eq!(d["event_id"], ours.id.as_str());
+        assert_eq!(d["upload_id"], "alice~s1~000");
+        assert_eq!(d["change"]["field"], "anonymization_status");
+        let fields: Vec<&str> = d["mapillary"]["stages"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["field"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(fields, STAGE_FIELDS);
+    }
 }
