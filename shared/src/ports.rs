@@ -932,4 +932,10 @@ pub trait DropStore: SequenceStore + UploadReader {
         sequence_id: &str,
         upload_ids: &[String],
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Delete zip-and-push's claim of a sequence (IdempotencyTable item `claim_id`, i.e.
+    /// [`crate::idempotency::sequence_claim_id`] of its bucket and manifest key), so that a sequence
+    /// dropped again under the same key — even with a byte-identical manifest — starts afresh
+    /// instead of meeting the deleted sequence's claim. Deleting a missing claim succeeds.
+    fn delete_sequence_claim(&self, claim_id: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }

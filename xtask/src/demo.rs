@@ -10,14 +10,18 @@
 //!    the simulator's consent page → its redirect to `GET /v1/mapillary/callback?code&state`,
 //!    carrying the connect reply's browser-binding cookie.
 //! 4. A generated sequence (two walks five minutes apart → two uploads, plus one image without GPS)
-//!    goes to S3, `manifest.json` last; moto puts the notification on the ingest queue.
+//!    is dropped through the status API as a browser would ([`drop_through_api`]): `POST /v1/sequences`
+//!    announces the files (names, sizes, md5s), each file is `PUT` to its presigned URL (moto's S3),
+//!    and `POST /v1/sequences/{id}/complete` writes `manifest.json`; moto puts its notification on
+//!    the ingest queue.
 //! 5. The SQS event-source mapping ([`SqsEventSource`]) feeds zip-and-push, a schedule invokes the
 //!    poller every [`SCHEDULE_EVERY`], and the status API (over HTTP) is read every second: each
 //!    change of an upload is printed as one line, until every upload is FINISHED (or failed). When
 //!    the sequence waits in `AWAITING_UPLOAD_TOKEN` (Mapillary refused the OAuth token for uploads,
 //!    as in `oauth-upload-refused`), the demo does what the user would: it gets a user upload token
 //!    as `mapillary_tools authenticate` does (`POST /graph/login`), hands it over with
-//!    `PUT /v1/mapillary/connection`, and delivers the same manifest again to resume.
+//!    `PUT /v1/mapillary/connection`, and asks the API to deliver the manifest again
+//!    (`POST /v1/sequences/{id}/retry`) to resume.
 //! 6. The status document, the Mapillary links, the rejected image and which token each Mapillary
 //!    call presented (the simulator's request log, per route) are printed; the run fails unless every
 //!    upload is FINISHED and linked, every accepted image is linked and the image without GPS is
@@ -37,12 +41,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aws_sdk_s3::primitives::ByteStream;
+use futures::StreamExt;
 use integration_tests::esm::{scheduled_event, SqsEventSource};
 use integration_tests::moto::free_port;
-use integration_tests::stack::{s3_client, sdk_config};
+use integration_tests::stack::sdk_config;
 use integration_tests::watch::LambdaWatch;
 use mapillary_sim::{defaults, World};
+use md5::{Digest, Md5};
 use relay_fixtures::{track, write_jpegs, ImageSpec, TrackSpec};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -202,8 +207,6 @@ async fn demo(
         api: &api,
         sim_url: &state.sim.url,
         lambda: &lambda,
-        s3: s3_client(&sdk),
-        bucket: var("RELAY_BUCKET")?,
         esm: SqsEventSource::new(
             aws_sdk_sqs::Client::new(&sdk),
             &var("RELAY_INGEST_QUEUE_URL")?,
@@ -266,8 +269,6 @@ struct Run<'a> {
     api: &'a str,
     sim_url: &'a str,
     lambda: &'a LambdaWatch,
-    s3: aws_sdk_s3::Client,
-    bucket: String,
     esm: SqsEventSource,
     stack_name: String,
     images: usize,
@@ -303,26 +304,19 @@ impl Run<'_> {
     async fn sequence(&self, world: World, work: &Path) -> Result<()> {
         let (http, api, started) = (self.http, self.api, self.started);
         let _ = std::fs::remove_dir_all(work);
-        // 4. The sample sequence, into S3.
-        let sequence = format!(
-            "demo-{}-{}",
-            world.name(),
-            time::OffsetDateTime::now_utc().unix_timestamp()
-        );
+        // 4. The sample sequence, dropped through the status API.
         let photos = work.join("images");
         let count = generate(&photos, self.images)?;
-        let (s3, bucket) = (&self.s3, &self.bucket);
-        let prefix = format!("sequences/{USER}/{sequence}/");
         let files = push::jpegs_under(&photos)?;
-        push::put_files(s3, bucket, &prefix, &files).await?;
+        let sequence = drop_through_api(http, api, &files).await?;
         let manifest = Manifest {
-            s3,
-            bucket,
-            key: format!("{prefix}manifest.json"),
+            http,
+            api,
+            sequence: sequence.clone(),
         };
-        manifest.put().await?;
         println!(
-            "{} demo: {count} images ({} with GPS, 1 without) in s3://{bucket}/{prefix}, manifest.json last",
+            "{} demo: {count} images ({} with GPS, 1 without) dropped through the API as sequence {sequence}: \
+             announced, PUT to their presigned URLs, completed (manifest.json written)",
             stamp(started),
             count - 1
         );
@@ -530,25 +524,107 @@ async fn run_schedule(
     Ok(())
 }
 
-/// The sequence's `manifest.json` in S3: writing it (again) delivers the sequence (again).
+/// The sequence's `manifest.json`, written again by the status API (`POST /v1/sequences/{id}/retry`):
+/// it delivers the sequence again.
 struct Manifest<'a> {
-    s3: &'a aws_sdk_s3::Client,
-    bucket: &'a str,
-    key: String,
+    http: &'a reqwest::Client,
+    api: &'a str,
+    sequence: String,
 }
 
 impl Manifest<'_> {
     async fn put(&self) -> Result<()> {
-        self.s3
-            .put_object()
-            .bucket(self.bucket)
-            .key(&self.key)
-            .body(ByteStream::from_static(b"{}"))
+        let path = format!("/v1/sequences/{}/retry", self.sequence);
+        let r = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .header(DEV_AUTH_HEADER, USER)
             .send()
             .await
-            .context("PutObject manifest.json")?;
+            .with_context(|| format!("POST {path}"))?;
+        json_of(r, "POST /v1/sequences/{id}/retry").await?;
         Ok(())
     }
+}
+
+/// Drops `files` (name → path) through the status API as a browser would, as the demo user:
+/// `POST /v1/sequences` with each file's name, size and md5 → one `PUT` per file to its presigned URL
+/// with the headers given → `POST /v1/sequences/{id}/complete`. Returns the sequence id the API issued.
+async fn drop_through_api(
+    http: &reqwest::Client,
+    api: &str,
+    files: &[(String, std::path::PathBuf)],
+) -> Result<String> {
+    let mut bodies = BTreeMap::new();
+    let mut announced = Vec::new();
+    for (name, path) in files {
+        let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+        announced.push(serde_json::json!({
+            "name": name,
+            "size": bytes.len(),
+            "md5": hex::encode(Md5::digest(&bytes)),
+        }));
+        bodies.insert(name.clone(), bytes);
+    }
+    let r = http
+        .post(format!("{api}/v1/sequences"))
+        .header(DEV_AUTH_HEADER, USER)
+        .json(&serde_json::json!({ "files": announced }))
+        .send()
+        .await
+        .context("POST /v1/sequences")?;
+    let reply = json_of(r, "POST /v1/sequences").await?;
+    let sequence = reply["sequence_id"]
+        .as_str()
+        .context("POST /v1/sequences: no sequence_id")?
+        .to_string();
+    let uploads = reply["uploads"].as_array().cloned().unwrap_or_default();
+    if uploads.len() != files.len() {
+        bail!(
+            "POST /v1/sequences: {} upload URLs for {} files",
+            uploads.len(),
+            files.len()
+        );
+    }
+    let bodies = &bodies;
+    let puts = uploads.iter().map(|u| async move {
+        let name = u["name"].as_str().context("an upload without name")?;
+        let body = bodies
+            .get(name)
+            .with_context(|| format!("the API issued a URL for {name:?}, which was not announced"))?
+            .clone();
+        let mut req = http.put(u["url"].as_str().context("an upload without url")?);
+        for (k, v) in u["headers"].as_object().into_iter().flatten() {
+            // reqwest sets Content-Length from the body (the signed value: the file's size).
+            if k != "content-length" {
+                req = req.header(k, v.as_str().unwrap_or_default());
+            }
+        }
+        let resp = req
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("PUT {name}"))?;
+        if !resp.status().is_success() {
+            bail!(
+                "PUT {name}: HTTP {}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    });
+    let results: Vec<Result<()>> = futures::stream::iter(puts).buffer_unordered(8).collect().await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let path = format!("/v1/sequences/{sequence}/complete");
+    let r = http
+        .post(format!("{api}{path}"))
+        .header(DEV_AUTH_HEADER, USER)
+        .send()
+        .await
+        .with_context(|| format!("POST {path}"))?;
+    json_of(r, "POST /v1/sequences/{id}/complete").await?;
+    Ok(sequence)
 }
 
 /// What the demo user can do while the sequence is followed: read the status API, and hand over an

@@ -309,7 +309,11 @@ async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
     let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
     let limit = validate::limit(validate::get(&q, "limit"))?;
     let after = validate::get(&q, "cursor").map(decode_cursor).transpose()?;
-    let page = d.repo().list_sequences(&user, limit, after.as_deref()).await?;
+    let mut page = d.repo().list_sequences(&user, limit, after.as_deref()).await?;
+    let (ttl, now) = (d.settings().drops.announce_ttl, OffsetDateTime::now_utc());
+    for s in &mut page.sequences {
+        drops::settle_expired(s, ttl, now);
+    }
     let body = views::SequenceList {
         sequences: page.sequences.iter().map(views::SequenceSummary::from).collect(),
         next_cursor: page.next.as_deref().map(encode_cursor),
@@ -334,9 +338,14 @@ async fn get_sequence<D: Deps>(
         .map(|c| decode_position_cursor('R', c))
         .transpose()?
         .unwrap_or(0);
-    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
+    let Some(mut seq) = d.repo().get_sequence(&user, &id).await? else {
         return Err(sequence_not_found(&id));
     };
+    drops::settle_expired(
+        &mut seq,
+        d.settings().drops.announce_ttl,
+        OffsetDateTime::now_utc(),
+    );
     let uploads = d.repo().list_uploads(&user, &id).await?;
     let mut views_ = Vec::with_capacity(uploads.len());
     for u in &uploads {

@@ -10,8 +10,13 @@
 //!   zip-and-push's format, the same trigger as an S3 drop.
 //! * `POST /v1/sequences/{id}/retry` — writes the sequence's manifest again (a new `drop_id`, so a new
 //!   ETag and a new notification) so that zip-and-push runs the failed uploads again.
-//! * `DELETE /v1/sequences/{id}` — removes every object version under the prefix and every record;
-//!   Mapillary's copy stays (the reply says so and gives its links).
+//! * `DELETE /v1/sequences/{id}` — removes every object version under the prefix, zip-and-push's
+//!   claim of the sequence and every record; Mapillary's copy stays (the reply says so and gives its
+//!   links).
+//!
+//! An announcement expires after `RELAY_ANNOUNCE_TTL_HOURS` (24): a sequence still `AWAITING_FILES`
+//! then reads as `FAILED` with the reason ([`settle_expired`]), refuses files, `complete` and
+//! `retry` (409 `announcement-expired`), and its announcement items carry the UploadsTable's TTL.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +27,11 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use shared::drops::{check_files, check_options, manifest_json, AnnouncedFile, Announcement, MANIFEST_NAME};
+use shared::drops::{
+    announcement_expired, check_files, check_options, expired_reason, manifest_json, AnnouncedFile,
+    Announcement, MANIFEST_NAME,
+};
+use shared::idempotency::sequence_claim_id;
 use shared::model::{SequenceRecord, SequenceState, UploadState};
 use shared::ports::{
     DropStore, ObjectStore, ObjectWriter, RepoError, SequenceReader, SequenceStore, StoreError,
@@ -234,6 +243,7 @@ pub async fn announce<D: Deps>(
             organization_id: parsed.organization_id,
             max_images_per_upload,
             created_at: now,
+            expires_at: Some(now + caps.announce_ttl),
         };
         let record = SequenceRecord {
             user_id: user.clone(),
@@ -305,11 +315,35 @@ async fn presign_all<'a, D: Deps>(
     Ok(uploads)
 }
 
-/// The sequence, if it is the caller's and AWAITING_FILES, with its announcement (404 / 409 otherwise).
+/// `seq` as the caller reads it: a sequence still AWAITING_FILES after `RELAY_ANNOUNCE_TTL_HOURS`
+/// reads as FAILED with the reason (the record itself is not written: nothing runs for it, and
+/// DELETE removes it with its objects).
+pub fn settle_expired(seq: &mut SequenceRecord, ttl: std::time::Duration, now: OffsetDateTime) {
+    if announcement_expired(seq.state, seq.created_at, ttl, now) {
+        seq.state = SequenceState::Failed;
+        seq.reason = Some(expired_reason(ttl));
+    }
+}
+
+fn expired(id: &str, ttl: std::time::Duration) -> Problem {
+    conflict(
+        "announcement-expired",
+        "Announcement expired",
+        format!("sequence {id:?}: {}", expired_reason(ttl)),
+    )
+}
+
+/// The sequence, if it is the caller's and AWAITING_FILES, with its announcement (404 / 409 otherwise,
+/// also when the announcement expired).
 async fn awaiting<D: Deps>(d: &D, user: &str, id: &str) -> Result<(SequenceRecord, Announcement)> {
     let Some(seq) = d.repo().get_sequence(user, id).await? else {
         return Err(sequence_not_found(id));
     };
+    let ttl = d.settings().drops.announce_ttl;
+    if announcement_expired(seq.state, seq.created_at, ttl, OffsetDateTime::now_utc()) {
+        info!("announcement expired: files and complete refused");
+        return Err(expired(id, ttl));
+    }
     if seq.state != SequenceState::AwaitingFiles {
         return Err(conflict(
             "not-awaiting-files",
@@ -559,6 +593,16 @@ pub async fn retry<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts
         };
         match seq.state {
             SequenceState::Received | SequenceState::Uploading => return Err(busy(&id, seq.state)),
+            SequenceState::AwaitingFiles
+                if announcement_expired(
+                    seq.state,
+                    seq.created_at,
+                    d.settings().drops.announce_ttl,
+                    OffsetDateTime::now_utc(),
+                ) =>
+            {
+                return Err(expired(&id, d.settings().drops.announce_ttl))
+            }
             SequenceState::AwaitingFiles => {
                 return Err(conflict(
                     "not-completed",
@@ -704,6 +748,10 @@ pub async fn delete_sequence<D: Deps>(
             .delete_prefix(bucket, &sequence_prefix(&user, &id))
             .await
             .map_err(store_problem)?;
+        // The claim before the records: a manifest dropped again under this key later (even
+        // byte-identical) must start afresh, not meet the deleted sequence's claim.
+        let claim = sequence_claim_id(bucket, &format!("{}{MANIFEST_NAME}", sequence_prefix(&user, &id)));
+        d.repo().delete_sequence_claim(&claim).await?;
         d.repo().delete_sequence_records(&user, &id, &upload_ids).await?;
         info!(objects_deleted, uploads = upload_ids.len(), "sequence deleted");
         Ok(json_no_store(
