@@ -34,16 +34,7 @@ pub const STAGE_FIELDS: [&str; 4] = [
     "tiler_status",
 ];
 
-/// One event waiting in a tracking record's outbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutboxEvent {
-    /// De-duplication id: `<upload_id>:<history position>`.
-    pub id: String,
-    /// EventBridge `detail-type`.
-    pub detail_type: String,
-    /// The change.
-    pub change: Transition,
-}
+pub use crate::model::OutboxEvent;
 
 /// An event as published (EventBridge entry: `source` is [`SOURCE`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,3 +29,4 @@ pub mod model;
 pub mod ports;
 pub mod s3event;
 pub mod telemetry;
+pub mod webhook;

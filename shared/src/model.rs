@@ -730,7 +730,7 @@ pub struct TrackingRecord {
     /// The outbox: status-change events written with the change that made them and not yet
     /// published (see [`crate::events`]). While not empty, the record is in the outbox index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pending_events: Vec<crate::events::OutboxEvent>,
+    pub pending_events: Vec<OutboxEvent>,
 }
 
 impl TrackingRecord {
@@ -805,4 +805,16 @@ pub struct FeedHealth {
     /// Last update.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// One event waiting in a tracking record's outbox ([`TrackingRecord::pending_events`]; published
+/// by the poller, see `crate::events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// De-duplication id: `<upload_id>:<history position>`.
+    pub id: String,
+    /// EventBridge `detail-type`.
+    pub detail_type: String,
+    /// The change.
+    pub change: crate::domain::tracking::Transition,
 }

@@ -10,6 +10,7 @@ use shared::adapters::events::EventBridgePublisher;
 use shared::adapters::secrets::resolve_secret;
 use shared::adapters::sqs::SqsInbox;
 use shared::adapters::tokens::KmsTokenStore;
+use shared::adapters::webhook_http::WebhookSender;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
 use crate::clock::Clock;
@@ -47,6 +48,7 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
         inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
         claims: DynamoIdempotency::new(dynamodb.clone(), &config.idempotency_table),
         events: EventBridgePublisher::new(aws_sdk_eventbridge::Client::new(sdk), config.event_bus.clone()),
+        webhooks: WebhookSender::new(config.webhooks.clone()),
         mapillary,
         feed_token,
         tunables: config.tunables.clone(),

@@ -94,6 +94,8 @@ pub struct Config {
     /// `RELAY_EVENT_BUS`: the EventBridge bus status-change events are published on (name or
     /// ARN). Unset: no events are written or published.
     pub event_bus: Option<String>,
+    /// `RELAY_WEBHOOK_*`: webhook delivery (SSRF policy, failure limit, backoff).
+    pub webhooks: shared::webhook::WebhookPolicy,
     /// Tunables.
     pub tunables: Tunables,
 }
@@ -181,6 +183,7 @@ impl Config {
         Ok(Config {
             clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
             event_bus: env.optional("RELAY_EVENT_BUS").filter(|b| !b.is_empty()),
+            webhooks: env.webhook_policy()?,
             tables: env.tables()?,
             idempotency_table: env.required("RELAY_IDEMPOTENCY_TABLE")?,
             mapillary,

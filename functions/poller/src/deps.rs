@@ -3,11 +3,12 @@
 //! per port. `compose` builds the production one; the unit tests build one over `shared::fakes`.
 
 use secrecy::SecretString;
+use shared::adapters::webhook_http::WebhookSender;
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::session::SessionContext;
 use shared::ports::{
     ClaimReader, ClusterInbox, EventPublisher, ImageEntryReader, OutboxStore, ReconcileStore, RunLease,
-    SequenceReader, SweepStore, TokenStore, TrackingStore, UploadReader,
+    SequenceReader, SweepStore, TokenStore, TrackingStore, UploadReader, WebhookQueue, WebhookRegistry,
 };
 
 use crate::clock::Clock;
@@ -16,15 +17,15 @@ use crate::config::Tunables;
 /// The ports and settings of a run.
 pub trait Deps: Send + Sync {
     /// Tracking records, links, feed health, the run lease, the FINISH_UNCERTAIN scan, the outbox
-    /// of status-change events.
-    type Tracking: TrackingStore + RunLease + ReconcileStore + OutboxStore;
+    /// of status-change events, the queue of webhook deliveries.
+    type Tracking: TrackingStore + RunLease + ReconcileStore + OutboxStore + WebhookQueue;
     /// zip-and-push's records (sequences, upload records and image entries): read, and settled by
     /// the sweep of stuck uploads.
     type Uploads: UploadReader + ImageEntryReader + SequenceReader + SweepStore;
     /// zip-and-push's manifest claims, read only (the sweep leaves claimed sequences alone).
     type Claims: ClaimReader;
-    /// Users' tokens.
-    type Tokens: TokenStore;
+    /// Users' tokens and webhook registrations (with their secrets).
+    type Tokens: TokenStore + WebhookRegistry;
     /// The clusters queue.
     type Inbox: ClusterInbox;
     /// Where status-change events are published (the event bus).
@@ -41,6 +42,8 @@ pub trait Deps: Send + Sync {
     fn claims(&self) -> &Self::Claims;
     /// The event bus.
     fn events(&self) -> &Self::Events;
+    /// Webhook delivery (HTTP, SSRF policy, backoff and failure limit).
+    fn webhooks(&self) -> &WebhookSender;
     /// Mapillary (every call of the run goes through it).
     fn mapillary(&self) -> &MapillaryApp;
     /// The web-app client token the activity feed is tried with first (see `crate::feed`), if
@@ -79,6 +82,8 @@ pub struct PollerDeps<R, U, T, Q, C, E> {
     pub claims: C,
     /// The event bus (`RELAY_EVENT_BUS`).
     pub events: E,
+    /// Webhook delivery (`RELAY_WEBHOOK_*`).
+    pub webhooks: WebhookSender,
     /// Mapillary.
     pub mapillary: MapillaryApp,
     /// The web-app client token (`MAPILLARY_FEED_TOKEN[_SECRET_ARN]`, resolved), if configured.
@@ -91,9 +96,9 @@ pub struct PollerDeps<R, U, T, Q, C, E> {
 
 impl<R, U, T, Q, C, E> Deps for PollerDeps<R, U, T, Q, C, E>
 where
-    R: TrackingStore + RunLease + ReconcileStore + OutboxStore,
+    R: TrackingStore + RunLease + ReconcileStore + OutboxStore + WebhookQueue,
     U: UploadReader + ImageEntryReader + SequenceReader + SweepStore,
-    T: TokenStore,
+    T: TokenStore + WebhookRegistry,
     Q: ClusterInbox,
     C: ClaimReader,
     E: EventPublisher,
@@ -121,6 +126,9 @@ where
     }
     fn events(&self) -> &E {
         &self.events
+    }
+    fn webhooks(&self) -> &WebhookSender {
+        &self.webhooks
     }
     fn mapillary(&self) -> &MapillaryApp {
         &self.mapillary

@@ -8,11 +8,18 @@
 //! record's outbox with a write conditional on the record not having changed since. Delivery is
 //! at-least-once: a run that dies after publishing and before clearing publishes the same events
 //! again next time, with the same ids.
+//!
+//! The same step queues the events for the user's webhook, if they registered an enabled one
+//! (`crate::webhooks` delivers the queue): the outbox is cleared only once the bus took the events
+//! and the queue holds them, so a run dying anywhere in between loses none.
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+
 use shared::events::{relay_event, RelayEvent};
-use shared::ports::{EventPublisher, OutboxStore, RepoError};
+use shared::ports::{EventPublisher, OutboxStore, RepoError, WebhookQueue, WebhookRegistry};
+use shared::webhook::deliveries;
 use tracing::{info, warn};
 
 use crate::deps::Deps;
@@ -45,6 +52,8 @@ pub async fn publish_outbox<D: Deps>(d: &D, deadline: Instant) -> OutboxReport {
     // Per upload, in history order; uploads in a stable order.
     records.sort_by(|a, b| a.upload_id.cmp(&b.upload_id));
     rep.records = records.len();
+    // Per user: whether they have an enabled webhook (read once per step).
+    let mut hooks: HashMap<String, bool> = HashMap::new();
     for mut record in records {
         if Instant::now() >= deadline {
             break;
@@ -60,6 +69,12 @@ pub async fn publish_outbox<D: Deps>(d: &D, deadline: Instant) -> OutboxReport {
         }
         rep.published += wire.len();
         info!(upload_id = %record.upload_id, events = wire.len(), "status-change events published");
+        if let Err(e) = queue_for_webhook(d, &record.user_id, &wire, &mut hooks).await {
+            warn!(upload_id = %record.upload_id, error = %e,
+                "queueing webhook deliveries failed; the outbox is kept (published again next run)");
+            rep.errors.push(format!("upload {}: webhook queue: {e}", record.upload_id));
+            continue;
+        }
         match d.tracking().ack_outbox(&record).await {
             Ok(()) => {}
             Err(RepoError::ConditionFailed(why)) => {
@@ -73,4 +88,33 @@ pub async fn publish_outbox<D: Deps>(d: &D, deadline: Instant) -> OutboxReport {
         }
     }
     rep
+}
+
+/// Queue `wire` (events of `user_id`) for the user's webhook when they have an enabled one.
+async fn queue_for_webhook<D: Deps>(
+    d: &D,
+    user_id: &str,
+    wire: &[RelayEvent],
+    hooks: &mut HashMap<String, bool>,
+) -> Result<(), String> {
+    let enabled = match hooks.get(user_id) {
+        Some(e) => *e,
+        None => {
+            let e = d
+                .tokens()
+                .get_webhook(user_id)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some_and(|w| w.enabled);
+            hooks.insert(user_id.to_string(), e);
+            e
+        }
+    };
+    if !enabled {
+        return Ok(());
+    }
+    d.tracking()
+        .enqueue_webhooks(&deliveries(user_id, wire, d.clock().now()))
+        .await
+        .map_err(|e| e.to_string())
 }

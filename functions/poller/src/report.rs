@@ -19,6 +19,10 @@ pub struct RunReport {
     /// Status-change events published (from earlier runs' outboxes at the start, this run's at
     /// the end).
     pub events_published: usize,
+    /// Webhook deliveries POSTed successfully.
+    pub webhooks_delivered: usize,
+    /// Webhook deliveries that failed (each backs its user off; see `crate::webhooks`).
+    pub webhook_failures: usize,
     /// Users worked on.
     pub users: usize,
     /// Users whose activity feed was unusable (their uploads were linked by coverage tiles).

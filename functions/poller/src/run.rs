@@ -28,6 +28,7 @@ use crate::clock::elapsed_ms;
 use crate::deps::Deps;
 use crate::intake::intake;
 use crate::outbox::publish_outbox;
+use crate::webhooks::deliver_webhooks;
 use crate::reconcile::discover_uncertain;
 use crate::report::{RunReport, UserReport};
 use crate::sweep::sweep_stuck;
@@ -76,6 +77,8 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
         stuck_uncertain = report.sweep.uncertain,
         stuck_handed_off = report.sweep.handed_off,
         events_published = report.events_published,
+        webhooks_delivered = report.webhooks_delivered,
+        webhook_failures = report.webhook_failures,
         feed_unusable_users = report.feed_unusable_users,
         feed_web_app_users = report.feed_web_app_users,
         feed_user_token_users = report.feed_user_token_users,
@@ -102,6 +105,10 @@ async fn publish_events<D: Deps>(d: &D, deadline: Instant, report: &mut RunRepor
     let o = publish_outbox(d, deadline).await;
     report.events_published += o.published;
     report.errors.extend(o.errors);
+    let w = deliver_webhooks(d, deadline).await;
+    report.webhooks_delivered += w.delivered;
+    report.webhook_failures += w.failed;
+    report.errors.extend(w.errors);
 }
 
 /// Intake, reconcile, sweep, every user's turn, feed health.

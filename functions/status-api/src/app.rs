@@ -14,20 +14,24 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use base64::Engine;
 use lambda_http::request::RequestContext;
-use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::replies::token_expiry;
 use shared::model::{ConnectOutcome, StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
-    AccountClaims, ConnectionReader, DropStore, ImageEntryReader, OAuthState, OAuthStateStore, ObjectStore,
-    ObjectWriter, SequenceReader, StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
+    AccountClaims, ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader,
+    StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::base::{json_no_store, sequence_not_found, sequence_path};
+pub use crate::base::{
+    AppDeps, Deps, ROUTES, ROUTE_CALLBACK, ROUTE_CONNECT, ROUTE_CONNECTION, ROUTE_SEQUENCE, ROUTE_SEQUENCES,
+    ROUTE_SEQUENCE_COMPLETE, ROUTE_SEQUENCE_IMAGES, ROUTE_SEQUENCE_RETRY, ROUTE_SEQUENCE_UPLOADS, ROUTE_WEBHOOK,
+};
 use crate::config::Settings;
 use crate::drops;
 use crate::identity;
@@ -35,126 +39,7 @@ use crate::oauth;
 use crate::problem::Problem;
 use crate::validate;
 use crate::views;
-
-/// `GET` — the caller's sequences; `POST` — announce a sequence, get presigned upload URLs.
-pub const ROUTE_SEQUENCES: &str = "/v1/sequences";
-/// `GET` — one sequence; `DELETE` — remove its objects and records.
-pub const ROUTE_SEQUENCE: &str = "/v1/sequences/{sequence_id}";
-/// `POST` — the announced files are uploaded: write the manifest.
-pub const ROUTE_SEQUENCE_COMPLETE: &str = "/v1/sequences/{sequence_id}/complete";
-/// `POST` — fresh upload URLs for the announced files not uploaded yet.
-pub const ROUTE_SEQUENCE_UPLOADS: &str = "/v1/sequences/{sequence_id}/uploads";
-/// `POST` — write the manifest again so that failed uploads run again.
-pub const ROUTE_SEQUENCE_RETRY: &str = "/v1/sequences/{sequence_id}/retry";
-/// `GET` — one sequence's images.
-pub const ROUTE_SEQUENCE_IMAGES: &str = "/v1/sequences/{sequence_id}/images";
-/// `POST` — start a Mapillary connection.
-pub const ROUTE_CONNECT: &str = "/v1/mapillary/connect";
-/// `GET` — Mapillary's redirect back (no JWT).
-pub const ROUTE_CALLBACK: &str = "/v1/mapillary/callback";
-/// `GET`, `PUT` (hand over an upload token), `DELETE` — the caller's connection.
-pub const ROUTE_CONNECTION: &str = "/v1/mapillary/connection";
-
-/// Every (method, route template) the router serves; `openapi.yaml` documents exactly these.
-pub const ROUTES: [(&str, &str); 13] = [
-    ("GET", ROUTE_SEQUENCES),
-    ("POST", ROUTE_SEQUENCES),
-    ("GET", ROUTE_SEQUENCE),
-    ("DELETE", ROUTE_SEQUENCE),
-    ("POST", ROUTE_SEQUENCE_UPLOADS),
-    ("POST", ROUTE_SEQUENCE_COMPLETE),
-    ("POST", ROUTE_SEQUENCE_RETRY),
-    ("GET", ROUTE_SEQUENCE_IMAGES),
-    ("POST", ROUTE_CONNECT),
-    ("GET", ROUTE_CALLBACK),
-    ("GET", ROUTE_CONNECTION),
-    ("PUT", ROUTE_CONNECTION),
-    ("DELETE", ROUTE_CONNECTION),
-];
-
-/// What the handlers use.
-pub trait Deps: Send + Sync + 'static {
-    /// Sequences, uploads and image entries (read; written only for sequences dropped through the
-    /// API: announcement, state, deletion).
-    type Repo: SequenceReader + UploadReader + ImageEntryReader + DropStore + 'static;
-    /// The poller's tracking records, image links and feed health (read only).
-    type Tracking: TrackingReader + 'static;
-    /// Users' Mapillary tokens (saved and deleted here; shown from their clear metadata only).
-    type Tokens: TokenStore + ConnectionReader + AccountClaims + 'static;
-    /// OAuth `state` values.
-    type States: OAuthStateStore + 'static;
-    /// The sequences bucket (presigned uploads, the manifest, deletion).
-    type Objects: ObjectStore + ObjectWriter + 'static;
-    /// Sequences and uploads.
-    fn repo(&self) -> &Self::Repo;
-    /// Tracking records.
-    fn tracking(&self) -> &Self::Tracking;
-    /// Token store.
-    fn tokens(&self) -> &Self::Tokens;
-    /// OAuth states.
-    fn states(&self) -> &Self::States;
-    /// The sequences bucket.
-    fn objects(&self) -> &Self::Objects;
-    /// Mapillary OAuth.
-    fn mapillary(&self) -> &MapillaryApp;
-    /// Settings.
-    fn settings(&self) -> &Settings;
-}
-
-/// The production composition (and the tests' with fakes).
-#[derive(Debug)]
-pub struct AppDeps<R, T, K, S, O> {
-    /// Sequences and uploads.
-    pub repo: R,
-    /// Tracking records.
-    pub tracking: T,
-    /// Token store.
-    pub tokens: K,
-    /// OAuth states.
-    pub states: S,
-    /// The sequences bucket.
-    pub objects: O,
-    /// Mapillary OAuth.
-    pub mapillary: MapillaryApp,
-    /// Settings.
-    pub settings: Settings,
-}
-
-impl<R, T, K, S, O> Deps for AppDeps<R, T, K, S, O>
-where
-    R: SequenceReader + UploadReader + ImageEntryReader + DropStore + 'static,
-    T: TrackingReader + 'static,
-    K: TokenStore + ConnectionReader + AccountClaims + 'static,
-    S: OAuthStateStore + 'static,
-    O: ObjectStore + ObjectWriter + 'static,
-{
-    type Repo = R;
-    type Tracking = T;
-    type Tokens = K;
-    type States = S;
-    type Objects = O;
-    fn repo(&self) -> &R {
-        &self.repo
-    }
-    fn tracking(&self) -> &T {
-        &self.tracking
-    }
-    fn tokens(&self) -> &K {
-        &self.tokens
-    }
-    fn states(&self) -> &S {
-        &self.states
-    }
-    fn objects(&self) -> &O {
-        &self.objects
-    }
-    fn mapillary(&self) -> &MapillaryApp {
-        &self.mapillary
-    }
-    fn settings(&self) -> &Settings {
-        &self.settings
-    }
-}
+use crate::webhooks;
 
 /// The API. Serve it with `lambda_http::run(router(deps))`.
 pub fn router<D: Deps>(deps: Arc<D>) -> Router {
@@ -178,6 +63,12 @@ pub fn router<D: Deps>(deps: Arc<D>) -> Router {
             get(get_connection::<D>)
                 .put(put_connection::<D>)
                 .delete(delete_connection::<D>),
+        )
+        .route(
+            ROUTE_WEBHOOK,
+            get(webhooks::get_webhook::<D>)
+                .put(webhooks::put_webhook::<D>)
+                .delete(webhooks::delete_webhook::<D>),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -228,21 +119,6 @@ async fn method_not_allowed() -> Problem {
         "Method not allowed",
         "This route does not accept this HTTP method; see the OpenAPI document.",
     )
-}
-
-pub(crate) fn json_no_store<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
-    let mut resp = (status, Json(body)).into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-pub(crate) fn sequence_path(
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<String> {
-    let Path(raw) = path.map_err(|_| Problem::invalid_parameter("sequence_id is not valid UTF-8"))?;
-    validate::sequence_id(&raw)?;
-    Ok(raw)
 }
 
 // ------------------------------------------------------------------ sequences
@@ -319,10 +195,6 @@ async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
         next_cursor: page.next.as_deref().map(encode_cursor),
     };
     Ok(json_no_store(StatusCode::OK, &body))
-}
-
-pub(crate) fn sequence_not_found(id: &str) -> Problem {
-    Problem::not_found(format!("you have no sequence {id:?}"))
 }
 
 async fn get_sequence<D: Deps>(

@@ -27,6 +27,9 @@ pub struct Settings {
     pub allow_shared_accounts: bool,
     /// Sequences dropped through the API.
     pub drops: DropSettings,
+    /// `RELAY_WEBHOOK_ALLOW_LOCAL` (default `false`, strict): webhook URLs may also be loopback,
+    /// over `http` too (local stacks only; never in the template).
+    pub webhook_allow_local: bool,
 }
 
 /// Most files one sequence dropped through the API may announce: the reply carries one presigned
@@ -80,6 +83,7 @@ impl Default for Settings {
             dev_auth_header: None,
             allow_shared_accounts: false,
             drops: DropSettings::default(),
+            webhook_allow_local: false,
         }
     }
 }
@@ -192,6 +196,7 @@ impl Config {
                 dev_auth_header,
                 allow_shared_accounts,
                 drops,
+                webhook_allow_local: env.webhook_policy()?.allow_local,
             },
         })
     }

@@ -40,7 +40,7 @@ use shared::ports::{
 use time::OffsetDateTime;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::app::{json_no_store, sequence_not_found, sequence_path, Deps};
+use crate::base::{json_no_store, sequence_not_found, sequence_path, Deps};
 use crate::identity;
 use crate::problem::{Problem, PROBLEM_JSON};
 use crate::validate;
@@ -123,7 +123,7 @@ fn conflict(code: &str, title: &str, detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::CONFLICT, code, title, detail)
 }
 
-fn require_json(parts: &Parts) -> Result<()> {
+pub(crate) fn require_json(parts: &Parts) -> Result<()> {
     let json = parts
         .headers
         .get(header::CONTENT_TYPE)

@@ -17,6 +17,7 @@
 //! The unit tests run on the in-memory fakes of `shared::fakes`.
 
 pub mod app;
+pub mod base;
 pub mod compose;
 pub mod config;
 pub mod drops;
@@ -25,6 +26,7 @@ pub mod oauth;
 pub mod problem;
 pub mod validate;
 pub mod views;
+pub mod webhooks;
 
 pub use app::{router, AppDeps, Deps};
 

@@ -9,3 +9,4 @@ pub mod s3;
 pub mod secrets;
 pub mod sqs;
 pub mod tokens;
+pub mod webhook_http;

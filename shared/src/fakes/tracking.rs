@@ -13,7 +13,9 @@ use super::records::{MemRepo, RepoState};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
 use crate::ports::{
     OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
+    WebhookQueue,
 };
+use crate::webhook::WebhookDelivery;
 
 /// Who holds the run lease, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub struct TrackingState {
     pub uncertain_resolved: BTreeSet<String>,
     /// `put_tracking_batch` calls (a run writes each user's records in one).
     pub batches: usize,
+    /// Queued webhook deliveries by (user, queue key).
+    pub webhook_queue: BTreeMap<(String, String), WebhookDelivery>,
 }
 
 /// The poller's items in memory. FINISH_UNCERTAIN uploads are zip-and-push's upload records:
@@ -253,6 +257,30 @@ impl OutboxStore for MemTracking {
                 record.upload_id
             ))),
         }
+    }
+}
+
+fn queue_key(d: &WebhookDelivery) -> (String, String) {
+    let micros = d.enqueued_at.unix_timestamp_nanos() / 1000;
+    (d.user_id.clone(), format!("{micros:020}#{}", d.event_id))
+}
+
+impl WebhookQueue for MemTracking {
+    async fn enqueue_webhooks(&self, deliveries: &[WebhookDelivery]) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        for d in deliveries {
+            st.webhook_queue.insert(queue_key(d), d.clone());
+        }
+        Ok(())
+    }
+
+    async fn list_webhook_queue(&self) -> Result<Vec<WebhookDelivery>, RepoError> {
+        Ok(lock(&self.state).webhook_queue.values().cloned().collect())
+    }
+
+    async fn remove_webhook_delivery(&self, d: &WebhookDelivery) -> Result<(), RepoError> {
+        lock(&self.state).webhook_queue.remove(&queue_key(d));
+        Ok(())
     }
 }
 

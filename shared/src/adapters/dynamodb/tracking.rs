@@ -36,6 +36,10 @@ use aws_sdk_dynamodb::types::{AttributeValue, WriteRequest};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod webhook_queue;
+
+pub use webhook_queue::{QUEUE_TTL_DAYS, WEBHOOK_QUEUE_GSI1PK};
+
 use super::batch::{batch_get, batch_write};
 use super::item::{
     decode, delete_request, encode, key, n, number_of, put_request, repo_error, rfc3339, s, string_of, Item,
