@@ -237,16 +237,26 @@ mod tests {
         let p = env(&[]).webhook_policy().expect("defaults");
         assert!(!p.allow_local);
         assert_eq!(p.max_failures, 15);
-        let p = env(&[("RELAY_WEBHOOK_ALLOW_LOCAL", "true"), ("RELAY_WEBHOOK_MAX_FAILURES", "3")])
-            .webhook_policy()
-            .expect("set");
+        let p = env(&[
+            ("RELAY_WEBHOOK_ALLOW_LOCAL", "true"),
+            ("RELAY_WEBHOOK_MAX_FAILURES", "3"),
+        ])
+        .webhook_policy()
+        .expect("set");
         assert!(p.allow_local);
         assert_eq!(p.max_failures, 3);
-        assert!(env(&[("RELAY_WEBHOOK_ALLOW_LOCAL", "yes")]).webhook_policy().is_err());
-        assert!(env(&[("RELAY_WEBHOOK_MAX_FAILURES", "0")]).webhook_policy().is_err());
-        assert!(env(&[("RELAY_WEBHOOK_BACKOFF_S", "100"), ("RELAY_WEBHOOK_BACKOFF_MAX_S", "10")])
+        assert!(env(&[("RELAY_WEBHOOK_ALLOW_LOCAL", "yes")])
             .webhook_policy()
             .is_err());
+        assert!(env(&[("RELAY_WEBHOOK_MAX_FAILURES", "0")])
+            .webhook_policy()
+            .is_err());
+        assert!(env(&[
+            ("RELAY_WEBHOOK_BACKOFF_S", "100"),
+            ("RELAY_WEBHOOK_BACKOFF_MAX_S", "10")
+        ])
+        .webhook_policy()
+        .is_err());
     }
 
     #[test]

@@ -177,7 +177,13 @@ impl WebhookRecord {
 
     /// Record a failed delivery of `event_id` at `now`: backoff, and disabled at
     /// `policy.max_failures` consecutive failures.
-    pub fn record_failure(&mut self, event_id: &str, error: &str, now: OffsetDateTime, policy: &WebhookPolicy) {
+    pub fn record_failure(
+        &mut self,
+        event_id: &str,
+        error: &str,
+        now: OffsetDateTime,
+        policy: &WebhookPolicy,
+    ) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         self.last_failures.push(DeliveryFailure {
             at: now,
@@ -356,7 +362,9 @@ fn v6_public(ip: Ipv6Addr) -> bool {
 /// [`check_ip`]. Hosts given by name are checked again once resolved.
 pub fn check_url(raw: &str, allow_local: bool) -> Result<url::Url, WebhookUrlError> {
     if raw.len() > MAX_URL_LEN {
-        return Err(WebhookUrlError::Malformed(format!("longer than {MAX_URL_LEN} characters")));
+        return Err(WebhookUrlError::Malformed(format!(
+            "longer than {MAX_URL_LEN} characters"
+        )));
     }
     let url = url::Url::parse(raw).map_err(|e| WebhookUrlError::Malformed(e.to_string()))?;
     match url.scheme() {
@@ -450,8 +458,14 @@ mod tests {
 
     #[test]
     fn urls_are_checked_before_and_after_resolution() {
-        assert_eq!(check_url("http://example.com/hook", false), Err(WebhookUrlError::Scheme));
-        assert_eq!(check_url("ftp://example.com/hook", true), Err(WebhookUrlError::Scheme));
+        assert_eq!(
+            check_url("http://example.com/hook", false),
+            Err(WebhookUrlError::Scheme)
+        );
+        assert_eq!(
+            check_url("ftp://example.com/hook", true),
+            Err(WebhookUrlError::Scheme)
+        );
         assert!(matches!(
             check_url("https://127.0.0.1/hook", false),
             Err(WebhookUrlError::Forbidden(_))
@@ -468,9 +482,15 @@ mod tests {
             check_url("https://user:pw@example.com/", false),
             Err(WebhookUrlError::Malformed(_))
         ));
-        assert!(matches!(check_url("not a url", false), Err(WebhookUrlError::Malformed(_))));
+        assert!(matches!(
+            check_url("not a url", false),
+            Err(WebhookUrlError::Malformed(_))
+        ));
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
-        assert!(matches!(check_url(&long, false), Err(WebhookUrlError::Malformed(_))));
+        assert!(matches!(
+            check_url(&long, false),
+            Err(WebhookUrlError::Malformed(_))
+        ));
         let url = check_url("https://hooks.example.com/relay", false).expect("a public name passes");
         // A name that resolves to a private address (DNS rebinding included) is refused once resolved.
         assert!(matches!(
@@ -506,7 +526,10 @@ mod tests {
         let k = SecretString::from("key".to_string());
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(b"key").expect("key");
         mac.update(b"1.x");
-        assert_eq!(sign(&k, 1, b"x"), format!("v1={}", hex::encode(mac.finalize().into_bytes())));
+        assert_eq!(
+            sign(&k, 1, b"x"),
+            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+        );
     }
 
     #[test]
@@ -545,7 +568,10 @@ mod tests {
         assert!(!w.enabled);
         assert!(!w.due(t0 + time::Duration::days(1)));
         let reason = w.disabled_reason.clone().unwrap_or_default();
-        assert!(reason.contains("3 consecutive") && reason.contains("connection refused"), "{reason}");
+        assert!(
+            reason.contains("3 consecutive") && reason.contains("connection refused"),
+            "{reason}"
+        );
         for _ in 0..10 {
             w.record_failure("e3", "x", t0, &policy);
         }

@@ -323,7 +323,8 @@ impl LocalStack {
 
     /// The environment a function of this stack sees: the template's variables (`RELAY_*`,
     /// `MAPILLARY_*`) with this stack's values and `sim`'s endpoints, plus `MAPILLARY_CLIENT_SECRET`
-    /// (plain, local only), `MAPILLARY_FEED_TOKEN` when `sim` has one (plain, local only), and what
+    /// (plain, local only), `MAPILLARY_FEED_TOKEN` when `sim` has one (plain, local only),
+    /// `RELAY_WEBHOOK_ALLOW_LOCAL=true` (local only: loopback webhook receivers), and what
     /// points the SDK at moto (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_DEFAULT_REGION`,
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
     pub fn lambda_env(&self, sim: &SimEndpoints) -> Vec<(String, String)> {
@@ -351,6 +352,9 @@ impl LocalStack {
             ("AWS_DEFAULT_REGION", REGION),
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
             ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+            // Local only (the template never sets it: deployed, webhooks are strict): webhook
+            // receivers of tests and the demo listen on loopback, over http.
+            ("RELAY_WEBHOOK_ALLOW_LOCAL", "true"),
         ]
         .into_iter()
         .chain(feed_token)

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use integration_tests::moto::shared_moto;
 use integration_tests::stack::{self, LocalStack, SimEndpoints};
+use integration_tests::webhook_receiver::{Received, WebhookReceiver};
 use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET};
 use mapillary_sim::{SimConfig, SimHandle, Simulator};
 use poller::clock::Clock;
@@ -20,6 +21,7 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::adapters::events::EventBridgePublisher;
 use shared::adapters::sqs::SqsClusterQueue;
+use shared::adapters::webhook_http::WebhookSender;
 use shared::domain::tracking::OverallState;
 use shared::events::{detail_type, event_id, outbox_events, SOURCE, STAGE_CHANGED, STAGE_FIELDS};
 use shared::mapillary::client::MapillaryClient;
@@ -28,11 +30,16 @@ use shared::mapillary::Endpoints;
 use shared::model::{
     upload_id, ClusterMessage, StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState,
 };
-use shared::ports::{ClusterQueue, ImageEntryStore, OutboxStore, TokenStore, TrackingReader, UploadStore};
+use shared::ports::{
+    ClusterQueue, ImageEntryStore, OutboxStore, TokenStore, TrackingReader, UploadStore, WebhookQueue,
+};
+use shared::webhook::WebhookPolicy;
 use time::OffsetDateTime;
 
 struct World {
     stack: LocalStack,
+    /// The functions' environment (the status API is composed from it too).
+    env: Vec<(String, String)>,
     sim: SimHandle,
     poller: ProductionPoller,
     client: MapillaryClient,
@@ -107,6 +114,7 @@ async fn world(tag: &str) -> Result<World> {
         .await?;
     let w = World {
         stack,
+        env,
         sim,
         poller,
         client,
@@ -261,6 +269,46 @@ impl World {
 
     async fn run(&self) -> RunReport {
         run_once(&self.poller, Instant::now() + Duration::from_secs(120)).await
+    }
+
+    /// The status API, composed from the functions' environment (KMS, DynamoDB of this stack),
+    /// called in-process as `user` (dev identity header): `(status, JSON body)`.
+    async fn api(&self, method: &str, path: &str, user: &str, body: Option<Value>) -> Result<(u16, Value)> {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let config = status_api::config::Config::from_lookup(|k| {
+            self.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })?;
+        let mut deps = status_api::compose::compose(&config, self.stack.sdk_config()).await?;
+        deps.settings.dev_auth_header = Some(http::HeaderName::from_static("x-relay-user"));
+        let app = status_api::router(std::sync::Arc::new(deps));
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("x-relay-user", user)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            ))?;
+        let resp = app.oneshot(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    /// Register `url` as `user`'s webhook through the API; the secret it answers.
+    async fn register(&self, user: &str, url: &str) -> Result<String> {
+        let (status, body) = self
+            .api("PUT", "/v1/webhook", user, Some(json!({ "url": url })))
+            .await?;
+        ensure!(status == 200 || status == 201, "PUT /v1/webhook: {status} {body}");
+        Ok(body["secret"].as_str().context("secret")?.to_string())
+    }
+
+    async fn webhook(&self, user: &str) -> Result<Value> {
+        let (status, body) = self.api("GET", "/v1/webhook", user, None).await?;
+        ensure!(status == 200, "GET /v1/webhook: {status} {body}");
+        Ok(body)
     }
 
     async fn record(&self, id: &str) -> Result<TrackingRecord> {
@@ -438,6 +486,227 @@ async fn four_stages_reach_the_bus_in_order_and_a_failed_publish_loses_nothing()
     assert!(replayed > 0, "the replay delivered duplicates: {all:?}");
     assert_eq!(dedup(all), expected(&rec2), "none lost, none invented, in order");
     assert!(w.poller.tracking.list_outbox().await?.is_empty());
+    w.stack.delete().await.ok();
+    Ok(())
+}
+
+// ------------------------------------------------------------------ webhooks
+
+/// Webhook deliveries as (id, detail-type, field, to), checking each was signed right.
+fn hooked(got: &[Received]) -> Vec<(String, String, String, Option<String>)> {
+    got.iter()
+        .map(|r| {
+            assert!(
+                r.verified,
+                "signature verified with the registered secret: {:?}",
+                r.body
+            );
+            assert_eq!(r.body["source"], SOURCE);
+            assert_eq!(r.body["type"], r.event_type.as_str());
+            let d = &r.body["detail"];
+            (
+                r.event_id.clone(),
+                r.event_type.clone(),
+                d["change"]["field"].as_str().unwrap_or_default().to_string(),
+                d["change"]["to"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_gets_every_change_in_order_signed_even_after_being_down_or_a_lost_publish() -> Result<()> {
+    let w = world("hooks").await?;
+    let rx = WebhookReceiver::start().await?;
+    let secret = w.register("alice", &rx.url).await?;
+    rx.set_secret(&secret);
+    // Stored KMS-encrypted: the item holds a ciphertext and nowhere the secret.
+    let item = w
+        .stack
+        .dynamodb()
+        .get_item()
+        .table_name(&w.stack.users_table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S("USER#alice".into()),
+        )
+        .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("WEBHOOK".into()))
+        .send()
+        .await?
+        .item
+        .context("webhook item")?;
+    assert!(matches!(
+        item.get("ciphertext"),
+        Some(aws_sdk_dynamodb::types::AttributeValue::B(_))
+    ));
+    assert!(
+        !format!("{item:?}").contains(&secret),
+        "the secret is not stored in clear"
+    );
+
+    let token = w.user("alice").await?;
+    let id = w.upload("alice", &token, "s1", 4).await?;
+    let mut bus = Vec::new();
+    for step in [0, 100, 600, 1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        ensure!(r.errors.is_empty(), "{:?}", r.errors);
+        bus.extend(w.drain_events().await?);
+    }
+    let rec = w.record(&id).await?;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    let first = rx.received();
+    assert_eq!(
+        hooked(&first),
+        expected(&rec),
+        "the webhook got exactly the changes, in order"
+    );
+    assert_eq!(delivered(&bus), expected(&rec), "and so did the bus");
+    let stages: Vec<String> = hooked(&first)
+        .into_iter()
+        .filter(|e| e.1 == STAGE_CHANGED && e.3.as_deref() == Some("FINISHED"))
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(
+        stages,
+        STAGE_FIELDS.map(String::from).to_vec(),
+        "the four stages, in order"
+    );
+    assert!(w.poller.tracking.list_webhook_queue().await?.is_empty());
+    let hook = w.webhook("alice").await?;
+    assert_eq!(hook["consecutive_failures"], 0, "{hook}");
+    assert!(hook["last_success_at"].is_string(), "{hook}");
+    assert!(hook.get("secret").is_none() && !hook.to_string().contains(&secret));
+
+    // The receiver is down for a while: every attempt fails and backs off; the bus is unaffected.
+    rx.set_down(true);
+    let id2 = w.upload("alice", &token, "s2", 3).await?;
+    let mut bus2 = Vec::new();
+    for step in [0, 100, 600] {
+        w.advance(step);
+        w.run().await;
+        bus2.extend(w.drain_events().await?);
+    }
+    assert!(rx.refused() >= 2, "attempted and refused: {}", rx.refused());
+    assert_eq!(rx.received().len(), first.len(), "nothing got through");
+    let hook = w.webhook("alice").await?;
+    assert_eq!(hook["enabled"], true, "{hook}");
+    assert!(hook["consecutive_failures"].as_u64() >= Some(2), "{hook}");
+    assert!(hook["next_attempt_at"].is_string(), "backing off: {hook}");
+    assert!(
+        hook["last_failures"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "{hook}"
+    );
+    // Back up: everything queued meanwhile arrives, in order, once.
+    rx.set_down(false);
+    for step in [1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        ensure!(r.errors.is_empty(), "{:?}", r.errors);
+        bus2.extend(w.drain_events().await?);
+    }
+    let rec2 = w.record(&id2).await?;
+    assert_eq!(rec2.tracked.state, OverallState::Finished);
+    let second: Vec<Received> = rx.received()[first.len()..].to_vec();
+    assert_eq!(hooked(&second), expected(&rec2), "none lost while down, in order");
+    assert_eq!(delivered(&bus2), expected(&rec2));
+    let hook = w.webhook("alice").await?;
+    assert_eq!(hook["consecutive_failures"], 0, "{hook}");
+
+    // The poller dies between the record write and the publish (the bus unreachable: nothing is
+    // published, so nothing is queued for the webhook either); the next run delivers both.
+    let id3 = w.upload("alice", &token, "s3", 3).await?;
+    let real = w.poller.events.clone();
+    let mut w = w;
+    let dead = aws_sdk_eventbridge::Client::from_conf(
+        aws_sdk_eventbridge::config::Builder::from(w.stack.sdk_config())
+            .endpoint_url("http://127.0.0.1:9")
+            .build(),
+    );
+    w.poller.events = EventBridgePublisher::new(dead, Some(w.stack.event_bus.clone()));
+    w.run().await;
+    w.advance(100);
+    w.run().await;
+    let before = rx.received().len();
+    assert_eq!(
+        before,
+        first.len() + second.len(),
+        "nothing delivered without the publish"
+    );
+    ensure!(
+        !w.record(&id3).await?.pending_events.is_empty(),
+        "kept in the outbox"
+    );
+    w.poller.events = real;
+    for step in [0, 600, 1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        ensure!(r.errors.is_empty(), "{:?}", r.errors);
+        w.drain_events().await?;
+    }
+    let rec3 = w.record(&id3).await?;
+    assert_eq!(rec3.tracked.state, OverallState::Finished);
+    let third: Vec<Received> = rx.received()[before..].to_vec();
+    assert_eq!(
+        hooked(&third),
+        expected(&rec3),
+        "none lost between write and publish"
+    );
+    w.stack.delete().await.ok();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_failing_repeatedly_is_disabled_with_its_reason_until_put_again() -> Result<()> {
+    let mut w = world("hookoff").await?;
+    w.poller.webhooks = WebhookSender::new(WebhookPolicy {
+        allow_local: true,
+        max_failures: 3,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(1),
+        ..WebhookPolicy::default()
+    });
+    let rx = WebhookReceiver::start().await?;
+    rx.set_secret(&w.register("bob", &rx.url).await?);
+    rx.set_down(true);
+    let token = w.user("bob").await?;
+    let id = w.upload("bob", &token, "s1", 3).await?;
+    for step in [0, 100, 600, 1800] {
+        w.advance(step);
+        w.run().await;
+    }
+    let hook = w.webhook("bob").await?;
+    assert_eq!(hook["enabled"], false, "{hook}");
+    let reason = hook["disabled_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("3 consecutive") && reason.contains("503"),
+        "{hook}"
+    );
+    assert!(hook["disabled_at"].is_string(), "{hook}");
+    assert_eq!(rx.refused(), 3, "three attempts, then none");
+    w.advance(3600);
+    let r = w.run().await;
+    assert_eq!(r.webhook_failures, 0, "a disabled webhook is not called: {r:?}");
+    assert_eq!(rx.refused(), 3);
+    let queued = w.poller.tracking.list_webhook_queue().await?;
+    ensure!(!queued.is_empty(), "what could not be delivered stays queued");
+
+    // PUT again: enabled, a new secret; the queue is delivered.
+    rx.set_down(false);
+    rx.set_secret(&w.register("bob", &rx.url).await?);
+    assert_eq!(w.webhook("bob").await?["enabled"], true);
+    w.advance(10);
+    let r = w.run().await;
+    ensure!(r.errors.is_empty(), "{:?}", r.errors);
+    let got = hooked(&rx.received());
+    assert_eq!(got.len(), queued.len(), "{got:?}");
+    let want: Vec<String> = queued.iter().map(|q| q.event_id.clone()).collect();
+    let ids: Vec<String> = got.iter().map(|g| g.0.clone()).collect();
+    assert_eq!(ids, want, "in queue order");
+    assert!(ids.iter().all(|i| i.starts_with(&id)));
+    assert!(w.poller.tracking.list_webhook_queue().await?.is_empty());
     w.stack.delete().await.ok();
     Ok(())
 }

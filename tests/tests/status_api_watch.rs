@@ -506,6 +506,10 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() -> Result<()
     let xml = std::fs::read_to_string(&report).with_context(|| format!("no JUnit report:\n{output}"))?;
     let (tests, failures, errors) = junit_totals(&xml);
     assert!(tests >= 7, "every operation was tested ({tests}):\n{output}");
+    // The webhook routes are in the document, so schemathesis exercises them too.
+    for op in ["PUT /v1/webhook", "GET /v1/webhook", "DELETE /v1/webhook"] {
+        assert!(xml.contains(op), "schemathesis did not test {op}:\n{output}");
+    }
     assert_eq!(
         (failures, errors),
         (0, 0),

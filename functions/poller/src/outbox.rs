@@ -72,7 +72,8 @@ pub async fn publish_outbox<D: Deps>(d: &D, deadline: Instant) -> OutboxReport {
         if let Err(e) = queue_for_webhook(d, &record.user_id, &wire, &mut hooks).await {
             warn!(upload_id = %record.upload_id, error = %e,
                 "queueing webhook deliveries failed; the outbox is kept (published again next run)");
-            rep.errors.push(format!("upload {}: webhook queue: {e}", record.upload_id));
+            rep.errors
+                .push(format!("upload {}: webhook queue: {e}", record.upload_id));
             continue;
         }
         match d.tracking().ack_outbox(&record).await {

@@ -28,11 +28,11 @@ use crate::clock::elapsed_ms;
 use crate::deps::Deps;
 use crate::intake::intake;
 use crate::outbox::publish_outbox;
-use crate::webhooks::deliver_webhooks;
 use crate::reconcile::discover_uncertain;
 use crate::report::{RunReport, UserReport};
 use crate::sweep::sweep_stuck;
 use crate::user::track_user;
+use crate::webhooks::deliver_webhooks;
 
 /// How long the lease outlives the run's deadline (covers the function's stop margin).
 const LEASE_SLACK: Duration = Duration::from_secs(60);

@@ -151,7 +151,9 @@ async fn deliver_user<D: Deps>(
     if changed {
         match d.tokens().save_webhook_state(&reg).await {
             Ok(true) => {}
-            Ok(false) => info!(user_id = %user, "webhook replaced meanwhile; its new registration keeps its own state"),
+            Ok(false) => {
+                info!(user_id = %user, "webhook replaced meanwhile; its new registration keeps its own state")
+            }
             Err(e) => store_error(&mut rep, "saving the delivery state", &e),
         }
     }

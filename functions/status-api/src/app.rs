@@ -30,7 +30,8 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::base::{json_no_store, sequence_not_found, sequence_path};
 pub use crate::base::{
     AppDeps, Deps, ROUTES, ROUTE_CALLBACK, ROUTE_CONNECT, ROUTE_CONNECTION, ROUTE_SEQUENCE, ROUTE_SEQUENCES,
-    ROUTE_SEQUENCE_COMPLETE, ROUTE_SEQUENCE_IMAGES, ROUTE_SEQUENCE_RETRY, ROUTE_SEQUENCE_UPLOADS, ROUTE_WEBHOOK,
+    ROUTE_SEQUENCE_COMPLETE, ROUTE_SEQUENCE_IMAGES, ROUTE_SEQUENCE_RETRY, ROUTE_SEQUENCE_UPLOADS,
+    ROUTE_WEBHOOK,
 };
 use crate::config::Settings;
 use crate::drops;

@@ -1167,14 +1167,25 @@ async fn webhook_secret_is_answered_once_never_shown_again_and_delete_removes_it
 
     let del = call(&app, request(&event("delete-webhook.json"))).await;
     assert_eq!(del.status, 204);
-    assert_problem(&call(&app, request(&event("get-webhook.json"))).await, 404, "not-found");
-    assert_problem(&call(&app, request(&event("delete-webhook.json"))).await, 404, "not-found");
+    assert_problem(
+        &call(&app, request(&event("get-webhook.json"))).await,
+        404,
+        "not-found",
+    );
+    assert_problem(
+        &call(&app, request(&event("delete-webhook.json"))).await,
+        404,
+        "not-found",
+    );
 }
 
 #[tokio::test]
 async fn webhook_urls_that_are_not_public_https_are_refused_in_deployed_mode() {
     let (d, app) = offline();
-    assert!(!Settings::default().webhook_allow_local, "strict unless configured");
+    assert!(
+        !Settings::default().webhook_allow_local,
+        "strict unless configured"
+    );
     for url in [
         "http://127.0.0.1:8787/hook",
         "https://127.0.0.1/hook",
@@ -1210,9 +1221,21 @@ async fn webhook_put_needs_a_json_url_object() {
     let (_, app) = local_webhooks();
     let mut v: Value = serde_json::from_str(&event("put-webhook.json")).unwrap();
     v["body"] = Value::String("{\"url\": 5}".into());
-    assert_problem(&call(&app, request(&v.to_string())).await, 400, "invalid-parameter");
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        400,
+        "invalid-parameter",
+    );
     v["body"] = Value::String("{\"url\": \"http://127.0.0.1:1/h\", \"secret\": \"mine\"}".into());
-    assert_problem(&call(&app, request(&v.to_string())).await, 400, "invalid-parameter");
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        400,
+        "invalid-parameter",
+    );
     v["headers"]["content-type"] = Value::String("text/plain".into());
-    assert_problem(&call(&app, request(&v.to_string())).await, 415, "unsupported-media-type");
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        415,
+        "unsupported-media-type",
+    );
 }

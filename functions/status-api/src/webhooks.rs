@@ -167,7 +167,9 @@ pub(crate) async fn get_webhook<D: Deps>(State(d): State<Arc<D>>, parts: Parts) 
     validate::query_pairs(parts.uri.query(), &[])?;
     match d.tokens().get_webhook(&user).await? {
         Some(r) => Ok(json_no_store(StatusCode::OK, &view(&r, None))),
-        None => Err(Problem::not_found("you have no webhook; register one with PUT /v1/webhook")),
+        None => Err(Problem::not_found(
+            "you have no webhook; register one with PUT /v1/webhook",
+        )),
     }
 }
 

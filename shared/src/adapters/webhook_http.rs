@@ -13,7 +13,10 @@ use crate::webhook::{
 };
 
 /// `raw` checked ([`check_url`]), resolved, and every address checked ([`check_resolved`]).
-pub async fn resolve_checked(raw: &str, allow_local: bool) -> Result<(url::Url, Vec<SocketAddr>), WebhookUrlError> {
+pub async fn resolve_checked(
+    raw: &str,
+    allow_local: bool,
+) -> Result<(url::Url, Vec<SocketAddr>), WebhookUrlError> {
     let url = check_url(raw, allow_local)?;
     let host = url
         .host_str()

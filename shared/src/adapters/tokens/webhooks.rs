@@ -25,8 +25,7 @@ fn doc_of(record: &WebhookRecord) -> Result<String, TokenError> {
 fn record_of(user_id: &str, item: &super::Item) -> Result<WebhookRecord, TokenError> {
     let doc = string_of(item, "doc")
         .ok_or_else(|| TokenError::Corrupt(format!("webhook item of user {user_id} has no doc")))?;
-    serde_json::from_str(doc)
-        .map_err(|e| TokenError::Corrupt(format!("webhook item of user {user_id}: {e}")))
+    serde_json::from_str(doc).map_err(|e| TokenError::Corrupt(format!("webhook item of user {user_id}: {e}")))
 }
 
 impl KmsTokenStore {
@@ -55,9 +54,16 @@ impl WebhookRegistry for KmsTokenStore {
             .encryption_context(CONTEXT_KEY, user_id)
             .send()
             .await
-            .map_err(|e| token_error(classify(&e), &format!("KMS Encrypt webhook secret of user {user_id}")))?;
+            .map_err(|e| {
+                token_error(
+                    classify(&e),
+                    &format!("KMS Encrypt webhook secret of user {user_id}"),
+                )
+            })?;
         let ciphertext = encrypted.ciphertext_blob.ok_or_else(|| {
-            TokenError::Other(format!("KMS Encrypt webhook secret of user {user_id}: no ciphertext"))
+            TokenError::Other(format!(
+                "KMS Encrypt webhook secret of user {user_id}: no ciphertext"
+            ))
         })?;
         self.dynamodb
             .put_item()
@@ -114,13 +120,19 @@ impl WebhookRegistry for KmsTokenStore {
             .encryption_context(CONTEXT_KEY, user_id)
             .send()
             .await
-            .map_err(|e| token_error(classify(&e), &format!("KMS Decrypt webhook secret of user {user_id}")))?;
+            .map_err(|e| {
+                token_error(
+                    classify(&e),
+                    &format!("KMS Decrypt webhook secret of user {user_id}"),
+                )
+            })?;
         let mut plaintext = out.plaintext.map(Blob::into_inner).ok_or_else(|| {
-            TokenError::Corrupt(format!("KMS Decrypt webhook secret of user {user_id}: no plaintext"))
+            TokenError::Corrupt(format!(
+                "KMS Decrypt webhook secret of user {user_id}: no plaintext"
+            ))
         })?;
-        let secret = String::from_utf8(plaintext.clone()).map_err(|_| {
-            TokenError::Corrupt(format!("webhook secret of user {user_id} is not UTF-8"))
-        });
+        let secret = String::from_utf8(plaintext.clone())
+            .map_err(|_| TokenError::Corrupt(format!("webhook secret of user {user_id} is not UTF-8")));
         plaintext.zeroize();
         Ok(Some(SecretString::from(secret?)))
     }
