@@ -262,6 +262,17 @@ impl World {
         Ok(id)
     }
 
+    /// A publisher whose bus cannot be reached (as a poller killed between its record write and
+    /// its publish: the events stay in the outbox).
+    fn dead_bus(&self) -> EventBridgePublisher {
+        let dead = aws_sdk_eventbridge::Client::from_conf(
+            aws_sdk_eventbridge::config::Builder::from(self.stack.sdk_config())
+                .endpoint_url("http://127.0.0.1:9")
+                .build(),
+        );
+        EventBridgePublisher::new(dead, Some(self.stack.event_bus.clone()))
+    }
+
     fn advance(&self, seconds: i64) {
         self.sim.advance_clock(seconds);
         self.poller.clock.set_ms(self.sim.sim().now_ms());
@@ -434,12 +445,7 @@ async fn four_stages_reach_the_bus_in_order_and_a_failed_publish_loses_nothing()
     let id2 = w.upload("alice", &token, "s2", 3).await?;
     let real = w.poller.events.clone();
     let mut w = w;
-    let dead = aws_sdk_eventbridge::Client::from_conf(
-        aws_sdk_eventbridge::config::Builder::from(w.stack.sdk_config())
-            .endpoint_url("http://127.0.0.1:9")
-            .build(),
-    );
-    w.poller.events = EventBridgePublisher::new(dead, Some(w.stack.event_bus.clone()));
+    w.poller.events = w.dead_bus();
     w.run().await;
     w.advance(100);
     let r = w.run().await;
@@ -620,12 +626,7 @@ async fn a_webhook_gets_every_change_in_order_signed_even_after_being_down_or_a_
     let id3 = w.upload("alice", &token, "s3", 3).await?;
     let real = w.poller.events.clone();
     let mut w = w;
-    let dead = aws_sdk_eventbridge::Client::from_conf(
-        aws_sdk_eventbridge::config::Builder::from(w.stack.sdk_config())
-            .endpoint_url("http://127.0.0.1:9")
-            .build(),
-    );
-    w.poller.events = EventBridgePublisher::new(dead, Some(w.stack.event_bus.clone()));
+    w.poller.events = w.dead_bus();
     w.run().await;
     w.advance(100);
     w.run().await;

@@ -27,7 +27,7 @@ use shared::ports::{
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::base::{json_no_store, sequence_not_found, sequence_path};
+use crate::base::{json_caller, json_no_store, json_object, sequence_not_found, sequence_path};
 pub use crate::base::{
     AppDeps, Deps, ROUTES, ROUTE_CALLBACK, ROUTE_CONNECT, ROUTE_CONNECTION, ROUTE_SEQUENCE, ROUTE_SEQUENCES,
     ROUTE_SEQUENCE_COMPLETE, ROUTE_SEQUENCE_IMAGES, ROUTE_SEQUENCE_RETRY, ROUTE_SEQUENCE_UPLOADS,
@@ -633,33 +633,9 @@ async fn put_connection<D: Deps>(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    let json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "JSON body required",
-            "Send Content-Type: application/json with a body {\"upload_token\": \"…\"}.",
-        ));
-    }
-    // serde_json messages may quote the input (the token): only the kind of error is reported.
-    let parsed: UploadTokenBody = serde_json::from_slice(&body).map_err(|e| {
-        Problem::invalid_parameter(format!(
-            "the body must be the JSON object {{\"upload_token\": \"…\"}} ({:?} error at column {})",
-            e.classify(),
-            e.column()
-        ))
-    })?;
+    let user = json_caller(&parts, d.settings())?;
+    // Only the kind of a parse error is reported: the input is the token.
+    let parsed: UploadTokenBody = json_object(&body, r#"{"upload_token": "…"}"#)?;
     let raw = validate::upload_token(&parsed.upload_token)?;
     let token = secrecy::SecretString::from(raw.to_string());
     drop(parsed);

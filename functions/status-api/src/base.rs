@@ -3,6 +3,7 @@
 //! implementation [`AppDeps`], JSON answers that are not cached, and the sequence id of a path.
 
 use axum::extract::Path;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -162,4 +163,48 @@ pub(crate) fn sequence_path(
 
 pub(crate) fn sequence_not_found(id: &str) -> Problem {
     Problem::not_found(format!("you have no sequence {id:?}"))
+}
+
+/// Refuses a body that is not declared `application/json` (415).
+pub(crate) fn require_json(parts: &Parts) -> Result<()> {
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if json {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "JSON body required",
+            "Send Content-Type: application/json with the body described in the OpenAPI document.",
+        ))
+    }
+}
+
+/// The JSON body as `T`; otherwise 400 naming the expected `shape` and only the kind and place of
+/// the error (serde_json's messages may quote the input, which can hold a secret).
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        Problem::invalid_parameter(format!(
+            "the body must be the JSON object {shape} ({:?} error at column {})",
+            e.classify(),
+            e.column()
+        ))
+    })
+}
+
+/// The caller of a route that takes a JSON body and no query parameters: identity (401), no query
+/// (400), `application/json` (415).
+pub(crate) fn json_caller(parts: &Parts, settings: &Settings) -> Result<String> {
+    let user = crate::identity::require(parts, settings.dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    require_json(parts)?;
+    Ok(user)
 }

@@ -40,7 +40,7 @@ use shared::ports::{
 use time::OffsetDateTime;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::base::{json_no_store, sequence_not_found, sequence_path, Deps};
+use crate::base::{json_caller, json_no_store, sequence_not_found, sequence_path, Deps};
 use crate::identity;
 use crate::problem::{Problem, PROBLEM_JSON};
 use crate::validate;
@@ -123,28 +123,6 @@ fn conflict(code: &str, title: &str, detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::CONFLICT, code, title, detail)
 }
 
-pub(crate) fn require_json(parts: &Parts) -> Result<()> {
-    let json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if json {
-        Ok(())
-    } else {
-        Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "JSON body required",
-            "Send Content-Type: application/json with the body described in the OpenAPI document.",
-        ))
-    }
-}
-
 // ------------------------------------------------------------------ announce
 
 /// Body of `POST /v1/sequences`.
@@ -203,9 +181,7 @@ pub async fn announce<D: Deps>(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    require_json(&parts)?;
+    let user = json_caller(&parts, d.settings())?;
     let bucket = bucket(&*d)?;
     let parsed: AnnounceBody = serde_json::from_slice(&body).map_err(|e| {
         let msg: String = e.to_string().chars().take(200).collect();

@@ -24,8 +24,7 @@ use shared::webhook::{
 use time::OffsetDateTime;
 use tracing::info;
 
-use crate::base::{json_no_store, Deps};
-use crate::drops::require_json;
+use crate::base::{json_caller, json_no_store, json_object, Deps};
 use crate::identity;
 use crate::problem::Problem;
 use crate::validate;
@@ -131,16 +130,8 @@ pub(crate) async fn put_webhook<D: Deps>(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    require_json(&parts)?;
-    let parsed: PutBody = serde_json::from_slice(&body).map_err(|e| {
-        Problem::invalid_parameter(format!(
-            "the body must be the JSON object {{\"url\": \"https://…\"}} ({:?} error at column {})",
-            e.classify(),
-            e.column()
-        ))
-    })?;
+    let user = json_caller(&parts, d.settings())?;
+    let parsed: PutBody = json_object(&body, r#"{"url": "https://…"}"#)?;
     let allow_local = d.settings().webhook_allow_local;
     let (url, _) = resolve_checked(parsed.url.trim(), allow_local)
         .await

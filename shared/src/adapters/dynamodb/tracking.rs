@@ -629,8 +629,9 @@ impl TrackingStore for DynamoTracking {
     }
 }
 
-impl OutboxStore for DynamoTracking {
-    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+impl DynamoTracking {
+    /// Every item of gsi1 partition `pk` (all pages), in sort-key order.
+    async fn gsi1_partition(&self, pk: &str) -> Result<Vec<Item>, RepoError> {
         let mut pages = self
             .client
             .query()
@@ -638,16 +639,24 @@ impl OutboxStore for DynamoTracking {
             .index_name("gsi1")
             .key_condition_expression("#pk = :pk")
             .expression_attribute_names("#pk", "gsi1pk")
-            .expression_attribute_values(":pk", s(OUTBOX_GSI1PK))
+            .expression_attribute_values(":pk", s(pk))
             .into_paginator()
             .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi1 OUTBOX"))?;
-            for item in page.items.unwrap_or_default() {
-                let what = format!("outbox record {}", string_of(&item, "pk").unwrap_or("?"));
-                out.push(decode_record(item, &what)?);
-            }
+            let page = page.map_err(|e| repo_error(&e, &format!("Query gsi1 {pk}")))?;
+            out.extend(page.items.unwrap_or_default());
+        }
+        Ok(out)
+    }
+}
+
+impl OutboxStore for DynamoTracking {
+    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+        let mut out = Vec::new();
+        for item in self.gsi1_partition(OUTBOX_GSI1PK).await? {
+            let what = format!("outbox record {}", string_of(&item, "pk").unwrap_or("?"));
+            out.push(decode_record(item, &what)?);
         }
         Ok(out)
     }

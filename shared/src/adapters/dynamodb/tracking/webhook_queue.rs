@@ -45,31 +45,18 @@ impl WebhookQueue for DynamoTracking {
     }
 
     async fn list_webhook_queue(&self) -> Result<Vec<WebhookDelivery>, RepoError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("gsi1")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi1pk")
-            .expression_attribute_values(":pk", s(WEBHOOK_QUEUE_GSI1PK))
-            .into_paginator()
-            .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, "Query gsi1 WEBHOOK_QUEUE"))?;
-            for item in page.items.unwrap_or_default() {
-                let doc = string_of(&item, "doc").ok_or_else(|| {
-                    RepoError::Corrupt(format!(
-                        "webhook delivery {} has no doc",
-                        string_of(&item, "sk").unwrap_or("?")
-                    ))
-                })?;
-                out.push(
-                    serde_json::from_str(doc)
-                        .map_err(|e| RepoError::Corrupt(format!("webhook delivery: {e}")))?,
-                );
-            }
+        for item in self.gsi1_partition(WEBHOOK_QUEUE_GSI1PK).await? {
+            let doc = string_of(&item, "doc").ok_or_else(|| {
+                RepoError::Corrupt(format!(
+                    "webhook delivery {} has no doc",
+                    string_of(&item, "sk").unwrap_or("?")
+                ))
+            })?;
+            out.push(
+                serde_json::from_str(doc)
+                    .map_err(|e| RepoError::Corrupt(format!("webhook delivery: {e}")))?,
+            );
         }
         Ok(out)
     }
