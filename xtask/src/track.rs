@@ -297,6 +297,18 @@ mod tests {
         let endpoint = shared_moto()?;
         let stack = LocalStack::create(&endpoint, &harness::unique_stack_name("track")).await?;
         let sim = Simulator::start(SimConfig::frozen(), "127.0.0.1:0").await?;
+        // The user's own token reads the feed (the default, strict world answers only the web app's
+        // client token, which this test does not configure: it would link through tiles instead).
+        let switched = reqwest::Client::new()
+            .post(format!("{}/world", sim.admin_url()))
+            .json(&serde_json::json!({"world": "lenient"}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            switched.status().is_success(),
+            "POST /_sim/world: {}",
+            switched.status()
+        );
         let ep = SimEndpoints::from_base(sim.base_url(), defaults::APP_ID, defaults::CLIENT_SECRET);
         let mut env: BTreeMap<String, String> = stack.lambda_env(&ep).into_iter().collect();
         env.insert("RELAY_RECONCILE_SCAN_EVERY_S".into(), "0".into());
