@@ -163,6 +163,42 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         }
     }
 
+    /// The webhook policy: `RELAY_WEBHOOK_ALLOW_LOCAL` (`true`/`false`, default `false`: strict),
+    /// `RELAY_WEBHOOK_MAX_FAILURES` (15, at least 1), `RELAY_WEBHOOK_BACKOFF_S` (30, at least 1),
+    /// `RELAY_WEBHOOK_BACKOFF_MAX_S` (3600, at least the base).
+    pub fn webhook_policy(&self) -> Result<crate::webhook::WebhookPolicy, ConfigError> {
+        let d = crate::webhook::WebhookPolicy::default();
+        let allow_local = match self.optional("RELAY_WEBHOOK_ALLOW_LOCAL").as_deref() {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(v) => {
+                return Err(ConfigError::invalid(
+                    "RELAY_WEBHOOK_ALLOW_LOCAL",
+                    format!("{v:?} is neither true nor false"),
+                ))
+            }
+        };
+        let max_failures = self.parse_or("RELAY_WEBHOOK_MAX_FAILURES", d.max_failures)?;
+        if max_failures == 0 {
+            return Err(ConfigError::invalid("RELAY_WEBHOOK_MAX_FAILURES", "at least 1"));
+        }
+        let base = self.parse_or("RELAY_WEBHOOK_BACKOFF_S", d.backoff_base.as_secs())?;
+        let max = self.parse_or("RELAY_WEBHOOK_BACKOFF_MAX_S", d.backoff_max.as_secs())?;
+        if base == 0 || max < base {
+            return Err(ConfigError::invalid(
+                "RELAY_WEBHOOK_BACKOFF_S",
+                "at least 1, and RELAY_WEBHOOK_BACKOFF_MAX_S at least it",
+            ));
+        }
+        Ok(crate::webhook::WebhookPolicy {
+            allow_local,
+            max_failures,
+            backoff_base: std::time::Duration::from_secs(base),
+            backoff_max: std::time::Duration::from_secs(max),
+            ..d
+        })
+    }
+
     /// `MAPILLARY_CLIENT_SECRET` (plain, local stacks) or else `MAPILLARY_CLIENT_SECRET_ARN`.
     pub fn client_secret(&self) -> Result<ClientSecretSource, ConfigError> {
         match (
@@ -194,6 +230,33 @@ mod tests {
         let e = env(&[("A", "  ")]);
         assert_eq!(e.required("A"), Err(ConfigError::Missing("A")));
         assert_eq!(e.required("B"), Err(ConfigError::Missing("B")));
+    }
+
+    #[test]
+    fn webhook_policy_is_strict_by_default_and_checked() {
+        let p = env(&[]).webhook_policy().expect("defaults");
+        assert!(!p.allow_local);
+        assert_eq!(p.max_failures, 15);
+        let p = env(&[
+            ("RELAY_WEBHOOK_ALLOW_LOCAL", "true"),
+            ("RELAY_WEBHOOK_MAX_FAILURES", "3"),
+        ])
+        .webhook_policy()
+        .expect("set");
+        assert!(p.allow_local);
+        assert_eq!(p.max_failures, 3);
+        assert!(env(&[("RELAY_WEBHOOK_ALLOW_LOCAL", "yes")])
+            .webhook_policy()
+            .is_err());
+        assert!(env(&[("RELAY_WEBHOOK_MAX_FAILURES", "0")])
+            .webhook_policy()
+            .is_err());
+        assert!(env(&[
+            ("RELAY_WEBHOOK_BACKOFF_S", "100"),
+            ("RELAY_WEBHOOK_BACKOFF_MAX_S", "10")
+        ])
+        .webhook_policy()
+        .is_err());
     }
 
     #[test]

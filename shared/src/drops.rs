@@ -47,6 +47,34 @@ pub struct Announcement {
     /// When it was announced.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// When it expires (`created_at` + `RELAY_ANNOUNCE_TTL_HOURS`): its items carry it as the
+    /// table's TTL, and the sequence reads as FAILED after it ([`announcement_expired`]).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Whether a sequence announced at `created_at` and still in state `state` has outlived its
+/// announcement (`ttl`) at `now`: only a sequence still AWAITING_FILES expires.
+pub fn announcement_expired(
+    state: crate::model::SequenceState,
+    created_at: OffsetDateTime,
+    ttl: std::time::Duration,
+    now: OffsetDateTime,
+) -> bool {
+    state == crate::model::SequenceState::AwaitingFiles && now >= created_at + ttl
+}
+
+/// The reason an expired announcement's sequence shows (its state reads FAILED).
+pub fn expired_reason(ttl: std::time::Duration) -> String {
+    format!(
+        "announcement expired: the announced files were not completed within {} h \
+         (RELAY_ANNOUNCE_TTL_HOURS); the sequence takes no files any more — DELETE it and drop it again",
+        ttl.as_secs() / 3600
+    )
 }
 
 /// Why an announcement is refused (a 400 naming the file or field).
@@ -345,6 +373,7 @@ mod tests {
             organization_id: Some("7".into()),
             max_images_per_upload: Some(3),
             created_at: OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&manifest_json(&a, "d1")).unwrap();
         assert_eq!(
@@ -353,5 +382,34 @@ mod tests {
                 "max_images_per_upload": 3, "drop_id": "d1"})
         );
         assert_ne!(manifest_json(&a, "d1"), manifest_json(&a, "d2"));
+    }
+
+    #[test]
+    fn only_a_sequence_awaiting_files_expires_and_at_its_ttl() {
+        use crate::model::SequenceState;
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let ttl = std::time::Duration::from_secs(24 * 3600);
+        let at = |s: i64| t0 + time::Duration::seconds(s);
+        assert!(!announcement_expired(
+            SequenceState::AwaitingFiles,
+            t0,
+            ttl,
+            at(24 * 3600 - 1)
+        ));
+        assert!(announcement_expired(
+            SequenceState::AwaitingFiles,
+            t0,
+            ttl,
+            at(24 * 3600)
+        ));
+        for s in [
+            SequenceState::Received,
+            SequenceState::Uploading,
+            SequenceState::Uploaded,
+            SequenceState::Failed,
+        ] {
+            assert!(!announcement_expired(s, t0, ttl, at(48 * 3600)), "{s:?}");
+        }
+        assert!(expired_reason(ttl).contains("24 h"), "{}", expired_reason(ttl));
     }
 }

@@ -5,6 +5,7 @@
 //!   sessions (refresh), the wire protocol (rupload, feed, entities, tiles).
 //! * [`s3event`] — lenient parsing of S3 notifications as delivered through SQS (real AWS and moto shapes).
 //! * [`drops`] — sequences dropped through the status API: the announcement and its rules.
+//! * [`events`] — status-change events and the tracking record's outbox.
 //! * [`model`] — the records kept about sequences, uploads and images.
 //! * [`idempotency`] — manifest claims: the lease rules that keep one invocation per manifest.
 //! * [`ports`] — one small trait per capability; [`adapters`] implement them with AWS and Mapillary clients.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod drops;
+pub mod events;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
 pub mod idempotency;
@@ -27,3 +29,4 @@ pub mod model;
 pub mod ports;
 pub mod s3event;
 pub mod telemetry;
+pub mod webhook;

@@ -727,6 +727,10 @@ pub struct TrackingRecord {
     /// When the next check is due (slower for STALE).
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub next_check_at: Option<OffsetDateTime>,
+    /// The outbox: status-change events written with the change that made them and not yet
+    /// published (see [`crate::events`]). While not empty, the record is in the outbox index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_events: Vec<OutboxEvent>,
 }
 
 impl TrackingRecord {
@@ -753,6 +757,7 @@ impl TrackingRecord {
             linked_count: 0,
             dropped_count: 0,
             next_check_at: None,
+            pending_events: Vec::new(),
         }
     }
 }
@@ -800,4 +805,16 @@ pub struct FeedHealth {
     /// Last update.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// One event waiting in a tracking record's outbox ([`TrackingRecord::pending_events`]; published
+/// by the poller, see `crate::events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// De-duplication id: `<upload_id>:<history position>`.
+    pub id: String,
+    /// EventBridge `detail-type`.
+    pub detail_type: String,
+    /// The change.
+    pub change: crate::domain::tracking::Transition,
 }

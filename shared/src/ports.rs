@@ -747,6 +747,81 @@ pub trait RunLease: Send + Sync {
     fn release_run_lease(&self, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
+/// The outbox of status-change events: tracking records with [`TrackingRecord::pending_events`]
+/// (a sparse index holds exactly those, so a run reads only them).
+pub trait OutboxStore: Send + Sync {
+    /// Every tracking record whose outbox is not empty (all users).
+    fn list_outbox(&self) -> impl Future<Output = Result<Vec<TrackingRecord>, RepoError>> + Send;
+    /// Write `record` (read by [`Self::list_outbox`], its published events removed from
+    /// `pending_events`) only if the stored record was not checked since (its `last_checked_at`
+    /// is still `record`'s): a newer write keeps its own outbox (`RepoError::ConditionFailed`, and
+    /// the events are published again next time, with the same ids). The pending sets are not
+    /// touched.
+    fn ack_outbox(&self, record: &TrackingRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
+/// Where status-change events go (EventBridge; users' webhooks are queued beside it, [`WebhookQueue`]).
+pub trait EventPublisher: Send + Sync {
+    /// Whether events are published at all (a bus is configured): when not, none are written to
+    /// outboxes either.
+    fn enabled(&self) -> bool;
+    /// Publish `events`, in order (at most 10 per call for EventBridge; the adapter splits).
+    fn publish(
+        &self,
+        events: &[crate::events::RelayEvent],
+    ) -> impl Future<Output = Result<(), crate::events::EventError>> + Send;
+}
+
+/// Users' webhooks (UsersTable `USER#<user>` / `WEBHOOK`): the registration and its delivery state
+/// in clear, the secret KMS-encrypted beside it (EncryptionContext `{"user_id": <user>}`, as the
+/// tokens). The status API registers, shows and deletes; the poller decrypts and records delivery
+/// state.
+pub trait WebhookRegistry: Send + Sync {
+    /// Store `record` with `secret` (replacing any earlier registration of the user).
+    fn put_webhook(
+        &self,
+        record: &crate::webhook::WebhookRecord,
+        secret: &secrecy::SecretString,
+    ) -> impl Future<Output = Result<(), TokenError>> + Send;
+    /// The user's registration (never the secret), `None` when there is none.
+    fn get_webhook(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = Result<Option<crate::webhook::WebhookRecord>, TokenError>> + Send;
+    /// Remove the user's registration; `false` when there was none.
+    fn delete_webhook(&self, user_id: &str) -> impl Future<Output = Result<bool, TokenError>> + Send;
+    /// The decrypted secret of `record`'s registration, `None` when it was replaced or deleted.
+    fn webhook_secret(
+        &self,
+        record: &crate::webhook::WebhookRecord,
+    ) -> impl Future<Output = Result<Option<secrecy::SecretString>, TokenError>> + Send;
+    /// Write `record`'s delivery state if its registration is still the stored one; `false` when it
+    /// was replaced or deleted meanwhile (nothing written).
+    fn save_webhook_state(
+        &self,
+        record: &crate::webhook::WebhookRecord,
+    ) -> impl Future<Output = Result<bool, TokenError>> + Send;
+}
+
+/// Webhook deliveries waiting to be POSTed (UploadsTable `WEBHOOK#<user>` items, listed through a
+/// sparse index): written by the outbox step, removed once delivered.
+pub trait WebhookQueue: Send + Sync {
+    /// Queue `deliveries` (writing one again is harmless: the same key).
+    fn enqueue_webhooks(
+        &self,
+        deliveries: &[crate::webhook::WebhookDelivery],
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+    /// Every queued delivery (all users), by user, then in queue order.
+    fn list_webhook_queue(
+        &self,
+    ) -> impl Future<Output = Result<Vec<crate::webhook::WebhookDelivery>, RepoError>> + Send;
+    /// Remove a delivered (or abandoned) delivery.
+    fn remove_webhook_delivery(
+        &self,
+        delivery: &crate::webhook::WebhookDelivery,
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
+}
+
 /// FINISH_UNCERTAIN reconciliation: the uploads whose `finish_upload` reply was lost, and when the
 /// poller last looked for them.
 pub trait ReconcileStore: Send + Sync {
@@ -907,4 +982,10 @@ pub trait DropStore: SequenceStore + UploadReader {
         sequence_id: &str,
         upload_ids: &[String],
     ) -> impl Future<Output = Result<(), RepoError>> + Send;
+
+    /// Delete zip-and-push's claim of a sequence (IdempotencyTable item `claim_id`, i.e.
+    /// [`crate::idempotency::sequence_claim_id`] of its bucket and manifest key), so that a sequence
+    /// dropped again under the same key — even with a byte-identical manifest — starts afresh
+    /// instead of meeting the deleted sequence's claim. Deleting a missing claim succeeds.
+    fn delete_sequence_claim(&self, claim_id: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }

@@ -10,6 +10,7 @@ pub mod process;
 pub mod stack;
 pub mod venv;
 pub mod watch;
+pub mod webhook_receiver;
 
 use std::path::PathBuf;
 

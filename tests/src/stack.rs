@@ -210,6 +210,8 @@ pub struct LocalStack {
     pub idempotency_table: String,
     /// `RELAY_TOKEN_KEY_ID`
     pub token_key_id: String,
+    /// `RELAY_EVENT_BUS`: the bus status-change events are published on.
+    pub event_bus: String,
     /// The token key's ARN.
     pub token_key_arn: String,
     /// The value given to the `MapillaryClientSecretArn` parameter (no such secret exists locally;
@@ -274,6 +276,7 @@ impl LocalStack {
             users_table: out("UsersTableName")?,
             idempotency_table: out("IdempotencyTableName")?,
             token_key_id: out("TokenKeyId")?,
+            event_bus: out("EventBusName")?,
             token_key_arn: out("TokenKeyArn")?,
             client_secret_arn,
             outputs,
@@ -322,7 +325,8 @@ impl LocalStack {
 
     /// The environment a function of this stack sees: the template's variables (`RELAY_*`,
     /// `MAPILLARY_*`) with this stack's values and `sim`'s endpoints, plus `MAPILLARY_CLIENT_SECRET`
-    /// (plain, local only), `MAPILLARY_FEED_TOKEN` when `sim` has one (plain, local only), and what
+    /// (plain, local only), `MAPILLARY_FEED_TOKEN` when `sim` has one (plain, local only),
+    /// `RELAY_WEBHOOK_ALLOW_LOCAL=true` (local only: loopback webhook receivers), and what
     /// points the SDK at moto (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_DEFAULT_REGION`,
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
     pub fn lambda_env(&self, sim: &SimEndpoints) -> Vec<(String, String)> {
@@ -335,6 +339,7 @@ impl LocalStack {
             ("RELAY_USERS_TABLE", &self.users_table),
             ("RELAY_IDEMPOTENCY_TABLE", &self.idempotency_table),
             ("RELAY_TOKEN_KEY_ID", &self.token_key_id),
+            ("RELAY_EVENT_BUS", &self.event_bus),
             ("MAPILLARY_GRAPH_URL", &sim.graph_url),
             ("MAPILLARY_UPLOAD_URL", &sim.upload_url),
             ("MAPILLARY_TILES_URL", &sim.tiles_url),
@@ -349,6 +354,9 @@ impl LocalStack {
             ("AWS_DEFAULT_REGION", REGION),
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
             ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+            // Local only (the template never sets it: deployed, webhooks are strict): webhook
+            // receivers of tests and the demo listen on loopback, over http.
+            ("RELAY_WEBHOOK_ALLOW_LOCAL", "true"),
         ]
         .into_iter()
         .chain(feed_token)

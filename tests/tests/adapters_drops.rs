@@ -35,6 +35,7 @@ fn announcement(user: &str, seq: &str, n: usize) -> Announcement {
         organization_id: Some("42".into()),
         max_images_per_upload: Some(300),
         created_at: time::macros::datetime!(2026-12-03 07:00:00 UTC),
+        expires_at: Some(time::macros::datetime!(2026-12-04 07:00:00 UTC)),
     }
 }
 

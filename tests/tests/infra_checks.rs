@@ -474,6 +474,10 @@ fn iam_roles_are_scoped_to_single_resources() {
     assert!(grants(&template, p, "sqs:ReceiveMessage", "ClustersQueue", ""));
     assert!(grants(&template, p, "sqs:SendMessage", "PollerDLQ", ""));
     assert!(grants(&template, p, "dynamodb:UpdateItem", "UploadsTable", ""));
+    // Status-change events: the poller puts them on the relay's bus, and nobody else does.
+    assert!(grants(&template, p, "events:PutEvents", "RelayEventBus", ""));
+    assert!(!grants(&template, z, "events:PutEvents", "RelayEventBus", ""));
+    assert!(!grants(&template, s, "events:PutEvents", "RelayEventBus", ""));
     // zip-and-push and the poller use tokens; the status API only stores new ones and shows the
     // clear metadata: it cannot decrypt a token.
     assert!(grants(&template, z, "kms:Decrypt", "TokenKey", ""));

@@ -247,7 +247,12 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
 
     // events/apigw-v2 → status-api: API Gateway v2 responses. The connection is deleted last.
     let mut api = samples("apigw-v2")?;
-    api.sort_by_key(|p| name(p) == "delete-connection.json");
+    // The webhook is registered before it is read and deleted.
+    api.sort_by_key(|p| match name(p).as_str() {
+        "put-webhook.json" => 0,
+        "delete-connection.json" | "delete-webhook.json" => 2,
+        _ => 1,
+    });
     let mut seen = BTreeMap::new();
     for file in &api {
         let v = invoke(&venvs, port, "status-api", file).await?;
@@ -355,11 +360,30 @@ async fn every_sample_event_works_with_cargo_lambda_invoke() -> Result<()> {
                 assert_eq!(status, 204, "{ctx}");
                 assert!(tokens.load(USER).await?.is_none(), "the token is gone");
             }
+            // A loopback receiver: accepted because the local stack sets RELAY_WEBHOOK_ALLOW_LOCAL
+            // (deployed, it is refused as the private sample is); the secret is answered once.
+            "put-webhook.json" => {
+                assert_eq!(status, 201, "{ctx}");
+                assert_eq!(body["url"], "http://127.0.0.1:8787/mapillary-relay", "{ctx}");
+                assert!(
+                    body["secret"].as_str().is_some_and(|s| s.starts_with("whsec_")),
+                    "{ctx}"
+                );
+            }
+            "put-webhook-private.json" => {
+                assert_eq!((status, code.as_str()), (400, "webhook-url-refused"), "{ctx}")
+            }
+            "get-webhook.json" => {
+                assert_eq!(status, 200, "{ctx}");
+                assert_eq!(body["enabled"], true, "{ctx}");
+                assert!(body.get("secret").is_none(), "never the secret: {ctx}");
+            }
+            "delete-webhook.json" => assert_eq!(status, 204, "{ctx}"),
             other => bail!("no expectation for events/apigw-v2/{other}: add one to this test"),
         }
         seen.insert(n, status);
     }
-    assert!(seen.len() >= 14, "{seen:?}");
+    assert!(seen.len() >= 18, "{seen:?}");
 
     drop(watch);
     sim.shutdown().await;

@@ -366,6 +366,7 @@ async fn lambda_env_matches_the_template_variables() -> Result<()> {
             "MAPILLARY_WWW_URL",
             "RELAY_BUCKET",
             "RELAY_CLUSTERS_QUEUE_URL",
+            "RELAY_EVENT_BUS",
             "RELAY_IDEMPOTENCY_TABLE",
             "RELAY_INGEST_QUEUE_URL",
             "RELAY_TOKEN_KEY_ID",

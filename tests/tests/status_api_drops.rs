@@ -644,3 +644,346 @@ async fn retry_writes_a_new_manifest_version_that_s3_notifies_again() -> Result<
     w.sim.shutdown().await;
     Ok(())
 }
+
+// ------------------------------------------------------------------ retry, expiry, delete + drop again
+
+/// The simulator's demo user as `user`'s stored Mapillary token (as the OAuth callback stores it).
+async fn connect_user(w: &World, user: &str) -> Result<()> {
+    w.api
+        .tokens
+        .save(
+            user,
+            &StoredToken {
+                access_token: SecretString::from(DEMO_USER_TOKEN),
+                refresh_token: None,
+                expires_at: None,
+                mapillary_user_id: Some(DEMO_USER_ID.into()),
+                username: Some(DEMO_USERNAME.into()),
+                updated_at: OffsetDateTime::now_utc(),
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// `n` geotagged JPEGs of one walk (one upload).
+fn walk(n: usize, lat: f64) -> Vec<(String, Vec<u8>)> {
+    let mut t = TrackSpec::new(lat, 16.37, datetime!(2024-04-20 08:00:00 UTC));
+    t.interval_ms = 2000;
+    t.step_m = 8.0;
+    track(n, &t)
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| (format!("img_{i:04}.jpg"), jpeg(spec)))
+        .collect()
+}
+
+/// Announce `images` as `user`, PUT each to its presigned URL, complete: the sequence id.
+async fn drop_via_api(w: &World, user: &str, images: &[(String, Vec<u8>)]) -> Result<String> {
+    let http = reqwest::Client::new();
+    let announce = json!({
+        "files": images.iter().map(|(name, bytes)| json!({
+            "name": name, "size": bytes.len(), "md5": hex::encode(Md5::digest(bytes)),
+        })).collect::<Vec<_>>(),
+    });
+    let r = call(&w.app, &event("POST", "/v1/sequences", Some(&announce), user)).await;
+    ensure!(r.status == 201, "announce: {}", r.raw);
+    let id = r.body["sequence_id"].as_str().context("sequence_id")?.to_string();
+    for (u, (_, bytes)) in r.body["uploads"]
+        .as_array()
+        .context("uploads")?
+        .iter()
+        .zip(images)
+    {
+        let resp = put(&http, u, bytes.clone()).await?;
+        ensure!(resp.status().is_success(), "PUT: {}", resp.text().await?);
+    }
+    let r = call(
+        &w.app,
+        &event("POST", &format!("/v1/sequences/{id}/complete"), None, user),
+    )
+    .await;
+    ensure!(r.status == 202, "complete: {}", r.raw);
+    Ok(id)
+}
+
+/// zip-and-push composed as `main.rs` composes it (S3 path-style for moto, fast retries).
+async fn zip_and_push_deps(w: &World) -> Result<zip_and_push::compose::ProductionDeps> {
+    let config = zip_and_push::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut zp = zip_and_push::compose::compose(&config, w.stack.sdk_config()).await?;
+    zp.store = S3ObjectStore::new(w.stack.s3());
+    zp.mapillary = zp.mapillary.with_retry_policy(RetryPolicy::fast());
+    Ok(zp)
+}
+
+/// Runs zip-and-push on the next notification of `manifest_key`; every message acknowledged.
+async fn ingest(
+    w: &World,
+    zp: &zip_and_push::compose::ProductionDeps,
+    manifest_key: &str,
+) -> Result<Message> {
+    let m = w.manifest_notification(manifest_key).await?;
+    let resp =
+        zip_and_push::handle_batch(zp, sqs_event(&m)?, Instant::now() + Duration::from_secs(600)).await;
+    ensure!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    Ok(m)
+}
+
+/// GET `path` as `user`.
+async fn get(w: &World, path: &str, user: &str) -> Reply {
+    call(&w.app, &event("GET", path, None, user)).await
+}
+
+async fn admin(w: &World, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<()> {
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", w.sim.admin_url()));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await?;
+    ensure!(r.status().is_success(), "{path}: {}", r.status());
+    Ok(())
+}
+
+/// Issue 14's proof line "retry after a simulated failure → FINISHED": Mapillary refuses
+/// `finish_upload` for good (a 400, not retriable), so the run ends FAILED with the upload FAILED;
+/// the fault is cleared; `POST /v1/sequences/{id}/retry` writes the manifest again, zip-and-push's
+/// re-drop semantics run the failed upload again (attempt 2), and the poller follows it to FINISHED
+/// and linked — one cluster for the one upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_a_simulated_failure_runs_the_failed_upload_again_to_finished() -> Result<()> {
+    let w = world("api-retry-fin").await?;
+    connect_user(&w, USER).await?;
+    admin(
+        &w,
+        reqwest::Method::POST,
+        "/faults",
+        Some(json!({"path": "/graph/finish_upload", "times": 1000,
+            "action": {"kind": "status", "status": 400, "body": {"error": {
+                "message": "Invalid parameter", "type": "OAuthException", "code": 100}}}})),
+    )
+    .await?;
+    let images = walk(4, 48.21);
+    let id = drop_via_api(&w, USER, &images).await?;
+    let manifest_key = format!("sequences/{USER}/{id}/manifest.json");
+    let zp = zip_and_push_deps(&w).await?;
+    ingest(&w, &zp, &manifest_key).await?;
+    let path = format!("/v1/sequences/{id}");
+    let r = get(&w, &path, USER).await;
+    assert_eq!(r.body["state"], "FAILED", "{}", r.raw);
+    assert_eq!(r.body["attempt"], 1, "{}", r.raw);
+    assert_eq!(r.body["uploads"][0]["state"], "FAILED", "{}", r.raw);
+    assert!(
+        w.sim.sim().world().clusters.is_empty(),
+        "finish_upload refused: no cluster"
+    );
+
+    // The fault is gone; the user retries through the API.
+    admin(&w, reqwest::Method::DELETE, "/faults", None).await?;
+    let r = call(
+        &w.app,
+        &event("POST", &format!("/v1/sequences/{id}/retry"), None, USER),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.raw);
+    assert_eq!(r.body["count"], 1, "one failed upload to run again: {}", r.raw);
+    ingest(&w, &zp, &manifest_key).await?;
+    let r = get(&w, &path, USER).await;
+    assert_eq!(r.body["state"], "UPLOADED", "{}", r.raw);
+    assert_eq!(r.body["attempt"], 2, "{}", r.raw);
+    assert_eq!(r.body["uploads"][0]["state"], "HANDED_OFF", "{}", r.raw);
+    let clusters = w.sim.sim().world().clusters.len();
+    assert_eq!(clusters, 1, "one cluster for the one upload");
+
+    let config = poller::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;
+    let mut poller = poller::compose::compose(&config, w.stack.sdk_config()).await?;
+    poller.mapillary = poller.mapillary.with_retry_policy(RetryPolicy::fast());
+    poller.tunables = poller::config::Tunables::default();
+    poller.clock = poller::clock::Clock::manual(sim_now(&w.sim));
+    poller::run_once(&poller, Instant::now() + Duration::from_secs(120)).await;
+    for secs in [61, 600, 1800, 3600] {
+        w.sim.advance_clock(secs);
+        poller.clock.set_ms(w.sim.sim().now_ms());
+        let run = poller::run_once(&poller, Instant::now() + Duration::from_secs(120)).await;
+        assert!(run.errors.is_empty(), "{:?}", run.errors);
+    }
+    let r = get(&w, &path, USER).await;
+    let mly = &r.body["uploads"][0]["mapillary"];
+    assert_eq!(mly["state"], "FINISHED", "{}", r.raw);
+    assert_eq!(
+        mly["sequences"].as_array().map(Vec::len),
+        Some(1),
+        "linked: {mly:#}"
+    );
+    assert_eq!(w.sim.sim().world().clusters.len(), 1, "still one cluster");
+    // Nothing left to retry.
+    let r = call(
+        &w.app,
+        &event("POST", &format!("/v1/sequences/{id}/retry"), None, USER),
+    )
+    .await;
+    assert_eq!(r.body["code"], "nothing-to-retry", "{}", r.raw);
+    w.sim.shutdown().await;
+    Ok(())
+}
+
+/// An announcement that is never completed does not wait forever: its items carry the
+/// UploadsTable's TTL (`expires_at`, epoch seconds = announced + RELAY_ANNOUNCE_TTL_HOURS), and once
+/// that is past (the record is back-dated here) the sequence reads FAILED with the reason, in the
+/// list too, and refuses new URLs, `complete` and `retry` with 409 `announcement-expired`; DELETE
+/// still removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announcement_not_completed_in_time_expires_and_reads_failed() -> Result<()> {
+    use shared::ports::{SequenceReader, SequenceStore};
+    let w = world("api-expire").await?;
+    let images = walk(2, 48.22);
+    let announce = json!({
+        "files": images.iter().map(|(name, bytes)| json!({"name": name, "size": bytes.len()})).collect::<Vec<_>>(),
+    });
+    let r = call(&w.app, &event("POST", "/v1/sequences", Some(&announce), USER)).await;
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let id = r.body["sequence_id"].as_str().context("sequence_id")?.to_string();
+    let pk = format!("SEQ#{USER}#{id}");
+
+    // The TTL attribute of the announcement: a number, 24 h (the default) after the announcement.
+    let item = w
+        .stack
+        .dynamodb()
+        .get_item()
+        .table_name(&w.stack.uploads_table)
+        .key("pk", AttributeValue::S(pk.clone()))
+        .key("sk", AttributeValue::S("ANNOUNCED#0000".into()))
+        .consistent_read(true)
+        .send()
+        .await?
+        .item
+        .context("announcement item")?;
+    let ttl: i64 = item
+        .get("expires_at")
+        .and_then(|v| v.as_n().ok())
+        .context("expires_at is a number")?
+        .parse()?;
+    let seq = w.api.repo.get_sequence(USER, &id).await?.context("sequence")?;
+    assert_eq!(ttl, seq.created_at.unix_timestamp() + 24 * 3600);
+    let path = format!("/v1/sequences/{id}");
+    let r = get(&w, &path, USER).await;
+    assert_eq!(r.body["state"], "AWAITING_FILES", "not expired yet: {}", r.raw);
+
+    // 24 h and a second later.
+    let mut old = seq.clone();
+    old.created_at -= time::Duration::seconds(24 * 3600 + 1);
+    w.api.repo.put_sequence(&old).await?;
+    let r = get(&w, &path, USER).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body["state"], "FAILED", "{}", r.raw);
+    let reason = r.body["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("announcement expired"), "{reason}");
+    assert!(reason.contains("24 h"), "{reason}");
+    let r = get(&w, "/v1/sequences", USER).await;
+    assert_eq!(r.body["sequences"][0]["state"], "FAILED", "{}", r.raw);
+    for route in ["uploads", "complete", "retry"] {
+        let r = call(
+            &w.app,
+            &event("POST", &format!("/v1/sequences/{id}/{route}"), None, USER),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (409, Some("announcement-expired")),
+            "{route}: {}",
+            r.raw
+        );
+    }
+    let r = call(&w.app, &event("DELETE", &path, None, USER)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(w.items(&pk).await?, 0, "no record left");
+    assert_eq!(get(&w, &path, USER).await.status, 404);
+    w.sim.shutdown().await;
+    Ok(())
+}
+
+/// DELETE removes zip-and-push's claim of the sequence with its records: the same sequence dropped
+/// again under the same key by the operator's S3 path, with a byte-identical manifest (the same
+/// ETag), is processed afresh (a new upload and cluster), never acknowledged as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_sequence_dropped_again_with_an_identical_manifest_is_processed() -> Result<()> {
+    use shared::idempotency::sequence_claim_id;
+    let w = world("api-redrop").await?;
+    connect_user(&w, USER).await?;
+    let images = walk(3, 48.23);
+    let id = drop_via_api(&w, USER, &images).await?;
+    let prefix = format!("sequences/{USER}/{id}/");
+    let manifest_key = format!("{prefix}manifest.json");
+    let zp = zip_and_push_deps(&w).await?;
+    let first = ingest(&w, &zp, &manifest_key).await?;
+    let path = format!("/v1/sequences/{id}");
+    let r = get(&w, &path, USER).await;
+    assert_eq!(r.body["state"], "UPLOADED", "{}", r.raw);
+    let manifest = w
+        .stack
+        .s3()
+        .get_object()
+        .bucket(&w.stack.bucket)
+        .key(&manifest_key)
+        .send()
+        .await?
+        .body
+        .collect()
+        .await?
+        .into_bytes()
+        .to_vec();
+    let claim_key = || AttributeValue::S(sequence_claim_id(&w.stack.bucket, &manifest_key));
+    let claim = |w: &World| {
+        let q = w
+            .stack
+            .dynamodb()
+            .get_item()
+            .table_name(&w.stack.idempotency_table)
+            .key("id", claim_key())
+            .consistent_read(true)
+            .send();
+        async move { Ok::<_, anyhow::Error>(q.await?.item.is_some()) }
+    };
+    assert!(claim(&w).await?, "zip-and-push claimed the sequence");
+
+    let r = call(&w.app, &event("DELETE", &path, None, USER)).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert!(!claim(&w).await?, "the claim is deleted with the sequence");
+
+    // The operator drops it again under the same key: the images, then the identical manifest.
+    let s3 = w.stack.s3();
+    for (name, bytes) in &images {
+        s3.put_object()
+            .bucket(&w.stack.bucket)
+            .key(format!("{prefix}{name}"))
+            .body(bytes.clone().into())
+            .send()
+            .await?;
+    }
+    s3.put_object()
+        .bucket(&w.stack.bucket)
+        .key(&manifest_key)
+        .body(manifest.into())
+        .send()
+        .await?;
+    let etag_of = |m: &Message| -> Result<String> {
+        let body: Value = serde_json::from_str(m.body().unwrap_or_default())?;
+        Ok(body["Records"][0]["s3"]["object"]["eTag"]
+            .as_str()
+            .context("eTag")?
+            .to_string())
+    };
+    let second = ingest(&w, &zp, &manifest_key).await?;
+    assert_eq!(etag_of(&second)?, etag_of(&first)?, "a byte-identical manifest");
+    let r = get(&w, &path, USER).await;
+    assert_eq!(r.status, 200, "processed afresh: {}", r.raw);
+    assert_eq!(r.body["state"], "UPLOADED", "{}", r.raw);
+    assert_eq!(r.body["attempt"], 1, "a new sequence, not a re-drop: {}", r.raw);
+    assert_eq!(r.body["accepted_count"], images.len(), "{}", r.raw);
+    assert_eq!(
+        w.sim.sim().world().clusters.len(),
+        2,
+        "one cluster per drop: the second was uploaded again"
+    );
+    w.sim.shutdown().await;
+    Ok(())
+}

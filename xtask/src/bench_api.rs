@@ -314,6 +314,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
             linked_count: IMAGES,
             dropped_count: 0,
             next_check_at: None,
+            pending_events: Vec::new(),
         })
         .await?;
     let links: Vec<ImageLink> = images

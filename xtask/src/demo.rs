@@ -8,18 +8,26 @@
 //!    environment, plus status-api's dev identity header and an OAuth callback URL on watch.
 //! 3. The demo user connects their Mapillary account over HTTP: `POST /v1/mapillary/connect` →
 //!    the simulator's consent page → its redirect to `GET /v1/mapillary/callback?code&state`,
-//!    carrying the connect reply's browser-binding cookie.
+//!    carrying the connect reply's browser-binding cookie. Then it registers a webhook
+//!    (`PUT /v1/webhook`) pointing at a receiver on loopback that verifies each signature.
 //! 4. A generated sequence (two walks five minutes apart → two uploads, plus one image without GPS)
-//!    goes to S3, `manifest.json` last; moto puts the notification on the ingest queue.
+//!    is dropped through the status API as a browser would (`upload::drop_folder`, what
+//!    `cargo xtask upload` does): `POST /v1/sequences`
+//!    announces the files (names, sizes, md5s), each file is `PUT` to its presigned URL (moto's S3),
+//!    and `POST /v1/sequences/{id}/complete` writes `manifest.json`; moto puts its notification on
+//!    the ingest queue.
 //! 5. The SQS event-source mapping ([`SqsEventSource`]) feeds zip-and-push, a schedule invokes the
 //!    poller every [`SCHEDULE_EVERY`], and the status API (over HTTP) is read every second: each
 //!    change of an upload is printed as one line, until every upload is FINISHED (or failed). When
 //!    the sequence waits in `AWAITING_UPLOAD_TOKEN` (Mapillary refused the OAuth token for uploads,
 //!    as in `oauth-upload-refused`), the demo does what the user would: it gets a user upload token
 //!    as `mapillary_tools authenticate` does (`POST /graph/login`), hands it over with
-//!    `PUT /v1/mapillary/connection`, and delivers the same manifest again to resume.
-//! 6. The status document, the Mapillary links, the rejected image and which token each Mapillary
-//!    call presented (the simulator's request log, per route) are printed; the run fails unless every
+//!    `PUT /v1/mapillary/connection`, and asks the API to deliver the manifest again
+//!    (`POST /v1/sequences/{id}/retry`) to resume.
+//! 6. The status document, the Mapillary links, the rejected image, which token each Mapillary
+//!    call presented (the simulator's request log, per route) and the notifications the webhook
+//!    received (one line per change, signature checked) are printed; the run fails unless every
+//!    notification was signed right, each FINISHED upload's `state → FINISHED` arrived, every
 //!    upload is FINISHED and linked, every accepted image is linked and the image without GPS is
 //!    reported — and, in `feed-gone`, unless the uploads were linked through coverage tiles and their
 //!    status says the feed is unavailable. Without `--ci`, on a terminal, it then waits for Enter (the
@@ -37,18 +45,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aws_sdk_s3::primitives::ByteStream;
 use integration_tests::esm::{scheduled_event, SqsEventSource};
 use integration_tests::moto::free_port;
-use integration_tests::stack::{s3_client, sdk_config};
+use integration_tests::stack::sdk_config;
 use integration_tests::watch::LambdaWatch;
+use integration_tests::webhook_receiver::WebhookReceiver;
 use mapillary_sim::{defaults, World};
 use relay_fixtures::{track, write_jpegs, ImageSpec, TrackSpec};
 use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::stack::{self, StackState};
-use crate::{push, venv};
+use crate::{upload, venv};
 
 /// Geotagged images the demo generates by default (plus one without GPS).
 pub const DEFAULT_IMAGES: usize = 60;
@@ -186,8 +194,11 @@ async fn demo(
         .timeout(Duration::from_secs(60))
         .build()?;
 
-    // 3. Connect the demo user's Mapillary account through the status API's OAuth routes.
+    // 3. Connect the demo user's Mapillary account through the status API's OAuth routes, and
+    //    register a webhook (a receiver on loopback) for the status-change notifications.
     connect(&http, &api, USER, None, started).await?;
+    let receiver = WebhookReceiver::start().await?;
+    register_webhook(&http, &api, &receiver, started).await?;
 
     let sdk = sdk_config(&state.moto.url).await;
     let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
@@ -202,8 +213,6 @@ async fn demo(
         api: &api,
         sim_url: &state.sim.url,
         lambda: &lambda,
-        s3: s3_client(&sdk),
-        bucket: var("RELAY_BUCKET")?,
         esm: SqsEventSource::new(
             aws_sdk_sqs::Client::new(&sdk),
             &var("RELAY_INGEST_QUEUE_URL")?,
@@ -212,6 +221,7 @@ async fn demo(
         stack_name: var("RELAY_STACK_NAME")?,
         images,
         started,
+        receiver: &receiver,
     };
     let mut failed = Vec::new();
     for (i, &world) in worlds.iter().enumerate() {
@@ -266,12 +276,12 @@ struct Run<'a> {
     api: &'a str,
     sim_url: &'a str,
     lambda: &'a LambdaWatch,
-    s3: aws_sdk_s3::Client,
-    bucket: String,
     esm: SqsEventSource,
     stack_name: String,
     images: usize,
     started: Instant,
+    /// The demo user's webhook receiver.
+    receiver: &'a WebhookReceiver,
 }
 
 impl Run<'_> {
@@ -303,26 +313,18 @@ impl Run<'_> {
     async fn sequence(&self, world: World, work: &Path) -> Result<()> {
         let (http, api, started) = (self.http, self.api, self.started);
         let _ = std::fs::remove_dir_all(work);
-        // 4. The sample sequence, into S3.
-        let sequence = format!(
-            "demo-{}-{}",
-            world.name(),
-            time::OffsetDateTime::now_utc().unix_timestamp()
-        );
+        // 4. The sample sequence, dropped through the status API.
         let photos = work.join("images");
         let count = generate(&photos, self.images)?;
-        let (s3, bucket) = (&self.s3, &self.bucket);
-        let prefix = format!("sequences/{USER}/{sequence}/");
-        let files = push::jpegs_under(&photos)?;
-        push::put_files(s3, bucket, &prefix, &files).await?;
+        let sequence = upload::drop_folder(&upload::Api::dev(api, USER, http.clone()), &photos).await?;
         let manifest = Manifest {
-            s3,
-            bucket,
-            key: format!("{prefix}manifest.json"),
+            http,
+            api,
+            sequence: sequence.clone(),
         };
-        manifest.put().await?;
         println!(
-            "{} demo: {count} images ({} with GPS, 1 without) in s3://{bucket}/{prefix}, manifest.json last",
+            "{} demo: {count} images ({} with GPS, 1 without) dropped through the API as sequence {sequence}: \
+             announced, PUT to their presigned URLs, completed (manifest.json written)",
             stamp(started),
             count - 1
         );
@@ -352,8 +354,97 @@ impl Run<'_> {
         // 6. The answer of the status API, the links, the rejected image and the tokens used.
         let images_doc = api_get(http, &format!("{api}/v1/sequences/{sequence}/images")).await?;
         print_token_use(http, self.sim_url).await?;
-        report(&detail, &images_doc, &sequence, world, started)
+        let notified = notifications(self.receiver, &detail, &sequence).await;
+        let reported = report(&detail, &images_doc, &sequence, world, started);
+        notified.and(reported)
     }
+}
+
+/// `PUT /v1/webhook` with the receiver's URL, as the demo user; the receiver verifies signatures
+/// with the secret answered (once).
+async fn register_webhook(
+    http: &reqwest::Client,
+    api: &str,
+    receiver: &WebhookReceiver,
+    started: Instant,
+) -> Result<()> {
+    let r = http
+        .put(format!("{api}/v1/webhook"))
+        .header(DEV_AUTH_HEADER, USER)
+        .json(&serde_json::json!({ "url": receiver.url }))
+        .send()
+        .await
+        .context("PUT /v1/webhook")?;
+    let body = json_of(r, "PUT /v1/webhook").await?;
+    receiver.set_secret(body["secret"].as_str().context("PUT /v1/webhook: no secret")?);
+    println!(
+        "{} demo: PUT /v1/webhook → notifications go to {} (HMAC-SHA256 secret answered once)",
+        stamp(started),
+        receiver.url
+    );
+    Ok(())
+}
+
+/// Prints the notifications the webhook received for `sequence` (waiting a little for the last
+/// ones: the poller publishes at the end of the run that saw FINISHED); fails unless each was
+/// signed right and every upload's `state → FINISHED` arrived.
+async fn notifications(receiver: &WebhookReceiver, detail: &Value, sequence: &str) -> Result<()> {
+    let uploads: Vec<String> = detail["uploads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|u| u["mapillary"]["state"] == "FINISHED")
+        .filter_map(|u| u["upload_id"].as_str().map(str::to_string))
+        .collect();
+    let mine = || -> Vec<integration_tests::webhook_receiver::Received> {
+        receiver
+            .received()
+            .into_iter()
+            .filter(|r| r.body["detail"]["sequence_id"] == sequence)
+            .collect()
+    };
+    let finished = |got: &[integration_tests::webhook_receiver::Received], upload: &str| {
+        got.iter().any(|r| {
+            let d = &r.body["detail"];
+            d["upload_id"] == upload && d["change"]["field"] == "state" && d["change"]["to"] == "FINISHED"
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = mine();
+    while !uploads.iter().all(|u| finished(&got, u)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        got = mine();
+    }
+    println!(
+        "
+Notifications received by the webhook ({}):",
+        got.len()
+    );
+    for r in &got {
+        let d = &r.body["detail"];
+        println!(
+            "  {} {:<30} {} {} → {} ({})",
+            r.event_id,
+            r.event_type,
+            d["change"]["field"].as_str().unwrap_or("?"),
+            d["change"]["from"].as_str().unwrap_or("-"),
+            d["change"]["to"].as_str().unwrap_or("-"),
+            if r.verified {
+                "signature ok"
+            } else {
+                "BAD SIGNATURE"
+            }
+        );
+    }
+    let bad = got.iter().filter(|r| !r.verified).count();
+    if bad > 0 {
+        bail!("{bad} notification(s) with a bad signature");
+    }
+    let missing: Vec<&String> = uploads.iter().filter(|u| !finished(&got, u)).collect();
+    if !missing.is_empty() {
+        bail!("no state → FINISHED notification for upload(s) {missing:?}");
+    }
+    Ok(())
 }
 
 /// `POST /v1/mapillary/connect` → the simulator's consent page → the redirect to our callback, as
@@ -530,23 +621,25 @@ async fn run_schedule(
     Ok(())
 }
 
-/// The sequence's `manifest.json` in S3: writing it (again) delivers the sequence (again).
+/// The sequence's `manifest.json`, written again by the status API (`POST /v1/sequences/{id}/retry`):
+/// it delivers the sequence again.
 struct Manifest<'a> {
-    s3: &'a aws_sdk_s3::Client,
-    bucket: &'a str,
-    key: String,
+    http: &'a reqwest::Client,
+    api: &'a str,
+    sequence: String,
 }
 
 impl Manifest<'_> {
     async fn put(&self) -> Result<()> {
-        self.s3
-            .put_object()
-            .bucket(self.bucket)
-            .key(&self.key)
-            .body(ByteStream::from_static(b"{}"))
+        let path = format!("/v1/sequences/{}/retry", self.sequence);
+        let r = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .header(DEV_AUTH_HEADER, USER)
             .send()
             .await
-            .context("PutObject manifest.json")?;
+            .with_context(|| format!("POST {path}"))?;
+        json_of(r, "POST /v1/sequences/{id}/retry").await?;
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! status API, as an app or a person without AWS credentials does, then follow it until every
 //! upload is final and print the Mapillary links.
 //!
-//! 1. `POST /v1/sequences` announces DIR's `.jpg`/`.jpeg` files (names and sizes); the answer's
+//! 1. `POST /v1/sequences` announces DIR's `.jpg`/`.jpeg` files (names, sizes, md5s); the answer's
 //!    `sequence_id` is kept in `DIR/.relay-upload.json` with the file list.
 //! 2. Every file is `PUT` to its presigned URL (8 at a time), with a progress line (files, bytes).
 //! 3. `POST …/complete` writes the manifest.
@@ -47,12 +47,21 @@ const POLL_EVERY: Duration = Duration::from_secs(5);
 /// How long the status is followed at most.
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
+/// How a remote API is told who calls.
+pub(crate) enum Auth {
+    /// A bearer JWT (a deployed API).
+    Bearer(String),
+    /// The dev identity header `x-relay-user` (the status API under `cargo lambda watch`, local
+    /// only: `RELAY_DEV_AUTH_HEADER`).
+    DevUser(String),
+}
+
 /// Where the API is.
-enum Api {
-    /// A deployed API: base URL and bearer JWT.
+pub(crate) enum Api {
+    /// An API over HTTP: base URL and how the caller is identified.
     Remote {
         base: String,
-        token: String,
+        auth: Auth,
         http: reqwest::Client,
     },
     /// The status API in-process against the local stack, called as `user`.
@@ -60,14 +69,28 @@ enum Api {
 }
 
 impl Api {
+    /// The status API over HTTP at `base`, called as `user` through the dev identity header (the
+    /// demo's functions under watch).
+    pub(crate) fn dev(base: &str, user: &str, http: reqwest::Client) -> Self {
+        Api::Remote {
+            base: base.to_string(),
+            auth: Auth::DevUser(user.to_string()),
+            http,
+        }
+    }
+
     /// `method path` with an optional JSON body → (status, JSON body).
     async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
         let bytes = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
         match self {
-            Api::Remote { base, token, http } => {
+            Api::Remote { base, auth, http } => {
                 let url = format!("{}{path}", base.trim_end_matches('/'));
                 let method = reqwest::Method::from_bytes(method.as_bytes())?;
-                let mut req = http.request(method, &url).bearer_auth(token);
+                let mut req = http.request(method, &url);
+                req = match auth {
+                    Auth::Bearer(token) => req.bearer_auth(token),
+                    Auth::DevUser(user) => req.header(DEV_HEADER, user),
+                };
                 if body.is_some() {
                     req = req.header("content-type", "application/json").body(bytes);
                 }
@@ -105,6 +128,9 @@ impl Api {
 struct LocalFile {
     name: String,
     size: u64,
+    /// Hex MD5 of the content: the API binds it into the presigned URL (S3 checks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    md5: Option<String>,
 }
 
 /// `DIR/.relay-upload.json`.
@@ -125,10 +151,10 @@ fn files_of(dir: &Path) -> Result<Vec<(LocalFile, PathBuf)>> {
                 path.display()
             );
         }
-        let size = std::fs::metadata(&path)
-            .with_context(|| format!("{}", path.display()))?
-            .len();
-        out.push((LocalFile { name: rel, size }, path));
+        let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+        let size = bytes.len() as u64;
+        let md5 = Some(hex::encode(<md5::Md5 as md5::Digest>::digest(&bytes)));
+        out.push((LocalFile { name: rel, size, md5 }, path));
     }
     if out.is_empty() {
         bail!("no .jpg/.jpeg files in {}", dir.display());
@@ -361,6 +387,26 @@ async fn follow_remote(api: &Api, id: &str) -> Result<Value> {
     }
 }
 
+/// Drops DIR's JPEGs through `api` as a browser would: announced (or resumed from DIR's state
+/// file), each file PUT to its presigned URL, then `complete` (the manifest is written). Returns the
+/// sequence id. `cargo xtask upload` and the demo both drop this way.
+pub(crate) async fn drop_folder(api: &Api, dir: &Path) -> Result<String> {
+    let found = files_of(dir)?;
+    let files: Vec<LocalFile> = found.iter().map(|(f, _)| f.clone()).collect();
+    let paths: BTreeMap<String, PathBuf> = found.into_iter().map(|(f, p)| (f.name, p)).collect();
+    let (id, uploads) = start(api, dir, &files).await?;
+    put_all(&uploads, &paths).await?;
+    let (code, body) = api
+        .call("POST", &format!("/v1/sequences/{id}/complete"), None)
+        .await?;
+    match (code, body["code"].as_str()) {
+        (202, _) => eprintln!("upload: complete; the manifest is written"),
+        (409, Some("not-awaiting-files")) => {}
+        _ => return Err(problem("completing (run upload again to resume)", code, &body)),
+    }
+    Ok(id)
+}
+
 /// `cargo xtask upload`.
 pub async fn run(
     root: &Path,
@@ -372,9 +418,8 @@ pub async fn run(
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
-    let found = files_of(dir)?;
-    let files: Vec<LocalFile> = found.iter().map(|(f, _)| f.clone()).collect();
-    let paths: BTreeMap<String, PathBuf> = found.into_iter().map(|(f, p)| (f.name, p)).collect();
+    // Refuse a folder without JPEGs (or with subfolders) before anything starts.
+    files_of(dir)?;
 
     let mut local = None;
     let api = match api_url {
@@ -384,7 +429,7 @@ pub async fn run(
                 .context("--api needs --token JWT (or RELAY_API_TOKEN)")?;
             Api::Remote {
                 base,
-                token,
+                auth: Auth::Bearer(token),
                 http: reqwest::Client::new(),
             }
         }
@@ -410,16 +455,7 @@ pub async fn run(
         }
     };
 
-    let (id, uploads) = start(&api, dir, &files).await?;
-    put_all(&uploads, &paths).await?;
-    let (code, body) = api
-        .call("POST", &format!("/v1/sequences/{id}/complete"), None)
-        .await?;
-    match (code, body["code"].as_str()) {
-        (202, _) => eprintln!("upload: complete; the manifest is written"),
-        (409, Some("not-awaiting-files")) => {}
-        _ => return Err(problem("completing (run upload again to resume)", code, &body)),
-    }
+    let id = drop_folder(&api, dir).await?;
 
     let doc = match (&api, &local) {
         (Api::Local { user, .. }, Some((state, env, zp_config, zp))) => {
@@ -519,7 +555,9 @@ mod tests {
             files[0].0,
             LocalFile {
                 name: "b.JPG".into(),
-                size: 2
+                size: 2,
+                // md5("xy")
+                md5: Some("3e44107170a520582ade522fa73c1d15".into()),
             }
         );
     }

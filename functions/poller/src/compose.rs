@@ -6,9 +6,11 @@
 use std::time::Duration;
 
 use shared::adapters::dynamodb::{DynamoIdempotency, DynamoRepository, DynamoTracking};
+use shared::adapters::events::EventBridgePublisher;
 use shared::adapters::secrets::resolve_secret;
 use shared::adapters::sqs::SqsInbox;
 use shared::adapters::tokens::KmsTokenStore;
+use shared::adapters::webhook_http::WebhookSender;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
 use crate::clock::Clock;
@@ -16,8 +18,14 @@ use crate::config::{Config, FEED_TOKEN_ARN_VAR};
 use crate::deps::PollerDeps;
 
 /// The poller over the AWS adapters.
-pub type ProductionPoller =
-    PollerDeps<DynamoTracking, DynamoRepository, KmsTokenStore, SqsInbox, DynamoIdempotency>;
+pub type ProductionPoller = PollerDeps<
+    DynamoTracking,
+    DynamoRepository,
+    KmsTokenStore,
+    SqsInbox,
+    DynamoIdempotency,
+    EventBridgePublisher,
+>;
 
 /// Connection set-up limit of Mapillary requests.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +47,8 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
         tokens: token_store(dynamodb.clone(), sdk, tables),
         inbox: SqsInbox::new(aws_sdk_sqs::Client::new(sdk), &config.clusters_queue_url),
         claims: DynamoIdempotency::new(dynamodb.clone(), &config.idempotency_table),
+        events: EventBridgePublisher::new(aws_sdk_eventbridge::Client::new(sdk), config.event_bus.clone()),
+        webhooks: WebhookSender::new(config.webhooks.clone()),
         mapillary,
         feed_token,
         tunables: config.tunables.clone(),

@@ -104,6 +104,11 @@ pub struct Config {
     /// (plain, local runs) or `MAPILLARY_FEED_TOKEN_SECRET_ARN` (Secrets Manager, resolved by
     /// `compose`). Unset: the feed is called with each user's own token only.
     pub feed_token: Option<ClientSecretSource>,
+    /// `RELAY_EVENT_BUS`: the EventBridge bus status-change events are published on (name or
+    /// ARN). Unset: no events are written or published.
+    pub event_bus: Option<String>,
+    /// `RELAY_WEBHOOK_*`: webhook delivery (SSRF policy, failure limit, backoff).
+    pub webhooks: shared::webhook::WebhookPolicy,
     /// Tunables.
     pub tunables: Tunables,
 }
@@ -213,6 +218,8 @@ impl Config {
         }
         Ok(Config {
             clusters_queue_url: env.required("RELAY_CLUSTERS_QUEUE_URL")?,
+            event_bus: env.optional("RELAY_EVENT_BUS").filter(|b| !b.is_empty()),
+            webhooks: env.webhook_policy()?,
             tables: env.tables()?,
             idempotency_table: env.required("RELAY_IDEMPOTENCY_TABLE")?,
             mapillary,

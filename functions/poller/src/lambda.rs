@@ -44,6 +44,9 @@ pub async fn invoke<D: Deps>(d: &D, deadline_ms: u64) -> serde_json::Value {
         "stuck_uncertain": report.sweep.uncertain,
         "stuck_handed_off": report.sweep.handed_off,
         "uncertain_resolved": report.reconcile.resolved,
+        "events_published": report.events_published,
+        "webhooks_delivered": report.webhooks_delivered,
+        "webhook_failures": report.webhook_failures,
         "errors": report.errors.len(),
     })
 }

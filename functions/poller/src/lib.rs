@@ -16,6 +16,9 @@
 //! * [`reconcile`] — FINISH_UNCERTAIN uploads: found by scan, their cluster looked for in the feed.
 //! * [`sweep`] — uploads stuck before a final state after zip-and-push gave up (DLQ): FAILED,
 //!   FINISH_UNCERTAIN or handed off, by what they had reached.
+//! * [`outbox`] — status-change events: written with the record change, published at the start
+//!   and end of each run, at-least-once with deterministic ids; [`webhooks`] — the same events
+//!   queued for users' webhooks, POSTed signed, in order, with backoff and a failure limit.
 //! * [`deps`] — the [`Deps`] trait (every port and setting of a run, bounds written once) and
 //!   [`PollerDeps`]; [`compose`] — config + SDK config → the production [`PollerDeps`];
 //!   [`config`] — environment configuration; [`clock`] — "now"; [`lambda`] — one invocation
@@ -33,11 +36,13 @@ pub mod intake;
 pub mod lambda;
 pub mod linking;
 pub mod ours;
+pub mod outbox;
 pub mod reconcile;
 pub mod report;
 pub mod run;
 pub mod sweep;
 mod user;
+pub mod webhooks;
 
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,13 @@ pub struct RunReport {
     pub reconcile: DiscoveryReport,
     /// Uploads stuck before a final state, settled.
     pub sweep: SweepReport,
+    /// Status-change events published (from earlier runs' outboxes at the start, this run's at
+    /// the end).
+    pub events_published: usize,
+    /// Webhook deliveries POSTed successfully.
+    pub webhooks_delivered: usize,
+    /// Webhook deliveries that failed (each backs its user off; see `crate::webhooks`).
+    pub webhook_failures: usize,
     /// Users worked on.
     pub users: usize,
     /// Users whose activity feed was unusable (their uploads were linked by coverage tiles).

@@ -27,10 +27,12 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::clock::elapsed_ms;
 use crate::deps::Deps;
 use crate::intake::intake;
+use crate::outbox::publish_outbox;
 use crate::reconcile::discover_uncertain;
 use crate::report::{RunReport, UserReport};
 use crate::sweep::sweep_stuck;
 use crate::user::track_user;
+use crate::webhooks::deliver_webhooks;
 
 /// One run. `deadline` is when the run must have stopped starting new work (the Lambda deadline
 /// minus a margin, or `now + budget`, whichever is earlier).
@@ -72,6 +74,9 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
         stuck_failed = report.sweep.failed,
         stuck_uncertain = report.sweep.uncertain,
         stuck_handed_off = report.sweep.handed_off,
+        events_published = report.events_published,
+        webhooks_delivered = report.webhooks_delivered,
+        webhook_failures = report.webhook_failures,
         feed_unusable_users = report.feed_unusable_users,
         feed_web_app_users = report.feed_web_app_users,
         feed_user_token_users = report.feed_user_token_users,
@@ -86,6 +91,26 @@ pub async fn run_once<D: Deps>(d: &D, deadline: Instant) -> RunReport {
 
 /// The run under the lease.
 async fn run_leased<D: Deps>(d: &D, deadline: Instant, report: &mut RunReport) {
+    // Events an earlier run wrote but did not publish (it died or its publish failed) go first.
+    publish_events(d, deadline, report).await;
+    users_and_health(d, deadline, report).await;
+    // This run's changes.
+    publish_events(d, deadline, report).await;
+}
+
+/// Publish the outbox of status-change events (`crate::outbox`) into `report`.
+async fn publish_events<D: Deps>(d: &D, deadline: Instant, report: &mut RunReport) {
+    let o = publish_outbox(d, deadline).await;
+    report.events_published += o.published;
+    report.errors.extend(o.errors);
+    let w = deliver_webhooks(d, deadline).await;
+    report.webhooks_delivered += w.delivered;
+    report.webhook_failures += w.failed;
+    report.errors.extend(w.errors);
+}
+
+/// Intake, reconcile, sweep, every user's turn, feed health.
+async fn users_and_health<D: Deps>(d: &D, deadline: Instant, report: &mut RunReport) {
     let t = Instant::now();
     report.intake = intake(d, deadline).await;
     report.reconcile = discover_uncertain(d, deadline).await;

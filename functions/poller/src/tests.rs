@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::linking::{ImageOutcome, LinkPath};
 use shared::domain::tracking::{FeedErrorClass, FeedSource, OverallState};
-use shared::fakes::{MemClaims, MemInbox, MemRepo, MemTokens, MemTracking};
+use shared::fakes::{MemClaims, MemEvents, MemInbox, MemRepo, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{FileType, MapillaryClient};
 use shared::mapillary::retry::RetryPolicy;
@@ -21,7 +21,7 @@ use shared::mapillary::Endpoints;
 use shared::model::{
     upload_id, ClusterMessage, StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState,
 };
-use shared::ports::{ImageEntryStore, RunLease, TrackingReader, UploadStore};
+use shared::ports::{ImageEntryStore, OutboxStore, RunLease, TrackingReader, UploadStore};
 use time::OffsetDateTime;
 
 use crate::clock::Clock;
@@ -32,7 +32,7 @@ use crate::run::run_once;
 
 const USER: &str = "user-1";
 
-type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims>;
+type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims, MemEvents>;
 
 struct World {
     sim: SimHandle,
@@ -108,17 +108,26 @@ async fn world_in(cfg: SimConfig, feed_token: Option<&str>) -> World {
         tokens,
         inbox: MemInbox::default(),
         claims: MemClaims::new(),
+        events: MemEvents::new(),
+        webhooks: shared::adapters::webhook_http::WebhookSender::new(shared::webhook::WebhookPolicy {
+            allow_local: true,
+            ..Default::default()
+        }),
         mapillary: MapillaryApp::new(client.clone(), APP_ID, SecretString::from(CLIENT_SECRET)),
         feed_token: feed_token.map(SecretString::from),
         tunables: Tunables::default(),
         clock: Clock::manual(sim_now(&sim)),
     };
-    World {
+    let w = World {
         sim,
         deps,
         client,
         http,
-    }
+    };
+    // As documented above: the simulator's default world is strict about mapillary_tools' archive
+    // comment, which the test uploads' plain zips do not carry.
+    w.set_world(SimWorld::Lenient).await;
+    w
 }
 
 impl World {
@@ -792,4 +801,213 @@ async fn feed_gone_links_through_tiles_and_says_the_feed_is_unavailable() {
         "{h:?}"
     );
     assert_eq!(refreshes(&w).await, 0);
+}
+
+/// A world whose simulator takes the test uploads' plain zips (the default world is strict about
+/// mapillary_tools' archive comment).
+async fn lenient_world() -> World {
+    let w = world().await;
+    w.set_world(SimWorld::Lenient).await;
+    w
+}
+
+/// The events published for `id`, de-duplicated by event id (a copy must equal the first), in
+/// publish order.
+fn events_of(w: &World, id: &str) -> Vec<shared::events::RelayEvent> {
+    let mut seen: std::collections::BTreeMap<String, shared::events::RelayEvent> = Default::default();
+    let mut out = Vec::new();
+    for ev in w.deps.events.published() {
+        if ev.detail["upload_id"].as_str() != Some(id) {
+            continue;
+        }
+        match seen.get(&ev.id) {
+            Some(first) => assert_eq!(
+                first.detail["change"], ev.detail["change"],
+                "a duplicate carries the same change"
+            ),
+            None => {
+                seen.insert(ev.id.clone(), ev.clone());
+                out.push(ev);
+            }
+        }
+    }
+    out
+}
+
+/// The record's history as the events it must have produced: (id, detail-type, field, to).
+fn expected_events(rec: &TrackingRecord) -> Vec<(String, String, String, Option<String>)> {
+    rec.history
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            (
+                shared::events::event_id(&rec.upload_id, k),
+                shared::events::detail_type(&t.field).to_string(),
+                t.field.clone(),
+                t.to.clone(),
+            )
+        })
+        .collect()
+}
+
+fn as_tuples(evs: &[shared::events::RelayEvent]) -> Vec<(String, String, String, Option<String>)> {
+    evs.iter()
+        .map(|e| {
+            (
+                e.id.clone(),
+                e.detail_type.clone(),
+                e.detail["change"]["field"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e.detail["change"]["to"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+/// The stage fields that reached FINISHED, in the order their events were published.
+fn finished_stages(evs: &[shared::events::RelayEvent]) -> Vec<String> {
+    evs.iter()
+        .filter(|e| e.detail_type == shared::events::STAGE_CHANGED && e.detail["change"]["to"] == "FINISHED")
+        .filter_map(|e| e.detail["change"]["field"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_recorded_change_is_published_once_in_order_through_the_four_stages() {
+    let w = lenient_world().await;
+    let id = w.upload("s1", 4, 48.2, 16.37).await;
+    // Past each of the simulator's stage deadlines (60 s, then 600 s, 1800 s, 3600 s more): one stage per run.
+    let mut published_per_run = Vec::new();
+    for step in [0, 100, 600, 1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        published_per_run.push(r.events_published);
+    }
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert!(
+        rec.pending_events.is_empty(),
+        "the outbox is cleared after publishing"
+    );
+    let evs = events_of(&w, &id);
+    assert_eq!(
+        w.deps.events.published().len(),
+        evs.len(),
+        "no duplicates when nothing failed"
+    );
+    assert_eq!(
+        as_tuples(&evs),
+        expected_events(&rec),
+        "exactly the recorded changes, in order"
+    );
+    assert_eq!(
+        finished_stages(&evs),
+        shared::events::STAGE_FIELDS.map(String::from).to_vec(),
+        "the four stages finish in processing order"
+    );
+    assert!(
+        evs.iter().any(|e| e.detail_type == shared::events::STATE_CHANGED
+            && e.detail["change"]["to"] == "FINISHED"
+            && e.detail["mapillary"]["state"] == "FINISHED"),
+        "{evs:?}"
+    );
+    assert!(
+        published_per_run.iter().filter(|n| **n > 0).count() >= 4,
+        "{published_per_run:?}"
+    );
+    for e in &evs {
+        assert_eq!(e.detail["event_id"], e.id.as_str());
+        assert_eq!(e.detail["user_id"], USER);
+        assert_eq!(e.detail["sequence_id"], "s1");
+        assert_eq!(e.detail["mapillary"]["stages"].as_array().map(Vec::len), Some(4));
+    }
+    // Nothing changes any more: nothing more is published.
+    let before = w.deps.events.published().len();
+    w.advance(600);
+    w.run().await;
+    assert_eq!(w.deps.events.published().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_dies_between_its_write_and_its_publish_loses_no_event() {
+    let w = lenient_world().await;
+    let id = w.upload("s1", 4, 48.2, 16.37).await;
+    w.run().await;
+    w.advance(100);
+    // The run writes its changes, then its publish fails (as if it died right after the write).
+    w.deps.events.fail_next(1);
+    let r = w.run().await;
+    assert_eq!(r.events_published, 0, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains("publishing events failed")),
+        "{:?}",
+        r.errors
+    );
+    let rec = w.record(&id).await;
+    assert!(
+        !rec.pending_events.is_empty(),
+        "the changes' events wait in the outbox"
+    );
+    assert_eq!(
+        w.deps.tracking.list_outbox().await.expect("outbox").len(),
+        1,
+        "the outbox index finds the record"
+    );
+    let stranded: Vec<String> = rec.pending_events.iter().map(|e| e.id.clone()).collect();
+    // The next run publishes them first, even though nothing new happens for it.
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.events_published, stranded.len(), "{r:?}");
+    let ids: Vec<String> = events_of(&w, &id).into_iter().map(|e| e.id).collect();
+    for s in &stranded {
+        assert!(ids.contains(s), "{s} published");
+    }
+    // Published, then died before the outbox was cleared: published again, same ids (simulated by
+    // putting the cleared events back as the crash would have left them).
+    let mut rec = w.record(&id).await;
+    assert!(rec.pending_events.is_empty());
+    let replay = shared::events::outbox_events(&id, 0, &rec.history[..1]);
+    rec.pending_events = replay.clone();
+    w.deps
+        .tracking
+        .state
+        .lock()
+        .expect("lock")
+        .records
+        .insert(id.clone(), rec);
+    let r = w.run().await;
+    assert_eq!(r.events_published, 1, "{r:?}");
+    // Through every stage: the de-duplicated events are exactly the record's changes, in order.
+    for step in [600, 1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    let evs = events_of(&w, &id);
+    assert_eq!(as_tuples(&evs), expected_events(&rec), "none lost, none invented");
+    assert_eq!(
+        w.deps.events.published().len(),
+        evs.len() + 1,
+        "exactly one duplicate (the replayed one), with its id"
+    );
+    assert!(w.deps.tracking.list_outbox().await.expect("outbox").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_bus_no_event_is_written() {
+    let mut w = lenient_world().await;
+    w.deps.events = MemEvents::disabled();
+    let id = w.upload("s1", 3, 48.2, 16.37).await;
+    w.run().await;
+    w.advance(ALL_STAGES_S);
+    w.run().await;
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    assert!(rec.pending_events.is_empty());
+    assert!(w.deps.events.published().is_empty());
 }

@@ -12,7 +12,7 @@ use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::tracking::OverallState;
-use shared::fakes::{MemClaims, MemInbox, MemRepo, MemTokens, MemTracking};
+use shared::fakes::{MemClaims, MemEvents, MemInbox, MemRepo, MemTokens, MemTracking};
 use shared::mapillary::app::MapillaryApp;
 use shared::mapillary::client::{FileType, MapillaryClient};
 use shared::mapillary::retry::RetryPolicy;
@@ -31,7 +31,7 @@ const USER: &str = "user-1";
 /// `RELAY_REFINISH_AFTER_S` of these tests.
 const AFTER_S: i64 = 900;
 
-type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims>;
+type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims, MemEvents>;
 
 struct W {
     sim: SimHandle,
@@ -76,6 +76,11 @@ async fn world() -> W {
         tokens,
         inbox: MemInbox::default(),
         claims: MemClaims::new(),
+        events: MemEvents::new(),
+        webhooks: shared::adapters::webhook_http::WebhookSender::new(shared::webhook::WebhookPolicy {
+            allow_local: true,
+            ..Default::default()
+        }),
         mapillary: MapillaryApp::new(client.clone(), APP_ID, SecretString::from(CLIENT_SECRET)),
         feed_token: Some(SecretString::from(WEB_APP_CLIENT_TOKEN)),
         tunables: Tunables {

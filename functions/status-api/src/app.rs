@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,7 +19,7 @@ use base64::Engine;
 use lambda_http::request::RequestContext;
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::replies::token_expiry;
-use shared::model::{ConnectOutcome, SequenceRecord, StoredToken, TokenKind, TokenRecord};
+use shared::model::{ConnectOutcome, StoredToken, TokenKind, TokenRecord};
 use shared::ports::{
     AccountClaims, ConnectionReader, ImageEntryReader, OAuthState, OAuthStateStore, SequenceReader,
     StateOutcome, TokenError, TokenStore, TrackingReader, UploadReader,
@@ -27,17 +27,20 @@ use shared::ports::{
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::base::{json_caller, json_no_store, json_object, sequence_not_found, sequence_path};
+pub use crate::base::{
+    AppDeps, Deps, ROUTES, ROUTE_CALLBACK, ROUTE_CONNECT, ROUTE_CONNECTION, ROUTE_SEQUENCE, ROUTE_SEQUENCES,
+    ROUTE_SEQUENCE_COMPLETE, ROUTE_SEQUENCE_IMAGES, ROUTE_SEQUENCE_RETRY, ROUTE_SEQUENCE_UPLOADS,
+    ROUTE_WEBHOOK,
+};
 use crate::config::Settings;
-pub use crate::deps::{AppDeps, Deps};
 use crate::drops;
 use crate::identity;
 use crate::oauth;
 use crate::problem::Problem;
-use crate::reply::json_no_store;
-use crate::request::{caller, owned_sequence, require_json, sequence_call, PathArg};
-pub use crate::routes::*;
 use crate::validate;
 use crate::views;
+use crate::webhooks;
 
 /// The API. Serve it with `lambda_http::run(router(deps))`.
 pub fn router<D: Deps>(deps: Arc<D>) -> Router {
@@ -61,6 +64,12 @@ pub fn router<D: Deps>(deps: Arc<D>) -> Router {
             get(get_connection::<D>)
                 .put(put_connection::<D>)
                 .delete(delete_connection::<D>),
+        )
+        .route(
+            ROUTE_WEBHOOK,
+            get(webhooks::get_webhook::<D>)
+                .put(webhooks::put_webhook::<D>)
+                .delete(webhooks::delete_webhook::<D>),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -115,21 +124,16 @@ async fn method_not_allowed() -> Problem {
 
 // ------------------------------------------------------------------ sequences
 
-/// The text inside a cursor this API issued (base64url of it), or `bad()`.
-fn cursor_text(raw: &str, bad: impl Fn() -> Problem) -> Result<String> {
+/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
+fn decode_cursor(raw: &str) -> Result<String> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
     if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
         return Err(bad());
     }
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw)
         .map_err(|_| bad())?;
-    String::from_utf8(bytes).map_err(|_| bad())
-}
-
-/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
-fn decode_cursor(raw: &str) -> Result<String> {
-    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
-    let sk = cursor_text(raw, bad)?;
+    let sk = String::from_utf8(bytes).map_err(|_| bad())?;
     let rest = sk.strip_prefix("SEQ#").ok_or_else(bad)?;
     let (stamp, sequence_id) = rest.split_once('#').ok_or_else(bad)?;
     let stamp_ok = stamp.len() == 27
@@ -159,7 +163,13 @@ fn encode_position_cursor(kind: char, position: usize) -> String {
 /// [`encode_position_cursor`]'s position, for a cursor of `kind`.
 fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
     let bad = || Problem::invalid_parameter("cursor is not a value this API returned as a next cursor");
-    let text = cursor_text(raw, bad)?;
+    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
+        return Err(bad());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let digits = text.strip_prefix(kind).ok_or_else(bad)?;
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -171,30 +181,16 @@ fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
         .ok_or_else(bad)
 }
 
-/// The caller, the caller's sequence of the path, and the page asked of one of its positional
-/// lists: (first position, page size) from the `[limit, cursor]` parameters, cursors of kind `kind`.
-async fn sequence_page<D: Deps>(
-    d: &D,
-    path: PathArg,
-    parts: &Parts,
-    [limit_key, cursor_key]: [&str; 2],
-    kind: char,
-) -> Result<(String, SequenceRecord, usize, usize)> {
-    let (user, id, q) = sequence_call(d, path, parts, &[limit_key, cursor_key])?;
-    let limit = validate::page_limit(limit_key, validate::get(&q, limit_key))? as usize;
-    let start = validate::get(&q, cursor_key)
-        .map(|c| decode_position_cursor(kind, c))
-        .transpose()?
-        .unwrap_or(0);
-    let seq = owned_sequence(d, &user, &id).await?;
-    Ok((user, seq, start, limit))
-}
-
 async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
-    let (user, q) = caller(&*d, &parts, &["limit", "cursor"])?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
     let limit = validate::limit(validate::get(&q, "limit"))?;
     let after = validate::get(&q, "cursor").map(decode_cursor).transpose()?;
-    let page = d.repo().list_sequences(&user, limit, after.as_deref()).await?;
+    let mut page = d.repo().list_sequences(&user, limit, after.as_deref()).await?;
+    let (ttl, now) = (d.settings().drops.announce_ttl, OffsetDateTime::now_utc());
+    for s in &mut page.sequences {
+        drops::settle_expired(s, ttl, now);
+    }
     let body = views::SequenceList {
         sequences: page.sequences.iter().map(views::SequenceSummary::from).collect(),
         next_cursor: page.next.as_deref().map(encode_cursor),
@@ -202,10 +198,27 @@ async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-async fn get_sequence<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
-    let (user, seq, start, limit) =
-        sequence_page(&*d, path, &parts, ["rejected_limit", "rejected_cursor"], 'R').await?;
-    let id = seq.sequence_id.clone();
+async fn get_sequence<D: Deps>(
+    State(d): State<Arc<D>>,
+    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+    parts: Parts,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    let q = validate::query_pairs(parts.uri.query(), &["rejected_limit", "rejected_cursor"])?;
+    let limit = validate::page_limit("rejected_limit", validate::get(&q, "rejected_limit"))? as usize;
+    let start = validate::get(&q, "rejected_cursor")
+        .map(|c| decode_position_cursor('R', c))
+        .transpose()?
+        .unwrap_or(0);
+    let Some(mut seq) = d.repo().get_sequence(&user, &id).await? else {
+        return Err(sequence_not_found(&id));
+    };
+    drops::settle_expired(
+        &mut seq,
+        d.settings().drops.announce_ttl,
+        OffsetDateTime::now_utc(),
+    );
     let uploads = d.repo().list_uploads(&user, &id).await?;
     let mut views_ = Vec::with_capacity(uploads.len());
     for u in &uploads {
@@ -234,9 +247,22 @@ async fn get_sequence<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Pa
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-async fn get_images<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
-    let (user, seq, start, limit) = sequence_page(&*d, path, &parts, ["limit", "cursor"], 'I').await?;
-    let id = seq.sequence_id.clone();
+async fn get_images<D: Deps>(
+    State(d): State<Arc<D>>,
+    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+    parts: Parts,
+) -> Result<Response> {
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
+    let limit = validate::page_limit("limit", validate::get(&q, "limit"))? as usize;
+    let start = validate::get(&q, "cursor")
+        .map(|c| decode_position_cursor('I', c))
+        .transpose()?
+        .unwrap_or(0);
+    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
+        return Err(sequence_not_found(&id));
+    };
     // The list is every upload's images in upload order, then the rejected images. A page reads
     // only the uploads it shows: whole uploads before it are skipped by their image count.
     let mut images = Vec::new();
@@ -488,7 +514,7 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
             warn!(user = %user, error = %e, "code exchange failed");
             // A reply we cannot use (e.g. an absurd `expires_in`) is Mapillary's fault, not the code's.
             if e.is_retriable() || matches!(e, MapillaryError::BadReply { .. }) {
-                mapillary_unavailable("start again with POST /v1/mapillary/connect")
+                mapillary_unavailable()
             } else {
                 Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -501,13 +527,13 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
         })?;
     let me = d.mapillary().me(&grant.access_token).await.map_err(|e| {
         warn!(user = %user, error = %e, "/me with the new token failed");
-        mapillary_unavailable("start again with POST /v1/mapillary/connect")
+        mapillary_unavailable()
     })?;
     // The client refuses absurd lifetimes already; the checked helper keeps `now + expires_in` from
     // ever panicking here (release builds abort on panic).
     let expires_at = token_expiry(now, grant.expires_in).map_err(|e| {
         warn!(user = %user, error = %e, "Mapillary granted a token with an unusable lifetime");
-        mapillary_unavailable("start again with POST /v1/mapillary/connect")
+        mapillary_unavailable()
     })?;
     let token = StoredToken {
         access_token: grant.access_token,
@@ -558,21 +584,21 @@ async fn store_connection<D: Deps>(d: &D, user: &str, record: &TokenRecord) -> R
     }
 }
 
-/// 502, retry in 5 s; `next` says what to do then.
-fn mapillary_unavailable(next: &str) -> Problem {
+fn mapillary_unavailable() -> Problem {
     Problem {
         retry_after: Some(5),
         ..Problem::new(
             StatusCode::BAD_GATEWAY,
             "mapillary-unavailable",
             "Mapillary unavailable",
-            format!("Mapillary did not answer as expected; {next} in a moment."),
+            "Mapillary did not answer as expected; start again with POST /v1/mapillary/connect in a moment.",
         )
     }
 }
 
 async fn get_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
-    let (user, _) = caller(&*d, &parts, &[])?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
     // The clear metadata beside the ciphertext: showing a connection never decrypts a token.
     let view = match d.tokens().load_connection(&user).await {
         Ok(None) => views::Connection::none(),
@@ -607,16 +633,9 @@ async fn put_connection<D: Deps>(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let (user, _) = caller(&*d, &parts, &[])?;
-    require_json(&parts, "a body {\"upload_token\": \"…\"}")?;
-    // serde_json messages may quote the input (the token): only the kind of error is reported.
-    let parsed: UploadTokenBody = serde_json::from_slice(&body).map_err(|e| {
-        Problem::invalid_parameter(format!(
-            "the body must be the JSON object {{\"upload_token\": \"…\"}} ({:?} error at column {})",
-            e.classify(),
-            e.column()
-        ))
-    })?;
+    let user = json_caller(&parts, d.settings())?;
+    // Only the kind of a parse error is reported: the input is the token.
+    let parsed: UploadTokenBody = json_object(&body, r#"{"upload_token": "…"}"#)?;
     let raw = validate::upload_token(&parsed.upload_token)?;
     let token = secrecy::SecretString::from(raw.to_string());
     drop(parsed);
@@ -631,7 +650,15 @@ async fn put_connection<D: Deps>(
                  upload token, e.g. the user_upload_token of `mapillary_tools authenticate`.",
             )
         } else {
-            mapillary_unavailable("try again")
+            Problem {
+                retry_after: Some(5),
+                ..Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "mapillary-unavailable",
+                    "Mapillary unavailable",
+                    "Mapillary did not answer as expected; try again in a moment.",
+                )
+            }
         }
     })?;
     let now = OffsetDateTime::now_utc();
@@ -661,7 +688,8 @@ async fn put_connection<D: Deps>(
 }
 
 async fn delete_connection<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
-    let (user, _) = caller(&*d, &parts, &[])?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    validate::query_pairs(parts.uri.query(), &[])?;
     let existed = d.tokens().delete(&user).await?;
     info!(user = %user, existed, "Mapillary connection removed");
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -10,8 +10,8 @@ use shared::adapters::s3::S3ObjectStore;
 use shared::adapters::tokens::KmsTokenStore;
 use shared::compose::{mapillary_app, token_store, ComposeError};
 
+use crate::app::AppDeps;
 use crate::config::Config;
-use crate::deps::AppDeps;
 
 /// The router's dependencies in production.
 pub type ProductionDeps =
@@ -29,8 +29,12 @@ pub async fn compose(config: &Config, sdk: &aws_config::SdkConfig) -> Result<Pro
     let mapillary = mapillary_app(&config.mapillary, sdk, CONNECT_TIMEOUT).await?;
     let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
     let tables = &config.tables;
+    let mut repo = DynamoRepository::new(dynamodb.clone(), &tables.uploads_table);
+    if let Some(t) = &config.settings.drops.idempotency_table {
+        repo = repo.with_idempotency_table(t);
+    }
     Ok(AppDeps {
-        repo: DynamoRepository::new(dynamodb.clone(), &tables.uploads_table),
+        repo,
         tracking: DynamoTracking::new(dynamodb.clone(), &tables.uploads_table),
         tokens: token_store(dynamodb.clone(), sdk, tables),
         states: DynamoStateStore::new(dynamodb, &tables.users_table),

@@ -27,6 +27,9 @@ pub struct Settings {
     pub allow_shared_accounts: bool,
     /// Sequences dropped through the API.
     pub drops: DropSettings,
+    /// `RELAY_WEBHOOK_ALLOW_LOCAL` (default `false`, strict): webhook URLs may also be loopback,
+    /// over `http` too (local stacks only; never in the template).
+    pub webhook_allow_local: bool,
 }
 
 /// Most files one sequence dropped through the API may announce: the reply carries one presigned
@@ -47,6 +50,14 @@ pub struct DropSettings {
     pub max_files: usize,
     /// `RELAY_MAX_IMAGE_BYTES` (default 100 MiB, zip-and-push's cap): the largest file.
     pub max_image_bytes: u64,
+    /// `RELAY_ANNOUNCE_TTL_HOURS` (default 24, 1–720): how long an announced sequence waits for its
+    /// files and `complete`. After it the sequence reads as FAILED with the reason, takes no files
+    /// and no `complete`, and its announcement items carry the UploadsTable's TTL (`expires_at`).
+    pub announce_ttl: Duration,
+    /// `RELAY_IDEMPOTENCY_TABLE`: zip-and-push's claims, one of which `DELETE /v1/sequences/{id}`
+    /// removes (its sequence's). Unset: a delete fails rather than leave the claim (the template
+    /// always sets it).
+    pub idempotency_table: Option<String>,
 }
 
 impl Default for DropSettings {
@@ -56,6 +67,8 @@ impl Default for DropSettings {
             presign_ttl: Duration::from_secs(900),
             max_files: MAX_API_FILES,
             max_image_bytes: 100 * 1024 * 1024,
+            announce_ttl: Duration::from_secs(24 * 3600),
+            idempotency_table: None,
         }
     }
 }
@@ -70,6 +83,7 @@ impl Default for Settings {
             dev_auth_header: None,
             allow_shared_accounts: false,
             drops: DropSettings::default(),
+            webhook_allow_local: false,
         }
     }
 }
@@ -156,11 +170,20 @@ impl Config {
                 return Err(ConfigError::invalid(name, "must be at least 1"));
             }
         }
+        let announce_h: u64 = env.parse_or("RELAY_ANNOUNCE_TTL_HOURS", 24)?;
+        if !(1..=720).contains(&announce_h) {
+            return Err(ConfigError::invalid(
+                "RELAY_ANNOUNCE_TTL_HOURS",
+                format!("{announce_h} is not a number of hours between 1 and 720"),
+            ));
+        }
         let drops = DropSettings {
             bucket: opt("RELAY_BUCKET"),
             presign_ttl: Duration::from_secs(presign_s),
             max_files: max_images.min(MAX_API_FILES),
             max_image_bytes,
+            announce_ttl: Duration::from_secs(announce_h * 3600),
+            idempotency_table: opt("RELAY_IDEMPOTENCY_TABLE"),
         };
         Ok(Config {
             tables: env.tables()?,
@@ -173,6 +196,7 @@ impl Config {
                 dev_auth_header,
                 allow_shared_accounts,
                 drops,
+                webhook_allow_local: env.webhook_policy()?.allow_local,
             },
         })
     }
@@ -192,7 +216,15 @@ mod tests {
     fn defaults_leave_dev_auth_off() {
         let env = base();
         let c = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
-        assert_eq!(c.settings, Settings::default());
+        // The common environment names the IdempotencyTable (as the template's Globals do).
+        let expected = Settings {
+            drops: DropSettings {
+                idempotency_table: Some("idem".into()),
+                ..DropSettings::default()
+            },
+            ..Settings::default()
+        };
+        assert_eq!(c.settings, expected);
         assert_eq!(c.settings.dev_auth_header, None);
         assert_eq!(c.mapillary.endpoints.graph, "http://127.0.0.1:1/graph");
     }
@@ -208,6 +240,8 @@ mod tests {
             ("RELAY_PRESIGN_SECONDS", "soon"),
             ("RELAY_MAX_IMAGES_PER_SEQUENCE", "0"),
             ("RELAY_MAX_IMAGE_BYTES", "-1"),
+            ("RELAY_ANNOUNCE_TTL_HOURS", "0"),
+            ("RELAY_ANNOUNCE_TTL_HOURS", "721"),
         ] {
             let mut env = base();
             env.insert(k, v.into());
@@ -256,6 +290,22 @@ mod tests {
         assert_eq!(d.bucket.as_deref(), Some("seqs"));
         assert_eq!(d.presign_ttl, Duration::from_secs(120));
         assert_eq!((d.max_files, d.max_image_bytes), (50, 1000));
+        assert_eq!(d.announce_ttl, Duration::from_secs(24 * 3600), "default 24 h");
+        assert_eq!(d.idempotency_table.as_deref(), Some("idem"));
+        env.insert("RELAY_ANNOUNCE_TTL_HOURS", "2".into());
+        env.insert("RELAY_IDEMPOTENCY_TABLE", "idem-2".into());
+        let d = Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap()
+            .settings
+            .drops;
+        assert_eq!(d.announce_ttl, Duration::from_secs(2 * 3600));
+        assert_eq!(d.idempotency_table.as_deref(), Some("idem-2"));
+        env.remove("RELAY_IDEMPOTENCY_TABLE");
+        let d = Config::from_lookup(|k| env.get(k).cloned())
+            .unwrap()
+            .settings
+            .drops;
+        assert_eq!(d.idempotency_table, None);
         env.insert("RELAY_MAX_IMAGES_PER_SEQUENCE", "10000".into());
         let d = Config::from_lookup(|k| env.get(k).cloned())
             .unwrap()

@@ -10,35 +10,44 @@
 //!   zip-and-push's format, the same trigger as an S3 drop.
 //! * `POST /v1/sequences/{id}/retry` — writes the sequence's manifest again (a new `drop_id`, so a new
 //!   ETag and a new notification) so that zip-and-push runs the failed uploads again.
-//! * `DELETE /v1/sequences/{id}` — removes every object version under the prefix and every record;
-//!   Mapillary's copy stays (the reply says so and gives its links).
+//! * `DELETE /v1/sequences/{id}` — removes every object version under the prefix, zip-and-push's
+//!   claim of the sequence and every record; Mapillary's copy stays (the reply says so and gives its
+//!   links).
+//!
+//! An announcement expires after `RELAY_ANNOUNCE_TTL_HOURS` (24): a sequence still `AWAITING_FILES`
+//! then reads as `FAILED` with the reason ([`settle_expired`]), refuses files, `complete` and
+//! `retry` (409 `announcement-expired`), and its announcement items carry the UploadsTable's TTL.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use shared::drops::{
-    check_files, check_options, compact_stamp, manifest_json, AnnouncedFile, Announcement, MANIFEST_NAME,
+    announcement_expired, check_files, check_options, expired_reason, manifest_json, AnnouncedFile,
+    Announcement, MANIFEST_NAME,
 };
+use shared::idempotency::sequence_claim_id;
 use shared::model::{SequenceRecord, SequenceState, UploadState};
 use shared::ports::{
-    DropStore, ObjectStore, ObjectWriter, RepoError, SequenceStore, StoreError, TrackingReader, UploadReader,
+    DropStore, ObjectStore, ObjectWriter, RepoError, SequenceReader, SequenceStore, StoreError,
+    TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
-use tracing::{error, info, info_span, warn, Instrument, Span};
+use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::deps::Deps;
+use crate::base::{json_caller, json_no_store, sequence_not_found, sequence_path, Deps};
+use crate::identity;
 use crate::problem::{Problem, PROBLEM_JSON};
-use crate::reply::json_no_store;
-use crate::request::{caller, owned_sequence, require_json, sequence_call, PathArg};
+use crate::validate;
 use crate::views;
 
 type Result<T, E = Problem> = std::result::Result<T, E>;
+type PathArg = std::result::Result<Path<String>, axum::extract::rejection::PathRejection>;
 
 /// Files named in a 409's `detail` (all of them are in its `files` member).
 const DETAIL_NAMES: usize = 20;
@@ -64,7 +73,15 @@ pub fn content_md5_header(md5_hex: &str) -> Option<String> {
 fn new_sequence_id(now: OffsetDateTime) -> String {
     let r: [u8; 6] = rand::random();
     let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{hex}", compact_stamp(now, '-'))
+    format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}-{hex}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
 }
 
 /// A value unique to one write of a manifest (see [`manifest_json`]).
@@ -79,15 +96,6 @@ fn rfc3339(t: OffsetDateTime) -> Result<String> {
 }
 
 /// The bucket, or 503 when drops are not configured.
-/// What a route on one dropped sequence starts with: the caller, the sequence id (no query
-/// parameters), the bucket, and the span its work runs in.
-fn drop_call<'d, D: Deps>(d: &'d D, path: PathArg, parts: &Parts) -> Result<(String, String, &'d str, Span)> {
-    let (user, id, _) = sequence_call(d, path, parts, &[])?;
-    let bucket = bucket(d)?;
-    let span = info_span!("drop", user = %user, sequence_id = %id);
-    Ok((user, id, bucket, span))
-}
-
 fn bucket<D: Deps>(d: &D) -> Result<&str> {
     d.settings().drops.bucket.as_deref().ok_or_else(|| {
         error!("RELAY_BUCKET is not set: sequences cannot be dropped through the API");
@@ -173,8 +181,7 @@ pub async fn announce<D: Deps>(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let (user, _) = caller(&*d, &parts, &[])?;
-    require_json(&parts, "the body described in the OpenAPI document")?;
+    let user = json_caller(&parts, d.settings())?;
     let bucket = bucket(&*d)?;
     let parsed: AnnounceBody = serde_json::from_slice(&body).map_err(|e| {
         let msg: String = e.to_string().chars().take(200).collect();
@@ -212,6 +219,7 @@ pub async fn announce<D: Deps>(
             organization_id: parsed.organization_id,
             max_images_per_upload,
             created_at: now,
+            expires_at: Some(now + caps.announce_ttl),
         };
         let record = SequenceRecord {
             user_id: user.clone(),
@@ -283,9 +291,35 @@ async fn presign_all<'a, D: Deps>(
     Ok(uploads)
 }
 
-/// The sequence, if it is the caller's and AWAITING_FILES, with its announcement (404 / 409 otherwise).
+/// `seq` as the caller reads it: a sequence still AWAITING_FILES after `RELAY_ANNOUNCE_TTL_HOURS`
+/// reads as FAILED with the reason (the record itself is not written: nothing runs for it, and
+/// DELETE removes it with its objects).
+pub fn settle_expired(seq: &mut SequenceRecord, ttl: std::time::Duration, now: OffsetDateTime) {
+    if announcement_expired(seq.state, seq.created_at, ttl, now) {
+        seq.state = SequenceState::Failed;
+        seq.reason = Some(expired_reason(ttl));
+    }
+}
+
+fn expired(id: &str, ttl: std::time::Duration) -> Problem {
+    conflict(
+        "announcement-expired",
+        "Announcement expired",
+        format!("sequence {id:?}: {}", expired_reason(ttl)),
+    )
+}
+
+/// The sequence, if it is the caller's and AWAITING_FILES, with its announcement (404 / 409 otherwise,
+/// also when the announcement expired).
 async fn awaiting<D: Deps>(d: &D, user: &str, id: &str) -> Result<(SequenceRecord, Announcement)> {
-    let seq = owned_sequence(d, user, id).await?;
+    let Some(seq) = d.repo().get_sequence(user, id).await? else {
+        return Err(sequence_not_found(id));
+    };
+    let ttl = d.settings().drops.announce_ttl;
+    if announcement_expired(seq.state, seq.created_at, ttl, OffsetDateTime::now_utc()) {
+        info!("announcement expired: files and complete refused");
+        return Err(expired(id, ttl));
+    }
     if seq.state != SequenceState::AwaitingFiles {
         return Err(conflict(
             "not-awaiting-files",
@@ -315,7 +349,11 @@ pub async fn uploads_again<D: Deps>(
     path: PathArg,
     parts: Parts,
 ) -> Result<Response> {
-    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let bucket = bucket(&*d)?;
+    let span = info_span!("drop", user = %user, sequence_id = %id);
     async {
         let (_, announcement) = awaiting(&*d, &user, &id).await?;
         let prefix = sequence_prefix(&user, &id);
@@ -439,7 +477,11 @@ pub struct ManifestWritten {
 
 /// `POST /v1/sequences/{id}/complete`.
 pub async fn complete<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
-    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let bucket = bucket(&*d)?;
+    let span = info_span!("drop", user = %user, sequence_id = %id);
     async {
         let (seq, announcement) = awaiting(&*d, &user, &id).await?;
         let prefix = sequence_prefix(&user, &id);
@@ -516,11 +558,27 @@ fn busy(id: &str, state: SequenceState) -> Problem {
 /// a new notification zip-and-push does not take for a duplicate). What zip-and-push then re-runs is
 /// its business: the uploads that FAILED.
 pub async fn retry<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
-    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let bucket = bucket(&*d)?;
+    let span = info_span!("drop", user = %user, sequence_id = %id);
     async {
-        let seq = owned_sequence(&*d, &user, &id).await?;
+        let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
+            return Err(sequence_not_found(&id));
+        };
         match seq.state {
             SequenceState::Received | SequenceState::Uploading => return Err(busy(&id, seq.state)),
+            SequenceState::AwaitingFiles
+                if announcement_expired(
+                    seq.state,
+                    seq.created_at,
+                    d.settings().drops.announce_ttl,
+                    OffsetDateTime::now_utc(),
+                ) =>
+            {
+                return Err(expired(&id, d.settings().drops.announce_ttl))
+            }
             SequenceState::AwaitingFiles => {
                 return Err(conflict(
                     "not-completed",
@@ -624,9 +682,15 @@ pub async fn delete_sequence<D: Deps>(
     path: PathArg,
     parts: Parts,
 ) -> Result<Response> {
-    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
+    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    validate::query_pairs(parts.uri.query(), &[])?;
+    let bucket = bucket(&*d)?;
+    let span = info_span!("drop", user = %user, sequence_id = %id);
     async {
-        let seq = owned_sequence(&*d, &user, &id).await?;
+        let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
+            return Err(sequence_not_found(&id));
+        };
         if matches!(seq.state, SequenceState::Received | SequenceState::Uploading) {
             return Err(busy(&id, seq.state));
         }
@@ -660,6 +724,10 @@ pub async fn delete_sequence<D: Deps>(
             .delete_prefix(bucket, &sequence_prefix(&user, &id))
             .await
             .map_err(store_problem)?;
+        // The claim before the records: a manifest dropped again under this key later (even
+        // byte-identical) must start afresh, not meet the deleted sequence's claim.
+        let claim = sequence_claim_id(bucket, &format!("{}{MANIFEST_NAME}", sequence_prefix(&user, &id)));
+        d.repo().delete_sequence_claim(&claim).await?;
         d.repo().delete_sequence_records(&user, &id, &upload_ids).await?;
         info!(objects_deleted, uploads = upload_ids.len(), "sequence deleted");
         Ok(json_no_store(
@@ -698,7 +766,7 @@ mod tests {
         let now = time::macros::datetime!(2026-12-03 07:15:03 UTC);
         let a = new_sequence_id(now);
         assert!(a.starts_with("20261203-071503-"), "{a}");
-        assert!(crate::validate::is_valid_id(&a), "{a}");
+        assert!(validate::is_valid_id(&a), "{a}");
         assert_ne!(a, new_sequence_id(now));
     }
 

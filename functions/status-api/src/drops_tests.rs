@@ -433,6 +433,14 @@ async fn delete_removes_objects_and_records_then_answers_404() {
     assert!(!st.sequences.contains_key(&(USER.to_string(), id.clone())));
     assert!(st.uploads.keys().all(|(_, s, _)| s != &id), "upload records gone");
     assert!(!st.announcements.contains_key(&(USER.to_string(), id.clone())));
+    assert_eq!(
+        st.deleted_claims,
+        [shared::idempotency::sequence_claim_id(
+            BUCKET,
+            &format!("{prefix}manifest.json")
+        )],
+        "zip-and-push's claim of the sequence (and only its) is deleted"
+    );
 
     let r = call(&app, req("GET", &path, None, USER)).await;
     assert_eq!(r.status, 404, "{:#}", r.body);

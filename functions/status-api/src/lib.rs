@@ -2,7 +2,7 @@
 //! connection (OAuth), as an axum [`Router`](axum::Router) served by `lambda_http` behind an API
 //! Gateway HTTP API with a JWT authorizer.
 //!
-//! * [`app`] — the router ([`app::router`]), generic over the ports ([`deps::Deps`]); one handler
+//! * [`app`] — the router ([`app::router`]), generic over the ports ([`app::Deps`]); one handler
 //!   per route of `openapi.yaml`.
 //! * [`identity`] — the caller: the JWT `sub` claim, or (dev only, opt-in) a header.
 //! * [`views`] — the JSON documents the routes answer with.
@@ -17,21 +17,18 @@
 //! The unit tests run on the in-memory fakes of `shared::fakes`.
 
 pub mod app;
+pub mod base;
 pub mod compose;
 pub mod config;
-pub mod deps;
 pub mod drops;
 pub mod identity;
 pub mod oauth;
 pub mod problem;
-pub mod reply;
-pub mod request;
-pub mod routes;
 pub mod validate;
 pub mod views;
+pub mod webhooks;
 
-pub use app::router;
-pub use deps::{AppDeps, Deps};
+pub use app::{router, AppDeps, Deps};
 
 #[cfg(test)]
 mod drops_tests;

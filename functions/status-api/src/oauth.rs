@@ -44,7 +44,7 @@ pub fn set_cookie(verifier: &str, max_age: Duration) -> String {
     format!(
         "{VERIFIER_COOKIE}={verifier}; Max-Age={}; Path={}; HttpOnly; Secure; SameSite=Lax",
         max_age.as_secs(),
-        crate::routes::ROUTE_CALLBACK
+        crate::base::ROUTE_CALLBACK
     )
 }
 
@@ -52,7 +52,7 @@ pub fn set_cookie(verifier: &str, max_age: Duration) -> String {
 pub fn clear_cookie() -> String {
     format!(
         "{VERIFIER_COOKIE}=; Max-Age=0; Path={}; HttpOnly; Secure; SameSite=Lax",
-        crate::routes::ROUTE_CALLBACK
+        crate::base::ROUTE_CALLBACK
     )
 }
 

@@ -295,6 +295,7 @@ async fn seed(d: &TestDeps) {
             linked_count: 1,
             dropped_count: 1,
             next_check_at: None,
+            pending_events: Vec::new(),
         })
         .await
         .unwrap();
@@ -1117,4 +1118,124 @@ async fn one_mapillary_account_connects_to_one_user_unless_shared_accounts_are_a
         assert_eq!(r.status, 200, "{user}: {:#}", r.body);
     }
     sim.shutdown().await;
+}
+
+// ------------------------------------------------------------------ webhook
+
+fn put_webhook(url: &str) -> lambda_http::Request {
+    let mut v: Value = serde_json::from_str(&event("put-webhook.json")).unwrap();
+    v["body"] = Value::String(serde_json::json!({ "url": url }).to_string());
+    request(&v.to_string())
+}
+
+fn local_webhooks() -> (Arc<TestDeps>, axum::Router) {
+    let d = deps(
+        Endpoints::under("http://127.0.0.1:9"),
+        Settings {
+            webhook_allow_local: true,
+            ..Settings::default()
+        },
+    );
+    (d.clone(), router(d))
+}
+
+#[tokio::test]
+async fn webhook_secret_is_answered_once_never_shown_again_and_delete_removes_it() {
+    let (d, app) = local_webhooks();
+    let r = call(&app, put_webhook("http://127.0.0.1:8787/hook")).await;
+    assert_eq!(r.status, 201, "{:#}", r.body);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let secret = r.body["secret"].as_str().unwrap_or_default().to_string();
+    assert!(secret.starts_with("whsec_") && secret.len() == 70, "{secret}");
+    assert_eq!(r.body["signing"]["signed_text"], "<timestamp>.<raw body>");
+    let stored = d.tokens.webhooks.lock().unwrap().get("user-1").cloned();
+    let (rec, s) = stored.expect("stored");
+    assert_eq!(s.expose_secret(), secret, "the answered secret is the stored one");
+    assert_eq!(rec.url, "http://127.0.0.1:8787/hook");
+
+    let g = call(&app, request(&event("get-webhook.json"))).await;
+    assert_eq!(g.status, 200, "{:#}", g.body);
+    assert!(g.body.get("secret").is_none(), "{:#}", g.body);
+    assert!(!g.body.to_string().contains(&secret));
+    assert_eq!(g.body["enabled"], true);
+    assert_eq!(g.body["url"], "http://127.0.0.1:8787/hook");
+
+    // A PUT again replaces it: a new secret, 200.
+    let r2 = call(&app, put_webhook("http://127.0.0.1:8788/other")).await;
+    assert_eq!(r2.status, 200, "{:#}", r2.body);
+    assert_ne!(r2.body["secret"].as_str(), Some(secret.as_str()));
+
+    let del = call(&app, request(&event("delete-webhook.json"))).await;
+    assert_eq!(del.status, 204);
+    assert_problem(
+        &call(&app, request(&event("get-webhook.json"))).await,
+        404,
+        "not-found",
+    );
+    assert_problem(
+        &call(&app, request(&event("delete-webhook.json"))).await,
+        404,
+        "not-found",
+    );
+}
+
+#[tokio::test]
+async fn webhook_urls_that_are_not_public_https_are_refused_in_deployed_mode() {
+    let (d, app) = offline();
+    assert!(
+        !Settings::default().webhook_allow_local,
+        "strict unless configured"
+    );
+    for url in [
+        "http://127.0.0.1:8787/hook",
+        "https://127.0.0.1/hook",
+        "https://10.0.0.8/hook",
+        "https://172.20.1.1/hook",
+        "https://192.168.1.1/hook",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://100.100.1.1/hook",
+        "https://[fd00::1]/hook",
+        "https://[::ffff:127.0.0.1]/hook",
+        "https://localhost/hook",
+        "http://93.184.215.14/hook",
+        "ftp://93.184.215.14/hook",
+        "https://user:pw@93.184.215.14/hook",
+        "not a url",
+    ] {
+        let r = call(&app, put_webhook(url)).await;
+        assert_problem(&r, 400, "webhook-url-refused");
+    }
+    assert!(d.tokens.webhooks.lock().unwrap().is_empty(), "nothing stored");
+    // Local mode still refuses private and link-local addresses.
+    let (_, local) = local_webhooks();
+    for url in ["http://10.0.0.8/hook", "http://169.254.169.254/latest/meta-data/"] {
+        assert_problem(&call(&local, put_webhook(url)).await, 400, "webhook-url-refused");
+    }
+    // A public address is accepted (an IP literal: no DNS needed here).
+    let r = call(&app, put_webhook("https://93.184.215.14/hook")).await;
+    assert_eq!(r.status, 201, "{:#}", r.body);
+}
+
+#[tokio::test]
+async fn webhook_put_needs_a_json_url_object() {
+    let (_, app) = local_webhooks();
+    let mut v: Value = serde_json::from_str(&event("put-webhook.json")).unwrap();
+    v["body"] = Value::String("{\"url\": 5}".into());
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        400,
+        "invalid-parameter",
+    );
+    v["body"] = Value::String("{\"url\": \"http://127.0.0.1:1/h\", \"secret\": \"mine\"}".into());
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        400,
+        "invalid-parameter",
+    );
+    v["headers"]["content-type"] = Value::String("text/plain".into());
+    assert_problem(
+        &call(&app, request(&v.to_string())).await,
+        415,
+        "unsupported-media-type",
+    );
 }

@@ -40,6 +40,10 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod webhooks;
+
+pub use webhooks::WEBHOOK_SK;
+
 use super::aws_error::{classify, AwsFailure};
 use super::dynamodb::batch::batch_get;
 use super::dynamodb::item::{key, s, string_of, Item};

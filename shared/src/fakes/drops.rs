@@ -102,4 +102,9 @@ impl DropStore for MemRepo {
         st.sequences.remove(&k);
         Ok(())
     }
+
+    async fn delete_sequence_claim(&self, claim_id: &str) -> Result<(), RepoError> {
+        lock(&self.state).deleted_claims.push(claim_id.to_string());
+        Ok(())
+    }
 }

@@ -14,6 +14,7 @@
 //! | [`MemTokens`] | [`TokenStore`](crate::ports::TokenStore) | `KmsTokenStore` |
 //! | [`MemStates`] | [`OAuthStateStore`](crate::ports::OAuthStateStore) | `DynamoStateStore` |
 //! | [`MemQueues`] | [`ClusterQueue`](crate::ports::ClusterQueue), [`IngestRequeue`](crate::ports::IngestRequeue) | SQS sends |
+//! | [`MemEvents`] | [`EventPublisher`](crate::ports::EventPublisher) | EventBridge |
 //! | [`MemInbox`] | [`ClusterInbox`](crate::ports::ClusterInbox) (and `ClusterQueue`) | the clusters queue |
 //!
 //! Mapillary itself is not faked (tests run the offline simulator); [`RecordingMapillary`] wraps
@@ -23,6 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub mod drops;
 pub mod env;
+pub mod events;
 pub mod idempotency;
 pub mod mapillary;
 pub mod oauth_state;
@@ -33,6 +35,7 @@ pub mod tokens;
 pub mod tracking;
 
 pub use env::common_env;
+pub use events::MemEvents;
 pub use idempotency::MemClaims;
 pub use mapillary::RecordingMapillary;
 pub use oauth_state::MemStates;

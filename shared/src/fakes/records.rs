@@ -25,6 +25,8 @@ pub struct RepoState {
     /// Announcements of sequences dropped through the API, by (user, sequence)
     /// ([`crate::ports::DropStore`], in `super::drops`).
     pub announcements: BTreeMap<(String, String), crate::drops::Announcement>,
+    /// Claim ids deleted through [`crate::ports::DropStore::delete_sequence_claim`], in order.
+    pub deleted_claims: Vec<String>,
 }
 
 /// zip-and-push's records in memory (the fake of

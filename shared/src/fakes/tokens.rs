@@ -4,9 +4,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use secrecy::SecretString;
+
 use super::lock;
 use crate::model::{CasOutcome, ConnectOutcome, ConnectionMetadata, StoredToken, TokenKind, TokenRecord};
-use crate::ports::{AccountClaims, ConnectionReader, TokenError, TokenStore};
+use crate::ports::{AccountClaims, ConnectionReader, TokenError, TokenStore, WebhookRegistry};
+use crate::webhook::WebhookRecord;
 
 /// Token store in memory (no encryption: nothing leaves the process).
 #[derive(Debug, Default)]
@@ -19,6 +22,8 @@ pub struct MemTokens {
     /// that only take a refresh lease.
     pub saves: AtomicU64,
     revisions: AtomicU64,
+    /// Webhook registrations by user id, with their secrets.
+    pub webhooks: Mutex<HashMap<String, (WebhookRecord, SecretString)>>,
 }
 
 impl MemTokens {
@@ -143,6 +148,39 @@ impl AccountClaims for MemTokens {
 
     async fn claim_holder(&self, mapillary_user_id: &str) -> Result<Option<String>, TokenError> {
         Ok(lock(&self.claims).get(mapillary_user_id).cloned())
+    }
+}
+
+impl WebhookRegistry for MemTokens {
+    async fn put_webhook(&self, record: &WebhookRecord, secret: &SecretString) -> Result<(), TokenError> {
+        lock(&self.webhooks).insert(record.user_id.clone(), (record.clone(), secret.clone()));
+        Ok(())
+    }
+
+    async fn get_webhook(&self, user_id: &str) -> Result<Option<WebhookRecord>, TokenError> {
+        Ok(lock(&self.webhooks).get(user_id).map(|(r, _)| r.clone()))
+    }
+
+    async fn delete_webhook(&self, user_id: &str) -> Result<bool, TokenError> {
+        Ok(lock(&self.webhooks).remove(user_id).is_some())
+    }
+
+    async fn webhook_secret(&self, record: &WebhookRecord) -> Result<Option<SecretString>, TokenError> {
+        Ok(lock(&self.webhooks)
+            .get(&record.user_id)
+            .filter(|(r, _)| r.registration_id == record.registration_id)
+            .map(|(_, s)| s.clone()))
+    }
+
+    async fn save_webhook_state(&self, record: &WebhookRecord) -> Result<bool, TokenError> {
+        let mut w = lock(&self.webhooks);
+        match w.get_mut(&record.user_id) {
+            Some((r, _)) if r.registration_id == record.registration_id => {
+                *r = record.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }
 

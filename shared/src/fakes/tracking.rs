@@ -11,7 +11,11 @@ use time::OffsetDateTime;
 use super::lock;
 use super::records::{MemRepo, RepoState};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
-use crate::ports::{PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
+use crate::ports::{
+    OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
+    WebhookQueue,
+};
+use crate::webhook::WebhookDelivery;
 
 /// Who holds the run lease, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub struct TrackingState {
     pub uncertain_resolved: BTreeSet<String>,
     /// `put_tracking_batch` calls (a run writes each user's records in one).
     pub batches: usize,
+    /// Queued webhook deliveries by (user, queue key).
+    pub webhook_queue: BTreeMap<(String, String), WebhookDelivery>,
 }
 
 /// The poller's items in memory. FINISH_UNCERTAIN uploads are zip-and-push's upload records:
@@ -226,6 +232,55 @@ impl TrackingStore for MemTracking {
             .filter(|r| r.user_id == user_id && r.tracked.state.is_final())
             .flat_map(|r| r.sequence_ids.iter().cloned())
             .collect())
+    }
+}
+
+impl OutboxStore for MemTracking {
+    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+        Ok(lock(&self.state)
+            .records
+            .values()
+            .filter(|r| !r.pending_events.is_empty())
+            .cloned()
+            .collect())
+    }
+
+    async fn ack_outbox(&self, record: &TrackingRecord) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        match st.records.get(&record.upload_id) {
+            Some(old) if old.tracked.last_checked_at == record.tracked.last_checked_at => {
+                st.records.insert(record.upload_id.clone(), record.clone());
+                Ok(())
+            }
+            _ => Err(RepoError::ConditionFailed(format!(
+                "tracking {} changed since its outbox was read",
+                record.upload_id
+            ))),
+        }
+    }
+}
+
+fn queue_key(d: &WebhookDelivery) -> (String, String) {
+    let micros = d.enqueued_at.unix_timestamp_nanos() / 1000;
+    (d.user_id.clone(), format!("{micros:020}#{}", d.event_id))
+}
+
+impl WebhookQueue for MemTracking {
+    async fn enqueue_webhooks(&self, deliveries: &[WebhookDelivery]) -> Result<(), RepoError> {
+        let mut st = lock(&self.state);
+        for d in deliveries {
+            st.webhook_queue.insert(queue_key(d), d.clone());
+        }
+        Ok(())
+    }
+
+    async fn list_webhook_queue(&self) -> Result<Vec<WebhookDelivery>, RepoError> {
+        Ok(lock(&self.state).webhook_queue.values().cloned().collect())
+    }
+
+    async fn remove_webhook_delivery(&self, d: &WebhookDelivery) -> Result<(), RepoError> {
+        lock(&self.state).webhook_queue.remove(&queue_key(d));
+        Ok(())
     }
 }
 

@@ -5,8 +5,9 @@
 use std::time::Instant;
 
 use shared::domain::tracking::{OverallState, Transition};
+use shared::events::outbox_events;
 use shared::model::{ImageLink, TrackingRecord};
-use shared::ports::TrackingStore;
+use shared::ports::{EventPublisher, TrackingStore};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -65,6 +66,11 @@ pub(crate) async fn write<D: Deps>(
         }
         record.tracked.apply(&update);
         record.tracked.last_checked_at = Some(now);
+        if d.events().enabled() {
+            // The outbox: the change's events are written with it (see `crate::outbox`).
+            let events = outbox_events(&record.upload_id, record.history.len(), &update.transitions);
+            record.pending_events.extend(events);
+        }
         record.history.extend(update.transitions.iter().cloned());
         record.next_check_at = match &record.tracked.state {
             OverallState::Stale { .. } => Some(now + policy.stale_poll_every),

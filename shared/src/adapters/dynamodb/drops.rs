@@ -32,6 +32,9 @@ struct AnnouncedItem {
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     files: Vec<AnnouncedFile>,
+    /// The UploadsTable's TTL attribute (epoch seconds): DynamoDB removes an expired announcement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<i64>,
 }
 
 impl DynamoRepository {
@@ -92,6 +95,7 @@ impl DropStore for DynamoRepository {
                     max_images_per_upload: a.max_images_per_upload,
                     created_at: a.created_at,
                     files,
+                    expires_at: a.expires_at.map(OffsetDateTime::unix_timestamp),
                 },
                 &format!("announcement of {pk}"),
             )?;
@@ -152,17 +156,21 @@ impl DropStore for DynamoRepository {
                     p.organization_id,
                     p.max_images_per_upload,
                     p.created_at,
+                    p.expires_at,
                 ));
             }
         }
         Ok(head.map(
-            |(user_id, sequence_id, organization_id, max_images_per_upload, created_at)| Announcement {
-                user_id,
-                sequence_id,
-                files,
-                organization_id,
-                max_images_per_upload,
-                created_at,
+            |(user_id, sequence_id, organization_id, max_images_per_upload, created_at, expires_at)| {
+                Announcement {
+                    user_id,
+                    sequence_id,
+                    files,
+                    organization_id,
+                    max_images_per_upload,
+                    created_at,
+                    expires_at: expires_at.and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok()),
+                }
             },
         ))
     }
@@ -217,5 +225,21 @@ impl DropStore for DynamoRepository {
             .partition(|k| string_of(k, "sk") == Some(SEQUENCE_SK));
         self.delete_keys(rest).await?;
         self.delete_keys(meta).await
+    }
+
+    async fn delete_sequence_claim(&self, claim_id: &str) -> Result<(), RepoError> {
+        let Some(table) = &self.idempotency_table else {
+            return Err(RepoError::Other(
+                "no idempotency table configured: the sequence's claim cannot be deleted".into(),
+            ));
+        };
+        self.client
+            .delete_item()
+            .table_name(table)
+            .key("id", s(claim_id))
+            .send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("DeleteItem claim {claim_id}")))?;
+        Ok(())
     }
 }

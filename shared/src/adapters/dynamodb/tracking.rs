@@ -21,7 +21,10 @@
 //!   write per run keeps overlapping runs apart, so a run writes its records in batches;
 //! * once final, a tracking record is in gsi2 under `TRACKED#<user_id>` / `<upload_id>` instead
 //!   (a user's linked sequences, for Plan A's exclusion);
-//! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`.
+//! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`;
+//! * the outbox: a tracking record with status-change events not yet published
+//!   (`pending_events` in its `doc`) is in gsi1 under `OUTBOX` / `<upload_id>` — same item, so the
+//!   change and its events are one write.
 //!
 //! Items are the model types serialized with `serde_dynamo` plus the key attributes. A struct of
 //! its own (not [`super::DynamoRepository`]): the poller's items never share code paths
@@ -33,6 +36,10 @@ use aws_sdk_dynamodb::types::{AttributeValue, WriteRequest};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod webhook_queue;
+
+pub use webhook_queue::{QUEUE_TTL_DAYS, WEBHOOK_QUEUE_GSI1PK};
+
 use super::batch::{batch_get, batch_write};
 use super::item::{
     decode, delete_request, encode, gsi2_partition, key, n, number_of, put_request, repo_error, rfc3339, s,
@@ -40,10 +47,14 @@ use super::item::{
 };
 use super::uploads::{sequence_pk, upload_sk, UNCERTAIN_GSI2PK};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
-use crate::ports::{PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore};
+use crate::ports::{
+    OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
+};
 
 /// Sort key of a tracking record.
 pub const TRACK_SK: &str = "TRACK";
+/// gsi1 partition key of the tracking records whose outbox is not empty.
+pub const OUTBOX_GSI1PK: &str = "OUTBOX";
 /// gsi2 partition key of the users' pending-uploads items.
 pub const PENDING_USERS_GSI2PK: &str = "PENDING_USERS";
 /// Sort key of a user's pending-uploads item.
@@ -168,6 +179,11 @@ impl DynamoTracking {
         if record.tracked.state.is_final() {
             item.insert("gsi2pk".into(), s(tracked_gsi2pk(&record.user_id)));
             item.insert("gsi2sk".into(), s(&record.upload_id));
+        }
+        if !record.pending_events.is_empty() {
+            // The outbox index: sparse, only records with events to publish (same item, same write).
+            item.insert("gsi1pk".into(), s(OUTBOX_GSI1PK));
+            item.insert("gsi1sk".into(), s(&record.upload_id));
         }
         Ok(item)
     }
@@ -599,6 +615,59 @@ impl TrackingStore for DynamoTracking {
             .into_iter()
             .flat_map(|r| r.sequence_ids)
             .collect())
+    }
+}
+
+impl DynamoTracking {
+    /// Every item of gsi1 partition `pk` (all pages), in sort-key order.
+    async fn gsi1_partition(&self, pk: &str) -> Result<Vec<Item>, RepoError> {
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name("gsi1")
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", "gsi1pk")
+            .expression_attribute_values(":pk", s(pk))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, &format!("Query gsi1 {pk}")))?;
+            out.extend(page.items.unwrap_or_default());
+        }
+        Ok(out)
+    }
+}
+
+impl OutboxStore for DynamoTracking {
+    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
+        let mut out = Vec::new();
+        for item in self.gsi1_partition(OUTBOX_GSI1PK).await? {
+            let what = format!("outbox record {}", string_of(&item, "pk").unwrap_or("?"));
+            out.push(decode_record(item, &what)?);
+        }
+        Ok(out)
+    }
+
+    async fn ack_outbox(&self, record: &TrackingRecord) -> Result<(), RepoError> {
+        let mut req = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(Self::tracking_item(record)?))
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#l", "last_checked_at");
+        req = match record.tracked.last_checked_at {
+            Some(t) => req
+                .condition_expression("attribute_exists(#pk) AND #l = :l")
+                .expression_attribute_values(":l", s(rfc3339(t)?)),
+            None => req.condition_expression("attribute_exists(#pk) AND attribute_not_exists(#l)"),
+        };
+        req.send()
+            .await
+            .map_err(|e| repo_error(&e, &format!("PutItem outbox of {}", record.upload_id)))?;
+        Ok(())
     }
 }
 

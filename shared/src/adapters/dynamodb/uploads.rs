@@ -137,6 +137,9 @@ pub struct DynamoRepository {
     pub(super) client: aws_sdk_dynamodb::Client,
     pub(super) uploads_table: String,
     query_limit: Option<i32>,
+    /// The IdempotencyTable, for [`crate::ports::DropStore::delete_sequence_claim`] (the status
+    /// API's repository only: [`DynamoRepository::with_idempotency_table`]).
+    pub(super) idempotency_table: Option<String>,
 }
 
 impl DynamoRepository {
@@ -146,7 +149,14 @@ impl DynamoRepository {
             client,
             uploads_table: uploads_table.into(),
             query_limit: None,
+            idempotency_table: None,
         }
+    }
+
+    /// The same repository, deleting sequence claims in `table` (the IdempotencyTable).
+    pub fn with_idempotency_table(mut self, table: impl Into<String>) -> Self {
+        self.idempotency_table = Some(table.into());
+        self
     }
 
     /// Read at most `limit` items per Query page (default: DynamoDB's 1 MB pages).
