@@ -202,12 +202,7 @@ async fn demo(
 
     let sdk = sdk_config(&state.moto.url).await;
     let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
-    let var = |k: &str| {
-        env_map
-            .get(k)
-            .cloned()
-            .ok_or_else(|| anyhow!("the stack exports no {k}"))
-    };
+    let var = |k: &str| crate::stack::exported(&env_map, k);
     let run = Run {
         http: &http,
         api: &api,

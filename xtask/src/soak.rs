@@ -499,12 +499,7 @@ async fn soak(root: &Path, state: &StackState, o: &Options, started: Instant) ->
     let lambda = LambdaWatch::start_on(root, &venvs, &env, &work.join("watch"), port)?;
 
     let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
-    let var = |k: &str| {
-        env_map
-            .get(k)
-            .cloned()
-            .ok_or_else(|| anyhow!("the stack exports no {k}"))
-    };
+    let var = |k: &str| crate::stack::exported(&env_map, k);
     let sdk = sdk_config(&state.moto.url).await;
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let ctx = Arc::new(Ctx {
@@ -1081,9 +1076,8 @@ async fn expire_tokens(
     Ok(())
 }
 
-/// A count that grows with every `finish_upload` call the simulator sees (the matches of its
-/// `finish_upload` fault rules: each call is matched against them in turn).
-async fn finish_upload_calls(ctx: &Ctx) -> Result<u64> {
+/// The simulator's fault rules with their counters (`GET /_sim/faults`).
+async fn fault_rules(ctx: &Ctx) -> Result<Vec<Value>> {
     let faults = ctx
         .http
         .get(format!("{}/_sim/faults", ctx.sim))
@@ -1091,10 +1085,15 @@ async fn finish_upload_calls(ctx: &Ctx) -> Result<u64> {
         .await
         .context("GET /_sim/faults")?;
     let faults = json_of(faults, "GET /_sim/faults").await?;
-    Ok(faults
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(faults.as_array().cloned().unwrap_or_default())
+}
+
+/// A count that grows with every `finish_upload` call the simulator sees (the matches of its
+/// `finish_upload` fault rules: each call is matched against them in turn).
+async fn finish_upload_calls(ctx: &Ctx) -> Result<u64> {
+    Ok(fault_rules(ctx)
+        .await?
+        .iter()
         .filter(|f| f["path"].as_str().is_some_and(|p| p.contains("finish_upload")))
         .filter_map(|f| f["matches"].as_u64())
         .sum())
@@ -1492,14 +1491,7 @@ async fn check(ctx: &Ctx, plans: &[Plan], users: &[String], logs: &Path, watch_l
         }
     }
 
-    let faults = ctx
-        .http
-        .get(format!("{}/_sim/faults", ctx.sim))
-        .send()
-        .await
-        .context("GET /_sim/faults")?;
-    let faults = json_of(faults, "GET /_sim/faults").await?;
-    for f in faults.as_array().into_iter().flatten() {
+    for f in &fault_rules(ctx).await? {
         r.faults.push((
             format!(
                 "{} {} {}",

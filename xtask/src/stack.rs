@@ -372,6 +372,13 @@ fn start_simulator(bin: &Path, dir: &Path, extra_args: &[String]) -> Result<(u32
     }
 }
 
+/// The variable `k` of the stack's exports, or an error naming it.
+pub fn exported(env: &BTreeMap<String, String>, k: &str) -> Result<String> {
+    env.get(k)
+        .cloned()
+        .ok_or_else(|| anyhow!("the stack exports no {k}"))
+}
+
 /// The SDK config for the local stack's `AWS_ENDPOINT_URL` (from `stack up`'s exports), after
 /// checking that the function's Mapillary client secret is given in plain, as the stack exports it.
 pub async fn local_sdk(env: &BTreeMap<String, String>, mapillary: &MapillaryConfig) -> Result<SdkConfig> {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -27,7 +27,7 @@ use shared::ports::{
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::base::{json_caller, json_no_store, json_object, sequence_not_found, sequence_path};
+use crate::base::{json_caller, json_no_store, json_object, owned_sequence, sequence_call, PathArg};
 pub use crate::base::{
     AppDeps, Deps, ROUTES, ROUTE_CALLBACK, ROUTE_CONNECT, ROUTE_CONNECTION, ROUTE_SEQUENCE, ROUTE_SEQUENCES,
     ROUTE_SEQUENCE_COMPLETE, ROUTE_SEQUENCE_IMAGES, ROUTE_SEQUENCE_RETRY, ROUTE_SEQUENCE_UPLOADS,
@@ -124,16 +124,21 @@ async fn method_not_allowed() -> Problem {
 
 // ------------------------------------------------------------------ sequences
 
-/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
-fn decode_cursor(raw: &str) -> Result<String> {
-    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
+/// The text inside a cursor this API issued (base64url of it), or `bad()`.
+fn cursor_text(raw: &str, bad: impl Fn() -> Problem) -> Result<String> {
     if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
         return Err(bad());
     }
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw)
         .map_err(|_| bad())?;
-    let sk = String::from_utf8(bytes).map_err(|_| bad())?;
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+/// Shape of the gsi1 sort key inside a cursor: `SEQ#YYYY-MM-DDTHH:MM:SS.ffffffZ#<sequence_id>`.
+fn decode_cursor(raw: &str) -> Result<String> {
+    let bad = || Problem::invalid_parameter("cursor is not a value this API returned as next_cursor");
+    let sk = cursor_text(raw, bad)?;
     let rest = sk.strip_prefix("SEQ#").ok_or_else(bad)?;
     let (stamp, sequence_id) = rest.split_once('#').ok_or_else(bad)?;
     let stamp_ok = stamp.len() == 27
@@ -163,13 +168,7 @@ fn encode_position_cursor(kind: char, position: usize) -> String {
 /// [`encode_position_cursor`]'s position, for a cursor of `kind`.
 fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
     let bad = || Problem::invalid_parameter("cursor is not a value this API returned as a next cursor");
-    if raw.is_empty() || raw.len() > validate::MAX_CURSOR_LEN {
-        return Err(bad());
-    }
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(raw)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let text = cursor_text(raw, bad)?;
     let digits = text.strip_prefix(kind).ok_or_else(bad)?;
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -179,6 +178,21 @@ fn decode_position_cursor(kind: char, raw: &str) -> Result<usize> {
         .ok()
         .filter(|p| *p <= MAX_PAGE_POSITION)
         .ok_or_else(bad)
+}
+
+/// A page of a positional list: (first position, page size) from the `[limit, cursor]` parameters,
+/// cursors of kind `kind`.
+fn position_page(
+    q: &[(String, String)],
+    [limit_key, cursor_key]: [&str; 2],
+    kind: char,
+) -> Result<(usize, usize)> {
+    let limit = validate::page_limit(limit_key, validate::get(q, limit_key))? as usize;
+    let start = validate::get(q, cursor_key)
+        .map(|c| decode_position_cursor(kind, c))
+        .transpose()?
+        .unwrap_or(0);
+    Ok((start, limit))
 }
 
 async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Result<Response> {
@@ -198,22 +212,10 @@ async fn list_sequences<D: Deps>(State(d): State<Arc<D>>, parts: Parts) -> Resul
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-async fn get_sequence<D: Deps>(
-    State(d): State<Arc<D>>,
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-    parts: Parts,
-) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    let q = validate::query_pairs(parts.uri.query(), &["rejected_limit", "rejected_cursor"])?;
-    let limit = validate::page_limit("rejected_limit", validate::get(&q, "rejected_limit"))? as usize;
-    let start = validate::get(&q, "rejected_cursor")
-        .map(|c| decode_position_cursor('R', c))
-        .transpose()?
-        .unwrap_or(0);
-    let Some(mut seq) = d.repo().get_sequence(&user, &id).await? else {
-        return Err(sequence_not_found(&id));
-    };
+async fn get_sequence<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
+    let (user, id, q) = sequence_call(&*d, path, &parts, &["rejected_limit", "rejected_cursor"])?;
+    let (start, limit) = position_page(&q, ["rejected_limit", "rejected_cursor"], 'R')?;
+    let mut seq = owned_sequence(&*d, &user, &id).await?;
     drops::settle_expired(
         &mut seq,
         d.settings().drops.announce_ttl,
@@ -247,22 +249,10 @@ async fn get_sequence<D: Deps>(
     Ok(json_no_store(StatusCode::OK, &body))
 }
 
-async fn get_images<D: Deps>(
-    State(d): State<Arc<D>>,
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-    parts: Parts,
-) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    let q = validate::query_pairs(parts.uri.query(), &["limit", "cursor"])?;
-    let limit = validate::page_limit("limit", validate::get(&q, "limit"))? as usize;
-    let start = validate::get(&q, "cursor")
-        .map(|c| decode_position_cursor('I', c))
-        .transpose()?
-        .unwrap_or(0);
-    let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
-        return Err(sequence_not_found(&id));
-    };
+async fn get_images<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
+    let (user, id, q) = sequence_call(&*d, path, &parts, &["limit", "cursor"])?;
+    let (start, limit) = position_page(&q, ["limit", "cursor"], 'I')?;
+    let seq = owned_sequence(&*d, &user, &id).await?;
     // The list is every upload's images in upload order, then the rejected images. A page reads
     // only the uploads it shows: whole uploads before it are skipped by their image count.
     let mut images = Vec::new();
@@ -514,7 +504,7 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
             warn!(user = %user, error = %e, "code exchange failed");
             // A reply we cannot use (e.g. an absurd `expires_in`) is Mapillary's fault, not the code's.
             if e.is_retriable() || matches!(e, MapillaryError::BadReply { .. }) {
-                mapillary_unavailable()
+                mapillary_unavailable("start again with POST /v1/mapillary/connect")
             } else {
                 Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -527,13 +517,13 @@ async fn callback_inner<D: Deps>(d: Arc<D>, parts: Parts) -> Result<Response> {
         })?;
     let me = d.mapillary().me(&grant.access_token).await.map_err(|e| {
         warn!(user = %user, error = %e, "/me with the new token failed");
-        mapillary_unavailable()
+        mapillary_unavailable("start again with POST /v1/mapillary/connect")
     })?;
     // The client refuses absurd lifetimes already; the checked helper keeps `now + expires_in` from
     // ever panicking here (release builds abort on panic).
     let expires_at = token_expiry(now, grant.expires_in).map_err(|e| {
         warn!(user = %user, error = %e, "Mapillary granted a token with an unusable lifetime");
-        mapillary_unavailable()
+        mapillary_unavailable("start again with POST /v1/mapillary/connect")
     })?;
     let token = StoredToken {
         access_token: grant.access_token,
@@ -584,14 +574,15 @@ async fn store_connection<D: Deps>(d: &D, user: &str, record: &TokenRecord) -> R
     }
 }
 
-fn mapillary_unavailable() -> Problem {
+/// 502, retry in 5 s; `next` says what to do then.
+fn mapillary_unavailable(next: &str) -> Problem {
     Problem {
         retry_after: Some(5),
         ..Problem::new(
             StatusCode::BAD_GATEWAY,
             "mapillary-unavailable",
             "Mapillary unavailable",
-            "Mapillary did not answer as expected; start again with POST /v1/mapillary/connect in a moment.",
+            format!("Mapillary did not answer as expected; {next} in a moment."),
         )
     }
 }
@@ -650,15 +641,7 @@ async fn put_connection<D: Deps>(
                  upload token, e.g. the user_upload_token of `mapillary_tools authenticate`.",
             )
         } else {
-            Problem {
-                retry_after: Some(5),
-                ..Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "mapillary-unavailable",
-                    "Mapillary unavailable",
-                    "Mapillary did not answer as expected; try again in a moment.",
-                )
-            }
+            mapillary_unavailable("try again")
         }
     })?;
     let now = OffsetDateTime::now_utc();

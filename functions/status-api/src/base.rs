@@ -8,6 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use shared::mapillary::app::MapillaryApp;
+use shared::model::SequenceRecord;
 use shared::ports::{
     AccountClaims, ConnectionReader, DropStore, ImageEntryReader, OAuthStateStore, ObjectStore, ObjectWriter,
     SequenceReader, TokenStore, TrackingReader, UploadReader, WebhookRegistry,
@@ -163,6 +164,34 @@ pub(crate) fn sequence_path(
 
 pub(crate) fn sequence_not_found(id: &str) -> Problem {
     Problem::not_found(format!("you have no sequence {id:?}"))
+}
+
+/// Query parameters as (name, value) pairs.
+pub(crate) type Query = Vec<(String, String)>;
+
+/// A `{sequence_id}` path segment as axum extracts it.
+pub(crate) type PathArg = std::result::Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+/// What a route on one sequence reads first, in this order: the caller (401), the sequence id of
+/// the path (400), the query parameters, of which only `allowed` are accepted (400).
+pub(crate) fn sequence_call<D: Deps>(
+    d: &D,
+    path: PathArg,
+    parts: &Parts,
+    allowed: &[&str],
+) -> Result<(String, String, Query)> {
+    let user = crate::identity::require(parts, d.settings().dev_auth_header.as_ref())?;
+    let id = sequence_path(path)?;
+    let q = validate::query_pairs(parts.uri.query(), allowed)?;
+    Ok((user, id, q))
+}
+
+/// The caller's sequence `id` (another user's sequence is simply not found: 404).
+pub(crate) async fn owned_sequence<D: Deps>(d: &D, user: &str, id: &str) -> Result<SequenceRecord> {
+    d.repo()
+        .get_sequence(user, id)
+        .await?
+        .ok_or_else(|| sequence_not_found(id))
 }
 
 /// Refuses a body that is not declared `application/json` (415).

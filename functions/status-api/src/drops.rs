@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,20 +34,16 @@ use shared::drops::{
 use shared::idempotency::sequence_claim_id;
 use shared::model::{SequenceRecord, SequenceState, UploadState};
 use shared::ports::{
-    DropStore, ObjectStore, ObjectWriter, RepoError, SequenceReader, SequenceStore, StoreError,
-    TrackingReader, UploadReader,
+    DropStore, ObjectStore, ObjectWriter, RepoError, SequenceStore, StoreError, TrackingReader, UploadReader,
 };
 use time::OffsetDateTime;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument, Span};
 
-use crate::base::{json_caller, json_no_store, sequence_not_found, sequence_path, Deps};
-use crate::identity;
+use crate::base::{json_caller, json_no_store, owned_sequence, sequence_call, Deps, PathArg};
 use crate::problem::{Problem, PROBLEM_JSON};
-use crate::validate;
 use crate::views;
 
 type Result<T, E = Problem> = std::result::Result<T, E>;
-type PathArg = std::result::Result<Path<String>, axum::extract::rejection::PathRejection>;
 
 /// Files named in a 409's `detail` (all of them are in its `files` member).
 const DETAIL_NAMES: usize = 20;
@@ -73,15 +69,7 @@ pub fn content_md5_header(md5_hex: &str) -> Option<String> {
 fn new_sequence_id(now: OffsetDateTime) -> String {
     let r: [u8; 6] = rand::random();
     let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{:04}{:02}{:02}-{:02}{:02}{:02}-{hex}",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    )
+    format!("{}-{hex}", shared::drops::compact_stamp(now, '-'))
 }
 
 /// A value unique to one write of a manifest (see [`manifest_json`]).
@@ -96,6 +84,15 @@ fn rfc3339(t: OffsetDateTime) -> Result<String> {
 }
 
 /// The bucket, or 503 when drops are not configured.
+/// What a route on one dropped sequence starts with: the caller, the sequence id (no query
+/// parameters), the bucket, and the span its work runs in.
+fn drop_call<'d, D: Deps>(d: &'d D, path: PathArg, parts: &Parts) -> Result<(String, String, &'d str, Span)> {
+    let (user, id, _) = sequence_call(d, path, parts, &[])?;
+    let bucket = bucket(d)?;
+    let span = info_span!("drop", user = %user, sequence_id = %id);
+    Ok((user, id, bucket, span))
+}
+
 fn bucket<D: Deps>(d: &D) -> Result<&str> {
     d.settings().drops.bucket.as_deref().ok_or_else(|| {
         error!("RELAY_BUCKET is not set: sequences cannot be dropped through the API");
@@ -312,9 +309,7 @@ fn expired(id: &str, ttl: std::time::Duration) -> Problem {
 /// The sequence, if it is the caller's and AWAITING_FILES, with its announcement (404 / 409 otherwise,
 /// also when the announcement expired).
 async fn awaiting<D: Deps>(d: &D, user: &str, id: &str) -> Result<(SequenceRecord, Announcement)> {
-    let Some(seq) = d.repo().get_sequence(user, id).await? else {
-        return Err(sequence_not_found(id));
-    };
+    let seq = owned_sequence(d, user, id).await?;
     let ttl = d.settings().drops.announce_ttl;
     if announcement_expired(seq.state, seq.created_at, ttl, OffsetDateTime::now_utc()) {
         info!("announcement expired: files and complete refused");
@@ -349,11 +344,7 @@ pub async fn uploads_again<D: Deps>(
     path: PathArg,
     parts: Parts,
 ) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    let bucket = bucket(&*d)?;
-    let span = info_span!("drop", user = %user, sequence_id = %id);
+    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
     async {
         let (_, announcement) = awaiting(&*d, &user, &id).await?;
         let prefix = sequence_prefix(&user, &id);
@@ -477,11 +468,7 @@ pub struct ManifestWritten {
 
 /// `POST /v1/sequences/{id}/complete`.
 pub async fn complete<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    let bucket = bucket(&*d)?;
-    let span = info_span!("drop", user = %user, sequence_id = %id);
+    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
     async {
         let (seq, announcement) = awaiting(&*d, &user, &id).await?;
         let prefix = sequence_prefix(&user, &id);
@@ -558,15 +545,9 @@ fn busy(id: &str, state: SequenceState) -> Problem {
 /// a new notification zip-and-push does not take for a duplicate). What zip-and-push then re-runs is
 /// its business: the uploads that FAILED.
 pub async fn retry<D: Deps>(State(d): State<Arc<D>>, path: PathArg, parts: Parts) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    let bucket = bucket(&*d)?;
-    let span = info_span!("drop", user = %user, sequence_id = %id);
+    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
     async {
-        let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
-            return Err(sequence_not_found(&id));
-        };
+        let seq = owned_sequence(&*d, &user, &id).await?;
         match seq.state {
             SequenceState::Received | SequenceState::Uploading => return Err(busy(&id, seq.state)),
             SequenceState::AwaitingFiles
@@ -682,15 +663,9 @@ pub async fn delete_sequence<D: Deps>(
     path: PathArg,
     parts: Parts,
 ) -> Result<Response> {
-    let user = identity::require(&parts, d.settings().dev_auth_header.as_ref())?;
-    let id = sequence_path(path)?;
-    validate::query_pairs(parts.uri.query(), &[])?;
-    let bucket = bucket(&*d)?;
-    let span = info_span!("drop", user = %user, sequence_id = %id);
+    let (user, id, bucket, span) = drop_call(&*d, path, &parts)?;
     async {
-        let Some(seq) = d.repo().get_sequence(&user, &id).await? else {
-            return Err(sequence_not_found(&id));
-        };
+        let seq = owned_sequence(&*d, &user, &id).await?;
         if matches!(seq.state, SequenceState::Received | SequenceState::Uploading) {
             return Err(busy(&id, seq.state));
         }
@@ -766,7 +741,7 @@ mod tests {
         let now = time::macros::datetime!(2026-12-03 07:15:03 UTC);
         let a = new_sequence_id(now);
         assert!(a.starts_with("20261203-071503-"), "{a}");
-        assert!(validate::is_valid_id(&a), "{a}");
+        assert!(crate::validate::is_valid_id(&a), "{a}");
         assert_ne!(a, new_sequence_id(now));
     }
 

@@ -22,21 +22,23 @@ use time::OffsetDateTime;
 use crate::adapters::aws_error::classify;
 use crate::ports::RepoError;
 
-/// Every item of one gsi2 partition (`gsi2pk = pk`) of `table`, all pages; `what` names the query
-/// in errors. The partitions read this way (pending, uncertain, tracked sets) are sparse indexes of
-/// small items, read whole by design.
-pub(crate) async fn gsi2_partition(
+/// Every item of one partition of a global secondary index (`<index>pk = pk`: `gsi1pk` of `gsi1`,
+/// `gsi2pk` of `gsi2`) of `table`, all pages, in sort-key order; `what` names the query in errors.
+/// The partitions read this way (pending, uncertain, tracked, outbox, webhook queue) are sparse
+/// indexes of small items, read whole by design.
+pub(crate) async fn index_partition(
     client: &Client,
     table: &str,
+    index: &str,
     pk: AttributeValue,
     what: &str,
 ) -> Result<Vec<Item>, RepoError> {
     let mut pages = client
         .query()
         .table_name(table)
-        .index_name("gsi2")
+        .index_name(index)
         .key_condition_expression("#pk = :pk")
-        .expression_attribute_names("#pk", "gsi2pk")
+        .expression_attribute_names("#pk", format!("{index}pk"))
         .expression_attribute_values(":pk", pk)
         .into_paginator()
         .send();
@@ -46,6 +48,16 @@ pub(crate) async fn gsi2_partition(
         items.extend(page.items.unwrap_or_default());
     }
     Ok(items)
+}
+
+/// [`index_partition`] of `gsi2`.
+pub(crate) async fn gsi2_partition(
+    client: &Client,
+    table: &str,
+    pk: AttributeValue,
+    what: &str,
+) -> Result<Vec<Item>, RepoError> {
+    index_partition(client, table, "gsi2", pk, what).await
 }
 
 /// A DynamoDB item (or key).

@@ -42,8 +42,8 @@ pub use webhook_queue::{QUEUE_TTL_DAYS, WEBHOOK_QUEUE_GSI1PK};
 
 use super::batch::{batch_get, batch_write};
 use super::item::{
-    decode, delete_request, encode, gsi2_partition, key, n, number_of, put_request, repo_error, rfc3339, s,
-    string_of, Item,
+    decode, delete_request, encode, gsi2_partition, index_partition, key, n, number_of, put_request,
+    repo_error, rfc3339, s, string_of, Item,
 };
 use super::uploads::{sequence_pk, upload_sk, UNCERTAIN_GSI2PK};
 use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
@@ -621,22 +621,14 @@ impl TrackingStore for DynamoTracking {
 impl DynamoTracking {
     /// Every item of gsi1 partition `pk` (all pages), in sort-key order.
     async fn gsi1_partition(&self, pk: &str) -> Result<Vec<Item>, RepoError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("gsi1")
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", "gsi1pk")
-            .expression_attribute_values(":pk", s(pk))
-            .into_paginator()
-            .send();
-        let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| repo_error(&e, &format!("Query gsi1 {pk}")))?;
-            out.extend(page.items.unwrap_or_default());
-        }
-        Ok(out)
+        index_partition(
+            &self.client,
+            &self.table,
+            "gsi1",
+            s(pk),
+            &format!("Query gsi1 {pk}"),
+        )
+        .await
     }
 }
 
