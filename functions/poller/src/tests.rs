@@ -32,13 +32,13 @@ use crate::run::run_once;
 
 const USER: &str = "user-1";
 
-type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims, MemEvents>;
+pub(crate) type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims, MemEvents>;
 
-struct World {
-    sim: SimHandle,
-    deps: TestDeps,
-    client: MapillaryClient,
-    http: reqwest::Client,
+pub(crate) struct World {
+    pub(crate) sim: SimHandle,
+    pub(crate) deps: TestDeps,
+    pub(crate) client: MapillaryClient,
+    pub(crate) http: reqwest::Client,
 }
 
 /// One of our users with a Mapillary token.
@@ -57,7 +57,7 @@ impl Account {
     }
 }
 
-fn sim_now(sim: &SimHandle) -> OffsetDateTime {
+pub(crate) fn sim_now(sim: &SimHandle) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(sim.sim().now_ms()) * 1_000_000).expect("sim time")
 }
 
@@ -76,7 +76,7 @@ async fn world_with(feed_token: Option<&str>) -> World {
 }
 
 /// [`world_with`] on a simulator started with `cfg`.
-async fn world_in(cfg: SimConfig, feed_token: Option<&str>) -> World {
+pub(crate) async fn world_in(cfg: SimConfig, feed_token: Option<&str>) -> World {
     let sim = Simulator::start(cfg, "127.0.0.1:0")
         .await
         .expect("simulator starts");
@@ -223,7 +223,7 @@ impl World {
         id
     }
 
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    pub(crate) async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let resp = self
             .http
             .request(method, format!("{}{path}", self.sim.admin_url()))
@@ -301,7 +301,7 @@ impl World {
     }
 
     /// Advance the simulator and the poller's clock together.
-    fn advance(&self, seconds: i64) {
+    pub(crate) fn advance(&self, seconds: i64) {
         self.sim.advance_clock(seconds);
         self.deps.clock.set_ms(self.sim.sim().now_ms());
     }
@@ -310,7 +310,7 @@ impl World {
         run_once(&self.deps, Instant::now() + Duration::from_secs(60)).await
     }
 
-    async fn record(&self, id: &str) -> TrackingRecord {
+    pub(crate) async fn record(&self, id: &str) -> TrackingRecord {
         self.deps
             .tracking
             .get_tracking(id)

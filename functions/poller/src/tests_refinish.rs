@@ -6,111 +6,40 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use mapillary_sim::defaults::{APP_ID, CLIENT_SECRET, DEMO_USER_ID, DEMO_USER_TOKEN, WEB_APP_CLIENT_TOKEN};
-use mapillary_sim::{SimConfig, SimHandle, Simulator, World as SimWorld};
+use mapillary_sim::defaults::{DEMO_USER_TOKEN, WEB_APP_CLIENT_TOKEN};
+use mapillary_sim::{SimConfig, World as SimWorld};
 use relay_fixtures::{jpeg, track, TrackSpec};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use shared::domain::tracking::OverallState;
-use shared::fakes::{MemClaims, MemEvents, MemInbox, MemRepo, MemTokens, MemTracking};
-use shared::mapillary::app::MapillaryApp;
-use shared::mapillary::client::{FileType, MapillaryClient};
-use shared::mapillary::retry::RetryPolicy;
-use shared::mapillary::Endpoints;
-use shared::model::{upload_id, StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState};
-use shared::ports::{ImageEntryStore, TrackingReader, UploadStore};
-use time::OffsetDateTime;
+use shared::mapillary::client::FileType;
+use shared::model::{upload_id, UploadImage, UploadRecord, UploadState};
+use shared::ports::{ImageEntryStore, UploadStore};
 
-use crate::clock::Clock;
 use crate::config::Tunables;
-use crate::deps::PollerDeps;
 use crate::report::RunReport;
 use crate::run::run_once;
+use crate::tests::sim_now;
 
 const USER: &str = "user-1";
 /// `RELAY_REFINISH_AFTER_S` of these tests.
 const AFTER_S: i64 = 900;
 
-type TestDeps = PollerDeps<MemTracking, MemRepo, MemTokens, MemInbox, MemClaims, MemEvents>;
-
-struct W {
-    sim: SimHandle,
-    deps: TestDeps,
-    client: MapillaryClient,
-    http: reqwest::Client,
-}
-
-fn sim_now(sim: &SimHandle) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(sim.sim().now_ms()) * 1_000_000).expect("sim time")
-}
+/// The poller unit tests' world (`tests::world_in`, lenient simulator) with the web-app feed token,
+/// the reconcile scan on every run and `RELAY_REFINISH_AFTER_S` = [`AFTER_S`].
+type W = crate::tests::World;
 
 async fn world() -> W {
-    let sim = Simulator::start(SimConfig::world(SimWorld::Lenient), "127.0.0.1:0")
-        .await
-        .expect("simulator starts");
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("http client");
-    let client = MapillaryClient::new(
-        Endpoints::under(sim.base_url()),
-        http.clone(),
-        RetryPolicy::fast(),
-    );
-    let tokens = MemTokens::new();
-    tokens.insert(
-        USER,
-        StoredToken {
-            access_token: SecretString::from(DEMO_USER_TOKEN),
-            refresh_token: None,
-            expires_at: None,
-            mapillary_user_id: Some(DEMO_USER_ID.into()),
-            username: None,
-            updated_at: OffsetDateTime::now_utc(),
-        },
-    );
-    let uploads = MemRepo::new();
-    let deps = PollerDeps {
-        tracking: MemTracking::over(&uploads),
-        uploads,
-        tokens,
-        inbox: MemInbox::default(),
-        claims: MemClaims::new(),
-        events: MemEvents::new(),
-        webhooks: shared::adapters::webhook_http::WebhookSender::new(shared::webhook::WebhookPolicy {
-            allow_local: true,
-            ..Default::default()
-        }),
-        mapillary: MapillaryApp::new(client.clone(), APP_ID, SecretString::from(CLIENT_SECRET)),
-        feed_token: Some(SecretString::from(WEB_APP_CLIENT_TOKEN)),
-        tunables: Tunables {
-            reconcile_scan_every: Duration::ZERO,
-            refinish_after: Duration::from_secs(AFTER_S as u64),
-            ..Tunables::default()
-        },
-        clock: Clock::manual(sim_now(&sim)),
+    let mut w = crate::tests::world_in(SimConfig::world(SimWorld::Lenient), Some(WEB_APP_CLIENT_TOKEN)).await;
+    w.deps.tunables = Tunables {
+        reconcile_scan_every: Duration::ZERO,
+        refinish_after: Duration::from_secs(AFTER_S as u64),
+        ..Tunables::default()
     };
-    W {
-        sim,
-        deps,
-        client,
-        http,
-    }
+    w
 }
 
 impl W {
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.sim.admin_url()))
-            .json(&body)
-            .send()
-            .await
-            .expect("admin request");
-        assert!(resp.status().is_success(), "admin {path}: {}", resp.status());
-        resp.json().await.unwrap_or(Value::Null)
-    }
-
     /// Upload `n` images as one zip and call `finish_upload` under a fault rule: `created` — the
     /// cluster is created and the reply lost; otherwise a 500 before anything is created. Writes
     /// what zip-and-push writes then (FINISH_UNCERTAIN, no cluster message). Returns the upload id.
@@ -235,22 +164,9 @@ impl W {
             .count()
     }
 
-    fn advance(&self, seconds: i64) {
-        self.sim.advance_clock(seconds);
-        self.deps.clock.set_ms(self.sim.sim().now_ms());
-    }
-
-    async fn run(&self) -> RunReport {
+    /// One poller run with a 120 s deadline (the refinish's `finish_upload` fits in it).
+    async fn run_long(&self) -> RunReport {
         run_once(&self.deps, Instant::now() + Duration::from_secs(120)).await
-    }
-
-    async fn record(&self, id: &str) -> TrackingRecord {
-        self.deps
-            .tracking
-            .get_tracking(id)
-            .await
-            .expect("store")
-            .expect("tracked")
     }
 }
 
@@ -262,17 +178,17 @@ async fn a_finish_the_feed_proves_uncommitted_is_called_again_once_and_then_trac
     assert_eq!(w.finish_calls().await, 1);
 
     // Taken into tracking; the feed shows nothing, but too early to be proof.
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert_eq!((r.reconcile.created, r.refinished), (1, 0), "{r:?}");
     w.advance(AFTER_S - 10);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert_eq!(r.refinished, 0, "{r:?}");
     assert_eq!(w.finish_calls().await, 1);
     assert!(w.record(&id).await.tracked.is_reconciling());
 
     // RELAY_REFINISH_AFTER_S after the call, the feed still shows nothing: finished again, once.
     w.advance(20);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.refinished, 1, "{r:?}");
     assert_eq!(w.finish_calls().await, 2);
@@ -290,13 +206,13 @@ async fn a_finish_the_feed_proves_uncommitted_is_called_again_once_and_then_trac
 
     // Tracked like any upload from then on, never finished a third time.
     w.advance(7000);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let rec = w.record(&id).await;
     assert_eq!(rec.tracked.state, OverallState::Finished, "{rec:?}");
     assert_eq!(rec.linked_count, 4);
     w.advance(AFTER_S * 3);
-    w.run().await;
+    w.run_long().await;
     assert_eq!(w.finish_calls().await, 2);
     assert_eq!(w.clusters().await.len(), 1);
 }
@@ -305,7 +221,7 @@ async fn a_finish_the_feed_proves_uncommitted_is_called_again_once_and_then_trac
 async fn a_second_uncertain_outcome_gets_a_fresh_window_and_one_more_call_per_proof() {
     let w = world().await;
     let id = w.uncertain("s1", 3, 0, false).await;
-    w.run().await;
+    w.run_long().await;
     // The second call fails the same way (500 before anything is created).
     w.admin(
         reqwest::Method::POST,
@@ -315,7 +231,7 @@ async fn a_second_uncertain_outcome_gets_a_fresh_window_and_one_more_call_per_pr
     )
     .await;
     w.advance(AFTER_S + 10);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert_eq!(r.refinished, 0, "{r:?}");
     assert_eq!(w.finish_calls().await, 2);
     let rec = w.record(&id).await;
@@ -323,11 +239,11 @@ async fn a_second_uncertain_outcome_gets_a_fresh_window_and_one_more_call_per_pr
     assert_eq!(rec.tracked.reconcile.as_ref().map(|r| r.refinishes), Some(1));
     // No new proof yet (the window restarted at the second call): no third call.
     w.advance(60);
-    w.run().await;
+    w.run_long().await;
     assert_eq!(w.finish_calls().await, 2);
     // Proof again: the third call creates the one cluster.
     w.advance(AFTER_S);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert_eq!(r.refinished, 1, "{r:?}");
     assert_eq!(w.finish_calls().await, 3);
     assert_eq!(w.clusters().await.len(), 1);
@@ -344,12 +260,12 @@ async fn a_cluster_the_feed_shows_is_adopted_and_finish_upload_is_never_called_a
     let clusters = w.clusters().await;
     assert_eq!(clusters.len(), 1, "the lost reply created one");
     w.advance(AFTER_S * 2);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert_eq!(r.refinished, 0, "{r:?}");
     let rec = w.record(&id).await;
     assert_eq!(rec.tracked.cluster_id, clusters[0]);
     w.advance(AFTER_S * 2);
-    w.run().await;
+    w.run_long().await;
     assert_eq!(w.finish_calls().await, 1);
     assert_eq!(w.clusters().await.len(), 1);
 }
@@ -364,9 +280,9 @@ async fn without_a_readable_feed_there_is_no_proof_and_no_second_call() {
         json!({"world": SimWorld::FeedGone.to_string()}),
     )
     .await;
-    w.run().await;
+    w.run_long().await;
     w.advance(AFTER_S * 4);
-    let r = w.run().await;
+    let r = w.run_long().await;
     assert_eq!((r.refinished, r.feed_unusable_users), (0, 1), "{r:?}");
     assert_eq!(w.finish_calls().await, 1);
     assert!(w.clusters().await.is_empty());
