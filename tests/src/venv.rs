@@ -147,20 +147,11 @@ fn tool(venv: &Path, name: &str, bin: &str) -> PathBuf {
 
 /// Makes sure `.venv/sam` (the AWS SAM CLI, `requirements/sam.txt`) exists and is current; returns
 /// the `sam` executable. Its own venv because aws-sam-cli pins boto3 and click below what moto
-/// installs, and not part of [`ensure`]: the template checks need it (`cargo xtask setup`/`test`),
-/// the demo does not.
+/// installs, and not part of [`ensure`]: the template checks need it, the demo does not. `cargo xtask
+/// setup`/`test` install it while they build (the same stamp and `.venv/sam.lock` as here).
 pub fn ensure_sam(repo_root: &Path) -> Result<PathBuf> {
-    let venv_root = repo_root.join(".venv");
-    let dir = venv_root.join("sam");
-    let requirements = repo_root.join("requirements/sam.txt");
-    if !is_fresh(&dir, &requirements, "sam")? {
-        fs::create_dir_all(&venv_root).with_context(|| format!("creating {}", venv_root.display()))?;
-        let _lock = FileLock::exclusive(&venv_root.join(".lock"))?;
-        if !is_fresh(&dir, &requirements, "sam")? {
-            install(&dir, &requirements)?;
-        }
-    }
-    Ok(dir.join("bin/sam"))
+    ensure_one(repo_root, "sam", "sam")?;
+    Ok(repo_root.join(".venv/sam/bin/sam"))
 }
 
 fn is_fresh(dir: &Path, requirements: &Path, main_bin: &str) -> Result<bool> {
@@ -191,6 +182,8 @@ fn install(dir: &Path, requirements: &Path) -> Result<()> {
     run(Command::new(dir.join("bin/pip"))
         .args([
             "install",
+            // As xtask/launcher: no .pyc for every file; Python writes those it imports.
+            "--no-compile",
             "--disable-pip-version-check",
             "--progress-bar",
             "off",

@@ -54,11 +54,15 @@ const SCHEMATHESIS: Venv = Venv {
     name: "schemathesis",
     main_bin: "schemathesis",
 };
+const SAM: Venv = Venv {
+    name: "sam",
+    main_bin: "sam",
+};
 
 /// Which venvs a subcommand needs before it starts (tests needing more install them on first use too).
 fn venvs_for(command: &str) -> Vec<Venv> {
     match command {
-        "setup" | "test" => vec![AWS, MAPILLARY_TOOLS, CHECKOV, SCHEMATHESIS],
+        "setup" | "test" => vec![AWS, MAPILLARY_TOOLS, CHECKOV, SCHEMATHESIS, SAM],
         "bench" => vec![AWS, MAPILLARY_TOOLS],
         "demo" | "soak" | "stack" | "push" | "upload" => vec![AWS],
         _ => Vec::new(),
@@ -93,6 +97,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// `cargo xtask test` lints while it builds: clippy-driver is the compiler of the workspace's own crates
+/// (`RUSTC_WORKSPACE_WRAPPER`, `-D warnings` in `CLIPPY_ARGS`, what `cargo clippy` passes). Set here, for
+/// this build and for everything xtask starts (its test build, `cargo lambda watch`, the simulator's build):
+/// cargo fingerprints the wrapper and `CLIPPY_ARGS`, so one build without them would compile the workspace
+/// crates again and the next one with them once more. Set once, every build of the run shares one set of
+/// artifacts. xtask's `test` uses the values found here.
+fn lint_everything() {
+    let beside = std::env::var_os("CARGO")
+        .map(|c| Path::new(&c).with_file_name("clippy-driver"))
+        .filter(|p| p.is_file());
+    let driver = beside.map_or_else(|| "clippy-driver".into(), |p| p.into_os_string());
+    // Edition 2021: not `unsafe` yet; called first in main, before any thread starts.
+    std::env::set_var("RUSTC_WORKSPACE_WRAPPER", driver);
+    std::env::set_var("CLIPPY_ARGS", CLIPPY_ARGS);
+}
+
+/// `-D warnings` as `cargo clippy` passes it to clippy-driver.
+const CLIPPY_ARGS: &str = "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__";
+
 /// The variables `cargo run` sets for the program it runs (this launcher), which every cargo started from here
 /// would inherit. They must go: cargo compares the variables a build script watches (`rerun-if-env-changed`)
 /// against its own environment, and ring's build script watches `CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR` and
@@ -126,6 +149,9 @@ fn run() -> Result<ExitCode, String> {
     clear_cargo_run_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str).unwrap_or("");
+    if command == "test" && !args.iter().any(|a| a == "--no-lint") {
+        lint_everything();
+    }
     let root = repo_root();
     let venvs = if args.iter().any(|a| a == "-h" || a == "--help") {
         Vec::new()
@@ -464,6 +490,9 @@ fn ensure_venv(root: &Path, v: Venv, set: impl Fn(State)) -> Result<(), String> 
         Command::new(dir.join("bin/pip"))
             .args([
                 "install",
+                // No .pyc for every installed file: that is a third of pip's CPU time while the build needs
+                // both cores; Python writes the ones it imports on first use.
+                "--no-compile",
                 "--disable-pip-version-check",
                 "--progress-bar",
                 "off",
