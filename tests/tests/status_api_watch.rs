@@ -515,7 +515,8 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() -> Result<()
     // that are not UTF-8 (`-d $'w*\xff)…'` to PUT /v1/mapillary/connection and PUT /v1/webhook), which
     // come back 500 `{"type":"https://httpstatuses.com/500",…}` — not the function's problem+json —
     // with no request log line and no panic in the function's log: the local function-URL emulation
-    // fails before the function (API Gateway base64-encodes such bodies).
+    // fails before the function (API Gateway base64-encodes such bodies; lambda_invoke.rs sends that
+    // event, events/apigw-v2/put-webhook-not-utf8.json, to the real binary and gets its 400).
     let mut xml_all = String::new();
     for (i, (phases, mode)) in [("examples,coverage,stateful", "all"), ("fuzzing", "positive")]
         .into_iter()
