@@ -228,6 +228,7 @@ impl World {
                 finished_at: Some(now),
                 error: None,
                 attempts: 1,
+                outbox: Default::default(),
             })
             .await?;
         let images: Vec<UploadImage> = specs
@@ -458,7 +459,7 @@ async fn four_stages_reach_the_bus_in_order_and_a_failed_publish_loses_nothing()
     let stranded = w.record(&id2).await?.pending_events;
     ensure!(!stranded.is_empty(), "the changes wait in the outbox");
     assert_eq!(
-        w.poller.tracking.list_outbox().await?.len(),
+        w.poller.tracking.list_outbox().await?.tracking.len(),
         1,
         "the outbox index finds them"
     );

@@ -187,6 +187,7 @@ impl World {
             finished_at: Some(now),
             error: None,
             attempts: 1,
+            outbox: Default::default(),
         })
         .await
         .expect("upload record");
@@ -952,7 +953,13 @@ async fn a_run_that_dies_between_its_write_and_its_publish_loses_no_event() {
         "the changes' events wait in the outbox"
     );
     assert_eq!(
-        w.deps.tracking.list_outbox().await.expect("outbox").len(),
+        w.deps
+            .tracking
+            .list_outbox()
+            .await
+            .expect("outbox")
+            .tracking
+            .len(),
         1,
         "the outbox index finds the record"
     );
