@@ -266,6 +266,115 @@ mod tests {
         );
     }
 
+    fn sample_upload() -> UploadRecord {
+        UploadRecord {
+            user_id: "alice".into(),
+            sequence_id: "s1".into(),
+            upload_id: "alice~s1~000".into(),
+            index: 0,
+            state: UploadState::Pending,
+            session_key: "mly_relay_x.zip".into(),
+            total_len: 10,
+            image_count: 3,
+            cluster_id: None,
+            handle: None,
+            organization_id: None,
+            bytes_sent: 0,
+            created_at: datetime!(2026-12-01 10:00:00 UTC),
+            started_at: None,
+            finished_at: None,
+            error: None,
+            attempts: 0,
+            outbox: Default::default(),
+        }
+    }
+
+    #[test]
+    fn upload_state_changes_get_consecutive_ids_and_are_written_with_their_record() {
+        let at = datetime!(2026-12-01 10:00:01 UTC);
+        let mut up = sample_upload();
+        let created = up.created_at;
+        record_upload_state(&mut up, None, created);
+        set_upload_state(&mut up, UploadState::Uploading, at, true);
+        set_upload_state(&mut up, UploadState::Uploading, at, true); // no change, no event
+        set_upload_state(&mut up, UploadState::Failed, at, false); // no bus, no event
+        set_upload_state(&mut up, UploadState::Pending, at, true);
+        let ids: Vec<&str> = up.outbox.unwritten.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "alice~s1~000:upload:00000",
+                "alice~s1~000:upload:00001",
+                "alice~s1~000:upload:00002"
+            ]
+        );
+        let changes: Vec<(Option<&str>, Option<&str>)> = up
+            .outbox
+            .unwritten
+            .iter()
+            .map(|e| (e.change.from.as_deref(), e.change.to.as_deref()))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (None, Some("PENDING")),
+                (Some("PENDING"), Some("UPLOADING")),
+                (Some("FAILED"), Some("PENDING"))
+            ]
+        );
+        assert_eq!(up.outbox.recorded, 3);
+        // The write stores one item per event, each with the record as written (without them).
+        let items = UploadEvent::of_write(&up);
+        assert_eq!(items.iter().map(|e| e.position).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(items.iter().all(|e| e.upload.outbox.unwritten.is_empty()));
+        up.outbox.written();
+        assert!(UploadEvent::of_write(&up).is_empty());
+        // The next change continues the positions.
+        set_upload_state(&mut up, UploadState::Uploading, at, true);
+        let items = UploadEvent::of_write(&up);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].position, 3);
+        assert_eq!(items[0].event.id, upload_event_id(&up.upload_id, 3));
+    }
+
+    /// The sample of an upload-state change (`events/published/upload-state-change.json`) has the
+    /// fields [`relay_upload_event`] writes; a FAILED change carries the upload's error.
+    #[test]
+    fn the_upload_state_sample_is_what_a_subscriber_receives() {
+        let sample: aws_lambda_events::eventbridge::EventBridgeEvent<Value> =
+            serde_json::from_str(include_str!("../../events/published/upload-state-change.json"))
+                .expect("sample deserializes");
+        assert_eq!(sample.source, SOURCE);
+        assert_eq!(sample.detail_type, UPLOAD_STATE_CHANGED);
+        let mut up = sample_upload();
+        set_upload_state(
+            &mut up,
+            UploadState::Failed,
+            datetime!(2026-12-01 10:00:02 UTC),
+            true,
+        );
+        up.error = Some("finish_upload failed: 400".into());
+        let ours = relay_upload_event(&UploadEvent::of_write(&up)[0]);
+        let keys = |v: &Value| -> Vec<String> {
+            let mut k: Vec<String> = v
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            k.sort();
+            k
+        };
+        let d = &sample.detail;
+        assert_eq!(keys(d), keys(&ours.detail));
+        assert_eq!(keys(&d["change"]), keys(&ours.detail["change"]));
+        assert_eq!(keys(&d["upload"]), keys(&ours.detail["upload"]));
+        assert_eq!(d["change"]["field"], UPLOAD_STATE_FIELD);
+        assert_eq!(ours.detail_type, UPLOAD_STATE_CHANGED);
+        assert_eq!(ours.detail["change"]["to"], "FAILED");
+        assert_eq!(ours.detail["upload"]["state"], "FAILED");
+        assert_eq!(ours.detail["upload"]["error"], "finish_upload failed: 400");
+        assert_eq!(ours.id, "alice~s1~000:upload:00000");
+    }
+
     /// The sample a subscriber receives (`events/published/status-change.json`) deserializes as an
     /// EventBridge event, and its `detail` has exactly the fields [`relay_event`] writes.
     #[test]
