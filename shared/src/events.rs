@@ -266,6 +266,16 @@ mod tests {
         );
     }
 
+    /// The keys of a JSON object, sorted.
+    fn keys(v: &Value) -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
     fn sample_upload() -> UploadRecord {
         UploadRecord {
             user_id: "alice".into(),
@@ -355,14 +365,6 @@ mod tests {
         );
         up.error = Some("finish_upload failed: 400".into());
         let ours = relay_upload_event(&UploadEvent::of_write(&up)[0]);
-        let keys = |v: &Value| -> Vec<String> {
-            let mut k: Vec<String> = v
-                .as_object()
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default();
-            k.sort();
-            k
-        };
         let d = &sample.detail;
         assert_eq!(keys(d), keys(&ours.detail));
         assert_eq!(keys(&d["change"]), keys(&ours.detail["change"]));
@@ -385,14 +387,6 @@ mod tests {
         assert_eq!(sample.source, SOURCE);
         assert_eq!(sample.detail_type, STAGE_CHANGED);
         let d = &sample.detail;
-        let keys = |v: &Value| -> Vec<String> {
-            let mut k: Vec<String> = v
-                .as_object()
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default();
-            k.sort();
-            k
-        };
         let mut tracked =
             crate::domain::tracking::TrackedUpload::new("1234567890", datetime!(2026-12-01 10:00:00 UTC));
         tracked.error_code = Some("UNSET".into());

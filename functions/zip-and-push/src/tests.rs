@@ -1142,12 +1142,11 @@ async fn a_manifest_dropped_again_after_failed_retries_the_failed_uploads_and_ke
     assert_eq!(posts_to_up0, 1, "upload 0 sent once");
 }
 
-/// The upload-state events stored for `upload_id` (in position order): (id, from, to, error of the
-/// upload as written with the change).
-fn upload_events(
-    w: &World,
-    upload_id: &str,
-) -> Vec<(String, Option<String>, Option<String>, Option<String>)> {
+/// A stored upload-state event: (id, from, to, error of the upload as written with the change).
+type StoredEvent = (String, Option<String>, Option<String>, Option<String>);
+
+/// The upload-state events stored for `upload_id`, in position order.
+fn upload_events(w: &World, upload_id: &str) -> Vec<StoredEvent> {
     w.deps
         .repo
         .snapshot()

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem};
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 
 use super::item::{repo_error, s, string_of, Item};
@@ -82,6 +82,27 @@ pub struct WriteCondition {
     pub values: Vec<(&'static str, aws_sdk_dynamodb::types::AttributeValue)>,
 }
 
+/// `builder` (a `PutItem` request or a transaction's `Put`: the same methods on two types) with the
+/// [`WriteCondition`] `c`, returning the stored item when it fails.
+macro_rules! with_condition {
+    ($builder:expr, $c:expr) => {{
+        let c: WriteCondition = $c;
+        let mut b = $builder
+            .condition_expression(c.expression)
+            .return_values_on_condition_check_failure(
+                aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld,
+            );
+        for (k, v) in c.names {
+            b = b.expression_attribute_names(k, v);
+        }
+        for (k, v) in c.values {
+            b = b.expression_attribute_values(k, v);
+        }
+        b
+    }};
+}
+pub(crate) use with_condition;
+
 /// Why a write of an upload item with events failed.
 pub enum EventWriteError {
     /// The condition failed; the stored item when DynamoDB returned it.
@@ -101,15 +122,7 @@ pub async fn put_with_events(
 ) -> Result<(), EventWriteError> {
     let mut put = Put::builder().table_name(table).set_item(Some(upload_item));
     if let Some(c) = condition {
-        put = put
-            .condition_expression(c.expression)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        for (k, v) in c.names {
-            put = put.expression_attribute_names(k, v);
-        }
-        for (k, v) in c.values {
-            put = put.expression_attribute_values(k, v);
-        }
+        put = with_condition!(put, c);
     }
     let build = |p: aws_sdk_dynamodb::types::builders::PutBuilder| {
         p.build()

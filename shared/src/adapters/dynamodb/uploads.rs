@@ -24,9 +24,7 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{
-    AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, WriteRequest};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -35,7 +33,7 @@ use super::item::{
     condition_failed, decode, delete_request, encode, gsi2_partition, key, n, number_of, put_request,
     repo_error, rfc3339, s, string_of, Item,
 };
-use super::upload_events::{put_with_events, EventWriteError, WriteCondition};
+use super::upload_events::{put_with_events, with_condition, EventWriteError, WriteCondition};
 use crate::model::{
     EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadEvent, UploadImage,
     UploadRecord, UploadState,
@@ -448,15 +446,7 @@ impl DynamoRepository {
             .table_name(&self.uploads_table)
             .set_item(Some(item));
         if let Some(c) = condition {
-            req = req
-                .condition_expression(c.expression)
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-            for (k, v) in c.names {
-                req = req.expression_attribute_names(k, v);
-            }
-            for (k, v) in c.values {
-                req = req.expression_attribute_values(k, v);
-            }
+            req = with_condition!(req, c);
         }
         match req.send().await {
             Ok(_) => Ok(()),
