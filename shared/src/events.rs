@@ -1,5 +1,13 @@
-//! Status-change events (issue 14, item 2): what a subscriber learns when an upload's Mapillary
-//! stage or state changes, and the outbox that makes their delivery at-least-once.
+//! Status-change events (issue 14, item 2): what a subscriber learns when an upload's state (ours:
+//! zip-and-push's lifecycle) or its Mapillary stage or state changes, and the outbox that makes
+//! their delivery at-least-once.
+//!
+//! Upload-state changes (`PENDING` → `UPLOADING` → `FINISHING` → `UPLOADED` → `HANDED_OFF`, or
+//! `FAILED` / `FINISH_UNCERTAIN`, and `FAILED` → `PENDING` when a re-drop retries) are recorded by
+//! whoever changes the upload record ([`set_upload_state`]; zip-and-push, and the poller's sweep of
+//! stuck uploads) and written with it as [`UploadEvent`] items ([`crate::model::UploadOutbox`]); the
+//! poller publishes them like the tracking record's, before the tracking record's of the same
+//! upload, so a subscriber sees an upload handed off before its Mapillary stages.
 //!
 //! The outbox is part of the tracking record itself ([`TrackingRecord::pending_events`]): the poller
 //! adds one [`OutboxEvent`] per recorded [`Transition`] to the record it writes, so the change and its
@@ -14,7 +22,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use crate::domain::tracking::{OverallState, Transition};
-use crate::model::TrackingRecord;
+use crate::model::{TrackingRecord, UploadRecord, UploadState};
 
 /// `source` of every event.
 pub const SOURCE: &str = "mapillary-relay";
@@ -25,6 +33,11 @@ pub const STAGE_CHANGED: &str = "Mapillary Stage Changed";
 pub const STATE_CHANGED: &str = "Mapillary State Changed";
 /// `detail-type` of a change of Mapillary's `error_code`.
 pub const ERROR_CODE_CHANGED: &str = "Mapillary Error Code Changed";
+/// `detail-type` of a change of the upload's own state (zip-and-push's lifecycle: `PENDING`,
+/// `UPLOADING`, `FINISHING`, `UPLOADED`, `HANDED_OFF`, `FINISH_UNCERTAIN`, `FAILED`).
+pub const UPLOAD_STATE_CHANGED: &str = "Upload State Changed";
+/// The `change.field` of an upload-state change.
+pub const UPLOAD_STATE_FIELD: &str = "upload_state";
 
 /// The wire names of Mapillary's four stages, in processing order.
 pub const STAGE_FIELDS: [&str; 4] = [
@@ -34,7 +47,7 @@ pub const STAGE_FIELDS: [&str; 4] = [
     "tiler_status",
 ];
 
-pub use crate::model::OutboxEvent;
+pub use crate::model::{OutboxEvent, UploadEvent};
 
 /// An event as published (EventBridge entry: `source` is [`SOURCE`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +107,75 @@ pub fn outbox_events(upload_id: &str, first_position: usize, transitions: &[Tran
             change: t.clone(),
         })
         .collect()
+}
+
+/// The event id of the upload-state change at `position` among `upload_id`'s (apart from the
+/// tracking record's ids: `<upload_id>:upload:<position>`).
+pub fn upload_event_id(upload_id: &str, position: u32) -> String {
+    format!("{upload_id}:upload:{position:05}")
+}
+
+/// Record in `up`'s outbox that its state became `up.state` (from `from`; `None`: the upload was
+/// just planned) at `at`: the event is written with the record's next write.
+pub fn record_upload_state(up: &mut UploadRecord, from: Option<UploadState>, at: OffsetDateTime) {
+    let position = up.outbox.recorded;
+    up.outbox.unwritten.push(OutboxEvent {
+        id: upload_event_id(&up.upload_id, position),
+        detail_type: UPLOAD_STATE_CHANGED.to_string(),
+        change: Transition {
+            at,
+            field: UPLOAD_STATE_FIELD.to_string(),
+            from: from.map(|s| s.as_str().to_string()),
+            to: Some(up.state.as_str().to_string()),
+        },
+    });
+    up.outbox.recorded = position + 1;
+}
+
+/// Set `up`'s state to `to` at `at`; a change is recorded as an event when `publish` (a bus is
+/// configured: `RELAY_EVENT_BUS`).
+pub fn set_upload_state(up: &mut UploadRecord, to: UploadState, at: OffsetDateTime, publish: bool) {
+    let from = up.state;
+    up.state = to;
+    if publish && from != to {
+        record_upload_state(up, Some(from), at);
+    }
+}
+
+/// The published form of an upload-state change: `detail` names the change and the upload as the
+/// status API serves it (`uploads[]` of `GET /v1/sequences/{id}`, without the `mapillary` part,
+/// which the `Mapillary …` events carry) as written with the change.
+pub fn relay_upload_event(ev: &UploadEvent) -> RelayEvent {
+    let u = &ev.upload;
+    let detail = json!({
+        "event_id": ev.event.id,
+        "user_id": u.user_id,
+        "sequence_id": u.sequence_id,
+        "upload_id": u.upload_id,
+        "cluster_id": u.cluster_id,
+        "change": {
+            "field": ev.event.change.field,
+            "from": ev.event.change.from,
+            "to": ev.event.change.to,
+            "at": rfc3339(ev.event.change.at),
+        },
+        "upload": {
+            "index": u.index,
+            "state": u.state.as_str(),
+            "cluster_id": u.cluster_id,
+            "image_count": u.image_count,
+            "bytes": u.total_len,
+            "error": u.error,
+            "created_at": rfc3339(u.created_at),
+            "started_at": u.started_at.and_then(rfc3339),
+            "finished_at": u.finished_at.and_then(rfc3339),
+        },
+    });
+    RelayEvent {
+        id: ev.event.id.clone(),
+        detail_type: ev.event.detail_type.clone(),
+        detail,
+    }
 }
 
 fn rfc3339(t: OffsetDateTime) -> Option<String> {
@@ -184,6 +266,117 @@ mod tests {
         );
     }
 
+    /// The keys of a JSON object, sorted.
+    fn keys(v: &Value) -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
+    fn sample_upload() -> UploadRecord {
+        UploadRecord {
+            user_id: "alice".into(),
+            sequence_id: "s1".into(),
+            upload_id: "alice~s1~000".into(),
+            index: 0,
+            state: UploadState::Pending,
+            session_key: "mly_relay_x.zip".into(),
+            total_len: 10,
+            image_count: 3,
+            cluster_id: None,
+            handle: None,
+            organization_id: None,
+            bytes_sent: 0,
+            created_at: datetime!(2026-12-01 10:00:00 UTC),
+            started_at: None,
+            finished_at: None,
+            error: None,
+            attempts: 0,
+            outbox: Default::default(),
+        }
+    }
+
+    #[test]
+    fn upload_state_changes_get_consecutive_ids_and_are_written_with_their_record() {
+        let at = datetime!(2026-12-01 10:00:01 UTC);
+        let mut up = sample_upload();
+        let created = up.created_at;
+        record_upload_state(&mut up, None, created);
+        set_upload_state(&mut up, UploadState::Uploading, at, true);
+        set_upload_state(&mut up, UploadState::Uploading, at, true); // no change, no event
+        set_upload_state(&mut up, UploadState::Failed, at, false); // no bus, no event
+        set_upload_state(&mut up, UploadState::Pending, at, true);
+        let ids: Vec<&str> = up.outbox.unwritten.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "alice~s1~000:upload:00000",
+                "alice~s1~000:upload:00001",
+                "alice~s1~000:upload:00002"
+            ]
+        );
+        let changes: Vec<(Option<&str>, Option<&str>)> = up
+            .outbox
+            .unwritten
+            .iter()
+            .map(|e| (e.change.from.as_deref(), e.change.to.as_deref()))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (None, Some("PENDING")),
+                (Some("PENDING"), Some("UPLOADING")),
+                (Some("FAILED"), Some("PENDING"))
+            ]
+        );
+        assert_eq!(up.outbox.recorded, 3);
+        // The write stores one item per event, each with the record as written (without them).
+        let items = UploadEvent::of_write(&up);
+        assert_eq!(items.iter().map(|e| e.position).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(items.iter().all(|e| e.upload.outbox.unwritten.is_empty()));
+        up.outbox.written();
+        assert!(UploadEvent::of_write(&up).is_empty());
+        // The next change continues the positions.
+        set_upload_state(&mut up, UploadState::Uploading, at, true);
+        let items = UploadEvent::of_write(&up);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].position, 3);
+        assert_eq!(items[0].event.id, upload_event_id(&up.upload_id, 3));
+    }
+
+    /// The sample of an upload-state change (`events/published/upload-state-change.json`) has the
+    /// fields [`relay_upload_event`] writes; a FAILED change carries the upload's error.
+    #[test]
+    fn the_upload_state_sample_is_what_a_subscriber_receives() {
+        let sample: aws_lambda_events::eventbridge::EventBridgeEvent<Value> =
+            serde_json::from_str(include_str!("../../events/published/upload-state-change.json"))
+                .expect("sample deserializes");
+        assert_eq!(sample.source, SOURCE);
+        assert_eq!(sample.detail_type, UPLOAD_STATE_CHANGED);
+        let mut up = sample_upload();
+        set_upload_state(
+            &mut up,
+            UploadState::Failed,
+            datetime!(2026-12-01 10:00:02 UTC),
+            true,
+        );
+        up.error = Some("finish_upload failed: 400".into());
+        let ours = relay_upload_event(&UploadEvent::of_write(&up)[0]);
+        let d = &sample.detail;
+        assert_eq!(keys(d), keys(&ours.detail));
+        assert_eq!(keys(&d["change"]), keys(&ours.detail["change"]));
+        assert_eq!(keys(&d["upload"]), keys(&ours.detail["upload"]));
+        assert_eq!(d["change"]["field"], UPLOAD_STATE_FIELD);
+        assert_eq!(ours.detail_type, UPLOAD_STATE_CHANGED);
+        assert_eq!(ours.detail["change"]["to"], "FAILED");
+        assert_eq!(ours.detail["upload"]["state"], "FAILED");
+        assert_eq!(ours.detail["upload"]["error"], "finish_upload failed: 400");
+        assert_eq!(ours.id, "alice~s1~000:upload:00000");
+    }
+
     /// The sample a subscriber receives (`events/published/status-change.json`) deserializes as an
     /// EventBridge event, and its `detail` has exactly the fields [`relay_event`] writes.
     #[test]
@@ -194,14 +387,6 @@ mod tests {
         assert_eq!(sample.source, SOURCE);
         assert_eq!(sample.detail_type, STAGE_CHANGED);
         let d = &sample.detail;
-        let keys = |v: &Value| -> Vec<String> {
-            let mut k: Vec<String> = v
-                .as_object()
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default();
-            k.sort();
-            k
-        };
         let mut tracked =
             crate::domain::tracking::TrackedUpload::new("1234567890", datetime!(2026-12-01 10:00:00 UTC));
         tracked.error_code = Some("UNSET".into());

@@ -217,6 +217,72 @@ pub struct UploadRecord {
     pub error: Option<String>,
     /// Invocations that worked on this upload.
     pub attempts: u32,
+    /// Its state changes as status-change events (issue 14): how many were recorded, and those
+    /// made to this copy that its next write stores (see [`UploadOutbox`]).
+    #[serde(default)]
+    pub outbox: UploadOutbox,
+}
+
+/// The upload-state changes of an [`UploadRecord`] as status-change events (see `crate::events`).
+///
+/// A change made with [`crate::events::set_upload_state`] adds an [`OutboxEvent`] to `unwritten`;
+/// the next write of the record ([`crate::ports::UploadStore::put_upload`],
+/// [`crate::ports::UploadStore::transition_upload`], [`crate::ports::SweepStore::settle_upload`])
+/// stores each as an [`UploadEvent`] item of its own in the same transaction as the record, so the
+/// change and its event are one write; the writer then clears `unwritten`
+/// ([`UploadOutbox::written`]). The stored event items are the upload's outbox: the poller publishes
+/// and deletes them. Kept out of the upload item, so that zip-and-push's later writes of the record
+/// never bring back an event the poller already published.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadOutbox {
+    /// State changes recorded as events so far: the position of the next one (its id).
+    #[serde(default)]
+    pub recorded: u32,
+    /// Events of changes to this copy not written yet (never serialized).
+    #[serde(skip)]
+    pub unwritten: Vec<OutboxEvent>,
+}
+
+impl UploadOutbox {
+    /// The record was written (with `unwritten`): nothing left to write.
+    pub fn written(&mut self) {
+        self.unwritten.clear();
+    }
+}
+
+/// One upload-state change waiting to be published: an item of its own beside the upload's other
+/// items (pk `UPLOAD#<upload_id>`, sk `EVENT#<position:05>`, in the outbox index), written with the
+/// change. `upload` is the record as that write stored it (what the event's `detail` shows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadEvent {
+    /// Position among the upload's state changes, from 0.
+    pub position: u32,
+    /// The event.
+    pub event: OutboxEvent,
+    /// The upload as written with the change.
+    pub upload: UploadRecord,
+}
+
+impl UploadEvent {
+    /// The items `upload`'s write stores: one per unwritten event, at the positions before
+    /// `upload.outbox.recorded`.
+    pub fn of_write(upload: &UploadRecord) -> Vec<UploadEvent> {
+        let n = upload.outbox.unwritten.len() as u32;
+        let first = upload.outbox.recorded.saturating_sub(n);
+        let mut snapshot = upload.clone();
+        snapshot.outbox.unwritten.clear();
+        upload
+            .outbox
+            .unwritten
+            .iter()
+            .enumerate()
+            .map(|(k, e)| UploadEvent {
+                position: first + k as u32,
+                event: e.clone(),
+                upload: snapshot.clone(),
+            })
+            .collect()
+    }
 }
 
 /// What the zip's tail needs about one entry after its bytes were produced (checkpoint).

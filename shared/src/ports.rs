@@ -250,6 +250,12 @@ pub trait UploadStore: UploadReader {
     /// Write (create or replace) an upload record. The sparse gsi2 keys are `PENDING`,
     /// `<user_id>#<upload_id>` while `!upload.state.is_final()`, and `UNCERTAIN` (same sort key)
     /// while it is FINISH_UNCERTAIN (the poller's reconciliation reads that partition).
+    ///
+    /// Every write of an upload record (this one, [`Self::transition_upload`],
+    /// [`SweepStore::settle_upload`]) also stores the record's unwritten state-change events
+    /// (`upload.outbox.unwritten`, one [`crate::model::UploadEvent`] item each) in the same
+    /// transaction: both or neither. The caller then clears them
+    /// ([`crate::model::UploadOutbox::written`]).
     fn put_upload(&self, upload: &UploadRecord) -> impl Future<Output = Result<(), RepoError>> + Send;
 
     /// Replace the upload record with `upload` only if the stored record's `state` is `expected`
@@ -747,11 +753,38 @@ pub trait RunLease: Send + Sync {
     fn release_run_lease(&self, owner: &str) -> impl Future<Output = Result<(), RepoError>> + Send;
 }
 
+/// What waits to be published: tracking records with [`TrackingRecord::pending_events`] and the
+/// upload-state events written with upload records ([`crate::model::UploadEvent`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outbox {
+    /// Tracking records whose outbox is not empty.
+    pub tracking: Vec<TrackingRecord>,
+    /// Upload-state events not published yet.
+    pub uploads: Vec<crate::model::UploadEvent>,
+}
+
+impl Outbox {
+    /// Nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.tracking.is_empty() && self.uploads.is_empty()
+    }
+}
+
 /// The outbox of status-change events: tracking records with [`TrackingRecord::pending_events`]
-/// (a sparse index holds exactly those, so a run reads only them).
+/// and upload-state event items (a sparse index holds exactly those, so a run reads only them).
 pub trait OutboxStore: Send + Sync {
-    /// Every tracking record whose outbox is not empty (all users).
-    fn list_outbox(&self) -> impl Future<Output = Result<Vec<TrackingRecord>, RepoError>> + Send;
+    /// Everything whose outbox is not empty (all users; an eventually consistent index).
+    fn list_outbox(&self) -> impl Future<Output = Result<Outbox, RepoError>> + Send;
+    /// The unpublished upload-state events of one upload, read consistently (in position order).
+    fn upload_outbox(
+        &self,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<Vec<crate::model::UploadEvent>, RepoError>> + Send;
+    /// Remove published upload-state events (deleting one already gone is no error).
+    fn ack_upload_events(
+        &self,
+        events: &[crate::model::UploadEvent],
+    ) -> impl Future<Output = Result<(), RepoError>> + Send;
     /// Write `record` (read by [`Self::list_outbox`], its published events removed from
     /// `pending_events`) only if the stored record was not checked since (its `last_checked_at`
     /// is still `record`'s): a newer write keeps its own outbox (`RepoError::ConditionFailed`, and

@@ -250,16 +250,20 @@ pub fn delivery_body(ev: &RelayEvent) -> String {
     .to_string()
 }
 
-/// The deliveries of `events` for `user_id`, queued at `now`.
-pub fn deliveries(user_id: &str, events: &[RelayEvent], now: OffsetDateTime) -> Vec<WebhookDelivery> {
+/// The deliveries of `events` for `user_id`, in their order: the k-th queued at `first` + k µs (the
+/// queue is ordered by that time, to the microsecond, then by event id — which would not keep
+/// an upload's own state changes, `<upload_id>:upload:…`, before its Mapillary ones,
+/// `<upload_id>:<position>`).
+pub fn deliveries(user_id: &str, events: &[RelayEvent], first: OffsetDateTime) -> Vec<WebhookDelivery> {
     events
         .iter()
-        .map(|ev| WebhookDelivery {
+        .enumerate()
+        .map(|(k, ev)| WebhookDelivery {
             user_id: user_id.to_string(),
             event_id: ev.id.clone(),
             detail_type: ev.detail_type.clone(),
             body: delivery_body(ev),
-            enqueued_at: now,
+            enqueued_at: first + time::Duration::microseconds(k as i64),
         })
         .collect()
 }

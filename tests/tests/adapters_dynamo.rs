@@ -386,6 +386,7 @@ fn upload(user: &str, seq: &str, index: u32, state: UploadState) -> UploadRecord
         finished_at: None,
         error: None,
         attempts: 1,
+        outbox: Default::default(),
     }
 }
 

@@ -196,6 +196,7 @@ impl World {
             finished_at: Some(now),
             error: None,
             attempts: 1,
+            outbox: Default::default(),
         })
         .await?;
         let images: Vec<UploadImage> = specs

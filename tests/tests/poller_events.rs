@@ -23,7 +23,10 @@ use shared::adapters::events::EventBridgePublisher;
 use shared::adapters::sqs::SqsClusterQueue;
 use shared::adapters::webhook_http::WebhookSender;
 use shared::domain::tracking::OverallState;
-use shared::events::{detail_type, event_id, outbox_events, SOURCE, STAGE_CHANGED, STAGE_FIELDS};
+use shared::events::{
+    detail_type, event_id, outbox_events, upload_event_id, SOURCE, STAGE_CHANGED, STAGE_FIELDS,
+    UPLOAD_STATE_CHANGED, UPLOAD_STATE_FIELD,
+};
 use shared::mapillary::client::MapillaryClient;
 use shared::mapillary::retry::RetryPolicy;
 use shared::mapillary::Endpoints;
@@ -31,7 +34,8 @@ use shared::model::{
     upload_id, ClusterMessage, StoredToken, TrackingRecord, UploadImage, UploadRecord, UploadState,
 };
 use shared::ports::{
-    ClusterQueue, ImageEntryStore, OutboxStore, TokenStore, TrackingReader, UploadStore, WebhookQueue,
+    ClusterQueue, ImageEntryStore, OutboxStore, TokenStore, TrackingReader, UploadReader, UploadStore,
+    WebhookQueue,
 };
 use shared::webhook::WebhookPolicy;
 use time::OffsetDateTime;
@@ -228,6 +232,7 @@ impl World {
                 finished_at: Some(now),
                 error: None,
                 attempts: 1,
+                outbox: Default::default(),
             })
             .await?;
         let images: Vec<UploadImage> = specs
@@ -458,7 +463,7 @@ async fn four_stages_reach_the_bus_in_order_and_a_failed_publish_loses_nothing()
     let stranded = w.record(&id2).await?.pending_events;
     ensure!(!stranded.is_empty(), "the changes wait in the outbox");
     assert_eq!(
-        w.poller.tracking.list_outbox().await?.len(),
+        w.poller.tracking.list_outbox().await?.tracking.len(),
         1,
         "the outbox index finds them"
     );
@@ -708,6 +713,175 @@ async fn a_webhook_failing_repeatedly_is_disabled_with_its_reason_until_put_agai
     assert_eq!(ids, want, "in queue order");
     assert!(ids.iter().all(|i| i.starts_with(&id)));
     assert!(w.poller.tracking.list_webhook_queue().await?.is_empty());
+    w.stack.delete().await.ok();
+    Ok(())
+}
+
+// ------------------------------------------------------------------ zip-and-push's own changes
+
+impl World {
+    /// zip-and-push composed from the same environment: `RELAY_EVENT_BUS` is set, so it records its
+    /// upload-state changes as events (it never publishes: the poller does).
+    async fn zip_and_push(&self) -> Result<zip_and_push::compose::ProductionDeps> {
+        let config = zip_and_push::config::Config::from_lookup(|k| {
+            self.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })?;
+        ensure!(
+            config.tunables.publish_events,
+            "RELAY_EVENT_BUS turns the events on"
+        );
+        let mut deps = zip_and_push::compose::compose(&config, self.stack.sdk_config()).await?;
+        deps.store = shared::adapters::s3::S3ObjectStore::new(self.stack.s3());
+        deps.mapillary = deps.mapillary.with_retry_policy(RetryPolicy::fast());
+        Ok(deps)
+    }
+
+    /// Drop `n` geotagged images and a manifest under `sequences/<user>/<seq>/` and run
+    /// zip-and-push on moto's notification, as the event source mapping would (the message is
+    /// deleted once acknowledged).
+    async fn push(&self, user: &str, seq: &str, n: usize) -> Result<()> {
+        let s3 = self.stack.s3();
+        let mut t = TrackSpec::new(48.21, 16.38, time::macros::datetime!(2024-04-20 09:00:00 UTC));
+        t.interval_ms = 2000;
+        t.step_m = 8.0;
+        let prefix = format!("sequences/{user}/{seq}/");
+        for (i, spec) in track(n, &t).iter().enumerate() {
+            s3.put_object()
+                .bucket(&self.stack.bucket)
+                .key(format!("{prefix}img_{i:04}.jpg"))
+                .body(jpeg(spec).into())
+                .send()
+                .await?;
+        }
+        s3.put_object()
+            .bucket(&self.stack.bucket)
+            .key(format!("{prefix}manifest.json"))
+            .body(b"{}".to_vec().into())
+            .send()
+            .await?;
+        let sqs = self.stack.sqs();
+        let url = &self.stack.ingest_queue_url;
+        let until = Instant::now() + Duration::from_secs(30);
+        let msgs = loop {
+            ensure!(Instant::now() < until, "no notification of the manifest");
+            let got = sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                .send()
+                .await?;
+            let mut records = Vec::new();
+            for m in got.messages.unwrap_or_default() {
+                let body: Value = serde_json::from_str(m.body().unwrap_or_default())?;
+                if body.get("Records").is_some() {
+                    records.push(m);
+                } else if let Some(h) = m.receipt_handle() {
+                    sqs.delete_message()
+                        .queue_url(url)
+                        .receipt_handle(h)
+                        .send()
+                        .await?;
+                }
+            }
+            if !records.is_empty() {
+                break records;
+            }
+        };
+        let event: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(
+            integration_tests::esm::sqs_event(&msgs, &integration_tests::esm::queue_arn(url)),
+        )?;
+        let deps = self.zip_and_push().await?;
+        let resp = zip_and_push::handle_batch(&deps, event, Instant::now() + Duration::from_secs(600)).await;
+        ensure!(resp.batch_item_failures.is_empty(), "zip-and-push: {resp:?}");
+        for m in &msgs {
+            if let Some(h) = m.receipt_handle() {
+                sqs.delete_message()
+                    .queue_url(url)
+                    .receipt_handle(h)
+                    .send()
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What zip-and-push records on its way to HANDED_OFF: (id, detail-type, field, to).
+fn handed_off(id: &str) -> Vec<(String, String, String, Option<String>)> {
+    ["PENDING", "UPLOADING", "FINISHING", "UPLOADED", "HANDED_OFF"]
+        .iter()
+        .enumerate()
+        .map(|(k, to)| {
+            (
+                upload_event_id(id, k as u32),
+                UPLOAD_STATE_CHANGED.to_string(),
+                UPLOAD_STATE_FIELD.to_string(),
+                Some(to.to_string()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_sequence_publishes_its_upload_states_then_its_four_stages_once_each_in_order() -> Result<()>
+{
+    let w = world("zapevents").await?;
+    let rx = WebhookReceiver::start().await?;
+    rx.set_secret(&w.register("alice", &rx.url).await?);
+    w.user("alice").await?;
+    w.push("alice", "walk", 4).await?;
+    let id = upload_id("alice", "walk", 0);
+
+    // zip-and-push is done (as if it stopped right after its last write): it published nothing,
+    // every change waits in the outbox, written with the record that made it.
+    assert!(
+        w.drain_events().await?.is_empty(),
+        "zip-and-push publishes nothing itself"
+    );
+    let outbox = w.poller.tracking.list_outbox().await?;
+    let ids: Vec<String> = outbox.uploads.iter().map(|e| e.event.id.clone()).collect();
+    let want: Vec<String> = handed_off(&id).into_iter().map(|e| e.0).collect();
+    assert_eq!(ids, want, "one event item per change");
+    assert_eq!(
+        w.poller.tracking.upload_outbox(&id).await?.len(),
+        want.len(),
+        "read consistently too"
+    );
+    let stored = w.poller.uploads.list_uploads("alice", "walk").await?;
+    assert_eq!(stored[0].state, UploadState::HandedOff);
+    assert_eq!(stored[0].outbox.recorded, 5);
+
+    // The poller publishes them, then the Mapillary stages as they happen.
+    let mut bus = Vec::new();
+    for step in [0, 100, 600, 1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        ensure!(r.errors.is_empty(), "{:?}", r.errors);
+        bus.extend(w.drain_events().await?);
+    }
+    let rec = w.record(&id).await?;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    let mut want = handed_off(&id);
+    want.extend(expected(&rec));
+    assert_eq!(
+        delivered(&bus),
+        want,
+        "on the bus: ours, then Mapillary's, each once, in order"
+    );
+    assert_eq!(
+        hooked(&rx.received()),
+        want,
+        "on the webhook (signatures verified): the same"
+    );
+    let handed = &bus[4]["detail"];
+    assert_eq!(handed["upload"]["state"], "HANDED_OFF", "{handed}");
+    assert_eq!(handed["change"]["from"], "UPLOADED", "{handed}");
+    assert_eq!(handed["cluster_id"], rec.tracked.cluster_id.as_str(), "{handed}");
+    assert_eq!(bus[4]["detail-type"], UPLOAD_STATE_CHANGED);
+    assert!(w.poller.tracking.list_outbox().await?.is_empty(), "all cleared");
+    assert!(w.poller.tracking.upload_outbox(&id).await?.is_empty());
     w.stack.delete().await.ok();
     Ok(())
 }

@@ -235,6 +235,7 @@ impl World {
                 finished_at: Some(now),
                 error,
                 attempts: 1,
+                outbox: Default::default(),
             })
             .await?;
         let images: Vec<UploadImage> = specs
@@ -642,6 +643,7 @@ fn stuck_upload(
         finished_at: None,
         error: Some("rupload answered 503".into()),
         attempts: 2,
+        outbox: Default::default(),
     }
 }
 

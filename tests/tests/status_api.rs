@@ -1193,6 +1193,7 @@ async fn every_reason_the_api_serves_is_free_of_s3_urls_and_internal_text() -> R
         finished_at: None,
         error: Some("rupload answered 503".into()),
         attempts: 5,
+        outbox: Default::default(),
     })
     .await?;
     let config = poller::config::Config::from_lookup(lambda_env(&w.stack, &w.sim))?;

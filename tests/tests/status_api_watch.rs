@@ -104,6 +104,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
         finished_at: Some(datetime!(2026-03-01 10:02 UTC)),
         error: None,
         attempts: 1,
+        outbox: Default::default(),
     })
     .await?;
     let images: Vec<UploadImage> = (0..3)

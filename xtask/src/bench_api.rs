@@ -267,6 +267,7 @@ async fn seed(stack: &LocalStack) -> Result<()> {
         finished_at: Some(base),
         error: None,
         attempts: 1,
+        outbox: Default::default(),
     })
     .await?;
     let images: Vec<UploadImage> = (0..IMAGES)

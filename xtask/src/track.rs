@@ -359,6 +359,7 @@ mod tests {
                     finished_at: Some(at(now_ms)),
                     error: (!handed_off).then(|| "finish_upload outcome unknown".to_string()),
                     attempts: 1,
+                    outbox: Default::default(),
                 })
                 .await?;
             let entries: Vec<UploadImage> = pts

@@ -22,9 +22,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use shared::events::set_upload_state;
 use shared::idempotency::{sequence_claim_id, Claim, ClaimStatus};
 use shared::model::{ClusterMessage, SequenceRecord, SequenceState, UploadRecord, UploadState};
-use shared::ports::{ClaimReader, RepoError, SequenceReader, SweepStore, UploadReader};
+use shared::ports::{ClaimReader, EventPublisher, RepoError, SequenceReader, SweepStore, UploadReader};
 use time::OffsetDateTime;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -238,14 +239,16 @@ async fn sweep_sequence<D: Deps>(
         }
         rep.stuck += 1;
         let mut next = up.clone();
+        // The change's event is written with it (settle_upload: one write), published by the outbox.
+        let publish = d.events().enabled();
         next.finished_at = Some(now);
         match v {
             Verdict::Fail => {
-                next.state = UploadState::Failed;
+                set_upload_state(&mut next, UploadState::Failed, now, publish);
                 next.error = Some(stuck_reason(stuck_after));
             }
             Verdict::Uncertain => {
-                next.state = UploadState::FinishUncertain;
+                set_upload_state(&mut next, UploadState::FinishUncertain, now, publish);
                 next.error = Some(UNCERTAIN_REASON.to_string());
             }
             Verdict::HandOff => {
@@ -258,7 +261,7 @@ async fn sweep_sequence<D: Deps>(
                     cluster_id: up.cluster_id.clone().unwrap_or_default(),
                 };
                 crate::intake::create(d, &msg).await?;
-                next.state = UploadState::HandedOff;
+                set_upload_state(&mut next, UploadState::HandedOff, now, publish);
                 next.finished_at = up.finished_at.or(Some(now));
             }
             Verdict::Leave => continue,
@@ -324,6 +327,7 @@ mod tests {
             finished_at: None,
             error: None,
             attempts: 1,
+            outbox: Default::default(),
         }
     }
 

@@ -187,6 +187,7 @@ impl World {
             finished_at: Some(now),
             error: None,
             attempts: 1,
+            outbox: Default::default(),
         })
         .await
         .expect("upload record");
@@ -952,7 +953,13 @@ async fn a_run_that_dies_between_its_write_and_its_publish_loses_no_event() {
         "the changes' events wait in the outbox"
     );
     assert_eq!(
-        w.deps.tracking.list_outbox().await.expect("outbox").len(),
+        w.deps
+            .tracking
+            .list_outbox()
+            .await
+            .expect("outbox")
+            .tracking
+            .len(),
         1,
         "the outbox index finds the record"
     );
@@ -995,6 +1002,112 @@ async fn a_run_that_dies_between_its_write_and_its_publish_loses_no_event() {
         evs.len() + 1,
         "exactly one duplicate (the replayed one), with its id"
     );
+    assert!(w.deps.tracking.list_outbox().await.expect("outbox").is_empty());
+}
+
+/// Give `id`'s upload record (written HANDED_OFF by [`World::upload`]) the upload-state events
+/// zip-and-push writes on its way there (null → PENDING … → HANDED_OFF): 5 event items.
+async fn with_upload_state_events(w: &World, id: &str) {
+    use shared::events::{record_upload_state, set_upload_state};
+    let now = sim_now(&w.sim);
+    let mut up = w
+        .deps
+        .uploads
+        .snapshot()
+        .uploads
+        .into_values()
+        .find(|u| u.upload_id == id)
+        .expect("upload record");
+    up.state = UploadState::Pending;
+    record_upload_state(&mut up, None, now);
+    for s in [
+        UploadState::Uploading,
+        UploadState::Finishing,
+        UploadState::Uploaded,
+        UploadState::HandedOff,
+    ] {
+        set_upload_state(&mut up, s, now, true);
+    }
+    w.deps
+        .uploads
+        .put_upload(&up)
+        .await
+        .expect("upload record with its events");
+}
+
+/// The upload-state changes zip-and-push makes on the way to HANDED_OFF, as (id, detail-type,
+/// field, to).
+fn handed_off_events(id: &str) -> Vec<(String, String, String, Option<String>)> {
+    ["PENDING", "UPLOADING", "FINISHING", "UPLOADED", "HANDED_OFF"]
+        .iter()
+        .enumerate()
+        .map(|(k, to)| {
+            (
+                shared::events::upload_event_id(id, k as u32),
+                shared::events::UPLOAD_STATE_CHANGED.to_string(),
+                shared::events::UPLOAD_STATE_FIELD.to_string(),
+                Some(to.to_string()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploads_own_state_changes_are_published_before_its_mapillary_stages() {
+    let w = lenient_world().await;
+    let id = w.upload("s1", 4, 48.2, 16.37).await;
+    with_upload_state_events(&w, &id).await;
+    for step in [0, 100, 600, 1800, 3600] {
+        w.advance(step);
+        let r = w.run().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+    let rec = w.record(&id).await;
+    assert_eq!(rec.tracked.state, OverallState::Finished);
+    let evs = events_of(&w, &id);
+    assert_eq!(w.deps.events.published().len(), evs.len(), "each once");
+    let mut want = handed_off_events(&id);
+    want.extend(expected_events(&rec));
+    assert_eq!(
+        as_tuples(&evs),
+        want,
+        "ours first, then Mapillary's, each in order"
+    );
+    let handed = &evs[4].detail;
+    assert_eq!(handed["change"]["from"], "UPLOADED", "{handed}");
+    assert_eq!(handed["upload"]["state"], "HANDED_OFF", "{handed}");
+    assert_eq!(handed["upload"]["image_count"], 4, "{handed}");
+    assert_eq!(handed["cluster_id"], rec.tracked.cluster_id.as_str(), "{handed}");
+    assert!(handed.get("mapillary").is_none(), "{handed}");
+    assert!(evs[0].detail["change"]["from"].is_null());
+    assert!(
+        w.deps.uploads.snapshot().upload_events.is_empty(),
+        "published events are deleted"
+    );
+    assert!(w.deps.tracking.list_outbox().await.expect("outbox").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_an_uploads_own_events_cannot_be_published_its_mapillary_events_wait_too() {
+    let w = lenient_world().await;
+    let id = w.upload("s1", 4, 48.2, 16.37).await;
+    with_upload_state_events(&w, &id).await;
+    // Both publish steps of the run fail for the upload's own events (as a poller that dies after
+    // its writes): its Mapillary changes are recorded, and held back behind them.
+    w.deps.events.fail_next(2);
+    let r = w.run().await;
+    assert_eq!(r.events_published, 0, "{r:?}");
+    let rec = w.record(&id).await;
+    assert!(!rec.pending_events.is_empty(), "Mapillary's first changes wait");
+    let waiting = w.deps.tracking.list_outbox().await.expect("outbox");
+    assert_eq!((waiting.uploads.len(), waiting.tracking.len()), (5, 1));
+    // The next run publishes both, ours first.
+    let r = w.run().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let evs = events_of(&w, &id);
+    let mut want = handed_off_events(&id);
+    want.extend(expected_events(&w.record(&id).await));
+    assert_eq!(as_tuples(&evs), want);
     assert!(w.deps.tracking.list_outbox().await.expect("outbox").is_empty());
 }
 

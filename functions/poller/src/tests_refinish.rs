@@ -113,6 +113,7 @@ impl W {
             finished_at: Some(now),
             error: Some(format!("finish_upload outcome unknown: {e}")),
             attempts: 1,
+            outbox: Default::default(),
         })
         .await
         .expect("upload record");

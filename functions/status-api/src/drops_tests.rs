@@ -338,6 +338,7 @@ fn failed_upload(id: &str) -> UploadRecord {
         finished_at: Some(now),
         error: Some("Mapillary refused".into()),
         attempts: 5,
+        outbox: Default::default(),
     }
 }
 

@@ -216,6 +216,7 @@ fn upload(user: &str, seq: &str, index: u32, cluster: Option<&str>) -> UploadRec
         finished_at: cluster.map(|_| datetime!(2026-03-01 10:02 UTC)),
         error: None,
         attempts: 1,
+        outbox: Default::default(),
     }
 }
 

@@ -577,6 +577,7 @@ mod cluster_id_tests {
             finished_at: Some(datetime!(2026-03-01 10:02 UTC)),
             error: Some("finish_upload outcome unknown: 500".into()),
             attempts: 1,
+            outbox: Default::default(),
         }
     }
 

@@ -64,6 +64,9 @@ pub struct Tunables {
     /// ingest error). Always set from the environment; `None` (the default) only in tests that
     /// build tunables by hand.
     pub own_bucket: Option<String>,
+    /// Whether upload-state changes are recorded as status-change events (issue 14): `RELAY_EVENT_BUS`
+    /// is set (the poller publishes them on it). Off in tests that build tunables by hand.
+    pub publish_events: bool,
 }
 
 impl Default for Tunables {
@@ -89,6 +92,7 @@ impl Default for Tunables {
             finish_timeout: Duration::from_secs(60),
             cluster_save_budget: Duration::from_secs(10),
             own_bucket: None,
+            publish_events: false,
         }
     }
 }
@@ -165,6 +169,7 @@ impl Config {
             finish_timeout: Duration::from_secs(env.parse_or("RELAY_FINISH_TIMEOUT_S", 60u64)?),
             cluster_save_budget: Duration::from_secs(env.parse_or("RELAY_CLUSTER_SAVE_BUDGET_S", 10u64)?),
             own_bucket: Some(env.required("RELAY_BUCKET")?),
+            publish_events: env.optional("RELAY_EVENT_BUS").is_some_and(|b| !b.is_empty()),
         };
         if tunables.max_invocations_without_progress == 0 {
             return Err(ConfigError::invalid(

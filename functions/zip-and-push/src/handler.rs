@@ -15,7 +15,7 @@ use shared::model::{
 };
 use shared::ports::{
     IdempotencyStore, IngestErrorLog, IngestRequeue, ObjectStore, RepoError, SequenceReader, SequenceStore,
-    UploadReader, UploadStore,
+    UploadReader,
 };
 use shared::s3event::{self, Notification, ObjectCreated};
 use time::OffsetDateTime;
@@ -26,6 +26,7 @@ use crate::manifest::{parse_manifest_key, SequenceKey};
 use crate::plan::{base_record, plan_or_resume, ManifestJob, Planned, SequenceError};
 use crate::progress::{count_invocation, progress_mark, Verdict};
 use crate::reasons;
+use crate::records::{save, set_state};
 use crate::upload::{upload_sequence, UploadStop};
 
 /// Records processed at the same time.
@@ -493,10 +494,10 @@ pub async fn fail_sequence<D: Deps>(d: &D, job: &ManifestJob, reason: &str) -> R
         .unwrap_or_else(|| base_record(job));
     for mut up in repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await? {
         if !up.state.is_final() && up.state != UploadState::Uploaded {
-            up.state = UploadState::Failed;
+            set_state(d, &mut up, UploadState::Failed);
             up.error = Some(reasons::public(reason));
             up.finished_at = Some(OffsetDateTime::now_utc());
-            repo.put_upload(&up).await?;
+            save(d, &mut up).await?;
         }
     }
     seq.state = SequenceState::Failed;
@@ -571,12 +572,12 @@ async fn retry_failed<D: Deps>(
     let mut uploads = repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await?;
     let mut retried = 0;
     for up in uploads.iter_mut().filter(|u| u.state == UploadState::Failed) {
-        up.state = UploadState::Pending;
+        set_state(d, up, UploadState::Pending);
         up.error = None;
         up.finished_at = None;
         // The server returns the handle again when every byte is there (an empty POST).
         up.handle = None;
-        repo.put_upload(up).await?;
+        save(d, up).await?;
         retried += 1;
     }
     let attempt = seq.progress.attempt() + 1;

@@ -7,6 +7,7 @@
 //!   previous attempt wrote.
 //! * [`upload`] — each upload: stream → `finish_upload` → cluster message, from its checkpoints.
 //! * [`progress`] — invocations without progress, counted across continuations and retries.
+//! * [`records`] — upload-record writes with their state-change events (one write each).
 //! * [`zipstream`] — the mapillary_tools-format zip streamed from S3 from any offset.
 //! * [`exifpass`] — metadata from ranged reads of the images' heads.
 //! * [`manifest`] — the trigger contract (key layout, manifest JSON).
@@ -25,6 +26,7 @@ pub mod manifest;
 pub mod plan;
 pub mod progress;
 pub mod reasons;
+pub mod records;
 pub mod upload;
 pub mod zipstream;
 

@@ -18,7 +18,7 @@ use shared::model::{
     upload_id, RejectedImage, SequenceProgress, SequenceRecord, SequenceState, UploadImage, UploadRecord,
     UploadState,
 };
-use shared::ports::{ImageEntryStore, ObjectStore, RepoError, SequenceStore, StoreError, UploadStore};
+use shared::ports::{ImageEntryStore, ObjectStore, RepoError, SequenceStore, StoreError};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -26,6 +26,7 @@ use crate::deps::Deps;
 use crate::exifpass::{read_heads, Candidate, HeadOutcome, HeadRead};
 use crate::manifest::{check_relative_key, is_default_image, parse_manifest, SequenceKey, MANIFEST_NAME};
 use crate::reasons;
+use crate::records::{planned, save};
 use crate::zipstream::comment_len;
 
 /// One manifest to process: where it is, which version, whose sequence, and until when.
@@ -430,6 +431,7 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
             finished_at: None,
             error: None,
             attempts: 0,
+            outbox: Default::default(),
         });
         all_images.extend(images);
     }
@@ -443,8 +445,9 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
     // UPLOADING state is what a later attempt resumes from).
     let repo = d.repo();
     repo.put_images(&all_images).await?;
-    for up in &uploads {
-        repo.put_upload(up).await?;
+    for up in &mut uploads {
+        planned(d, up);
+        save(d, up).await?;
     }
     seq.state = SequenceState::Uploading;
     info!(

@@ -96,6 +96,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             error: None,
+            outbox: Default::default(),
         }
     }
 

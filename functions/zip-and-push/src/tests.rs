@@ -1142,6 +1142,130 @@ async fn a_manifest_dropped_again_after_failed_retries_the_failed_uploads_and_ke
     assert_eq!(posts_to_up0, 1, "upload 0 sent once");
 }
 
+/// A stored upload-state event: (id, from, to, error of the upload as written with the change).
+type StoredEvent = (String, Option<String>, Option<String>, Option<String>);
+
+/// The upload-state events stored for `upload_id`, in position order.
+fn upload_events(w: &World, upload_id: &str) -> Vec<StoredEvent> {
+    w.deps
+        .repo
+        .snapshot()
+        .upload_events
+        .into_iter()
+        .filter(|((u, _), _)| u == upload_id)
+        .map(|(_, e)| (e.event.id, e.event.change.from, e.event.change.to, e.upload.error))
+        .collect()
+}
+
+#[tokio::test]
+async fn each_upload_state_change_is_written_as_an_event_with_its_record_in_order_with_stable_ids() {
+    // Issue 14: zip-and-push's own state changes go out like the Mapillary stages.
+    let mut w = world().await;
+    w.deps.tunables.publish_events = true;
+    let etag = failed_after_one_upload(&mut w, "evs", 2100).await;
+    let st = status(&w, "evs").await;
+    let (up0, up1) = (st.uploads[0].upload_id.clone(), st.uploads[1].upload_id.clone());
+    let s = |v: &str| Some(v.to_string());
+    let ids = |id: &str, n: u32| -> Vec<String> {
+        (0..n).map(|k| shared::events::upload_event_id(id, k)).collect()
+    };
+    let first = upload_events(&w, &up0);
+    let changes: Vec<(Option<String>, Option<String>)> =
+        first.iter().map(|e| (e.1.clone(), e.2.clone())).collect();
+    assert_eq!(
+        changes,
+        [
+            (None, s("PENDING")),
+            (s("PENDING"), s("UPLOADING")),
+            (s("UPLOADING"), s("FINISHING")),
+            (s("FINISHING"), s("UPLOADED")),
+            (s("UPLOADED"), s("HANDED_OFF")),
+        ],
+        "every change of the delivered upload, in order"
+    );
+    assert_eq!(
+        first.iter().map(|e| e.0.clone()).collect::<Vec<_>>(),
+        ids(&up0, 5)
+    );
+    // The failed one: its finish_upload was rate limited (back to UPLOADING), then the sequence
+    // was given up; the FAILED event carries the error the status shows.
+    let failed = upload_events(&w, &up1);
+    let last = failed.last().expect("events of the failed upload").clone();
+    assert_eq!(last.2, s("FAILED"), "{failed:?}");
+    assert!(
+        last.3.is_some() && last.3 == st.uploads[1].error,
+        "{last:?} vs {:?}",
+        st.uploads[1]
+    );
+    assert!(
+        failed
+            .iter()
+            .any(|e| e.1 == s("FINISHING") && e.2 == s("UPLOADING")),
+        "{failed:?}"
+    );
+    assert_eq!(
+        failed.iter().map(|e| e.0.clone()).collect::<Vec<_>>(),
+        ids(&up1, failed.len() as u32)
+    );
+    for pair in failed.windows(2) {
+        assert_eq!(pair[0].2, pair[1].1, "a chain of changes: {failed:?}");
+    }
+
+    // The re-drop retries it: FAILED → PENDING … HANDED_OFF, at the next positions; the earlier
+    // events keep their ids and contents, the delivered upload gets none.
+    let redrop = s3_body_put(USER, "evs", &etag, "0002");
+    let resp = handle_batch(&w.deps, event(&[redrop]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    assert_eq!(
+        upload_events(&w, &up0),
+        first,
+        "nothing new for the delivered upload"
+    );
+    let all = upload_events(&w, &up1);
+    assert_eq!(
+        all[..failed.len()],
+        failed[..],
+        "stable ids: the same events at the same ids"
+    );
+    let retried: Vec<(Option<String>, Option<String>)> = all[failed.len()..]
+        .iter()
+        .map(|e| (e.1.clone(), e.2.clone()))
+        .collect();
+    assert_eq!(retried.first(), Some(&(s("FAILED"), s("PENDING"))), "{retried:?}");
+    assert_eq!(
+        retried.last().map(|c| c.1.clone()),
+        Some(s("HANDED_OFF")),
+        "{retried:?}"
+    );
+    assert_eq!(
+        all.iter().map(|e| e.0.clone()).collect::<Vec<_>>(),
+        ids(&up1, all.len() as u32)
+    );
+    // The record counts them (the next change continues from there).
+    let stored = w.deps.repo.snapshot();
+    let rec1 = stored
+        .uploads
+        .values()
+        .find(|u| u.upload_id == up1)
+        .expect("upload 1");
+    assert_eq!(rec1.outbox.recorded as usize, all.len());
+    assert!(rec1.outbox.unwritten.is_empty());
+}
+
+#[tokio::test]
+async fn without_a_bus_no_upload_state_event_is_written() {
+    let w = world().await;
+    assert!(!w.deps.tunables.publish_events);
+    let imgs = named(&specs(3, 2200));
+    let etag = drop_sequence(&w.deps.store, "quiet", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "quiet", &etag)]), deadline()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(status(&w, "quiet").await.uploads[0].state, UploadState::HandedOff);
+    let st = w.deps.repo.snapshot();
+    assert!(st.upload_events.is_empty(), "{:?}", st.upload_events);
+    assert!(st.uploads.values().all(|u| u.outbox.recorded == 0));
+}
+
 #[tokio::test]
 async fn a_manifest_dropped_again_after_uploaded_is_a_recorded_no_op() {
     let w = world().await;

@@ -16,13 +16,13 @@ use shared::mapillary::session::{CallError, SessionError, TokenSession};
 use shared::model::{ClusterMessage, SequenceRecord, SequenceState, TokenKind, UploadRecord, UploadState};
 use shared::ports::{
     ClusterQueue, ImageEntryReader, MapillaryAuth, MapillaryUploads, RepoError, SequenceStore, UploadReader,
-    UploadStore,
 };
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::deps::Deps;
 use crate::plan::{now, oauth_upload_refused, upload_token_refused, ManifestJob, SequenceError};
 use crate::reasons;
+use crate::records::{save, save_transition, set_state};
 use crate::zipstream::{upload_zip, UploadFailure, ZipSource};
 
 /// The user's token session of this invocation (see `shared::mapillary::session`).
@@ -118,8 +118,8 @@ async fn drive_upload<D: Deps>(
                     info!("too little time left for finish_upload and saving its cluster_id: deferred");
                     return Ok(UploadStop::OutOfTime);
                 }
-                up.state = UploadState::Finishing;
-                repo.transition_upload(&up, UploadState::Uploading).await?;
+                set_state(d, &mut up, UploadState::Finishing);
+                save_transition(d, &mut up, UploadState::Uploading).await?;
                 finish_now = true;
             }
             UploadState::Pending | UploadState::Uploading => {
@@ -134,11 +134,12 @@ async fn drive_upload<D: Deps>(
                     fail_upload(d, &mut up, msg).await?;
                     continue;
                 }
+                let upload_id = up.upload_id.clone();
                 let source = match ZipSource::new(
                     d.store(),
                     repo,
                     &job.bucket,
-                    &up.upload_id,
+                    &upload_id,
                     &images,
                     d.tunables().prefetch_bytes,
                 ) {
@@ -159,11 +160,11 @@ async fn drive_upload<D: Deps>(
                     }
                 };
                 if up.state == UploadState::Pending {
-                    up.state = UploadState::Uploading;
+                    set_state(d, &mut up, UploadState::Uploading);
                     up.started_at = Some(now());
                 }
                 up.attempts += 1;
-                repo.put_upload(&up).await?;
+                save(d, &mut up).await?;
                 token
                     .ensure_fresh()
                     .await
@@ -203,7 +204,7 @@ async fn drive_upload<D: Deps>(
                                 "deadline near: upload paused between two POSTs; a follow-up invocation resumes"
                             );
                             up.bytes_sent += report.bytes_sent();
-                            repo.put_upload(&up).await?;
+                            save(d, &mut up).await?;
                             return Ok(UploadStop::OutOfTime);
                         }
                         Ok(Err(UploadFailure::Mapillary(e))) if e.is_unauthorized() => {
@@ -239,12 +240,12 @@ async fn drive_upload<D: Deps>(
                 up.handle = Some(report.handle);
                 if !finish_fits(d, job) {
                     // The handle is kept (UPLOADING): the next invocation calls finish_upload with it.
-                    repo.put_upload(&up).await?;
+                    save(d, &mut up).await?;
                     info!("too little time left for finish_upload and saving its cluster_id: deferred");
                     return Ok(UploadStop::OutOfTime);
                 }
-                up.state = UploadState::Finishing;
-                repo.transition_upload(&up, UploadState::Uploading).await?;
+                set_state(d, &mut up, UploadState::Finishing);
+                save_transition(d, &mut up, UploadState::Uploading).await?;
                 finish_now = true;
             }
             UploadState::Finishing if finish_now => {
@@ -252,24 +253,24 @@ async fn drive_upload<D: Deps>(
                 finish_now = false;
             }
             UploadState::Finishing => {
-                up.state = UploadState::FinishUncertain;
+                set_state(d, &mut up, UploadState::FinishUncertain);
                 up.error = Some(
                     "a previous attempt stopped while calling finish_upload: whether a cluster was created \
                      is unknown (the poller reconciles through the activity feed)"
                         .into(),
                 );
                 up.finished_at = Some(now());
-                repo.put_upload(&up).await?;
+                save(d, &mut up).await?;
                 warn!("upload left in FINISHING: marked FINISH_UNCERTAIN");
             }
             UploadState::Uploaded => {
                 let Some(cluster_id) = up.cluster_id.clone() else {
-                    up.state = UploadState::FinishUncertain;
+                    set_state(d, &mut up, UploadState::FinishUncertain);
                     up.error = Some(reasons::internal(&format!(
                         "upload {} is UPLOADED without cluster_id",
                         up.upload_id
                     )));
-                    repo.put_upload(&up).await?;
+                    save(d, &mut up).await?;
                     continue;
                 };
                 let msg = ClusterMessage {
@@ -283,8 +284,8 @@ async fn drive_upload<D: Deps>(
                         "sending the cluster message: {e}"
                     )))
                 })?;
-                up.state = UploadState::HandedOff;
-                repo.put_upload(&up).await?;
+                set_state(d, &mut up, UploadState::HandedOff);
+                save(d, &mut up).await?;
                 info!(cluster_id = %msg.cluster_id, "cluster handed off");
             }
             UploadState::HandedOff | UploadState::FinishUncertain | UploadState::Failed => {
@@ -370,7 +371,7 @@ fn finish_fits<D: Deps>(d: &D, job: &ManifestJob) -> bool {
 /// `RELAY_CLUSTER_SAVE_BUDGET_S`: a cluster_id Mapillary returned must not be lost to one failed
 /// write. The last error when the budget is spent (the id is in the logs; the record stays
 /// FINISHING, which the next attempt turns into FINISH_UNCERTAIN for the poller to reconcile).
-async fn save_cluster<D: Deps>(d: &D, up: &UploadRecord) -> Result<(), RepoError> {
+async fn save_cluster<D: Deps>(d: &D, up: &mut UploadRecord) -> Result<(), RepoError> {
     let until = Instant::now() + d.tunables().cluster_save_budget;
     let mut waits = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(20))
@@ -381,7 +382,7 @@ async fn save_cluster<D: Deps>(d: &D, up: &UploadRecord) -> Result<(), RepoError
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let err = match d.repo().put_upload(up).await {
+        let err = match save(d, up).await {
             Ok(()) => {
                 if tries > 1 {
                     info!(tries, "cluster_id saved after retries");
@@ -408,10 +409,10 @@ fn retry_later(e: &MapillaryError) -> bool {
 
 async fn fail_upload<D: Deps>(d: &D, up: &mut UploadRecord, error: String) -> Result<(), SequenceError> {
     warn!(%error, "upload failed");
-    up.state = UploadState::Failed;
+    set_state(d, up, UploadState::Failed);
     up.error = Some(reasons::public(&error));
     up.finished_at = Some(now());
-    d.repo().put_upload(up).await?;
+    save(d, up).await?;
     Ok(())
 }
 
@@ -423,12 +424,10 @@ async fn finish<D: Deps>(
     up: &mut UploadRecord,
     token: &mut Session<'_, D>,
 ) -> Result<(), SequenceError> {
-    let repo = d.repo();
     let Some(handle) = up.handle.clone() else {
         // No handle recorded: upload again (the server holds every byte; an empty POST returns it).
-        up.state = UploadState::Uploading;
-        return repo
-            .transition_upload(up, UploadState::Finishing)
+        set_state(d, up, UploadState::Uploading);
+        return save_transition(d, up, UploadState::Finishing)
             .await
             .map_err(Into::into);
     };
@@ -442,17 +441,17 @@ async fn finish<D: Deps>(
     let Ok(res) = tokio::time::timeout(d.tunables().finish_timeout, call).await else {
         // The request may have reached Mapillary: the outcome is unknown, never called again.
         warn!("finish_upload did not answer within RELAY_FINISH_TIMEOUT_S: outcome unknown");
-        up.state = UploadState::FinishUncertain;
+        set_state(d, up, UploadState::FinishUncertain);
         up.error = Some("finish_upload outcome unknown: no reply in time".into());
         up.finished_at = Some(now());
-        repo.put_upload(up).await?;
+        save(d, up).await?;
         return Ok(());
     };
     let e = match res {
         Ok(cluster_id) => {
             info!(upload_id = %up.upload_id, cluster_id = %cluster_id, "finish_upload returned a cluster");
             up.cluster_id = Some(cluster_id);
-            up.state = UploadState::Uploaded;
+            set_state(d, up, UploadState::Uploaded);
             up.finished_at = Some(now());
             up.error = None;
             save_cluster(d, up).await?;
@@ -461,8 +460,8 @@ async fn finish<D: Deps>(
         Err(CallError::Refresh(r)) => {
             if matches!(r, SessionError::NotRefreshable) {
                 // The 401 created nothing: resume from the upload (an empty POST returns the handle).
-                up.state = UploadState::Uploading;
-                repo.transition_upload(up, UploadState::Finishing).await?;
+                set_state(d, up, UploadState::Uploading);
+                save_transition(d, up, UploadState::Finishing).await?;
             }
             return Err(SequenceError::from_session(&seq.user_id, r));
         }
@@ -470,22 +469,22 @@ async fn finish<D: Deps>(
     };
     if e.is_ambiguous() {
         warn!(error = %e, "finish_upload outcome unknown");
-        up.state = UploadState::FinishUncertain;
+        set_state(d, up, UploadState::FinishUncertain);
         up.error = Some(format!("finish_upload outcome unknown: {e}"));
         up.finished_at = Some(now());
-        repo.put_upload(up).await?;
+        save(d, up).await?;
         Ok(())
     } else if e.is_retriable() {
         // Definitely not created (e.g. rate limited before sending): go back to UPLOADING so the next
         // attempt gets the handle again and finishes.
-        up.state = UploadState::Uploading;
-        repo.transition_upload(up, UploadState::Finishing).await?;
+        set_state(d, up, UploadState::Uploading);
+        save_transition(d, up, UploadState::Finishing).await?;
         Err(SequenceError::Transient(format!("finish_upload: {e}")))
     } else if e.is_unauthorized() {
         // A 401 created nothing: back to UPLOADING, so that the next step (with the session's token
         // if it changed, or in a later invocation) gets the handle again and finishes.
-        up.state = UploadState::Uploading;
-        repo.transition_upload(up, UploadState::Finishing).await?;
+        set_state(d, up, UploadState::Uploading);
+        save_transition(d, up, UploadState::Finishing).await?;
         unauthorized(d, token, &e).await
     } else {
         fail_upload(d, up, format!("finish_upload failed: {e}")).await

@@ -95,6 +95,7 @@ impl DropStore for MemRepo {
     ) -> Result<(), RepoError> {
         let mut st = lock(&self.state);
         st.images.retain(|(u, _), _| !upload_ids.contains(u));
+        st.upload_events.retain(|(u, _), _| !upload_ids.contains(u));
         st.uploads
             .retain(|(u, s, _), _| !(u == user_id && s == sequence_id));
         let k = (user_id.to_string(), sequence_id.to_string());

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::lock;
-use crate::model::{EntryCheckpoint, IngestError, SequenceRecord, UploadImage, UploadRecord, UploadState};
+use crate::model::{
+    EntryCheckpoint, IngestError, SequenceRecord, UploadEvent, UploadImage, UploadRecord, UploadState,
+};
 use crate::ports::{
     ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
     SequenceStore, SweepStore, UploadReader, UploadStore,
@@ -27,6 +29,26 @@ pub struct RepoState {
     pub announcements: BTreeMap<(String, String), crate::drops::Announcement>,
     /// Claim ids deleted through [`crate::ports::DropStore::delete_sequence_claim`], in order.
     pub deleted_claims: Vec<String>,
+    /// Upload-state events not published yet, by (upload, position): written with the upload
+    /// record that made them, read and deleted by a [`super::MemTracking`] made
+    /// [`over`](super::MemTracking::over) this repository.
+    pub upload_events: BTreeMap<(String, u32), UploadEvent>,
+}
+
+impl RepoState {
+    /// Store `upload` and the events of its write (one step, as the adapter's transaction).
+    fn write_upload(&mut self, upload: &UploadRecord) {
+        for ev in UploadEvent::of_write(upload) {
+            self.upload_events
+                .insert((upload.upload_id.clone(), ev.position), ev);
+        }
+        let mut stored = upload.clone();
+        stored.outbox.written();
+        self.uploads.insert(
+            (upload.user_id.clone(), upload.sequence_id.clone(), upload.index),
+            stored,
+        );
+    }
 }
 
 /// zip-and-push's records in memory (the fake of
@@ -140,10 +162,7 @@ impl UploadStore for MemRepo {
                 )));
             }
         }
-        lock(&self.state).uploads.insert(
-            (upload.user_id.clone(), upload.sequence_id.clone(), upload.index),
-            upload.clone(),
-        );
+        lock(&self.state).write_upload(upload);
         Ok(())
     }
 
@@ -152,7 +171,7 @@ impl UploadStore for MemRepo {
         let k = (upload.user_id.clone(), upload.sequence_id.clone(), upload.index);
         match st.uploads.get(&k) {
             Some(u) if u.state == expected => {
-                st.uploads.insert(k, upload.clone());
+                st.write_upload(upload);
                 Ok(())
             }
             Some(u) => Err(RepoError::ConditionFailed(format!(
@@ -187,7 +206,7 @@ impl SweepStore for MemRepo {
         let k = (upload.user_id.clone(), upload.sequence_id.clone(), upload.index);
         match st.uploads.get(&k) {
             Some(u) if u.state == expected.state && u.attempts == expected.attempts => {
-                st.uploads.insert(k, upload.clone());
+                st.write_upload(upload);
                 Ok(true)
             }
             _ => Ok(false),
@@ -288,6 +307,7 @@ pub(crate) mod tests {
             finished_at: None,
             error: None,
             attempts: 0,
+            outbox: Default::default(),
         }
     }
 

@@ -10,9 +10,9 @@ use time::OffsetDateTime;
 
 use super::lock;
 use super::records::{MemRepo, RepoState};
-use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
+use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadEvent, UploadRecord, UploadState};
 use crate::ports::{
-    OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
+    Outbox, OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
     WebhookQueue,
 };
 use crate::webhook::WebhookDelivery;
@@ -236,13 +236,34 @@ impl TrackingStore for MemTracking {
 }
 
 impl OutboxStore for MemTracking {
-    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
-        Ok(lock(&self.state)
-            .records
+    async fn list_outbox(&self) -> Result<Outbox, RepoError> {
+        Ok(Outbox {
+            tracking: lock(&self.state)
+                .records
+                .values()
+                .filter(|r| !r.pending_events.is_empty())
+                .cloned()
+                .collect(),
+            uploads: lock(&self.uploads).upload_events.values().cloned().collect(),
+        })
+    }
+
+    async fn upload_outbox(&self, upload_id: &str) -> Result<Vec<UploadEvent>, RepoError> {
+        Ok(lock(&self.uploads)
+            .upload_events
             .values()
-            .filter(|r| !r.pending_events.is_empty())
+            .filter(|e| e.upload.upload_id == upload_id)
             .cloned()
             .collect())
+    }
+
+    async fn ack_upload_events(&self, events: &[UploadEvent]) -> Result<(), RepoError> {
+        let mut st = lock(&self.uploads);
+        for ev in events {
+            st.upload_events
+                .remove(&(ev.upload.upload_id.clone(), ev.position));
+        }
+        Ok(())
     }
 
     async fn ack_outbox(&self, record: &TrackingRecord) -> Result<(), RepoError> {

@@ -19,6 +19,7 @@ pub mod idempotency;
 pub(crate) mod item;
 pub mod oauth_state;
 pub mod tracking;
+pub mod upload_events;
 pub mod uploads;
 
 pub use idempotency::DynamoIdempotency;

@@ -24,7 +24,8 @@
 //! * the time of the last FINISH_UNCERTAIN scan: pk `HEALTH`, sk `RECONCILE_SCAN`;
 //! * the outbox: a tracking record with status-change events not yet published
 //!   (`pending_events` in its `doc`) is in gsi1 under `OUTBOX` / `<upload_id>` — same item, so the
-//!   change and its events are one write.
+//!   change and its events are one write; zip-and-push's upload-state events are there too, as
+//!   items of their own (`OUTBOX` / `<upload_id>#EVENT#<position>`, [`super::upload_events`]).
 //!
 //! Items are the model types serialized with `serde_dynamo` plus the key attributes. A struct of
 //! its own (not [`super::DynamoRepository`]): the poller's items never share code paths
@@ -45,16 +46,16 @@ use super::item::{
     decode, delete_request, encode, gsi2_partition, index_partition, key, n, number_of, put_request,
     repo_error, rfc3339, s, string_of, Item,
 };
+use super::upload_events::{decode_event, event_key, is_event_item, EVENT_SK_PREFIX};
 use super::uploads::{sequence_pk, upload_sk, UNCERTAIN_GSI2PK};
-use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadRecord, UploadState};
+use crate::model::{FeedHealth, ImageLink, TrackingRecord, UploadEvent, UploadRecord, UploadState};
 use crate::ports::{
-    OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
+    Outbox, OutboxStore, PendingTracking, ReconcileStore, RepoError, RunLease, TrackingReader, TrackingStore,
 };
 
 /// Sort key of a tracking record.
 pub const TRACK_SK: &str = "TRACK";
-/// gsi1 partition key of the tracking records whose outbox is not empty.
-pub const OUTBOX_GSI1PK: &str = "OUTBOX";
+pub use super::upload_events::OUTBOX_GSI1PK;
 /// gsi2 partition key of the users' pending-uploads items.
 pub const PENDING_USERS_GSI2PK: &str = "PENDING_USERS";
 /// Sort key of a user's pending-uploads item.
@@ -633,13 +634,51 @@ impl DynamoTracking {
 }
 
 impl OutboxStore for DynamoTracking {
-    async fn list_outbox(&self) -> Result<Vec<TrackingRecord>, RepoError> {
-        let mut out = Vec::new();
+    async fn list_outbox(&self) -> Result<Outbox, RepoError> {
+        let mut out = Outbox::default();
         for item in self.gsi1_partition(OUTBOX_GSI1PK).await? {
+            if is_event_item(&item) {
+                out.uploads.push(decode_event(&item)?);
+                continue;
+            }
             let what = format!("outbox record {}", string_of(&item, "pk").unwrap_or("?"));
-            out.push(decode_record(item, &what)?);
+            out.tracking.push(decode_record(item, &what)?);
         }
         Ok(out)
+    }
+
+    async fn upload_outbox(&self, upload_id: &str) -> Result<Vec<UploadEvent>, RepoError> {
+        let pk = upload_pk(upload_id);
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#sk", "sk")
+            .expression_attribute_values(":pk", s(&pk))
+            .expression_attribute_values(":prefix", s(EVENT_SK_PREFIX))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| repo_error(&e, &format!("Query {pk} events")))?;
+            for item in page.items.unwrap_or_default() {
+                out.push(decode_event(&item)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack_upload_events(&self, events: &[UploadEvent]) -> Result<(), RepoError> {
+        let deletes = events
+            .iter()
+            .map(|ev| delete_request(event_key(ev)))
+            .collect::<Result<Vec<_>, _>>()?;
+        batch_write(&self.client, &self.table, deletes, 1)
+            .await
+            .map_err(|e| e.into_repo("BatchWriteItem upload events"))
     }
 
     async fn ack_outbox(&self, record: &TrackingRecord) -> Result<(), RepoError> {

@@ -13,6 +13,9 @@
 //!   gsi2pk `UNCERTAIN` instead (the poller's reconciliation queries them, and removes the entry
 //!   once the reconciliation is resolved: `ReconcileStore::resolve_uncertain`);
 //! * image entry: pk `UPLOAD#<upload_id>`, sk `IMG#<index:05>`;
+//! * an upload's state-change events not published yet: pk `UPLOAD#<upload_id>`, sk
+//!   `EVENT#<position:05>`, written in one transaction with the upload record that made them
+//!   ([`super::upload_events`]);
 //! * entry checkpoints: pk `UPLOAD#<upload_id>`, sk `CKPT#<first:05>-<last:05>`, attribute
 //!   `checkpoints` (a list of up to [`CHECKPOINTS_PER_ITEM`]): one write per batch of entries, not one
 //!   per entry; [`ImageEntryReader::list_images`] reads them with the entries (one query: `CKPT#` and
@@ -21,9 +24,7 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{
-    AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, WriteRequest};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -32,9 +33,10 @@ use super::item::{
     condition_failed, decode, delete_request, encode, gsi2_partition, key, n, number_of, put_request,
     repo_error, rfc3339, s, string_of, Item,
 };
+use super::upload_events::{put_with_events, with_condition, EventWriteError, WriteCondition};
 use crate::model::{
-    EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadImage, UploadRecord,
-    UploadState,
+    EntryCheckpoint, ImagePosition, IngestError, RejectedImage, SequenceRecord, UploadEvent, UploadImage,
+    UploadRecord, UploadState,
 };
 use crate::ports::{
     ImageEntryReader, ImageEntryStore, IngestErrorLog, RepoError, SequencePage, SequenceReader,
@@ -392,43 +394,65 @@ impl UploadReader for DynamoRepository {
 
 impl UploadStore for DynamoRepository {
     async fn put_upload(&self, upload: &UploadRecord) -> Result<(), RepoError> {
-        self.client
-            .put_item()
-            .table_name(&self.uploads_table)
-            .set_item(Some(Self::upload_item(upload)?))
-            .send()
-            .await
-            .map_err(|e| repo_error(&e, &format!("PutItem upload {}", upload.upload_id)))?;
-        Ok(())
+        self.write_upload(upload, None).await
     }
 
     async fn transition_upload(&self, upload: &UploadRecord, expected: UploadState) -> Result<(), RepoError> {
-        let result = self
+        let condition = WriteCondition {
+            expression: "#state = :expected",
+            names: vec![("#state", "state")],
+            values: vec![(":expected", s(expected.as_str()))],
+        };
+        self.write_upload(upload, Some(condition))
+            .await
+            .map_err(|e| match e {
+                RepoError::ConditionFailed(found) => RepoError::ConditionFailed(format!(
+                    "upload {} {found}, expected {}",
+                    upload.upload_id,
+                    expected.as_str()
+                )),
+                other => other,
+            })
+    }
+}
+
+impl DynamoRepository {
+    /// Write the upload item (under `condition`) and its unwritten state-change events: one
+    /// PutItem without events, one `TransactWriteItems` with them. A failed condition is
+    /// [`RepoError::ConditionFailed`] saying what is stored (`is <STATE>` / `does not exist`).
+    async fn write_upload(
+        &self,
+        upload: &UploadRecord,
+        condition: Option<WriteCondition>,
+    ) -> Result<(), RepoError> {
+        let what = format!("PutItem upload {}", upload.upload_id);
+        let found = |old: Option<Item>| match &old {
+            Some(item) => format!("is {}", string_of(item, "state").unwrap_or("?")),
+            None => "does not exist".to_string(),
+        };
+        let item = Self::upload_item(upload)?;
+        let events = UploadEvent::of_write(upload);
+        if !events.is_empty() {
+            return put_with_events(&self.client, &self.uploads_table, item, condition, &events, &what)
+                .await
+                .map_err(|e| match e {
+                    EventWriteError::Condition(old) => RepoError::ConditionFailed(found(old)),
+                    EventWriteError::Other(e) => e,
+                });
+        }
+        let mut req = self
             .client
             .put_item()
             .table_name(&self.uploads_table)
-            .set_item(Some(Self::upload_item(upload)?))
-            .condition_expression("#state = :expected")
-            .expression_attribute_names("#state", "state")
-            .expression_attribute_values(":expected", s(expected.as_str()))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
+            .set_item(Some(item));
+        if let Some(c) = condition {
+            req = with_condition!(req, c);
+        }
+        match req.send().await {
             Ok(_) => Ok(()),
             Err(err) => match condition_failed(&err) {
-                Some(old) => {
-                    let found = match &old {
-                        Some(item) => format!("is {}", string_of(item, "state").unwrap_or("?")),
-                        None => "does not exist".to_string(),
-                    };
-                    Err(RepoError::ConditionFailed(format!(
-                        "upload {} {found}, expected {}",
-                        upload.upload_id,
-                        expected.as_str()
-                    )))
-                }
-                None => Err(repo_error(&err, &format!("PutItem upload {}", upload.upload_id))),
+                Some(old) => Err(RepoError::ConditionFailed(found(old))),
+                None => Err(repo_error(&err, &what)),
             },
         }
     }
@@ -459,24 +483,18 @@ impl SweepStore for DynamoRepository {
     }
 
     async fn settle_upload(&self, upload: &UploadRecord, expected: &UploadRecord) -> Result<bool, RepoError> {
-        let result = self
-            .client
-            .put_item()
-            .table_name(&self.uploads_table)
-            .set_item(Some(Self::upload_item(upload)?))
-            .condition_expression("#state = :state AND #attempts = :attempts")
-            .expression_attribute_names("#state", "state")
-            .expression_attribute_names("#attempts", "attempts")
-            .expression_attribute_values(":state", s(expected.state.as_str()))
-            .expression_attribute_values(":attempts", n(expected.attempts))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) => match repo_error(&e, &format!("PutItem upload {}", upload.upload_id)) {
-                RepoError::ConditionFailed(_) => Ok(false),
-                other => Err(other),
-            },
+        let condition = WriteCondition {
+            expression: "#state = :state AND #attempts = :attempts",
+            names: vec![("#state", "state"), ("#attempts", "attempts")],
+            values: vec![
+                (":state", s(expected.state.as_str())),
+                (":attempts", n(expected.attempts)),
+            ],
+        };
+        match self.write_upload(upload, Some(condition)).await {
+            Ok(()) => Ok(true),
+            Err(RepoError::ConditionFailed(_)) => Ok(false),
+            Err(other) => Err(other),
         }
     }
 
