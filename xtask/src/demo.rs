@@ -27,7 +27,8 @@
 //! 6. The status document, the Mapillary links, the rejected image, which token each Mapillary
 //!    call presented (the simulator's request log, per route) and the notifications the webhook
 //!    received (one line per change, signature checked) are printed; the run fails unless every
-//!    notification was signed right, each FINISHED upload's `state → FINISHED` arrived, every
+//!    notification was signed right, each FINISHED upload's `upload_state → HANDED_OFF` (zip-and-push)
+//!    and then its `state → FINISHED` (Mapillary) arrived, every
 //!    upload is FINISHED and linked, every accepted image is linked and the image without GPS is
 //!    reported — and, in `feed-gone`, unless the uploads were linked through coverage tiles and their
 //!    status says the feed is unavailable. Without `--ci`, on a terminal, it then waits for Enter (the
@@ -382,7 +383,8 @@ async fn register_webhook(
 
 /// Prints the notifications the webhook received for `sequence` (waiting a little for the last
 /// ones: the poller publishes at the end of the run that saw FINISHED); fails unless each was
-/// signed right and every upload's `state → FINISHED` arrived.
+/// signed right and every upload's `upload_state → HANDED_OFF` (zip-and-push's) and then its `state →
+/// FINISHED` (Mapillary's) arrived.
 async fn notifications(receiver: &WebhookReceiver, detail: &Value, sequence: &str) -> Result<()> {
     let uploads: Vec<String> = detail["uploads"]
         .as_array()
@@ -398,11 +400,15 @@ async fn notifications(receiver: &WebhookReceiver, detail: &Value, sequence: &st
             .filter(|r| r.body["detail"]["sequence_id"] == sequence)
             .collect()
     };
-    let finished = |got: &[integration_tests::webhook_receiver::Received], upload: &str| {
-        got.iter().any(|r| {
+    // Where in `got` the change of `field` to `to` for `upload` arrived.
+    let at = |got: &[integration_tests::webhook_receiver::Received], upload: &str, field: &str, to: &str| {
+        got.iter().position(|r| {
             let d = &r.body["detail"];
-            d["upload_id"] == upload && d["change"]["field"] == "state" && d["change"]["to"] == "FINISHED"
+            d["upload_id"] == upload && d["change"]["field"] == field && d["change"]["to"] == to
         })
+    };
+    let finished = |got: &[integration_tests::webhook_receiver::Received], upload: &str| {
+        at(got, upload, "state", "FINISHED").is_some()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut got = mine();
@@ -438,6 +444,15 @@ Notifications received by the webhook ({}):",
     let missing: Vec<&String> = uploads.iter().filter(|u| !finished(&got, u)).collect();
     if !missing.is_empty() {
         bail!("no state → FINISHED notification for upload(s) {missing:?}");
+    }
+    // zip-and-push's own changes are published too, before the upload's Mapillary ones.
+    for u in &uploads {
+        let handed_off = at(&got, u, shared::events::UPLOAD_STATE_FIELD, "HANDED_OFF");
+        match (handed_off, at(&got, u, "state", "FINISHED")) {
+            (Some(h), Some(f)) if h < f => {}
+            (Some(_), _) => bail!("upload {u}: upload_state → HANDED_OFF arrived after state → FINISHED"),
+            (None, _) => bail!("no upload_state → HANDED_OFF notification for upload {u}"),
+        }
     }
     Ok(())
 }

@@ -671,8 +671,8 @@ fn fuzz_one(root: &Path, cargo_fuzz: &Path, target: &str, seconds: u64) -> Resul
         // turns them off, and an integer overflow is one of the things fuzzing looks for).
         // -s none: no AddressSanitizer. The fuzzed code is safe Rust (no `unsafe` in shared/ or
         // fuzz/), where ASan has nothing to find that the bounds checks do not already; without it the
-        // build is shorter and each second runs about twice the inputs (libFuzzer's coverage
-        // instrumentation stays).
+        // build is shorter and each second runs 5–8× the inputs (measured in CI: feed_parser 119k
+        // exec/s against 18k with ASan; libFuzzer's coverage instrumentation stays).
         .args(["fuzz", "run", "-O", "-a", "-s", "none", target])
         .arg(&corpus)
         .arg(dir.join("seeds").join(target))
