@@ -23,7 +23,6 @@ proc-macro, a build script, or a dependency of one (resolver 2 resolves those ap
 import json
 import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 import sys
 from collections import defaultdict
 
@@ -107,11 +106,9 @@ def unit_features(args):
 
 
 def collect():
-    # The invocations are read-only and independent: as many at once as there are cores (19 one after the
-    # other took ~27 s of CI's critical path).
-    invs = invocations(members())
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        per_inv = dict(zip((" ".join(a) for a in invs), pool.map(unit_features, invs)))
+    per_inv = {}
+    for args in invocations(members()):
+        per_inv[" ".join(args)] = unit_features(args)
     union = defaultdict(set)
     for feats in per_inv.values():
         for key, f in feats.items():
