@@ -671,6 +671,19 @@ fn exif_structures_reaching_past_the_block_are_refused_not_rewritten_into_other_
             "a field value runs past the end of the EXIF block"
         ))
     );
+    // The same overrunning GPS IFD behind a pointer typed BYTE (count 1, the offset inline): readers
+    // still follow it, so the rewrite must not take it for a plain value (the second fuzz finding:
+    // GPSLatitude replaced by appended bytes, "needs 3 rationals, found 0" on the re-read).
+    let byte_pointer = layout_tiff(|t| {
+        t[8 + 2 + 24 + 2] = 1;
+        t[50] = 5;
+    });
+    assert_eq!(
+        rewrite_tiff_block(&byte_pointer),
+        Err(JpegError::CorruptExif(
+            "an Exif, GPS or Interop IFD pointer is not a LONG offset"
+        ))
+    );
     // The GPS pointer points past the end.
     let pointer = layout_tiff(|t| t[8 + 2 + 24 + 8] = 200);
     assert_eq!(

@@ -642,7 +642,16 @@ fn check_layout(tiff: &[u8], order: Order, ifd0: usize) -> Result<(), JpegError>
                 }
                 _ => None,
             };
-            if let (true, Some(sub)) = (is_pointer, sub) {
+            if let Some(sub) = sub {
+                // The pointer tags are LONG (or IFD) offsets. Readers follow them whatever the type
+                // says (a BYTE "200" is read as offset 200), so one typed otherwise would point at an
+                // IFD this walk never checked — the fuzz finding: a GPS pointer typed BYTE to a GPS IFD
+                // whose entry count ran into the appended bytes, which then replaced GPSLatitude.
+                if !is_pointer {
+                    return Err(JpegError::CorruptExif(
+                        "an Exif, GPS or Interop IFD pointer is not a LONG offset",
+                    ));
+                }
                 let to =
                     usize::try_from(value).map_err(|_| JpegError::CorruptExif("IFD offset out of range"))?;
                 todo.push((to, sub));
