@@ -21,7 +21,8 @@ pub struct Tunables {
     pub duplicate_distance_m: f64,
     /// `RELAY_DUPLICATE_ANGLE_DEG` (5).
     pub duplicate_angle_deg: f64,
-    /// `RELAY_EXIF_CONCURRENCY` (16): ranged GETs in flight during the EXIF pass.
+    /// `RELAY_EXIF_CONCURRENCY` (64): images read at once during the EXIF pass (their head bytes in
+    /// flight are capped at `exifpass::HEAD_BUDGET`, 16 MiB).
     pub exif_concurrency: usize,
     /// `RELAY_PREFETCH_BYTES` (32 MiB): object bytes held for the upload body (GETs ahead, the
     /// entry ready and the entry being sent; see `zipstream::fetch_concurrency`).
@@ -77,7 +78,7 @@ impl Default for Tunables {
             cutoff_distance_m: 100.0,
             duplicate_distance_m: 0.1,
             duplicate_angle_deg: 5.0,
-            exif_concurrency: 16,
+            exif_concurrency: 64,
             prefetch_bytes: 32 * 1024 * 1024,
             deadline_margin: Duration::from_secs(30),
             max_post_bytes: shared::mapillary::client::DEFAULT_MAX_POST_BYTES,

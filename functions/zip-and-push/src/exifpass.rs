@@ -5,6 +5,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shared::domain::exif::{self, ExifError, HeaderExtent, ImageMetadata};
 use shared::ports::{ObjectStore, StoreError};
+use tokio::sync::Semaphore;
 
 use crate::reasons;
 
@@ -12,6 +13,11 @@ use crate::reasons;
 pub const INITIAL_HEAD: u64 = 64 * 1024;
 /// Largest head read to find the end of the EXIF block.
 pub const MAX_HEAD: u64 = 2 * 1024 * 1024;
+/// Bytes of head reads in flight at once, whatever the concurrency: a read holds
+/// `ceil(want / INITIAL_HEAD)` permits of [`INITIAL_HEAD`] bytes while its GET runs. With the usual
+/// 64 KiB heads the request concurrency is the limit (64 in flight = 4 MiB); a sequence whose
+/// headers all need the 2 MiB maximum is held to 8 such reads at a time.
+pub const HEAD_BUDGET: u64 = 16 * 1024 * 1024;
 
 /// An image to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +57,13 @@ pub enum HeadOutcome {
     Rejected(String, String),
 }
 
-/// Read every candidate with at most `concurrency` objects in flight, in input order.
-/// Only transient store errors fail the pass (the caller retries the whole sequence later).
+/// Read every candidate with at most `concurrency` objects in flight and at most [`HEAD_BUDGET`]
+/// bytes of head reads outstanding, in input order. Only transient store errors fail the pass (the
+/// caller retries the whole sequence later).
+///
+/// S3 answers each request after tens of milliseconds whatever its size, so the pass is a number of
+/// latency rounds: 400 images at 16 in flight wait 25 rounds, at 64 seven. The byte budget keeps the
+/// memory of a hostile sequence (every header near [`MAX_HEAD`]) bounded as the concurrency grows.
 pub async fn read_heads<S: ObjectStore>(
     store: &S,
     bucket: &str,
@@ -60,11 +71,19 @@ pub async fn read_heads<S: ObjectStore>(
     concurrency: usize,
     max_image_bytes: u64,
 ) -> Result<Vec<HeadOutcome>, StoreError> {
+    let budget = Semaphore::new(permits(HEAD_BUDGET) as usize);
+    let budget = &budget;
     futures::stream::iter(candidates)
-        .map(|c| read_one(store, bucket, c, max_image_bytes))
+        .map(|c| read_one(store, bucket, c, max_image_bytes, budget))
         .buffered(concurrency.max(1))
         .try_collect()
         .await
+}
+
+/// Budget permits for a head read of `want` bytes (at least one, at most the whole budget).
+fn permits(want: u64) -> u32 {
+    let n = want.div_ceil(INITIAL_HEAD).clamp(1, HEAD_BUDGET / INITIAL_HEAD);
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 async fn read_one<S: ObjectStore>(
@@ -72,6 +91,7 @@ async fn read_one<S: ObjectStore>(
     bucket: &str,
     c: Candidate,
     max_image_bytes: u64,
+    budget: &Semaphore,
 ) -> Result<HeadOutcome, StoreError> {
     let reject = |reason: String| Ok(HeadOutcome::Rejected(c.rel.clone(), reason));
     let mut want = INITIAL_HEAD;
@@ -81,6 +101,9 @@ async fn read_one<S: ObjectStore>(
     let mut tail_of = c.listed_size.filter(|&size| size > INITIAL_HEAD);
     let mut tail = None;
     loop {
+        // Held until this attempt's bytes are parsed (the semaphore is never closed: `None` cannot
+        // happen, and would only mean an unbudgeted read).
+        let _held = budget.acquire_many(permits(want)).await.ok();
         let head = store.get_range(bucket, &c.key, 0, want);
         let got = match tail_of.take() {
             Some(size) => {
@@ -267,5 +290,100 @@ mod tests {
             HeadOutcome::Rejected(_, reason) => assert!(reason.starts_with("truncated JPEG"), "{reason}"),
             other => panic!("now-cut.jpg without a size: {other:?}"),
         }
+    }
+
+    /// Counts the bytes of head reads (ranges from 0) in flight and remembers the most at once;
+    /// each ranged GET takes a few milliseconds, as S3's do, so reads overlap.
+    struct InFlight {
+        inner: MemStore,
+        now: std::sync::atomic::AtomicU64,
+        most: std::sync::atomic::AtomicU64,
+        reads: std::sync::atomic::AtomicU64,
+    }
+
+    impl ObjectStore for InFlight {
+        async fn get_range(
+            &self,
+            bucket: &str,
+            key: &str,
+            start: u64,
+            end: u64,
+        ) -> Result<shared::ports::RangeBody, StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let held = if start == 0 { end } else { 0 };
+            let now = self.now.fetch_add(held, SeqCst) + held;
+            self.most.fetch_max(now, SeqCst);
+            self.reads.fetch_add(u64::from(start == 0), SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let r = self.inner.get_range(bucket, key, start, end).await;
+            self.now.fetch_sub(held, SeqCst);
+            r
+        }
+        async fn get_object(
+            &self,
+            bucket: &str,
+            key: &str,
+            if_match: Option<&str>,
+        ) -> Result<shared::ports::ObjectBody, StoreError> {
+            self.inner.get_object(bucket, key, if_match).await
+        }
+        async fn list(
+            &self,
+            bucket: &str,
+            prefix: &str,
+        ) -> Result<Vec<shared::ports::ObjectInfo>, StoreError> {
+            self.inner.list(bucket, prefix).await
+        }
+        async fn head(&self, bucket: &str, key: &str) -> Result<shared::ports::ObjectInfo, StoreError> {
+            self.inner.head(bucket, key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn head_reads_in_flight_should_stay_within_the_byte_budget_whatever_the_concurrency() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let store = InFlight {
+            inner: MemStore::new(),
+            now: Default::default(),
+            most: Default::default(),
+            reads: Default::default(),
+        };
+        let img = big_jpeg();
+        // More first reads than the budget holds at once.
+        let n = (HEAD_BUDGET / INITIAL_HEAD) as usize + 64;
+        let candidates: Vec<Candidate> = (0..n)
+            .map(|i| {
+                let key = format!("{i:04}.jpg");
+                store.inner.put(BUCKET, &key, img.clone());
+                candidate(&key, Some(img.len() as u64))
+            })
+            .collect();
+        let out = read_heads(&store, BUCKET, candidates, 10_000, u64::MAX)
+            .await
+            .expect("no transient error");
+        assert_eq!(out.len(), n);
+        assert!(
+            out.iter().all(|o| matches!(o, HeadOutcome::Read(_))),
+            "every image is read"
+        );
+        assert_eq!(store.reads.load(SeqCst), n as u64, "one head read per image");
+        let most = store.most.load(SeqCst);
+        assert!(
+            most <= HEAD_BUDGET,
+            "{most} bytes of head reads in flight at once, budget {HEAD_BUDGET}"
+        );
+        assert!(
+            most >= HEAD_BUDGET / 2,
+            "the budget, not a smaller limit, bounds the reads: at most {most} bytes in flight"
+        );
+    }
+
+    #[test]
+    fn permits_cover_the_read_and_never_exceed_the_budget() {
+        assert_eq!(permits(1), 1);
+        assert_eq!(permits(INITIAL_HEAD), 1);
+        assert_eq!(permits(INITIAL_HEAD + 1), 2);
+        assert_eq!(permits(MAX_HEAD), (MAX_HEAD / INITIAL_HEAD) as u32);
+        assert_eq!(permits(u64::MAX), (HEAD_BUDGET / INITIAL_HEAD) as u32);
     }
 }

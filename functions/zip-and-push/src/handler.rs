@@ -532,11 +532,11 @@ async fn attempt<D: Deps>(d: &D, job: &ManifestJob) -> Result<AttemptEnd, Sequen
     let mut token = TokenSession::load(ctx, &job.seq.user_id)
         .await
         .map_err(|e| SequenceError::from_session(&job.seq.user_id, e))?;
-    let seq = match plan_or_resume(d, job, existing).await? {
-        Planned::Uploading(seq) => *seq,
+    let (seq, fresh) = match plan_or_resume(d, job, existing).await? {
+        Planned::Uploading(seq, fresh) => (*seq, fresh),
         Planned::Failed => return Ok(AttemptEnd::Final),
     };
-    Ok(match upload_sequence(d, job, seq, &mut token).await? {
+    Ok(match upload_sequence(d, job, seq, fresh, &mut token).await? {
         UploadStop::Final => AttemptEnd::Final,
         UploadStop::OutOfTime => AttemptEnd::OutOfTime,
     })

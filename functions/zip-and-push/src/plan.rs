@@ -124,7 +124,9 @@ impl SequenceError {
 #[derive(Debug)]
 pub enum Planned {
     /// The sequence (UPLOADING, this attempt counted) and its upload records are written: upload.
-    Uploading(Box<SequenceRecord>),
+    /// With the image entries this attempt planned and wrote (empty when it resumed an earlier
+    /// plan): the first upload attempt takes them from here instead of reading them back.
+    Uploading(Box<SequenceRecord>, Vec<UploadImage>),
     /// The sequence cannot be uploaded; it is recorded FAILED with its reason.
     Failed,
 }
@@ -175,6 +177,7 @@ pub async fn plan_or_resume<D: Deps>(
     let prior = existing
         .as_ref()
         .map(|e| (e.created_at, e.attempts, e.progress.clone()));
+    let mut fresh = Vec::new();
     let mut seq = match existing {
         Some(s) if s.state == SequenceState::Uploading => s,
         // Planned, then held for an upload token: resume the recorded uploads.
@@ -185,7 +188,7 @@ pub async fn plan_or_resume<D: Deps>(
             s
         }
         _ => {
-            let mut s = plan_sequence(d, job).await?;
+            let mut s = plan_sequence(d, job, &mut fresh).await?;
             if let Some((created_at, attempts, progress)) = prior {
                 s.created_at = created_at;
                 s.attempts = attempts;
@@ -206,13 +209,18 @@ pub async fn plan_or_resume<D: Deps>(
     seq.progress.manifest_event = Some(job.manifest_event.clone());
     seq.updated_at = now();
     repo.put_sequence(&seq).await?;
-    Ok(Planned::Uploading(Box::new(seq)))
+    Ok(Planned::Uploading(Box::new(seq), fresh))
 }
 
 /// Read the manifest, read the images' heads, apply the sequence rules and write the records
 /// (image entries, uploads, then the sequence as UPLOADING). A sequence that cannot be uploaded
-/// comes back FAILED with its reason, not yet written.
-async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceRecord, SequenceError> {
+/// comes back FAILED with its reason, not yet written. `written` receives the image entries once
+/// they are written.
+async fn plan_sequence<D: Deps>(
+    d: &D,
+    job: &ManifestJob,
+    written: &mut Vec<UploadImage>,
+) -> Result<SequenceRecord, SequenceError> {
     let store = d.store();
     let tun = d.tunables();
     let mut seq = base_record(job);
@@ -222,28 +230,33 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         seq.reason = Some(reasons::public(&reason));
         Ok(seq)
     };
-    // The size first: a huge manifest is refused before it is read into memory.
-    match store.head(&job.bucket, &job.manifest_key).await {
-        Ok(info) if info.size > tun.max_manifest_bytes => {
+    // One round trip for the manifest and, alongside it, the listing a manifest without an image
+    // list needs (S3 answers every request after tens of milliseconds, so the three requests of
+    // HEAD, GET and LIST one after another cost three of those): a ranged GET of at most
+    // RELAY_MAX_MANIFEST_BYTES tells the whole object's size, so a huge manifest is refused without
+    // being read whole. The listing is dropped, unfinished, when the manifest names the images.
+    let listing = store.list(&job.bucket, &prefix);
+    tokio::pin!(listing);
+    let mut listed = None;
+    let manifest_read = store.get_range(&job.bucket, &job.manifest_key, 0, tun.max_manifest_bytes.max(1));
+    tokio::pin!(manifest_read);
+    let manifest_read = loop {
+        tokio::select! {
+            m = &mut manifest_read => break m,
+            l = &mut listing, if listed.is_none() => listed = Some(l),
+        }
+    };
+    let manifest_bytes = match manifest_read {
+        Ok(r) if r.total_size > tun.max_manifest_bytes => {
             return fail(
                 seq,
                 format!(
                     "manifest.json is {} bytes, more than the {} allowed (RELAY_MAX_MANIFEST_BYTES)",
-                    info.size, tun.max_manifest_bytes
+                    r.total_size, tun.max_manifest_bytes
                 ),
             )
         }
-        Ok(_) => {}
-        Err(StoreError::NotFound(_)) => {
-            return fail(seq, "manifest.json was deleted before it could be read".into())
-        }
-        Err(e) if e.is_transient() => {
-            return Err(SequenceError::Transient(reasons::object("manifest.json", &e)))
-        }
-        Err(e) => return fail(seq, reasons::object("manifest.json", &e)),
-    }
-    let manifest_bytes = match store.get_object(&job.bucket, &job.manifest_key, None).await {
-        Ok(o) => o.bytes,
+        Ok(r) => r.bytes,
         Err(StoreError::NotFound(_)) => {
             return fail(seq, "manifest.json was deleted before it could be read".into())
         }
@@ -289,7 +302,11 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
             seq.image_count = list.len() as u32;
         }
         None => {
-            let listed = match store.list(&job.bucket, &prefix).await {
+            let listed = match listed {
+                Some(l) => l,
+                None => listing.await,
+            };
+            let listed = match listed {
                 Ok(l) => l,
                 Err(e) if e.is_transient() => {
                     return Err(SequenceError::Transient(reasons::object(
@@ -323,6 +340,7 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
         );
         return fail(seq, reason);
     }
+    let exif_started = Instant::now();
     let heads = read_heads(
         store,
         &job.bucket,
@@ -332,6 +350,11 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
     )
     .await
     .map_err(|e| SequenceError::Transient(reasons::object("an image", &e)))?;
+    info!(
+        images = heads.len(),
+        elapsed_ms = exif_started.elapsed().as_millis() as u64,
+        "EXIF pass done"
+    );
     let mut reads: HashMap<String, HeadRead> = HashMap::new();
     let mut inputs = Vec::new();
     for h in heads {
@@ -445,6 +468,7 @@ async fn plan_sequence<D: Deps>(d: &D, job: &ManifestJob) -> Result<SequenceReco
     // UPLOADING state is what a later attempt resumes from).
     let repo = d.repo();
     repo.put_images(&all_images).await?;
+    *written = all_images;
     for up in &mut uploads {
         planned(d, up);
         save(d, up).await?;

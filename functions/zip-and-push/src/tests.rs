@@ -293,11 +293,17 @@ async fn when_30_images_dropped_should_land_as_one_finished_cluster_with_valid_z
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].cluster_id, cluster_id);
     assert_eq!(msgs[0].upload_id, up.upload_id);
+    assert_eq!(
+        w.deps.repo.snapshot().image_lists,
+        0,
+        "the entries planned in this invocation are streamed from memory, not read back"
+    );
 
-    // EXIF came from ranged reads; each object was read whole exactly once (for the upload).
+    // EXIF came from ranged reads, the manifest from one ranged read too; each image was read
+    // whole exactly once (for the upload).
     assert_eq!(
         w.deps.store.full_gets.load(std::sync::atomic::Ordering::Relaxed),
-        31
+        30
     );
 
     let bytes = stored_zip(&w, &up.upload_id).await;
@@ -795,10 +801,16 @@ async fn when_out_of_time_should_requeue_and_continue_next_invocation() {
     let requeued = w.deps.requeue.take_requeued();
     assert_eq!(requeued, vec![(body.clone(), 0)]);
     assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::Uploading);
+    let lists_before = w.deps.repo.snapshot().image_lists;
     // The continuation runs right away: the lease was released.
     let resp = handle_batch(&w.deps, event(&[body]), deadline()).await;
     assert!(resp.batch_item_failures.is_empty());
     assert_eq!(status(&w, "slow").await.uploads[0].state, UploadState::HandedOff);
+    assert_eq!(
+        w.deps.repo.snapshot().image_lists,
+        lists_before + 1,
+        "a continuation resumes from the recorded entries"
+    );
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! re-sending a byte. A 401 with a token that `/me` still accepts means Mapillary refuses uploads
 //! with it: the connection is marked and the sequence waits for an upload token instead of failing.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -13,7 +14,9 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use shared::mapillary::client::{UploadLimits, UploadOutcome};
 use shared::mapillary::error::MapillaryError;
 use shared::mapillary::session::{CallError, SessionError, TokenSession};
-use shared::model::{ClusterMessage, SequenceRecord, SequenceState, TokenKind, UploadRecord, UploadState};
+use shared::model::{
+    ClusterMessage, SequenceRecord, SequenceState, TokenKind, UploadImage, UploadRecord, UploadState,
+};
 use shared::ports::{
     ClusterQueue, ImageEntryReader, MapillaryAuth, MapillaryUploads, RepoError, SequenceStore, UploadReader,
 };
@@ -40,11 +43,13 @@ pub enum UploadStop {
 /// Drive every upload of `seq` that is not final, then record the sequence UPLOADED (at least one
 /// upload delivered, possibly FINISH_UNCERTAIN) or FAILED (none). A connection already known to need
 /// an upload token ([`shared::model::TokenRecord::upload_token_required`]) sends nothing: the
-/// sequence waits ([`SequenceError::AwaitingToken`]).
+/// sequence waits ([`SequenceError::AwaitingToken`]). `fresh`: the image entries this invocation
+/// just planned and wrote (empty when resuming), used instead of reading them back.
 pub async fn upload_sequence<D: Deps>(
     d: &D,
     job: &ManifestJob,
     mut seq: SequenceRecord,
+    fresh: Vec<UploadImage>,
     token: &mut Session<'_, D>,
 ) -> Result<UploadStop, SequenceError> {
     let repo = d.repo();
@@ -63,13 +68,24 @@ pub async fn upload_sequence<D: Deps>(
             &refusal.message,
         )));
     }
+    let mut fresh_by_upload: HashMap<String, Vec<UploadImage>> = HashMap::new();
+    for img in fresh {
+        fresh_by_upload
+            .entry(img.upload_id.clone())
+            .or_default()
+            .push(img);
+    }
     let uploads = repo.list_uploads(&job.seq.user_id, &job.seq.sequence_id).await?;
     for up in uploads {
         if up.state.is_final() {
             continue;
         }
+        let fresh = fresh_by_upload.remove(&up.upload_id);
         let span = info_span!("upload", upload_id = %up.upload_id, token_kind = token.kind().as_str());
-        match drive_upload(d, job, &seq, up, token).instrument(span).await? {
+        match drive_upload(d, job, &seq, up, fresh, token)
+            .instrument(span)
+            .await?
+        {
             UploadStop::Final => {}
             UploadStop::OutOfTime => return Ok(UploadStop::OutOfTime),
         }
@@ -99,12 +115,15 @@ pub async fn upload_sequence<D: Deps>(
     Ok(UploadStop::Final)
 }
 
-/// Drive one upload from its recorded state until it is final or the deadline is near.
+/// Drive one upload from its recorded state until it is final or the deadline is near. `fresh`:
+/// its image entries as this invocation planned and wrote them (ordered by index, no checkpoints
+/// yet) — the first attempt uses them instead of reading the entries back; later attempts read them.
 async fn drive_upload<D: Deps>(
     d: &D,
     job: &ManifestJob,
     seq: &SequenceRecord,
     mut up: UploadRecord,
+    mut fresh: Option<Vec<UploadImage>>,
     token: &mut Session<'_, D>,
 ) -> Result<UploadStop, SequenceError> {
     let repo = d.repo();
@@ -123,7 +142,10 @@ async fn drive_upload<D: Deps>(
                 finish_now = true;
             }
             UploadState::Pending | UploadState::Uploading => {
-                let images = repo.list_images(&up.upload_id).await?;
+                let images = match fresh.take() {
+                    Some(images) => images,
+                    None => repo.list_images(&up.upload_id).await?,
+                };
                 if images.len() != up.image_count as usize {
                     let msg = reasons::internal(&format!(
                         "upload {}: {} image entries recorded, {} expected",

@@ -33,6 +33,8 @@ pub struct RepoState {
     /// record that made them, read and deleted by a [`super::MemTracking`] made
     /// [`over`](super::MemTracking::over) this repository.
     pub upload_events: BTreeMap<(String, u32), UploadEvent>,
+    /// Calls of [`ImageEntryReader::list_images`] served (reads of image entries back).
+    pub image_lists: u64,
 }
 
 impl RepoState {
@@ -236,7 +238,9 @@ impl SweepStore for MemRepo {
 
 impl ImageEntryReader for MemRepo {
     async fn list_images(&self, upload_id: &str) -> Result<Vec<UploadImage>, RepoError> {
-        Ok(lock(&self.state)
+        let mut st = lock(&self.state);
+        st.image_lists += 1;
+        Ok(st
             .images
             .iter()
             .filter(|((u, _), _)| u == upload_id)
