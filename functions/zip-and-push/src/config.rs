@@ -44,6 +44,10 @@ pub struct Tunables {
     pub max_images_per_sequence: usize,
     /// `RELAY_MAX_IMAGE_BYTES` (100 MiB): a larger image is rejected (the others go on).
     pub max_image_bytes: u64,
+    /// `RELAY_MAX_HEADER_BYTES` (256 MiB, at least 2 MiB): the JPEG headers of a sequence's images,
+    /// kept in memory from the EXIF pass until the zip is planned, may total this much; a sequence
+    /// whose headers need more fails with this reason instead of running the function out of memory.
+    pub max_header_bytes: u64,
     /// `RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS` (5, at least 1): a sequence whose invocations end
     /// this many times in a row before it is final without progress (continuations and retries
     /// alike) is FAILED with the last error.
@@ -87,6 +91,7 @@ impl Default for Tunables {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_images_per_sequence: 10_000,
             max_image_bytes: 100 * 1024 * 1024,
+            max_header_bytes: 256 * 1024 * 1024,
             max_invocations_without_progress: 5,
             held_retry_delay_s: 30,
             max_active_sequences_per_user: 2,
@@ -158,6 +163,7 @@ impl Config {
             max_images_per_sequence: env
                 .parse_or("RELAY_MAX_IMAGES_PER_SEQUENCE", d.max_images_per_sequence)?,
             max_image_bytes: env.parse_or("RELAY_MAX_IMAGE_BYTES", d.max_image_bytes)?,
+            max_header_bytes: env.parse_or("RELAY_MAX_HEADER_BYTES", d.max_header_bytes)?,
             max_invocations_without_progress: env.parse_or(
                 "RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS",
                 d.max_invocations_without_progress,
@@ -212,6 +218,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "RELAY_MAX_POST_BYTES",
                 "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if tunables.max_header_bytes < crate::exifpass::MAX_HEAD {
+            return Err(ConfigError::invalid(
+                "RELAY_MAX_HEADER_BYTES",
+                "must be at least 2097152 (2 MiB, the largest header of one image)",
             ));
         }
         if tunables.exif_concurrency == 0 {
@@ -306,6 +318,7 @@ mod tests {
             assert!(Config::from_lookup(|k| env.get(k).cloned()).is_ok(), "{cap}");
         }
         for (name, bad) in [
+            ("RELAY_MAX_HEADER_BYTES", "2097151"),
             ("RELAY_MAX_INVOCATIONS_WITHOUT_PROGRESS", "0"),
             ("RELAY_HELD_RETRY_DELAY_SECONDS", "901"),
             ("RELAY_FINISH_TIMEOUT_S", "0"),

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shared::domain::exif::{self, ExifError, HeaderExtent, ImageMetadata};
 use shared::ports::{ObjectStore, StoreError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Semaphore;
 
 use crate::reasons;
@@ -57,9 +58,26 @@ pub enum HeadOutcome {
     Rejected(String, String),
 }
 
+/// Why the EXIF pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadPassError {
+    /// A transient store error: the caller retries the whole sequence later.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The headers kept for planning would exceed `limit` bytes (`RELAY_MAX_HEADER_BYTES`).
+    #[error(
+        "the images' JPEG headers (through the EXIF block) total more than the {limit} bytes allowed \
+         (RELAY_MAX_HEADER_BYTES): split the sequence or strip large metadata before the EXIF block"
+    )]
+    HeadersTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+}
+
 /// Read every candidate with at most `concurrency` objects in flight and at most [`HEAD_BUDGET`]
-/// bytes of head reads outstanding, in input order. Only transient store errors fail the pass (the
-/// caller retries the whole sequence later).
+/// bytes of head reads outstanding, in input order, keeping at most `max_kept` bytes of headers in
+/// all. Only transient store errors and too many header bytes fail the pass.
 ///
 /// S3 answers each request after tens of milliseconds whatever its size, so the pass is a number of
 /// latency rounds: 400 images at 16 in flight wait 25 rounds, at 64 seven. The byte budget keeps the
@@ -70,11 +88,22 @@ pub async fn read_heads<S: ObjectStore>(
     candidates: Vec<Candidate>,
     concurrency: usize,
     max_image_bytes: u64,
-) -> Result<Vec<HeadOutcome>, StoreError> {
+    max_kept: u64,
+) -> Result<Vec<HeadOutcome>, HeadPassError> {
     let budget = Semaphore::new(permits(HEAD_BUDGET) as usize);
-    let budget = &budget;
+    let kept = AtomicU64::new(0);
+    let (budget, kept) = (&budget, &kept);
     futures::stream::iter(candidates)
-        .map(|c| read_one(store, bucket, c, max_image_bytes, budget))
+        .map(|c| async move {
+            let out = read_one(store, bucket, c, max_image_bytes, budget).await?;
+            if let HeadOutcome::Read(r) = &out {
+                let len = r.head.len() as u64;
+                if kept.fetch_add(len, Ordering::Relaxed) + len > max_kept {
+                    return Err(HeadPassError::HeadersTooLarge { limit: max_kept });
+                }
+            }
+            Ok(out)
+        })
         .buffered(concurrency.max(1))
         .try_collect()
         .await
@@ -237,7 +266,7 @@ mod tests {
     }
 
     async fn read(store: &MemStore, c: Candidate) -> HeadOutcome {
-        read_heads(store, BUCKET, vec![c], 4, u64::MAX)
+        read_heads(store, BUCKET, vec![c], 4, u64::MAX, u64::MAX)
             .await
             .expect("no transient error")
             .remove(0)
@@ -358,7 +387,7 @@ mod tests {
                 candidate(&key, Some(img.len() as u64))
             })
             .collect();
-        let out = read_heads(&store, BUCKET, candidates, 10_000, u64::MAX)
+        let out = read_heads(&store, BUCKET, candidates, 10_000, u64::MAX, u64::MAX)
             .await
             .expect("no transient error");
         assert_eq!(out.len(), n);
@@ -385,5 +414,42 @@ mod tests {
         assert_eq!(permits(INITIAL_HEAD + 1), 2);
         assert_eq!(permits(MAX_HEAD), (MAX_HEAD / INITIAL_HEAD) as u32);
         assert_eq!(permits(u64::MAX), (HEAD_BUDGET / INITIAL_HEAD) as u32);
+    }
+
+    #[tokio::test]
+    async fn the_headers_kept_may_total_the_limit_and_not_a_byte_more() {
+        let store = MemStore::new();
+        let img = big_jpeg();
+        let candidates: Vec<Candidate> = (0..5)
+            .map(|i| {
+                let key = format!("{i}.jpg");
+                store.put(BUCKET, &key, img.clone());
+                candidate(&key, Some(img.len() as u64))
+            })
+            .collect();
+        let all = read_heads(&store, BUCKET, candidates.clone(), 2, u64::MAX, u64::MAX)
+            .await
+            .expect("no limit");
+        let kept: u64 = all
+            .iter()
+            .map(|o| match o {
+                HeadOutcome::Read(r) => r.head.len() as u64,
+                HeadOutcome::Rejected(k, why) => panic!("{k}: {why}"),
+            })
+            .sum();
+        assert!(kept > 0);
+        let exact = read_heads(&store, BUCKET, candidates.clone(), 2, u64::MAX, kept).await;
+        assert_eq!(
+            exact.map(|v| v.len()).ok(),
+            Some(5),
+            "exactly the limit is allowed"
+        );
+        match read_heads(&store, BUCKET, candidates, 2, u64::MAX, kept - 1).await {
+            Err(e @ HeadPassError::HeadersTooLarge { limit }) => {
+                assert_eq!(limit, kept - 1);
+                assert!(e.to_string().contains("RELAY_MAX_HEADER_BYTES"), "{e}");
+            }
+            other => panic!("one byte over the limit: {:?}", other.map(|v| v.len())),
+        }
     }
 }

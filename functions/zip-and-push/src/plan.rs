@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::deps::Deps;
-use crate::exifpass::{read_heads, Candidate, HeadOutcome, HeadRead};
+use crate::exifpass::{read_heads, Candidate, HeadOutcome, HeadPassError, HeadRead};
 use crate::manifest::{check_relative_key, is_default_image, parse_manifest, SequenceKey, MANIFEST_NAME};
 use crate::reasons;
 use crate::records::{planned, save};
@@ -341,15 +341,22 @@ async fn plan_sequence<D: Deps>(
         return fail(seq, reason);
     }
     let exif_started = Instant::now();
-    let heads = read_heads(
+    let heads = match read_heads(
         store,
         &job.bucket,
         candidates,
         tun.exif_concurrency,
         tun.max_image_bytes,
+        tun.max_header_bytes,
     )
     .await
-    .map_err(|e| SequenceError::Transient(reasons::object("an image", &e)))?;
+    {
+        Ok(h) => h,
+        Err(HeadPassError::Store(e)) => {
+            return Err(SequenceError::Transient(reasons::object("an image", &e)))
+        }
+        Err(e @ HeadPassError::HeadersTooLarge { .. }) => return fail(seq, e.to_string()),
+    };
     info!(
         images = heads.len(),
         elapsed_ms = exif_started.elapsed().as_millis() as u64,

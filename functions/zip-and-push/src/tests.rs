@@ -1512,6 +1512,31 @@ async fn caps_fail_the_sequence_or_reject_the_image_with_a_clear_reason() {
 }
 
 #[tokio::test]
+async fn a_sequence_whose_headers_exceed_the_memory_cap_fails_with_a_clear_reason() {
+    // Headers are kept from the EXIF pass until the zip is planned: a sequence of many images with
+    // huge metadata must fail with a reason, not run the function out of memory.
+    let mut w = world().await;
+    w.deps.tunables.max_header_bytes = 1000;
+    let imgs = named(&specs(4, 90));
+    let etag = drop_sequence(&w.deps.store, "fatheads", &imgs, b"{}");
+    let resp = handle_batch(&w.deps, event(&[s3_body(USER, "fatheads", &etag)]), deadline()).await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "{:?}",
+        resp.batch_item_failures
+    );
+    let st = status(&w, "fatheads").await;
+    assert_eq!(st.state, SequenceState::Failed, "{st:?}");
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains("RELAY_MAX_HEADER_BYTES") && reason.contains("1000 bytes"),
+        "{reason}"
+    );
+    assert!(st.uploads.is_empty(), "nothing is uploaded");
+    assert!(w.deps.clusters.cluster_messages().is_empty());
+}
+
+#[tokio::test]
 async fn notifications_of_another_bucket_are_recorded_ingest_errors_and_do_no_work() {
     // Issue 15, item 3: the sample event from `events/`, pointed at another bucket that holds a
     // perfectly good sequence: nothing is read, planned or uploaded; the message is acknowledged.
