@@ -325,9 +325,9 @@ mod tests {
     /// each ranged GET takes a few milliseconds, as S3's do, so reads overlap.
     struct InFlight {
         inner: MemStore,
-        now: std::sync::atomic::AtomicU64,
-        most: std::sync::atomic::AtomicU64,
-        reads: std::sync::atomic::AtomicU64,
+        now: AtomicU64,
+        most: AtomicU64,
+        reads: AtomicU64,
     }
 
     impl ObjectStore for InFlight {
@@ -338,14 +338,13 @@ mod tests {
             start: u64,
             end: u64,
         ) -> Result<shared::ports::RangeBody, StoreError> {
-            use std::sync::atomic::Ordering::SeqCst;
             let held = if start == 0 { end } else { 0 };
-            let now = self.now.fetch_add(held, SeqCst) + held;
-            self.most.fetch_max(now, SeqCst);
-            self.reads.fetch_add(u64::from(start == 0), SeqCst);
+            let now = self.now.fetch_add(held, Ordering::SeqCst) + held;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            self.reads.fetch_add(u64::from(start == 0), Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             let r = self.inner.get_range(bucket, key, start, end).await;
-            self.now.fetch_sub(held, SeqCst);
+            self.now.fetch_sub(held, Ordering::SeqCst);
             r
         }
         async fn get_object(
@@ -370,7 +369,6 @@ mod tests {
 
     #[tokio::test]
     async fn head_reads_in_flight_should_stay_within_the_byte_budget_whatever_the_concurrency() {
-        use std::sync::atomic::Ordering::SeqCst;
         let store = InFlight {
             inner: MemStore::new(),
             now: Default::default(),
@@ -395,8 +393,12 @@ mod tests {
             out.iter().all(|o| matches!(o, HeadOutcome::Read(_))),
             "every image is read"
         );
-        assert_eq!(store.reads.load(SeqCst), n as u64, "one head read per image");
-        let most = store.most.load(SeqCst);
+        assert_eq!(
+            store.reads.load(Ordering::SeqCst),
+            n as u64,
+            "one head read per image"
+        );
+        let most = store.most.load(Ordering::SeqCst);
         assert!(
             most <= HEAD_BUDGET,
             "{most} bytes of head reads in flight at once, budget {HEAD_BUDGET}"
