@@ -22,13 +22,17 @@ proc-macro, a build script, or a dependency of one (resolver 2 resolves those ap
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HACK = "workspace-hack"
 HACK_TOML = os.path.join(ROOT, HACK, "Cargo.toml")
+# Where the unit graphs are computed: a scratch copy of the workspace (see `main`), never ROOT itself.
+WORK = ROOT
 # Not part of the unification: the launcher is built alone, first, and must stay dependency-free.
 EXCLUDED = {HACK, "xtask-launcher"}
 # The hack only applies where the unit graphs were computed; elsewhere (an arm64 cross build) it is inert.
@@ -49,9 +53,13 @@ build = "build.rs"
 
 
 def cargo_json(args):
-    env = dict(os.environ, RUSTC_BOOTSTRAP="1")
+    env = dict(
+        os.environ,
+        RUSTC_BOOTSTRAP="1",
+        CARGO_TARGET_DIR=os.path.join(ROOT, "target", "workspace-hack-check"),
+    )
     out = subprocess.run(
-        ["cargo", *args], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True
+        ["cargo", *args], cwd=WORK, env=env, check=True, stdout=subprocess.PIPE, text=True
     ).stdout
     return json.loads(out)
 
@@ -159,31 +167,46 @@ def render(union, diverging):
 def generate():
     """The hack as cargo-hakari computes it: from the divergences with an empty hack, then (rarely needed)
     whatever still diverges with that hack in place, until nothing does."""
-    original = open(HACK_TOML).read()
+    work_toml = os.path.join(WORK, HACK, "Cargo.toml")
+    original = open(work_toml).read()
     listed = {}
     try:
-        with open(HACK_TOML, "w") as f:
+        with open(work_toml, "w") as f:
             f.write(render({}, {}))
         for _ in range(4):
             union, diverging = collect()
             for key in diverging:
                 listed[key] = set(listed.get(key, set())) | union[key]
             text = render(listed, listed)
-            with open(HACK_TOML, "w") as f:
+            with open(work_toml, "w") as f:
                 f.write(text)
             union, diverging = collect()
             if not diverging:
                 return text, []
         return text, sorted(diverging.items())
     finally:
-        with open(HACK_TOML, "w") as f:
+        with open(work_toml, "w") as f:
             f.write(original)
 
 
 def main():
+    global WORK
     check = "--check" in sys.argv[1:]
     current = open(HACK_TOML).read()
-    text, diverging = generate()
+    # `generate` rewrites the hack's Cargo.toml while it computes: in a scratch copy of the workspace (its
+    # sources, 5 MB), so that a build running meanwhile (`cargo xtask test` runs this check beside its test
+    # build) never reads a temporary hack nor sees Cargo.toml's mtime change (which reruns the hack's build
+    # script and so recompiles every workspace crate). The unit graphs go to their own target directory.
+    with tempfile.TemporaryDirectory(prefix="workspace-hack-") as scratch:
+        WORK = os.path.join(scratch, "ws")
+        shutil.copytree(
+            ROOT,
+            WORK,
+            ignore=shutil.ignore_patterns("target", ".git", ".venv", ".scratch", ".stack", ".tools", "fuzz"),
+            symlinks=True,
+        )
+        text, diverging = generate()
+        count = len(invocations(members()))
     problems = [f"  {pkg_id} ({role}): other features in: {'; '.join(n[:3])}" for (pkg_id, role), n in diverging]
     if problems:
         print("workspace-hack: features still differ between cargo invocations (each compiles these again):")
@@ -192,13 +215,13 @@ def main():
     if not check:
         with open(HACK_TOML, "w") as f:
             f.write(text)
-        print("workspace-hack: " + ("up to date" if text == current else f"wrote {HACK_TOML}"))
+        print("workspace-hack: " + ("up to date" if text == current else f"wrote {HACK_TOML} (the next cargo command updates Cargo.lock)"))
         return 0
     if text != current:
         print("workspace-hack: workspace-hack/Cargo.toml is stale (a dependency or feature changed).")
         print("fix: python3 .ci/workspace-hack.py, then commit workspace-hack/Cargo.toml and Cargo.lock")
         return 1
-    print(f"workspace-hack: up to date; one feature set per crate in all {len(invocations(members()))} invocations")
+    print(f"workspace-hack: up to date; one feature set per crate in all {count} invocations")
     return 0
 
 

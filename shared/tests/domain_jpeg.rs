@@ -175,8 +175,7 @@ fn thumbnail_bytes(e: &Exif) -> Vec<u8> {
     e.buf()[off..off + len].to_vec()
 }
 
-#[path = "common/rng.rs"]
-mod rng;
+use crate::rng;
 use rng::Rng;
 
 // ---------------------------------------------------------------------------------------------

@@ -381,8 +381,7 @@ fn without_exif_the_rewrite_needs_the_head_through_sos() {
     assert_eq!(rewrite_header(&file, "x").expect("rewrite").consumed, app0_end);
 }
 
-#[path = "common/rng.rs"]
-mod rng;
+use crate::rng;
 use rng::Rng;
 
 #[test]

@@ -18,13 +18,9 @@ use time::macros::datetime;
 #[path = "../../fuzz/src/planning.rs"]
 mod planning;
 
-/// `planning.rs` reaches the domain as `crate::domain`, as in the fuzz crate.
-mod domain {
-    pub use shared::domain::*;
-}
+// `planning.rs` reaches the domain as `crate::domain` (declared in main.rs), as in the fuzz crate.
 
-#[path = "common/rng.rs"]
-mod rng;
+use crate::rng;
 use rng::Rng;
 
 fn budget() -> Duration {
@@ -228,7 +224,7 @@ fn planning_fields_never_panics_on_generated_exif() {
 }
 
 /// Writes the libFuzzer seed corpora of `planning_path` and `planning_fields` (run on demand:
-/// `cargo test -p shared --test domain_planning_fuzz -- --ignored write_fuzz_seeds`).
+/// `cargo test -p shared --test integration -- --ignored domain_planning_fuzz::write_fuzz_seeds`).
 #[test]
 #[ignore = "writes files under fuzz/seeds"]
 fn write_fuzz_seeds() {

@@ -20,8 +20,7 @@ use shared::domain::tracking::{apply_node, FeedWalk, TrackedUpload, TrackingPoli
 use shared::mapillary::feed::parse_page;
 use time::macros::datetime;
 
-#[path = "common/rng.rs"]
-mod rng;
+use crate::rng;
 use rng::Rng;
 
 fn budget() -> Duration {
@@ -351,7 +350,7 @@ fn tile_decoder_never_panics_on_mutated_tiles() {
 }
 
 /// Writes the libFuzzer seed corpus for `coverage_tile` (run on demand:
-/// `cargo test -p shared --test domain_poller_fuzz -- --ignored write_fuzz_seeds`).
+/// `cargo test -p shared --test integration -- --ignored domain_poller_fuzz::write_fuzz_seeds`).
 #[test]
 #[ignore = "writes files under fuzz/seeds"]
 fn write_fuzz_seeds() {

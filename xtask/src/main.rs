@@ -20,6 +20,7 @@ mod bench_api;
 mod bench_poller;
 mod binaries;
 mod demo;
+mod fuzz;
 mod lambda_proc;
 mod package;
 mod push;
@@ -70,7 +71,7 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Fuzz the feed and coverage-tile parsers and the planning path (cargo-fuzz on stable via RUSTC_BOOTSTRAP; see fuzz/README.md).
+    /// Fuzz the feed and coverage-tile parsers and the planning path (libFuzzer with cargo-fuzz's flags; see fuzz/README.md).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -310,40 +311,57 @@ fn rerun_optimized(root: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Set by the launcher (xtask/launcher): how long its venv installs and its build took (`venvs=…,build=…`).
+/// Set by the launcher (xtask/launcher): how long its venv installs and its build took, and its whole
+/// run before it started this process (`venvs=…,build=…,wall=…`).
 const LAUNCH_TIMES_ENV: &str = "RELAY_XTASK_LAUNCH_TIMES";
+
+/// How many test tiers `cargo xtask test` runs at once, each worker with its own moto (default 2).
+const TEST_WORKERS_ENV: &str = "RELAY_TEST_WORKERS";
 
 /// One row of the phase table `cargo xtask test` prints at the end.
 struct Phase {
     name: String,
+    /// Seconds after this process started (`None`: the launcher's phases, before it).
+    start: Option<f64>,
     secs: f64,
     ok: bool,
 }
 
 /// The phases of `cargo xtask test`, timed; a failed phase does not stop the later ones (like
-/// `--no-fail-fast`), the table and the list of failures are printed at the end.
-#[derive(Default)]
+/// `--no-fail-fast`), the table and the list of failures are printed at the end. Some phases overlap
+/// (test tiers run on [`TEST_WORKERS_ENV`] workers, fuzzing beside the demo): the `start` column
+/// shows it, and the last row is the wall time, not the sum.
 struct Phases {
     rows: Vec<Phase>,
+    started: std::time::Instant,
+    /// The launcher's wall time before this process (its build and venvs).
+    launch_wall: f64,
 }
 
 impl Phases {
     /// The launcher's phases (they ran before this process, in parallel with each other).
     fn from_launcher() -> Self {
-        let mut phases = Self::default();
         let times = std::env::var(LAUNCH_TIMES_ENV).unwrap_or_default();
+        let get = |key: &str| {
+            times
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.parse::<f64>().ok())
+        };
+        let mut phases = Self {
+            rows: Vec::new(),
+            started: std::time::Instant::now(),
+            launch_wall: get("wall").unwrap_or(0.0),
+        };
         for (key, name) in [
             ("venvs", "venvs (pip, in parallel with the build)"),
             ("build", "build: xtask + function and simulator binaries"),
         ] {
-            let secs = times
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == key)
-                .and_then(|(_, v)| v.parse::<f64>().ok());
-            if let Some(secs) = secs {
+            if let Some(secs) = get(key) {
                 phases.rows.push(Phase {
                     name: name.into(),
+                    start: None,
                     secs,
                     ok: true,
                 });
@@ -352,31 +370,51 @@ impl Phases {
         phases
     }
 
+    /// Seconds since this process started.
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
     fn time(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> bool {
-        let start = std::time::Instant::now();
+        let start = self.now();
         let result = f();
         if let Err(e) = &result {
             eprintln!("xtask: {name} FAILED: {e:#}");
         }
+        let ok = result.is_ok();
         self.rows.push(Phase {
             name: name.to_string(),
-            secs: start.elapsed().as_secs_f64(),
-            ok: result.is_ok(),
+            start: Some(start),
+            secs: self.now() - start,
+            ok,
         });
-        result.is_ok()
+        ok
     }
 
     fn print(&self) {
-        let total: f64 = self.rows.iter().map(|r| r.secs).sum();
+        let wall = self.launch_wall + self.now();
         let width = self.rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
-        eprintln!("\nxtask test: phases");
-        eprintln!("| {:<width$} | {:>8} | result |", "phase", "seconds");
-        eprintln!("|-{:-<width$}-|-{:->8}-|--------|", "", "");
+        eprintln!("\nxtask test: phases (start: seconds after the launcher's build)");
+        eprintln!(
+            "| {:<width$} | {:>7} | {:>8} | result |",
+            "phase", "start", "seconds"
+        );
+        eprintln!("|-{:-<width$}-|-{:->7}-|-{:->8}-|--------|", "", "", "");
         for r in &self.rows {
             let result = if r.ok { "ok" } else { "FAILED" };
-            eprintln!("| {:<width$} | {:>8.1} | {result:<6} |", r.name, r.secs);
+            let start = r
+                .start
+                .map(|s| format!("{:.1}", self.launch_wall + s))
+                .unwrap_or_else(|| "0.0".into());
+            eprintln!(
+                "| {:<width$} | {start:>7} | {:>8.1} | {result:<6} |",
+                r.name, r.secs
+            );
         }
-        eprintln!("| {:<width$} | {:>8.1} |        |", "total", total);
+        eprintln!(
+            "| {:<width$} | {:>7} | {:>8.1} |        |",
+            "total (wall)", "", wall
+        );
     }
 
     fn failed(&self) -> Vec<&str> {
@@ -399,49 +437,28 @@ fn test_all(
 ) -> Result<()> {
     let mut phases = Phases::from_launcher();
     test(root, &mut phases, no_lint, cargo_test_args);
-    if fuzz_seconds > 0 {
-        fuzz_phases(root, fuzz_seconds, &mut phases);
-    }
-    if !no_demo {
-        // Last step: the demo end to end, non-interactively (fails unless all is FINISHED and linked).
-        // Its binaries are the launcher's build: nothing compiles here.
-        phases.time("demo --ci", || {
-            eprintln!("xtask: cargo xtask demo --ci");
-            rt.block_on(demo::run(
-                root,
-                true,
-                demo::DEFAULT_IMAGES,
-                &[mapillary_sim::DEFAULT_WORLD],
-            ))
-        });
-    }
-    if !no_demo {
-        // Then the relay in every other world, one sequence each on one stack (the default world ran
-        // just above).
-        let others: Vec<mapillary_sim::World> = demo::ALL_WORLDS
-            .into_iter()
-            .filter(|w| *w != mapillary_sim::DEFAULT_WORLD)
-            .collect();
-        phases.time("demo --ci, every other world", || {
-            eprintln!("xtask: cargo xtask demo --ci in {} more worlds", others.len());
-            rt.block_on(demo::run(root, true, demo::WORLDS_IMAGES, &others))
-        });
-    }
-    if !no_demo {
-        // The short soak (issue 15): 20 sequences of 4 users, some hostile, under every fault rule and
-        // killed function processes, through the emulated SQS mapping and schedule; fails on any broken
-        // invariant (lost, duplicate clusters, not final, cross-tenant reads, panics).
-        phases.time("soak --short", || {
-            eprintln!("xtask: cargo xtask soak --short");
-            rt.block_on(soak::run(
-                root,
-                soak::Options {
-                    sequences: soak::SHORT_SEQUENCES,
-                    users: soak::SHORT_USERS,
-                    seed: 1,
-                    short: true,
-                },
-            ))
+    if no_demo {
+        if fuzz_seconds > 0 {
+            let rows = fuzz_phases(root, fuzz_seconds, None, phases.started);
+            phases.rows.extend(rows);
+        }
+    } else {
+        // The demo, the other worlds and the soak mostly wait (real-time simulator stages, the
+        // emulated schedule: 20–35 % of 2 cores in CI), and fuzzing is one process on one core: it runs
+        // beside them at nice 10 instead of after them (the build of the fuzz crate too).
+        let started = phases.started;
+        std::thread::scope(|s| {
+            let fuzzing = (fuzz_seconds > 0)
+                .then(|| s.spawn(move || fuzz_phases(root, fuzz_seconds, Some(10), started)));
+            demo_phases(root, rt, &mut phases);
+            if let Some(fuzzing) = fuzzing {
+                match fuzzing.join() {
+                    Ok(rows) => phases.rows.extend(rows),
+                    Err(_) => {
+                        phases.time("fuzzing", || bail!("the fuzzing thread panicked"));
+                    }
+                }
+            }
         });
     }
     phases.print();
@@ -452,7 +469,55 @@ fn test_all(
     Ok(())
 }
 
-/// fmt, the workspace-hack check, clippy + the test build (one compilation), then each test tier.
+/// `demo --ci`, the same in every other world, and `soak --short`, one after another (each starts its own
+/// local stack). Their binaries are the launcher's build: nothing compiles here.
+fn demo_phases(root: &Path, rt: &tokio::runtime::Runtime, phases: &mut Phases) {
+    // The demo end to end, non-interactively (fails unless all is FINISHED and linked).
+    phases.time("demo --ci", || {
+        eprintln!("xtask: cargo xtask demo --ci");
+        rt.block_on(demo::run(
+            root,
+            true,
+            demo::DEFAULT_IMAGES,
+            &[mapillary_sim::DEFAULT_WORLD],
+        ))
+    });
+    // Then the relay in every other world, one sequence each on one stack (the default world ran just above).
+    let others: Vec<mapillary_sim::World> = demo::ALL_WORLDS
+        .into_iter()
+        .filter(|w| *w != mapillary_sim::DEFAULT_WORLD)
+        .collect();
+    phases.time("demo --ci, every other world", || {
+        eprintln!("xtask: cargo xtask demo --ci in {} more worlds", others.len());
+        rt.block_on(demo::run(root, true, demo::WORLDS_IMAGES, &others))
+    });
+    // The short soak (issue 15): 20 sequences of 4 users, some hostile, under every fault rule and killed
+    // function processes, through the emulated SQS mapping and schedule; fails on any broken invariant
+    // (lost, duplicate clusters, not final, cross-tenant reads, panics).
+    phases.time("soak --short", || {
+        eprintln!("xtask: cargo xtask soak --short");
+        rt.block_on(soak::run(
+            root,
+            soak::Options {
+                sequences: soak::SHORT_SEQUENCES,
+                users: soak::SHORT_USERS,
+                seed: 1,
+                short: true,
+            },
+        ))
+    });
+}
+
+/// One test tier: a `cargo test` argument list and, for a file of a merged test binary, its module as
+/// the test-name filter.
+struct Tier {
+    name: String,
+    args: Vec<String>,
+    filter: Option<String>,
+}
+
+/// fmt, the workspace-hack check, clippy + the test build (one compilation), then the test tiers on
+/// [`TEST_WORKERS_ENV`] workers.
 fn test(root: &Path, phases: &mut Phases, no_lint: bool, cargo_test_args: &[String]) {
     // clippy as the compiler of the workspace's own crates in the test build: `cargo clippy` would check every
     // dependency again in check mode (metadata only, unusable by `cargo test`) and each workspace crate once
@@ -486,30 +551,53 @@ fn test(root: &Path, phases: &mut Phases, no_lint: bool, cargo_test_args: &[Stri
                 "cargo fmt --check",
             )
         });
-        phases.time("workspace-hack check", || {
-            run(
-                Command::new("python3")
-                    .current_dir(root)
-                    .args([".ci/workspace-hack.py", "--check"]),
-                "python3 .ci/workspace-hack.py --check",
-            )
-        });
     }
     let build_name = if no_lint {
         "test build"
     } else {
         "clippy -D warnings + test build"
     };
-    let built = phases.time(build_name, || {
-        run(
-            &mut cargo_test(&["--workspace", "--all-targets", "--no-run"]),
-            build_name,
-        )
+    // The workspace-hack check only resolves (19 `cargo … --unit-graph` runs, nothing compiles, 16–26 s):
+    // it runs beside the build, which keeps both cores busy anyway.
+    let started = phases.started;
+    let built = std::thread::scope(|s| {
+        let hack = (!no_lint).then(|| {
+            s.spawn(move || {
+                let start = started.elapsed().as_secs_f64();
+                let result = run(
+                    Command::new("python3")
+                        .current_dir(root)
+                        .args([".ci/workspace-hack.py", "--check"]),
+                    "python3 .ci/workspace-hack.py --check",
+                );
+                (start, started.elapsed().as_secs_f64() - start, result)
+            })
+        });
+        let built = phases.time(build_name, || {
+            run(
+                &mut cargo_test(&["--workspace", "--all-targets", "--no-run"]),
+                build_name,
+            )
+        });
+        if let Some(hack) = hack {
+            let (start, secs, result) = hack
+                .join()
+                .unwrap_or_else(|_| (0.0, 0.0, Err(anyhow::anyhow!("the check's thread panicked"))));
+            if let Err(e) = &result {
+                eprintln!("xtask: workspace-hack check FAILED: {e:#}");
+            }
+            phases.rows.push(Phase {
+                name: "workspace-hack check (beside the build)".into(),
+                start: Some(start),
+                secs,
+                ok: result.is_ok(),
+            });
+        }
+        built
     });
     if !built {
         return;
     }
-    // One moto for the whole run; each test isolates itself with its own stack name.
     let venvs = match venv::ensure(root) {
         Ok(v) => v,
         Err(e) => {
@@ -517,34 +605,161 @@ fn test(root: &Path, phases: &mut Phases, no_lint: bool, cargo_test_args: &[Stri
             return;
         }
     };
-    let moto = match integration_tests::moto::MotoServer::start(&venvs) {
-        Ok(m) => m,
-        Err(e) => {
-            phases.time("moto", || Err(e));
-            return;
-        }
-    };
-    eprintln!("test: moto at {}", moto.endpoint());
-    let tiers = match test_tiers(root) {
+    // A test-name filter from the command line and a module filter would be OR-ed by libtest: with one,
+    // each test binary runs as one tier.
+    let tiers = match test_tiers(root, cargo_test_args.is_empty()) {
         Ok(t) => t,
         Err(e) => {
             phases.time("list test targets", || Err(e));
             return;
         }
     };
-    for (name, args) in tiers {
-        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-        args.push("--no-fail-fast");
-        if !cargo_test_args.is_empty() {
-            args.push("--");
-            args.extend(cargo_test_args.iter().map(String::as_str));
-        }
-        let mut cmd = cargo_test(&args);
-        cmd.env(integration_tests::moto::MOTO_URL_ENV, moto.endpoint())
-            .env("PATH", venvs.path_with_aws_bin());
-        phases.time(&name, || run(&mut cmd, &format!("cargo test {}", args.join(" "))));
+    let workers = std::env::var(TEST_WORKERS_ENV)
+        .ok()
+        .and_then(|w| w.parse::<usize>().ok())
+        .unwrap_or(2)
+        .clamp(1, 8);
+    // The integration tests mostly wait for moto, the simulator's stages and the processes they start
+    // (45–65 % of 2 cores when they ran one at a time): two tiers at once, each worker with its own moto
+    // (one moto serves one request at a time; each test isolates itself with its own stack name). The
+    // longest tiers start first; the table keeps the listing order. A tier's output is kept in a file
+    // and printed whole when it ends, so two tiers' lines never interleave.
+    let logs = root.join("target/test-logs");
+    if let Err(e) = std::fs::create_dir_all(&logs) {
+        phases.time("test logs directory", || Err(e.into()));
+        return;
     }
-    drop(moto);
+    let order = run_order(&tiers);
+    let queue = std::sync::Mutex::new(order.into_iter().collect::<std::collections::VecDeque<_>>());
+    let results = std::sync::Mutex::new(Vec::<(usize, Phase)>::new());
+    let print = std::sync::Mutex::new(());
+    let started = phases.started;
+    std::thread::scope(|s| {
+        for worker in 0..workers {
+            let (queue, results, print, tiers, venvs, logs) =
+                (&queue, &results, &print, &tiers, &venvs, &logs);
+            let cargo_test = &cargo_test;
+            s.spawn(move || {
+                let moto = match integration_tests::moto::MotoServer::start(venvs) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("xtask: test worker {worker}: moto did not start: {e:#}");
+                        let at = started.elapsed().as_secs_f64();
+                        lock(results).push((
+                            usize::MAX - worker,
+                            Phase {
+                                name: format!("moto of test worker {worker}"),
+                                start: Some(at),
+                                secs: 0.0,
+                                ok: false,
+                            },
+                        ));
+                        return;
+                    }
+                };
+                eprintln!("xtask: test worker {worker}: moto at {}", moto.endpoint());
+                loop {
+                    let Some(i) = lock(queue).pop_front() else {
+                        break;
+                    };
+                    let tier = &tiers[i];
+                    let mut args: Vec<&str> = tier.args.iter().map(String::as_str).collect();
+                    args.push("--no-fail-fast");
+                    if tier.filter.is_some() || !cargo_test_args.is_empty() {
+                        args.push("--");
+                    }
+                    args.extend(tier.filter.as_deref());
+                    args.extend(cargo_test_args.iter().map(String::as_str));
+                    let what = format!("cargo test {}", args.join(" "));
+                    let log = logs.join(format!("{}.log", slug(&tier.name)));
+                    let mut cmd = cargo_test(&args);
+                    cmd.env(integration_tests::moto::MOTO_URL_ENV, moto.endpoint())
+                        .env("PATH", venvs.path_with_aws_bin());
+                    eprintln!("xtask: [worker {worker}] {what}");
+                    let start = started.elapsed().as_secs_f64();
+                    let result = run_to_log(&mut cmd, &log, &what);
+                    let secs = started.elapsed().as_secs_f64() - start;
+                    {
+                        let _one_at_a_time = lock(print);
+                        let text = std::fs::read_to_string(&log).unwrap_or_default();
+                        eprintln!("xtask: [worker {worker}] {} ({secs:.1} s):", tier.name);
+                        eprint!("{text}");
+                        if let Err(e) = &result {
+                            eprintln!("xtask: {} FAILED: {e:#}", tier.name);
+                        }
+                    }
+                    lock(results).push((
+                        i,
+                        Phase {
+                            name: tier.name.clone(),
+                            start: Some(start),
+                            secs,
+                            ok: result.is_ok(),
+                        },
+                    ));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    phases.rows.extend(results.into_iter().map(|(_, phase)| phase));
+    let left = lock(&queue).len();
+    if left > 0 {
+        phases.time("test tiers not run (no test worker)", || {
+            bail!("{left} test tier(s) not run: every test worker's moto failed to start")
+        });
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The tiers in the order the workers take them: the ones known to take longest first (measured in CI,
+/// docs/benchmarks.md), so that the last tier running alone is a short one; then the listing order.
+fn run_order(tiers: &[Tier]) -> Vec<usize> {
+    const LONGEST_FIRST: [&str; 7] = [
+        "zip_and_push",
+        "poller_events",
+        "status_api_watch",
+        "infra_checks",
+        "adapters_dynamo",
+        "lambda_invoke",
+        "mapillary_tools_conformance",
+    ];
+    let rank = |t: &Tier| {
+        LONGEST_FIRST
+            .iter()
+            .position(|m| t.filter.as_deref() == Some(&format!("{m}::")))
+            .unwrap_or(LONGEST_FIRST.len())
+    };
+    let mut order: Vec<usize> = (0..tiers.len()).collect();
+    order.sort_by_key(|&i| rank(&tiers[i]));
+    order
+}
+
+/// A tier name as a file name.
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+/// Runs `cmd` with stdout and stderr into `log`.
+fn run_to_log(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone().context("cloning a log handle")?;
+    let status = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
 }
 
 /// The wrapper the launcher set for the whole run (see `lint_everything` in xtask/launcher), else
@@ -564,9 +779,11 @@ fn clippy_driver() -> String {
     "clippy-driver".into()
 }
 
-/// The test tiers, each a `cargo test` argument list: every crate's unit tests (lib + bins) together,
-/// then each integration-test target on its own (so the table shows where the time goes), then doc tests.
-fn test_tiers(root: &Path) -> Result<Vec<(String, Vec<String>)>> {
+/// The test tiers: every crate's unit tests (lib + bins) together, then each integration-test file on its
+/// own (so the table shows where the time goes), then doc tests. A package's test files are modules of
+/// one test binary (`tests/main.rs`, `mod <file>;`: compiled and linked once); with `split`, each such
+/// module is a tier of its own, filtered by its `<module>::` prefix.
+fn test_tiers(root: &Path, split: bool) -> Result<Vec<Tier>> {
     let out = cargo(root)
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .stderr(std::process::Stdio::inherit())
@@ -577,10 +794,11 @@ fn test_tiers(root: &Path) -> Result<Vec<(String, Vec<String>)>> {
     }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
     let s = |v: &str| v.to_string();
-    let mut tiers = vec![(
-        s("unit tests (every crate's lib + bins)"),
-        vec![s("--workspace"), s("--lib"), s("--bins")],
-    )];
+    let mut tiers = vec![Tier {
+        name: s("unit tests (every crate's lib + bins)"),
+        args: vec![s("--workspace"), s("--lib"), s("--bins")],
+        filter: None,
+    }];
     let mut targets = Vec::new();
     for package in meta["packages"].as_array().into_iter().flatten() {
         let pkg = package["name"].as_str().unwrap_or_default();
@@ -588,98 +806,118 @@ fn test_tiers(root: &Path) -> Result<Vec<(String, Vec<String>)>> {
             let is_test = target["kind"]
                 .as_array()
                 .is_some_and(|k| k.iter().any(|k| k == "test"));
-            if let (true, Some(name)) = (is_test, target["name"].as_str()) {
-                targets.push((pkg.to_string(), name.to_string()));
+            if let (true, Some(name), Some(src)) =
+                (is_test, target["name"].as_str(), target["src_path"].as_str())
+            {
+                targets.push((pkg.to_string(), name.to_string(), PathBuf::from(src)));
             }
         }
     }
     targets.sort();
-    for (pkg, name) in targets {
-        tiers.push((
-            format!("tests: {pkg} --test {name}"),
-            vec![s("-p"), pkg, s("--test"), name],
-        ));
+    for (pkg, name, src) in targets {
+        let args = vec![s("-p"), pkg.clone(), s("--test"), name.clone()];
+        let modules = if split { test_modules(&src)? } else { Vec::new() };
+        if modules.is_empty() {
+            tiers.push(Tier {
+                name: format!("tests: {pkg} --test {name}"),
+                args: args.clone(),
+                filter: None,
+            });
+        }
+        for module in modules {
+            tiers.push(Tier {
+                name: format!("tests: {pkg} {module}"),
+                args: args.clone(),
+                filter: Some(format!("{module}::")),
+            });
+        }
     }
-    tiers.push((s("doc tests"), vec![s("--workspace"), s("--doc")]));
+    tiers.push(Tier {
+        name: s("doc tests"),
+        args: vec![s("--workspace"), s("--doc")],
+        filter: None,
+    });
     Ok(tiers)
 }
 
-/// The libFuzzer targets of `fuzz/` (fuzz/Cargo.toml's `[[bin]]`s), run by `fuzz` and `test`.
-const FUZZ_TARGETS: [&str; 5] = [
-    "feed_parser",
-    "coverage_tile",
-    "planning_path",
-    "planning_fields",
-    "mapillary_replies",
-];
+/// The test files of a merged test binary: its root's `mod <name>;` lines whose `<name>.rs` sits beside
+/// it (helper modules — `common/`, a `#[path]` module, an inline one — are not tiers). No module if the
+/// root is not `main.rs` (an ordinary one-file test target).
+fn test_modules(src: &Path) -> Result<Vec<String>> {
+    if src.file_name().is_none_or(|n| n != "main.rs") {
+        return Ok(Vec::new());
+    }
+    let dir = src.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mod ")?.strip_suffix(';'))
+        .filter(|m| dir.join(format!("{m}.rs")).is_file())
+        .map(str::to_string)
+        .collect())
+}
 
-/// The fuzz targets of `fuzz/` (their own workspace), each for `seconds`.
+/// `cargo xtask fuzz`: every target of `fuzz/` for `seconds`, one after another, libFuzzer's output shown.
 fn fuzz(root: &Path, seconds: u64) -> Result<()> {
-    let cargo_fuzz = install_cargo_fuzz(root)?;
-    for target in FUZZ_TARGETS {
-        fuzz_one(root, &cargo_fuzz, target, seconds)?;
+    let logs = root.join("target/fuzz-logs");
+    fuzz::build(root, &logs.join("build.log"), None)?;
+    for target in fuzz::TARGETS {
+        fuzz::run(root, target, seconds, &logs.join(format!("{target}.log")), None)?;
     }
     Ok(())
 }
 
-/// [`fuzz`] as phases of `cargo xtask test` (the first one includes building the fuzz crate).
-fn fuzz_phases(root: &Path, seconds: u64, phases: &mut Phases) {
-    let mut cargo_fuzz = None;
-    phases.time("install cargo-fuzz", || {
-        cargo_fuzz = Some(install_cargo_fuzz(root)?);
-        Ok(())
-    });
-    let Some(cargo_fuzz) = cargo_fuzz else { return };
-    for target in FUZZ_TARGETS {
-        phases.time(&format!("fuzz {target} (build + {seconds} s)"), || {
-            fuzz_one(root, &cargo_fuzz, target, seconds)
+/// [`fuzz`] as phases of `cargo xtask test` (the build of the fuzz crate, then each target), at `nice` when
+/// it runs beside the demo. Returns the table's rows (timed against `started`).
+fn fuzz_phases(root: &Path, seconds: u64, niceness: Option<u8>, started: std::time::Instant) -> Vec<Phase> {
+    let logs = root.join("target/fuzz-logs");
+    let mut rows = Vec::new();
+    let mut phase = |name: String, f: &dyn Fn() -> Result<()>| {
+        let start = started.elapsed().as_secs_f64();
+        let result = f();
+        if let Err(e) = &result {
+            eprintln!("xtask: {name} FAILED: {e:#}");
+        }
+        rows.push(Phase {
+            name,
+            start: Some(start),
+            secs: started.elapsed().as_secs_f64() - start,
+            ok: result.is_ok(),
+        });
+        result.is_ok()
+    };
+    if !phase("fuzz: build the 5 targets".into(), &|| {
+        fuzz::build(root, &logs.join("build.log"), niceness)
+    }) {
+        return rows;
+    }
+    for target in fuzz::TARGETS {
+        phase(format!("fuzz {target} ({seconds} s)"), &|| {
+            fuzz::run(
+                root,
+                target,
+                seconds,
+                &logs.join(format!("{target}.log")),
+                niceness,
+            )
         });
     }
+    rows
 }
 
-fn install_cargo_fuzz(root: &Path) -> Result<PathBuf> {
-    const CARGO_FUZZ_VERSION: &str = "0.13.2";
-    let tools = root.join(".tools");
-    let cargo_fuzz = tools.join("bin/cargo-fuzz");
-    if !cargo_fuzz.exists() {
-        run(
-            cargo(root)
-                .args([
-                    "install",
-                    "cargo-fuzz",
-                    "--locked",
-                    "--version",
-                    CARGO_FUZZ_VERSION,
-                    "--root",
-                ])
-                .arg(&tools),
-            "cargo install cargo-fuzz",
-        )?;
+/// `program` at CPU priority `niceness` (`nice -n N`, where coreutils' `nice` is installed; as is without).
+pub(crate) fn lowered(program: impl AsRef<std::ffi::OsStr>, niceness: Option<u8>) -> Command {
+    let nice = ["/usr/bin/nice", "/bin/nice"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file());
+    match (niceness, nice) {
+        (Some(n), Some(nice)) => {
+            let mut cmd = Command::new(nice);
+            cmd.args(["-n", &n.to_string()]).arg(program);
+            cmd
+        }
+        _ => Command::new(program),
     }
-    Ok(cargo_fuzz)
-}
-
-fn fuzz_one(root: &Path, cargo_fuzz: &Path, target: &str, seconds: u64) -> Result<()> {
-    let dir = root.join("fuzz");
-    let corpus = dir.join("corpus").join(target);
-    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
-    let mut cmd = Command::new(cargo_fuzz);
-    cmd.current_dir(&dir)
-        // cargo-fuzz passes nightly-only flags; only stable Rust exists here.
-        .env("RUSTC_BOOTSTRAP", "1")
-        // -a: overflow checks and debug assertions stay on in the optimised build (-O alone
-        // turns them off, and an integer overflow is one of the things fuzzing looks for).
-        // -s none: no AddressSanitizer. The fuzzed code is safe Rust (no `unsafe` in shared/ or
-        // fuzz/), where ASan has nothing to find that the bounds checks do not already; without it the
-        // build is shorter and each second runs 5–8× the inputs (measured in CI: feed_parser 119k
-        // exec/s against 18k with ASan; libFuzzer's coverage instrumentation stays).
-        .args(["fuzz", "run", "-O", "-a", "-s", "none", target])
-        .arg(&corpus)
-        .arg(dir.join("seeds").join(target))
-        .arg("--")
-        .arg(format!("-max_total_time={seconds}"))
-        .arg("-rss_limit_mb=2048");
-    run(&mut cmd, &format!("fuzz {target} for {seconds} s"))
 }
 
 fn cargo(root: &Path) -> Command {
@@ -699,4 +937,46 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 
 fn repo_root() -> PathBuf {
     integration_tests::repo_root()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merged_test_binary_splits_into_its_file_modules_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("main.rs");
+        std::fs::write(
+            &main,
+            "//! doc\nmod common;\n\n#[path = \"common/rng.rs\"]\nmod rng;\nmod domain {\n    pub use x::*;\n}\nmod alpha;\nmod beta;\nmod gone;\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("common")).unwrap();
+        std::fs::write(dir.path().join("common/mod.rs"), "").unwrap();
+        std::fs::write(dir.path().join("common/rng.rs"), "").unwrap();
+        std::fs::write(dir.path().join("alpha.rs"), "").unwrap();
+        std::fs::write(dir.path().join("beta.rs"), "").unwrap();
+        assert_eq!(test_modules(&main).unwrap(), ["alpha", "beta"]);
+        // An ordinary one-file test target is one tier.
+        let single = dir.path().join("alpha.rs");
+        assert!(test_modules(&single).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_longest_tiers_start_first_and_the_rest_keep_their_order() {
+        let tier = |name: &str, filter: Option<&str>| Tier {
+            name: name.into(),
+            args: Vec::new(),
+            filter: filter.map(str::to_string),
+        };
+        let tiers = [
+            tier("unit", None),
+            tier("a", Some("adapters_s3::")),
+            tier("p", Some("poller_events::")),
+            tier("z", Some("zip_and_push::")),
+            tier("doc", None),
+        ];
+        assert_eq!(run_order(&tiers), [3, 2, 0, 1, 4]);
+    }
 }

@@ -1,6 +1,6 @@
 //! Graph entities: /me, users, organizations, images, image_ids, image search.
 
-mod common;
+use crate::common;
 
 use common::*;
 use mapillary_sim::defaults::{CLIENT_TOKEN, DEMO_ORG_ID, DEMO_USERNAME, DEMO_USER_ID};

@@ -1,6 +1,6 @@
 //! Every fault kind fires, replies with its documented shape, and is counted.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 

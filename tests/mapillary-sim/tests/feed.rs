@@ -1,6 +1,6 @@
 //! GraphQL: getLatestActivity pagination and shapes, getNewSequences, token policy, errors.
 
-mod common;
+use crate::common;
 
 use common::*;
 use mapillary_sim::defaults::{DEMO_USERNAME, WEB_APP_CLIENT_TOKEN};

@@ -1,6 +1,6 @@
 //! OAuth connect/token/refresh, /login, /logging and token-kind enforcement.
 
-mod common;
+use crate::common;
 
 use common::*;
 use mapillary_sim::defaults::{

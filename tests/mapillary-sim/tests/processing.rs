@@ -1,6 +1,6 @@
 //! finish_upload, content validation, the processing clock, failure plans and sequence splits.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -1,6 +1,6 @@
 //! rupload: offsets, 412, chunked bodies, handles, interrupted connections.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

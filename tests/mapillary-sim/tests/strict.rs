@@ -2,7 +2,7 @@
 //! body) in `seed-2022`, and that the same request is accepted in `lenient` or, in `seed-2022`, once it has
 //! the right shape.
 
-mod common;
+use crate::common;
 
 use common::*;
 use mapillary_sim::defaults::{

@@ -1,7 +1,7 @@
 //! Coverage tiles (§7.1, §14.3): decoded with `mvt-reader`, an MVT decoder independent of the
 //! simulator's encoder, and checked against tile maths written here from scratch.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -1,6 +1,6 @@
 //! Named worlds: selection (config, admin API, binary) and each world behaving as named.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

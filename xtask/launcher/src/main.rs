@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 /// Longest silence on screen while building or installing.
 const TICK: Duration = Duration::from_secs(10);
-/// Tells the heavy xtask how long the launcher's phases took (`venvs=12.3,build=45.6`, seconds).
+/// Tells the heavy xtask how long the launcher's phases took and its whole run before it
+/// (`venvs=12.3,build=45.6,wall=47.0`, seconds).
 const TIMES_ENV: &str = "RELAY_XTASK_LAUNCH_TIMES";
 /// Every binary the project's commands run: built together so that features and artifacts are shared.
 const PACKAGES: [&str; 5] = ["xtask", "zip-and-push", "poller", "status-api", "mapillary-sim"];
@@ -224,7 +225,11 @@ fn run() -> Result<ExitCode, String> {
                 _ => None,
             })
             .fold(0.0, f64::max);
-        format!("venvs={venv_secs:.1},build={:.1}", s.build_done.unwrap_or(0.0))
+        format!(
+            "venvs={venv_secs:.1},build={:.1},wall={:.1}",
+            s.build_done.unwrap_or(0.0),
+            s.started.elapsed().as_secs_f64()
+        )
     };
     // exec: Ctrl-C and the exit code go straight to the real xtask.
     let err = Command::new(&xtask).args(&args).env(TIMES_ENV, times).exec();
