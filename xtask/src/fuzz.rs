@@ -8,9 +8,9 @@
 //! `cargo fuzz run -O -a -s none <target>` still works by hand (fuzz/README.md).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// The targets (fuzz/Cargo.toml's `[[bin]]`s), run by `cargo xtask fuzz` and `cargo xtask test`.
 pub const TARGETS: [&str; 5] = [
@@ -89,28 +89,17 @@ pub fn run(root: &Path, target: &str, seconds: u64, log: &Path, niceness: Option
     Ok(())
 }
 
-/// Runs `cmd` with stdout and stderr into `log`; on failure the error carries the log's last lines.
+/// Runs `cmd` with stdout and stderr into `log` ([`crate::run_to_log`]); on failure the error carries the
+/// log's last lines.
 fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone().context("cloning a log handle")?;
     eprintln!("xtask: {what} (output in {})", log.display());
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .status()
-        .with_context(|| format!("running {what}"))?;
-    if !status.success() {
+    crate::run_to_log(cmd, log, what).map_err(|e| {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        bail!(
-            "{what} failed ({status}); last lines of {}:\n{tail}",
-            log.display()
-        );
-    }
-    Ok(())
+        e.context(format!("last lines of {}:\n{tail}", log.display()))
+    })
 }

@@ -376,18 +376,9 @@ impl Phases {
     }
 
     fn time(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> bool {
-        let start = self.now();
-        let result = f();
-        if let Err(e) = &result {
-            eprintln!("xtask: {name} FAILED: {e:#}");
-        }
-        let ok = result.is_ok();
-        self.rows.push(Phase {
-            name: name.to_string(),
-            start: Some(start),
-            secs: self.now() - start,
-            ok,
-        });
+        let phase = timed(self.started, name, f);
+        let ok = phase.ok;
+        self.rows.push(phase);
         ok
     }
 
@@ -423,6 +414,22 @@ impl Phases {
             .filter(|r| !r.ok)
             .map(|r| r.name.as_str())
             .collect()
+    }
+}
+
+/// Runs `f` as the phase `name`, timed against `started` (also from a thread other than the one holding
+/// [`Phases`]); a failure is printed with its cause.
+fn timed(started: std::time::Instant, name: &str, f: impl FnOnce() -> Result<()>) -> Phase {
+    let start = started.elapsed().as_secs_f64();
+    let result = f();
+    if let Err(e) = &result {
+        eprintln!("xtask: {name} FAILED: {e:#}");
+    }
+    Phase {
+        name: name.to_string(),
+        start: Some(start),
+        secs: started.elapsed().as_secs_f64() - start,
+        ok: result.is_ok(),
     }
 }
 
@@ -563,14 +570,14 @@ fn test(root: &Path, phases: &mut Phases, no_lint: bool, cargo_test_args: &[Stri
     let built = std::thread::scope(|s| {
         let hack = (!no_lint).then(|| {
             s.spawn(move || {
-                let start = started.elapsed().as_secs_f64();
-                let result = run(
-                    Command::new("python3")
-                        .current_dir(root)
-                        .args([".ci/workspace-hack.py", "--check"]),
-                    "python3 .ci/workspace-hack.py --check",
-                );
-                (start, started.elapsed().as_secs_f64() - start, result)
+                timed(started, "workspace-hack check (beside the build)", || {
+                    run(
+                        Command::new("python3")
+                            .current_dir(root)
+                            .args([".ci/workspace-hack.py", "--check"]),
+                        "python3 .ci/workspace-hack.py --check",
+                    )
+                })
             })
         });
         let built = phases.time(build_name, || {
@@ -580,18 +587,12 @@ fn test(root: &Path, phases: &mut Phases, no_lint: bool, cargo_test_args: &[Stri
             )
         });
         if let Some(hack) = hack {
-            let (start, secs, result) = hack
-                .join()
-                .unwrap_or_else(|_| (0.0, 0.0, Err(anyhow::anyhow!("the check's thread panicked"))));
-            if let Err(e) = &result {
-                eprintln!("xtask: workspace-hack check FAILED: {e:#}");
-            }
-            phases.rows.push(Phase {
-                name: "workspace-hack check (beside the build)".into(),
-                start: Some(start),
-                secs,
-                ok: result.is_ok(),
+            let phase = hack.join().unwrap_or_else(|_| {
+                timed(started, "workspace-hack check (beside the build)", || {
+                    bail!("the check's thread panicked")
+                })
             });
+            phases.rows.push(phase);
         }
         built
     });
@@ -871,36 +872,23 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
 /// it runs beside the demo. Returns the table's rows (timed against `started`).
 fn fuzz_phases(root: &Path, seconds: u64, niceness: Option<u8>, started: std::time::Instant) -> Vec<Phase> {
     let logs = root.join("target/fuzz-logs");
-    let mut rows = Vec::new();
-    let mut phase = |name: String, f: &dyn Fn() -> Result<()>| {
-        let start = started.elapsed().as_secs_f64();
-        let result = f();
-        if let Err(e) = &result {
-            eprintln!("xtask: {name} FAILED: {e:#}");
-        }
-        rows.push(Phase {
-            name,
-            start: Some(start),
-            secs: started.elapsed().as_secs_f64() - start,
-            ok: result.is_ok(),
-        });
-        result.is_ok()
-    };
-    if !phase("fuzz: build the 5 targets".into(), &|| {
+    let build = timed(started, "fuzz: build the 5 targets", || {
         fuzz::build(root, &logs.join("build.log"), niceness)
-    }) {
-        return rows;
-    }
-    for target in fuzz::TARGETS {
-        phase(format!("fuzz {target} ({seconds} s)"), &|| {
-            fuzz::run(
-                root,
-                target,
-                seconds,
-                &logs.join(format!("{target}.log")),
-                niceness,
-            )
-        });
+    });
+    let built = build.ok;
+    let mut rows = vec![build];
+    if built {
+        for target in fuzz::TARGETS {
+            rows.push(timed(started, &format!("fuzz {target} ({seconds} s)"), || {
+                fuzz::run(
+                    root,
+                    target,
+                    seconds,
+                    &logs.join(format!("{target}.log")),
+                    niceness,
+                )
+            }));
+        }
     }
     rows
 }
