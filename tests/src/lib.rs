@@ -3,6 +3,7 @@
 //! groups ([`process`]), the functions under `cargo lambda watch` ([`watch`]) and their emulated
 //! triggers ([`esm`]).
 
+pub mod cfn;
 pub mod esm;
 pub mod mapillary_tools;
 pub mod moto;

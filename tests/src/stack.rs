@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_cloudformation::types::{Capability, Parameter, StackStatus};
 use aws_sdk_s3::config::Credentials;
 use serde_json::Value;
 
+use crate::cfn::Cfn;
 use crate::venv::{self, Venvs};
 
 /// moto's fixed account id.
@@ -237,18 +237,8 @@ impl LocalStack {
 
         let client_secret_arn = local_client_secret_arn(stack_name);
         let params = stack_params(stack_name);
-        let cfn = aws_sdk_cloudformation::Client::new(&sdk_config);
-        cfn.create_stack()
-            .stack_name(stack_name)
-            .template_body(template.to_string())
-            .set_parameters(Some(
-                params
-                    .iter()
-                    .map(|(k, v)| Parameter::builder().parameter_key(*k).parameter_value(v).build())
-                    .collect(),
-            ))
-            .capabilities(Capability::CapabilityIam)
-            .send()
+        let cfn = Cfn::new(endpoint);
+        cfn.create_stack(stack_name, &template.to_string(), &params, &["CAPABILITY_IAM"])
             .await
             .with_context(|| format!("CreateStack {stack_name}"))?;
         let outputs = wait_for_outputs(&cfn, stack_name).await?;
@@ -288,7 +278,7 @@ impl LocalStack {
     /// parameters [`LocalStack::create`] passed and the physical ids CloudFormation reports. Lets a test
     /// compare what moto holds with what the template says.
     pub async fn resolver(&self, template: &Value) -> Result<Resolver> {
-        let cfn = aws_sdk_cloudformation::Client::new(&self.sdk_config);
+        let cfn = Cfn::new(&self.endpoint);
         let resources = stack_resources(&cfn, &self.stack_name).await?;
         Resolver::new(
             template,
@@ -366,10 +356,8 @@ impl LocalStack {
 
     /// Deletes the stack (moto deletes its resources; the bucket must be empty for that to succeed).
     pub async fn delete(&self) -> Result<()> {
-        aws_sdk_cloudformation::Client::new(&self.sdk_config)
-            .delete_stack()
-            .stack_name(&self.stack_name)
-            .send()
+        Cfn::new(&self.endpoint)
+            .delete_stack(&self.stack_name)
             .await
             .with_context(|| format!("DeleteStack {}", self.stack_name))?;
         Ok(())
@@ -490,38 +478,29 @@ async fn upload_placeholder_code(s3: &aws_sdk_s3::Client) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_outputs(
-    cfn: &aws_sdk_cloudformation::Client,
-    stack_name: &str,
-) -> Result<BTreeMap<String, String>> {
+async fn wait_for_outputs(cfn: &Cfn, stack_name: &str) -> Result<BTreeMap<String, String>> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let described = cfn
-            .describe_stacks()
-            .stack_name(stack_name)
-            .send()
+        let stack = cfn
+            .describe_stack(stack_name)
             .await
-            .with_context(|| format!("DescribeStacks {stack_name}"))?;
-        let stack = described
-            .stacks()
-            .first()
+            .with_context(|| format!("DescribeStacks {stack_name}"))?
             .ok_or_else(|| anyhow!("stack {stack_name} not found"))?;
-        match stack.stack_status() {
-            Some(StackStatus::CreateComplete) => {
+        match stack.status.as_str() {
+            "CREATE_COMPLETE" => {
                 // moto leaves `${…}` in outputs that refer to resources it does not create (the HTTP API:
                 // moto has no ApiGatewayV2 in CloudFormation); locally the status API runs under
                 // `cargo lambda watch` instead, so such outputs are dropped rather than reported wrongly.
                 return Ok(stack
-                    .outputs()
-                    .iter()
-                    .filter_map(|o| Some((o.output_key()?.to_string(), o.output_value()?.to_string())))
+                    .outputs
+                    .into_iter()
                     .filter(|(_, value)| !value.contains("${"))
                     .collect());
             }
-            Some(StackStatus::CreateInProgress) | None => {}
-            Some(other) => bail!(
-                "stack {stack_name} ended {other:?}: {}",
-                stack.stack_status_reason().unwrap_or("no reason given")
+            "CREATE_IN_PROGRESS" | "" => {}
+            other => bail!(
+                "stack {stack_name} ended {other}: {}",
+                stack.reason.as_deref().unwrap_or("no reason given")
             ),
         }
         if Instant::now() > deadline {
@@ -532,31 +511,14 @@ async fn wait_for_outputs(
 }
 
 /// Logical id → (type, physical id).
-async fn stack_resources(
-    cfn: &aws_sdk_cloudformation::Client,
-    stack_name: &str,
-) -> Result<HashMap<String, (String, String)>> {
-    let mut out = HashMap::new();
-    let mut pages = cfn
-        .list_stack_resources()
-        .stack_name(stack_name)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.with_context(|| format!("ListStackResources {stack_name}"))?;
-        for r in page.stack_resource_summaries() {
-            if let (Some(logical), Some(physical)) = (r.logical_resource_id(), r.physical_resource_id()) {
-                out.insert(
-                    logical.to_string(),
-                    (
-                        r.resource_type().unwrap_or_default().to_string(),
-                        physical.to_string(),
-                    ),
-                );
-            }
-        }
-    }
-    Ok(out)
+async fn stack_resources(cfn: &Cfn, stack_name: &str) -> Result<HashMap<String, (String, String)>> {
+    Ok(cfn
+        .list_stack_resources(stack_name)
+        .await
+        .with_context(|| format!("ListStackResources {stack_name}"))?
+        .into_iter()
+        .filter_map(|r| Some((r.logical_id, (r.resource_type, r.physical_id?))))
+        .collect())
 }
 
 // ------------------------------------------------------------------ what moto's CloudFormation skips

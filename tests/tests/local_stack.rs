@@ -1137,3 +1137,42 @@ async fn moto_event_source_mappings_are_disabled_and_never_receive_messages() ->
     assert!(states.iter().all(|s| *s == "Disabled"), "{states:?}");
     Ok(())
 }
+
+/// The harness's CloudFormation calls (`integration_tests::cfn`) against moto itself: a stack it created
+/// reads back with its status, outputs and resources; a stack that does not exist, and a template moto
+/// refuses, are errors that carry moto's own code and message, not an empty answer.
+#[tokio::test]
+async fn cloudformation_calls_read_moto_and_report_its_errors() -> Result<()> {
+    use integration_tests::cfn::Cfn;
+    let stack = new_stack("cfn").await?;
+    let cfn = Cfn::new(&stack.endpoint);
+    let described = cfn
+        .describe_stack(&stack.stack_name)
+        .await?
+        .context("the stack just created is described")?;
+    assert_eq!(described.status, "CREATE_COMPLETE");
+    assert!(
+        described
+            .outputs
+            .iter()
+            .any(|(k, v)| k == "BucketName" && v == &stack.bucket),
+        "{described:?}"
+    );
+    let resources = cfn.list_stack_resources(&stack.stack_name).await?;
+    assert!(
+        resources.iter().any(|r| r.resource_type == "AWS::S3::Bucket"
+            && r.physical_id.as_deref() == Some(stack.bucket.as_str())),
+        "{resources:?}"
+    );
+
+    let missing = stack::unique_stack_name("none");
+    let err = format!("{:#}", cfn.describe_stack(&missing).await.unwrap_err());
+    assert!(err.contains("ValidationError") && err.contains(&missing), "{err}");
+
+    let bad = cfn
+        .create_stack(&stack::unique_stack_name("bad"), "{\"Resources\": 7}", &[], &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{bad:#}").contains("CreateStack"), "{bad:#}");
+    Ok(())
+}
