@@ -5,13 +5,13 @@
 //! build after aws-sdk-s3 (33.8 CPU-s at opt-level 0). Nothing else waits for it, so cargo compiled it
 //! last, and xtask's own compile waited for it at the very end of the build, on one core
 //! (`docs/benchmarks.md`, "First run and CI"). These calls only ever go to moto. Like the Lambda calls of
-//! [`crate::stack::disable_moto_event_source_mappings`], they carry an unsigned `Authorization` header,
-//! from which moto reads the region. Replies are parsed with the SDK's own XML decoder (`aws-smithy-xml`).
+//! [`crate::stack::disable_moto_event_source_mappings`], they carry an unsigned `Authorization` header
+//! ([`crate::stack::moto_authorization`]). Replies are parsed with the SDK's own XML decoder (`aws-smithy-xml`).
 
 use anyhow::{anyhow, bail, Context, Result};
 use aws_smithy_xml::decode::{try_data, Document, ScopedDecoder};
 
-use crate::stack::{ACCESS_KEY_ID, REGION};
+use crate::stack::moto_authorization;
 
 /// The CloudFormation API version the Query protocol names in every request.
 const VERSION: &str = "2010-05-15";
@@ -56,14 +56,13 @@ impl Cfn {
     async fn call(&self, action: &str, params: &[(String, String)]) -> Result<String> {
         let mut form: Vec<(&str, &str)> = vec![("Action", action), ("Version", VERSION)];
         form.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let auth = format!(
-            "AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/20260101/{REGION}/cloudformation/aws4_request, \
-             SignedHeaders=host, Signature=0"
-        );
         let reply = self
             .http
             .post(format!("{}/", self.endpoint))
-            .header(reqwest::header::AUTHORIZATION, auth)
+            .header(
+                reqwest::header::AUTHORIZATION,
+                moto_authorization("cloudformation"),
+            )
             .form(&form)
             .send()
             .await
@@ -74,11 +73,8 @@ impl Cfn {
             .await
             .with_context(|| format!("{action} (moto CloudFormation): reply"))?;
         if !status.is_success() {
-            let quoted: String = body.chars().take(MAX_QUOTED).collect();
-            bail!(
-                "{action} (moto CloudFormation): {status}: {}",
-                error_message(&body).unwrap_or(quoted)
-            );
+            let said = error_message(&body).unwrap_or_else(|| body.chars().take(MAX_QUOTED).collect());
+            bail!("{action} (moto CloudFormation): {status}: {said}");
         }
         Ok(body)
     }
@@ -244,15 +240,15 @@ fn error_message(xml: &str) -> Option<String> {
     let mut response = root(&mut doc, "ErrorResponse").ok()?;
     let mut message = None;
     children(&mut response, "Error", |error| {
-        let (mut code, mut text_) = (String::new(), String::new());
+        let (mut code, mut said) = (String::new(), String::new());
         while let Some(mut f) = error.next_tag() {
             match f.start_el().local() {
                 "Code" => code = text(&mut f)?,
-                "Message" => text_ = text(&mut f)?,
+                "Message" => said = text(&mut f)?,
                 _ => {}
             }
         }
-        message = Some(format!("{code}: {text_}"));
+        message = Some(format!("{code}: {said}"));
         Ok(())
     })
     .ok()?;

@@ -377,6 +377,14 @@ fn stack_params(stack_name: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The `Authorization` header of a request made to moto without the SDK: unsigned (moto does not check
+/// signatures); moto reads the region, and the service, from its credential scope.
+pub(crate) fn moto_authorization(service: &str) -> String {
+    format!(
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0"
+    )
+}
+
 /// Disable every event-source mapping moto created from the template. moto "runs" an SQS mapping on
 /// every SendMessage: it receives a batch, fails to invoke the function (it has none to run) and
 /// makes the batch visible again — raising `ApproximateReceiveCount` without any delivery, so under
@@ -390,9 +398,7 @@ pub async fn disable_moto_event_source_mappings(endpoint: &str) -> Result<()> {
         "{}/2015-03-31/event-source-mappings/",
         endpoint.trim_end_matches('/')
     );
-    let auth = format!(
-        "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/lambda/aws4_request, SignedHeaders=host, Signature=0"
-    );
+    let auth = moto_authorization("lambda");
     let list = http
         .get(&base)
         .header(reqwest::header::AUTHORIZATION, &auth)
